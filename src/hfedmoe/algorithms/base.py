@@ -1,0 +1,116 @@
+"""The interface every federated algorithm implements, in plain torch (no engine imports).
+
+Server side: :meth:`FederatedAlgorithm.configure_client` says what one client downloads and is
+asked to do; :meth:`FederatedAlgorithm.aggregate` turns the clients' updates into the next
+global weights. Client side: :meth:`FederatedAlgorithm.train_client` runs local training.
+
+The Flower apps in ``hfedmoe.engine`` only pack and unpack these objects into messages, so an
+algorithm never knows which engine carries it. Adding an algorithm = one new module here that
+subclasses :class:`FederatedAlgorithm` and is decorated with :func:`register`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from hfedmoe.config import ExperimentConfig
+from hfedmoe.data.tokenized import TokenizedDataset
+from hfedmoe.errors import ConfigError
+from hfedmoe.training import train_local
+
+Weights = dict[str, torch.Tensor]
+Scalar = int | float | str
+
+
+@dataclass
+class ClientTask:
+    """What the server sends one client for one round."""
+
+    weights: Weights
+    config: dict[str, Scalar] = field(default_factory=dict)
+
+
+@dataclass
+class ClientUpdate:
+    """What a client sends back after local training."""
+
+    weights: Weights
+    num_examples: int  # |D_c|
+    metrics: dict[str, float] = field(default_factory=dict)
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)  # algorithm-specific
+
+
+class FederatedAlgorithm(ABC):
+    """Base class: FedAvg-style download of all weights and upload of trainable ones."""
+
+    name: ClassVar[str]
+
+    def __init__(self, cfg: ExperimentConfig):
+        self.cfg = cfg
+
+    # ---- server side -------------------------------------------------------------------
+    def configure_client(
+        self, server_round: int, global_weights: Weights, client: int
+    ) -> ClientTask:
+        """The task for ``client`` (a node id) in ``server_round``. Default: all weights."""
+        return ClientTask(global_weights, {})
+
+    @abstractmethod
+    def aggregate(
+        self, server_round: int, global_weights: Weights, updates: Mapping[int, ClientUpdate]
+    ) -> Weights:
+        """The next global weights from the updates of this round, keyed by node id."""
+
+    # ---- client side -------------------------------------------------------------------
+    def train_client(
+        self, model: nn.Module, data: TokenizedDataset, task: ClientTask, rng: np.random.Generator
+    ) -> ClientUpdate:
+        """Local training; default: every trainable parameter, uploaded in full."""
+        model.load_state_dict(task.weights, strict=True)
+        result = train_local(model, data, self.cfg.train, rng)
+        trained = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        return ClientUpdate(
+            weights=trained,
+            num_examples=len(data),
+            metrics={
+                "train_loss": result.mean_loss,
+                "train_seconds": result.seconds,
+                "steps": float(result.steps),
+            },
+        )
+
+    # ---- state that outlives a round (resume) ------------------------------------------
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        del state
+
+
+ALGORITHMS: dict[str, type[FederatedAlgorithm]] = {}
+
+
+def register(cls: type[FederatedAlgorithm]) -> type[FederatedAlgorithm]:
+    """Class decorator: make an algorithm selectable by its ``name`` in the config."""
+    if cls.name in ALGORITHMS:
+        raise ValueError(f"algorithm '{cls.name}' registered twice")
+    ALGORITHMS[cls.name] = cls
+    return cls
+
+
+def build_algorithm(cfg: ExperimentConfig) -> FederatedAlgorithm:
+    try:
+        cls = ALGORITHMS[cfg.algorithm]
+    except KeyError:
+        known = ", ".join(sorted(ALGORITHMS))
+        raise ConfigError(
+            f"algorithm: unknown '{cfg.algorithm}' (expected one of: {known})"
+        ) from None
+    return cls(cfg)

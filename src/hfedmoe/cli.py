@@ -1,0 +1,182 @@
+"""The ``hfedmoe`` command.
+
+Bad input (config, paths) is reported as one line on stderr with exit status 2, before anything
+is written to disk.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+# Nothing may reach a model hub; Flower must not reinstall dependencies per run.
+for _key in (
+    "HF_HUB_OFFLINE",
+    "HF_DATASETS_OFFLINE",
+    "TRANSFORMERS_OFFLINE",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION",
+):
+    os.environ.setdefault(_key, "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from hfedmoe import config as config_mod  # noqa: E402
+from hfedmoe.errors import HFedMoEError  # noqa: E402
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Federated fine-tuning of Mixture-of-Experts models on Flower.",
+)
+console = Console(stderr=True)
+
+ConfigArg = Annotated[
+    Path, typer.Argument(help="Experiment TOML file (e.g. configs/default.toml).")
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set", help="Override a setting: KEY=VALUE, e.g. federation.rounds=3. Repeatable."
+    ),
+]
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"hfedmoe: error: {message}", err=True)
+    raise typer.Exit(code=2)
+
+
+def _preflight(cfg: config_mod.ExperimentConfig) -> None:
+    """Check what can be checked before a run directory is created."""
+    from hfedmoe.algorithms import build_algorithm
+    from hfedmoe.assets import resolve_model_dir
+
+    build_algorithm(cfg)
+    resolve_model_dir(cfg.model.name_or_path)
+    if cfg.data.path and not Path(cfg.data.path).is_dir():
+        raise HFedMoEError(f"data.path: directory '{cfg.data.path}' does not exist")
+
+
+@app.command()
+def run(
+    config: ConfigArg,
+    set_: SetOpt = None,
+    output_dir: Annotated[
+        Path | None,
+        typer.Option("--output-dir", "-o", help="Run directory (must be new or empty)."),
+    ] = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Run one federated fine-tuning experiment on the embedded (in-process) Flower engine."""
+    try:
+        cfg = config_mod.load(config, set_ or [])
+        _preflight(cfg)
+        from hfedmoe.results import prepare_run_dir
+
+        run_dir = output_dir or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.name}"
+        prepare_run_dir(run_dir)
+    except HFedMoEError as exc:
+        _fail(str(exc))
+        return
+    _configure_logging()
+    console.print(
+        f"[bold]hfedmoe[/] run [cyan]{cfg.name}[/] ({cfg.algorithm}, seed {cfg.seed}) -> {run_dir}"
+    )
+    try:
+        summary = _run_with_progress(cfg, run_dir, progress)
+    except HFedMoEError as exc:
+        _fail(str(exc))
+        return
+    _print_summary(summary, run_dir)
+
+
+def _run_with_progress(cfg: config_mod.ExperimentConfig, run_dir: Path, show: bool) -> dict:
+    from hfedmoe.engine.client_app import app as client_app
+    from hfedmoe.engine.inprocess import run_embedded
+    from hfedmoe.engine.server_app import app as server_app
+
+    per_round = cfg.federation.clients_per_round
+    total = cfg.federation.rounds * per_round
+    columns = [
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("client trainings"),
+        TimeRemainingColumn(),
+    ]
+    with Progress(*columns, console=console, disable=not show, transient=False) as bar:
+        task = bar.add_task("preparing", total=total)
+
+        def on_reply(msg, reply, seconds) -> None:
+            done = bar.tasks[0].completed + 1
+            rnd, k = msg.metadata.group_id, (done - 1) % per_round + 1
+            bar.update(
+                task,
+                advance=1,
+                description=f"round {rnd}/{cfg.federation.rounds} client {k}/{per_round}",
+            )
+
+        run_embedded(cfg, str(run_dir), server_app, client_app, on_reply=on_reply)
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def _configure_logging() -> None:
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(message)s",
+        datefmt="[%X]",
+        handlers=[RichHandler(console=console, show_path=False)],
+        force=True,
+    )
+    for noisy in ("flwr", "datasets", "httpx", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+
+
+def _print_summary(summary: dict, run_dir: Path) -> None:
+    table = Table(title=f"Run summary: {summary['name']} ({summary['algorithm']})")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_row("rounds", str(summary["rounds"]))
+    table.add_row("final test accuracy", f"{summary['final_test_accuracy']:.4f}")
+    table.add_row("best test accuracy", f"{summary['best_test_accuracy']:.4f}")
+    table.add_row("final test loss", f"{summary['final_test_loss']:.4f}")
+    table.add_row(
+        "bytes down / up",
+        f"{summary['total_bytes_down'] / 1e6:,.0f} MB / {summary['total_bytes_up'] / 1e6:,.0f} MB",
+    )
+    table.add_row("wall time", f"{summary['wall_seconds']:.0f} s")
+    Console().print(table)
+    print(f"Results: {run_dir}/  (metrics.jsonl, metrics.csv, clients.csv, accuracy.png, model/)")
+
+
+@app.command()
+def validate(config: ConfigArg, set_: SetOpt = None) -> None:
+    """Validate a config (with overrides) and print it resolved, as TOML."""
+    import tomli_w
+
+    try:
+        cfg = config_mod.load(config, set_ or [])
+        _preflight(cfg)
+    except HFedMoEError as exc:
+        _fail(str(exc))
+        return
+    sys.stdout.write(tomli_w.dumps(cfg.model_dump(exclude_none=True)))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,191 @@
+"""Typed experiment configuration, parsed once at the edge.
+
+An experiment is one TOML file of differences from the defaults below. Every section is a
+frozen pydantic model that rejects unknown keys, so a typo is an error naming the key, not a
+silently ignored setting. Components receive only their own section.
+
+The resolved config travels to the Flower apps as JSON inside ``context.run_config`` (see
+:func:`ExperimentConfig.to_json`), so the embedded engine, ``flwr run`` and a deployment all
+parse the same object.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from hfedmoe.errors import ConfigError
+
+#: Names of models that ship inside an installed package (see ``hfedmoe.assets``).
+SHIPPED_MODELS = ("all-MiniLM-L6-v2",)
+
+
+class Section(BaseModel):
+    """Base for config sections: immutable, unknown keys rejected."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(Section):
+    """The MoE model: a dense pretrained model upcycled into experts (sparse upcycling)."""
+
+    name_or_path: str = Field(
+        "all-MiniLM-L6-v2",
+        description="A shipped model name or a local Hugging Face model directory.",
+    )
+    num_experts: int = Field(8, gt=0, description="Experts per MoE layer (E).")
+    top_k: int = Field(2, gt=0, description="Experts each token is routed to.")
+    moe_layers: list[int] | Literal["all"] = Field(
+        "all", description="Indices of the transformer layers whose FFN is upcycled."
+    )
+    router_init_std: float = Field(
+        0.02, ge=0, description="Std of the normal init of router weights (0 = uniform routing)."
+    )
+    max_length: int = Field(128, gt=0, description="Tokens per example after truncation.")
+
+    @model_validator(mode="after")
+    def _top_k_within_experts(self) -> ModelConfig:
+        if self.top_k > self.num_experts:
+            raise ValueError(
+                f"model.top_k ({self.top_k}) must be <= model.num_experts ({self.num_experts})"
+            )
+        if isinstance(self.moe_layers, list) and len(set(self.moe_layers)) != len(self.moe_layers):
+            raise ValueError("model.moe_layers must not repeat a layer")
+        return self
+
+
+class DataConfig(Section):
+    """The data set, its train/test split and its non-IID partition over clients."""
+
+    dataset: Literal["bbc_news"] = "bbc_news"
+    path: str | None = Field(
+        None, description="Local copy of the data set; default: the installed package's files."
+    )
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    partitioner: Literal["dirichlet", "iid"] = "dirichlet"
+    dirichlet_alpha: float = Field(0.5, gt=0, description="Smaller = more skewed labels.")
+    min_partition_size: int = Field(
+        10, ge=0, description="Dirichlet resamples until every client has this many examples."
+    )
+    max_train_examples: int | None = Field(None, gt=0, description="Cap for quick runs.")
+    max_test_examples: int | None = Field(None, gt=0, description="Cap for quick runs.")
+
+
+class FederationConfig(Section):
+    """How many clients exist, how many train per round, for how many rounds."""
+
+    num_clients: int = Field(8, gt=0)
+    clients_per_round: int = Field(4, gt=0)
+    rounds: int = Field(10, gt=0)
+
+    @model_validator(mode="after")
+    def _sample_within_population(self) -> FederationConfig:
+        if self.clients_per_round > self.num_clients:
+            raise ValueError(
+                f"federation.clients_per_round ({self.clients_per_round}) must be <= "
+                f"federation.num_clients ({self.num_clients})"
+            )
+        return self
+
+
+class TrainConfig(Section):
+    """Local training on a client in one round."""
+
+    local_steps: int = Field(5, gt=0, description="Optimizer steps per client per round.")
+    batch_size: int = Field(16, gt=0)
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip norm; null = no clipping.")
+
+
+class EvalConfig(Section):
+    """Centralised evaluation of the global model on the held-out test split."""
+
+    batch_size: int = Field(64, gt=0)
+
+
+class ExperimentConfig(Section):
+    """One experiment: everything a run needs, validated."""
+
+    name: str = "default"
+    seed: int = Field(
+        0, ge=0, description="One seed controls data, model init, sampling, training."
+    )
+    algorithm: str = Field("fedavg", description="A registered algorithm (hfedmoe.algorithms).")
+    threads: int | None = Field(
+        None, gt=0, description="torch intra-op threads; null = torch's default."
+    )
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    federation: FederationConfig = FederationConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+
+    def to_json(self) -> str:
+        return self.model_dump_json()
+
+    @classmethod
+    def from_json(cls, text: str) -> ExperimentConfig:
+        return validate(json.loads(text))
+
+
+def validate(raw: dict[str, Any]) -> ExperimentConfig:
+    """Validate a raw mapping; raise :class:`ConfigError` naming the first bad key."""
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+
+
+def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """Read a TOML experiment file, apply ``key=value`` overrides, validate.
+
+    Overrides use dotted keys (``federation.rounds=3``); values are TOML literals
+    (``model.moe_layers=[4,5]``, ``data.path="x"``), and a bare word is taken as a string.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file '{path}' is not valid TOML: {exc}") from None
+    for item in overrides:
+        apply_override(raw, item)
+    return validate(raw)
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Set ``raw[a][b] = value`` for ``item == "a.b=value"`` (in place)."""
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"--set '{item}': expected KEY=VALUE, e.g. federation.rounds=3")
+    try:
+        value = tomllib.loads(f"v = {text.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text.strip()  # a bare word: a string
+    *parents, leaf = key.split(".")
+    node = raw
+    for i, part in enumerate(parents):
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set '{item}': '{'.'.join(parents[: i + 1])}' is not a section")
+    node[leaf] = value
+
+
+def _describe(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        return f"{loc}: unknown key (check the spelling; see configs/default.toml)"
+    if err["type"] == "missing":
+        return f"{loc}: required key is missing"
+    got = err.get("input")
+    shown = "" if isinstance(got, dict) else f" (got {got!r})"
+    return f"{loc}: {msg}{shown}" if loc else f"{msg}"

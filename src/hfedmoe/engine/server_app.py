@@ -1,0 +1,93 @@
+"""The Flower ServerApp: the federated round loop, with central evaluation and results.
+
+The loop is written out (rather than ``Strategy.start``) so each round's record is written at
+the top level as soon as the round ends, and so a run can later resume from any round.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.serverapp import Grid, ServerApp
+
+from hfedmoe.algorithms import build_algorithm
+from hfedmoe.config import ExperimentConfig
+from hfedmoe.engine import wire
+from hfedmoe.engine.strategy import AlgorithmStrategy
+from hfedmoe.results import RunRecorder
+from hfedmoe.task import server_task
+from hfedmoe.training import evaluate
+
+log = logging.getLogger("hfedmoe")
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    cfg = ExperimentConfig.from_json(str(context.run_config[wire.RUN_CONFIG]))
+    run_dir = Path(str(context.run_config[wire.RUN_DIR]))
+    federate(grid, cfg, RunRecorder(run_dir, cfg))
+
+
+def federate(
+    grid: Grid, cfg: ExperimentConfig, recorder: RunRecorder, timeout: float = 3600
+) -> dict:
+    """Run ``cfg.federation.rounds`` rounds over ``grid``; return the run summary."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    start = time.perf_counter()
+    task = server_task(cfg)
+    model = task.model
+    strategy = AlgorithmStrategy(build_algorithm(cfg), cfg)
+    arrays = ArrayRecord(model.state_dict())
+
+    initial = evaluate(model, task.test, cfg.eval.batch_size)
+    recorder.log_round(_round_record(0, initial, None, [], 0.0, time.perf_counter() - start))
+    for server_round in range(1, cfg.federation.rounds + 1):
+        round_start = time.perf_counter()
+        messages = strategy.configure_train(server_round, arrays, ConfigRecord(), grid)
+        replies = grid.send_and_receive(messages, timeout=timeout)
+        new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
+        if new_arrays is not None:  # every client failed: the model stays as it was
+            arrays = new_arrays
+            model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
+        result = evaluate(model, task.test, cfg.eval.batch_size)
+        train_loss = float(train_metrics["train_loss"]) if train_metrics else None
+        now = time.perf_counter()
+        record = _round_record(
+            server_round, result, train_loss, strategy.last_reports, now - round_start, now - start
+        )
+        recorder.log_round(record)
+        log.info(
+            "round %d/%d  test_accuracy=%.4f  test_loss=%.4f  train_loss=%s  (%.1fs)",
+            server_round,
+            cfg.federation.rounds,
+            result.accuracy,
+            result.loss,
+            "n/a" if train_loss is None else f"{train_loss:.4f}",
+            now - round_start,
+        )
+    return recorder.finish(model, task.tokenizer)
+
+
+def _round_record(server_round, result, train_loss, reports, round_seconds, elapsed) -> dict:
+    ok = [r for r in reports if r.status == "ok"]
+    return {
+        "round": server_round,
+        "test_accuracy": result.accuracy,
+        "test_loss": result.loss,
+        "train_loss": train_loss,
+        "clients_ok": len(ok),
+        "clients_failed": len(reports) - len(ok),
+        "examples": sum(r.num_examples for r in ok),
+        "bytes_down": sum(r.bytes_down for r in reports),
+        "bytes_up": sum(r.bytes_up for r in reports),
+        "round_seconds": round_seconds,
+        "elapsed_seconds": elapsed,
+        "clients": [r.to_dict() for r in reports],
+    }

@@ -1,0 +1,141 @@
+"""A Flower Strategy that carries any :class:`~hfedmoe.algorithms.FederatedAlgorithm`.
+
+It samples clients, turns the algorithm's per-client tasks into messages, and turns the
+replies back into updates for the algorithm's aggregation; it does no arithmetic itself.
+Per-client outcomes of the last round are kept in :attr:`AlgorithmStrategy.last_reports`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from hfedmoe.algorithms import ClientUpdate, FederatedAlgorithm, Weights
+from hfedmoe.config import ExperimentConfig
+from hfedmoe.engine import wire
+from hfedmoe.seeding import SAMPLING, rng_for
+
+
+@dataclass
+class ClientReport:
+    """One sampled client's outcome in one round (a row of clients.csv)."""
+
+    round: int
+    node_id: int
+    partition_id: int | None
+    status: str  # "ok" | "failed"
+    error: str
+    num_examples: int
+    train_loss: float | None
+    seconds: float | None
+    bytes_down: int
+    bytes_up: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def sample_clients(nodes: Iterable[int], k: int, seed: int, server_round: int) -> list[int]:
+    """``k`` node ids drawn without replacement, reproducibly for (seed, round)."""
+    ordered = sorted(nodes)
+    rng = rng_for(seed, SAMPLING, server_round)
+    return sorted(int(n) for n in rng.choice(ordered, size=min(k, len(ordered)), replace=False))
+
+
+class AlgorithmStrategy(Strategy):
+    """configure_train -> (clients train) -> aggregate_train, for one algorithm."""
+
+    def __init__(self, algorithm: FederatedAlgorithm, cfg: ExperimentConfig):
+        self.algorithm = algorithm
+        self.cfg = cfg
+        self.last_reports: list[ClientReport] = []
+        self._global: Weights = {}
+        self._bytes_down: dict[int, int] = {}
+
+    def summary(self) -> None:
+        """Flower calls this to describe the strategy; ours is described by the config."""
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self._global = arrays.to_torch_state_dict()
+        sampled = sample_clients(
+            grid.get_node_ids(), self.cfg.federation.clients_per_round, self.cfg.seed, server_round
+        )
+        messages, self._bytes_down = [], {}
+        for node in sampled:
+            task = self.algorithm.configure_client(server_round, self._global, node)
+            content = wire.pack_task(task, server_round)
+            self._bytes_down[node] = wire.payload_bytes(content)
+            messages.append(
+                Message(
+                    content,
+                    dst_node_id=node,
+                    message_type=MessageType.TRAIN,
+                    group_id=str(server_round),
+                )
+            )
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        updates: dict[int, ClientUpdate] = {}
+        reports = []
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            down = self._bytes_down.get(node, 0)
+            if reply.has_error():
+                reports.append(
+                    ClientReport(
+                        server_round,
+                        node,
+                        None,
+                        "failed",
+                        reply.error.reason,
+                        0,
+                        None,
+                        None,
+                        down,
+                        0,
+                    )
+                )
+                continue
+            update, partition_id = wire.unpack_update(reply.content)
+            updates[node] = update
+            reports.append(
+                ClientReport(
+                    server_round,
+                    node,
+                    partition_id,
+                    "ok",
+                    "",
+                    update.num_examples,
+                    update.metrics.get("train_loss"),
+                    update.metrics.get("train_seconds"),
+                    down,
+                    wire.payload_bytes(reply.content),
+                )
+            )
+        self.last_reports = sorted(reports, key=lambda r: r.node_id)
+        if not updates:
+            return None, None
+        new_global = self.algorithm.aggregate(server_round, self._global, updates)
+        total = sum(u.num_examples for u in updates.values())
+        train_loss = sum(u.metrics["train_loss"] * u.num_examples for u in updates.values()) / total
+        return ArrayRecord(new_global), MetricRecord({"train_loss": train_loss})
+
+    # No client-side evaluation: the global model is evaluated centrally on the test split.
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return []
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        return None

@@ -1,0 +1,80 @@
+"""The wire format: how algorithm objects travel in Flower messages. Keys are defined once here.
+
+Server -> client (a ``train`` message)::
+
+    ARRAYS  ArrayRecord   the weights the client downloads
+    CONFIG  ConfigRecord  {ROUND: int, ...algorithm task config}
+
+Client -> server (the reply)::
+
+    ARRAYS   ArrayRecord   the weights the client uploads
+    METRICS  MetricRecord  {NUM_EXAMPLES: |D_c|, PARTITION_ID: int, ...training metrics}
+    STATS    ArrayRecord   algorithm statistics (e.g. per-expert usage), possibly empty
+"""
+
+from __future__ import annotations
+
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from hfedmoe.algorithms import ClientTask, ClientUpdate
+
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+STATS = "stats"
+
+ROUND = "server-round"
+NUM_EXAMPLES = "num-examples"
+PARTITION_ID = "partition-id"
+
+# run_config keys (Flower's per-run config, the same on every engine)
+RUN_CONFIG = "hfedmoe-config"  # the validated ExperimentConfig as JSON
+RUN_DIR = "run-dir"  # where the ServerApp writes results
+
+
+def pack_task(task: ClientTask, server_round: int) -> RecordDict:
+    return RecordDict(
+        {
+            ARRAYS: ArrayRecord(task.weights),
+            CONFIG: ConfigRecord({ROUND: server_round, **task.config}),
+        }
+    )
+
+
+def unpack_task(content: RecordDict) -> tuple[ClientTask, int]:
+    config = dict(content.config_records[CONFIG])
+    server_round = int(config.pop(ROUND))
+    return ClientTask(content.array_records[ARRAYS].to_torch_state_dict(), config), server_round
+
+
+def pack_update(update: ClientUpdate, partition_id: int) -> RecordDict:
+    metrics = {NUM_EXAMPLES: update.num_examples, PARTITION_ID: partition_id, **update.metrics}
+    return RecordDict(
+        {
+            ARRAYS: ArrayRecord(update.weights),
+            METRICS: MetricRecord(metrics),
+            STATS: ArrayRecord(update.stats) if update.stats else ArrayRecord(),
+        }
+    )
+
+
+def unpack_update(content: RecordDict) -> tuple[ClientUpdate, int]:
+    metrics = dict(content.metric_records[METRICS])
+    num_examples = int(metrics.pop(NUM_EXAMPLES))
+    partition_id = int(metrics.pop(PARTITION_ID))
+    stats_record = content.array_records.get(STATS)
+    stats = stats_record.to_torch_state_dict() if stats_record else {}
+    update = ClientUpdate(
+        weights=content.array_records[ARRAYS].to_torch_state_dict(),
+        num_examples=num_examples,
+        metrics={k: float(v) for k, v in metrics.items()},
+        stats=stats,
+    )
+    return update, partition_id
+
+
+def payload_bytes(content: RecordDict) -> int:
+    """Bytes of array data in a message: what dominates the wire, the same on every engine."""
+    return sum(
+        len(array.data) for record in content.array_records.values() for array in record.values()
+    )

@@ -1,0 +1,9 @@
+"""User-facing errors: the CLI prints them as one line and exits with status 2."""
+
+
+class HFedMoEError(Exception):
+    """A problem with the user's input (config, files, directories), not a bug."""
+
+
+class ConfigError(HFedMoEError):
+    """A config value is missing, unknown or out of range. The message names the key."""

@@ -1,0 +1,131 @@
+"""A run directory and everything written into it.
+
+::
+
+    RUN_DIR/
+      config.toml      the resolved, validated config of the run
+      metrics.jsonl    one JSON object per round (round 0 = the initial model)
+      metrics.csv      the same, one row per round (scalars only)
+      clients.csv      one row per (round, sampled client)
+      model/           the final global model (safetensors + what is needed to reload it)
+      accuracy.png     test accuracy and loss vs round
+      summary.json     final figures
+
+Files are written atomically (temporary file + rename) or appended line by line, so a crash
+never leaves a half-written file behind.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import tomli_w
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from hfedmoe.config import ExperimentConfig
+from hfedmoe.errors import HFedMoEError
+from hfedmoe.model import save_checkpoint
+from hfedmoe.plots import plot_accuracy
+
+ROUND_COLUMNS = [
+    "round",
+    "test_accuracy",
+    "test_loss",
+    "train_loss",
+    "clients_ok",
+    "clients_failed",
+    "examples",
+    "bytes_down",
+    "bytes_up",
+    "round_seconds",
+    "elapsed_seconds",
+]
+
+
+def prepare_run_dir(path: Path) -> Path:
+    """Create a new run directory; refuse one that already holds files (nothing is overwritten)."""
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise HFedMoEError(
+            f"--output-dir: '{path}' already exists and is not empty; not overwriting"
+        )
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def to_csv(rows: list[dict], columns: list[str]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+class RunRecorder:
+    """Writes a run's results as the rounds complete."""
+
+    def __init__(self, run_dir: Path, cfg: ExperimentConfig):
+        self.run_dir = Path(run_dir)
+        self.cfg = cfg
+        self.rounds: list[dict] = []
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(self.run_dir / "config.toml", tomli_w.dumps(cfg.model_dump(exclude_none=True)))
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.run_dir / "metrics.jsonl"
+
+    def log_round(self, record: dict) -> None:
+        self.rounds.append(record)
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        write_atomic(self.run_dir / "metrics.csv", to_csv(self.rounds, ROUND_COLUMNS))
+        client_rows = [c for r in self.rounds for c in r["clients"]]
+        if client_rows:
+            write_atomic(self.run_dir / "clients.csv", to_csv(client_rows, list(client_rows[0])))
+
+    def finish(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> dict:
+        save_checkpoint(model, tokenizer, self.cfg.model, self.run_dir / "model")
+        plot_accuracy(
+            self.rounds, self.run_dir / "accuracy.png", f"{self.cfg.name} ({self.cfg.algorithm})"
+        )
+        last = self.rounds[-1]
+        summary = {
+            "name": self.cfg.name,
+            "algorithm": self.cfg.algorithm,
+            "seed": self.cfg.seed,
+            "rounds": last["round"],
+            "final_test_accuracy": last["test_accuracy"],
+            "final_test_loss": last["test_loss"],
+            "best_test_accuracy": max(r["test_accuracy"] for r in self.rounds),
+            "total_bytes_down": sum(r["bytes_down"] for r in self.rounds),
+            "total_bytes_up": sum(r["bytes_up"] for r in self.rounds),
+            "wall_seconds": last["elapsed_seconds"],
+            "run_dir": str(self.run_dir),
+        }
+        write_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2))
+        return summary
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,50 @@
+"""The learning task of an experiment: its model and its data, built from the config.
+
+Both the server (global model, test split) and each client (its partition) call these; a
+client never receives data from the server, it rebuilds its own partition from the seed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from hfedmoe.config import ExperimentConfig
+from hfedmoe.data.datasets import load_dataset
+from hfedmoe.data.partition import partition_indices
+from hfedmoe.data.tokenized import TokenizedDataset, tokenize
+from hfedmoe.model import build_classifier, load_tokenizer
+
+
+@dataclass(frozen=True)
+class ServerTask:
+    model: PreTrainedModel  # the initial global model (pretrained base, upcycled)
+    tokenizer: PreTrainedTokenizerBase
+    test: TokenizedDataset
+    label_names: tuple[str, ...]
+
+
+def server_task(cfg: ExperimentConfig) -> ServerTask:
+    split = load_dataset(cfg.data, cfg.seed)
+    tokenizer = load_tokenizer(cfg.model)
+    model = build_classifier(cfg.model, split.train.label_names, seed=cfg.seed, pretrained=True)
+    test = tokenize(split.test, tokenizer, cfg.model.max_length)
+    return ServerTask(model, tokenizer, test, split.train.label_names)
+
+
+def client_data(cfg: ExperimentConfig, partition_id: int, num_partitions: int) -> TokenizedDataset:
+    """Client ``partition_id``'s share of the training split, tokenised."""
+    split = load_dataset(cfg.data, cfg.seed)
+    parts = partition_indices(split.train.labels, num_partitions, cfg.data, cfg.seed)
+    tokenizer = load_tokenizer(cfg.model)
+    return tokenize(split.train.subset(parts[partition_id]), tokenizer, cfg.model.max_length)
+
+
+def client_model(cfg: ExperimentConfig, label_names: tuple[str, ...]) -> PreTrainedModel:
+    """The model's architecture with placeholder weights; the server's weights are loaded in."""
+    return build_classifier(cfg.model, label_names, seed=cfg.seed, pretrained=False)
+
+
+def label_names(cfg: ExperimentConfig) -> tuple[str, ...]:
+    return load_dataset(cfg.data, cfg.seed).train.label_names

@@ -1,0 +1,63 @@
+"""Shared fixtures: a tiny BERT checkpoint on disk and experiment configs that use it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from hfedmoe.assets import shipped_path
+from hfedmoe.config import ExperimentConfig, validate
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A randomly initialised 2-layer BERT (hidden 32) with the shipped MiniLM tokenizer,
+    saved as a user's local model directory would be."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    directory = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = AutoTokenizer.from_pretrained(shipped_path("all-MiniLM-L6-v2"))
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def tiny_raw(model_dir: Path, **sections: dict) -> dict:
+    """A raw config for a seconds-long run on the tiny model; ``sections`` override keys."""
+    raw = {
+        "name": "tiny",
+        "seed": 0,
+        "threads": 1,
+        "model": {"name_or_path": str(model_dir), "num_experts": 4, "top_k": 2, "max_length": 32},
+        "data": {"max_train_examples": 120, "max_test_examples": 40, "min_partition_size": 5},
+        "federation": {"num_clients": 2, "clients_per_round": 2, "rounds": 2},
+        "train": {"local_steps": 2, "batch_size": 8, "lr": 1e-3},
+        "eval": {"batch_size": 40},
+    }
+    for section, values in sections.items():
+        if isinstance(values, dict):
+            raw.setdefault(section, {}).update(values)
+        else:
+            raw[section] = values
+    return raw
+
+
+@pytest.fixture
+def tiny_cfg(tiny_bert_dir: Path) -> ExperimentConfig:
+    return validate(tiny_raw(tiny_bert_dir))

@@ -1,0 +1,74 @@
+"""Algorithms: aggregation arithmetic by hand, FedAvg's invariants, the registry."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hfedmoe.algorithms import ALGORITHMS, ClientUpdate, build_algorithm
+from hfedmoe.algorithms.aggregation import weighted_average
+from hfedmoe.config import validate
+from hfedmoe.errors import ConfigError
+
+
+def test_weighted_average_by_hand():
+    # (1*[1, 2] + 3*[5, 6]) / 4 = [4, 5]
+    out = weighted_average([torch.tensor([1.0, 2.0]), torch.tensor([5.0, 6.0])], [1, 3])
+    assert torch.equal(out, torch.tensor([4.0, 5.0]))
+    assert out.dtype == torch.float32
+
+
+def test_weighted_average_rejects_degenerate_input():
+    with pytest.raises(ValueError):
+        weighted_average([], [])
+    with pytest.raises(ValueError):
+        weighted_average([torch.zeros(1)], [0])
+
+
+def _fedavg():
+    return build_algorithm(validate({"algorithm": "fedavg"}))
+
+
+def test_fedavg_weights_by_example_count():
+    glob = {"w": torch.tensor([0.0]), "b": torch.tensor([9.0])}
+    updates = {
+        7: ClientUpdate({"w": torch.tensor([2.0]), "b": torch.tensor([1.0])}, num_examples=10),
+        3: ClientUpdate({"w": torch.tensor([8.0]), "b": torch.tensor([3.0])}, num_examples=30),
+    }
+    new = _fedavg().aggregate(1, glob, updates)
+    assert torch.equal(new["w"], torch.tensor([6.5]))  # (10*2 + 30*8) / 40
+    assert torch.equal(new["b"], torch.tensor([2.5]))  # (10*1 + 30*3) / 40
+
+
+def test_fedavg_keeps_parameters_nobody_sent():
+    glob = {"w": torch.tensor([1.0]), "frozen": torch.tensor([4.0])}
+    new = _fedavg().aggregate(1, glob, {1: ClientUpdate({"w": torch.tensor([3.0])}, 5)})
+    assert torch.equal(new["frozen"], torch.tensor([4.0]))
+
+
+tensors = st.lists(st.floats(-1e3, 1e3, allow_nan=False), min_size=3, max_size=3)
+
+
+@settings(max_examples=50, deadline=None)
+@given(values=st.lists(tensors, min_size=1, max_size=5), sizes=st.data())
+def test_fedavg_is_order_free_and_fixes_identical_copies(values, sizes):
+    counts = sizes.draw(st.lists(st.integers(1, 100), min_size=len(values), max_size=len(values)))
+    updates = {
+        node: ClientUpdate({"w": torch.tensor(v)}, n)
+        for node, v, n in zip(range(len(values)), values, counts, strict=True)
+    }
+    glob = {"w": torch.zeros(3)}
+    algo = _fedavg()
+    forward = algo.aggregate(1, glob, updates)
+    backward = algo.aggregate(1, glob, dict(reversed(list(updates.items()))))
+    assert torch.equal(forward["w"], backward["w"])
+    same = {node: ClientUpdate({"w": torch.tensor(values[0])}, n) for node, n in enumerate(counts)}
+    torch.testing.assert_close(algo.aggregate(1, glob, same)["w"], torch.tensor(values[0]))
+
+
+def test_registry_names_known_algorithms():
+    assert "fedavg" in ALGORITHMS
+    with pytest.raises(ConfigError, match="algorithm: unknown 'fedprox' \\(expected one of: "):
+        build_algorithm(validate({"algorithm": "fedprox"}))

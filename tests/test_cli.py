@@ -1,0 +1,68 @@
+"""Bad input: one line on stderr naming the problem, exit status 2, no traceback, and nothing
+already on disk touched."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import tomli_w
+
+from .conftest import tiny_raw
+from .test_end_to_end import run_cli
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _assert_one_line_error(proc, fragment: str) -> None:
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("hfedmoe: error: ")
+    assert fragment in lines[0]
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragment"),
+    [
+        (["federation.rounds=0"], "federation.rounds: Input should be greater than 0"),
+        (["federation.num_clients=0"], "federation.num_clients"),
+        (["federation.roundz=2"], "federation.roundz: unknown key"),
+        (["train.lr=fast"], "train.lr: Input should be a valid number"),
+        (["model.name_or_path=/no/such/model"], "model.name_or_path: directory '/no/such/model'"),
+        (["algorithm=fedmagic"], "algorithm: unknown 'fedmagic'"),
+    ],
+)
+def test_bad_config_values(overrides, fragment, tmp_path):
+    args = [a for o in overrides for a in ("--set", o)]
+    proc = run_cli("run", str(REPO / "configs" / "default.toml"), *args, "-o", str(tmp_path / "r"))
+    _assert_one_line_error(proc, fragment)
+    assert not (tmp_path / "r").exists()
+
+
+def test_missing_config_file(tmp_path):
+    _assert_one_line_error(run_cli("run", str(tmp_path / "nope.toml")), "does not exist")
+
+
+def test_unknown_key_in_file(tmp_path):
+    path = tmp_path / "x.toml"
+    path.write_text("[train]\nlocal_stepz = 3\n")
+    _assert_one_line_error(run_cli("run", str(path)), "train.local_stepz: unknown key")
+
+
+def test_existing_results_are_never_overwritten(tiny_bert_dir, tmp_path):
+    run_dir = tmp_path / "done"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text('{"round": 0}\n')
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text(tomli_w.dumps(tiny_raw(tiny_bert_dir)))
+    proc = run_cli("run", str(cfg), "-o", str(run_dir))
+    _assert_one_line_error(proc, "already exists and is not empty")
+    assert (run_dir / "metrics.jsonl").read_text() == '{"round": 0}\n'
+
+
+def test_validate_prints_the_resolved_config():
+    proc = run_cli("validate", str(REPO / "configs" / "default.toml"), "--set", "seed=5")
+    assert proc.returncode == 0, proc.stderr
+    assert "seed = 5" in proc.stdout and "[federation]" in proc.stdout

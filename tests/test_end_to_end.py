@@ -1,0 +1,130 @@
+"""End to end through the real CLI: 2 rounds x 2 clients of FedAvg on a tiny upcycled model,
+real BBC News data, the Flower ServerApp and ClientApp on the embedded engine."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import tomli_w
+import torch
+
+from hfedmoe.config import load
+from hfedmoe.model import load_checkpoint
+from hfedmoe.results import read_metrics
+from hfedmoe.task import server_task
+from hfedmoe.training import evaluate
+
+from .conftest import tiny_raw
+
+TIMING_KEYS = {"round_seconds", "elapsed_seconds", "seconds"}
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    return subprocess.run(
+        [sys.executable, "-m", "hfedmoe", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=600,
+    )
+
+
+def _strip_timing(records: list[dict]) -> list[dict]:
+    def strip(d: dict) -> dict:
+        return {
+            k: (v if k != "clients" else [strip(c) for c in v])
+            for k, v in d.items()
+            if k not in TIMING_KEYS
+        }
+
+    return [strip(r) for r in records]
+
+
+@pytest.fixture(scope="module")
+def config_file(tiny_bert_dir, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("cfg") / "tiny.toml"
+    path.write_text(tomli_w.dumps(tiny_raw(tiny_bert_dir)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def finished_run(config_file, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("runs") / "first"
+    proc = run_cli("run", str(config_file), "--output-dir", str(run_dir), "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    assert f"Results: {run_dir}" in proc.stdout
+    return run_dir
+
+
+def test_run_writes_every_output(finished_run):
+    names = {p.name for p in finished_run.iterdir()}
+    assert {
+        "config.toml",
+        "metrics.jsonl",
+        "metrics.csv",
+        "clients.csv",
+        "accuracy.png",
+        "model",
+        "summary.json",
+    } <= names
+    assert (finished_run / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (finished_run / "accuracy.png").stat().st_size > 10_000
+
+
+def test_metrics_have_one_sensible_record_per_round(finished_run):
+    records = read_metrics(finished_run)
+    assert [r["round"] for r in records] == [0, 1, 2]  # round 0 = the initial model
+    for r in records[1:]:
+        assert 0.0 <= r["test_accuracy"] <= 1.0 and r["test_loss"] > 0
+        assert r["clients_ok"] == 2 and r["clients_failed"] == 0
+        assert len(r["clients"]) == 2
+        for c in r["clients"]:
+            assert c["status"] == "ok" and c["train_loss"] > 0 and c["seconds"] > 0
+            assert c["num_examples"] > 0
+            assert c["bytes_down"] == c["bytes_up"] > 0  # FedAvg: the whole model both ways
+        assert r["examples"] == sum(c["num_examples"] for c in r["clients"])
+        assert r["bytes_down"] == sum(c["bytes_down"] for c in r["clients"])
+    csv_lines = (finished_run / "metrics.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("round,test_accuracy,test_loss")
+    assert len(csv_lines) == 1 + 3
+    assert len((finished_run / "clients.csv").read_text().splitlines()) == 1 + 2 * 2
+
+
+def test_saved_config_reproduces_the_run_config(finished_run, config_file):
+    assert load(finished_run / "config.toml") == load(config_file)
+
+
+def test_checkpoint_reloads_and_reproduces_the_final_evaluation(finished_run):
+    model, _ = load_checkpoint(finished_run / "model")
+    test = server_task(load(finished_run / "config.toml")).test
+    result = evaluate(model, test, batch_size=16)
+    last = read_metrics(finished_run)[-1]
+    assert result.accuracy == pytest.approx(last["test_accuracy"], abs=1e-9)
+    assert result.loss == pytest.approx(last["test_loss"], rel=1e-5)
+    again, _ = load_checkpoint(finished_run / "model")
+    batch = test.batch(list(range(4)))
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, again(**inputs).logits)
+
+
+def test_same_config_and_seed_give_the_same_metrics(finished_run, config_file, tmp_path):
+    proc = run_cli("run", str(config_file), "-o", str(tmp_path / "again"), "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    assert _strip_timing(read_metrics(tmp_path / "again")) == _strip_timing(
+        read_metrics(finished_run)
+    )
+
+
+def test_summary_matches_the_last_round(finished_run):
+    summary = json.loads((finished_run / "summary.json").read_text())
+    last = read_metrics(finished_run)[-1]
+    assert summary["final_test_accuracy"] == last["test_accuracy"]
+    assert summary["rounds"] == 2

@@ -1,0 +1,81 @@
+"""The Flower engine pieces: the in-process Grid, the wire format, client sampling."""
+
+from __future__ import annotations
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.supercore.task_identity import TaskIdentity
+
+from hfedmoe.algorithms import ClientTask, ClientUpdate
+from hfedmoe.engine import wire
+from hfedmoe.engine.inprocess import FIRST_NODE_ID, InProcessGrid
+from hfedmoe.engine.strategy import sample_clients
+
+echo_app = ClientApp()
+seen: list[tuple[int, dict]] = []
+
+
+@echo_app.train()
+def _echo(msg: Message, context: Context) -> Message:
+    arrays = msg.content.array_records["arrays"]
+    seen.append((int(context.node_config["partition-id"]), arrays.to_torch_state_dict()))
+    if context.node_config["partition-id"] == 1:
+        raise RuntimeError("battery died")
+    doubled = {k: v * 2 for k, v in arrays.to_torch_state_dict().items()}
+    return Message(RecordDict({"arrays": ArrayRecord(doubled)}), reply_to=msg)
+
+
+def _send(grid: InProcessGrid, node: int, tensor: torch.Tensor) -> Message:
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, SUPERLINK_NODE_ID, 1
+    content = RecordDict({"arrays": ArrayRecord({"w": tensor}), "config": ConfigRecord({"r": 1})})
+    return Message(content, dst_node_id=node, message_type=MessageType.TRAIN, group_id="1")
+
+
+def test_in_process_grid_delivers_copies_and_reports_client_errors():
+    seen.clear()
+    calls = []
+    grid = InProcessGrid(
+        echo_app,
+        num_nodes=3,
+        run_config={},
+        on_reply=lambda m, r, s: calls.append(r.metadata.src_node_id),
+    )
+    assert sorted(grid.get_node_ids()) == [FIRST_NODE_ID, FIRST_NODE_ID + 1, FIRST_NODE_ID + 2]
+    sent = torch.tensor([1.0, 2.0])
+    replies = {
+        r.metadata.src_node_id: r
+        for r in grid.send_and_receive(
+            [_send(grid, FIRST_NODE_ID, sent), _send(grid, FIRST_NODE_ID + 1, sent)]
+        )
+    }
+    ok, failed = replies[FIRST_NODE_ID], replies[FIRST_NODE_ID + 1]
+    assert torch.equal(ok.content.array_records["arrays"].to_torch_state_dict()["w"], sent * 2)
+    assert failed.has_error() and "battery died" in failed.error.reason
+    assert [pid for pid, _ in seen] == [0, 1]
+    seen[0][1]["w"].add_(100)  # what a client holds is its own copy
+    assert torch.equal(sent, torch.tensor([1.0, 2.0]))
+    assert calls == [FIRST_NODE_ID, FIRST_NODE_ID + 1]
+
+
+def test_task_and_update_survive_the_wire():
+    task = ClientTask({"a": torch.arange(3.0)}, {"budget": 2})
+    back, server_round = wire.unpack_task(wire.pack_task(task, 4))
+    assert server_round == 4 and back.config == {"budget": 2}
+    assert torch.equal(back.weights["a"], task.weights["a"])
+
+    update = ClientUpdate({"a": torch.ones(2)}, 17, {"train_loss": 0.5}, {"usage": torch.zeros(4)})
+    content = wire.pack_update(update, partition_id=3)
+    got, pid = wire.unpack_update(content)
+    assert (pid, got.num_examples, got.metrics) == (3, 17, {"train_loss": 0.5})
+    assert torch.equal(got.stats["usage"], torch.zeros(4))
+    assert wire.payload_bytes(content) == 2 * 4 + 4 * 4  # float32 arrays
+
+
+def test_client_sampling_is_reproducible_and_varies_by_round():
+    nodes = list(range(100, 120))
+    first = sample_clients(nodes, 5, seed=0, server_round=1)
+    assert first == sample_clients(reversed(nodes), 5, seed=0, server_round=1)
+    assert len(set(first)) == 5 and set(first) <= set(nodes)
+    assert first != sample_clients(nodes, 5, seed=0, server_round=2)

