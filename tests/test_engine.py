@@ -70,7 +70,8 @@ def test_task_and_update_survive_the_wire():
     got, pid = wire.unpack_update(content)
     assert (pid, got.num_examples, got.metrics) == (3, 17, {"train_loss": 0.5})
     assert torch.equal(got.stats["usage"], torch.zeros(4))
-    assert wire.payload_bytes(content) == 2 * 4 + 4 * 4  # float32 arrays
+    npy_header = 128  # each array travels as a .npy file: a 128-byte header, then the data
+    assert wire.payload_bytes(content) == (npy_header + 2 * 4) + (npy_header + 4 * 4)
 
 
 def test_client_sampling_is_reproducible_and_varies_by_round():
