@@ -18,7 +18,9 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_default_job_learns_the_topics(tmp_path):
     run_dir = tmp_path / "default"
-    proc = run_cli("run", str(REPO / "configs" / "default.toml"), "-o", str(run_dir), "--no-progress")
+    proc = run_cli(
+        "run", str(REPO / "configs" / "default.toml"), "-o", str(run_dir), "--no-progress"
+    )
     assert proc.returncode == 0, proc.stderr
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["final_test_accuracy"] >= 0.80  # 5 classes: chance is 0.2
