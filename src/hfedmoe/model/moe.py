@@ -1,11 +1,12 @@
-"""A top-k routed Mixture-of-Experts feed-forward block.
+"""A top-k routed Mixture-of-Experts feed-forward block, laid out like transformers 5.x MoEs.
 
 Shape legend: B batch, T tokens per sample, N = B*T tokens, H hidden size, I expert FFN size,
 E experts, K experts per token (top-k).
 
-The reference path loops over experts and gathers the tokens routed to each, as Hugging Face's
-Mixtral/Qwen-MoE code does; each expert is a module of its own, so an expert that receives no
-tokens gets no gradient (``grad is None``) and a standard optimizer leaves it untouched.
+As in Mixtral/Qwen-MoE, the block is a ``gate`` (a router module returning logits, top-k weights
+and top-k indices) and ``experts``. Unlike them, each expert is a module of its own (the dense
+FFN it was upcycled from, biases included), so an expert that receives no tokens gets no
+gradient at all (``grad is None``) and a standard optimizer leaves it untouched.
 """
 
 from __future__ import annotations
@@ -29,40 +30,47 @@ class ExpertFFN(nn.Module):
         return self.fc_out(self.act(self.fc_in(x_NH)))
 
 
-class MoEFeedForward(nn.Module):
-    """Router + E experts; each token goes to its top-k experts.
+class TopKRouter(nn.Module):
+    """eq. (1): G(x) = softmax(W x) over all E experts; each token keeps its top-k.
 
-    eq. (1)-(2): G(x) = softmax(router(x)) over all E experts, y = sum_{e in top-k} w_e E_e(x).
-    The top-k weights are renormalised to sum to 1 (w_e = G_e / sum_{top-k} G), as in Mixtral
-    and Qwen-MoE, so that an upcycled model with identical experts equals its dense parent for
-    any k and any expert subset.
-
-    After each forward, ``router_probs`` holds the full softmax (N, E) and ``topk_idx`` the
-    routing decisions (N, K), detached, for the algorithms' importance statistics.
+    The top-k weights are renormalised to sum to 1 (w_e = G_e / sum_{top-k} G), as in Mixtral,
+    so that an upcycled model with identical experts equals its dense parent for any k and any
+    expert subset. Returns ``(logits_NE, weights_NK, indices_NK)`` like transformers' routers.
     """
+
+    def __init__(self, hidden: int, num_experts: int, top_k: int):
+        super().__init__()
+        self.num_experts, self.top_k = num_experts, top_k
+        self.norm_topk_prob = True
+        self.weight = nn.Parameter(torch.zeros(num_experts, hidden))
+
+    def forward(self, x_NH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits_NE = nn.functional.linear(x_NH, self.weight)
+        probs_NE = torch.softmax(logits_NE, dim=-1, dtype=torch.float32)
+        weights_NK, indices_NK = torch.topk(probs_NE, self.top_k, dim=-1)
+        weights_NK = weights_NK / weights_NK.sum(dim=-1, keepdim=True)
+        return logits_NE, weights_NK, indices_NK
+
+
+class MoEFeedForward(nn.Module):
+    """Router + E experts. eq. (2): y = sum_{e in top-k(x)} w_e(x) E_e(x)."""
 
     def __init__(self, experts: list[ExpertFFN], hidden: int, top_k: int):
         super().__init__()
         self.num_experts = len(experts)
         self.top_k = top_k
-        self.router = nn.Linear(hidden, self.num_experts, bias=False)
+        self.gate = TopKRouter(hidden, self.num_experts, top_k)
         self.experts = nn.ModuleList(experts)
-        self.router_probs: torch.Tensor | None = None
-        self.topk_idx: torch.Tensor | None = None
 
     def forward(self, hidden_BTH: torch.Tensor) -> torch.Tensor:
         shape = hidden_BTH.shape
         x_NH = hidden_BTH.reshape(-1, shape[-1])
-        probs_NE = torch.softmax(self.router(x_NH), dim=-1, dtype=torch.float32)
-        weights_NK, idx_NK = torch.topk(probs_NE, self.top_k, dim=-1)
-        weights_NK = (weights_NK / weights_NK.sum(dim=-1, keepdim=True)).to(x_NH.dtype)
-        self.router_probs, self.topk_idx = probs_NE.detach(), idx_NK.detach()
-
+        _, weights_NK, idx_NK = self.gate(x_NH)
+        weights_NK = weights_NK.to(x_NH.dtype)
         out_NH = torch.zeros_like(x_NH)
         for e, expert in enumerate(self.experts):
             token, slot = torch.where(idx_NK == e)
             if token.numel() == 0:
                 continue
-            y = expert(x_NH[token]) * weights_NK[token, slot, None]
-            out_NH.index_add_(0, token, y)
+            out_NH.index_add_(0, token, expert(x_NH[token]) * weights_NK[token, slot, None])
         return out_NH.reshape(shape)

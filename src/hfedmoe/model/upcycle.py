@@ -58,7 +58,7 @@ def upcycle_bert(
             dense.fc_out.load_state_dict(layer.output.dense.state_dict())
         moe = MoEFeedForward([copy.deepcopy(dense) for _ in range(num_experts)], hidden, top_k)
         with torch.no_grad():
-            moe.router.weight.normal_(0.0, router_init_std, generator=generator)
+            moe.gate.weight.normal_(0.0, router_init_std, generator=generator)
         layer.intermediate = moe
         layer.output.dense = nn.Identity()
     return model

@@ -1,0 +1,430 @@
+"""The expert interface: one view of the expert pool of any supported MoE model.
+
+METHOD.md §1: the pool is E = {E_(l,e)}, L MoE layers x E experts each, with one router (gating
+network) per MoE layer; every other parameter (embeddings, attention, norms, heads, shared
+experts) is *shared*. Algorithms see models only through :class:`ExpertModel`.
+
+Shape legend: B samples, T tokens per sample, N tokens in a layer's stream (B*T), E experts per
+layer, K experts per token, L MoE layers.
+
+Two storage layouts are supported, found by inspecting the model (no per-model code forks):
+
+- *fused* (transformers 5.x Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V2/V3): the ``experts`` module
+  holds 3-D tensors whose first dimension is the expert (``gate_up_proj[e]``);
+- *modular* (Switch Transformers, hfedmoe's upcycled blocks): ``experts`` is a ModuleList or
+  ModuleDict with one module per expert.
+
+An MoE block is any module with an ``experts`` child and a router child (``gate`` returning
+``(logits, weights, indices)``, or Switch's ``router`` returning ``(dispatch, probs, logits)``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+
+from hfedmoe.errors import HFedMoEError
+
+ExpertId = tuple[int, int]  # (MoE layer position 0..L-1, expert index 0..E-1)
+
+
+@dataclass(frozen=True)
+class RoutingRule:
+    """How a router family turns logits into top-k choices (used to re-route in strict mode)."""
+
+    score: Literal["softmax", "sigmoid"] = "softmax"
+    norm_topk: bool = True
+    scaling: float = 1.0
+
+
+@dataclass
+class MoELayer:
+    """One MoE block, seen uniformly."""
+
+    position: int  # 0..L-1 among the MoE layers
+    name: str  # module path, e.g. "bert.encoder.layer.3.intermediate"
+    block: nn.Module
+    router: nn.Module
+    kind: Literal["topk", "switch"]
+    num_experts: int
+    top_k: int
+    rule: RoutingRule
+    router_params: dict[str, nn.Parameter]  # state-dict name -> parameter
+    fused: dict[str, nn.Parameter] = field(default_factory=dict)  # local name -> (E, ...) tensor
+    modular: list[dict[str, nn.Parameter]] = field(default_factory=list)  # per expert
+    expert_param_names: list[str] = field(default_factory=list)  # state-dict names
+
+    def expert_tensors(self, e: int) -> dict[str, torch.Tensor]:
+        """Expert ``e``'s parameters by local name (views: slices of fused tensors)."""
+        if self.fused:
+            return {n: p[e] for n, p in self.fused.items()}
+        return dict(self.modular[e])
+
+
+def find_moe_layers(model: nn.Module) -> list[MoELayer]:
+    """Every MoE block of ``model`` in module order."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    layers: list[MoELayer] = []
+    for name, module in model.named_modules():
+        experts = getattr(module, "experts", None)
+        router = getattr(module, "gate", None)
+        if router is None:
+            router = getattr(module, "router", None)
+        if not isinstance(experts, nn.Module) or not isinstance(router, nn.Module):
+            continue
+        kind: Literal["topk", "switch"] = "switch" if hasattr(router, "expert_capacity") else "topk"
+        num_experts = int(router.num_experts)
+        layer = MoELayer(
+            position=len(layers),
+            name=name,
+            block=module,
+            router=router,
+            kind=kind,
+            num_experts=num_experts,
+            top_k=1 if kind == "switch" else int(router.top_k),
+            rule=_routing_rule(router),
+            router_params={names[id(p)]: p for p in router.parameters()},
+        )
+        if isinstance(experts, nn.ModuleList | nn.ModuleDict):
+            modules = list(experts.values() if isinstance(experts, nn.ModuleDict) else experts)
+            layer.modular = [dict(m.named_parameters()) for m in modules]
+            layer.expert_param_names = [names[id(p)] for m in modules for p in m.parameters()]
+        else:
+            layer.fused = {
+                n: p
+                for n, p in experts.named_parameters()
+                if p.dim() >= 1 and p.shape[0] == num_experts
+            }
+            layer.expert_param_names = [names[id(p)] for p in layer.fused.values()]
+        layers.append(layer)
+    return layers
+
+
+def _routing_rule(router: nn.Module) -> RoutingRule:
+    cls = type(router).__name__
+    if cls.startswith("DeepseekV3"):
+        return RoutingRule(
+            "sigmoid", bool(router.norm_topk_prob), float(router.routed_scaling_factor)
+        )
+    if cls.startswith("DeepseekV2"):  # V2 never renormalises its top-k weights
+        return RoutingRule("softmax", False, float(router.routed_scaling_factor))
+    return RoutingRule("softmax", bool(getattr(router, "norm_topk_prob", True)))
+
+
+# ---- routing capture ------------------------------------------------------------------
+
+
+@dataclass
+class _Record:
+    logits_NE: torch.Tensor
+    chosen_NE: torch.Tensor  # bool: token n was sent to expert e
+
+
+class RoutingCapture:
+    """Records, for every MoE layer, the router logits and routing decisions of a forward pass.
+
+    Use as ``with em.capture() as cap: model(**batch)``, then :meth:`sample_probs` and
+    :meth:`routed`. Hooks are removed on exit.
+    """
+
+    def __init__(self, layers: list[MoELayer]):
+        self.layers = layers
+        self.records: dict[int, _Record] = {}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def __enter__(self) -> RoutingCapture:
+        for layer in self.layers:
+            self._handles.append(layer.router.register_forward_hook(self._hook(layer)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _hook(self, layer: MoELayer):
+        def hook(module: nn.Module, args: tuple, output: tuple) -> None:
+            if layer.kind == "switch":
+                dispatch, _, logits = output
+                chosen = dispatch.reshape(-1, layer.num_experts).bool()
+            else:
+                logits, _, indices = output
+                chosen = torch.zeros(logits.shape[0], layer.num_experts, dtype=torch.bool)
+                chosen.scatter_(1, indices.reshape(logits.shape[0], -1), True)
+            self.records[layer.position] = _Record(
+                logits.detach().reshape(-1, layer.num_experts), chosen.detach()
+            )
+
+        return hook
+
+    def _per_sample(self, x_NE: torch.Tensor, mask_BT: torch.Tensor | None) -> tuple:
+        """View (N, E) as (B, T, E) with a (B, T) real-token mask."""
+        if mask_BT is not None and x_NE.shape[0] == mask_BT.numel():
+            B, T = mask_BT.shape
+            return x_NE.reshape(B, T, -1), mask_BT.bool()
+        if mask_BT is not None and x_NE.shape[0] % mask_BT.shape[0] == 0:
+            # another token stream (e.g. a seq2seq decoder): every token counts
+            B = mask_BT.shape[0]
+            x = x_NE.reshape(B, x_NE.shape[0] // B, -1)
+            return x, torch.ones(x.shape[:2], dtype=torch.bool)
+        return x_NE.unsqueeze(0), torch.ones(1, x_NE.shape[0], dtype=torch.bool)
+
+    def sample_probs(
+        self, attention_mask: torch.Tensor | None, reduce: Literal["mean", "max"] = "mean"
+    ) -> torch.Tensor:
+        """G_e(x_i): per-sample router probabilities, (L, B, E).
+
+        The full softmax over all E experts of each token, reduced over the sample's real
+        (non-padding) tokens by mean (METHOD.md §7 default) or max.
+        """
+        out = []
+        for layer in self.layers:
+            probs_NE = torch.softmax(self.records[layer.position].logits_NE.float(), dim=-1)
+            probs_BTE, real_BT = self._per_sample(probs_NE, attention_mask)
+            if reduce == "mean":
+                weights = real_BT.unsqueeze(-1).to(probs_BTE.dtype)
+                out.append((probs_BTE * weights).sum(1) / weights.sum(1).clamp_min(1))
+            else:
+                out.append(probs_BTE.masked_fill(~real_BT.unsqueeze(-1), 0).amax(1))
+        return torch.stack(out)
+
+    def routed(self, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """E_union: (L, E) bool, experts that top-k routing sent at least one real token to."""
+        out = []
+        for layer in self.layers:
+            chosen_BTE, real_BT = self._per_sample(
+                self.records[layer.position].chosen_NE, attention_mask
+            )
+            out.append((chosen_BTE & real_BT.unsqueeze(-1)).flatten(0, 1).any(0))
+        return torch.stack(out)
+
+
+# ---- the interface --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ParamBytes:
+    """Parameter bytes of the three groups (METHOD.md §6 cost model inputs)."""
+
+    per_expert: tuple[int, ...]  # one entry per MoE layer: bytes of one expert of that layer
+    routers: int
+    shared: int
+    num_experts: int  # E, experts per layer
+
+    @property
+    def experts(self) -> int:
+        """Bytes of the whole expert pool."""
+        return sum(self.per_expert) * self.num_experts
+
+
+class ExpertModel:
+    """A model seen as shared parameters + routers + an (L x E) pool of experts."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.layers = find_moe_layers(model)
+        if not self.layers:
+            raise HFedMoEError(
+                f"model: no MoE layers found in {type(model).__name__} "
+                "(expected modules with `experts` and a `gate`/`router`)"
+            )
+        self.num_experts = self.layers[0].num_experts
+        if any(layer.num_experts != self.num_experts for layer in self.layers):
+            raise HFedMoEError("model: MoE layers with different expert counts are not supported")
+
+    # -- the pool and the parameter groups --
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(L, E)."""
+        return self.num_layers, self.num_experts
+
+    def experts(self) -> list[ExpertId]:
+        return [(layer.position, e) for layer in self.layers for e in range(layer.num_experts)]
+
+    def param_groups(self) -> dict[str, list[str]]:
+        """State-dict names of the parameters in each group: experts, routers, shared."""
+        expert = {n for layer in self.layers for n in layer.expert_param_names}
+        router = {n for layer in self.layers for n in layer.router_params}
+        groups: dict[str, list[str]] = {"experts": [], "routers": [], "shared": []}
+        for name, _ in self.model.named_parameters():
+            key = "experts" if name in expert else "routers" if name in router else "shared"
+            groups[key].append(name)
+        return groups
+
+    # -- routing --
+    def capture(self) -> RoutingCapture:
+        return RoutingCapture(self.layers)
+
+    @contextlib.contextmanager
+    def restrict_routing(self, allowed_LE: torch.Tensor) -> Iterator[None]:
+        """Strict mode: tokens are routed only among ``allowed_LE`` experts of each layer.
+
+        The router's own logits are kept; its top-k choice is redone among the allowed experts
+        with the family's scoring rule (group-limited selection of DeepSeek is not applied).
+        """
+        allowed_LE = allowed_LE.bool()
+        if allowed_LE.shape != self.shape or not allowed_LE.any(1).all():
+            raise ValueError(f"allowed mask must be {self.shape} with >= 1 expert per layer")
+        handles = [
+            layer.router.register_forward_hook(_strict_hook(layer, allowed_LE[layer.position]))
+            for layer in self.layers
+        ]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    # -- updates --
+    def expert_grad_mask(self, active_LE: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
+        """Backward-only restriction: drop the gradients of experts outside ``active_LE``.
+
+        Modular experts: their ``grad`` becomes None (the optimizer then skips them entirely).
+        Fused experts: the inactive rows of the gradient are zeroed and the returned
+        {parameter: (E,) bool} rows must be passed to :class:`~hfedmoe.optim.MaskedAdamW` so
+        that those rows' values and moments do not move either (METHOD.md §7).
+        """
+        rows: dict[nn.Parameter, torch.Tensor] = {}
+        for layer in self.layers:
+            active_E = active_LE[layer.position].bool()
+            if layer.fused:
+                for p in layer.fused.values():
+                    if p.grad is not None:
+                        p.grad[~active_E] = 0
+                    rows[p] = active_E.clone()
+            else:
+                for e, params in enumerate(layer.modular):
+                    if not active_E[e]:
+                        for p in params.values():
+                            p.grad = None
+        return rows
+
+    # -- reading and writing experts and routers --
+    def read_expert(self, expert: ExpertId) -> dict[str, torch.Tensor]:
+        layer, e = self._layer(expert)
+        return {n: t.detach().clone() for n, t in layer.expert_tensors(e).items()}
+
+    @torch.no_grad()
+    def write_expert(self, expert: ExpertId, tensors: dict[str, torch.Tensor]) -> None:
+        layer, e = self._layer(expert)
+        targets = layer.expert_tensors(e)
+        if set(tensors) != set(targets):
+            raise KeyError(
+                f"expert {expert}: expected tensors {sorted(targets)}, got {sorted(tensors)}"
+            )
+        for n, t in targets.items():
+            if tensors[n].shape != t.shape:
+                raise ValueError(
+                    f"expert {expert}.{n}: shape {tuple(tensors[n].shape)} != {tuple(t.shape)}"
+                )
+            t.copy_(tensors[n])
+
+    def read_routers(self) -> dict[str, torch.Tensor]:
+        return {
+            n: p.detach().clone() for layer in self.layers for n, p in layer.router_params.items()
+        }
+
+    @torch.no_grad()
+    def write_routers(self, tensors: dict[str, torch.Tensor]) -> None:
+        params = {n: p for layer in self.layers for n, p in layer.router_params.items()}
+        if set(tensors) != set(params):
+            raise KeyError(f"routers: expected {sorted(params)}, got {sorted(tensors)}")
+        for n, p in params.items():
+            p.copy_(tensors[n])
+
+    def _layer(self, expert: ExpertId) -> tuple[MoELayer, int]:
+        position, e = expert
+        if not (0 <= position < self.num_layers and 0 <= e < self.num_experts):
+            raise IndexError(f"expert {expert} outside the {self.shape} pool")
+        return self.layers[position], e
+
+    # -- cost accounting (inputs of the budget cost model, METHOD.md §6) --
+    def param_bytes(self) -> ParamBytes:
+        groups = self.param_groups()
+        sizes = dict(self.model.named_parameters())
+
+        def nbytes(names: list[str]) -> int:
+            return sum(sizes[n].numel() * sizes[n].element_size() for n in names)
+
+        per_expert = tuple(
+            sum(t.numel() * t.element_size() for t in layer.expert_tensors(0).values())
+            for layer in self.layers
+        )
+        return ParamBytes(
+            per_expert, nbytes(groups["routers"]), nbytes(groups["shared"]), self.num_experts
+        )
+
+    def flops_per_token(self, active_LE: torch.Tensor | None = None) -> tuple[float, float]:
+        """(forward, backward) matmul FLOPs per token; ``active_LE`` = experts being trained.
+
+        Counts 2 FLOPs per weight per token for the forward pass (attention's score products
+        are not counted: they depend on the sequence length). Backward: gradients with respect
+        to activations cost as much as the forward pass; gradients with respect to weights cost
+        the same again, but only for trainable weights: all shared and router weights, and each
+        layer's routed expert work in proportion |active_l| / E (tokens spread evenly over
+        experts). Embedding lookups are not matmuls and are excluded.
+        """
+        L, E = self.shape
+        active_LE = torch.ones(L, E, dtype=torch.bool) if active_LE is None else active_LE.bool()
+        groups = self.param_groups()
+        sizes = dict(self.model.named_parameters())
+        shared = sum(
+            sizes[n].numel() for n in groups["shared"] if sizes[n].dim() >= 2 and "embed" not in n
+        )
+        routers = sum(sizes[n].numel() for n in groups["routers"])
+        expert_params = [
+            sum(t.numel() for t in layer.expert_tensors(0).values() if t.dim() >= 2)
+            for layer in self.layers
+        ]
+        routed = sum(layer.top_k * p for layer, p in zip(self.layers, expert_params, strict=True))
+        trained_routed = sum(
+            layer.top_k * p * float(active_LE[layer.position].float().mean())
+            for layer, p in zip(self.layers, expert_params, strict=True)
+        )
+        forward = 2.0 * (shared + routers + routed)
+        backward = forward + 2.0 * (shared + routers + trained_routed)
+        return forward, backward
+
+
+def _strict_hook(layer: MoELayer, allowed_E: torch.Tensor):
+    k = layer.top_k
+
+    def hook(module: nn.Module, args: tuple, output: tuple):
+        if layer.kind == "switch":
+            dispatch, own_probs, logits = output
+            probs = torch.softmax(logits.float(), dim=-1)
+            masked = probs.masked_fill(~allowed_E, -1.0)
+            choice = masked.argmax(-1)
+            one_hot = nn.functional.one_hot(choice, layer.num_experts)
+            capacity_ok = torch.cumsum(one_hot, dim=-2) <= module.expert_capacity
+            chosen_probs = probs.gather(-1, choice.unsqueeze(-1)).to(own_probs.dtype)
+            return (one_hot * capacity_ok).to(dispatch.dtype), chosen_probs, logits
+        logits, weights, _ = output
+        scores = (
+            torch.softmax(logits.float(), -1)
+            if layer.rule.score == "softmax"
+            else logits.float().sigmoid()
+        )
+        bias = getattr(module, "e_score_correction_bias", None)  # DeepSeek-V3 chooses with it
+        choice = (scores if bias is None else scores + bias).masked_fill(~allowed_E, float("-inf"))
+        n_allowed = int(allowed_E.sum())
+        top_w, top_i = torch.topk(choice, min(k, n_allowed), dim=-1)
+        top_w = scores.gather(-1, top_i)
+        if n_allowed < k:  # keep K columns: repeat the best allowed expert with weight 0
+            pad = k - n_allowed
+            top_i = torch.cat([top_i, top_i[:, :1].expand(-1, pad)], dim=-1)
+            top_w = torch.cat([top_w, torch.zeros_like(top_w[:, :1]).expand(-1, pad)], dim=-1)
+        if layer.rule.norm_topk:
+            top_w = top_w / (top_w.sum(-1, keepdim=True) + 1e-20)
+        return logits, (top_w * layer.rule.scaling).to(weights.dtype), top_i
+
+    return hook

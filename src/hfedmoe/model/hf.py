@@ -1,0 +1,46 @@
+"""Hugging Face MoE families, loaded from a local directory with ``from_pretrained``.
+
+Nothing is downloaded: ``path`` must hold ``config.json``, the weights and (for training) a
+tokenizer, as written by ``save_pretrained``. The expert view of every family comes from
+:mod:`hfedmoe.model.experts`; no model code is forked here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    PreTrainedModel,
+)
+
+from hfedmoe.errors import HFedMoEError
+
+#: model_type -> the Auto class that loads it (the architecture the paper used is Switch).
+SUPPORTED_MOE_FAMILIES = {
+    "switch_transformers": AutoModelForSeq2SeqLM,
+    "mixtral": AutoModelForCausalLM,
+    "qwen2_moe": AutoModelForCausalLM,
+    "qwen3_moe": AutoModelForCausalLM,
+    "olmoe": AutoModelForCausalLM,
+    "deepseek_v2": AutoModelForCausalLM,
+    "deepseek_v3": AutoModelForCausalLM,
+}
+
+
+def load_moe_model(path: str | Path) -> PreTrainedModel:
+    """Load a supported MoE checkpoint from a local directory (weights in float32, eval mode)."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise HFedMoEError(f"model.name_or_path: '{path}' has no config.json")
+    model_type = AutoConfig.from_pretrained(path).model_type
+    auto = SUPPORTED_MOE_FAMILIES.get(model_type)
+    if auto is None:
+        known = ", ".join(sorted(SUPPORTED_MOE_FAMILIES))
+        raise HFedMoEError(
+            f"model.name_or_path: architecture '{model_type}' is not a supported MoE family "
+            f"(expected one of: {known})"
+        )
+    return auto.from_pretrained(path, dtype="float32").eval()
