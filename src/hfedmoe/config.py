@@ -45,6 +45,12 @@ class ModelConfig(Section):
     router_init_std: float = Field(
         0.02, ge=0, description="Std of the normal init of router weights (0 = uniform routing)."
     )
+    expert_noise_std: float = Field(
+        0.0,
+        ge=0,
+        description="Noise added to each expert copy, relative to each weight's std "
+        "(0 = identical experts, exactly the dense model at initialisation).",
+    )
     max_length: int = Field(128, gt=0, description="Tokens per example after truncation.")
 
     @model_validator(mode="after")

@@ -1,4 +1,5 @@
-"""The MoE sequence classifier: a shipped or local dense encoder, upcycled, plus a head.
+"""Upcycled MoE models from dense checkpoints: a sequence classifier (BERT-family encoders) and a
+causal language model (Llama-style decoders such as SmolLM2).
 
 Also the checkpoint format: a directory holding ``model.safetensors`` (the state dict),
 ``config.json`` (the dense base's Hugging Face config with the label names), the tokenizer
@@ -15,19 +16,21 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_model, save_model
 from transformers import (
     AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
     AutoTokenizer,
-    BertForSequenceClassification,
+    PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 from transformers.utils import logging as hf_logging
 
-from hfedmoe.assets import resolve_model_dir
 from hfedmoe.config import ModelConfig
 from hfedmoe.errors import HFedMoEError
-from hfedmoe.model.upcycle import resolve_layers, upcycle_bert
+from hfedmoe.model.sources import model_dir as resolve_model_dir
+from hfedmoe.model.upcycle import LLAMA_LIKE, upcycle
 
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "hfedmoe.json"
@@ -45,8 +48,8 @@ def build_classifier(
     seed: int,
     pretrained: bool = True,
     model_dir: str | Path | None = None,
-) -> BertForSequenceClassification:
-    """Build the upcycled classifier.
+) -> PreTrainedModel:
+    """The upcycled sequence classifier (a BERT-family encoder + a new head).
 
     ``pretrained=True`` loads the dense weights from the model directory; ``False`` builds the
     same architecture with random weights (for a client that will receive the global weights).
@@ -54,20 +57,38 @@ def build_classifier(
     """
     directory = Path(model_dir) if model_dir else resolve_model_dir(cfg.name_or_path)
     config = _load_config(directory, label_names)
+    return _upcycled(AutoModelForSequenceClassification, directory, config, cfg, seed, pretrained)
+
+
+def build_causal_lm(
+    cfg: ModelConfig, *, seed: int, pretrained: bool = True, model_dir: str | Path | None = None
+) -> PreTrainedModel:
+    """The upcycled causal language model (a Llama-style decoder, e.g. SmolLM2-135M)."""
+    directory = Path(model_dir) if model_dir else resolve_model_dir(cfg.name_or_path)
+    config = AutoConfig.from_pretrained(directory)
+    if config.model_type not in LLAMA_LIKE:
+        raise HFedMoEError(
+            f"model.name_or_path: model type '{config.model_type}' is not a supported decoder "
+            f"(expected one of: {', '.join(LLAMA_LIKE)})"
+        )
+    return _upcycled(AutoModelForCausalLM, directory, config, cfg, seed, pretrained)
+
+
+def _upcycled(auto, directory, config, cfg: ModelConfig, seed: int, pretrained: bool):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if pretrained:
-            model = BertForSequenceClassification.from_pretrained(directory, config=config)
+            model = auto.from_pretrained(directory, config=config, dtype="float32")
         else:
-            model = BertForSequenceClassification(config)
-        generator = torch.Generator().manual_seed(seed)
-        upcycle_bert(
+            model = auto.from_config(config, dtype="float32")
+        upcycle(
             model,
             num_experts=cfg.num_experts,
             top_k=cfg.top_k,
-            layers=resolve_layers(cfg.moe_layers, config.num_hidden_layers),
+            layers=cfg.moe_layers,
             router_init_std=cfg.router_init_std,
-            generator=generator,
+            expert_noise_std=cfg.expert_noise_std,
+            generator=torch.Generator().manual_seed(seed),
         )
     return model
 
@@ -97,7 +118,7 @@ def _load_config(directory: Path, label_names: tuple[str, ...] | list[str]):
 
 
 def save_checkpoint(
-    model: BertForSequenceClassification,
+    model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     cfg: ModelConfig,
     directory: str | Path,
@@ -109,11 +130,12 @@ def save_checkpoint(
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
     try:
-        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-        save_file(state, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
+        # save_model stores a tied tensor (an LM head sharing the embedding) once
+        save_model(model, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         model.config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        meta = {"format_version": FORMAT_VERSION, "model": cfg.model_dump()}
+        task = "causal-lm" if type(model).__name__.endswith("ForCausalLM") else "classification"
+        meta = {"format_version": FORMAT_VERSION, "task": task, "model": cfg.model_dump()}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
         os.replace(tmp, directory)
     except BaseException:
@@ -124,7 +146,7 @@ def save_checkpoint(
 
 def load_checkpoint(
     directory: str | Path,
-) -> tuple[BertForSequenceClassification, PreTrainedTokenizerBase]:
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Rebuild a model saved by :func:`save_checkpoint` (in eval mode) and its tokenizer."""
     directory = Path(directory)
     for name in (WEIGHTS_FILE, META_FILE, "config.json"):
@@ -132,8 +154,12 @@ def load_checkpoint(
             raise HFedMoEError(f"checkpoint '{directory}' is missing {name}")
     meta = json.loads((directory / META_FILE).read_text())
     cfg = ModelConfig.model_validate(meta["model"])
-    config = AutoConfig.from_pretrained(directory)
-    labels = [config.id2label[i] for i in range(config.num_labels)]
-    model = build_classifier(cfg, labels, seed=0, pretrained=False, model_dir=directory)
-    model.load_state_dict(load_file(directory / WEIGHTS_FILE), strict=True)
+    if meta.get("task") == "causal-lm":
+        model = build_causal_lm(cfg, seed=0, pretrained=False, model_dir=directory)
+    else:
+        config = AutoConfig.from_pretrained(directory)
+        labels = [config.id2label[i] for i in range(config.num_labels)]
+        model = build_classifier(cfg, labels, seed=0, pretrained=False, model_dir=directory)
+    missing, unexpected = load_model(model, str(directory / WEIGHTS_FILE), strict=True)
+    assert not missing and not unexpected
     return model.eval(), AutoTokenizer.from_pretrained(directory)

@@ -371,15 +371,22 @@ class ExpertModel:
         to activations cost as much as the forward pass; gradients with respect to weights cost
         the same again, but only for trainable weights: all shared and router weights, and each
         layer's routed expert work in proportion |active_l| / E (tokens spread evenly over
-        experts). Embedding lookups are not matmuls and are excluded.
+        experts). Embedding lookups are not matmuls and are excluded; an output head tied to the
+        embedding is a matmul and is counted.
         """
         L, E = self.shape
         active_LE = torch.ones(L, E, dtype=torch.bool) if active_LE is None else active_LE.bool()
         groups = self.param_groups()
         sizes = dict(self.model.named_parameters())
+        lookups = {id(m.weight) for m in self.model.modules() if isinstance(m, nn.Embedding)}
         shared = sum(
-            sizes[n].numel() for n in groups["shared"] if sizes[n].dim() >= 2 and "embed" not in n
+            sizes[n].numel()
+            for n in groups["shared"]
+            if sizes[n].dim() >= 2 and id(sizes[n]) not in lookups
         )
+        head = getattr(self.model, "get_output_embeddings", lambda: None)()
+        if head is not None and id(head.weight) in lookups:  # an LM head tied to the embedding
+            shared += head.weight.numel()
         routers = sum(sizes[n].numel() for n in groups["routers"])
         expert_params = [
             sum(t.numel() for t in layer.expert_tensors(0).values() if t.dim() >= 2)

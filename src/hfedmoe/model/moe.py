@@ -4,9 +4,9 @@ Shape legend: B batch, T tokens per sample, N = B*T tokens, H hidden size, I exp
 E experts, K experts per token (top-k).
 
 As in Mixtral/Qwen-MoE, the block is a ``gate`` (a router module returning logits, top-k weights
-and top-k indices) and ``experts``. Unlike them, each expert is a module of its own (the dense
-FFN it was upcycled from, biases included), so an expert that receives no tokens gets no
-gradient at all (``grad is None``) and a standard optimizer leaves it untouched.
+and top-k indices) and ``experts``. Unlike them, each expert is a module of its own (a copy of
+the dense FFN it was upcycled from, biases included), so an expert that receives no tokens gets
+no gradient at all (``grad is None``) and a standard optimizer leaves it untouched.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ class TopKRouter(nn.Module):
 class MoEFeedForward(nn.Module):
     """Router + E experts. eq. (2): y = sum_{e in top-k(x)} w_e(x) E_e(x)."""
 
-    def __init__(self, experts: list[ExpertFFN], hidden: int, top_k: int):
+    def __init__(self, experts: list[nn.Module], hidden: int, top_k: int):
         super().__init__()
         self.num_experts = len(experts)
         self.top_k = top_k

@@ -1,13 +1,19 @@
 """Sparse upcycling: turn a dense transformer's FFNs into Mixture-of-Experts blocks.
 
-Each upcycled layer's FFN is copied into E identical experts and a router is added
-(Komatsuzaki et al., 2023). With renormalised top-k weights the upcycled model computes
-exactly what the dense model did, for any top-k and any subset of experts, until training
-makes the experts differ.
+Each upcycled layer's FFN is copied into E experts and a router is added (Komatsuzaki et al.,
+2023). With identical experts and renormalised top-k weights the upcycled model computes exactly
+what the dense model did, for any top-k and any subset of experts; optional noise on the expert
+copies breaks that symmetry from the start.
 
-We do not fork model code from transformers: in a BERT layer we replace ``intermediate`` (the
-up-projection + activation) by the MoE block and ``output.dense`` (the down-projection) by an
-identity, so the layer's own dropout, residual and LayerNorm still run after the experts.
+We do not fork model code from transformers; per architecture we only say where a layer's dense
+FFN is and where the MoE block goes:
+
+- BERT encoders: the FFN is split over ``intermediate`` (up-projection + activation) and
+  ``output.dense`` (down-projection). The MoE block replaces ``intermediate`` and
+  ``output.dense`` becomes an identity, so the layer's own dropout, residual and LayerNorm still
+  run after the experts.
+- Llama-style decoders (Llama, Mistral, Qwen2/3; SmolLM2 is a Llama): ``mlp`` is the FFN; the
+  MoE block, whose experts are copies of that ``mlp``, replaces it.
 """
 
 from __future__ import annotations
@@ -20,6 +26,9 @@ from transformers import PreTrainedModel
 
 from hfedmoe.errors import HFedMoEError
 from hfedmoe.model.moe import ExpertFFN, MoEFeedForward
+
+LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")
+UPCYCLABLE = ("bert", *LLAMA_LIKE)
 
 
 def resolve_layers(moe_layers: list[int] | str, num_layers: int) -> list[int]:
@@ -36,34 +45,74 @@ def resolve_layers(moe_layers: list[int] | str, num_layers: int) -> list[int]:
     return sorted(moe_layers)
 
 
-def upcycle_bert(
-    model: PreTrainedModel,
-    *,
-    num_experts: int,
-    top_k: int,
-    layers: list[int],
-    router_init_std: float,
-    generator: torch.Generator | None = None,
-) -> PreTrainedModel:
-    """Upcycle the FFNs of ``layers`` of a BERT-family model in place and return it."""
-    encoder_layers = model.base_model.encoder.layer
-    hidden = model.config.hidden_size
-    for i in layers:
-        layer = encoder_layers[i]
+def _take_dense_ffn(model: PreTrainedModel, layer: nn.Module) -> nn.Module:
+    if model.config.model_type == "bert":
         dense = ExpertFFN(
-            hidden, model.config.intermediate_size, layer.intermediate.intermediate_act_fn
+            model.config.hidden_size,
+            model.config.intermediate_size,
+            layer.intermediate.intermediate_act_fn,
         )
         with torch.no_grad():
             dense.fc_in.load_state_dict(layer.intermediate.dense.state_dict())
             dense.fc_out.load_state_dict(layer.output.dense.state_dict())
-        moe = MoEFeedForward([copy.deepcopy(dense) for _ in range(num_experts)], hidden, top_k)
-        with torch.no_grad():
-            moe.gate.weight.normal_(0.0, router_init_std, generator=generator)
-        layer.intermediate = moe
+        return dense
+    return layer.mlp
+
+
+def _install(model: PreTrainedModel, layer: nn.Module, block: MoEFeedForward) -> None:
+    if model.config.model_type == "bert":
+        layer.intermediate = block
         layer.output.dense = nn.Identity()
+    else:
+        layer.mlp = block
+
+
+def _decoder_layers(model: PreTrainedModel) -> nn.ModuleList:
+    if model.config.model_type == "bert":
+        return model.base_model.encoder.layer
+    return model.base_model.layers
+
+
+def upcycle(
+    model: PreTrainedModel,
+    *,
+    num_experts: int,
+    top_k: int,
+    layers: list[int] | str,
+    router_init_std: float,
+    expert_noise_std: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> PreTrainedModel:
+    """Upcycle the FFNs of ``layers`` of a BERT or Llama-style model in place; return it.
+
+    ``expert_noise_std`` > 0 adds Gaussian noise to every expert copy's weights, with a standard
+    deviation of that fraction of each weight matrix's own standard deviation.
+    """
+    model_type = model.config.model_type
+    if model_type not in UPCYCLABLE:
+        raise HFedMoEError(
+            f"model.name_or_path: cannot upcycle model type '{model_type}' "
+            f"(expected one of: {', '.join(UPCYCLABLE)})"
+        )
+    all_layers = _decoder_layers(model)
+    for i in resolve_layers(layers, len(all_layers)):
+        layer = all_layers[i]
+        dense = _take_dense_ffn(model, layer)
+        experts = [copy.deepcopy(dense) for _ in range(num_experts)]
+        if expert_noise_std > 0:
+            with torch.no_grad():
+                for expert in experts:
+                    for w in expert.parameters():
+                        if w.dim() >= 2:
+                            noise = torch.randn(w.shape, generator=generator)
+                            w.add_(noise * (expert_noise_std * w.std()))
+        block = MoEFeedForward(experts, model.config.hidden_size, top_k)
+        with torch.no_grad():
+            block.gate.weight.normal_(0.0, router_init_std, generator=generator)
+        _install(model, layer, block)
     return model
 
 
 def moe_blocks(model: nn.Module) -> list[MoEFeedForward]:
-    """The model's MoE blocks in layer order."""
+    """The model's upcycled MoE blocks in layer order."""
     return [m for m in model.modules() if isinstance(m, MoEFeedForward)]
