@@ -12,18 +12,19 @@ from transformers import AutoTokenizer
 from hfedmoe.assets import shipped_path
 from hfedmoe.config import ModelConfig
 from hfedmoe.errors import HFedMoEError
-from hfedmoe.model import build_classifier, load_tokenizer
+from hfedmoe.model import build_causal_lm, build_classifier, load_tokenizer
 from hfedmoe.model.experts import ExpertModel
 from hfedmoe.model.hf import load_moe_model
 from hfedmoe.optim import MaskedAdamW
 
 from . import families
 
-ALL = [*families.FAMILIES, "upcycled_bert"]
+UPCYCLED = ["upcycled_bert", "upcycled_llama"]
+ALL = [*families.FAMILIES, *UPCYCLED]
 
 
 @pytest.fixture
-def moe(request, tiny_bert_dir):
+def moe(request, tiny_bert_dir, tiny_llama_dir):
     """(model, a padded batch, labels) for the family named by the test's parameter."""
     family = request.param
     if family == "upcycled_bert":
@@ -38,6 +39,18 @@ def moe(request, tiny_bert_dir):
             )
         )
         return model, batch, {"labels": torch.tensor([0, 2])}
+    if family == "upcycled_llama":
+        cfg = ModelConfig(name_or_path=str(tiny_llama_dir), num_experts=4, top_k=2)
+        model = build_causal_lm(cfg, seed=0).eval()
+        with torch.no_grad():
+            for block in ExpertModel(model).layers:
+                block.router.weight.normal_(0, 1.0)
+        batch = dict(
+            load_tokenizer(cfg)(
+                ["one two three four five", "six seven"], padding=True, return_tensors="pt"
+            )
+        )
+        return model, batch, {"labels": batch["input_ids"]}
     model, batch = families.build(family), families.batch(family)
     target = batch.get("decoder_input_ids", batch["input_ids"])
     return model, batch, {"labels": target}
@@ -220,6 +233,40 @@ def test_inactive_experts_and_their_optimizer_state_do_not_move(moe):
                 for key in was:
                     a, b = (now[key][e], was[key][e]) if layer.fused else (now[key], was[key])
                     assert torch.equal(a, b), (layer.name, e, key)
+
+
+@pytest.mark.parametrize("moe", UPCYCLED, indirect=True)
+def test_update_only_skips_exactly_the_inactive_experts_weight_gradients(moe):
+    """Backward-only mode with the choice made after the forward pass (eq. (15)): inactive
+    experts compute no weight gradient, and every other gradient is what full backward gives."""
+    model, batch, labels = moe
+    em = ExpertModel(model)
+    model(**batch, **labels).loss.backward()
+    full = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+
+    active = torch.zeros(em.shape, dtype=torch.bool)
+    active[0, :2] = True
+    active[-1, 3] = True
+    loss = model(**batch, **labels).loss
+    with em.update_only(active):
+        loss.backward()
+
+    inactive = {
+        name
+        for layer in em.layers
+        for e, params in enumerate(layer.modular)
+        if not active[layer.position, e]
+        for name, p in model.named_parameters()
+        if any(p is q for q in params.values())
+    }
+    assert inactive
+    for name, p in model.named_parameters():
+        if name in inactive:
+            assert p.grad is None, name
+        elif name in full:
+            torch.testing.assert_close(p.grad, full[name], atol=1e-6, rtol=1e-5)
+    assert all(getattr(m, "trainable", True) for m in model.modules())  # flags restored
 
 
 def test_masked_adamw_equals_torch_adamw_when_nothing_is_masked():

@@ -91,7 +91,7 @@ def find_moe_layers(model: nn.Module) -> list[MoELayer]:
             router_params={names[id(p)]: p for p in router.parameters()},
         )
         if isinstance(experts, nn.ModuleList | nn.ModuleDict):
-            modules = list(experts.values() if isinstance(experts, nn.ModuleDict) else experts)
+            modules = list(_expert_modules(module))
             layer.modular = [dict(m.named_parameters()) for m in modules]
             layer.expert_param_names = [names[id(p)] for m in modules for p in m.parameters()]
         else:
@@ -285,6 +285,28 @@ class ExpertModel:
                 h.remove()
 
     # -- updates --
+    @contextlib.contextmanager
+    def update_only(self, active_LE: torch.Tensor) -> Iterator[None]:
+        """Around ``loss.backward()``: experts outside ``active_LE`` skip their weight gradients.
+
+        Effective for experts that support it (hfedmoe's upcycled experts, which read a
+        ``trainable`` flag during the backward pass): the backward pass then really shrinks.
+        Other experts still compute their gradients; :meth:`expert_grad_mask` drops them.
+        """
+        flagged = []
+        for layer in self.layers:
+            if layer.modular:
+                experts = list(_expert_modules(layer.block))
+                for e, module in enumerate(experts):
+                    if hasattr(module, "trainable") and not active_LE[layer.position, e]:
+                        module.trainable = False
+                        flagged.append(module)
+        try:
+            yield
+        finally:
+            for module in flagged:
+                module.trainable = True
+
     def expert_grad_mask(self, active_LE: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
         """Backward-only restriction: drop the gradients of experts outside ``active_LE``.
 
@@ -400,6 +422,11 @@ class ExpertModel:
         forward = 2.0 * (shared + routers + routed)
         backward = forward + 2.0 * (shared + routers + trained_routed)
         return forward, backward
+
+
+def _expert_modules(block: nn.Module) -> Iterator[nn.Module]:
+    experts = block.experts
+    yield from experts.values() if isinstance(experts, nn.ModuleDict) else experts
 
 
 def _strict_hook(layer: MoELayer, allowed_E: torch.Tensor):

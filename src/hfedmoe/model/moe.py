@@ -17,17 +17,78 @@ import torch
 from torch import nn
 
 
+class _ExpertLinear(torch.autograd.Function):
+    """``x W^T + b`` whose weight gradient is skipped if its expert is frozen *at backward time*.
+
+    HFedMoE picks the experts to update from the router scores of the whole forward pass
+    (METHOD.md §3, eq. (15)), so the choice is known only after the forward pass, when autograd
+    has already recorded which weights need gradients. This function reads ``owner.trainable``
+    when the backward pass reaches it: a frozen expert still passes gradients on to its input
+    (earlier layers need them) but skips the two weight-gradient products, so the backward pass
+    shrinks with the fraction of experts updated, and its ``grad`` stays None.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, owner):
+        ctx.save_for_backward(x, weight)
+        ctx.owner, ctx.has_bias = owner, bias is not None
+        return nn.functional.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight = ctx.saved_tensors
+        grad_x = grad_y @ weight if ctx.needs_input_grad[0] else None
+        grad_w = grad_b = None
+        if ctx.owner.trainable:
+            g_NO = grad_y.reshape(-1, grad_y.shape[-1])
+            if ctx.needs_input_grad[1]:
+                grad_w = g_NO.T @ x.reshape(-1, x.shape[-1])
+            if ctx.has_bias and ctx.needs_input_grad[2]:
+                grad_b = g_NO.sum(0)
+        return grad_x, grad_w, grad_b, None
+
+
+def expert_linear(x: torch.Tensor, linear: nn.Linear, owner: nn.Module) -> torch.Tensor:
+    return _ExpertLinear.apply(x, linear.weight, linear.bias, owner)
+
+
 class ExpertFFN(nn.Module):
-    """One expert: the dense FFN it was upcycled from, ``fc_out(act(fc_in(x)))``."""
+    """A BERT-style expert: ``fc_out(act(fc_in(x)))``, a copy of the dense FFN.
+
+    ``trainable`` (default True) is read during the backward pass; see :class:`_ExpertLinear`.
+    """
 
     def __init__(self, hidden: int, intermediate: int, act: Callable[[torch.Tensor], torch.Tensor]):
         super().__init__()
         self.fc_in = nn.Linear(hidden, intermediate)
         self.act = act
         self.fc_out = nn.Linear(intermediate, hidden)
+        self.trainable = True
 
     def forward(self, x_NH: torch.Tensor) -> torch.Tensor:
-        return self.fc_out(self.act(self.fc_in(x_NH)))
+        return expert_linear(self.act(expert_linear(x_NH, self.fc_in, self)), self.fc_out, self)
+
+
+class GatedExpertFFN(nn.Module):
+    """A Llama-style (SwiGLU) expert: ``down(act(gate(x)) * up(x))``, a copy of the dense MLP."""
+
+    def __init__(
+        self,
+        hidden: int,
+        intermediate: int,
+        act: Callable[[torch.Tensor], torch.Tensor],
+        bias: bool = False,
+    ):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=bias)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=bias)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
+        self.act_fn = act
+        self.trainable = True
+
+    def forward(self, x_NH: torch.Tensor) -> torch.Tensor:
+        gate = self.act_fn(expert_linear(x_NH, self.gate_proj, self))
+        return expert_linear(gate * expert_linear(x_NH, self.up_proj, self), self.down_proj, self)
 
 
 class TopKRouter(nn.Module):

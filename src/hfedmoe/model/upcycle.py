@@ -13,7 +13,7 @@ FFN is and where the MoE block goes:
   ``output.dense`` becomes an identity, so the layer's own dropout, residual and LayerNorm still
   run after the experts.
 - Llama-style decoders (Llama, Mistral, Qwen2/3; SmolLM2 is a Llama): ``mlp`` is the FFN; the
-  MoE block, whose experts are copies of that ``mlp``, replaces it.
+  MoE block, whose experts are SwiGLU copies of that ``mlp``, replaces it.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from hfedmoe.errors import HFedMoEError
-from hfedmoe.model.moe import ExpertFFN, MoEFeedForward
+from hfedmoe.model.moe import ExpertFFN, GatedExpertFFN, MoEFeedForward
 
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")
 UPCYCLABLE = ("bert", *LLAMA_LIKE)
@@ -56,7 +56,15 @@ def _take_dense_ffn(model: PreTrainedModel, layer: nn.Module) -> nn.Module:
             dense.fc_in.load_state_dict(layer.intermediate.dense.state_dict())
             dense.fc_out.load_state_dict(layer.output.dense.state_dict())
         return dense
-    return layer.mlp
+    mlp = layer.mlp  # Llama-style: gate_proj, up_proj, down_proj
+    dense = GatedExpertFFN(
+        model.config.hidden_size,
+        model.config.intermediate_size,
+        mlp.act_fn,
+        bias=bool(getattr(model.config, "mlp_bias", False)),
+    )
+    dense.load_state_dict(mlp.state_dict())
+    return dense
 
 
 def _install(model: PreTrainedModel, layer: nn.Module, block: MoEFeedForward) -> None:
