@@ -88,7 +88,11 @@ def test_metrics_have_one_sensible_record_per_round(finished_run):
         for c in r["clients"]:
             assert c["status"] == "ok" and c["train_loss"] > 0 and c["seconds"] > 0
             assert c["num_examples"] > 0
-            assert c["bytes_down"] == c["bytes_up"] > 0  # FedAvg: the whole model both ways
+            # FedAvg: the whole model both ways; up also carries the (L=2, E=4) int64 update
+            # counts, a .npy array of 128 header bytes + 64 data bytes
+            assert c["bytes_up"] == c["bytes_down"] + 128 + 2 * 4 * 8 > 0
+            assert 0 < c["experts_updated"] <= 2 * 4
+            assert 2 * 2 <= c["experts_routed_per_step"] <= 2 * 4  # top-2 in each of 2 layers
         assert r["examples"] == sum(c["num_examples"] for c in r["clients"])
         assert r["bytes_down"] == sum(c["bytes_down"] for c in r["clients"])
     csv_lines = (finished_run / "metrics.csv").read_text().splitlines()

@@ -87,3 +87,40 @@ def _adamw(p, grad, m, v, step, lr, b1, b2, eps, wd) -> None:
     bias1 = 1 - b1**step
     bias2_sqrt = (1 - b2**step).sqrt()
     p.sub_(lr * (m / bias1) / (v.sqrt() / bias2_sqrt + eps))
+
+
+class ExpertAdamW:
+    """AdamW for a whole MoE model: torch's fused AdamW for every parameter except the fused
+    expert tensors, whose rows (experts) :class:`MaskedAdamW` can leave untouched.
+
+    Split so that the bulk of the parameters takes torch's single-kernel path (measured 5-10x
+    faster than a Python loop on CPU); only fused expert tensors pay for row masking.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.nn.Parameter],
+        row_masked: Iterable[torch.nn.Parameter],
+        lr: float,
+        weight_decay: float,
+    ):
+        row_ids = {id(p) for p in row_masked}
+        params = [p for p in params if p.requires_grad]
+        plain = [p for p in params if id(p) not in row_ids]
+        fused = [p for p in params if id(p) in row_ids]
+        self.plain = torch.optim.AdamW(plain, lr=lr, weight_decay=weight_decay, fused=True)
+        self.masked = (
+            MaskedAdamW(fused, lr=lr, weight_decay=weight_decay, row_masked=fused)
+            if fused
+            else None
+        )
+
+    def step(self, rows: dict[torch.nn.Parameter, torch.Tensor] | None = None) -> None:
+        self.plain.step()
+        if self.masked is not None:
+            self.masked.step(rows)
+
+    def zero_grad(self) -> None:
+        self.plain.zero_grad(set_to_none=True)
+        if self.masked is not None:
+            self.masked.zero_grad(set_to_none=True)

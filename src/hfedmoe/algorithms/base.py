@@ -83,7 +83,10 @@ class FederatedAlgorithm(ABC):
                 "train_loss": result.mean_loss,
                 "train_seconds": result.seconds,
                 "steps": float(result.steps),
+                "experts_updated": float((result.expert_updates > 0).sum()),
+                "experts_routed_per_step": result.routed_per_step,
             },
+            stats={"expert_updates": result.expert_updates},
         )
 
     # ---- state that outlives a round (resume) ------------------------------------------

@@ -26,17 +26,23 @@ class ClientReport:
 
     round: int
     node_id: int
-    partition_id: int | None
-    status: str  # "ok" | "failed"
-    error: str
-    num_examples: int
-    train_loss: float | None
-    seconds: float | None
     bytes_down: int
-    bytes_up: int
+    status: str = "ok"  # "ok" | "failed"
+    error: str = ""
+    partition_id: int | None = None
+    num_examples: int = 0
+    train_loss: float | None = None
+    seconds: float | None = None
+    bytes_up: int = 0
+    experts_updated: int | None = None  # distinct (layer, expert) pairs updated this round
+    experts_routed_per_step: float | None = None  # mean |E_union| per local batch
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _int_or_none(x: float | None) -> int | None:
+    return None if x is None else int(x)
 
 
 def sample_clients(nodes: Iterable[int], k: int, seed: int, server_round: int) -> list[int]:
@@ -92,33 +98,25 @@ class AlgorithmStrategy(Strategy):
             if reply.has_error():
                 reports.append(
                     ClientReport(
-                        server_round,
-                        node,
-                        None,
-                        "failed",
-                        reply.error.reason,
-                        0,
-                        None,
-                        None,
-                        down,
-                        0,
+                        server_round, node, down, status="failed", error=reply.error.reason
                     )
                 )
                 continue
             update, partition_id = wire.unpack_update(reply.content)
             updates[node] = update
+            metrics = update.metrics
             reports.append(
                 ClientReport(
                     server_round,
                     node,
-                    partition_id,
-                    "ok",
-                    "",
-                    update.num_examples,
-                    update.metrics.get("train_loss"),
-                    update.metrics.get("train_seconds"),
                     down,
-                    wire.payload_bytes(reply.content),
+                    partition_id=partition_id,
+                    num_examples=update.num_examples,
+                    train_loss=metrics.get("train_loss"),
+                    seconds=metrics.get("train_seconds"),
+                    bytes_up=wire.payload_bytes(reply.content),
+                    experts_updated=_int_or_none(metrics.get("experts_updated")),
+                    experts_routed_per_step=metrics.get("experts_routed_per_step"),
                 )
             )
         self.last_reports = sorted(reports, key=lambda r: r.node_id)
