@@ -109,8 +109,7 @@ def training_step_table(repeats: int) -> list[str]:
         "attention_mask": torch.ones(16, 64, dtype=torch.long),
         "labels": torch.randint(0, 5, (16,), generator=g),
     }
-    fused = [p for layer in em.layers for p in layer.fused.values()]
-    opt = ExpertAdamW(model.parameters(), fused, lr=1e-5, weight_decay=0.01)
+    opt = ExpertAdamW(model.parameters(), em.expert_axes(), lr=1e-5, weight_decay=0.01)
     L, E = em.shape
     phases: dict[float, tuple[list[float], list[float], list[float]]] = {}
 

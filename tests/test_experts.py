@@ -15,7 +15,7 @@ from hfedmoe.errors import HFedMoEError
 from hfedmoe.model import build_causal_lm, build_classifier, load_tokenizer
 from hfedmoe.model.experts import ExpertModel
 from hfedmoe.model.hf import load_moe_model
-from hfedmoe.optim import MaskedAdamW
+from hfedmoe.optim import ExpertAxis, MaskedAdamW
 
 from . import families
 
@@ -204,8 +204,7 @@ def test_inactive_experts_and_their_optimizer_state_do_not_move(moe):
     model, batch, labels = moe
     model.train()
     em = ExpertModel(model)
-    fused = [p for layer in em.layers for p in layer.fused.values()]
-    opt = MaskedAdamW(model.parameters(), lr=1e-2, weight_decay=0.1, row_masked=fused)
+    opt = MaskedAdamW(model.parameters(), lr=1e-2, weight_decay=0.1, expert_axes=em.expert_axes())
     model(**batch, **labels).loss.backward()  # step 1: everything moves, moments become non-zero
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -274,7 +273,9 @@ def test_masked_adamw_equals_torch_adamw_when_nothing_is_masked():
     fused = torch.nn.Parameter(torch.randn(3, 4, 5))
     dense = torch.nn.Parameter(torch.randn(6))
     ref = [torch.nn.Parameter(fused.detach().clone()), torch.nn.Parameter(dense.detach().clone())]
-    ours = MaskedAdamW([fused, dense], lr=0.01, weight_decay=0.1, row_masked=[fused])
+    ours = MaskedAdamW(
+        [fused, dense], lr=0.01, weight_decay=0.1, expert_axes={fused: ExpertAxis.rows(3)}
+    )
     theirs = torch.optim.AdamW(ref, lr=0.01, weight_decay=0.1, foreach=False)
     for step in range(4):
         g = torch.Generator().manual_seed(step)

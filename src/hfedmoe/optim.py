@@ -1,20 +1,42 @@
 """AdamW that can leave some experts of a fused expert tensor completely untouched.
 
 Written by hand because no torch optimizer can restrict an update to part of a tensor: zeroing
-the gradient rows of an inactive expert still lets Adam's momentum and the weight decay move
-them (METHOD.md §7: "an expert outside E_active must not move at all"). Here each fused expert
-tensor keeps one step counter per expert, and a step updates only the rows it is told are
-active: values, first and second moments and step counts of the other rows stay bit-identical.
+the gradient entries of an inactive expert still lets Adam's momentum and the weight decay move
+them (METHOD.md §7: "an expert outside E_active must not move at all"). Here each fused tensor
+keeps one step counter per expert, and a step updates only the positions of active experts:
+values, first and second moments and step counts of the others stay bit-identical.
 
-Parameters without a row mask follow torch.optim.AdamW's formula (decoupled weight decay,
+Where the experts sit in a tensor is an :class:`ExpertAxis`: for transformers' fused weights
+expert e is row e (dim 0); for a PEFT LoRA on them, expert e owns rows e*r..e*r+r-1 of lora_A
+and the strided columns e, e+E, ... of lora_B.
+
+Parameters without an axis follow torch.optim.AdamW's formula (decoupled weight decay,
 bias-corrected moments); a parameter whose ``grad`` is None is skipped entirely.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 import torch
+
+
+@dataclass(frozen=True)
+class ExpertAxis:
+    """Position i along ``dim`` belongs to expert ``expert_of[i]`` (of ``num_experts``)."""
+
+    dim: int
+    expert_of: torch.Tensor  # (size along dim,) long
+    num_experts: int
+
+    @classmethod
+    def rows(cls, num_experts: int) -> ExpertAxis:
+        return cls(0, torch.arange(num_experts), num_experts)
+
+    def positions(self, experts_E: torch.Tensor) -> torch.Tensor:
+        """Indices along ``dim`` of the experts selected by the (E,) bool mask."""
+        return experts_E[self.expert_of].nonzero().squeeze(1)
 
 
 class MaskedAdamW(torch.optim.Optimizer):
@@ -25,58 +47,51 @@ class MaskedAdamW(torch.optim.Optimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
-        row_masked: Iterable[torch.nn.Parameter] = (),
+        expert_axes: Mapping[torch.nn.Parameter, ExpertAxis] | None = None,
     ):
-        """``row_masked``: the fused expert tensors (dim 0 = expert) whose rows may be masked."""
-        super().__init__(
-            params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
-        )
-        self.row_masked = {id(p) for p in row_masked}
+        """``expert_axes``: the fused expert tensors whose experts may be masked, and where."""
+        defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
+        super().__init__(params, defaults)
+        self.axes = {id(p): axis for p, axis in (expert_axes or {}).items()}
 
     @torch.no_grad()
-    def step(self, rows: dict[torch.nn.Parameter, torch.Tensor] | None = None) -> None:  # type: ignore[override]
-        """One update; ``rows[p]`` (a bool vector over dim 0) restricts a row-masked ``p``.
+    def step(self, active: Mapping[torch.nn.Parameter, torch.Tensor] | None = None) -> None:  # type: ignore[override]
+        """One update; ``active[p]`` (an (E,) bool mask) restricts a parameter with an axis.
 
-        A row-masked parameter missing from ``rows`` updates all its rows.
+        A parameter with an axis but missing from ``active`` updates all its experts.
         """
-        rows = rows or {}
+        active = active or {}
         for group in self.param_groups:
-            lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            hyper = group["lr"], *group["betas"], group["eps"], group["weight_decay"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                per_row = id(p) in self.row_masked
+                axis = self.axes.get(id(p))
                 state = self.state[p]
                 if not state:
                     state["exp_avg"] = torch.zeros_like(p)
                     state["exp_avg_sq"] = torch.zeros_like(p)
-                    # one step count per expert row where rows can be masked, else one in all
-                    state["step"] = torch.zeros(p.shape[0] if per_row else ())
-                if not per_row:
+                    # one step count per expert where experts can be masked, else one in all
+                    state["step"] = torch.zeros(axis.num_experts if axis else ())
+                if axis is None:
                     state["step"] += 1
-                    _adamw(
-                        p,
-                        p.grad,
-                        state["exp_avg"],
-                        state["exp_avg_sq"],
-                        state["step"],
-                        lr,
-                        b1,
-                        b2,
-                        eps,
-                        wd,
-                    )
+                    _adamw(p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"], *hyper)
                     continue
-                mask = rows.get(p, torch.ones(p.shape[0], dtype=torch.bool))
-                idx = mask.nonzero().squeeze(1)
+                experts = active.get(p, torch.ones(axis.num_experts, dtype=torch.bool))
+                idx = axis.positions(experts)
                 if idx.numel() == 0:
                     continue
-                value, m, v = p[idx], state["exp_avg"][idx], state["exp_avg_sq"][idx]
-                step = state["step"][idx] + 1
-                view = (-1,) + (1,) * (p.dim() - 1)  # per-row step broadcast over the row
-                _adamw(value, p.grad[idx], m, v, step.view(view), lr, b1, b2, eps, wd)
-                p[idx], state["exp_avg"][idx], state["exp_avg_sq"][idx] = value, m, v
-                state["step"][idx] = step
+                state["step"][experts] += 1
+                shape = [1] * p.dim()
+                shape[axis.dim] = -1  # per-position step, broadcast over the other dims
+                step = state["step"][axis.expert_of[idx]].view(shape)
+                value, m, v = (
+                    t.index_select(axis.dim, idx)
+                    for t in (p, state["exp_avg"], state["exp_avg_sq"])
+                )
+                _adamw(value, p.grad.index_select(axis.dim, idx), m, v, step, *hyper)
+                for target, new in ((p, value), (state["exp_avg"], m), (state["exp_avg_sq"], v)):
+                    target.index_copy_(axis.dim, idx, new)
 
 
 def _adamw(p, grad, m, v, step, lr, b1, b2, eps, wd) -> None:
@@ -91,34 +106,34 @@ def _adamw(p, grad, m, v, step, lr, b1, b2, eps, wd) -> None:
 
 class ExpertAdamW:
     """AdamW for a whole MoE model: torch's fused AdamW for every parameter except the fused
-    expert tensors, whose rows (experts) :class:`MaskedAdamW` can leave untouched.
+    expert tensors, whose experts :class:`MaskedAdamW` can leave untouched.
 
     Split so that the bulk of the parameters takes torch's single-kernel path (measured 5-10x
-    faster than a Python loop on CPU); only fused expert tensors pay for row masking.
+    faster than a Python loop on CPU); only fused expert tensors pay for masking.
     """
 
     def __init__(
         self,
         params: Iterable[torch.nn.Parameter],
-        row_masked: Iterable[torch.nn.Parameter],
+        expert_axes: Mapping[torch.nn.Parameter, ExpertAxis],
         lr: float,
         weight_decay: float,
     ):
-        row_ids = {id(p) for p in row_masked}
+        axis_ids = {id(p) for p in expert_axes}
         params = [p for p in params if p.requires_grad]
-        plain = [p for p in params if id(p) not in row_ids]
-        fused = [p for p in params if id(p) in row_ids]
+        plain = [p for p in params if id(p) not in axis_ids]
+        fused = [p for p in params if id(p) in axis_ids]
         self.plain = torch.optim.AdamW(plain, lr=lr, weight_decay=weight_decay, fused=True)
         self.masked = (
-            MaskedAdamW(fused, lr=lr, weight_decay=weight_decay, row_masked=fused)
+            MaskedAdamW(fused, lr=lr, weight_decay=weight_decay, expert_axes=expert_axes)
             if fused
             else None
         )
 
-    def step(self, rows: dict[torch.nn.Parameter, torch.Tensor] | None = None) -> None:
+    def step(self, active: Mapping[torch.nn.Parameter, torch.Tensor] | None = None) -> None:
         self.plain.step()
         if self.masked is not None:
-            self.masked.step(rows)
+            self.masked.step(active)
 
     def zero_grad(self) -> None:
         self.plain.zero_grad(set_to_none=True)

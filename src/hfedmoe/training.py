@@ -58,8 +58,9 @@ def train_local(
     """
     hooks = hooks or StepHooks()
     em = ExpertModel(model)
-    fused = [p for layer in em.layers for p in layer.fused.values()]
-    optimizer = ExpertAdamW(model.parameters(), fused, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = ExpertAdamW(
+        model.parameters(), em.expert_axes(), lr=cfg.lr, weight_decay=cfg.weight_decay
+    )
     params = [p for p in model.parameters() if p.requires_grad]
     model.train()
     start, losses, seen = time.perf_counter(), [], 0

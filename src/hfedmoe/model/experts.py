@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from hfedmoe.errors import HFedMoEError
+from hfedmoe.optim import ExpertAxis
 
 ExpertId = tuple[int, int]  # (MoE layer position 0..L-1, expert index 0..E-1)
 
@@ -44,7 +45,13 @@ class RoutingRule:
 
 @dataclass
 class MoELayer:
-    """One MoE block, seen uniformly."""
+    """One MoE block, seen uniformly.
+
+    ``fused`` / ``modular`` hold the experts' weights (what the forward pass computes with);
+    ``axes`` / ``trainable`` hold what is trained, read, written and sent per expert: the same
+    weights, or, with LoRA, the experts' LoRA tensors (slices of PEFT's stacked LoRA for fused
+    experts).
+    """
 
     position: int  # 0..L-1 among the MoE layers
     name: str  # module path, e.g. "bert.encoder.layer.3.intermediate"
@@ -57,13 +64,37 @@ class MoELayer:
     router_params: dict[str, nn.Parameter]  # state-dict name -> parameter
     fused: dict[str, nn.Parameter] = field(default_factory=dict)  # local name -> (E, ...) tensor
     modular: list[dict[str, nn.Parameter]] = field(default_factory=list)  # per expert
+    axes: dict[str, tuple[nn.Parameter, ExpertAxis]] = field(default_factory=dict)
+    trainable: list[dict[str, nn.Parameter]] = field(default_factory=list)  # modular, per expert
     expert_param_names: list[str] = field(default_factory=list)  # state-dict names
 
     def expert_tensors(self, e: int) -> dict[str, torch.Tensor]:
-        """Expert ``e``'s parameters by local name (views: slices of fused tensors)."""
+        """Expert ``e``'s trainable tensors by local name (copies of fused slices)."""
+        if self.axes:
+            one = torch.zeros(self.num_experts, dtype=torch.bool)
+            one[e] = True
+            return {
+                n: p.detach().index_select(axis.dim, axis.positions(one))
+                for n, (p, axis) in self.axes.items()
+            }
+        return {n: p.detach() for n, p in self.trainable[e].items()}
+
+    @torch.no_grad()
+    def write_expert_tensors(self, e: int, tensors: dict[str, torch.Tensor]) -> None:
+        one = torch.zeros(self.num_experts, dtype=torch.bool)
+        one[e] = True
+        if self.axes:
+            for n, (p, axis) in self.axes.items():
+                p.index_copy_(axis.dim, axis.positions(one), tensors[n].to(p.dtype))
+        else:
+            for n, p in self.trainable[e].items():
+                p.copy_(tensors[n])
+
+    def weight_params(self, e: int) -> list[torch.Tensor]:
+        """Expert ``e``'s weights (frozen or not), for FLOP counting."""
         if self.fused:
-            return {n: p[e] for n, p in self.fused.items()}
-        return dict(self.modular[e])
+            return [p[e] for p in self.fused.values()]
+        return [p for n, p in self.modular[e].items() if "lora_" not in n]
 
 
 def find_moe_layers(model: nn.Module) -> list[MoELayer]:
@@ -90,19 +121,43 @@ def find_moe_layers(model: nn.Module) -> list[MoELayer]:
             rule=_routing_rule(router),
             router_params={names[id(p)]: p for p in router.parameters()},
         )
+        layer.expert_param_names = [names[id(p)] for p in experts.parameters()]
         if isinstance(experts, nn.ModuleList | nn.ModuleDict):
             modules = list(_expert_modules(module))
             layer.modular = [dict(m.named_parameters()) for m in modules]
-            layer.expert_param_names = [names[id(p)] for m in modules for p in m.parameters()]
+            layer.trainable = [
+                {n: p for n, p in params.items() if p.requires_grad} or params
+                for params in layer.modular
+            ]
         else:
             layer.fused = {
-                n: p
+                n.split(".")[-1]: p
                 for n, p in experts.named_parameters()
-                if p.dim() >= 1 and p.shape[0] == num_experts
+                if p.dim() >= 1 and p.shape[0] == num_experts and "lora_" not in n
             }
-            layer.expert_param_names = [names[id(p)] for p in layer.fused.values()]
+            layer.axes = _lora_axes(experts) or {
+                n: (p, ExpertAxis.rows(num_experts)) for n, p in layer.fused.items()
+            }
         layers.append(layer)
     return layers
+
+
+def _lora_axes(experts: nn.Module) -> dict[str, tuple[nn.Parameter, ExpertAxis]]:
+    """PEFT LoRA on fused expert tensors (``target_parameters``): where each expert's rank-r
+    slice lives. lora_A is (E*r, in): expert e owns rows e*r..e*r+r-1; lora_B is (out, E*r):
+    expert e owns columns e, e+E, e+2E, ... (PEFT reshapes B to (out, r, E))."""
+    axes: dict[str, tuple[nn.Parameter, ExpertAxis]] = {}
+    for wrapper in experts.modules():
+        if not (hasattr(wrapper, "parameter_name") and hasattr(wrapper, "lora_A")):
+            continue
+        for adapter in wrapper.lora_A:
+            E, r = wrapper.num_experts, wrapper.r[adapter]
+            a = wrapper.lora_A[adapter].weight
+            b = wrapper.lora_B[adapter].weight
+            name = wrapper.parameter_name
+            axes[f"{name}.lora_A"] = (a, ExpertAxis(0, torch.arange(E * r) // r, E))
+            axes[f"{name}.lora_B"] = (b, ExpertAxis(1, torch.arange(E * r) % E, E))
+    return axes
 
 
 def _routing_rule(router: nn.Module) -> RoutingRule:
@@ -311,32 +366,35 @@ class ExpertModel:
         """Backward-only restriction: drop the gradients of experts outside ``active_LE``.
 
         Modular experts: their ``grad`` becomes None (the optimizer then skips them entirely).
-        Fused experts: the inactive rows of the gradient are zeroed and the returned
-        {parameter: (E,) bool} rows must be passed to :class:`~hfedmoe.optim.MaskedAdamW` so
-        that those rows' values and moments do not move either (METHOD.md §7).
+        Fused experts: the inactive experts' gradient entries are zeroed and the returned
+        {parameter: (E,) bool} masks must be passed to :class:`~hfedmoe.optim.MaskedAdamW` so
+        that their values and moments do not move either (METHOD.md §7).
         """
-        rows: dict[nn.Parameter, torch.Tensor] = {}
+        active: dict[nn.Parameter, torch.Tensor] = {}
         for layer in self.layers:
             active_E = active_LE[layer.position].bool()
-            if layer.fused:
-                for p in layer.fused.values():
-                    if p.grad is not None:
-                        p.grad[~active_E] = 0
-                    rows[p] = active_E.clone()
-            else:
-                for e, params in enumerate(layer.modular):
-                    if not active_E[e]:
-                        for p in params.values():
-                            p.grad = None
-        return rows
+            for p, axis in layer.axes.values():
+                if p.grad is not None:
+                    p.grad.index_fill_(axis.dim, axis.positions(~active_E), 0)
+                active[p] = active_E.clone()
+            for e, params in enumerate(layer.trainable):
+                if not active_E[e]:
+                    for p in params.values():
+                        p.grad = None
+        return active
+
+    def expert_axes(self) -> dict[nn.Parameter, ExpertAxis]:
+        """The fused tensors whose experts an optimizer must be able to mask, and where."""
+        return {p: axis for layer in self.layers for p, axis in layer.axes.values()}
 
     # -- reading and writing experts and routers --
     def read_expert(self, expert: ExpertId) -> dict[str, torch.Tensor]:
+        """Expert ``(layer, e)``'s trainable tensors (its weights, or its LoRA slices), copied."""
         layer, e = self._layer(expert)
-        return {n: t.detach().clone() for n, t in layer.expert_tensors(e).items()}
+        return {n: t.clone() for n, t in layer.expert_tensors(e).items()}
 
-    @torch.no_grad()
     def write_expert(self, expert: ExpertId, tensors: dict[str, torch.Tensor]) -> None:
+        """Overwrite expert ``(layer, e)``'s trainable tensors; nothing else changes."""
         layer, e = self._layer(expert)
         targets = layer.expert_tensors(e)
         if set(tensors) != set(targets):
@@ -348,7 +406,7 @@ class ExpertModel:
                 raise ValueError(
                     f"expert {expert}.{n}: shape {tuple(tensors[n].shape)} != {tuple(t.shape)}"
                 )
-            t.copy_(tensors[n])
+        layer.write_expert_tensors(e, tensors)
 
     def read_routers(self) -> dict[str, torch.Tensor]:
         return {
@@ -378,7 +436,7 @@ class ExpertModel:
             return sum(sizes[n].numel() * sizes[n].element_size() for n in names)
 
         per_expert = tuple(
-            sum(t.numel() * t.element_size() for t in layer.expert_tensors(0).values())
+            sum(t.numel() * t.element_size() for t in layer.weight_params(0))
             for layer in self.layers
         )
         return ParamBytes(
@@ -411,8 +469,7 @@ class ExpertModel:
             shared += head.weight.numel()
         routers = sum(sizes[n].numel() for n in groups["routers"])
         expert_params = [
-            sum(t.numel() for t in layer.expert_tensors(0).values() if t.dim() >= 2)
-            for layer in self.layers
+            sum(t.numel() for t in layer.weight_params(0) if t.dim() >= 2) for layer in self.layers
         ]
         routed = sum(layer.top_k * p for layer, p in zip(self.layers, expert_params, strict=True))
         trained_routed = sum(

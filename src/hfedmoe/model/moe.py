@@ -48,7 +48,14 @@ class _ExpertLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None
 
 
-def expert_linear(x: torch.Tensor, linear: nn.Linear, owner: nn.Module) -> torch.Tensor:
+def expert_linear(x: torch.Tensor, linear: nn.Module, owner: nn.Module) -> torch.Tensor:
+    """``linear(x)``, skipping the weight gradient at backward time if ``owner`` is frozen.
+
+    A linear that PEFT has wrapped (LoRA) runs as PEFT defines it: its frozen base has no weight
+    gradient anyway, and its LoRA gradients are dropped after the backward pass instead.
+    """
+    if type(linear) is not nn.Linear:
+        return linear(x)
     return _ExpertLinear.apply(x, linear.weight, linear.bias, owner)
 
 
