@@ -127,6 +127,23 @@ def test_same_config_and_seed_give_the_same_metrics(finished_run, config_file, t
     )
 
 
+def test_lora_run_uploads_only_adapters_and_reloads(tiny_bert_dir, tmp_path):
+    """FedAvg over LoRA adapters (experts + attention) and the full classification head."""
+    raw = tiny_raw(tiny_bert_dir, federation={"rounds": 1})
+    raw["model"]["lora"] = {"rank": 2, "targets": ["experts", "attention"]}
+    config = tmp_path / "lora.toml"
+    config.write_text(tomli_w.dumps(raw))
+    run_dir = tmp_path / "lora"
+    proc = run_cli("run", str(config), "-o", str(run_dir), "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    (record,) = read_metrics(run_dir)[1:]
+    for c in record["clients"]:
+        assert 0 < c["bytes_up"] < c["bytes_down"] / 20  # adapters + head only, not the model
+    model, _ = load_checkpoint(run_dir / "model")
+    result = evaluate(model, server_task(load(config)).test, batch_size=16)
+    assert result.accuracy == pytest.approx(record["test_accuracy"], abs=1e-9)
+
+
 def test_summary_matches_the_last_round(finished_run):
     summary = json.loads((finished_run / "summary.json").read_text())
     last = read_metrics(finished_run)[-1]

@@ -10,25 +10,30 @@ import torch
 from transformers import AutoTokenizer
 
 from hfedmoe.assets import shipped_path
-from hfedmoe.config import ModelConfig
+from hfedmoe.config import LoraConfig, ModelConfig
 from hfedmoe.errors import HFedMoEError
 from hfedmoe.model import build_causal_lm, build_classifier, load_tokenizer
 from hfedmoe.model.experts import ExpertModel
 from hfedmoe.model.hf import load_moe_model
+from hfedmoe.model.lora import add_lora
 from hfedmoe.optim import ExpertAxis, MaskedAdamW
 
 from . import families
 
 UPCYCLED = ["upcycled_bert", "upcycled_llama"]
-ALL = [*families.FAMILIES, *UPCYCLED]
+WITH_LORA = ["mixtral+lora", "switch_transformers+lora", "upcycled_bert+lora"]
+ALL = [*families.FAMILIES, *UPCYCLED, *WITH_LORA]
+LORA = LoraConfig(rank=2, targets=["experts", "attention", "routers"])
 
 
 @pytest.fixture
 def moe(request, tiny_bert_dir, tiny_llama_dir):
     """(model, a padded batch, labels) for the family named by the test's parameter."""
-    family = request.param
+    family, _, lora = request.param.partition("+")
     if family == "upcycled_bert":
-        cfg = ModelConfig(name_or_path=str(tiny_bert_dir), num_experts=4, top_k=2)
+        cfg = ModelConfig(
+            name_or_path=str(tiny_bert_dir), num_experts=4, top_k=2, lora=LORA if lora else None
+        )
         model = build_classifier(cfg, ("a", "b", "c"), seed=0).eval()
         with torch.no_grad():
             for block in ExpertModel(model).layers:
@@ -52,6 +57,8 @@ def moe(request, tiny_bert_dir, tiny_llama_dir):
         )
         return model, batch, {"labels": batch["input_ids"]}
     model, batch = families.build(family), families.batch(family)
+    if lora:
+        model = add_lora(model, LORA)
     target = batch.get("decoder_input_ids", batch["input_ids"])
     return model, batch, {"labels": target}
 
@@ -67,7 +74,8 @@ def test_parameter_groups_partition_every_parameter(moe):
     groups = em.param_groups()
     names = [n for n, _ in model.named_parameters()]
     assert sorted(groups["experts"] + groups["routers"] + groups["shared"]) == sorted(names)
-    assert len(groups["routers"]) == em.num_layers  # one gating network per MoE layer
+    for layer in em.layers:  # every MoE layer's gating network (with its LoRA, if any)
+        assert [n for n in groups["routers"] if n.startswith(layer.name + ".")]
     assert groups["experts"] and groups["shared"]
     assert len(em.experts()) == em.num_layers * em.num_experts
 
@@ -226,12 +234,24 @@ def test_inactive_experts_and_their_optimizer_state_do_not_move(moe):
         for e in range(em.num_experts):
             if active[layer.position, e]:
                 continue
-            for p in layer.fused.values() if layer.fused else layer.modular[e].values():
+            one = torch.zeros(em.num_experts, dtype=torch.bool)
+            one[e] = True
+            owned = (  # (parameter, expert e's part of a tensor shaped like it)
+                [
+                    (p, lambda t, a=a, one=one: t.index_select(a.dim, a.positions(one)))
+                    for p, a in layer.axes.values()
+                ]
+                if layer.axes
+                else [(p, lambda t: t) for p in layer.trainable[e].values()]
+            )
+            for p, part in owned:
                 now, was = opt.state.get(p, {}), state_before.get(p, {})
                 assert now.keys() == was.keys()  # an expert never trained has no state at all
-                for key in was:
-                    a, b = (now[key][e], was[key][e]) if layer.fused else (now[key], was[key])
-                    assert torch.equal(a, b), (layer.name, e, key)
+                for key in ("exp_avg", "exp_avg_sq"):
+                    if key in was:
+                        assert torch.equal(part(now[key]), part(was[key])), (layer.name, e, key)
+                if "step" in was and layer.axes:
+                    assert now["step"][e] == was["step"][e]
 
 
 @pytest.mark.parametrize("moe", UPCYCLED, indirect=True)
@@ -324,3 +344,23 @@ def test_unsupported_architecture_is_an_input_error(tiny_bert_dir, tmp_path):
         load_moe_model(tiny_bert_dir)
     with pytest.raises(HFedMoEError, match=r"has no config\.json"):
         load_moe_model(tmp_path)
+
+
+def test_an_experts_lora_slice_is_its_own_weight_delta():
+    """PEFT's stacked LoRA: writing expert 2's slices changes expert 2's effective weight only."""
+    model = add_lora(families.build("mixtral"), LoraConfig(rank=2, targets=["experts"]))
+    em = ExpertModel(model)
+    for expert in em.experts():  # all deltas zero
+        em.write_expert(expert, {n: torch.zeros_like(t) for n, t in em.read_expert(expert).items()})
+    g = torch.Generator().manual_seed(0)
+    em.write_expert(
+        (1, 2), {n: torch.randn(t.shape, generator=g) for n, t in em.read_expert((1, 2)).items()}
+    )
+    for layer in em.layers:
+        wrappers = [m for m in layer.block.experts.modules() if hasattr(m, "parameter_name")]
+        assert len(wrappers) == 2  # gate_up_proj and down_proj
+        for wrapper in wrappers:
+            delta = wrapper.get_delta_weight("default")  # (E, ...) like the fused weight
+            for e in range(em.num_experts):
+                changed = bool(delta[e].abs().sum() > 0)
+                assert changed == (layer.position == 1 and e == 2), (wrapper.parameter_name, e)

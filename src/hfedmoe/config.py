@@ -30,6 +30,17 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class LoraConfig(Section):
+    """Parameter-efficient fine-tuning: LoRA adapters (PEFT) instead of full weights."""
+
+    rank: int = Field(8, gt=0)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1, description="Must be 0 with fused experts (PEFT).")
+    targets: list[Literal["experts", "attention", "routers"]] = Field(
+        ["experts", "attention"], min_length=1, description="What gets adapters."
+    )
+
+
 class ModelConfig(Section):
     """The MoE model: a dense pretrained model upcycled into experts (sparse upcycling)."""
 
@@ -52,6 +63,9 @@ class ModelConfig(Section):
         "(0 = identical experts, exactly the dense model at initialisation).",
     )
     max_length: int = Field(128, gt=0, description="Tokens per example after truncation.")
+    lora: LoraConfig | None = Field(
+        None, description="Train LoRA adapters on a frozen base; absent = full fine-tuning."
+    )
 
     @model_validator(mode="after")
     def _top_k_within_experts(self) -> ModelConfig:

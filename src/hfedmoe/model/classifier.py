@@ -29,6 +29,7 @@ from transformers.utils import logging as hf_logging
 
 from hfedmoe.config import ModelConfig
 from hfedmoe.errors import HFedMoEError
+from hfedmoe.model.lora import add_lora
 from hfedmoe.model.sources import model_dir as resolve_model_dir
 from hfedmoe.model.upcycle import LLAMA_LIKE, upcycle
 
@@ -90,6 +91,8 @@ def _upcycled(auto, directory, config, cfg: ModelConfig, seed: int, pretrained: 
             expert_noise_std=cfg.expert_noise_std,
             generator=torch.Generator().manual_seed(seed),
         )
+        if cfg.lora is not None:
+            model = add_lora(model, cfg.lora)
     return model
 
 
@@ -134,7 +137,8 @@ def save_checkpoint(
         save_model(model, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         model.config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        task = "causal-lm" if type(model).__name__.endswith("ForCausalLM") else "classification"
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        task = "causal-lm" if type(base).__name__.endswith("ForCausalLM") else "classification"
         meta = {"format_version": FORMAT_VERSION, "task": task, "model": cfg.model_dump()}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
         os.replace(tmp, directory)

@@ -108,6 +108,7 @@ def find_moe_layers(model: nn.Module) -> list[MoELayer]:
             router = getattr(module, "router", None)
         if not isinstance(experts, nn.Module) or not isinstance(router, nn.Module):
             continue
+        wrapped_router, router = router, _unwrap_peft(router)
         kind: Literal["topk", "switch"] = "switch" if hasattr(router, "expert_capacity") else "topk"
         num_experts = int(router.num_experts)
         layer = MoELayer(
@@ -119,11 +120,11 @@ def find_moe_layers(model: nn.Module) -> list[MoELayer]:
             num_experts=num_experts,
             top_k=1 if kind == "switch" else int(router.top_k),
             rule=_routing_rule(router),
-            router_params={names[id(p)]: p for p in router.parameters()},
+            router_params={names[id(p)]: p for p in wrapped_router.parameters()},
         )
         layer.expert_param_names = [names[id(p)] for p in experts.parameters()]
         if isinstance(experts, nn.ModuleList | nn.ModuleDict):
-            modules = list(_expert_modules(module))
+            modules = list(expert_modules(module))
             layer.modular = [dict(m.named_parameters()) for m in modules]
             layer.trainable = [
                 {n: p for n, p in params.items() if p.requires_grad} or params
@@ -140,6 +141,13 @@ def find_moe_layers(model: nn.Module) -> list[MoELayer]:
             }
         layers.append(layer)
     return layers
+
+
+def _unwrap_peft(module: nn.Module) -> nn.Module:
+    """The module a PEFT LoRA wrapper (``base_layer`` + ``lora_A``) wraps, or ``module``."""
+    while hasattr(module, "base_layer") and hasattr(module, "lora_A"):
+        module = module.base_layer
+    return module
 
 
 def _lora_axes(experts: nn.Module) -> dict[str, tuple[nn.Parameter, ExpertAxis]]:
@@ -351,7 +359,7 @@ class ExpertModel:
         flagged = []
         for layer in self.layers:
             if layer.modular:
-                experts = list(_expert_modules(layer.block))
+                experts = list(expert_modules(layer.block))
                 for e, module in enumerate(experts):
                     if hasattr(module, "trainable") and not active_LE[layer.position, e]:
                         module.trainable = False
@@ -481,7 +489,7 @@ class ExpertModel:
         return forward, backward
 
 
-def _expert_modules(block: nn.Module) -> Iterator[nn.Module]:
+def expert_modules(block: nn.Module) -> Iterator[nn.Module]:
     experts = block.experts
     yield from experts.values() if isinstance(experts, nn.ModuleDict) else experts
 

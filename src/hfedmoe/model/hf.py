@@ -16,7 +16,9 @@ from transformers import (
     PreTrainedModel,
 )
 
+from hfedmoe.config import LoraConfig
 from hfedmoe.errors import HFedMoEError
+from hfedmoe.model.lora import add_lora
 
 #: model_type -> the Auto class that loads it (the architecture the paper used is Switch).
 SUPPORTED_MOE_FAMILIES = {
@@ -30,8 +32,9 @@ SUPPORTED_MOE_FAMILIES = {
 }
 
 
-def load_moe_model(path: str | Path) -> PreTrainedModel:
-    """Load a supported MoE checkpoint from a local directory (weights in float32, eval mode)."""
+def load_moe_model(path: str | Path, lora: LoraConfig | None = None) -> PreTrainedModel:
+    """Load a supported MoE checkpoint from a local directory (float32, eval mode), with LoRA
+    adapters on a frozen base if ``lora`` is given."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise HFedMoEError(f"model.name_or_path: '{path}' has no config.json")
@@ -43,4 +46,7 @@ def load_moe_model(path: str | Path) -> PreTrainedModel:
             f"model.name_or_path: architecture '{model_type}' is not a supported MoE family "
             f"(expected one of: {known})"
         )
-    return auto.from_pretrained(path, dtype="float32").eval()
+    model = auto.from_pretrained(path, dtype="float32")
+    if lora is not None:
+        model = add_lora(model, lora)
+    return model.eval()
