@@ -97,7 +97,7 @@ def test_checkpoint_round_trip_gives_identical_predictions(tiny_bert_dir, tmp_pa
             for e, expert in enumerate(block.experts):
                 expert.fc_in.weight.add_(0.01 * e)
     tokenizer = load_tokenizer(cfg)
-    saved = save_checkpoint(model, tokenizer, cfg, tmp_path / "ckpt")
+    saved = save_checkpoint(model, tokenizer, cfg, tmp_path / "ckpt", "classification")
     reloaded, reloaded_tokenizer = load_checkpoint(saved)
     batch = reloaded_tokenizer(TEXTS, padding=True, return_tensors="pt")
     with torch.no_grad():
@@ -112,7 +112,7 @@ def test_checkpoint_never_overwrites(tiny_bert_dir, tmp_path):
     target.mkdir()
     (target / "keep.txt").write_text("precious")
     with pytest.raises(HFedMoEError, match="already exists"):
-        save_checkpoint(model, load_tokenizer(cfg), cfg, target)
+        save_checkpoint(model, load_tokenizer(cfg), cfg, target, "classification")
     assert (target / "keep.txt").read_text() == "precious"
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temporary left behind
 
@@ -192,7 +192,8 @@ def test_causal_lm_checkpoint_round_trip(tiny_llama_dir, tmp_path):
     )
     model = build_causal_lm(cfg, seed=1).eval()
     tokenizer = load_tokenizer(cfg)
-    reloaded, _ = load_checkpoint(save_checkpoint(model, tokenizer, cfg, tmp_path / "lm"))
+    saved = save_checkpoint(model, tokenizer, cfg, tmp_path / "lm", "language-modeling")
+    reloaded, _ = load_checkpoint(saved)
     batch = tokenizer(TEXTS, padding=True, return_tensors="pt")
     with torch.no_grad():
         assert torch.equal(model(**batch).logits, reloaded(**batch).logits)

@@ -20,8 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from hfedmoe.errors import ConfigError
 
-#: Names of models that ship inside an installed package (see ``hfedmoe.assets``).
-SHIPPED_MODELS = ("all-MiniLM-L6-v2",)
+#: What a run trains the model for (see ``hfedmoe.model.factory`` for which models fit which).
+Task = Literal["classification", "language-modeling"]
 
 
 class Section(BaseModel):
@@ -82,6 +82,11 @@ class DataConfig(Section):
     """The data set, its train/test split and its non-IID partition over clients."""
 
     dataset: Literal["bbc_news"] = "bbc_news"
+    task: Task = Field(
+        "classification",
+        description="classification: predict the label; language-modeling: next-token loss "
+        "on the texts (decoders and native MoE models).",
+    )
     path: str | None = Field(
         None, description="Local copy of the data set; default: the installed package's files."
     )

@@ -104,7 +104,9 @@ class RunRecorder:
             write_atomic(self.run_dir / "clients.csv", to_csv(client_rows, list(client_rows[0])))
 
     def finish(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> dict:
-        save_checkpoint(model, tokenizer, self.cfg.model, self.run_dir / "model")
+        save_checkpoint(
+            model, tokenizer, self.cfg.model, self.run_dir / "model", self.cfg.data.task
+        )
         plot_accuracy(
             self.rounds, self.run_dir / "accuracy.png", f"{self.cfg.name} ({self.cfg.algorithm})"
         )

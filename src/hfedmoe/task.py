@@ -14,7 +14,7 @@ from hfedmoe.config import ExperimentConfig
 from hfedmoe.data.datasets import load_dataset
 from hfedmoe.data.partition import partition_indices
 from hfedmoe.data.tokenized import TokenizedDataset, tokenize
-from hfedmoe.model import build_classifier, load_tokenizer
+from hfedmoe.model import build_model, load_tokenizer
 
 
 @dataclass(frozen=True)
@@ -28,8 +28,10 @@ class ServerTask:
 def server_task(cfg: ExperimentConfig) -> ServerTask:
     split = load_dataset(cfg.data, cfg.seed)
     tokenizer = load_tokenizer(cfg.model)
-    model = build_classifier(cfg.model, split.train.label_names, seed=cfg.seed, pretrained=True)
-    test = tokenize(split.test, tokenizer, cfg.model.max_length)
+    model = build_model(
+        cfg.model, cfg.data.task, split.train.label_names, seed=cfg.seed, pretrained=True
+    )
+    test = _tokenize(cfg, split.test, tokenizer)
     return ServerTask(model, tokenizer, test, split.train.label_names)
 
 
@@ -38,12 +40,17 @@ def client_data(cfg: ExperimentConfig, partition_id: int, num_partitions: int) -
     split = load_dataset(cfg.data, cfg.seed)
     parts = partition_indices(split.train.labels, num_partitions, cfg.data, cfg.seed)
     tokenizer = load_tokenizer(cfg.model)
-    return tokenize(split.train.subset(parts[partition_id]), tokenizer, cfg.model.max_length)
+    return _tokenize(cfg, split.train.subset(parts[partition_id]), tokenizer)
 
 
 def client_model(cfg: ExperimentConfig, label_names: tuple[str, ...]) -> PreTrainedModel:
     """The model's architecture with placeholder weights; the server's weights are loaded in."""
-    return build_classifier(cfg.model, label_names, seed=cfg.seed, pretrained=False)
+    return build_model(cfg.model, cfg.data.task, label_names, seed=cfg.seed, pretrained=False)
+
+
+def _tokenize(cfg: ExperimentConfig, data, tokenizer) -> TokenizedDataset:
+    lm = cfg.data.task == "language-modeling"
+    return tokenize(data, tokenizer, cfg.model.max_length, language_modeling=lm)
 
 
 def label_names(cfg: ExperimentConfig) -> tuple[str, ...]:

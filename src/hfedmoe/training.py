@@ -18,7 +18,12 @@ import torch
 from torch import nn
 
 from hfedmoe.config import TrainConfig
-from hfedmoe.data.tokenized import TokenizedDataset, sequential_batches, shuffled_batches
+from hfedmoe.data.tokenized import (
+    IGNORE_INDEX,
+    TokenizedDataset,
+    sequential_batches,
+    shuffled_batches,
+)
 from hfedmoe.model.experts import ExpertModel, RoutingCapture
 from hfedmoe.optim import ExpertAdamW
 
@@ -104,13 +109,29 @@ class EvalResult:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: TokenizedDataset, batch_size: int) -> EvalResult:
-    """Accuracy and mean cross-entropy of ``model`` on ``data``."""
+    """Accuracy and mean cross-entropy of ``model`` on ``data``.
+
+    Classification: per example. Language modelling: per predicted token (next-token accuracy
+    and loss; a seq2seq model predicts its labels directly, a decoder the next position).
+    """
     model.eval()
-    correct, loss_sum = 0, 0.0
+    correct, loss_sum, count = 0, 0.0, 0
+    shift = not getattr(model.config, "is_encoder_decoder", False)
     for idx in sequential_batches(len(data), batch_size):
         batch = data.batch(idx)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        loss_sum += nn.functional.cross_entropy(logits, batch["labels"], reduction="sum").item()
-        correct += int((logits.argmax(-1) == batch["labels"]).sum())
-    n = len(data)
-    return EvalResult(correct / n, loss_sum / n if n else math.nan, n)
+        labels = batch["labels"]
+        if data.language_modeling:
+            logits = model(**batch).logits
+            if shift:
+                logits, labels = logits[:, :-1], labels[:, 1:]
+            logits, labels = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
+            keep = labels != IGNORE_INDEX
+            logits, labels = logits[keep], labels[keep]
+        else:
+            logits = model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).logits
+        loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
+        correct += int((logits.argmax(-1) == labels).sum())
+        count += len(labels)
+    return EvalResult(correct / count, loss_sum / count if count else math.nan, count)

@@ -11,14 +11,21 @@ from transformers import PreTrainedTokenizerBase
 
 from hfedmoe.data.datasets import TextDataset
 
+IGNORE_INDEX = -100  # label of positions that no loss is computed on (transformers' convention)
+
 
 @dataclass(frozen=True)
 class TokenizedDataset:
-    """Unpadded token ids (truncated to ``max_length``) with labels."""
+    """Unpadded token ids (truncated to ``max_length``) with labels.
+
+    ``language_modeling``: the batch's labels are the token ids themselves, padding ignored
+    (-100); the model shifts them for next-token prediction.
+    """
 
     input_ids: list[list[int]]
-    labels: np.ndarray  # (N,)
+    labels: np.ndarray  # (N,) class labels
     pad_id: int
+    language_modeling: bool = False
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -32,18 +39,22 @@ class TokenizedDataset:
         for b, r in enumerate(rows):
             ids_BT[b, : len(r)] = torch.tensor(r)
             mask_BT[b, : len(r)] = 1
-        return {
-            "input_ids": ids_BT,
-            "attention_mask": mask_BT,
-            "labels": torch.as_tensor(self.labels[idx], dtype=torch.long),
-        }
+        if self.language_modeling:
+            labels = ids_BT.masked_fill(mask_BT == 0, IGNORE_INDEX)
+        else:
+            labels = torch.as_tensor(self.labels[idx], dtype=torch.long)
+        return {"input_ids": ids_BT, "attention_mask": mask_BT, "labels": labels}
 
 
 def tokenize(
-    data: TextDataset, tokenizer: PreTrainedTokenizerBase, max_length: int
+    data: TextDataset,
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    language_modeling: bool = False,
 ) -> TokenizedDataset:
     enc = tokenizer(data.texts, truncation=True, max_length=max_length, padding=False)
-    return TokenizedDataset(list(enc["input_ids"]), data.labels, int(tokenizer.pad_token_id or 0))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return TokenizedDataset(list(enc["input_ids"]), data.labels, int(pad or 0), language_modeling)
 
 
 def sequential_batches(n: int, batch_size: int) -> Iterator[np.ndarray]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -32,9 +33,12 @@ SUPPORTED_MOE_FAMILIES = {
 }
 
 
-def load_moe_model(path: str | Path, lora: LoraConfig | None = None) -> PreTrainedModel:
+def load_moe_model(
+    path: str | Path, lora: LoraConfig | None = None, *, pretrained: bool = True, seed: int = 0
+) -> PreTrainedModel:
     """Load a supported MoE checkpoint from a local directory (float32, eval mode), with LoRA
-    adapters on a frozen base if ``lora`` is given."""
+    adapters on a frozen base if ``lora`` is given. ``pretrained=False``: the architecture only,
+    with random weights from ``seed``."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise HFedMoEError(f"model.name_or_path: '{path}' has no config.json")
@@ -46,7 +50,12 @@ def load_moe_model(path: str | Path, lora: LoraConfig | None = None) -> PreTrain
             f"model.name_or_path: architecture '{model_type}' is not a supported MoE family "
             f"(expected one of: {known})"
         )
-    model = auto.from_pretrained(path, dtype="float32")
+    if pretrained:
+        model = auto.from_pretrained(path, dtype="float32")
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = auto.from_config(AutoConfig.from_pretrained(path), dtype="float32")
     if lora is not None:
         model = add_lora(model, lora)
     return model.eval()

@@ -1,0 +1,76 @@
+"""The checkpoint format: a directory that rebuilds the model without the original base model.
+
+::
+
+    model.safetensors   the state dict (a tied LM head stored once)
+    config.json         the Hugging Face config of the architecture (with label names)
+    tokenizer files
+    hfedmoe.json        {"format_version", "task", "model": the [model] config section}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from safetensors.torch import load_model, save_model
+from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from hfedmoe.config import ModelConfig, Task
+from hfedmoe.errors import HFedMoEError
+from hfedmoe.model.factory import build_model
+
+WEIGHTS_FILE = "model.safetensors"
+META_FILE = "hfedmoe.json"
+FORMAT_VERSION = 1
+
+
+def save_checkpoint(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    cfg: ModelConfig,
+    directory: str | Path,
+    task: Task,
+) -> Path:
+    """Write a self-contained checkpoint; atomic: a temporary folder renamed into place."""
+    directory = Path(directory)
+    if directory.exists():
+        raise HFedMoEError(f"checkpoint directory '{directory}' already exists; not overwriting")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
+    try:
+        # save_model stores a tied tensor (an LM head sharing the embedding) once
+        save_model(model, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        model.config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        meta = {"format_version": FORMAT_VERSION, "task": task, "model": cfg.model_dump()}
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+        os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def load_checkpoint(
+    directory: str | Path,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Rebuild a model saved by :func:`save_checkpoint` (in eval mode) and its tokenizer."""
+    directory = Path(directory)
+    for name in (WEIGHTS_FILE, META_FILE, "config.json"):
+        if not (directory / name).is_file():
+            raise HFedMoEError(f"checkpoint '{directory}' is missing {name}")
+    meta = json.loads((directory / META_FILE).read_text())
+    cfg = ModelConfig.model_validate(meta["model"])
+    task = meta["task"]
+    labels: list[str] = []
+    if task == "classification":
+        config = AutoConfig.from_pretrained(directory)
+        labels = [config.id2label[i] for i in range(config.num_labels)]
+    model = build_model(cfg, task, labels, seed=0, pretrained=False, model_dir=directory)
+    missing, unexpected = load_model(model, str(directory / WEIGHTS_FILE), strict=True)
+    assert not missing and not unexpected
+    return model.eval(), AutoTokenizer.from_pretrained(directory)

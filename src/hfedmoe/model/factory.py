@@ -1,0 +1,68 @@
+"""One entry point to every model: the model type of the checkpoint and the task decide.
+
+| checkpoint (``config.model_type``)  | classification          | language-modeling        |
+| ----------------------------------- | ----------------------- | ------------------------ |
+| BERT-family encoder                 | upcycled + a new head   | -                        |
+| Llama-style decoder (SmolLM2, ...)  | -                       | upcycled causal LM       |
+| native MoE family (Switch, Mixtral) | -                       | as trained (seq2seq/LM)  |
+
+The upcycling options of ``[model]`` (experts, top-k, layers, ...) apply to dense checkpoints;
+a native MoE checkpoint keeps its own experts. ``[model.lora]`` applies to all.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from transformers import AutoConfig, PreTrainedModel
+
+from hfedmoe.config import ModelConfig, Task
+from hfedmoe.errors import ConfigError
+from hfedmoe.model.hf import SUPPORTED_MOE_FAMILIES, load_moe_model
+from hfedmoe.model.sources import model_dir as resolve_model_dir
+from hfedmoe.model.upcycle import LLAMA_LIKE
+from hfedmoe.model.upcycled import build_causal_lm, build_classifier
+
+
+def build_model(
+    cfg: ModelConfig,
+    task: Task,
+    label_names: tuple[str, ...] | list[str] = (),
+    *,
+    seed: int,
+    pretrained: bool = True,
+    model_dir: str | Path | None = None,
+) -> PreTrainedModel:
+    """The model for ``task``; ``pretrained=False`` gives the architecture with random weights."""
+    directory = Path(model_dir) if model_dir else resolve_model_dir(cfg.name_or_path)
+    if not (directory / "config.json").is_file():
+        raise ConfigError(f"model.name_or_path: '{directory}' has no config.json")
+    model_type = AutoConfig.from_pretrained(directory).model_type
+    kind = (
+        "native MoE"
+        if model_type in SUPPORTED_MOE_FAMILIES
+        else "decoder"
+        if model_type in LLAMA_LIKE
+        else "encoder"
+        if model_type == "bert"
+        else None
+    )
+    fits = {"classification": ("encoder",), "language-modeling": ("decoder", "native MoE")}
+    if kind is None:
+        known = ", ".join(["bert", *LLAMA_LIKE, *sorted(SUPPORTED_MOE_FAMILIES)])
+        raise ConfigError(
+            f"model.name_or_path: model type '{model_type}' is not supported (expected one of: "
+            f"{known})"
+        )
+    if kind not in fits[task]:
+        raise ConfigError(
+            f"data.task: '{task}' needs a {' or '.join(fits[task])} model; "
+            f"'{cfg.name_or_path}' is a {kind} ({model_type})"
+        )
+    if kind == "native MoE":
+        return load_moe_model(directory, lora=cfg.lora, pretrained=pretrained, seed=seed)
+    if kind == "encoder":
+        return build_classifier(
+            cfg, label_names, seed=seed, pretrained=pretrained, model_dir=directory
+        )
+    return build_causal_lm(cfg, seed=seed, pretrained=pretrained, model_dir=directory)
