@@ -21,6 +21,7 @@ from hfedmoe.model import (
     save_checkpoint,
 )
 from hfedmoe.model.sources import model_dir
+from hfedmoe.training import choice_logprobs
 
 LABELS = ("a", "b", "c")
 TEXTS = ["Shares rose sharply after the merger.", "The striker scored twice in the final."]
@@ -197,3 +198,38 @@ def test_causal_lm_checkpoint_round_trip(tiny_llama_dir, tmp_path):
     batch = tokenizer(TEXTS, padding=True, return_tensors="pt")
     with torch.no_grad():
         assert torch.equal(model(**batch).logits, reloaded(**batch).logits)
+
+
+def test_choice_scores_are_the_answers_log_likelihood_by_hand(tiny_llama_dir):
+    """log p(choice | prompt) = sum over the choice's tokens of log softmax at the step before,
+    computed here one prefix at a time, without padding."""
+    cfg = ModelConfig(
+        name_or_path=str(tiny_llama_dir), num_experts=2, top_k=1, expert_noise_std=0.1
+    )
+    model = build_causal_lm(cfg, seed=0).eval()
+    tokenizer = load_tokenizer(cfg)
+    prompt, choices = "the answer is", ["yes", "no thank you"]
+    scores = choice_logprobs(model, tokenizer, prompt, choices)
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    for choice, score in zip(choices, scores, strict=True):
+        ids = prompt_ids + tokenizer(choice, add_special_tokens=False)["input_ids"]
+        expected = 0.0
+        for t in range(len(prompt_ids), len(ids)):
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([ids[:t]])).logits[0, -1]
+            expected += torch.log_softmax(logits, -1)[ids[t]].item()
+        assert float(score) == pytest.approx(expected, abs=1e-4)
+    normalized = choice_logprobs(model, tokenizer, prompt, choices, normalize=True)
+    n_tokens = [len(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in choices]
+    torch.testing.assert_close(normalized, scores / torch.tensor(n_tokens, dtype=torch.float))
+
+
+def test_smollm2_moe_answers_a_question_by_likelihood():
+    cfg = ModelConfig(
+        name_or_path="SmolLM2-135M-Instruct", num_experts=4, top_k=2, moe_layers=[26, 27, 28, 29]
+    )
+    model = build_causal_lm(cfg, seed=0)
+    scores = choice_logprobs(
+        model, load_tokenizer(cfg), "The capital of France is", [" Paris", " London", " a banana"]
+    )
+    assert int(scores.argmax()) == 0

@@ -135,3 +135,32 @@ def evaluate(model: nn.Module, data: TokenizedDataset, batch_size: int) -> EvalR
         correct += int((logits.argmax(-1) == labels).sum())
         count += len(labels)
     return EvalResult(correct / count, loss_sum / count if count else math.nan, count)
+
+
+@torch.no_grad()
+def choice_logprobs(
+    model: nn.Module, tokenizer, prompt: str, choices: list[str], normalize: bool = False
+) -> torch.Tensor:
+    """Multiple-choice scoring by answer likelihood: log p(choice | prompt) for each choice, (C,).
+
+    Prompt and choice are tokenised apart and concatenated, so every choice is scored on the
+    same prompt tokens; all choices run as one right-padded batch through a causal LM.
+    ``normalize`` divides by the choice's token count (favours no answer for being short).
+    """
+    model.eval()
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    rows = [prompt_ids + tokenizer(c, add_special_tokens=False)["input_ids"] for c in choices]
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids_CT = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask_CT = torch.zeros_like(ids_CT)
+    for c, r in enumerate(rows):
+        ids_CT[c, : len(r)] = torch.tensor(r)
+        mask_CT[c, : len(r)] = 1
+    logp_CTV = torch.log_softmax(model(input_ids=ids_CT, attention_mask=mask_CT).logits.float(), -1)
+    scores = []
+    for c, r in enumerate(rows):
+        positions = torch.arange(len(prompt_ids), len(r))  # the choice's tokens
+        token_logp = logp_CTV[c, positions - 1, ids_CT[c, positions]]  # predicted one step before
+        scores.append(token_logp.sum() / (len(positions) if normalize else 1))
+    return torch.stack(scores)
