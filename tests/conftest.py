@@ -19,51 +19,59 @@ from hfedmoe.assets import shipped_path
 from hfedmoe.config import ExperimentConfig, validate
 
 
-@pytest.fixture(scope="session")
-def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A randomly initialised 2-layer BERT (hidden 32) with the shipped MiniLM tokenizer,
-    saved as a user's local model directory would be."""
+def save_tiny_model(directory: Path, make_model) -> Path:
+    """Save ``make_model(vocab_size)`` (seeded) with the shipped MiniLM tokenizer to
+    ``directory``, as a user's local model directory would be."""
     import torch
-    from transformers import AutoTokenizer, BertConfig, BertModel
+    from transformers import AutoTokenizer
 
-    directory = tmp_path_factory.mktemp("tiny-bert")
     tokenizer = AutoTokenizer.from_pretrained(shipped_path("all-MiniLM-L6-v2"))
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    )
     torch.manual_seed(0)
-    BertModel(config).save_pretrained(directory)
+    make_model(tokenizer.vocab_size).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A randomly initialised 2-layer BERT encoder (hidden 32)."""
+    from transformers import BertConfig, BertModel
+
+    return save_tiny_model(
+        tmp_path_factory.mktemp("tiny-bert"),
+        lambda vocab: BertModel(
+            BertConfig(
+                vocab_size=vocab,
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                intermediate_size=64,
+                max_position_embeddings=64,
+            )
+        ),
+    )
 
 
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A randomly initialised 3-layer Llama decoder (hidden 32) with a tokenizer, on disk."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    """A randomly initialised 3-layer Llama decoder (hidden 32) with a tied LM head."""
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    directory = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = AutoTokenizer.from_pretrained(shipped_path("all-MiniLM-L6-v2"))
-    config = LlamaConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
+    return save_tiny_model(
+        tmp_path_factory.mktemp("tiny-llama"),
+        lambda vocab: LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=vocab,
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=3,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                max_position_embeddings=64,
+                tie_word_embeddings=True,
+            )
+        ),
     )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
 
 
 def tiny_raw(model_dir: Path, **sections: dict) -> dict:

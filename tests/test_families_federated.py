@@ -6,9 +6,7 @@ from __future__ import annotations
 import math
 
 import pytest
-from transformers import AutoTokenizer
 
-from hfedmoe.assets import shipped_path
 from hfedmoe.config import validate
 from hfedmoe.engine.client_app import app as client_app
 from hfedmoe.engine.inprocess import run_embedded
@@ -19,7 +17,7 @@ from hfedmoe.task import server_task
 from hfedmoe.training import evaluate
 
 from . import families
-from .conftest import tiny_raw
+from .conftest import save_tiny_model, tiny_raw
 
 
 @pytest.mark.parametrize("family", [*families.FAMILIES, "upcycled_llama"])
@@ -27,10 +25,9 @@ def test_one_federated_round(family, tiny_llama_dir, tmp_path):
     if family == "upcycled_llama":
         model_dir = tiny_llama_dir
     else:
-        model_dir = tmp_path / family
-        tokenizer = AutoTokenizer.from_pretrained(shipped_path("all-MiniLM-L6-v2"))
-        families.build(family, vocab=tokenizer.vocab_size).save_pretrained(model_dir)
-        tokenizer.save_pretrained(model_dir)
+        model_dir = save_tiny_model(
+            tmp_path / family, lambda vocab: families.build(family, vocab=vocab)
+        )
     raw = tiny_raw(
         model_dir,
         data={"task": "language-modeling", "max_train_examples": 40, "max_test_examples": 8},
