@@ -133,6 +133,34 @@ class EvalConfig(Section):
     batch_size: int = Field(64, gt=0)
 
 
+class HFedMoEConfig(Section):
+    """HFedMoE (METHOD.md §2-§7). Options are the paper's ambiguities, defaults as METHOD.md §7.
+
+    lambda, beta and tau were not recovered from the paper; these defaults are provisional
+    until the documented sweep (issue 4).
+    """
+
+    lam: float = Field(0.5, ge=0, le=1, description="lambda of eq. (5)")
+    beta: float = Field(0.1, ge=0, description="beta of eq. (14)")
+    tau: float = Field(0.05, ge=0, le=1, description="tau of eqs. (17)-(20)")
+    ranking: Literal["ib", "importance"] = Field(
+        "ib", description="rank experts in eq. (15) by I_b (eq. (14)) or by s_b alone (eq. (5))"
+    )
+    budget_scope: Literal["global", "per_layer"] = "global"
+    expert_used: Literal["usage_and_updated", "usage"] = Field(
+        "usage_and_updated", description="who counts for an expert in eq. (17)"
+    )
+    router_alpha: Literal["normalized", "as_written"] = Field(
+        "normalized", description="alpha(c) of eq. (21) normalised to sum to 1, or as written"
+    )
+    expert_budget: int = Field(
+        6,
+        gt=0,
+        description="C_budget: experts a client may train per batch, the same for every "
+        "client (device profiles and the cost model replace this in issue 4)",
+    )
+
+
 class ExperimentConfig(Section):
     """One experiment: everything a run needs, validated."""
 
@@ -149,6 +177,7 @@ class ExperimentConfig(Section):
     federation: FederationConfig = FederationConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+    hfedmoe: HFedMoEConfig = HFedMoEConfig()
 
     def to_json(self) -> str:
         return self.model_dump_json()

@@ -1,6 +1,6 @@
 """Federated algorithms, selected by name from the config (``algorithm = "fedavg"``)."""
 
-from hfedmoe.algorithms import fedavg  # noqa: F401  (registers itself)
+from hfedmoe.algorithms import fedavg, hfedmoe  # noqa: F401  (they register themselves)
 from hfedmoe.algorithms.base import (
     ALGORITHMS,
     ClientTask,

@@ -23,7 +23,7 @@ from torch import nn
 from hfedmoe.config import ExperimentConfig
 from hfedmoe.data.tokenized import TokenizedDataset
 from hfedmoe.errors import ConfigError
-from hfedmoe.training import train_local
+from hfedmoe.training import TrainResult, train_local
 
 Weights = dict[str, torch.Tensor]
 Scalar = int | float | str
@@ -56,6 +56,11 @@ class FederatedAlgorithm(ABC):
         self.cfg = cfg
 
     # ---- server side -------------------------------------------------------------------
+    def bind(self, model: nn.Module) -> None:
+        """Called once on the server with the initial global model, before round 1, so an
+        algorithm can learn where experts and routers live in the weights. Default: nothing."""
+        del model
+
     def configure_client(
         self, server_round: int, global_weights: Weights, client: int
     ) -> ClientTask:
@@ -74,7 +79,11 @@ class FederatedAlgorithm(ABC):
     ) -> ClientUpdate:
         """Local training; default: every trainable parameter, uploaded in full."""
         model.load_state_dict(task.weights, strict=True)
-        result = train_local(model, data, self.cfg.train, rng)
+        return self._update(model, data, train_local(model, data, self.cfg.train, rng))
+
+    @staticmethod
+    def _update(model: nn.Module, data: TokenizedDataset, result: TrainResult) -> ClientUpdate:
+        """The reply after local training: trainable weights, |D_c|, metrics, update counts."""
         trained = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         return ClientUpdate(
             weights=trained,

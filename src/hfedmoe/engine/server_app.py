@@ -43,7 +43,9 @@ def federate(
     start = time.perf_counter()
     task = server_task(cfg)
     model = task.model
-    strategy = AlgorithmStrategy(build_algorithm(cfg), cfg)
+    algorithm = build_algorithm(cfg)
+    algorithm.bind(model)
+    strategy = AlgorithmStrategy(algorithm, cfg)
     arrays = ArrayRecord(model.state_dict())
 
     initial = evaluate(model, task.test, cfg.eval.batch_size)

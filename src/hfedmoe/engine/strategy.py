@@ -36,6 +36,8 @@ class ClientReport:
     bytes_up: int = 0
     experts_updated: int | None = None  # distinct (layer, expert) pairs updated this round
     experts_routed_per_step: float | None = None  # mean |E_union| per local batch
+    expert_budget: int | None = None  # C_budget(c), for budget-aware algorithms
+    max_active_per_step: int | None = None  # the most experts updated on one batch
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -117,6 +119,8 @@ class AlgorithmStrategy(Strategy):
                     bytes_up=wire.payload_bytes(reply.content),
                     experts_updated=_int_or_none(metrics.get("experts_updated")),
                     experts_routed_per_step=metrics.get("experts_routed_per_step"),
+                    expert_budget=_int_or_none(metrics.get("expert_budget")),
+                    max_active_per_step=_int_or_none(metrics.get("max_active_per_step")),
                 )
             )
         self.last_reports = sorted(reports, key=lambda r: r.node_id)

@@ -271,6 +271,25 @@ class RoutingCapture:
 
 
 @dataclass(frozen=True)
+class ExpertEntry:
+    """Where an expert's tensor lives in a state dict: the whole entry, or positions ``index``
+    along ``dim`` of it (a fused tensor or a stacked LoRA)."""
+
+    state_name: str
+    dim: int | None = None
+    index: torch.Tensor | None = None
+
+    def take(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor if self.dim is None else tensor.index_select(self.dim, self.index)
+
+    def put(self, tensor: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
+        """A copy of ``tensor`` with this expert's part replaced."""
+        if self.dim is None:
+            return part.clone()
+        return tensor.clone().index_copy_(self.dim, self.index, part)
+
+
+@dataclass(frozen=True)
 class ParamBytes:
     """Parameter bytes of the three groups (METHOD.md §6 cost model inputs)."""
 
@@ -394,6 +413,34 @@ class ExpertModel:
     def expert_axes(self) -> dict[nn.Parameter, ExpertAxis]:
         """The fused tensors whose experts an optimizer must be able to mask, and where."""
         return {p: axis for layer in self.layers for p, axis in layer.axes.values()}
+
+    # -- where experts and routers live in a state dict (for aggregation on the server) --
+    def expert_entries(self) -> dict[ExpertId, list[ExpertEntry]]:
+        """For every expert, the state-dict entries (or slices of them) holding its trainable
+        tensors: what a server averages per expert."""
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        out: dict[ExpertId, list[ExpertEntry]] = {}
+        for layer in self.layers:
+            for e in range(layer.num_experts):
+                one = torch.zeros(layer.num_experts, dtype=torch.bool)
+                one[e] = True
+                if layer.axes:
+                    out[(layer.position, e)] = [
+                        ExpertEntry(names[id(p)], axis.dim, axis.positions(one))
+                        for p, axis in layer.axes.values()
+                    ]
+                else:
+                    out[(layer.position, e)] = [
+                        ExpertEntry(names[id(p)]) for p in layer.trainable[e].values()
+                    ]
+        return out
+
+    def router_entries(self) -> dict[int, list[str]]:
+        """For every MoE layer, the state-dict names of its router's trainable parameters."""
+        return {
+            layer.position: [n for n, p in layer.router_params.items() if p.requires_grad]
+            for layer in self.layers
+        }
 
     # -- reading and writing experts and routers --
     def read_expert(self, expert: ExpertId) -> dict[str, torch.Tensor]:

@@ -1,0 +1,145 @@
+"""HFedMoE (Fang et al., arXiv 2601.00583, 2026): budget-aware expert selection and
+sparsity-aware aggregation. METHOD.md is the specification; equations carry its numbers.
+
+Client, per batch (backward-only mode, the paper's): the forward pass routes normally; from the
+router probabilities of the batch it scores every expert, eq. (3)-(5), (10)-(11), (14), and
+updates only E_active, the top-C_budget experts of E_union by I_b, eq. (15); the others pass
+gradients on but are not updated (``ExpertModel.update_only``, ``MaskedAdamW``). Per round it
+reports u_c(e), eq. (16), s_c(e) (its importance averaged over batches), the per-expert update
+counts and |D_c|.
+
+Server: experts by eq. (17) among the clients that used AND updated them (METHOD.md §7), an
+expert nobody qualifies for keeps its value; each layer's router by eqs. (19)-(21) with
+normalised alphas; shared parameters by FedAvg over |D_c|.
+
+Not yet here (issue 4): budgets from device profiles and the cost model (one C_budget for all
+clients, ``[hfedmoe] expert_budget``), strict mode, per-mode partial download/upload.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from hfedmoe.algorithms.aggregation import weighted_average
+from hfedmoe.algorithms.base import (
+    ClientTask,
+    ClientUpdate,
+    FederatedAlgorithm,
+    Weights,
+    register,
+)
+from hfedmoe.algorithms.importance import batch_importance, ib_score, select_active
+from hfedmoe.algorithms.sparse_aggregation import (
+    combine,
+    expert_weights,
+    qualifies,
+    router_weights,
+    routing_consistency,
+    usage,
+)
+from hfedmoe.config import HFedMoEConfig
+from hfedmoe.data.tokenized import TokenizedDataset
+from hfedmoe.model.experts import ExpertEntry, ExpertId, ExpertModel, RoutingCapture
+from hfedmoe.training import StepHooks, train_local
+
+BUDGET = "expert-budget"  # task config key: C_budget(c)
+
+
+class ImportanceSelector(StepHooks):
+    """The client side of one round: selects E_active per batch, accumulates u_c and s_c."""
+
+    def __init__(self, params: HFedMoEConfig, budget: int):
+        self.params, self.budget = params, budget
+        self.gate_sum: torch.Tensor | None = None  # sum over samples of G_e(x), (L, E)
+        self.importance_sum: torch.Tensor | None = None  # sum over batches of s_b(e), (L, E)
+        self.samples = self.batches = 0
+
+    def select_experts(
+        self, capture: RoutingCapture, batch: dict[str, torch.Tensor], routed_LE: torch.Tensor
+    ) -> torch.Tensor:
+        p = self.params
+        G_LBE = capture.sample_probs(batch.get("attention_mask"))
+        s_b = batch_importance(G_LBE, p.lam)  # eq. (5)
+        score = ib_score(G_LBE, p.lam, p.beta) if p.ranking == "ib" else s_b  # eq. (14)
+        gate_sum = G_LBE.sum(1)
+        self.gate_sum = gate_sum if self.gate_sum is None else self.gate_sum + gate_sum
+        self.importance_sum = s_b if self.importance_sum is None else self.importance_sum + s_b
+        self.samples += G_LBE.shape[1]
+        self.batches += 1
+        return select_active(score, routed_LE, self.budget, p.budget_scope)  # eq. (15)
+
+
+@register
+class HFedMoE(FederatedAlgorithm):
+    name = "hfedmoe"
+
+    def bind(self, model: nn.Module) -> None:
+        em = ExpertModel(model)
+        self.experts: dict[ExpertId, list[ExpertEntry]] = em.expert_entries()
+        self.routers: dict[int, list[str]] = em.router_entries()
+        self.shape = em.shape
+
+    # ---- server ------------------------------------------------------------------------
+    def configure_client(
+        self, server_round: int, global_weights: Weights, client: int
+    ) -> ClientTask:
+        return ClientTask(global_weights, {BUDGET: self.cfg.hfedmoe.expert_budget})
+
+    def aggregate(
+        self, server_round: int, global_weights: Weights, updates: Mapping[int, ClientUpdate]
+    ) -> Weights:
+        p = self.cfg.hfedmoe
+        clients = sorted(updates)  # a fixed order: sums do not depend on reply order
+        ups = [updates[c] for c in clients]
+        n_C = torch.tensor([u.num_examples for u in ups])
+        u_CLE = torch.stack([u.stats["usage"] for u in ups])
+        s_CLE = torch.stack([u.stats["importance"] for u in ups])
+        counts = torch.stack([u.stats["expert_updates"] for u in ups])
+        new = dict(global_weights)
+
+        # experts, eq. (17)
+        used = qualifies(u_CLE, p.tau, counts if p.expert_used == "usage_and_updated" else None)
+        w_CLE = expert_weights(n_C, used)
+        for (layer, e), entries in self.experts.items():
+            w_C = w_CLE[:, layer, e]
+            if w_C.sum() == 0:
+                continue  # nobody qualifies: keep the previous global expert
+            for entry in entries:
+                parts = [entry.take(u.weights[entry.state_name]) for u in ups]
+                new[entry.state_name] = entry.put(new[entry.state_name], combine(parts, w_C))
+
+        # routers, eqs. (19)-(21), per MoE layer
+        alpha_CL = router_weights(u_CLE, s_CLE, p.tau, normalize=p.router_alpha == "normalized")
+        for layer, names in self.routers.items():
+            if alpha_CL[:, layer].sum() == 0:
+                continue  # no client has a dominant expert here: keep the previous router
+            for name in names:
+                new[name] = combine([u.weights[name] for u in ups], alpha_CL[:, layer])
+
+        # shared parameters: FedAvg by |D_c|
+        special = {x.state_name for es in self.experts.values() for x in es}
+        special |= {n for names in self.routers.values() for n in names}
+        for name in global_weights:
+            if name not in special and all(name in u.weights for u in ups):
+                new[name] = weighted_average([u.weights[name] for u in ups], n_C.tolist())
+        self.last_consistency = routing_consistency(u_CLE >= p.tau)  # eq. (18), reported
+        return new
+
+    # ---- client ------------------------------------------------------------------------
+    def train_client(
+        self, model: nn.Module, data: TokenizedDataset, task: ClientTask, rng: np.random.Generator
+    ) -> ClientUpdate:
+        model.load_state_dict(task.weights, strict=True)  # backward-only: all weights down
+        budget = int(task.config[BUDGET])
+        selector = ImportanceSelector(self.cfg.hfedmoe, budget)
+        result = train_local(model, data, self.cfg.train, rng, selector)
+        update = self._update(model, data, result)
+        update.stats["usage"] = usage(selector.gate_sum, selector.samples)  # eq. (16)
+        update.stats["importance"] = selector.importance_sum / max(selector.batches, 1)  # s_c
+        update.metrics["expert_budget"] = float(budget)
+        update.metrics["max_active_per_step"] = float(result.max_active_per_step)
+        return update
