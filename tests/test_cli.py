@@ -62,6 +62,18 @@ def test_existing_results_are_never_overwritten(tiny_bert_dir, tmp_path):
     assert (run_dir / "metrics.jsonl").read_text() == '{"round": 0}\n'
 
 
+def test_shipped_models_pass_the_preflight_check():
+    proc = run_cli(
+        "validate",
+        str(REPO / "configs" / "default.toml"),
+        "--set",
+        "model.name_or_path=SmolLM2-135M-Instruct",
+        "--set",
+        "data.task=language-modeling",
+    )
+    assert proc.returncode == 0, proc.stderr
+
+
 def test_validate_prints_the_resolved_config():
     proc = run_cli("validate", str(REPO / "configs" / "default.toml"), "--set", "seed=5")
     assert proc.returncode == 0, proc.stderr

@@ -44,6 +44,7 @@ def resolve_model_dir(name_or_path: str) -> Path:
     if not path.is_dir():
         raise HFedMoEError(
             f"model.name_or_path: directory '{name_or_path}' does not exist "
-            f"(expected a local model directory or one of: all-MiniLM-L6-v2)"
+            "(expected a local model directory or a shipped model: all-MiniLM-L6-v2, "
+            "SmolLM2-135M-Instruct)"
         )
     return path

@@ -59,10 +59,10 @@ def _fail(message: str) -> None:
 def _preflight(cfg: config_mod.ExperimentConfig) -> None:
     """Check what can be checked before a run directory is created."""
     from hfedmoe.algorithms import build_algorithm
-    from hfedmoe.assets import resolve_model_dir
+    from hfedmoe.model.sources import check_model_source
 
     build_algorithm(cfg)
-    resolve_model_dir(cfg.model.name_or_path)
+    check_model_source(cfg.model.name_or_path)
     if cfg.data.path and not Path(cfg.data.path).is_dir():
         raise HFedMoEError(f"data.path: directory '{cfg.data.path}' does not exist")
 

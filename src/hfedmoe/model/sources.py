@@ -34,6 +34,13 @@ def model_dir(name_or_path: str) -> Path:
     return resolve_model_dir(name_or_path)
 
 
+def check_model_source(name_or_path: str) -> None:
+    """Fail early (before a run directory exists) if ``name_or_path`` names nothing usable;
+    converts nothing."""
+    if name_or_path not in SHIPPED_GGUF:
+        resolve_model_dir(name_or_path)
+
+
 def convert_gguf(gguf_file: Path, target: Path) -> Path:
     """Dequantise a GGUF checkpoint into a float32 safetensors directory (atomic)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
