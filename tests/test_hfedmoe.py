@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from hfedmoe.algorithms import ClientUpdate, build_algorithm
+from hfedmoe.algorithms.hfedmoe import upload_weights
 from hfedmoe.algorithms.sparse_aggregation import expert_weights, qualifies, router_weights
 from hfedmoe.config import validate
 from hfedmoe.engine.client_app import app as client_app
@@ -54,23 +55,31 @@ def test_server_aggregates_by_eqs_17_to_21(setup):
     trainable = [n for n, p in task.model.named_parameters() if p.requires_grad]
     g = torch.Generator().manual_seed(0)
     ups = {}
+    trained = {}  # each client's full trained weights: the reference for the expectations
+    entries = em.expert_entries()
     for node, n in ((11, 10), (22, 30)):
         usage = torch.softmax(torch.randn(L, E, generator=g) * 3, -1)
+        counts = torch.randint(0, 2, (L, E), generator=g)
+        trained[node] = {k: glob[k] + torch.randn(glob[k].shape, generator=g) for k in trainable}
+        with torch.no_grad():
+            for name, p in task.model.named_parameters():
+                if name in trained[node]:
+                    p.copy_(trained[node][name])
         ups[node] = ClientUpdate(
-            weights={k: glob[k] + torch.randn(glob[k].shape, generator=g) for k in trainable},
+            weights=upload_weights(task.model, counts > 0, entries),  # updated experts only
             num_examples=n,
             stats={
                 "usage": usage,
                 "importance": torch.rand(L, E, generator=g),
-                "expert_updates": torch.randint(0, 2, (L, E), generator=g),
+                "expert_updates": counts,
             },
         )
     new = algo.aggregate(1, glob, ups)
 
-    A, B = ups[11], ups[22]
+    A, B = trained[11], trained[22]
     tau = cfg.hfedmoe.tau
-    u = torch.stack([A.stats["usage"], B.stats["usage"]])
-    counts = torch.stack([A.stats["expert_updates"], B.stats["expert_updates"]])
+    u = torch.stack([ups[11].stats["usage"], ups[22].stats["usage"]])
+    counts = torch.stack([ups[11].stats["expert_updates"], ups[22].stats["expert_updates"]])
     w = expert_weights(torch.tensor([10, 30]), qualifies(u, tau, counts))
     for (layer, e), entries in em.expert_entries().items():
         for entry in entries:
@@ -78,17 +87,17 @@ def test_server_aggregates_by_eqs_17_to_21(setup):
             expected = (
                 glob[entry.state_name]
                 if wa + wb == 0
-                else (wa * A.weights[entry.state_name] + wb * B.weights[entry.state_name])
+                else (wa * A[entry.state_name] + wb * B[entry.state_name])
             )
             torch.testing.assert_close(new[entry.state_name], expected.float())
-    s = torch.stack([A.stats["importance"], B.stats["importance"]])
+    s = torch.stack([ups[11].stats["importance"], ups[22].stats["importance"]])
     alpha = router_weights(u, s, tau)
     for layer, names in em.router_entries().items():
         for name in names:
-            expected = alpha[0, layer] * A.weights[name] + alpha[1, layer] * B.weights[name]
+            expected = alpha[0, layer] * A[name] + alpha[1, layer] * B[name]
             torch.testing.assert_close(new[name], expected.float())
     head = "classifier.weight"  # shared: FedAvg by |D_c|
-    torch.testing.assert_close(new[head], 0.25 * A.weights[head] + 0.75 * B.weights[head])
+    torch.testing.assert_close(new[head], 0.25 * A[head] + 0.75 * B[head])
 
 
 def test_a_federated_run_keeps_every_client_within_budget(tiny_bert_dir, tmp_path):
@@ -102,3 +111,4 @@ def test_a_federated_run_keeps_every_client_within_budget(tiny_bert_dir, tmp_pat
             assert client["expert_budget"] == 2
             assert 0 < client["max_active_per_step"] <= 2
             assert client["experts_updated"] <= 2 * cfg.train.local_steps
+            assert client["bytes_up"] < client["bytes_down"]  # only updated experts go up

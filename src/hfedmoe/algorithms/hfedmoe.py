@@ -12,8 +12,12 @@ Server: experts by eq. (17) among the clients that used AND updated them (METHOD
 expert nobody qualifies for keeps its value; each layer's router by eqs. (19)-(21) with
 normalised alphas; shared parameters by FedAvg over |D_c|.
 
+Communication (backward-only): a client downloads all weights and uploads the shared
+parameters, the routers and only the experts the server can use (those it updated, or with
+``expert_used = "usage"`` also those it used), each expert's tensors under its own key.
+
 Not yet here (issue 4): budgets from device profiles and the cost model (one C_budget for all
-clients, ``[hfedmoe] expert_budget``), strict mode, per-mode partial download/upload.
+clients, ``[hfedmoe] expert_budget``), strict mode.
 """
 
 from __future__ import annotations
@@ -47,6 +51,27 @@ from hfedmoe.model.experts import ExpertEntry, ExpertId, ExpertModel, RoutingCap
 from hfedmoe.training import StepHooks, train_local
 
 BUDGET = "expert-budget"  # task config key: C_budget(c)
+
+
+def expert_key(entry: ExpertEntry, expert: ExpertId) -> str:
+    """The upload key of one expert's part of a state-dict entry."""
+    layer, e = expert
+    return entry.state_name if entry.dim is None else f"{entry.state_name}@expert{layer}.{e}"
+
+
+def upload_weights(
+    model: nn.Module, send_LE: torch.Tensor, entries: dict[ExpertId, list[ExpertEntry]]
+) -> dict[str, torch.Tensor]:
+    """What a client uploads: trainable shared and router parameters by name, and the tensors
+    of each expert in ``send_LE`` (whole entries or slices of fused ones) by :func:`expert_key`."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    expert_names = {x.state_name for es in entries.values() for x in es}
+    out = {n: p.detach().clone() for n, p in params.items() if n not in expert_names}
+    for expert, es in entries.items():
+        if send_LE[expert]:
+            for x in es:
+                out[expert_key(x, expert)] = x.take(params[x.state_name].detach()).clone()
+    return out
 
 
 class ImportanceSelector(StepHooks):
@@ -106,11 +131,13 @@ class HFedMoE(FederatedAlgorithm):
         w_CLE = expert_weights(n_C, used)
         for (layer, e), entries in self.experts.items():
             w_C = w_CLE[:, layer, e]
-            if w_C.sum() == 0:
+            holders = torch.nonzero(w_C).flatten().tolist()  # they uploaded this expert
+            if not holders:
                 continue  # nobody qualifies: keep the previous global expert
             for entry in entries:
-                parts = [entry.take(u.weights[entry.state_name]) for u in ups]
-                new[entry.state_name] = entry.put(new[entry.state_name], combine(parts, w_C))
+                parts = [ups[c].weights[expert_key(entry, (layer, e))] for c in holders]
+                merged = combine(parts, w_C[holders])
+                new[entry.state_name] = entry.put(new[entry.state_name], merged)
 
         # routers, eqs. (19)-(21), per MoE layer
         alpha_CL = router_weights(u_CLE, s_CLE, p.tau, normalize=p.router_alpha == "normalized")
@@ -138,7 +165,12 @@ class HFedMoE(FederatedAlgorithm):
         selector = ImportanceSelector(self.cfg.hfedmoe, budget)
         result = train_local(model, data, self.cfg.train, rng, selector)
         update = self._update(model, data, result)
-        update.stats["usage"] = usage(selector.gate_sum, selector.samples)  # eq. (16)
+        u_LE = usage(selector.gate_sum, selector.samples)  # eq. (16)
+        send = result.expert_updates > 0
+        if self.cfg.hfedmoe.expert_used == "usage":
+            send |= u_LE >= self.cfg.hfedmoe.tau
+        update.weights = upload_weights(model, send, ExpertModel(model).expert_entries())
+        update.stats["usage"] = u_LE
         update.stats["importance"] = selector.importance_sum / max(selector.batches, 1)  # s_c
         update.metrics["expert_budget"] = float(budget)
         update.metrics["max_active_per_step"] = float(result.max_active_per_step)
