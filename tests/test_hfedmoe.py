@@ -107,6 +107,7 @@ def test_a_federated_run_keeps_every_client_within_budget(tiny_bert_dir, tmp_pat
     assert len(rounds) == cfg.federation.rounds
     for record in rounds:
         assert record["clients_ok"] == 2
+        assert 0 <= record["routing_consistency_mean"] <= 1  # eq. (18), reported
         for client in record["clients"]:
             assert client["expert_budget"] == 2
             assert 0 < client["max_active_per_step"] <= 2

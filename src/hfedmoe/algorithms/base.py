@@ -82,9 +82,19 @@ class FederatedAlgorithm(ABC):
         return self._update(model, data, train_local(model, data, self.cfg.train, rng))
 
     @staticmethod
-    def _update(model: nn.Module, data: TokenizedDataset, result: TrainResult) -> ClientUpdate:
-        """The reply after local training: trainable weights, |D_c|, metrics, update counts."""
-        trained = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    def _update(
+        model: nn.Module,
+        data: TokenizedDataset,
+        result: TrainResult,
+        weights: Weights | None = None,
+    ) -> ClientUpdate:
+        """The reply after local training: ``weights`` (default: every trainable parameter),
+        |D_c|, metrics and per-expert update counts."""
+        trained = (
+            weights
+            if weights is not None
+            else {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        )
         return ClientUpdate(
             weights=trained,
             num_examples=len(data),
@@ -97,6 +107,10 @@ class FederatedAlgorithm(ABC):
             },
             stats={"expert_updates": result.expert_updates},
         )
+
+    def round_metrics(self) -> dict[str, float]:
+        """Scalars about the last aggregation, recorded in the round's metrics. Default: none."""
+        return {}
 
     # ---- state that outlives a round (resume) ------------------------------------------
     def state_dict(self) -> dict:

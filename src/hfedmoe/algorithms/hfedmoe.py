@@ -106,7 +106,7 @@ class HFedMoE(FederatedAlgorithm):
         em = ExpertModel(model)
         self.experts: dict[ExpertId, list[ExpertEntry]] = em.expert_entries()
         self.routers: dict[int, list[str]] = em.router_entries()
-        self.shape = em.shape
+        self.consistency = torch.zeros(0)
 
     # ---- server ------------------------------------------------------------------------
     def configure_client(
@@ -153,8 +153,13 @@ class HFedMoE(FederatedAlgorithm):
         for name in global_weights:
             if name not in special and all(name in u.weights for u in ups):
                 new[name] = weighted_average([u.weights[name] for u in ups], n_C.tolist())
-        self.last_consistency = routing_consistency(u_CLE >= p.tau)  # eq. (18), reported
+        self.consistency = routing_consistency(u_CLE >= p.tau)  # eq. (18), reported only
         return new
+
+    def round_metrics(self) -> dict[str, float]:
+        if not len(self.consistency):
+            return {}
+        return {"routing_consistency_mean": float(self.consistency.mean())}
 
     # ---- client ------------------------------------------------------------------------
     def train_client(
@@ -164,12 +169,12 @@ class HFedMoE(FederatedAlgorithm):
         budget = int(task.config[BUDGET])
         selector = ImportanceSelector(self.cfg.hfedmoe, budget)
         result = train_local(model, data, self.cfg.train, rng, selector)
-        update = self._update(model, data, result)
         u_LE = usage(selector.gate_sum, selector.samples)  # eq. (16)
         send = result.expert_updates > 0
         if self.cfg.hfedmoe.expert_used == "usage":
             send |= u_LE >= self.cfg.hfedmoe.tau
-        update.weights = upload_weights(model, send, ExpertModel(model).expert_entries())
+        weights = upload_weights(model, send, ExpertModel(model).expert_entries())
+        update = self._update(model, data, result, weights)
         update.stats["usage"] = u_LE
         update.stats["importance"] = selector.importance_sum / max(selector.batches, 1)  # s_c
         update.metrics["expert_budget"] = float(budget)

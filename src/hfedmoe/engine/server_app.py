@@ -64,6 +64,8 @@ def federate(
         record = _round_record(
             server_round, result, train_loss, strategy.last_reports, now - round_start, now - start
         )
+        if new_arrays is not None:  # what the algorithm says about this round's aggregation
+            record.update(algorithm.round_metrics())
         recorder.log_round(record)
         log.info(
             "round %d/%d  test_accuracy=%.4f  test_loss=%.4f  train_loss=%s  (%.1fs)",
