@@ -38,6 +38,10 @@ class ExpertAxis:
         """Indices along ``dim`` of the experts selected by the (E,) bool mask."""
         return experts_E[self.expert_of].nonzero().squeeze(1)
 
+    def positions_of(self, e: int) -> torch.Tensor:
+        """Indices along ``dim`` that belong to expert ``e``."""
+        return (self.expert_of == e).nonzero().squeeze(1)
+
 
 class MaskedAdamW(torch.optim.Optimizer):
     def __init__(

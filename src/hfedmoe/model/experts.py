@@ -71,21 +71,17 @@ class MoELayer:
     def expert_tensors(self, e: int) -> dict[str, torch.Tensor]:
         """Expert ``e``'s trainable tensors by local name (copies of fused slices)."""
         if self.axes:
-            one = torch.zeros(self.num_experts, dtype=torch.bool)
-            one[e] = True
             return {
-                n: p.detach().index_select(axis.dim, axis.positions(one))
+                n: p.detach().index_select(axis.dim, axis.positions_of(e))
                 for n, (p, axis) in self.axes.items()
             }
         return {n: p.detach() for n, p in self.trainable[e].items()}
 
     @torch.no_grad()
     def write_expert_tensors(self, e: int, tensors: dict[str, torch.Tensor]) -> None:
-        one = torch.zeros(self.num_experts, dtype=torch.bool)
-        one[e] = True
         if self.axes:
             for n, (p, axis) in self.axes.items():
-                p.index_copy_(axis.dim, axis.positions(one), tensors[n].to(p.dtype))
+                p.index_copy_(axis.dim, axis.positions_of(e), tensors[n].to(p.dtype))
         else:
             for n, p in self.trainable[e].items():
                 p.copy_(tensors[n])
@@ -422,11 +418,9 @@ class ExpertModel:
         out: dict[ExpertId, list[ExpertEntry]] = {}
         for layer in self.layers:
             for e in range(layer.num_experts):
-                one = torch.zeros(layer.num_experts, dtype=torch.bool)
-                one[e] = True
                 if layer.axes:
                     out[(layer.position, e)] = [
-                        ExpertEntry(names[id(p)], axis.dim, axis.positions(one))
+                        ExpertEntry(names[id(p)], axis.dim, axis.positions_of(e))
                         for p, axis in layer.axes.values()
                     ]
                 else:
