@@ -21,7 +21,7 @@ from hfedmoe.training import evaluate
 
 from .conftest import tiny_raw
 
-TIMING_KEYS = {"round_seconds", "elapsed_seconds", "seconds"}
+TIMING_KEYS = {"memory_measured_bytes", "round_seconds", "elapsed_seconds", "seconds"}
 
 
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from hfedmoe.algorithms import ClientUpdate, build_algorithm
-from hfedmoe.algorithms.hfedmoe import upload_weights
+from hfedmoe.algorithms.hfedmoe import held_experts, upload_weights
 from hfedmoe.algorithms.sparse_aggregation import expert_weights, qualifies, router_weights
 from hfedmoe.config import validate
 from hfedmoe.engine.client_app import app as client_app
@@ -23,10 +23,11 @@ from .conftest import tiny_raw
 
 @pytest.fixture
 def setup(tiny_bert_dir):
-    cfg = validate(tiny_raw(tiny_bert_dir, algorithm="hfedmoe", hfedmoe={"expert_budget": 3}))
+    cfg = validate(tiny_raw(tiny_bert_dir, algorithm="hfedmoe"))
     task = server_task(cfg)
     algo = build_algorithm(cfg)
     algo.bind(task.model)
+    algo.set_budgets({7: 3})  # node 7's device can train 3 experts per batch
     return cfg, task, algo
 
 
@@ -100,16 +101,65 @@ def test_server_aggregates_by_eqs_17_to_21(setup):
     torch.testing.assert_close(new[head], 0.25 * A[head] + 0.75 * B[head])
 
 
-def test_a_federated_run_keeps_every_client_within_budget(tiny_bert_dir, tmp_path):
-    cfg = validate(tiny_raw(tiny_bert_dir, algorithm="hfedmoe", hfedmoe={"expert_budget": 2}))
+# ---- strict mode (METHOD.md §7, beyond the paper) -------------------------------------------
+
+
+def test_held_set_takes_each_layers_best_then_the_best_of_the_rest():
+    score = torch.tensor([[0.1, 0.5, 0.2, 0.0], [0.9, 0.8, 0.1, 0.3]])
+    held = held_experts(score, 3)
+    assert held.nonzero().tolist() == [[0, 1], [1, 0], [1, 1]]
+    assert held_experts(score, 2).nonzero().tolist() == [[0, 1], [1, 0]]  # one per layer
+    with pytest.raises(ValueError, match="at least one expert per layer"):
+        held_experts(score, 1)
+
+
+def test_strict_client_downloads_trains_and_uploads_only_its_held_experts(tiny_bert_dir):
+    cfg = validate(tiny_raw(tiny_bert_dir, algorithm="hfedmoe", hfedmoe={"mode": "strict"}))
+    task = server_task(cfg)
+    algo = build_algorithm(cfg)
+    algo.bind(task.model)
+    algo.set_budgets({7: 3})
+    glob = {k: v.clone() for k, v in task.model.state_dict().items()}
+    client_task = algo.configure_client(1, glob, client=7)
+    held_flat = client_task.config["held-experts"]
+    assert len(held_flat) == 3
+    em = ExpertModel(task.model)
+    L, E = em.shape
+    held = torch.zeros(L * E, dtype=torch.bool)
+    held[held_flat] = True
+    held = held.view(L, E)
+    assert held.any(1).all()  # every layer can route
+    entries = em.expert_entries()
+    down_experts = {x.state_name for ex, es in entries.items() if held[ex] for x in es}
+    unheld = {x.state_name for ex, es in entries.items() if not held[ex] for x in es}
+    assert down_experts <= set(client_task.weights) and not unheld & set(client_task.weights)
+
+    update = algo.train_client(
+        task.model, client_data(cfg, 0, 2), client_task, np.random.default_rng(0)
+    )
+    assert not update.stats["expert_updates"][~held].any()  # nothing outside the held set
+    assert not unheld & set(update.weights)
+    # what it trained went up, and the server can aggregate it
+    new = algo.aggregate(1, glob, {7: update})
+    for ex, es in entries.items():
+        for x in es:
+            if not held[ex]:
+                torch.testing.assert_close(new[x.state_name], glob[x.state_name])
+
+
+def test_strict_clients_hold_their_budget_in_a_federated_run(tiny_bert_dir, tmp_path):
+    from .test_budget import _three_tiers
+
+    cfg = validate(_three_tiers(tiny_bert_dir, "hfedmoe", mode="strict"))
     run_embedded(cfg, str(tmp_path / "run"), server_app, client_app)
-    rounds = read_metrics(tmp_path / "run")[1:]
-    assert len(rounds) == cfg.federation.rounds
-    for record in rounds:
-        assert record["clients_ok"] == 2
-        assert 0 <= record["routing_consistency_mean"] <= 1  # eq. (18), reported
+    records = read_metrics(tmp_path / "run")
+    for record in records[1:]:
+        assert record["clients_ok"] == 3
+        by_tier = {c["tier"]: c for c in record["clients"]}
         for client in record["clients"]:
-            assert client["expert_budget"] == 2
-            assert 0 < client["max_active_per_step"] <= 2
-            assert client["experts_updated"] <= 2 * cfg.train.local_steps
-            assert client["bytes_up"] < client["bytes_down"]  # only updated experts go up
+            # the held set is fixed for the round: the experts trained over the whole round,
+            # not only per batch, are within the budget
+            assert client["experts_updated"] <= client["expert_budget"]
+            assert client["experts_routed"] <= client["expert_budget"]
+        down = [by_tier[t]["bytes_down"] for t in ("small", "medium", "large")]
+        assert down[0] < down[1] < down[2]

@@ -65,6 +65,13 @@ def _preflight(cfg: config_mod.ExperimentConfig) -> None:
     check_model_source(cfg.model.name_or_path)
     if cfg.data.path and not Path(cfg.data.path).is_dir():
         raise HFedMoEError(f"data.path: directory '{cfg.data.path}' does not exist")
+    if cfg.devices.tiers:  # a device too small to train anything is a config error
+        from hfedmoe.budget import build_cost_model, check_tiers
+        from hfedmoe.model.experts import ExpertModel
+        from hfedmoe.task import client_model, label_names
+
+        model = client_model(cfg, label_names(cfg))
+        check_tiers(cfg, build_cost_model(model, cfg), ExpertModel(model).num_layers)
 
 
 @app.command()
@@ -101,6 +108,8 @@ def run(
 
 
 def _run_with_progress(cfg: config_mod.ExperimentConfig, run_dir: Path, show: bool) -> dict:
+    from flwr.app import MessageType
+
     from hfedmoe.engine.client_app import app as client_app
     from hfedmoe.engine.inprocess import run_embedded
     from hfedmoe.engine.server_app import app as server_app
@@ -118,6 +127,8 @@ def _run_with_progress(cfg: config_mod.ExperimentConfig, run_dir: Path, show: bo
         task = bar.add_task("preparing", total=total)
 
         def on_reply(msg, reply, seconds) -> None:
+            if msg.metadata.message_type != MessageType.TRAIN:
+                return  # the budget query before round 1
             done = bar.tasks[0].completed + 1
             rnd, k = msg.metadata.group_id, (done - 1) % per_round + 1
             bar.update(

@@ -16,7 +16,14 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ByteSize,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
 from hfedmoe.errors import ConfigError
 
@@ -136,8 +143,9 @@ class EvalConfig(Section):
 class HFedMoEConfig(Section):
     """HFedMoE (METHOD.md §2-§7). Options are the paper's ambiguities, defaults as METHOD.md §7.
 
-    lambda, beta and tau were not recovered from the paper; these defaults are provisional
-    until the documented sweep (issue 4).
+    lambda, beta and tau were not recovered from the paper; docs/SWEEP.md gives the sweep
+    behind the defaults. C_budget(c) comes from the client's device (``[devices]``, METHOD.md
+    §6, ``hfedmoe.budget``).
     """
 
     lam: float = Field(0.5, ge=0, le=1, description="lambda of eq. (5)")
@@ -153,12 +161,56 @@ class HFedMoEConfig(Section):
     router_alpha: Literal["normalized", "as_written"] = Field(
         "normalized", description="alpha(c) of eq. (21) normalised to sum to 1, or as written"
     )
-    expert_budget: int = Field(
-        6,
-        gt=0,
-        description="C_budget: experts a client may train per batch, the same for every "
-        "client (device profiles and the cost model replace this in issue 4)",
+    mode: Literal["backward-only", "strict"] = Field(
+        "backward-only",
+        description="backward-only: route normally, update only E_active (the paper); strict: "
+        "a client holds only C_budget experts, routes among them, downloads and uploads them",
     )
+
+
+class DeviceTier(Section):
+    """A kind of client device (METHOD.md §6): what it can spend on one round of training."""
+
+    name: str = Field(min_length=1)
+    memory: ByteSize = Field(
+        description="Memory for training: weights, gradients, optimizer state, activations "
+        '(bytes, or a string such as "900MiB")'
+    )
+    flops: float | None = Field(None, gt=0, description="Sustained FLOP/s; null = not limited.")
+    deadline_seconds: float | None = Field(
+        None, gt=0, description="Seconds of local training per round; needs flops."
+    )
+    share: float = Field(1.0, gt=0, description="Relative share of the client population.")
+
+    @model_validator(mode="after")
+    def _deadline_needs_flops(self) -> DeviceTier:
+        if self.deadline_seconds is not None and self.flops is None:
+            raise ValueError(f"tier '{self.name}': deadline_seconds needs flops")
+        return self
+
+
+class DevicesConfig(Section):
+    """The clients' devices. No tiers: every client can train the whole model."""
+
+    tiers: list[DeviceTier] = Field(
+        default_factory=list, description="Device tiers, spread over clients by share."
+    )
+    assignment: list[str] | None = Field(
+        None, description="An explicit tier name per client (partition order), instead of shares."
+    )
+
+    @model_validator(mode="after")
+    def _names(self) -> DevicesConfig:
+        names = [t.name for t in self.tiers]
+        if len(set(names)) != len(names):
+            raise ValueError("devices.tiers: tier names must be unique")
+        for i, name in enumerate(self.assignment or []):
+            if name not in names:
+                raise ValueError(
+                    f"devices.assignment[{i}]: unknown tier '{name}' (expected one of: "
+                    f"{', '.join(names) or 'no tiers defined'})"
+                )
+        return self
 
 
 class ExperimentConfig(Section):
@@ -178,6 +230,17 @@ class ExperimentConfig(Section):
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     hfedmoe: HFedMoEConfig = HFedMoEConfig()
+    devices: DevicesConfig = DevicesConfig()
+
+    @model_validator(mode="after")
+    def _one_device_per_client(self) -> ExperimentConfig:
+        assignment = self.devices.assignment
+        if assignment is not None and len(assignment) != self.federation.num_clients:
+            raise ValueError(
+                f"devices.assignment has {len(assignment)} entries, expected one per client "
+                f"(federation.num_clients = {self.federation.num_clients})"
+            )
+        return self
 
     def to_json(self) -> str:
         return self.model_dump_json()

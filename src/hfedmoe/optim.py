@@ -114,6 +114,11 @@ class ExpertAdamW:
 
     Split so that the bulk of the parameters takes torch's single-kernel path (measured 5-10x
     faster than a Python loop on CPU); only fused expert tensors pay for masking.
+
+    A plain parameter without a gradient in a step (an expert outside E_active) is not moved,
+    and its moments are dropped: at most C_budget experts hold optimizer state at any time,
+    which is what bounds a client's memory (``hfedmoe.budget``). An expert that comes back
+    restarts its moments, as a freshly created optimizer would.
     """
 
     def __init__(
@@ -136,6 +141,10 @@ class ExpertAdamW:
 
     def step(self, active: Mapping[torch.nn.Parameter, torch.Tensor] | None = None) -> None:
         self.plain.step()
+        for group in self.plain.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    self.plain.state.pop(p, None)
         if self.masked is not None:
             self.masked.step(active)
 

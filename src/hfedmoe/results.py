@@ -121,11 +121,18 @@ class RunRecorder:
             "best_test_accuracy": max(r["test_accuracy"] for r in self.rounds),
             "total_bytes_down": sum(r["bytes_down"] for r in self.rounds),
             "total_bytes_up": sum(r["bytes_up"] for r in self.rounds),
+            "failure_rate": _failure_rate(self.rounds),
             "wall_seconds": last["elapsed_seconds"],
             "run_dir": str(self.run_dir),
         }
         write_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2))
         return summary
+
+
+def _failure_rate(rounds: list[dict]) -> float:
+    """Failed client trainings / sampled client trainings, over the run."""
+    sampled = sum(r["clients_ok"] + r["clients_failed"] for r in rounds)
+    return sum(r["clients_failed"] for r in rounds) / sampled if sampled else 0.0
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 # Purposes, so that two streams never coincide.
-SAMPLING, CLIENT_TRAIN = 1, 2
+SAMPLING, CLIENT_TRAIN, DEVICES, STRICT_HELD = 1, 2, 3, 4
 
 
 def rng_for(seed: int, *keys: int) -> np.random.Generator:

@@ -46,6 +46,7 @@ class TrainResult:
     seconds: float
     expert_updates: torch.Tensor  # (L, E) int: batches in which each expert was updated
     routed_per_step: float  # mean |E_union| per batch
+    routed: torch.Tensor  # (L, E) bool: experts routed to in at least one batch
     max_active_per_step: int  # the most experts updated on any one batch (<= C_budget)
 
 
@@ -72,6 +73,7 @@ def train_local(
     start, losses, seen = time.perf_counter(), [], 0
     updates_LE = torch.zeros(em.shape, dtype=torch.long)
     routed_total = max_active = 0
+    routed_any_LE = torch.zeros(em.shape, dtype=torch.bool)
     batch_size = min(cfg.batch_size, len(data))
     for idx in shuffled_batches(len(data), batch_size, cfg.local_steps, rng):
         batch = data.batch(idx)
@@ -90,6 +92,7 @@ def train_local(
         seen += len(idx)
         updates_LE += active_LE.long()
         routed_total += int(routed_LE.sum())
+        routed_any_LE |= routed_LE
         max_active = max(max_active, int(active_LE.sum()))
     model.eval()
     return TrainResult(
@@ -99,6 +102,7 @@ def train_local(
         seconds=time.perf_counter() - start,
         expert_updates=updates_LE,
         routed_per_step=routed_total / len(losses),
+        routed=routed_any_LE,
         max_active_per_step=max_active,
     )
 

@@ -26,7 +26,11 @@ from hfedmoe.errors import ConfigError
 from hfedmoe.training import TrainResult, train_local
 
 Weights = dict[str, torch.Tensor]
-Scalar = int | float | str
+Scalar = int | float | str | list[int]
+
+#: Task config key: C_budget(c), the experts the client is asked to train per batch. A task
+#: without it asks for every expert (budget-unaware algorithms).
+BUDGET = "expert-budget"
 
 
 @dataclass
@@ -35,6 +39,10 @@ class ClientTask:
 
     weights: Weights
     config: dict[str, Scalar] = field(default_factory=dict)
+
+    def requested_experts(self, pool: int) -> int:
+        """How many experts per batch this task asks for, out of a ``pool`` of L x E."""
+        return int(self.config.get(BUDGET, pool))  # type: ignore[arg-type]
 
 
 @dataclass
@@ -54,6 +62,11 @@ class FederatedAlgorithm(ABC):
 
     def __init__(self, cfg: ExperimentConfig):
         self.cfg = cfg
+        self.budgets: dict[int, int] = {}  # node id -> C_budget, learnt before round 1
+
+    def set_budgets(self, budgets: Mapping[int, int]) -> None:
+        """The clients' C_budget(c), from their devices (``hfedmoe.budget``), by node id."""
+        self.budgets = dict(budgets)
 
     # ---- server side -------------------------------------------------------------------
     def bind(self, model: nn.Module) -> None:
@@ -103,6 +116,8 @@ class FederatedAlgorithm(ABC):
                 "train_seconds": result.seconds,
                 "steps": float(result.steps),
                 "experts_updated": float((result.expert_updates > 0).sum()),
+                "experts_routed": float(result.routed.sum()),
+                "max_active_per_step": float(result.max_active_per_step),
                 "experts_routed_per_step": result.routed_per_step,
             },
             stats={"expert_updates": result.expert_updates},

@@ -12,12 +12,17 @@ Server: experts by eq. (17) among the clients that used AND updated them (METHOD
 expert nobody qualifies for keeps its value; each layer's router by eqs. (19)-(21) with
 normalised alphas; shared parameters by FedAvg over |D_c|.
 
-Communication (backward-only): a client downloads all weights and uploads the shared
-parameters, the routers and only the experts the server can use (those it updated, or with
-``expert_used = "usage"`` also those it used), each expert's tensors under its own key.
+C_budget(c) comes from the client's device (``hfedmoe.budget``); the server learns it before
+round 1 and sends it with every task.
 
-Not yet here (issue 4): budgets from device profiles and the cost model (one C_budget for all
-clients, ``[hfedmoe] expert_budget``), strict mode.
+Communication. Backward-only: a client downloads all weights and uploads the shared parameters,
+the routers and only the experts the server can use (those it updated, or with
+``expert_used = "usage"`` also those it used), each expert's tensors under its own key.
+Strict (``mode = "strict"``, beyond the paper, METHOD.md §7): the server gives each client a held
+set of C_budget experts, at least one per layer: the top ones by the client's last reported
+s_c(e) (by the mean s_c over all reports before it has one, by a seeded draw before anyone has
+reported). The client downloads the shared parameters, the routers and its held experts, routes
+tokens only among them (``ExpertModel.restrict_routing``) and uploads as in backward-only.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from torch import nn
 
 from hfedmoe.algorithms.aggregation import weighted_average
 from hfedmoe.algorithms.base import (
+    BUDGET,
     ClientTask,
     ClientUpdate,
     FederatedAlgorithm,
@@ -48,9 +54,10 @@ from hfedmoe.algorithms.sparse_aggregation import (
 from hfedmoe.config import HFedMoEConfig
 from hfedmoe.data.tokenized import TokenizedDataset
 from hfedmoe.model.experts import ExpertEntry, ExpertId, ExpertModel, RoutingCapture
+from hfedmoe.seeding import STRICT_HELD, rng_for
 from hfedmoe.training import StepHooks, train_local
 
-BUDGET = "expert-budget"  # task config key: C_budget(c)
+HELD = "held-experts"  # task config key, strict mode: flat indices layer * E + e of held experts
 
 
 def expert_key(entry: ExpertEntry, expert: ExpertId) -> str:
@@ -72,6 +79,18 @@ def upload_weights(
             for x in es:
                 out[expert_key(x, expert)] = x.take(params[x.state_name].detach()).clone()
     return out
+
+
+def held_experts(score_LE: torch.Tensor, budget: int) -> torch.Tensor:
+    """Strict mode's held set: the best expert of each layer, then the best of the rest, by
+    ``score_LE``, ``budget`` in all (at least one per layer, so every layer can route). (L, E)."""
+    L, E = score_LE.shape
+    if budget < L:
+        raise ValueError(f"strict mode needs a budget of at least one expert per layer ({L})")
+    held = torch.zeros(L, E, dtype=torch.bool)
+    held[torch.arange(L), score_LE.argmax(1)] = True
+    rest = select_active(score_LE, ~held, budget - L, "global")
+    return held | rest
 
 
 class ImportanceSelector(StepHooks):
@@ -104,15 +123,37 @@ class HFedMoE(FederatedAlgorithm):
 
     def bind(self, model: nn.Module) -> None:
         em = ExpertModel(model)
+        self.shape = em.shape
         self.experts: dict[ExpertId, list[ExpertEntry]] = em.expert_entries()
         self.routers: dict[int, list[str]] = em.router_entries()
         self.consistency = torch.zeros(0)
+        self.importance: dict[int, torch.Tensor] = {}  # node -> its last reported s_c, (L, E)
 
     # ---- server ------------------------------------------------------------------------
     def configure_client(
         self, server_round: int, global_weights: Weights, client: int
     ) -> ClientTask:
-        return ClientTask(global_weights, {BUDGET: self.cfg.hfedmoe.expert_budget})
+        L, E = self.shape
+        budget = self.budgets.get(client, L * E)
+        if self.cfg.hfedmoe.mode == "backward-only":
+            return ClientTask(global_weights, {BUDGET: budget})
+        held = held_experts(self._held_score(server_round, client), budget)
+        expert_names = {x.state_name for es in self.experts.values() for x in es}
+        weights = {n: t for n, t in global_weights.items() if n not in expert_names}
+        for expert, entries in self.experts.items():
+            if held[expert]:
+                for x in entries:
+                    weights[expert_key(x, expert)] = x.take(global_weights[x.state_name])
+        flat = held.flatten().nonzero().flatten().tolist()
+        return ClientTask(weights, {BUDGET: budget, HELD: flat})
+
+    def _held_score(self, server_round: int, client: int) -> torch.Tensor:
+        if client in self.importance:
+            return self.importance[client]
+        if self.importance:
+            return torch.stack(list(self.importance.values())).mean(0)
+        rng = rng_for(self.cfg.seed, STRICT_HELD, server_round, client)
+        return torch.from_numpy(rng.random(self.shape))
 
     def aggregate(
         self, server_round: int, global_weights: Weights, updates: Mapping[int, ClientUpdate]
@@ -154,6 +195,7 @@ class HFedMoE(FederatedAlgorithm):
             if name not in special and all(name in u.weights for u in ups):
                 new[name] = weighted_average([u.weights[name] for u in ups], n_C.tolist())
         self.consistency = routing_consistency(u_CLE >= p.tau)  # eq. (18), reported only
+        self.importance.update(zip(clients, s_CLE, strict=True))
         return new
 
     def round_metrics(self) -> dict[str, float]:
@@ -161,22 +203,59 @@ class HFedMoE(FederatedAlgorithm):
             return {}
         return {"routing_consistency_mean": float(self.consistency.mean())}
 
+    def state_dict(self) -> dict:
+        return {"importance": {c: s.clone() for c, s in self.importance.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.importance = {int(c): s.clone() for c, s in state.get("importance", {}).items()}
+
     # ---- client ------------------------------------------------------------------------
     def train_client(
         self, model: nn.Module, data: TokenizedDataset, task: ClientTask, rng: np.random.Generator
     ) -> ClientUpdate:
-        model.load_state_dict(task.weights, strict=True)  # backward-only: all weights down
-        budget = int(task.config[BUDGET])
+        em = ExpertModel(model)
+        budget = task.requested_experts(em.num_layers * em.num_experts)
         selector = ImportanceSelector(self.cfg.hfedmoe, budget)
-        result = train_local(model, data, self.cfg.train, rng, selector)
+        if HELD not in task.config:  # backward-only: all weights down
+            model.load_state_dict(task.weights, strict=True)
+            result = train_local(model, data, self.cfg.train, rng, selector)
+        else:
+            held = torch.zeros(em.shape, dtype=torch.bool)
+            held.view(-1)[torch.tensor(task.config[HELD], dtype=torch.long)] = True
+            load_held(model, task.weights, em.expert_entries(), held)
+            with em.restrict_routing(held):
+                result = train_local(model, data, self.cfg.train, rng, selector)
         u_LE = usage(selector.gate_sum, selector.samples)  # eq. (16)
         send = result.expert_updates > 0
         if self.cfg.hfedmoe.expert_used == "usage":
-            send |= u_LE >= self.cfg.hfedmoe.tau
-        weights = upload_weights(model, send, ExpertModel(model).expert_entries())
+            send |= (u_LE >= self.cfg.hfedmoe.tau) & result.routed
+        weights = upload_weights(model, send, em.expert_entries())
         update = self._update(model, data, result, weights)
         update.stats["usage"] = u_LE
         update.stats["importance"] = selector.importance_sum / max(selector.batches, 1)  # s_c
         update.metrics["expert_budget"] = float(budget)
-        update.metrics["max_active_per_step"] = float(result.max_active_per_step)
+        update.metrics["experts_used"] = float((u_LE >= self.cfg.hfedmoe.tau).sum())
         return update
+
+
+def load_held(
+    model: nn.Module,
+    weights: Weights,
+    entries: dict[ExpertId, list[ExpertEntry]],
+    held_LE: torch.Tensor,
+) -> None:
+    """Strict mode's download: the shared parameters and routers by name, each held expert by
+    :func:`expert_key` (into its slice where experts are fused)."""
+    expert_names = {x.state_name for es in entries.values() for x in es}
+    state = model.state_dict()
+    missing = [n for n in state if n not in expert_names and n not in weights]
+    if missing:
+        raise KeyError(f"strict download lacks {missing[:3]}")
+    model.load_state_dict({n: t for n, t in weights.items() if n in state}, strict=False)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for expert, es in entries.items():
+            if held_LE[expert]:
+                for x in es:
+                    p = params[x.state_name]
+                    p.copy_(x.put(p.detach(), weights[expert_key(x, expert)]))

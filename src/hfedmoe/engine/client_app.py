@@ -1,8 +1,14 @@
 """The Flower ClientApp: unpack the task, run the algorithm's local training, pack the reply.
 
-A client process keeps a cache of its tokenised partition and of the model architecture (both
-derived from the config alone), so it does not rebuild them every round. Nothing here is shared
-with the server: the client sees only what arrives in the message and in its Context.
+A client process keeps a cache of its tokenised partition, of the model architecture and of its
+cost model (all derived from the config alone), so it does not rebuild them every round. Nothing
+here is shared with the server: the client sees only what arrives in the message and in its
+Context.
+
+Its device (``hfedmoe.budget``): the tier named by the node config's ``device-tier``, else the
+one the config assigns to its partition. Before the first round the server asks every node for
+its budget (a ``query.budget`` message); a train task asking for more experts per batch than the
+device can hold fails with :class:`~hfedmoe.budget.BudgetExceeded` and contributes nothing.
 """
 
 from __future__ import annotations
@@ -11,14 +17,24 @@ import copy
 import functools
 
 import torch
-from flwr.app import Context, Message
+from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 from transformers import PreTrainedModel
 
 from hfedmoe.algorithms import build_algorithm
-from hfedmoe.config import ExperimentConfig
+from hfedmoe.budget import (
+    BudgetExceeded,
+    CostModel,
+    assign_tiers,
+    build_cost_model,
+    check_request,
+    is_strict,
+)
+from hfedmoe.config import DeviceTier, ExperimentConfig
 from hfedmoe.data.tokenized import TokenizedDataset
 from hfedmoe.engine import wire
+from hfedmoe.errors import ConfigError
+from hfedmoe.profiling import PeakMemory
 from hfedmoe.seeding import CLIENT_TRAIN, rng_for, seed_torch
 from hfedmoe.task import client_data, client_model, label_names
 
@@ -35,12 +51,44 @@ def train(msg: Message, context: Context) -> Message:
     num_partitions = int(context.node_config["num-partitions"])
     task, server_round = wire.unpack_task(msg.content)
 
+    tier = _tier(cfg_json, partition_id, context.node_config.get("device-tier"))
+    costs = _cost_model(cfg_json)
+    requested = task.requested_experts(costs.num_experts)
+    try:
+        check_request(costs, tier, requested, is_strict(cfg))
+    except BudgetExceeded as exc:  # the round fails for this client; the server counts it
+        return Message(Error(code=wire.BUDGET_EXCEEDED, reason=str(exc)), reply_to=msg)
+
     data = _data(cfg_json, partition_id, num_partitions)
     model = copy.deepcopy(_architecture(cfg_json))
     seed_torch(cfg.seed, CLIENT_TRAIN, server_round, partition_id)  # dropout
     rng = rng_for(cfg.seed, CLIENT_TRAIN, server_round, partition_id)  # batch order
-    update = build_algorithm(cfg).train_client(model, data, task, rng)
+    with PeakMemory() as memory:
+        update = build_algorithm(cfg).train_client(model, data, task, rng)
+    predicted = costs.predict(requested, tier.flops if tier else None)
+    update.metrics["memory_predicted_bytes"] = float(costs.step_extra_bytes(requested))
+    if memory.increase is not None:
+        update.metrics["memory_measured_bytes"] = float(memory.increase)
+    update.metrics["step_flops_predicted"] = predicted.step_flops
     return Message(wire.pack_update(update, partition_id), reply_to=msg)
+
+
+@app.query("budget")
+def budget(msg: Message, context: Context) -> Message:
+    """This node's device and C_budget, for the server before round 1."""
+    cfg_json = str(context.run_config[wire.RUN_CONFIG])
+    cfg = _config(cfg_json)
+    partition_id = int(context.node_config["partition-id"])
+    tier = _tier(cfg_json, partition_id, context.node_config.get("device-tier"))
+    costs = _cost_model(cfg_json)
+    reply = wire.DeviceReport(
+        partition_id=partition_id,
+        tier="" if tier is None else tier.name,
+        memory_bytes=0 if tier is None else int(tier.memory),
+        expert_budget=costs.expert_budget(tier, is_strict(cfg)),
+        num_experts=costs.num_experts,
+    )
+    return Message(wire.pack_device(reply), reply_to=msg)
 
 
 @functools.lru_cache(maxsize=4)
@@ -57,3 +105,19 @@ def _data(cfg_json: str, partition_id: int, num_partitions: int) -> TokenizedDat
 def _architecture(cfg_json: str) -> PreTrainedModel:
     cfg = _config(cfg_json)
     return client_model(cfg, label_names(cfg))
+
+
+@functools.lru_cache(maxsize=2)
+def _cost_model(cfg_json: str) -> CostModel:
+    return build_cost_model(copy.deepcopy(_architecture(cfg_json)), _config(cfg_json))
+
+
+@functools.lru_cache(maxsize=64)
+def _tier(cfg_json: str, partition_id: int, name: object = None) -> DeviceTier | None:
+    cfg = _config(cfg_json)
+    if name is None:
+        return assign_tiers(cfg)[partition_id]
+    tiers = {t.name: t for t in cfg.devices.tiers}
+    if str(name) not in tiers:
+        raise ConfigError(f"node config device-tier: unknown tier '{name}'")
+    return tiers[str(name)]

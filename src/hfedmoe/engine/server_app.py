@@ -8,16 +8,21 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from hfedmoe.algorithms import build_algorithm
+from hfedmoe.budget import minimum_budget
 from hfedmoe.config import ExperimentConfig
 from hfedmoe.engine import wire
 from hfedmoe.engine.strategy import AlgorithmStrategy
+from hfedmoe.errors import ConfigError, HFedMoEError
+from hfedmoe.model.experts import ExpertModel
 from hfedmoe.results import RunRecorder
 from hfedmoe.task import server_task
 from hfedmoe.training import evaluate
@@ -46,10 +51,14 @@ def federate(
     algorithm = build_algorithm(cfg)
     algorithm.bind(model)
     strategy = AlgorithmStrategy(algorithm, cfg)
+    strategy.devices = query_devices(grid, cfg, ExpertModel(model).num_layers, timeout)
+    algorithm.set_budgets({n: d.expert_budget for n, d in strategy.devices.items()})
     arrays = ArrayRecord(model.state_dict())
 
     initial = evaluate(model, task.test, cfg.eval.batch_size)
-    recorder.log_round(_round_record(0, initial, None, [], 0.0, time.perf_counter() - start))
+    record = _round_record(0, initial, None, [], 0.0, time.perf_counter() - start)
+    record["devices"] = [{"node_id": n, **asdict(d)} for n, d in sorted(strategy.devices.items())]
+    recorder.log_round(record)
     for server_round in range(1, cfg.federation.rounds + 1):
         round_start = time.perf_counter()
         messages = strategy.configure_train(server_round, arrays, ConfigRecord(), grid)
@@ -79,6 +88,33 @@ def federate(
     return recorder.finish(model, task.tokenizer)
 
 
+def query_devices(
+    grid: Grid, cfg: ExperimentConfig, num_layers: int, timeout: float
+) -> dict[int, wire.DeviceReport]:
+    """Ask every node for its device and C_budget (before round 1); fail if one cannot train
+    even the minimum (one expert; strict mode: one per MoE layer)."""
+    messages = [
+        Message(RecordDict(), dst_node_id=node, message_type=wire.BUDGET_QUERY, group_id="0")
+        for node in sorted(grid.get_node_ids())
+    ]
+    devices = {}
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            raise HFedMoEError(f"node {node}: budget query failed: {reply.error.reason}")
+        devices[node] = wire.unpack_device(reply.content)
+    need = minimum_budget(cfg, num_layers)
+    for node, d in sorted(devices.items()):
+        if d.expert_budget < need:
+            raise ConfigError(
+                f"node {node} (device tier '{d.tier}', {d.memory_bytes / 2**30:.2f} GiB): "
+                f"cannot train even {need} expert(s) per batch of this model"
+            )
+    budgets = {n: d.expert_budget for n, d in devices.items()}
+    log.info("device budgets (node: C_budget): %s", budgets)
+    return devices
+
+
 def _round_record(server_round, result, train_loss, reports, round_seconds, elapsed) -> dict:
     ok = [r for r in reports if r.status == "ok"]
     return {
@@ -88,6 +124,7 @@ def _round_record(server_round, result, train_loss, reports, round_seconds, elap
         "train_loss": train_loss,
         "clients_ok": len(ok),
         "clients_failed": len(reports) - len(ok),
+        "failures": dict(Counter(r.failure for r in reports if r.status != "ok")),
         "examples": sum(r.num_examples for r in ok),
         "bytes_down": sum(r.bytes_down for r in reports),
         "bytes_up": sum(r.bytes_up for r in reports),

@@ -28,16 +28,26 @@ class ClientReport:
     node_id: int
     bytes_down: int
     status: str = "ok"  # "ok" | "failed"
+    failure: str = ""  # "budget" (asked beyond its device) | "error" | ""
     error: str = ""
     partition_id: int | None = None
+    tier: str = ""  # the device tier ("" = unlimited)
+    expert_budget: int | None = None  # C_budget(c), from the device
+    requested_experts: int | None = None  # experts per batch the task asked for
     num_examples: int = 0
     train_loss: float | None = None
     seconds: float | None = None
     bytes_up: int = 0
-    experts_updated: int | None = None  # distinct (layer, expert) pairs updated this round
+    # the three participation sets of METHOD.md §10, as sizes over the round
+    experts_routed: int | None = None  # routed to in >= 1 batch (union of E_union)
+    experts_updated: int | None = None  # updated in >= 1 batch (union of E_active)
+    experts_used: int | None = None  # reported as used: u_c(e) >= tau (HFedMoE)
     experts_routed_per_step: float | None = None  # mean |E_union| per local batch
-    expert_budget: int | None = None  # C_budget(c), for budget-aware algorithms
     max_active_per_step: int | None = None  # the most experts updated on one batch
+    memory_predicted_bytes: float | None = None  # training's extra memory, cost model
+    memory_measured_bytes: float | None = None  # peak RSS increase while training
+    step_flops_predicted: float | None = None
+    expert_updates: list[int] | None = None  # batches each expert was updated in, L x E flat
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -63,6 +73,8 @@ class AlgorithmStrategy(Strategy):
         self.last_reports: list[ClientReport] = []
         self._global: Weights = {}
         self._bytes_down: dict[int, int] = {}
+        self._requested: dict[int, int | None] = {}
+        self.devices: dict[int, wire.DeviceReport] = {}  # node id -> its budget query answer
 
     def summary(self) -> None:
         """Flower calls this to describe the strategy; ours is described by the config."""
@@ -74,11 +86,14 @@ class AlgorithmStrategy(Strategy):
         sampled = sample_clients(
             grid.get_node_ids(), self.cfg.federation.clients_per_round, self.cfg.seed, server_round
         )
-        messages, self._bytes_down = [], {}
+        messages, self._bytes_down, self._requested = [], {}, {}
         for node in sampled:
             task = self.algorithm.configure_client(server_round, self._global, node)
             content = wire.pack_task(task, server_round)
             self._bytes_down[node] = wire.payload_bytes(content)
+            device = self.devices.get(node)
+            pool = device.num_experts if device else None
+            self._requested[node] = task.requested_experts(pool) if pool else None
             messages.append(
                 Message(
                     content,
@@ -96,33 +111,41 @@ class AlgorithmStrategy(Strategy):
         reports = []
         for reply in replies:
             node = reply.metadata.src_node_id
-            down = self._bytes_down.get(node, 0)
+            device = self.devices.get(node)
+            base = ClientReport(
+                server_round,
+                node,
+                self._bytes_down.get(node, 0),
+                partition_id=device.partition_id if device else None,
+                tier=device.tier if device else "",
+                expert_budget=device.expert_budget if device else None,
+                requested_experts=self._requested.get(node),
+            )
             if reply.has_error():
-                reports.append(
-                    ClientReport(
-                        server_round, node, down, status="failed", error=reply.error.reason
-                    )
-                )
+                reason = reply.error.reason
+                base.status, base.error = "failed", reason
+                base.failure = "budget" if reply.error.code == wire.BUDGET_EXCEEDED else "error"
+                reports.append(base)
                 continue
             update, partition_id = wire.unpack_update(reply.content)
             updates[node] = update
-            metrics = update.metrics
-            reports.append(
-                ClientReport(
-                    server_round,
-                    node,
-                    down,
-                    partition_id=partition_id,
-                    num_examples=update.num_examples,
-                    train_loss=metrics.get("train_loss"),
-                    seconds=metrics.get("train_seconds"),
-                    bytes_up=wire.payload_bytes(reply.content),
-                    experts_updated=_int_or_none(metrics.get("experts_updated")),
-                    experts_routed_per_step=metrics.get("experts_routed_per_step"),
-                    expert_budget=_int_or_none(metrics.get("expert_budget")),
-                    max_active_per_step=_int_or_none(metrics.get("max_active_per_step")),
-                )
-            )
+            m = update.metrics
+            base.partition_id = partition_id
+            base.num_examples = update.num_examples
+            base.train_loss = m.get("train_loss")
+            base.seconds = m.get("train_seconds")
+            base.bytes_up = wire.payload_bytes(reply.content)
+            base.experts_routed = _int_or_none(m.get("experts_routed"))
+            base.experts_updated = _int_or_none(m.get("experts_updated"))
+            base.experts_used = _int_or_none(m.get("experts_used"))
+            base.experts_routed_per_step = m.get("experts_routed_per_step")
+            base.max_active_per_step = _int_or_none(m.get("max_active_per_step"))
+            base.memory_predicted_bytes = m.get("memory_predicted_bytes")
+            base.memory_measured_bytes = m.get("memory_measured_bytes")
+            base.step_flops_predicted = m.get("step_flops_predicted")
+            if "expert_updates" in update.stats:
+                base.expert_updates = update.stats["expert_updates"].flatten().tolist()
+            reports.append(base)
         self.last_reports = sorted(reports, key=lambda r: r.node_id)
         if not updates:
             return None, None

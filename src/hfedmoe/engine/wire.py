@@ -10,9 +10,15 @@ Client -> server (the reply)::
     ARRAYS   ArrayRecord   the weights the client uploads
     METRICS  MetricRecord  {NUM_EXAMPLES: |D_c|, PARTITION_ID: int, ...training metrics}
     STATS    ArrayRecord   algorithm statistics (e.g. per-expert usage), possibly empty
+
+Before round 1, server -> client ``query.budget`` (empty) and client -> server::
+
+    DEVICE   ConfigRecord  a :class:`DeviceReport`
 """
 
 from __future__ import annotations
+
+from dataclasses import asdict, dataclass
 
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
@@ -22,6 +28,9 @@ ARRAYS = "arrays"
 CONFIG = "config"
 METRICS = "metrics"
 STATS = "stats"
+DEVICE = "device"
+BUDGET_QUERY = "query.budget"  # message type of the budget query
+BUDGET_EXCEEDED = 4001  # error code of a reply from a client asked beyond its device
 
 ROUND = "server-round"
 NUM_EXAMPLES = "num-examples"
@@ -71,6 +80,25 @@ def unpack_update(content: RecordDict) -> tuple[ClientUpdate, int]:
         stats=stats,
     )
     return update, partition_id
+
+
+@dataclass(frozen=True)
+class DeviceReport:
+    """A node's answer to the budget query."""
+
+    partition_id: int
+    tier: str  # "" = no tier: unlimited
+    memory_bytes: int  # 0 = unlimited
+    expert_budget: int  # C_budget(c); -1 = cannot even hold the model
+    num_experts: int  # L x E
+
+
+def pack_device(report: DeviceReport) -> RecordDict:
+    return RecordDict({DEVICE: ConfigRecord(asdict(report))})
+
+
+def unpack_device(content: RecordDict) -> DeviceReport:
+    return DeviceReport(**dict(content.config_records[DEVICE]))
 
 
 def payload_bytes(content: RecordDict) -> int:
