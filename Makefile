@@ -39,8 +39,8 @@ test: $(STAMP)
 	$(PY) -m pytest $(ARGS)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests bench
-	$(VENV)/bin/ruff format --check src tests bench
+	$(VENV)/bin/ruff check src tests bench experiments
+	$(VENV)/bin/ruff format --check src tests bench experiments
 
 bench: $(STAMP)
 	$(PY) -m bench.moe_layer

@@ -113,15 +113,12 @@ def measure_client_memory(cfg: ExperimentConfig, experts: int, partition_id: int
     data = client_data(cfg, partition_id, cfg.federation.num_clients)
     model = client_model(cfg, label_names(cfg))
     costs = build_cost_model(model, cfg)
-    with PeakMemory() as memory:
-        result = train_local(
-            model, data, cfg.train, np.random.default_rng(cfg.seed), RandomExperts()
-        )
+    result = train_local(model, data, cfg.train, np.random.default_rng(cfg.seed), RandomExperts())
     return {
         "experts": experts,
         "max_active_per_step": result.max_active_per_step,
         "predicted_bytes": costs.step_extra_bytes(experts),
-        "measured_bytes": memory.increase,
+        "measured_bytes": result.peak_memory_increase,
         "resident_bytes": costs.resident_bytes,
         "activation_bytes": costs.activation_bytes,
         "seconds_per_step": result.seconds / result.steps,

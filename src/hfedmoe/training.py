@@ -26,6 +26,7 @@ from hfedmoe.data.tokenized import (
 )
 from hfedmoe.model.experts import ExpertModel, RoutingCapture
 from hfedmoe.optim import ExpertAdamW
+from hfedmoe.profiling import PeakMemory
 
 
 class StepHooks:
@@ -48,6 +49,7 @@ class TrainResult:
     routed_per_step: float  # mean |E_union| per batch
     routed: torch.Tensor  # (L, E) bool: experts routed to in at least one batch
     max_active_per_step: int  # the most experts updated on any one batch (<= C_budget)
+    peak_memory_increase: int | None = None  # measured peak RSS above the start (Linux)
 
 
 def train_local(
@@ -75,25 +77,30 @@ def train_local(
     routed_total = max_active = 0
     routed_any_LE = torch.zeros(em.shape, dtype=torch.bool)
     batch_size = min(cfg.batch_size, len(data))
-    for idx in shuffled_batches(len(data), batch_size, cfg.local_steps, rng):
-        batch = data.batch(idx)
-        optimizer.zero_grad()
-        with em.capture() as capture:
-            loss = model(**batch).loss
-        routed_LE = capture.routed(batch.get("attention_mask"))
-        active_LE = hooks.select_experts(capture, batch, routed_LE) & routed_LE
-        with em.update_only(active_LE):
-            loss.backward()
-        rows = em.expert_grad_mask(active_LE)
-        if cfg.max_grad_norm is not None:
-            nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], cfg.max_grad_norm)
-        optimizer.step(rows)
-        losses.append(loss.item())
-        seen += len(idx)
-        updates_LE += active_LE.long()
-        routed_total += int(routed_LE.sum())
-        routed_any_LE |= routed_LE
-        max_active = max(max_active, int(active_LE.sum()))
+    # the loop's peak memory above its start: what the budget cost model predicts
+    with PeakMemory() as memory:
+        for idx in shuffled_batches(len(data), batch_size, cfg.local_steps, rng):
+            batch = data.batch(idx)
+            optimizer.zero_grad()
+            with em.capture() as capture:
+                loss = model(**batch).loss
+            routed_LE = capture.routed(batch.get("attention_mask"))
+            active_LE = hooks.select_experts(capture, batch, routed_LE) & routed_LE
+            with em.update_only(active_LE):
+                loss.backward()
+            rows = em.expert_grad_mask(active_LE)
+            if cfg.max_grad_norm is not None:
+                nn.utils.clip_grad_norm_(
+                    [p for p in params if p.grad is not None], cfg.max_grad_norm
+                )
+            optimizer.step(rows)
+            losses.append(loss.item())
+            seen += len(idx)
+            updates_LE += active_LE.long()
+            routed_total += int(routed_LE.sum())
+            routed_any_LE |= routed_LE
+            max_active = max(max_active, int(active_LE.sum()))
+        optimizer.zero_grad()  # the peak is measured; gradients are not needed after it
     model.eval()
     return TrainResult(
         mean_loss=float(np.mean(losses)),
@@ -103,6 +110,7 @@ def train_local(
         expert_updates=updates_LE,
         routed_per_step=routed_total / len(losses),
         routed=routed_any_LE,
+        peak_memory_increase=memory.increase,
         max_active_per_step=max_active,
     )
 

@@ -108,10 +108,12 @@ class FederatedAlgorithm(ABC):
             if weights is not None
             else {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         )
+        measured = result.peak_memory_increase
         return ClientUpdate(
             weights=trained,
             num_examples=len(data),
             metrics={
+                **({} if measured is None else {"memory_measured_bytes": float(measured)}),
                 "train_loss": result.mean_loss,
                 "train_seconds": result.seconds,
                 "steps": float(result.steps),

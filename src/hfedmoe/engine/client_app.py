@@ -34,7 +34,6 @@ from hfedmoe.config import DeviceTier, ExperimentConfig
 from hfedmoe.data.tokenized import TokenizedDataset
 from hfedmoe.engine import wire
 from hfedmoe.errors import ConfigError
-from hfedmoe.profiling import PeakMemory
 from hfedmoe.seeding import CLIENT_TRAIN, rng_for, seed_torch
 from hfedmoe.task import client_data, client_model, label_names
 
@@ -63,13 +62,9 @@ def train(msg: Message, context: Context) -> Message:
     model = copy.deepcopy(_architecture(cfg_json))
     seed_torch(cfg.seed, CLIENT_TRAIN, server_round, partition_id)  # dropout
     rng = rng_for(cfg.seed, CLIENT_TRAIN, server_round, partition_id)  # batch order
-    with PeakMemory() as memory:
-        update = build_algorithm(cfg).train_client(model, data, task, rng)
-    predicted = costs.predict(requested, tier.flops if tier else None)
+    update = build_algorithm(cfg).train_client(model, data, task, rng)
     update.metrics["memory_predicted_bytes"] = float(costs.step_extra_bytes(requested))
-    if memory.increase is not None:
-        update.metrics["memory_measured_bytes"] = float(memory.increase)
-    update.metrics["step_flops_predicted"] = predicted.step_flops
+    update.metrics["step_flops_predicted"] = costs.predict(requested).step_flops
     return Message(wire.pack_update(update, partition_id), reply_to=msg)
 
 
