@@ -128,7 +128,8 @@ def test_same_config_and_seed_give_the_same_metrics(finished_run, config_file, t
 
 
 def test_lora_run_uploads_only_adapters_and_reloads(tiny_bert_dir, tmp_path):
-    """FedAvg over LoRA adapters (experts + attention) and the full classification head."""
+    """FedAvg over LoRA adapters (experts + attention) and the full classification head; each
+    client builds the frozen base itself."""
     raw = tiny_raw(tiny_bert_dir, federation={"rounds": 1})
     raw["model"]["lora"] = {"rank": 2, "targets": ["experts", "attention"]}
     config = tmp_path / "lora.toml"
@@ -137,8 +138,10 @@ def test_lora_run_uploads_only_adapters_and_reloads(tiny_bert_dir, tmp_path):
     proc = run_cli("run", str(config), "-o", str(run_dir), "--no-progress")
     assert proc.returncode == 0, proc.stderr
     (record,) = read_metrics(run_dir)[1:]
-    for c in record["clients"]:
-        assert 0 < c["bytes_up"] < c["bytes_down"] / 20  # adapters + head only, not the model
+    full = sum(t.numel() * t.element_size() for t in server_task(load(config)).model.parameters())
+    for c in record["clients"]:  # adapters + head, both ways: the frozen base never travels
+        assert 0 < c["bytes_down"] < full / 20
+        assert abs(c["bytes_up"] - c["bytes_down"]) < 1024  # the same tensors, plus statistics
     model, _ = load_checkpoint(run_dir / "model")
     result = evaluate(model, server_task(load(config)).test, batch_size=16)
     assert result.accuracy == pytest.approx(record["test_accuracy"], abs=1e-9)

@@ -29,6 +29,9 @@ for _key in (
 ):
     os.environ.setdefault(_key, "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# bitsandbytes (imported by PEFT when installed) warns at import that it cannot fetch an optional
+# CPU kernel from the Hub; offline that is expected, and errors must stay one line on stderr.
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 from hfedmoe import config as config_mod  # noqa: E402
 from hfedmoe.errors import HFedMoEError  # noqa: E402

@@ -46,6 +46,11 @@ class LoraConfig(Section):
     targets: list[Literal["experts", "attention", "routers"]] = Field(
         ["experts", "attention"], min_length=1, description="What gets adapters."
     )
+    quantize: Literal["nf4", "fp4", "int8"] | None = Field(
+        None,
+        description="Quantise the frozen base's linear layers with bitsandbytes (QLoRA-style; "
+        "needs hfedmoe[qlora]); null = fp32 base.",
+    )
 
 
 class ModelConfig(Section):

@@ -44,8 +44,12 @@ def client_data(cfg: ExperimentConfig, partition_id: int, num_partitions: int) -
 
 
 def client_model(cfg: ExperimentConfig, label_names: tuple[str, ...]) -> PreTrainedModel:
-    """The model's architecture with placeholder weights; the server's weights are loaded in."""
-    return build_model(cfg.model, cfg.data.task, label_names, seed=cfg.seed, pretrained=False)
+    """The client's model. Full fine-tuning: the architecture with placeholder weights, the
+    server's weights are loaded in. A frozen base (LoRA): the same pretrained base the server
+    builds, from the same checkpoint and seed; only the trainable tensors travel
+    (``hfedmoe.model.state``)."""
+    pretrained = cfg.model.lora is not None
+    return build_model(cfg.model, cfg.data.task, label_names, seed=cfg.seed, pretrained=pretrained)
 
 
 def _tokenize(cfg: ExperimentConfig, data, tokenizer) -> TokenizedDataset:

@@ -23,6 +23,7 @@ from torch import nn
 from hfedmoe.config import ExperimentConfig
 from hfedmoe.data.tokenized import TokenizedDataset
 from hfedmoe.errors import ConfigError
+from hfedmoe.model.state import load_shared_state
 from hfedmoe.training import TrainResult, train_local
 
 Weights = dict[str, torch.Tensor]
@@ -91,7 +92,7 @@ class FederatedAlgorithm(ABC):
         self, model: nn.Module, data: TokenizedDataset, task: ClientTask, rng: np.random.Generator
     ) -> ClientUpdate:
         """Local training; default: every trainable parameter, uploaded in full."""
-        model.load_state_dict(task.weights, strict=True)
+        load_shared_state(model, task.weights)
         return self._update(model, data, train_local(model, data, self.cfg.train, rng))
 
     @staticmethod

@@ -54,6 +54,7 @@ from hfedmoe.algorithms.sparse_aggregation import (
 from hfedmoe.config import HFedMoEConfig
 from hfedmoe.data.tokenized import TokenizedDataset
 from hfedmoe.model.experts import ExpertEntry, ExpertId, ExpertModel, RoutingCapture
+from hfedmoe.model.state import load_shared_state
 from hfedmoe.seeding import STRICT_HELD, rng_for
 from hfedmoe.training import StepHooks, train_local
 
@@ -217,7 +218,7 @@ class HFedMoE(FederatedAlgorithm):
         budget = task.requested_experts(em.num_layers * em.num_experts)
         selector = ImportanceSelector(self.cfg.hfedmoe, budget)
         if HELD not in task.config:  # backward-only: all weights down
-            model.load_state_dict(task.weights, strict=True)
+            load_shared_state(model, task.weights)
             result = train_local(model, data, self.cfg.train, rng, selector)
         else:
             held = torch.zeros(em.shape, dtype=torch.bool)
@@ -247,11 +248,9 @@ def load_held(
     """Strict mode's download: the shared parameters and routers by name, each held expert by
     :func:`expert_key` (into its slice where experts are fused)."""
     expert_names = {x.state_name for es in entries.values() for x in es}
-    state = model.state_dict()
-    missing = [n for n in state if n not in expert_names and n not in weights]
-    if missing:
-        raise KeyError(f"strict download lacks {missing[:3]}")
-    model.load_state_dict({n: t for n, t in weights.items() if n in state}, strict=False)
+    expert_keys = {expert_key(x, ex) for ex, es in entries.items() for x in es}
+    shared = {n: t for n, t in weights.items() if n not in expert_keys}
+    load_shared_state(model, shared, allow_missing=expert_names)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for expert, es in entries.items():

@@ -23,6 +23,7 @@ from hfedmoe.engine import wire
 from hfedmoe.engine.strategy import AlgorithmStrategy
 from hfedmoe.errors import ConfigError, HFedMoEError
 from hfedmoe.model.experts import ExpertModel
+from hfedmoe.model.state import load_shared_state, shared_state
 from hfedmoe.results import RunRecorder
 from hfedmoe.task import server_task
 from hfedmoe.training import evaluate
@@ -53,7 +54,7 @@ def federate(
     strategy = AlgorithmStrategy(algorithm, cfg)
     strategy.devices = query_devices(grid, cfg, ExpertModel(model).num_layers, timeout)
     algorithm.set_budgets({n: d.expert_budget for n, d in strategy.devices.items()})
-    arrays = ArrayRecord(model.state_dict())
+    arrays = ArrayRecord(shared_state(model))
 
     initial = evaluate(model, task.test, cfg.eval.batch_size)
     record = _round_record(0, initial, None, [], 0.0, time.perf_counter() - start)
@@ -66,7 +67,7 @@ def federate(
         new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
         if new_arrays is not None:  # every client failed: the model stays as it was
             arrays = new_arrays
-            model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
+            load_shared_state(model, arrays.to_torch_state_dict())
         result = evaluate(model, task.test, cfg.eval.batch_size)
         train_loss = float(train_metrics["train_loss"]) if train_metrics else None
         now = time.perf_counter()

@@ -22,6 +22,8 @@ from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, PreTrainedT
 from hfedmoe.config import ModelConfig, Task
 from hfedmoe.errors import HFedMoEError
 from hfedmoe.model.factory import build_model
+from hfedmoe.model.quantize import dequantized_state, is_quantized
+from hfedmoe.model.sources import model_dir as resolve_model_dir
 
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "hfedmoe.json"
@@ -42,6 +44,8 @@ def save_checkpoint(
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
     try:
+        if is_quantized(model):  # store the base dequantised: loads without bitsandbytes
+            model, cfg = _dequantized(model, cfg, task)
         # save_model stores a tied tensor (an LM head sharing the embedding) once
         save_model(model, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         model.config.save_pretrained(tmp)
@@ -53,6 +57,25 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return directory
+
+
+def _dequantized(
+    model: PreTrainedModel, cfg: ModelConfig, task: Task
+) -> tuple[PreTrainedModel, ModelConfig]:
+    """The same model on an fp32 base: its state with the quantised weights dequantised."""
+    assert cfg.lora is not None
+    plain = cfg.model_copy(update={"lora": cfg.lora.model_copy(update={"quantize": None})})
+    labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    copy = build_model(
+        plain,
+        task,
+        labels if task == "classification" else [],
+        seed=0,
+        pretrained=False,
+        model_dir=resolve_model_dir(cfg.name_or_path),
+    )
+    copy.load_state_dict(dequantized_state(model), strict=True)
+    return copy, plain
 
 
 def load_checkpoint(

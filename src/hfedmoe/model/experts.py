@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from hfedmoe.errors import HFedMoEError
+from hfedmoe.model.quantize import logical_numel
 from hfedmoe.optim import ExpertAxis
 
 ExpertId = tuple[int, int]  # (MoE layer position 0..L-1, expert index 0..E-1)
@@ -509,7 +510,7 @@ class ExpertModel:
         sizes = dict(self.model.named_parameters())
         lookups = {id(m.weight) for m in self.model.modules() if isinstance(m, nn.Embedding)}
         shared = sum(
-            sizes[n].numel()
+            logical_numel(sizes[n])
             for n in groups["shared"]
             if sizes[n].dim() >= 2 and id(sizes[n]) not in lookups
         )
@@ -518,7 +519,8 @@ class ExpertModel:
             shared += head.weight.numel()
         routers = sum(sizes[n].numel() for n in groups["routers"])
         expert_params = [
-            sum(t.numel() for t in layer.weight_params(0) if t.dim() >= 2) for layer in self.layers
+            sum(logical_numel(t) for t in layer.weight_params(0) if t.dim() >= 2)
+            for layer in self.layers
         ]
         routed = sum(layer.top_k * p for layer, p in zip(self.layers, expert_params, strict=True))
         trained_routed = sum(

@@ -7,7 +7,8 @@
 - attention: ``target_modules`` on the linears inside attention blocks;
 - routers: the router weights (``target_parameters`` for a bare weight, a module otherwise).
 
-A classifier's new head is trained in full (``modules_to_save``). Base weights are frozen.
+A classifier's new head is trained in full (``modules_to_save``). Base weights are frozen,
+optionally quantised to 4 or 8 bits (QLoRA-style, ``quantize``).
 """
 
 from __future__ import annotations
@@ -20,10 +21,14 @@ from transformers import PreTrainedModel
 from hfedmoe.config import LoraConfig
 from hfedmoe.errors import ConfigError
 from hfedmoe.model.experts import ExpertModel, expert_modules
+from hfedmoe.model.quantize import quantize_base
 
 
 def add_lora(model: PreTrainedModel, cfg: LoraConfig) -> PeftModel:
-    """Wrap ``model`` with LoRA adapters where ``cfg.targets`` says."""
+    """Wrap ``model`` with LoRA adapters where ``cfg.targets`` says, on a base quantised first
+    if ``cfg.quantize`` says so (``hfedmoe.model.quantize``)."""
+    if cfg.quantize:
+        quantize_base(model, cfg.quantize)
     em = ExpertModel(model)
     modules: list[str] = []
     parameters: list[str] = []

@@ -1,0 +1,38 @@
+"""What of a model travels between the server and its clients.
+
+Full fine-tuning: the whole state dict. With a frozen base (LoRA, QLoRA): only the trainable
+tensors. Every party builds the same frozen base itself, from the same public checkpoint and the
+run's seed (upcycling and router initialisation are seeded), so the base never has to travel;
+a quantised base could not even travel, since bitsandbytes' quantisation state does not load
+into an independently quantised model.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def has_frozen_base(model: nn.Module) -> bool:
+    return any(not p.requires_grad for p in model.parameters())
+
+
+def shared_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors server and clients exchange (detached, not copied)."""
+    if not has_frozen_base(model):
+        return model.state_dict()
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_shared_state(
+    model: nn.Module, weights: dict[str, torch.Tensor], allow_missing: set[str] = frozenset()
+) -> None:
+    """Load what :func:`shared_state` produced; every trainable tensor must be there (except
+    ``allow_missing``) and nothing else may be."""
+    required = set(shared_state(model)) - set(allow_missing)
+    if missing := sorted(required - set(weights)):
+        raise KeyError(f"weights lack {len(missing)} tensors, e.g. {missing[:3]}")
+    own = model.state_dict()
+    if unexpected := sorted(set(weights) - set(own)):
+        raise KeyError(f"weights have {len(unexpected)} unknown tensors, e.g. {unexpected[:3]}")
+    model.load_state_dict(weights, strict=False)
