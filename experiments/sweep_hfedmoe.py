@@ -54,7 +54,7 @@ def main() -> None:
     for label, overrides in SETTINGS.items():
         finals, bests = [], []
         for seed in args.seeds:
-            slug = "-".join(o.split(".")[-1].replace("=", "") for o in overrides) or "defaults"
+            slug = "-".join(o.split(".", 1)[1].replace("=", "") for o in overrides) or "defaults"
             out = args.out / f"{slug}-r{args.rounds}-s{seed}"
             summary = run(
                 args.config, out, [*overrides, f"federation.rounds={args.rounds}", f"seed={seed}"]

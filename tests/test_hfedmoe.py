@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from hfedmoe.algorithms import ClientUpdate, build_algorithm
-from hfedmoe.algorithms.hfedmoe import held_experts, upload_weights
+from hfedmoe.algorithms.partial import ASSIGNED, STRICT, held_experts, upload_weights
 from hfedmoe.algorithms.sparse_aggregation import expert_weights, qualifies, router_weights
 from hfedmoe.config import validate
 from hfedmoe.engine.client_app import app as client_app
@@ -121,7 +121,8 @@ def test_strict_client_downloads_trains_and_uploads_only_its_held_experts(tiny_b
     algo.set_budgets({7: 3})
     glob = {k: v.clone() for k, v in task.model.state_dict().items()}
     client_task = algo.configure_client(1, glob, client=7)
-    held_flat = client_task.config["held-experts"]
+    assert client_task.config[STRICT] == 1
+    held_flat = client_task.config[ASSIGNED]
     assert len(held_flat) == 3
     em = ExpertModel(task.model)
     L, E = em.shape

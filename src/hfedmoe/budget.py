@@ -262,24 +262,22 @@ def check_request(
     )
 
 
-def minimum_budget(cfg: ExperimentConfig, num_layers: int) -> int:
-    """The smallest useful C_budget: one expert (strict mode: one per MoE layer)."""
-    return num_layers if is_strict(cfg) else 1
+def minimum_budget(num_layers: int, strict: bool) -> int:
+    """The smallest useful C_budget: one expert (strict routing: one per MoE layer)."""
+    return num_layers if strict else 1
 
 
-def is_strict(cfg: ExperimentConfig) -> bool:
-    return cfg.algorithm == "hfedmoe" and cfg.hfedmoe.mode == "strict"
-
-
-def check_tiers(cfg: ExperimentConfig, cost_model: CostModel, num_layers: int) -> dict[str, int]:
+def check_tiers(
+    cfg: ExperimentConfig, cost_model: CostModel, num_layers: int, strict: bool
+) -> dict[str, int]:
     """C_budget of every configured tier; :class:`ConfigError` for a tier too small to train
     even the minimum (:func:`minimum_budget`)."""
-    need = minimum_budget(cfg, num_layers)
+    need = minimum_budget(num_layers, strict)
     budgets = {}
     for i, tier in enumerate(cfg.devices.tiers):
-        budget = cost_model.expert_budget(tier, is_strict(cfg))
+        budget = cost_model.expert_budget(tier, strict)
         if budget < need:
-            cost = cost_model.predict(need, tier.flops, held=need if is_strict(cfg) else None)
+            cost = cost_model.predict(need, tier.flops, held=need if strict else None)
             what = f"needs {_gib(cost.peak_bytes)} of memory"
             if cost.round_seconds is not None and tier.deadline_seconds is not None:
                 what += f" and {cost.round_seconds:.1f} s per round"

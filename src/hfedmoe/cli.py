@@ -64,7 +64,7 @@ def _preflight(cfg: config_mod.ExperimentConfig) -> None:
     from hfedmoe.algorithms import build_algorithm
     from hfedmoe.model.sources import check_model_source
 
-    build_algorithm(cfg)
+    algorithm = build_algorithm(cfg)
     check_model_source(cfg.model.name_or_path)
     if cfg.data.path and not Path(cfg.data.path).is_dir():
         raise HFedMoEError(f"data.path: directory '{cfg.data.path}' does not exist")
@@ -74,7 +74,8 @@ def _preflight(cfg: config_mod.ExperimentConfig) -> None:
         from hfedmoe.task import client_model, label_names
 
         model = client_model(cfg, label_names(cfg))
-        check_tiers(cfg, build_cost_model(model, cfg), ExpertModel(model).num_layers)
+        num_layers = ExpertModel(model).num_layers
+        check_tiers(cfg, build_cost_model(model, cfg), num_layers, algorithm.holds_subset)
 
 
 @app.command()

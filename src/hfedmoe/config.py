@@ -166,6 +166,12 @@ class HFedMoEConfig(Section):
     router_alpha: Literal["normalized", "as_written"] = Field(
         "normalized", description="alpha(c) of eq. (21) normalised to sum to 1, or as written"
     )
+    expert_aggregation: Literal["eq17", "holders"] = Field(
+        "eq17", description="experts by eq. (17), or averaged over all who updated them (ablation)"
+    )
+    router_aggregation: Literal["eq21", "fedavg"] = Field(
+        "eq21", description="routers by eqs. (19)-(21), or by FedAvg (ablation)"
+    )
     mode: Literal["backward-only", "strict"] = Field(
         "backward-only",
         description="backward-only: route normally, update only E_active (the paper); strict: "

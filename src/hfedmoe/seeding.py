@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 # Purposes, so that two streams never coincide.
-SAMPLING, CLIENT_TRAIN, DEVICES, STRICT_HELD = 1, 2, 3, 4
+SAMPLING, CLIENT_TRAIN, DEVICES, STRICT_HELD, RANDOM_SUBSET, FLEX_ASSIGN = 1, 2, 3, 4, 5, 6
 
 
 def rng_for(seed: int, *keys: int) -> np.random.Generator:

@@ -1,6 +1,14 @@
 """Federated algorithms, selected by name from the config (``algorithm = "fedavg"``)."""
 
-from hfedmoe.algorithms import fedavg, hfedmoe  # noqa: F401  (they register themselves)
+# each module registers its algorithms by name
+from hfedmoe.algorithms import (  # noqa: F401
+    ablations,
+    fedavg,
+    fedmoe,
+    flexmoe,
+    hfedmoe,
+    random_subset,
+)
 from hfedmoe.algorithms.base import (
     ALGORITHMS,
     ClientTask,

@@ -40,6 +40,9 @@ class ClientTask:
 
     weights: Weights
     config: dict[str, Scalar] = field(default_factory=dict)
+    #: the client node's own tensors kept between its rounds (e.g. a personal router); the
+    #: client app restores it before ``train_client`` and stores what it holds afterwards
+    memory: Weights = field(default_factory=dict)
 
     def requested_experts(self, pool: int) -> int:
         """How many experts per batch this task asks for, out of a ``pool`` of L x E."""
@@ -65,6 +68,12 @@ class FederatedAlgorithm(ABC):
         self.cfg = cfg
         self.budgets: dict[int, int] = {}  # node id -> C_budget, learnt before round 1
 
+    @property
+    def holds_subset(self) -> bool:
+        """True if clients hold only their assigned experts (strict routing): a device's
+        budget then also counts only those experts as resident."""
+        return False
+
     def set_budgets(self, budgets: Mapping[int, int]) -> None:
         """The clients' C_budget(c), from their devices (``hfedmoe.budget``), by node id."""
         self.budgets = dict(budgets)
@@ -74,6 +83,11 @@ class FederatedAlgorithm(ABC):
         """Called once on the server with the initial global model, before round 1, so an
         algorithm can learn where experts and routers live in the weights. Default: nothing."""
         del model
+
+    def configure_round(self, server_round: int, clients: list[int]) -> None:
+        """Called with the round's sampled nodes before their tasks are configured, for
+        algorithms that assign work jointly. Default: nothing."""
+        del server_round, clients
 
     def configure_client(
         self, server_round: int, global_weights: Weights, client: int

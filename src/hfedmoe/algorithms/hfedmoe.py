@@ -28,12 +28,12 @@ tokens only among them (``ExpertModel.restrict_routing``) and uploads as in back
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import ClassVar
 
 import numpy as np
 import torch
 from torch import nn
 
-from hfedmoe.algorithms.aggregation import weighted_average
 from hfedmoe.algorithms.base import (
     BUDGET,
     ClientTask,
@@ -43,6 +43,19 @@ from hfedmoe.algorithms.base import (
     register,
 )
 from hfedmoe.algorithms.importance import batch_importance, ib_score, select_active
+from hfedmoe.algorithms.partial import (
+    ASSIGNED,
+    STRICT,
+    ExpertLayout,
+    aggregate_experts,
+    assigned_mask,
+    download,
+    fedavg_rest,
+    held_experts,
+    load_held,
+    mask_of,
+    upload_weights,
+)
 from hfedmoe.algorithms.sparse_aggregation import (
     combine,
     expert_weights,
@@ -51,47 +64,12 @@ from hfedmoe.algorithms.sparse_aggregation import (
     routing_consistency,
     usage,
 )
-from hfedmoe.config import HFedMoEConfig
+from hfedmoe.config import ExperimentConfig, HFedMoEConfig
 from hfedmoe.data.tokenized import TokenizedDataset
-from hfedmoe.model.experts import ExpertEntry, ExpertId, ExpertModel, RoutingCapture
+from hfedmoe.model.experts import ExpertModel, RoutingCapture
 from hfedmoe.model.state import load_shared_state
 from hfedmoe.seeding import STRICT_HELD, rng_for
 from hfedmoe.training import StepHooks, train_local
-
-HELD = "held-experts"  # task config key, strict mode: flat indices layer * E + e of held experts
-
-
-def expert_key(entry: ExpertEntry, expert: ExpertId) -> str:
-    """The upload key of one expert's part of a state-dict entry."""
-    layer, e = expert
-    return entry.state_name if entry.dim is None else f"{entry.state_name}@expert{layer}.{e}"
-
-
-def upload_weights(
-    model: nn.Module, send_LE: torch.Tensor, entries: dict[ExpertId, list[ExpertEntry]]
-) -> dict[str, torch.Tensor]:
-    """What a client uploads: trainable shared and router parameters by name, and the tensors
-    of each expert in ``send_LE`` (whole entries or slices of fused ones) by :func:`expert_key`."""
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    expert_names = {x.state_name for es in entries.values() for x in es}
-    out = {n: p.detach().clone() for n, p in params.items() if n not in expert_names}
-    for expert, es in entries.items():
-        if send_LE[expert]:
-            for x in es:
-                out[expert_key(x, expert)] = x.take(params[x.state_name].detach()).clone()
-    return out
-
-
-def held_experts(score_LE: torch.Tensor, budget: int) -> torch.Tensor:
-    """Strict mode's held set: the best expert of each layer, then the best of the rest, by
-    ``score_LE``, ``budget`` in all (at least one per layer, so every layer can route). (L, E)."""
-    L, E = score_LE.shape
-    if budget < L:
-        raise ValueError(f"strict mode needs a budget of at least one expert per layer ({L})")
-    held = torch.zeros(L, E, dtype=torch.bool)
-    held[torch.arange(L), score_LE.argmax(1)] = True
-    rest = select_active(score_LE, ~held, budget - L, "global")
-    return held | rest
 
 
 class ImportanceSelector(StepHooks):
@@ -121,12 +99,20 @@ class ImportanceSelector(StepHooks):
 @register
 class HFedMoE(FederatedAlgorithm):
     name = "hfedmoe"
+    #: ``[hfedmoe]`` settings this algorithm fixes (the ablations, ``ablations.py``)
+    forced: ClassVar[dict[str, object]] = {}
+
+    def __init__(self, cfg: ExperimentConfig):
+        if self.forced:
+            cfg = cfg.model_copy(update={"hfedmoe": cfg.hfedmoe.model_copy(update=self.forced)})
+        super().__init__(cfg)
+
+    @property
+    def holds_subset(self) -> bool:
+        return self.cfg.hfedmoe.mode == "strict"
 
     def bind(self, model: nn.Module) -> None:
-        em = ExpertModel(model)
-        self.shape = em.shape
-        self.experts: dict[ExpertId, list[ExpertEntry]] = em.expert_entries()
-        self.routers: dict[int, list[str]] = em.router_entries()
+        self.layout = ExpertLayout.of(model)
         self.consistency = torch.zeros(0)
         self.importance: dict[int, torch.Tensor] = {}  # node -> its last reported s_c, (L, E)
 
@@ -134,19 +120,13 @@ class HFedMoE(FederatedAlgorithm):
     def configure_client(
         self, server_round: int, global_weights: Weights, client: int
     ) -> ClientTask:
-        L, E = self.shape
+        L, E = self.layout.shape
         budget = self.budgets.get(client, L * E)
-        if self.cfg.hfedmoe.mode == "backward-only":
+        if not self.holds_subset:
             return ClientTask(global_weights, {BUDGET: budget})
         held = held_experts(self._held_score(server_round, client), budget)
-        expert_names = {x.state_name for es in self.experts.values() for x in es}
-        weights = {n: t for n, t in global_weights.items() if n not in expert_names}
-        for expert, entries in self.experts.items():
-            if held[expert]:
-                for x in entries:
-                    weights[expert_key(x, expert)] = x.take(global_weights[x.state_name])
-        flat = held.flatten().nonzero().flatten().tolist()
-        return ClientTask(weights, {BUDGET: budget, HELD: flat})
+        config = {BUDGET: budget, ASSIGNED: assigned_mask(held), STRICT: 1}
+        return ClientTask(download(self.layout, global_weights, held), config)
 
     def _held_score(self, server_round: int, client: int) -> torch.Tensor:
         if client in self.importance:
@@ -154,7 +134,7 @@ class HFedMoE(FederatedAlgorithm):
         if self.importance:
             return torch.stack(list(self.importance.values())).mean(0)
         rng = rng_for(self.cfg.seed, STRICT_HELD, server_round, client)
-        return torch.from_numpy(rng.random(self.shape))
+        return torch.from_numpy(rng.random(self.layout.shape))
 
     def aggregate(
         self, server_round: int, global_weights: Weights, updates: Mapping[int, ClientUpdate]
@@ -166,35 +146,29 @@ class HFedMoE(FederatedAlgorithm):
         u_CLE = torch.stack([u.stats["usage"] for u in ups])
         s_CLE = torch.stack([u.stats["importance"] for u in ups])
         counts = torch.stack([u.stats["expert_updates"] for u in ups])
-        new = dict(global_weights)
 
-        # experts, eq. (17)
-        used = qualifies(u_CLE, p.tau, counts if p.expert_used == "usage_and_updated" else None)
-        w_CLE = expert_weights(n_C, used)
-        for (layer, e), entries in self.experts.items():
-            w_C = w_CLE[:, layer, e]
-            holders = torch.nonzero(w_C).flatten().tolist()  # they uploaded this expert
-            if not holders:
-                continue  # nobody qualifies: keep the previous global expert
-            for entry in entries:
-                parts = [ups[c].weights[expert_key(entry, (layer, e))] for c in holders]
-                merged = combine(parts, w_C[holders])
-                new[entry.state_name] = entry.put(new[entry.state_name], merged)
+        # experts, eq. (17); the holder-averaging ablation: every client that updated them
+        if p.expert_aggregation == "holders":
+            w_CLE = expert_weights(n_C, counts > 0)
+        else:
+            updated = counts if p.expert_used == "usage_and_updated" else None
+            w_CLE = expert_weights(n_C, qualifies(u_CLE, p.tau, updated))
+        new = aggregate_experts(self.layout, global_weights, ups, w_CLE)
 
-        # routers, eqs. (19)-(21), per MoE layer
-        alpha_CL = router_weights(u_CLE, s_CLE, p.tau, normalize=p.router_alpha == "normalized")
-        for layer, names in self.routers.items():
-            if alpha_CL[:, layer].sum() == 0:
-                continue  # no client has a dominant expert here: keep the previous router
-            for name in names:
-                new[name] = combine([u.weights[name] for u in ups], alpha_CL[:, layer])
+        # routers, eqs. (19)-(21), per MoE layer; the FedAvg ablation: by |D_c|
+        if p.router_aggregation == "eq21":
+            alpha_CL = router_weights(u_CLE, s_CLE, p.tau, normalize=p.router_alpha == "normalized")
+            for layer, names in self.layout.routers.items():
+                if alpha_CL[:, layer].sum() == 0:
+                    continue  # no client has a dominant expert here: keep the previous router
+                for name in names:
+                    new[name] = combine([u.weights[name] for u in ups], alpha_CL[:, layer])
+            fedavg_routers: list[str] = []
+        else:
+            fedavg_routers = self.layout.router_names
 
         # shared parameters: FedAvg by |D_c|
-        special = {x.state_name for es in self.experts.values() for x in es}
-        special |= {n for names in self.routers.values() for n in names}
-        for name in global_weights:
-            if name not in special and all(name in u.weights for u in ups):
-                new[name] = weighted_average([u.weights[name] for u in ups], n_C.tolist())
+        new = fedavg_rest(self.layout, new, global_weights, ups, also=fedavg_routers)
         self.consistency = routing_consistency(u_CLE >= p.tau)  # eq. (18), reported only
         self.importance.update(zip(clients, s_CLE, strict=True))
         return new
@@ -217,12 +191,11 @@ class HFedMoE(FederatedAlgorithm):
         em = ExpertModel(model)
         budget = task.requested_experts(em.num_layers * em.num_experts)
         selector = ImportanceSelector(self.cfg.hfedmoe, budget)
-        if HELD not in task.config:  # backward-only: all weights down
+        held = mask_of(task, em.shape)
+        if held is None:  # backward-only: all weights down
             load_shared_state(model, task.weights)
             result = train_local(model, data, self.cfg.train, rng, selector)
         else:
-            held = torch.zeros(em.shape, dtype=torch.bool)
-            held.view(-1)[torch.tensor(task.config[HELD], dtype=torch.long)] = True
             load_held(model, task.weights, em.expert_entries(), held)
             with em.restrict_routing(held):
                 result = train_local(model, data, self.cfg.train, rng, selector)
@@ -237,24 +210,3 @@ class HFedMoE(FederatedAlgorithm):
         update.metrics["expert_budget"] = float(budget)
         update.metrics["experts_used"] = float((u_LE >= self.cfg.hfedmoe.tau).sum())
         return update
-
-
-def load_held(
-    model: nn.Module,
-    weights: Weights,
-    entries: dict[ExpertId, list[ExpertEntry]],
-    held_LE: torch.Tensor,
-) -> None:
-    """Strict mode's download: the shared parameters and routers by name, each held expert by
-    :func:`expert_key` (into its slice where experts are fused)."""
-    expert_names = {x.state_name for es in entries.values() for x in es}
-    expert_keys = {expert_key(x, ex) for ex, es in entries.items() for x in es}
-    shared = {n: t for n, t in weights.items() if n not in expert_keys}
-    load_shared_state(model, shared, allow_missing=expert_names)
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for expert, es in entries.items():
-            if held_LE[expert]:
-                for x in es:
-                    p = params[x.state_name]
-                    p.copy_(x.put(p.detach(), weights[expert_key(x, expert)]))

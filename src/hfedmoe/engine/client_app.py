@@ -17,7 +17,7 @@ import copy
 import functools
 
 import torch
-from flwr.app import Context, Error, Message
+from flwr.app import ArrayRecord, Context, Error, Message
 from flwr.clientapp import ClientApp
 from transformers import PreTrainedModel
 
@@ -28,7 +28,6 @@ from hfedmoe.budget import (
     assign_tiers,
     build_cost_model,
     check_request,
-    is_strict,
 )
 from hfedmoe.config import DeviceTier, ExperimentConfig
 from hfedmoe.data.tokenized import TokenizedDataset
@@ -38,6 +37,8 @@ from hfedmoe.seeding import CLIENT_TRAIN, rng_for, seed_torch
 from hfedmoe.task import client_data, client_model, label_names
 
 app = ClientApp()
+
+MEMORY = "hfedmoe-memory"  # the node's own tensors between rounds (ClientTask.memory)
 
 
 @app.train()
@@ -54,7 +55,7 @@ def train(msg: Message, context: Context) -> Message:
     costs = _cost_model(cfg_json)
     requested = task.requested_experts(costs.num_experts)
     try:
-        check_request(costs, tier, requested, is_strict(cfg))
+        check_request(costs, tier, requested, _holds_subset(cfg_json))
     except BudgetExceeded as exc:  # the round fails for this client; the server counts it
         return Message(Error(code=wire.BUDGET_EXCEEDED, reason=str(exc)), reply_to=msg)
 
@@ -62,7 +63,11 @@ def train(msg: Message, context: Context) -> Message:
     model = copy.deepcopy(_architecture(cfg_json))
     seed_torch(cfg.seed, CLIENT_TRAIN, server_round, partition_id)  # dropout
     rng = rng_for(cfg.seed, CLIENT_TRAIN, server_round, partition_id)  # batch order
+    if MEMORY in context.state.array_records:  # what this node kept from its last round
+        task.memory = context.state.array_records[MEMORY].to_torch_state_dict()
     update = build_algorithm(cfg).train_client(model, data, task, rng)
+    if task.memory:
+        context.state[MEMORY] = ArrayRecord(task.memory)
     update.metrics["memory_predicted_bytes"] = float(costs.step_extra_bytes(requested))
     update.metrics["step_flops_predicted"] = costs.predict(requested).step_flops
     return Message(wire.pack_update(update, partition_id), reply_to=msg)
@@ -72,7 +77,6 @@ def train(msg: Message, context: Context) -> Message:
 def budget(msg: Message, context: Context) -> Message:
     """This node's device and C_budget, for the server before round 1."""
     cfg_json = str(context.run_config[wire.RUN_CONFIG])
-    cfg = _config(cfg_json)
     partition_id = int(context.node_config["partition-id"])
     tier = _tier(cfg_json, partition_id, context.node_config.get("device-tier"))
     costs = _cost_model(cfg_json)
@@ -80,7 +84,7 @@ def budget(msg: Message, context: Context) -> Message:
         partition_id=partition_id,
         tier="" if tier is None else tier.name,
         memory_bytes=0 if tier is None else int(tier.memory),
-        expert_budget=costs.expert_budget(tier, is_strict(cfg)),
+        expert_budget=costs.expert_budget(tier, _holds_subset(cfg_json)),
         num_experts=costs.num_experts,
     )
     return Message(wire.pack_device(reply), reply_to=msg)
@@ -100,6 +104,11 @@ def _data(cfg_json: str, partition_id: int, num_partitions: int) -> TokenizedDat
 def _architecture(cfg_json: str) -> PreTrainedModel:
     cfg = _config(cfg_json)
     return client_model(cfg, label_names(cfg))
+
+
+@functools.lru_cache(maxsize=4)
+def _holds_subset(cfg_json: str) -> bool:
+    return build_algorithm(_config(cfg_json)).holds_subset
 
 
 @functools.lru_cache(maxsize=2)

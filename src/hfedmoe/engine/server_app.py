@@ -52,7 +52,8 @@ def federate(
     algorithm = build_algorithm(cfg)
     algorithm.bind(model)
     strategy = AlgorithmStrategy(algorithm, cfg)
-    strategy.devices = query_devices(grid, cfg, ExpertModel(model).num_layers, timeout)
+    need = minimum_budget(ExpertModel(model).num_layers, algorithm.holds_subset)
+    strategy.devices = query_devices(grid, need, timeout)
     algorithm.set_budgets({n: d.expert_budget for n, d in strategy.devices.items()})
     arrays = ArrayRecord(shared_state(model))
 
@@ -89,11 +90,9 @@ def federate(
     return recorder.finish(model, task.tokenizer)
 
 
-def query_devices(
-    grid: Grid, cfg: ExperimentConfig, num_layers: int, timeout: float
-) -> dict[int, wire.DeviceReport]:
+def query_devices(grid: Grid, need: int, timeout: float) -> dict[int, wire.DeviceReport]:
     """Ask every node for its device and C_budget (before round 1); fail if one cannot train
-    even the minimum (one expert; strict mode: one per MoE layer)."""
+    even ``need`` experts per batch (one; with strict routing one per MoE layer)."""
     messages = [
         Message(RecordDict(), dst_node_id=node, message_type=wire.BUDGET_QUERY, group_id="0")
         for node in sorted(grid.get_node_ids())
@@ -104,7 +103,6 @@ def query_devices(
         if reply.has_error():
             raise HFedMoEError(f"node {node}: budget query failed: {reply.error.reason}")
         devices[node] = wire.unpack_device(reply.content)
-    need = minimum_budget(cfg, num_layers)
     for node, d in sorted(devices.items()):
         if d.expert_budget < need:
             raise ConfigError(

@@ -87,6 +87,7 @@ class AlgorithmStrategy(Strategy):
             grid.get_node_ids(), self.cfg.federation.clients_per_round, self.cfg.seed, server_round
         )
         messages, self._bytes_down, self._requested = [], {}, {}
+        self.algorithm.configure_round(server_round, sampled)
         for node in sampled:
             task = self.algorithm.configure_client(server_round, self._global, node)
             content = wire.pack_task(task, server_round)
