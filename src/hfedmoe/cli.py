@@ -39,6 +39,8 @@ from hfedmoe.errors import HFedMoEError  # noqa: E402
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
+    # a crash prints a plain traceback: rendering the locals (model tensors) takes minutes
+    pretty_exceptions_show_locals=False,
     help="Federated fine-tuning of Mixture-of-Experts models on Flower.",
 )
 console = Console(stderr=True)
@@ -173,6 +175,91 @@ def _print_summary(summary: dict, run_dir: Path) -> None:
     table.add_row("wall time", f"{summary['wall_seconds']:.0f} s")
     Console().print(table)
     print(f"Results: {run_dir}/  (metrics.jsonl, metrics.csv, clients.csv, accuracy.png, model/)")
+
+
+def _csv(text: str, what: str, cast=str) -> list:
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    try:
+        values = [cast(x) for x in items]
+    except ValueError:
+        raise HFedMoEError(f"--{what}: expected a comma-separated list, got '{text}'") from None
+    if not values:
+        raise HFedMoEError(f"--{what}: empty")
+    return values
+
+
+@app.command()
+def compare(
+    config: ConfigArg,
+    methods: Annotated[
+        str, typer.Option(help="Comma-separated algorithms, e.g. fedavg,hfedmoe,random.")
+    ],
+    seeds: Annotated[str, typer.Option(help="Comma-separated seeds, e.g. 0,1,2.")] = "0",
+    output_dir: Annotated[
+        Path, typer.Option("--output-dir", "-o", help="Grid directory: <method>/seed<k>/ runs.")
+    ] = Path("runs/compare"),
+    profile: Annotated[
+        str, typer.Option(help="full, or quick (3 rounds on a data subset: a smoke test).")
+    ] = "full",
+    set_: SetOpt = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Run every method x seed of one experiment on identical partitions, budgets and initial
+    weights; finished runs are not repeated."""
+    from hfedmoe import grid
+
+    try:
+        if profile not in grid.PROFILES:
+            raise HFedMoEError(
+                f"--profile: unknown '{profile}' (expected one of: {', '.join(grid.PROFILES)})"
+            )
+        base = [*grid.PROFILES[profile], *(set_ or [])]
+        runs = grid.plan(output_dir, _csv(methods, "methods"), _csv(seeds, "seeds", int))
+        grid.validate_grid(config, runs, base)
+        _preflight(config_mod.load(config, runs[0].overrides(base)))
+    except HFedMoEError as exc:
+        _fail(str(exc))
+        return
+    todo = [r for r in runs if not r.done]
+    console.print(
+        f"[bold]hfedmoe[/] compare: {len(runs)} runs, {len(runs) - len(todo)} already "
+        f"finished -> {output_dir}"
+    )
+    failed = []
+    columns = [
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("runs"),
+        TimeRemainingColumn(),
+    ]
+    with Progress(*columns, console=console, disable=not progress) as bar:
+        task = bar.add_task("grid", total=len(todo))
+        for run in todo:
+            bar.update(task, description=f"{run.method} seed {run.seed}")
+            proc = grid.execute(config, run, base)
+            if proc.returncode != 0:
+                failed.append(run)
+                last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+                console.print(f"[red]failed[/] {run.method} seed {run.seed}: {last}")
+            bar.update(task, advance=1)
+    table = Table(title=f"Grid: {output_dir}")
+    for column in ("method", "seed", "final acc", "best acc", "failure rate", "wall s"):
+        table.add_column(column, justify="right" if column != "method" else "left")
+    for run in runs:
+        if run.done:
+            s = run.summary()
+            table.add_row(
+                run.method,
+                str(run.seed),
+                f"{s['final_test_accuracy']:.4f}",
+                f"{s['best_test_accuracy']:.4f}",
+                f"{s.get('failure_rate', 0.0):.2f}",
+                f"{s['wall_seconds']:.0f}",
+            )
+    Console().print(table)
+    if failed:
+        _fail(f"{len(failed)} of {len(runs)} runs failed (rerun the same command to retry)")
 
 
 @app.command()

@@ -1,0 +1,67 @@
+"""`hfedmoe compare`: every method x seed on identical partitions, budgets and initial weights;
+finished runs are never repeated, unfinished ones are set aside, bad input fails first."""
+
+from __future__ import annotations
+
+import json
+
+import tomli_w
+
+from hfedmoe.results import read_metrics
+
+from .conftest import tiny_raw
+from .test_end_to_end import run_cli
+
+
+def _config(tmp_path, tiny_bert_dir):
+    path = tmp_path / "tiny.toml"
+    raw = tiny_raw(tiny_bert_dir, federation={"rounds": 1})
+    raw["devices"] = {"tiers": [{"name": "any", "memory": "8GiB"}]}
+    path.write_text(tomli_w.dumps(raw))
+    return path
+
+
+def test_grid_runs_every_cell_once_on_shared_seeds(tiny_bert_dir, tmp_path):
+    config, out = _config(tmp_path, tiny_bert_dir), tmp_path / "grid"
+    args = ["compare", str(config), "--methods", "fedavg,random", "--seeds", "0,1"]
+    proc = run_cli(*args, "-o", str(out), "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    cells = {(m, s): out / m / f"seed{s}" for m in ("fedavg", "random") for s in (0, 1)}
+    for (method, seed), run_dir in cells.items():
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert (summary["algorithm"], summary["seed"]) == (method, seed)
+    for seed in (0, 1):  # the same seed: the same initial model, data and devices
+        starts = [read_metrics(cells[(m, seed)])[0] for m in ("fedavg", "random")]
+        assert starts[0]["test_loss"] == starts[1]["test_loss"]
+        assert starts[0]["devices"] == starts[1]["devices"]
+
+    stamps = {k: (d / "summary.json").stat().st_mtime_ns for k, d in cells.items()}
+    again = run_cli(*args, "-o", str(out), "--no-progress")
+    assert again.returncode == 0, again.stderr
+    assert "4 already finished" in again.stderr
+    assert stamps == {k: (d / "summary.json").stat().st_mtime_ns for k, d in cells.items()}
+
+
+def test_an_unfinished_run_is_set_aside_and_redone(tiny_bert_dir, tmp_path):
+    config, out = _config(tmp_path, tiny_bert_dir), tmp_path / "grid"
+    broken = out / "fedavg" / "seed0"
+    broken.mkdir(parents=True)
+    (broken / "metrics.jsonl").write_text('{"round": 0}\n')
+    proc = run_cli("compare", str(config), "--methods", "fedavg", "-o", str(out), "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    assert (broken / "summary.json").is_file()
+    kept = out / "fedavg" / "seed0.incomplete-1" / "metrics.jsonl"
+    assert kept.read_text() == '{"round": 0}\n'
+
+
+def test_bad_grid_input_fails_before_anything_runs(tiny_bert_dir, tmp_path):
+    config, out = _config(tmp_path, tiny_bert_dir), tmp_path / "grid"
+    for extra, message in (
+        (["--methods", "fedavg,fedmagic"], "algorithm: unknown 'fedmagic'"),
+        (["--methods", "fedavg", "--seeds", "0,x"], "--seeds: expected a comma-separated list"),
+        (["--methods", "fedavg", "--profile", "huge"], "--profile: unknown 'huge'"),
+    ):
+        proc = run_cli("compare", str(config), *extra, "-o", str(out), "--no-progress")
+        assert proc.returncode == 2
+        assert proc.stderr.strip().splitlines()[-1].startswith(f"hfedmoe: error: {message}")
+        assert not out.exists()
