@@ -263,6 +263,31 @@ def compare(
 
 
 @app.command()
+def report(
+    run_dirs: Annotated[
+        list[Path], typer.Argument(help="Run directories, or grid directories to search.")
+    ],
+    output_dir: Annotated[
+        Path, typer.Option("--output-dir", "-o", help="Where report.html and report.md go.")
+    ] = Path("report"),
+    target: Annotated[float, typer.Option(help="Target test accuracy.")] = 0.9,
+    title: Annotated[str, typer.Option(help="Report title.")] = "",
+) -> None:
+    """Write an HTML and a Markdown report (table and plots) comparing finished runs."""
+    from hfedmoe.report import find_runs, write_report
+
+    try:
+        if not 0 < target <= 1:
+            raise HFedMoEError(f"--target: expected a fraction in (0, 1], got {target}")
+        runs = find_runs(run_dirs)
+        path = write_report(runs, output_dir, target, title)
+    except HFedMoEError as exc:
+        _fail(str(exc))
+        return
+    print(f"Report of {len(runs)} runs: {path} and {output_dir / 'report.md'}")
+
+
+@app.command()
 def validate(config: ConfigArg, set_: SetOpt = None) -> None:
     """Validate a config (with overrides) and print it resolved, as TOML."""
     import tomli_w

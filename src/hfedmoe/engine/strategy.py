@@ -37,6 +37,7 @@ class ClientReport:
     num_examples: int = 0
     train_loss: float | None = None
     seconds: float | None = None
+    steps: int | None = None  # local optimizer steps
     bytes_up: int = 0
     # the three participation sets of METHOD.md §10, as sizes over the round
     experts_routed: int | None = None  # routed to in >= 1 batch (union of E_union)
@@ -135,6 +136,7 @@ class AlgorithmStrategy(Strategy):
             base.num_examples = update.num_examples
             base.train_loss = m.get("train_loss")
             base.seconds = m.get("train_seconds")
+            base.steps = _int_or_none(m.get("steps"))
             base.bytes_up = wire.payload_bytes(reply.content)
             base.experts_routed = _int_or_none(m.get("experts_routed"))
             base.experts_updated = _int_or_none(m.get("experts_updated"))

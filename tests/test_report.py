@@ -1,0 +1,142 @@
+"""`hfedmoe report`: the results table computed by hand from run files, the plots, and an HTML
+page that a headless browser renders."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import tomli_w
+
+from hfedmoe.report import Run, coefficient_of_variation, find_runs, summarise
+
+from .conftest import tiny_raw
+from .test_end_to_end import run_cli
+
+
+def _fake_run(path, algorithm, seed, accuracies, failed=(), flops=1e9):
+    """A finished run directory with hand-made metrics: 2 clients a round, 1 step each."""
+    path.mkdir(parents=True)
+    rounds = []
+    for k, acc in enumerate(accuracies):
+        clients = []
+        if k:
+            for node in (1, 2):
+                bad = (k, node) in failed
+                clients.append(
+                    {
+                        "status": "failed" if bad else "ok",
+                        "partition_id": node - 1,
+                        "steps": 0 if bad else 1,
+                        "step_flops_predicted": None if bad else flops,
+                        "expert_updates": None if bad else [node, 1, 0, 2],
+                    }
+                )
+        ok = sum(c["status"] == "ok" for c in clients)
+        rounds.append(
+            {
+                "round": k,
+                "test_accuracy": acc,
+                "clients_ok": ok,
+                "clients_failed": len(clients) - ok,
+                "bytes_down": 100 * k,
+                "bytes_up": 10 * k,
+                "clients": clients,
+            }
+        )
+    (path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rounds))
+    (path / "summary.json").write_text(json.dumps({"algorithm": algorithm, "seed": seed}))
+    return path
+
+
+def test_the_table_by_hand(tmp_path):
+    a0 = _fake_run(tmp_path / "a0", "a", 0, [0.2, 0.5, 0.8, 0.9])
+    a1 = _fake_run(tmp_path / "a1", "a", 1, [0.2, 0.7, 0.7, 0.7], failed={(1, 2)})
+    b0 = _fake_run(tmp_path / "b0", "b", 0, [0.2, 0.9, 0.9, 0.9])
+    rows = {r.algorithm: r for r in summarise([Run.load(p) for p in (a0, a1, b0)], target=0.8)}
+    a, b = rows["a"], rows["b"]
+    assert a.final_mean == pytest.approx(0.8) and a.final_std == pytest.approx(
+        np.std([0.9, 0.7], ddof=1)
+    )
+    assert (a.rounds_to_target, a.reached) == (2.0, 1)  # only seed 0 reaches 0.8, at round 2
+    assert a.compute_to_target == pytest.approx(4e9)  # 2 rounds x 2 clients x 1 step x 1e9
+    assert b.rounds_to_target == 1.0 and b.compute_to_target == pytest.approx(2e9)
+    assert a.failure_rate == pytest.approx((0 + 1 / 6) / 2)  # seed 1 lost 1 of 6 trainings
+    assert a.bytes_per_round == pytest.approx(220.0)  # rounds 1-3: 110, 220, 330
+    # per-expert updates over seed 0: 3 rounds x ([1,1,0,2] + [2,1,0,2]) = [9, 6, 0, 12]
+    assert Run.load(a0).expert_updates().tolist() == [9, 6, 0, 12]
+    assert coefficient_of_variation(np.array([9, 6, 0, 12])) == pytest.approx(
+        np.std([9, 6, 0, 12]) / 6.75
+    )
+
+
+def test_grid_directories_are_searched_and_incomplete_runs_skipped(tmp_path):
+    _fake_run(tmp_path / "g" / "a" / "seed0", "a", 0, [0.1, 0.2])
+    (tmp_path / "g" / "a" / "seed1.incomplete-1").mkdir(parents=True)
+    (tmp_path / "g" / "a" / "seed1.incomplete-1" / "summary.json").write_text("{}")
+    assert find_runs([tmp_path / "g"]) == [tmp_path / "g" / "a" / "seed0"]
+
+
+@pytest.fixture(scope="module")
+def real_grid(tiny_bert_dir, tmp_path_factory):
+    """fedavg and hfedmoe, two seeds, on the tiny model with one device tier too small for
+    FedAvg: a real grid to report on."""
+    tmp = tmp_path_factory.mktemp("grid")
+    raw = tiny_raw(tiny_bert_dir, federation={"rounds": 2})
+    from .test_budget import _three_tiers
+
+    raw["devices"] = _three_tiers(tiny_bert_dir, "hfedmoe")["devices"]
+    raw["devices"]["assignment"] = ["small", "large"]
+    config = tmp / "tiny.toml"
+    config.write_text(tomli_w.dumps(raw))
+    proc = run_cli(
+        "compare", str(config), "--methods", "fedavg,hfedmoe", "--seeds", "0,1",
+        "-o", str(tmp / "grid"), "--no-progress",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return tmp / "grid"
+
+
+def test_report_of_a_real_grid(real_grid, tmp_path):
+    out = tmp_path / "report"
+    proc = run_cli("report", str(real_grid), "-o", str(out), "--target", "0.25")
+    assert proc.returncode == 0, proc.stderr
+    md = (out / "report.md").read_text()
+    rows = [
+        line
+        for line in md.splitlines()
+        if line.startswith("| fedavg") or line.startswith("| hfedmoe")
+    ]
+    assert len(rows) == 2
+    fedavg = rows[0].split(" | ")
+    assert fedavg[1] == "0,1" and fedavg[5] == "0.500"  # the small device fails every round
+    for name in ("accuracy", "compute", "failures", "bytes", "selection"):
+        assert (out / f"{name}.png").stat().st_size > 1000
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 5 and 'id="results"' in page
+
+
+def test_report_errors_are_one_line(tmp_path):
+    proc = run_cli("report", str(tmp_path), "-o", str(tmp_path / "r"))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("hfedmoe: error: ")
+    assert "no finished run" in proc.stderr
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed")
+def test_the_html_renders_in_headless_chromium(real_grid, tmp_path):
+    out = tmp_path / "report"
+    assert run_cli("report", str(real_grid), "-o", str(out)).returncode == 0
+    dom = subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom",
+         (out / "report.html").as_uri()],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert 'id="results"' in dom.stdout and dom.stdout.count("<img") == 5
