@@ -251,14 +251,10 @@ def check_request(
     """Raise :class:`BudgetExceeded` if training ``requested`` experts per batch does not fit."""
     if tier is None or cost_model.fits(requested, tier, strict):
         return
-    cost = cost_model.predict(requested, tier.flops, held=requested if strict else None)
     limit = cost_model.expert_budget(tier, strict)
-    why = f"needs {_gib(cost.peak_bytes)} of {_gib(tier.memory)}"
-    if cost.round_seconds is not None and tier.deadline_seconds is not None:
-        why += f", {cost.round_seconds:.1f} s of a {tier.deadline_seconds:g} s deadline"
     raise BudgetExceeded(
-        f"device '{tier.name}' cannot train {requested} experts per batch ({why}); "
-        f"its budget is {max(limit, 0)}"
+        f"device '{tier.name}' cannot train {requested} experts per batch "
+        f"({_shortfall(cost_model, tier, requested, strict)}); its budget is {max(limit, 0)}"
     )
 
 
@@ -277,16 +273,22 @@ def check_tiers(
     for i, tier in enumerate(cfg.devices.tiers):
         budget = cost_model.expert_budget(tier, strict)
         if budget < need:
-            cost = cost_model.predict(need, tier.flops, held=need if strict else None)
-            what = f"needs {_gib(cost.peak_bytes)} of memory"
-            if cost.round_seconds is not None and tier.deadline_seconds is not None:
-                what += f" and {cost.round_seconds:.1f} s per round"
             raise ConfigError(
-                f"devices.tiers[{i}] ('{tier.name}'): {_gib(tier.memory)} cannot train even "
-                f"{need} expert{'s' if need > 1 else ''} per batch of this model ({what})"
+                f"devices.tiers[{i}] ('{tier.name}'): cannot train even {need} "
+                f"expert{'s' if need > 1 else ''} per batch of this model "
+                f"({_shortfall(cost_model, tier, need, strict)})"
             )
         budgets[tier.name] = budget
     return budgets
+
+
+def _shortfall(cost_model: CostModel, tier: DeviceTier, experts: int, strict: bool) -> str:
+    """What training ``experts`` per batch needs against what ``tier`` has, in words."""
+    cost = cost_model.predict(experts, tier.flops, held=experts if strict else None)
+    words = f"needs {_gib(cost.peak_bytes)} of {_gib(tier.memory)}"
+    if cost.round_seconds is not None and tier.deadline_seconds is not None:
+        words += f", {cost.round_seconds:.1f} s of a {tier.deadline_seconds:g} s deadline"
+    return words
 
 
 def _gib(n: int) -> str:

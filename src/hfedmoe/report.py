@@ -219,6 +219,17 @@ def _mean_band(ax, x, ys, label) -> None:
         ax.fill_between(x[:n], arr.min(0), arr.max(0), color=line.get_color(), alpha=0.15)
 
 
+def _per_round(groups: dict[str, list[Run]], value, **axes) -> plt.Figure:
+    """A figure of ``value(run)`` for rounds 1..R: mean and min-max band per row."""
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for name, group in groups.items():
+        _mean_band(ax, np.arange(1, len(group[0].rounds)), [value(r) for r in group], name)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set(xlabel="round", **axes)
+    ax.legend(fontsize=8)
+    return fig
+
+
 def plot_all(runs: list[Run], target: float) -> dict[str, plt.Figure]:
     """The report's figures by name."""
     groups = _by_algorithm(runs)
@@ -246,33 +257,19 @@ def plot_all(runs: list[Run], target: float) -> dict[str, plt.Figure]:
         ax.legend(fontsize=8)
         figs["compute"] = fig
 
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    for name, group in groups.items():
-        _mean_band(
-            ax,
-            np.arange(1, len(group[0].rounds)),
-            [r.failure_rate_per_round() for r in group],
-            name,
-        )
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set(
-        xlabel="round",
+    figs["failures"] = _per_round(
+        groups,
+        Run.failure_rate_per_round,
         ylabel="failed / sampled",
-        ylim=(-0.05, 1.05),
         title="Training failure rate per round",
+        ylim=(-0.05, 1.05),
     )
-    ax.legend(fontsize=8)
-    figs["failures"] = fig
-
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    for name, group in groups.items():
-        _mean_band(
-            ax, np.arange(1, len(group[0].rounds)), [r.bytes_per_round() / 1e6 for r in group], name
-        )
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set(xlabel="round", ylabel="MB (down + up)", title="Bytes per round")
-    ax.legend(fontsize=8)
-    figs["bytes"] = fig
+    figs["bytes"] = _per_round(
+        groups,
+        lambda r: r.bytes_per_round() / 1e6,
+        ylabel="MB (down + up)",
+        title="Bytes per round",
+    )
 
     heat = [(name, g[0].selection_matrix()) for name, g in groups.items()]
     heat = [(n, m) for n, m in heat if m is not None]
