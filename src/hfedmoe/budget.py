@@ -92,14 +92,6 @@ class Cost:
     step_flops: float
     round_seconds: float | None  # None when the device's FLOP/s are unknown
 
-    def to_dict(self) -> dict:
-        return {
-            "experts": self.experts,
-            "peak_bytes": self.peak_bytes,
-            "step_flops": self.step_flops,
-            "round_seconds": self.round_seconds,
-        }
-
 
 @dataclass(frozen=True)
 class CostModel:

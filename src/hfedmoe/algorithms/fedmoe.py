@@ -45,7 +45,7 @@ from hfedmoe.algorithms.partial import (
     mask_of,
     upload_weights,
 )
-from hfedmoe.algorithms.sparse_aggregation import combine, expert_weights, usage
+from hfedmoe.algorithms.sparse_aggregation import combine, expert_weights
 from hfedmoe.data.tokenized import TokenizedDataset
 from hfedmoe.model.experts import ExpertModel
 from hfedmoe.seeding import STRICT_HELD, rng_for
@@ -67,21 +67,6 @@ def router_rows(
             w = n_C[holders].to(torch.float64)
             out[e] = combine([tensors_C[c][e] for c in holders], w / w.sum())
     return out
-
-
-class UsageOfAssigned(AssignedExperts):
-    """Assigned experts, plus the running sum of G_e(x) for the client's usage u_c(e)."""
-
-    def __init__(self, assigned_LE: torch.Tensor | None):
-        super().__init__(assigned_LE)
-        self.gate_sum: torch.Tensor | None = None
-        self.samples = 0
-
-    def select_experts(self, capture, batch, routed_LE):
-        G_LBE = capture.sample_probs(batch.get("attention_mask"))
-        self.gate_sum = G_LBE.sum(1) if self.gate_sum is None else self.gate_sum + G_LBE.sum(1)
-        self.samples += G_LBE.shape[1]
-        return super().select_experts(capture, batch, routed_LE)
 
 
 @register
@@ -148,14 +133,13 @@ class FedMoE(FederatedAlgorithm):
         em = ExpertModel(model)
         held = mask_of(task, em.shape)
         load_held(model, task.weights, em.expert_entries(), held)
-        hooks = UsageOfAssigned(held)
+        hooks = AssignedExperts(held)
         with em.restrict_routing(held):
             result = train_local(model, data, self.cfg.train, rng, hooks)
         weights = upload_weights(model, result.expert_updates > 0, em.expert_entries())
         update = self._update(model, data, result, weights)
-        update.stats["usage"] = usage(hooks.gate_sum, hooks.samples)
+        update.stats["usage"] = hooks.usage.value()
         update.stats["held"] = held.to(torch.uint8)
-        update.metrics["expert_budget"] = float(held.sum())
         return update
 
     def state_dict(self) -> dict:

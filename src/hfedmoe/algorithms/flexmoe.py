@@ -37,17 +37,16 @@ from hfedmoe.algorithms.base import (
     Weights,
     register,
 )
-from hfedmoe.algorithms.fedmoe import UsageOfAssigned
 from hfedmoe.algorithms.partial import (
     ASSIGNED,
+    AssignedExperts,
     ExpertLayout,
     aggregate_experts,
     assigned_mask,
     fedavg_rest,
-    mask_of,
+    own_or_mean,
     upload_weights,
 )
-from hfedmoe.algorithms.sparse_aggregation import usage
 from hfedmoe.data.tokenized import TokenizedDataset
 from hfedmoe.model.experts import ExpertModel
 from hfedmoe.model.state import load_shared_state
@@ -90,18 +89,13 @@ class FlexMoE(FederatedAlgorithm):
         self._plan: dict[int, torch.Tensor] = {}  # this round's assignment, node -> (L, E)
         self._plan_round = -1
 
-    def _fitness(self, client: int, rng: np.random.Generator) -> torch.Tensor:
-        if client in self.fitness:
-            return self.fitness[client]
-        if self.fitness:
-            return torch.stack(list(self.fitness.values())).mean(0)
-        return torch.from_numpy(rng.random(self.layout.shape))
-
     def plan(self, server_round: int, clients: list[int]) -> dict[int, torch.Tensor]:
         """The round's assignment for ``clients`` (all sampled nodes), made once per round."""
         L, E = self.layout.shape
         rng = rng_for(self.cfg.seed, FLEX_ASSIGN, server_round)
-        fit = torch.stack([self._fitness(c, rng).flatten().double() for c in clients])
+        fit = torch.stack(
+            [own_or_mean(self.fitness, c, rng, (L, E)).flatten().double() for c in clients]
+        )
         slots = [min(self.budgets.get(c, L * E), L * E) for c in clients]
         chosen = assign(fit, slots)
         return {c: chosen[i].view(L, E) for i, c in enumerate(clients)}
@@ -148,17 +142,14 @@ class FlexMoE(FederatedAlgorithm):
             for name in routers:
                 if ROUTER_MEMORY + name in task.memory:
                     params[name].copy_(task.memory[ROUTER_MEMORY + name])
-        hooks = UsageOfAssigned(mask_of(task, em.shape))
+        hooks = AssignedExperts.from_task(task, em.shape)
         result = train_local(model, data, self.cfg.train, rng, hooks)
         for name in routers:
             task.memory[ROUTER_MEMORY + name] = params[name].detach().clone()
         weights = upload_weights(model, result.expert_updates > 0, em.expert_entries())
         weights = {n: t for n, t in weights.items() if n not in routers}  # routers stay home
         update = self._update(model, data, result, weights)
-        update.stats["usage"] = usage(hooks.gate_sum, hooks.samples)
-        update.metrics["expert_budget"] = float(
-            task.requested_experts(em.num_layers * em.num_experts)
-        )
+        update.stats["usage"] = hooks.usage.value()
         return update
 
     def state_dict(self) -> dict:

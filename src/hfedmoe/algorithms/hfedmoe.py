@@ -47,6 +47,7 @@ from hfedmoe.algorithms.partial import (
     ASSIGNED,
     STRICT,
     ExpertLayout,
+    GateUsage,
     aggregate_experts,
     assigned_mask,
     download,
@@ -54,6 +55,7 @@ from hfedmoe.algorithms.partial import (
     held_experts,
     load_held,
     mask_of,
+    own_or_mean,
     upload_weights,
 )
 from hfedmoe.algorithms.sparse_aggregation import (
@@ -62,7 +64,6 @@ from hfedmoe.algorithms.sparse_aggregation import (
     qualifies,
     router_weights,
     routing_consistency,
-    usage,
 )
 from hfedmoe.config import ExperimentConfig, HFedMoEConfig
 from hfedmoe.data.tokenized import TokenizedDataset
@@ -77,9 +78,9 @@ class ImportanceSelector(StepHooks):
 
     def __init__(self, params: HFedMoEConfig, budget: int):
         self.params, self.budget = params, budget
-        self.gate_sum: torch.Tensor | None = None  # sum over samples of G_e(x), (L, E)
+        self.usage = GateUsage()  # u_c(e), eq. (16)
         self.importance_sum: torch.Tensor | None = None  # sum over batches of s_b(e), (L, E)
-        self.samples = self.batches = 0
+        self.batches = 0
 
     def select_experts(
         self, capture: RoutingCapture, batch: dict[str, torch.Tensor], routed_LE: torch.Tensor
@@ -88,10 +89,8 @@ class ImportanceSelector(StepHooks):
         G_LBE = capture.sample_probs(batch.get("attention_mask"))
         s_b = batch_importance(G_LBE, p.lam)  # eq. (5)
         score = ib_score(G_LBE, p.lam, p.beta) if p.ranking == "ib" else s_b  # eq. (14)
-        gate_sum = G_LBE.sum(1)
-        self.gate_sum = gate_sum if self.gate_sum is None else self.gate_sum + gate_sum
+        self.usage.add(G_LBE)
         self.importance_sum = s_b if self.importance_sum is None else self.importance_sum + s_b
-        self.samples += G_LBE.shape[1]
         self.batches += 1
         return select_active(score, routed_LE, self.budget, p.budget_scope)  # eq. (15)
 
@@ -129,12 +128,8 @@ class HFedMoE(FederatedAlgorithm):
         return ClientTask(download(self.layout, global_weights, held), config)
 
     def _held_score(self, server_round: int, client: int) -> torch.Tensor:
-        if client in self.importance:
-            return self.importance[client]
-        if self.importance:
-            return torch.stack(list(self.importance.values())).mean(0)
         rng = rng_for(self.cfg.seed, STRICT_HELD, server_round, client)
-        return torch.from_numpy(rng.random(self.layout.shape))
+        return own_or_mean(self.importance, client, rng, self.layout.shape)
 
     def aggregate(
         self, server_round: int, global_weights: Weights, updates: Mapping[int, ClientUpdate]
@@ -199,7 +194,7 @@ class HFedMoE(FederatedAlgorithm):
             load_held(model, task.weights, em.expert_entries(), held)
             with em.restrict_routing(held):
                 result = train_local(model, data, self.cfg.train, rng, selector)
-        u_LE = usage(selector.gate_sum, selector.samples)  # eq. (16)
+        u_LE = selector.usage.value()  # eq. (16)
         send = result.expert_updates > 0
         if self.cfg.hfedmoe.expert_used == "usage":
             send |= (u_LE >= self.cfg.hfedmoe.tau) & result.routed
@@ -207,6 +202,5 @@ class HFedMoE(FederatedAlgorithm):
         update = self._update(model, data, result, weights)
         update.stats["usage"] = u_LE
         update.stats["importance"] = selector.importance_sum / max(selector.batches, 1)  # s_c
-        update.metrics["expert_budget"] = float(budget)
         update.metrics["experts_used"] = float((u_LE >= self.cfg.hfedmoe.tau).sum())
         return update

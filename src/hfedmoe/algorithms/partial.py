@@ -17,16 +17,17 @@ experts, ``name@expert{layer}.{e}`` for its slice of a fused tensor.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
 from hfedmoe.algorithms.aggregation import weighted_average
 from hfedmoe.algorithms.base import ClientTask, ClientUpdate, Weights
 from hfedmoe.algorithms.importance import select_active
-from hfedmoe.algorithms.sparse_aggregation import combine
+from hfedmoe.algorithms.sparse_aggregation import combine, usage
 from hfedmoe.model.experts import ExpertEntry, ExpertId, ExpertModel, RoutingCapture
 from hfedmoe.model.state import load_shared_state
 from hfedmoe.training import StepHooks
@@ -172,11 +173,29 @@ def fedavg_rest(
     return new
 
 
+class GateUsage:
+    """Running sum of G_e(x) over a client's samples; :meth:`value` is u_c(e), eq. (16)."""
+
+    def __init__(self) -> None:
+        self.gate_sum: torch.Tensor | None = None  # sum over samples of G_e(x), (L, E)
+        self.samples = 0
+
+    def add(self, G_LBE: torch.Tensor) -> None:
+        gate_sum = G_LBE.sum(1)
+        self.gate_sum = gate_sum if self.gate_sum is None else self.gate_sum + gate_sum
+        self.samples += G_LBE.shape[1]
+
+    def value(self) -> torch.Tensor:
+        return usage(self.gate_sum, self.samples)
+
+
 class AssignedExperts(StepHooks):
-    """Update the assigned experts on the batches routed to them (all routed ones if none)."""
+    """Update the assigned experts on the batches routed to them (all routed ones if none),
+    and record the client's usage u_c(e) (``self.usage``)."""
 
     def __init__(self, assigned_LE: torch.Tensor | None):
         self.assigned_LE = assigned_LE
+        self.usage = GateUsage()
 
     @classmethod
     def from_task(cls, task: ClientTask, shape: tuple[int, int]) -> AssignedExperts:
@@ -185,4 +204,17 @@ class AssignedExperts(StepHooks):
     def select_experts(
         self, capture: RoutingCapture, batch: dict[str, torch.Tensor], routed_LE: torch.Tensor
     ) -> torch.Tensor:
+        self.usage.add(capture.sample_probs(batch.get("attention_mask")))
         return routed_LE if self.assigned_LE is None else routed_LE & self.assigned_LE
+
+
+def own_or_mean(
+    scores: Mapping[int, torch.Tensor], client: int, rng: np.random.Generator, shape: tuple
+) -> torch.Tensor:
+    """A client's per-expert score for assigning it experts: its own from its last round, else
+    the mean of every client's, else (nobody has reported yet) a draw from ``rng``."""
+    if client in scores:
+        return scores[client]
+    if scores:
+        return torch.stack(list(scores.values())).mean(0)
+    return torch.from_numpy(rng.random(shape))

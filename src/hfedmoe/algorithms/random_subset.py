@@ -90,8 +90,4 @@ class RandomSubset(FederatedAlgorithm):
         hooks = AssignedExperts.from_task(task, em.shape)
         result = train_local(model, data, self.cfg.train, rng, hooks)
         weights = upload_weights(model, result.expert_updates > 0, em.expert_entries())
-        update = self._update(model, data, result, weights)
-        update.metrics["expert_budget"] = float(
-            task.requested_experts(em.num_layers * em.num_experts)
-        )
-        return update
+        return self._update(model, data, result, weights)
