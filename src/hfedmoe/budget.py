@@ -198,7 +198,7 @@ def probe_batch(model: nn.Module, cfg: ExperimentConfig) -> dict[str, torch.Tens
     shape = (cfg.train.batch_size, cfg.model.max_length)
     ids = torch.randint(0, vocab, shape, generator=gen)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    if cfg.data.task == "language-modeling":
+    if cfg.data.task != "classification":
         batch["labels"] = ids
     else:
         batch["labels"] = torch.zeros(shape[0], dtype=torch.long)

@@ -68,8 +68,8 @@ def _preflight(cfg: config_mod.ExperimentConfig) -> None:
 
     algorithm = build_algorithm(cfg)
     check_model_source(cfg.model.name_or_path)
-    if cfg.data.path and not Path(cfg.data.path).is_dir():
-        raise HFedMoEError(f"data.path: directory '{cfg.data.path}' does not exist")
+    if cfg.data.path and not Path(cfg.data.path).expanduser().exists():
+        raise HFedMoEError(f"data.path: '{cfg.data.path}' does not exist")
     if cfg.devices.tiers:  # a device too small to train anything is a config error
         from hfedmoe.budget import build_cost_model, check_tiers
         from hfedmoe.model.experts import ExpertModel

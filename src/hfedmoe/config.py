@@ -28,7 +28,10 @@ from pydantic import (
 from hfedmoe.errors import ConfigError
 
 #: What a run trains the model for (see ``hfedmoe.model.factory`` for which models fit which).
-Task = Literal["classification", "language-modeling"]
+Task = Literal["classification", "language-modeling", "multiple-choice"]
+
+#: Data sets whose rows carry a natural id (``hfedmoe.data.datasets``), and what it is.
+GROUPED_DATASETS = {"rotten_tomatoes": "movie", "qa_mix": "task"}
 
 
 class Section(BaseModel):
@@ -93,23 +96,50 @@ class ModelConfig(Section):
 class DataConfig(Section):
     """The data set, its train/test split and its non-IID partition over clients."""
 
-    dataset: Literal["bbc_news"] = "bbc_news"
+    dataset: Literal["bbc_news", "rotten_tomatoes", "qa_mix"] = "bbc_news"
     task: Task = Field(
         "classification",
         description="classification: predict the label; language-modeling: next-token loss "
-        "on the texts (decoders and native MoE models).",
+        "on the texts (decoders and native MoE models); multiple-choice (qa_mix): next-token "
+        "loss on the right answer, scored by answer likelihood.",
     )
     path: str | None = Field(
         None, description="Local copy of the data set; default: the installed package's files."
     )
     test_fraction: float = Field(0.2, gt=0, lt=1)
-    partitioner: Literal["dirichlet", "iid"] = "dirichlet"
+    partitioner: Literal["dirichlet", "iid", "natural"] = Field(
+        "dirichlet",
+        description="dirichlet: Dir(alpha) shares of each label (or group); iid: equal random "
+        "shares; natural: whole groups (movies) per client.",
+    )
+    partition_by: Literal["label", "group"] = Field(
+        "label", description="What the Dirichlet partition skews: labels, or groups (tasks)."
+    )
     dirichlet_alpha: float = Field(0.5, gt=0, description="Smaller = more skewed labels.")
     min_partition_size: int = Field(
         10, ge=0, description="Dirichlet resamples until every client has this many examples."
     )
+    max_examples_per_group: int | None = Field(
+        None, gt=0, description="Keep at most this many random rows of each group (task)."
+    )
     max_train_examples: int | None = Field(None, gt=0, description="Cap for quick runs.")
     max_test_examples: int | None = Field(None, gt=0, description="Cap for quick runs.")
+
+    @model_validator(mode="after")
+    def _fits_dataset(self) -> DataConfig:
+        if (self.dataset == "qa_mix") != (self.task == "multiple-choice"):
+            raise ValueError(
+                "data.task: 'multiple-choice' goes with data.dataset 'qa_mix' and only with it "
+                f"(got task '{self.task}', dataset '{self.dataset}')"
+            )
+        grouped = self.partitioner == "natural" or self.partition_by == "group"
+        grouped = grouped or self.max_examples_per_group is not None
+        if grouped and self.dataset not in GROUPED_DATASETS:
+            raise ValueError(
+                f"data.dataset: '{self.dataset}' has no groups for a natural or per-group "
+                f"partition (grouped data sets: {', '.join(GROUPED_DATASETS)})"
+            )
+        return self
 
 
 class FederationConfig(Section):

@@ -12,8 +12,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from hfedmoe.config import ExperimentConfig
 from hfedmoe.data.datasets import load_dataset
-from hfedmoe.data.partition import partition_indices
-from hfedmoe.data.tokenized import TokenizedDataset, tokenize
+from hfedmoe.data.partition import partition_indices, partition_key
+from hfedmoe.data.tokenized import TokenizedDataset, tokenize, tokenize_choices
 from hfedmoe.model import build_model, load_tokenizer
 
 
@@ -38,7 +38,8 @@ def server_task(cfg: ExperimentConfig) -> ServerTask:
 def client_data(cfg: ExperimentConfig, partition_id: int, num_partitions: int) -> TokenizedDataset:
     """Client ``partition_id``'s share of the training split, tokenised."""
     split = load_dataset(cfg.data, cfg.seed)
-    parts = partition_indices(split.train.labels, num_partitions, cfg.data, cfg.seed)
+    keys = partition_key(split.train, cfg.data)
+    parts = partition_indices(keys, num_partitions, cfg.data, cfg.seed)
     tokenizer = load_tokenizer(cfg.model)
     return _tokenize(cfg, split.train.subset(parts[partition_id]), tokenizer)
 
@@ -53,6 +54,8 @@ def client_model(cfg: ExperimentConfig, label_names: tuple[str, ...]) -> PreTrai
 
 
 def _tokenize(cfg: ExperimentConfig, data, tokenizer) -> TokenizedDataset:
+    if cfg.data.task == "multiple-choice":
+        return tokenize_choices(data, tokenizer, cfg.model.max_length)
     lm = cfg.data.task == "language-modeling"
     return tokenize(data, tokenizer, cfg.model.max_length, language_modeling=lm)
 

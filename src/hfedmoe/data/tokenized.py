@@ -20,12 +20,20 @@ class TokenizedDataset:
 
     ``language_modeling``: the batch's labels are the token ids themselves, padding ignored
     (-100); the model shifts them for next-token prediction.
+    Multiple choice (language modelling of prompt + right answer): ``answer_start[i]`` is
+    where row i's answer begins (the loss ignores the prompt), ``choices[i]`` holds the token
+    ids of every candidate answer (``labels[i]`` indexes the right one), scored after the
+    prompt ``input_ids[i][:answer_start[i]]``; ``groups`` names each row's task.
     """
 
     input_ids: list[list[int]]
-    labels: np.ndarray  # (N,) class labels
+    labels: np.ndarray  # (N,) class labels, or the index of the right choice
     pad_id: int
     language_modeling: bool = False
+    answer_start: list[int] | None = None
+    choices: list[list[list[int]]] | None = None
+    groups: np.ndarray | None = None
+    group_names: tuple[str, ...] = ()
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -41,6 +49,9 @@ class TokenizedDataset:
             mask_BT[b, : len(r)] = 1
         if self.language_modeling:
             labels = ids_BT.masked_fill(mask_BT == 0, IGNORE_INDEX)
+            if self.answer_start is not None:  # no loss on the prompt
+                for b, i in enumerate(idx):
+                    labels[b, : self.answer_start[i]] = IGNORE_INDEX
         else:
             labels = torch.as_tensor(self.labels[idx], dtype=torch.long)
         return {"input_ids": ids_BT, "attention_mask": mask_BT, "labels": labels}
@@ -55,6 +66,43 @@ def tokenize(
     enc = tokenizer(data.texts, truncation=True, max_length=max_length, padding=False)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return TokenizedDataset(list(enc["input_ids"]), data.labels, int(pad or 0), language_modeling)
+
+
+def tokenize_choices(
+    data: TextDataset, tokenizer: PreTrainedTokenizerBase, max_length: int
+) -> TokenizedDataset:
+    """Multiple choice: each row is its prompt followed by its right answer.
+
+    Prompt and answers are tokenised apart (every answer is scored after the same prompt
+    tokens). A prompt too long for ``max_length`` with its longest answer loses tokens from its
+    start (after any leading special tokens, e.g. BOS): the question sits at the prompt's end.
+    """
+    if data.choices is None:
+        raise ValueError("tokenize_choices needs a multiple-choice data set")
+    lead = len(tokenizer("")["input_ids"])  # special tokens a prompt starts with
+    prompts = tokenizer(data.texts)["input_ids"]
+    input_ids, starts, choices = [], [], []
+    for prompt, answers, label in zip(prompts, data.choices, data.labels, strict=True):
+        answer_ids = [tokenizer(a, add_special_tokens=False)["input_ids"] for a in answers]
+        room = max_length - max(len(a) for a in answer_ids)
+        if room <= lead:
+            raise ValueError(f"model.max_length ({max_length}) leaves no room for the prompt")
+        if len(prompt) > room:
+            prompt = prompt[:lead] + prompt[len(prompt) - (room - lead) :]
+        input_ids.append(prompt + answer_ids[label])
+        starts.append(len(prompt))
+        choices.append(answer_ids)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return TokenizedDataset(
+        input_ids,
+        data.labels,
+        int(pad or 0),
+        language_modeling=True,
+        answer_start=starts,
+        choices=choices,
+        groups=data.groups,
+        group_names=data.group_names,
+    )
 
 
 def sequential_batches(n: int, batch_size: int) -> Iterator[np.ndarray]:

@@ -120,6 +120,7 @@ def _round_record(server_round, result, train_loss, reports, round_seconds, elap
         "round": server_round,
         "test_accuracy": result.accuracy,
         "test_loss": result.loss,
+        **({"test_accuracy_by_group": result.by_group} if result.by_group else {}),
         "train_loss": train_loss,
         "clients_ok": len(ok),
         "clients_failed": len(reports) - len(ok),

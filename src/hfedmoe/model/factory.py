@@ -1,10 +1,10 @@
 """One entry point to every model: the model type of the checkpoint and the task decide.
 
-| checkpoint (``config.model_type``)  | classification          | language-modeling        |
-| ----------------------------------- | ----------------------- | ------------------------ |
-| BERT-family encoder                 | upcycled + a new head   | -                        |
-| Llama-style decoder (SmolLM2, ...)  | -                       | upcycled causal LM       |
-| native MoE family (Switch, Mixtral) | -                       | as trained (seq2seq/LM)  |
+| checkpoint (``config.model_type``)  | classification          | language-modeling        | multiple-choice |
+| ----------------------------------- | ----------------------- | ------------------------ | --------------- |
+| BERT-family encoder                 | upcycled + a new head   | -                        | -               |
+| Llama-style decoder (SmolLM2, ...)  | -                       | upcycled causal LM       | the same        |
+| native MoE family (Switch, Mixtral) | -                       | as trained (seq2seq/LM)  | decoders only   |
 
 The upcycling options of ``[model]`` (experts, top-k, layers, ...) apply to dense checkpoints;
 a native MoE checkpoint keeps its own experts. ``[model.lora]`` applies to all.
@@ -37,7 +37,8 @@ def build_model(
     directory = Path(model_dir) if model_dir else resolve_model_dir(cfg.name_or_path)
     if not (directory / "config.json").is_file():
         raise ConfigError(f"model.name_or_path: '{directory}' has no config.json")
-    model_type = AutoConfig.from_pretrained(directory).model_type
+    model_config = AutoConfig.from_pretrained(directory)
+    model_type = model_config.model_type
     kind = (
         "native MoE"
         if model_type in SUPPORTED_MOE_FAMILIES
@@ -47,7 +48,11 @@ def build_model(
         if model_type == "bert"
         else None
     )
-    fits = {"classification": ("encoder",), "language-modeling": ("decoder", "native MoE")}
+    fits = {
+        "classification": ("encoder",),
+        "language-modeling": ("decoder", "native MoE"),
+        "multiple-choice": ("decoder", "native MoE"),
+    }
     if kind is None:
         known = ", ".join(["bert", *LLAMA_LIKE, *sorted(SUPPORTED_MOE_FAMILIES)])
         raise ConfigError(
@@ -58,6 +63,11 @@ def build_model(
         raise ConfigError(
             f"data.task: '{task}' needs a {' or '.join(fits[task])} model; "
             f"'{cfg.name_or_path}' is a {kind} ({model_type})"
+        )
+    if task == "multiple-choice" and getattr(model_config, "is_encoder_decoder", False):
+        raise ConfigError(
+            f"data.task: 'multiple-choice' needs a decoder-only model; '{cfg.name_or_path}' is "
+            f"an encoder-decoder ({model_type})"
         )
     if kind == "native MoE":
         return load_moe_model(directory, lora=cfg.lora, pretrained=pretrained, seed=seed)
