@@ -1,14 +1,17 @@
-"""Data: the shipped BBC News files, a seeded stratified split, and client partitions."""
+"""Data: the shipped data sets, seeded stratified splits, and client partitions."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
+from hfedmoe.assets import shipped_path
 from hfedmoe.config import DataConfig
-from hfedmoe.data import load_dataset, partition_indices
+from hfedmoe.data import TextDataset, load_dataset, partition_indices
 from hfedmoe.data.datasets import stratified_split
-from hfedmoe.data.tokenized import shuffled_batches
+from hfedmoe.data.multiple_choice import parse_options
+from hfedmoe.data.partition import partition_key
+from hfedmoe.data.tokenized import IGNORE_INDEX, shuffled_batches, tokenize_choices
 from hfedmoe.errors import HFedMoEError
 
 
@@ -61,3 +64,116 @@ def test_shuffled_batches_cycle_through_epochs():
     batches = list(shuffled_batches(5, 2, steps=5, rng=rng))
     assert [len(b) for b in batches] == [2, 2, 2, 2, 2]
     assert sorted(np.concatenate(batches[:2]).tolist()) == sorted(set(np.concatenate(batches[:2])))
+
+
+# --- setting (b): Rotten Tomatoes, clients formed from movies --------------------------------
+
+
+def test_rotten_tomatoes_is_the_fresh_and_rotten_reviews_grouped_by_movie():
+    split = load_dataset(DataConfig(dataset="rotten_tomatoes"), seed=0)
+    both = np.concatenate([split.train.labels, split.test.labels])
+    assert split.train.label_names == ("fresh", "rotten")
+    assert np.bincount(both).tolist() == [7403, 5405]  # the 1,097 plot summaries are left out
+    assert len(split.train.group_names) == 508
+    assert split.train.groups is not None and split.train.groups.max() < 508
+
+
+def test_rotten_tomatoes_file_without_the_columns_is_an_input_error(tmp_path):
+    bad = tmp_path / "reviews.csv"
+    bad.write_text("category,review\nfresh,great\n")
+    with pytest.raises(HFedMoEError, match=r"data.path: .* lacks the column\(s\) movie_name, text"):
+        load_dataset(DataConfig(dataset="rotten_tomatoes", path=str(bad)), seed=0)
+
+
+def test_natural_partition_deals_out_whole_groups():
+    ids = np.repeat(np.arange(10), [1, 2, 3, 4, 5, 6, 7, 8, 9, 10])  # 55 rows of 10 movies
+    cfg = DataConfig(dataset="rotten_tomatoes", partitioner="natural")
+    parts = partition_indices(ids, 3, cfg, seed=0)
+    assert sorted(np.concatenate(parts).tolist()) == list(range(55))
+    owners = [{int(g) for g in ids[p]} for p in parts]
+    assert sorted(len(o) for o in owners) == [3, 3, 4]  # 10 movies in runs of 4, 3, 3
+    assert set.union(*owners) == set(range(10)) and sum(len(o) for o in owners) == 10
+    again = partition_indices(ids, 3, cfg, seed=0)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again, strict=True))
+
+
+def test_natural_partition_needs_a_group_per_client():
+    cfg = DataConfig(dataset="rotten_tomatoes", partitioner="natural")
+    with pytest.raises(HFedMoEError, match=r"federation.num_clients: 4 clients but only 3"):
+        partition_indices(np.array([0, 1, 2, 2]), 4, cfg, seed=0)
+
+
+def test_natural_partition_needs_a_grouped_dataset():
+    with pytest.raises(ValueError, match=r"data.dataset: 'bbc_news' has no groups"):
+        DataConfig(dataset="bbc_news", partitioner="natural")
+
+
+# --- setting (c): four multiple-choice tasks, clients mostly of one task --------------------
+
+
+def test_options_are_parsed_with_the_right_answer_by_letter():
+    assert parse_options("\nA. bank\nB. mall", "B. mall") == (("bank", "mall"), 1)
+    assert parse_options("A. x\nB. y\nC. z", "C. z") == (("x", "y", "z"), 2)
+    assert parse_options("A. x\nB. y", "D. w") is None  # the answer is not an option
+
+
+def test_qa_mix_reads_four_tasks_with_their_choices():
+    cfg = DataConfig(dataset="qa_mix", task="multiple-choice")
+    split = load_dataset(cfg, seed=0)
+    train = split.train
+    groups = np.concatenate([train.groups, split.test.groups])
+    assert train.group_names == ("boolq", "commonsenseqa", "piqa", "siqa")
+    assert np.bincount(groups).tolist() == [12697, 1221, 1500, 1954]
+    assert np.bincount(split.test.groups).tolist() == [2539, 244, 300, 391]  # 20% of each task
+    widths = {
+        g: {len(train.choices[i]) for i in np.flatnonzero(train.groups == g)} for g in range(4)
+    }
+    assert widths[0] == {2} and widths[2] == {2} and widths[3] == {3}
+    boolq = int(np.flatnonzero(train.groups == 0)[0])
+    assert train.choices[boolq] == (" no", " yes") and train.texts[boolq].endswith("?\nAnswer:")
+    assert all(0 <= label < len(c) for label, c in zip(train.labels, train.choices, strict=True))
+
+
+def test_qa_mix_dirichlet_over_tasks_gives_clients_mostly_one_task():
+    cfg = DataConfig(
+        dataset="qa_mix",
+        task="multiple-choice",
+        partition_by="group",
+        dirichlet_alpha=0.1,
+        max_examples_per_group=500,
+    )
+    train = load_dataset(cfg, seed=0).train
+    assert np.bincount(train.groups).tolist() == [400, 400, 400, 400]  # 500 each, 80% train
+    parts = partition_indices(partition_key(train, cfg), 8, cfg, seed=0)
+    top_share = [np.bincount(train.groups[p], minlength=4).max() / len(p) for p in parts]
+    assert np.mean(top_share) > 0.8
+
+
+def test_multiple_choice_goes_with_qa_mix_only():
+    with pytest.raises(ValueError, match=r"data.task: 'multiple-choice' goes with data.dataset"):
+        DataConfig(dataset="bbc_news", task="multiple-choice")
+    with pytest.raises(ValueError, match=r"data.task: 'multiple-choice' goes with data.dataset"):
+        DataConfig(dataset="qa_mix")
+
+
+def test_choices_are_tokenised_as_prompt_then_answer_with_the_prompt_cut_from_its_start():
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(shipped_path("all-MiniLM-L6-v2"))
+    data = TextDataset(
+        ["one two three four five six seven eight nine ten", "question"],
+        np.array([1, 0]),
+        ("A", "B"),
+        choices=[(" yes", " no maybe"), (" red", " blue")],
+    )
+    tok = tokenize_choices(data, tokenizer, max_length=8)
+    ids = [tokenizer(w, add_special_tokens=False)["input_ids"] for w in ("no maybe", "red")]
+    cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
+    # 8 tokens: [CLS], the prompt's last words and [SEP] (room = 8 - 2 answer tokens), answer 1
+    assert tok.input_ids[0][0] == cls and tok.input_ids[0][-3:] == [sep, *ids[0]]
+    assert len(tok.input_ids[0]) == 8 and tok.answer_start == [6, 3]
+    assert tokenizer.decode(tok.input_ids[0][1:5]) == "seven eight nine ten"
+    assert tok.input_ids[1][-1:] == ids[1] and tok.choices[1][0] == ids[1]
+    labels = tok.batch(np.array([0, 1]))["labels"]
+    assert labels[0].tolist() == [IGNORE_INDEX] * 6 + ids[0]  # loss on the answer only
+    assert labels[1].tolist() == [IGNORE_INDEX] * 3 + ids[1] + [IGNORE_INDEX] * 4  # padding

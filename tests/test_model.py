@@ -3,6 +3,9 @@ checkpoints round-trip."""
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -10,6 +13,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BertForSequenceCla
 
 from hfedmoe.assets import shipped_path
 from hfedmoe.config import ModelConfig
+from hfedmoe.data import TextDataset
+from hfedmoe.data.tokenized import tokenize_choices
 from hfedmoe.errors import HFedMoEError
 from hfedmoe.model import (
     ExpertModel,
@@ -21,7 +26,7 @@ from hfedmoe.model import (
     save_checkpoint,
 )
 from hfedmoe.model.sources import model_dir
-from hfedmoe.training import choice_logprobs
+from hfedmoe.training import choice_logprobs, continuation_logprobs, evaluate
 
 LABELS = ("a", "b", "c")
 TEXTS = ["Shares rose sharply after the merger.", "The striker scored twice in the final."]
@@ -233,3 +238,53 @@ def test_smollm2_moe_answers_a_question_by_likelihood():
         model, load_tokenizer(cfg), "The capital of France is", [" Paris", " London", " a banana"]
     )
     assert int(scores.argmax()) == 0
+
+
+def test_continuation_logprobs_by_hand():
+    """Row 0 scores tokens 2..3, row 1 token 1; logits at t - 1 predict token t."""
+    logits_BTV = torch.log(torch.tensor([[[0.5, 0.5], [0.25, 0.75], [0.9, 0.1], [0.5, 0.5]]] * 2))
+    ids_BT = torch.tensor([[0, 0, 1, 0], [0, 1, 1, 1]])
+    sums, counts = continuation_logprobs(
+        logits_BTV, ids_BT, start_B=torch.tensor([2, 1]), end_B=torch.tensor([4, 2])
+    )
+    expected = [math.log(0.75) + math.log(0.9), math.log(0.5)]
+    assert sums.tolist() == pytest.approx(expected) and counts.tolist() == [2, 1]
+
+
+def test_multiple_choice_evaluation_picks_the_likeliest_answer_per_token(tiny_llama_dir):
+    """evaluate() on a multiple-choice set agrees with scoring each question alone, for any
+    batch size; the loss is the right answers' cross-entropy per token."""
+    cfg = ModelConfig(
+        name_or_path=str(tiny_llama_dir), num_experts=2, top_k=1, expert_noise_std=0.1
+    )
+    model = build_causal_lm(cfg, seed=0).eval()
+    tokenizer = load_tokenizer(cfg)
+    data = TextDataset(
+        ["the answer is", "pick a colour", "is it", "one two three"],
+        np.array([0, 2, 1, 1]),
+        ("A", "B", "C"),
+        groups=np.array([0, 0, 1, 1]),
+        group_names=("first", "second"),
+        choices=[
+            (" yes", " no thanks"),
+            (" red", " green", " dark blue"),
+            (" a", " b"),
+            (" x", " y"),
+        ],
+    )
+    tokenized = tokenize_choices(data, tokenizer, max_length=32)
+    expected_right, nll, tokens = [], 0.0, 0
+    for prompt, answers, label in zip(data.texts, data.choices, data.labels, strict=True):
+        scores = choice_logprobs(model, tokenizer, prompt, list(answers), normalize=True)
+        expected_right.append(int(scores.argmax()) == label)
+        raw = choice_logprobs(model, tokenizer, prompt, list(answers))
+        nll -= float(raw[label])
+        tokens += len(tokenizer(answers[label], add_special_tokens=False)["input_ids"])
+    for batch_size in (1, 3, 16):
+        result = evaluate(model, tokenized, batch_size)
+        assert result.accuracy == np.mean(expected_right)
+        assert result.loss == pytest.approx(nll / tokens, abs=1e-4)
+        assert result.by_group == {
+            "first": np.mean(expected_right[:2]),
+            "second": np.mean(expected_right[2:]),
+        }

@@ -79,11 +79,12 @@ def tokenize_choices(
     """
     if data.choices is None:
         raise ValueError("tokenize_choices needs a multiple-choice data set")
-    lead = len(tokenizer("")["input_ids"])  # special tokens a prompt starts with
+    special = set(tokenizer.all_special_ids)
     prompts = tokenizer(data.texts)["input_ids"]
     input_ids, starts, choices = [], [], []
     for prompt, answers, label in zip(prompts, data.choices, data.labels, strict=True):
         answer_ids = [tokenizer(a, add_special_tokens=False)["input_ids"] for a in answers]
+        lead = next((n for n, t in enumerate(prompt) if t not in special), len(prompt))
         room = max_length - max(len(a) for a in answer_ids)
         if room <= lead:
             raise ValueError(f"model.max_length ({max_length}) leaves no room for the prompt")
