@@ -152,3 +152,41 @@ def test_summary_matches_the_last_round(finished_run):
     last = read_metrics(finished_run)[-1]
     assert summary["final_test_accuracy"] == last["test_accuracy"]
     assert summary["rounds"] == 2
+
+
+def test_setting_b_rotten_tomatoes_by_movie(tiny_bert_dir, tmp_path):
+    """Setting (b) of the comparison on the tiny model: clients are runs of whole movies."""
+    raw = tiny_raw(tiny_bert_dir, algorithm="hfedmoe", federation={"rounds": 1})
+    raw["data"] = {"dataset": "rotten_tomatoes", "partitioner": "natural", "max_test_examples": 40}
+    config = tmp_path / "b.toml"
+    config.write_text(tomli_w.dumps(raw))
+    proc = run_cli("run", str(config), "-o", str(tmp_path / "b"), "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    _, record = read_metrics(tmp_path / "b")
+    assert record["clients_ok"] == 2 and 0 <= record["test_accuracy"] <= 1
+
+
+def test_setting_c_multiple_choice_reports_accuracy_per_task_and_reloads(tiny_llama_dir, tmp_path):
+    """Setting (c) on the tiny decoder: answers scored by likelihood, accuracy per task in the
+    metrics, and the saved checkpoint scores the same."""
+    raw = tiny_raw(tiny_llama_dir, algorithm="hfedmoe", federation={"rounds": 1})
+    raw["model"]["max_length"] = 48
+    raw["data"] = {
+        "dataset": "qa_mix",
+        "task": "multiple-choice",
+        "partition_by": "group",
+        "dirichlet_alpha": 0.1,
+        "max_examples_per_group": 30,
+        "min_partition_size": 5,
+    }
+    config = tmp_path / "c.toml"
+    config.write_text(tomli_w.dumps(raw))
+    proc = run_cli("run", str(config), "-o", str(tmp_path / "c"), "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    _, record = read_metrics(tmp_path / "c")
+    by_task = record["test_accuracy_by_group"]
+    assert set(by_task) == {"boolq", "commonsenseqa", "piqa", "siqa"}
+    assert record["test_accuracy"] == pytest.approx(sum(by_task.values()) / 4)  # 6 per task
+    model, _ = load_checkpoint(tmp_path / "c" / "model")
+    result = evaluate(model, server_task(load(config)).test, batch_size=7)
+    assert result.accuracy == pytest.approx(record["test_accuracy"], abs=1e-9)
