@@ -82,38 +82,78 @@ def _preflight(cfg: config_mod.ExperimentConfig) -> None:
 
 @app.command()
 def run(
-    config: ConfigArg,
+    config: Annotated[
+        Path | None,
+        typer.Argument(help="Experiment TOML file (e.g. configs/default.toml); not with --resume."),
+    ] = None,
     set_: SetOpt = None,
     output_dir: Annotated[
         Path | None,
         typer.Option("--output-dir", "-o", help="Run directory (must be new or empty)."),
     ] = None,
+    resume: Annotated[
+        Path | None,
+        typer.Option(
+            "--resume",
+            help="Continue the run in this directory from its last complete round (after a "
+            "crash or a kill); it ends exactly as an uninterrupted run would.",
+        ),
+    ] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Run one federated fine-tuning experiment on the embedded (in-process) Flower engine."""
     try:
-        cfg = config_mod.load(config, set_ or [])
-        _preflight(cfg)
-        from hfedmoe.results import prepare_run_dir
+        if resume is not None:
+            cfg, run_dir = _resumable(resume, config, set_, output_dir)
+        else:
+            if config is None:
+                raise HFedMoEError("missing CONFIG: give an experiment TOML file, or --resume")
+            cfg = config_mod.load(config, set_ or [])
+            _preflight(cfg)
+            from hfedmoe.results import prepare_run_dir
 
-        run_dir = output_dir or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.name}"
-        prepare_run_dir(run_dir)
+            run_dir = output_dir or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.name}"
+            prepare_run_dir(run_dir)
     except HFedMoEError as exc:
         _fail(str(exc))
         return
     _configure_logging()
+    verb = "resume" if resume is not None else "run"
     console.print(
-        f"[bold]hfedmoe[/] run [cyan]{cfg.name}[/] ({cfg.algorithm}, seed {cfg.seed}) -> {run_dir}"
+        f"[bold]hfedmoe[/] {verb} [cyan]{cfg.name}[/] ({cfg.algorithm}, seed {cfg.seed}) "
+        f"-> {run_dir}"
     )
     try:
-        summary = _run_with_progress(cfg, run_dir, progress)
+        summary = _run_with_progress(cfg, run_dir, progress, resume=resume is not None)
     except HFedMoEError as exc:
         _fail(str(exc))
         return
     _print_summary(summary, run_dir)
 
 
-def _run_with_progress(cfg: config_mod.ExperimentConfig, run_dir: Path, show: bool) -> dict:
+def _resumable(
+    run_dir: Path, config: Path | None, set_: list[str] | None, output_dir: Path | None
+) -> tuple[config_mod.ExperimentConfig, Path]:
+    """The config of the run to resume (its own config.toml: changing it would change the run)."""
+    from hfedmoe.resume import load_run_state
+
+    if config is not None or set_ or output_dir is not None:
+        raise HFedMoEError(
+            "--resume: takes only the run directory (the run keeps its own config.toml; no "
+            "CONFIG, --set or --output-dir)"
+        )
+    if (run_dir / "summary.json").is_file():
+        raise HFedMoEError(f"--resume: the run in '{run_dir}' has already finished")
+    if not (run_dir / "config.toml").is_file():
+        raise HFedMoEError(f"--resume: '{run_dir}' has no config.toml (not a run directory)")
+    cfg = config_mod.load(run_dir / "config.toml")
+    load_run_state(run_dir)  # fails early, naming the problem, if there is no usable checkpoint
+    return cfg, run_dir
+
+
+def _run_with_progress(
+    cfg: config_mod.ExperimentConfig, run_dir: Path, show: bool, resume: bool = False
+) -> dict:
     from flwr.app import MessageType
 
     from hfedmoe.engine.client_app import app as client_app
@@ -143,7 +183,7 @@ def _run_with_progress(cfg: config_mod.ExperimentConfig, run_dir: Path, show: bo
                 description=f"round {rnd}/{cfg.federation.rounds} client {k}/{per_round}",
             )
 
-        run_embedded(cfg, str(run_dir), server_app, client_app, on_reply=on_reply)
+        run_embedded(cfg, str(run_dir), server_app, client_app, on_reply=on_reply, resume=resume)
     return json.loads((run_dir / "summary.json").read_text())
 
 

@@ -21,6 +21,7 @@ import csv
 import io
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from hfedmoe.config import ExperimentConfig
 from hfedmoe.errors import HFedMoEError
 from hfedmoe.model import save_checkpoint
 from hfedmoe.plots import plot_accuracy
+from hfedmoe.resume import RunState
 
 ROUND_COLUMNS = [
     "round",
@@ -81,12 +83,24 @@ def to_csv(rows: list[dict], columns: list[str]) -> str:
 class RunRecorder:
     """Writes a run's results as the rounds complete."""
 
-    def __init__(self, run_dir: Path, cfg: ExperimentConfig):
+    def __init__(self, run_dir: Path, cfg: ExperimentConfig, resume: RunState | None = None):
+        """A new run; or, with ``resume``, the run in ``run_dir`` continued from its checkpoint:
+        the metrics files are rewritten from the checkpoint's records (dropping any round the
+        crash interrupted) and temporary files a killed process left are removed."""
         self.run_dir = Path(run_dir)
         self.cfg = cfg
         self.rounds: list[dict] = []
         self.run_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(self.run_dir / "config.toml", tomli_w.dumps(cfg.model_dump(exclude_none=True)))
+        if resume is not None:
+            for leftover in self.run_dir.glob(".*-*"):  # write_atomic's and mkdtemp's names
+                if leftover.is_dir():
+                    shutil.rmtree(leftover)
+                else:
+                    leftover.unlink()
+            self.rounds = list(resume.rounds)
+            write_atomic(self.metrics_path, "".join(json.dumps(r) + "\n" for r in self.rounds))
+            self._write_tables()
 
     @property
     def metrics_path(self) -> Path:
@@ -98,15 +112,19 @@ class RunRecorder:
             f.write(json.dumps(record) + "\n")
             f.flush()
             os.fsync(f.fileno())
+        self._write_tables()
+
+    def _write_tables(self) -> None:
         write_atomic(self.run_dir / "metrics.csv", to_csv(self.rounds, ROUND_COLUMNS))
         client_rows = [c for r in self.rounds for c in r["clients"]]
         if client_rows:
             write_atomic(self.run_dir / "clients.csv", to_csv(client_rows, list(client_rows[0])))
 
     def finish(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> dict:
-        save_checkpoint(
-            model, tokenizer, self.cfg.model, self.run_dir / "model", self.cfg.data.task
-        )
+        if not (self.run_dir / "model").exists():  # else: written before a crash, complete
+            save_checkpoint(
+                model, tokenizer, self.cfg.model, self.run_dir / "model", self.cfg.data.task
+            )
         plot_accuracy(
             self.rounds, self.run_dir / "accuracy.png", f"{self.cfg.name} ({self.cfg.algorithm})"
         )

@@ -17,7 +17,8 @@ import time
 import uuid
 from collections.abc import Callable, Iterable
 
-from flwr.app import Context, Error, Message, RecordDict
+import torch
+from flwr.app import ArrayRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid, ServerApp
@@ -70,6 +71,21 @@ class InProcessGrid(Grid):
             for pid in range(num_nodes)
         }
         self._replies: dict[str, Message] = {}
+
+    def node_states(self) -> dict[int, dict[str, dict[str, torch.Tensor]]]:
+        """The tensors every node keeps in its Context between rounds (for a checkpoint):
+        node id -> record name -> tensors."""
+        return {
+            node: {key: rec.to_torch_state_dict() for key, rec in ctx.state.array_records.items()}
+            for node, ctx in self._contexts.items()
+            if ctx.state.array_records
+        }
+
+    def restore_node_states(self, states: dict[int, dict[str, dict[str, torch.Tensor]]]) -> None:
+        """Put back what :meth:`node_states` returned (resuming a run)."""
+        for node, records in states.items():
+            for key, tensors in records.items():
+                self._contexts[int(node)].state[key] = ArrayRecord(tensors)
 
     def set_run(self, run: Run) -> None:
         self._run = run
@@ -125,9 +141,11 @@ def run_embedded(
     server_app: ServerApp,
     client_app: ClientApp,
     on_reply: ReplyCallback | None = None,
+    resume: bool = False,
 ) -> None:
-    """Run ``server_app`` against ``cfg.federation.num_clients`` in-process ``client_app`` nodes."""
-    run_config = {wire.RUN_CONFIG: cfg.to_json(), wire.RUN_DIR: str(run_dir)}
+    """Run ``server_app`` against ``cfg.federation.num_clients`` in-process ``client_app`` nodes
+    (``resume``: continue the run in ``run_dir`` from its checkpoint)."""
+    run_config = {wire.RUN_CONFIG: cfg.to_json(), wire.RUN_DIR: str(run_dir), wire.RESUME: resume}
     run_id = 1
     grid = InProcessGrid(client_app, cfg.federation.num_clients, run_config, run_id, on_reply)
     TaskIdentity.task_id = 1

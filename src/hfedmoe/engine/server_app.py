@@ -20,11 +20,13 @@ from hfedmoe.algorithms import build_algorithm
 from hfedmoe.budget import minimum_budget
 from hfedmoe.config import ExperimentConfig
 from hfedmoe.engine import wire
+from hfedmoe.engine.inprocess import InProcessGrid
 from hfedmoe.engine.strategy import AlgorithmStrategy
 from hfedmoe.errors import ConfigError, HFedMoEError
 from hfedmoe.model.experts import ExpertModel
 from hfedmoe.model.state import load_shared_state, shared_state
 from hfedmoe.results import RunRecorder
+from hfedmoe.resume import RunState, load_run_state, save_run_state
 from hfedmoe.task import server_task
 from hfedmoe.training import evaluate
 
@@ -37,31 +39,67 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     cfg = ExperimentConfig.from_json(str(context.run_config[wire.RUN_CONFIG]))
     run_dir = Path(str(context.run_config[wire.RUN_DIR]))
-    federate(grid, cfg, RunRecorder(run_dir, cfg))
+    resume = load_run_state(run_dir) if context.run_config.get(wire.RESUME) else None
+    federate(grid, cfg, RunRecorder(run_dir, cfg, resume), resume=resume)
 
 
 def federate(
-    grid: Grid, cfg: ExperimentConfig, recorder: RunRecorder, timeout: float = 3600
+    grid: Grid,
+    cfg: ExperimentConfig,
+    recorder: RunRecorder,
+    timeout: float = 3600,
+    resume: RunState | None = None,
 ) -> dict:
-    """Run ``cfg.federation.rounds`` rounds over ``grid``; return the run summary."""
+    """Run ``cfg.federation.rounds`` rounds over ``grid``; return the run summary.
+
+    After every round the run state is checkpointed (``hfedmoe.resume``); with ``resume`` the
+    loop continues from the checkpoint's round with the same weights, algorithm state, node
+    state and devices, and ends exactly where an uninterrupted run ends.
+    """
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    start = time.perf_counter()
+    start = time.perf_counter() - (resume.elapsed_seconds if resume else 0.0)
     task = server_task(cfg)
     model = task.model
     algorithm = build_algorithm(cfg)
     algorithm.bind(model)
     strategy = AlgorithmStrategy(algorithm, cfg)
-    need = minimum_budget(ExpertModel(model).num_layers, algorithm.holds_subset)
-    strategy.devices = query_devices(grid, need, timeout)
+    if resume is None:
+        need = minimum_budget(ExpertModel(model).num_layers, algorithm.holds_subset)
+        strategy.devices = query_devices(grid, need, timeout)
+    else:
+        strategy.devices = {d.pop("node_id"): wire.DeviceReport(**d) for d in resume.devices}
+        load_shared_state(model, resume.weights)
+        algorithm.load_state_dict(resume.algorithm)
+        if isinstance(grid, InProcessGrid):
+            grid.restore_node_states(resume.nodes)
+        log.info("resuming after round %d of %d", resume.round, cfg.federation.rounds)
     algorithm.set_budgets({n: d.expert_budget for n, d in strategy.devices.items()})
     arrays = ArrayRecord(shared_state(model))
 
-    initial = evaluate(model, task.test, cfg.eval.batch_size)
-    record = _round_record(0, initial, None, [], 0.0, time.perf_counter() - start)
-    record["devices"] = [{"node_id": n, **asdict(d)} for n, d in sorted(strategy.devices.items())]
-    recorder.log_round(record)
-    for server_round in range(1, cfg.federation.rounds + 1):
+    def checkpoint(server_round: int) -> None:
+        nodes = grid.node_states() if isinstance(grid, InProcessGrid) else {}
+        devices = [{"node_id": n, **asdict(d)} for n, d in sorted(strategy.devices.items())]
+        state = RunState(
+            server_round,
+            arrays.to_torch_state_dict(),
+            algorithm.state_dict(),
+            nodes,
+            devices,
+            recorder.rounds,
+            time.perf_counter() - start,
+        )
+        save_run_state(recorder.run_dir, state)
+
+    if resume is None:
+        initial = evaluate(model, task.test, cfg.eval.batch_size)
+        record = _round_record(0, initial, None, [], 0.0, time.perf_counter() - start)
+        record["devices"] = [
+            {"node_id": n, **asdict(d)} for n, d in sorted(strategy.devices.items())
+        ]
+        recorder.log_round(record)
+        checkpoint(0)
+    for server_round in range((resume.round if resume else 0) + 1, cfg.federation.rounds + 1):
         round_start = time.perf_counter()
         messages = strategy.configure_train(server_round, arrays, ConfigRecord(), grid)
         replies = grid.send_and_receive(messages, timeout=timeout)
@@ -78,6 +116,7 @@ def federate(
         if new_arrays is not None:  # what the algorithm says about this round's aggregation
             record.update(algorithm.round_metrics())
         recorder.log_round(record)
+        checkpoint(server_round)
         log.info(
             "round %d/%d  test_accuracy=%.4f  test_loss=%.4f  train_loss=%s  (%.1fs)",
             server_round,

@@ -39,6 +39,7 @@ PARTITION_ID = "partition-id"
 # run_config keys (Flower's per-run config, the same on every engine)
 RUN_CONFIG = "hfedmoe-config"  # the validated ExperimentConfig as JSON
 RUN_DIR = "run-dir"  # where the ServerApp writes results
+RESUME = "resume"  # true: continue the run in RUN_DIR from its checkpoint
 
 
 def pack_task(task: ClientTask, server_round: int) -> RecordDict:

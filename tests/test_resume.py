@@ -1,0 +1,214 @@
+"""Checkpoint and resume: a run killed with SIGKILL at any moment, then resumed with
+``hfedmoe run --resume``, ends with exactly the weights and metrics of an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import tomli_w
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file
+
+from hfedmoe.errors import HFedMoEError
+from hfedmoe.results import read_metrics
+from hfedmoe.resume import CHECKPOINT_FILE, RunState, flatten, load_run_state, save_run_state
+
+from .test_budget import _three_tiers
+from .test_end_to_end import _strip_timing, run_cli
+
+ROUNDS = 4
+
+
+# --- the checkpoint file -----------------------------------------------------------------------
+
+
+def _state(round_: int = 3) -> RunState:
+    return RunState(
+        round=round_,
+        weights={"a.weight": torch.arange(6.0).reshape(2, 3), "b/c": torch.tensor([1], dtype=int)},
+        algorithm={"importance": {1001: torch.ones(2, 4)}, "examples": {"1001": 12}},
+        nodes={1002: {"memory": {"router/layer.0.gate": torch.zeros(3)}}},
+        devices=[{"node_id": 1001, "tier": "phone", "expert_budget": 4}],
+        rounds=[{"round": 0, "test_accuracy": 0.25}, {"round": 1, "test_accuracy": 0.5}],
+        elapsed_seconds=12.5,
+    )
+
+
+def test_run_state_round_trips_through_one_file(tmp_path):
+    state = _state()
+    save_run_state(tmp_path, state)
+    back = load_run_state(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == [CHECKPOINT_FILE]  # no temporary left
+    assert back.round == 3 and back.elapsed_seconds == 12.5
+    assert back.devices == state.devices and back.rounds == state.rounds
+    assert all(torch.equal(back.weights[k], v) for k, v in state.weights.items())
+    assert back.weights["b/c"].dtype == torch.int64
+    assert torch.equal(back.algorithm["importance"]["1001"], torch.ones(2, 4))
+    assert back.algorithm["examples"] == {"1001": 12}
+    assert torch.equal(back.nodes[1002]["memory"]["router/layer.0.gate"], torch.zeros(3))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.recursive(
+        st.integers(-5, 5) | st.builds(lambda n: torch.arange(float(n)), st.integers(1, 4)),
+        lambda inner: st.dictionaries(st.sampled_from("abc"), inner, min_size=1, max_size=3),
+        max_leaves=8,
+    ).filter(lambda t: isinstance(t, dict))
+)
+def test_flatten_then_unflatten_is_the_identity(tree):
+    from hfedmoe.resume import unflatten
+
+    tensors, rest = flatten(tree, "x")
+    back = unflatten(tensors, rest, "x")
+
+    def same(a, b) -> bool:
+        if isinstance(a, torch.Tensor):
+            return isinstance(b, torch.Tensor) and torch.equal(a, b)
+        if isinstance(a, dict):
+            return set(a) == set(b) and all(same(a[k], b[k]) for k in a)
+        return a == b
+
+    assert same(tree, back)
+
+
+def test_a_failed_write_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
+    save_run_state(tmp_path, _state(round_=2))
+    before = (tmp_path / CHECKPOINT_FILE).read_bytes()
+
+    def crash(*args, **kwargs):
+        Path(args[1]).write_bytes(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr("hfedmoe.resume.save_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_run_state(tmp_path, _state(round_=3))
+    assert (tmp_path / CHECKPOINT_FILE).read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == [CHECKPOINT_FILE]
+    assert load_run_state(tmp_path).round == 2
+
+
+def test_a_directory_without_a_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(HFedMoEError, match=r"has no checkpoint\.safetensors"):
+        load_run_state(tmp_path)
+    (tmp_path / CHECKPOINT_FILE).write_bytes(b"garbage")
+    with pytest.raises(HFedMoEError, match="is not a readable checkpoint"):
+        load_run_state(tmp_path)
+
+
+# --- real SIGKILLs of a real run ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def config_file(tiny_bert_dir, tmp_path_factory) -> Path:
+    """FLEX-MoE on three device tiers: server-side fitness, personal routers kept by the nodes,
+    budget failures; every kind of state a resume must restore."""
+    raw = _three_tiers(tiny_bert_dir, "flexmoe")
+    raw["federation"]["rounds"] = ROUNDS
+    path = tmp_path_factory.mktemp("resume-cfg") / "flex.toml"
+    path.write_text(tomli_w.dumps(raw))
+    return path
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(config_file, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("resume") / "whole"
+    proc = run_cli("run", str(config_file), "-o", str(run_dir), "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    return run_dir
+
+
+def _records(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.is_file() else 0
+
+
+def _checkpoint_round(run_dir: Path) -> int:
+    try:
+        return load_run_state(run_dir).round
+    except HFedMoEError:
+        return -1
+
+
+def _kill_when(args: list[str], moment: Callable[[], bool], delay: float = 0.0) -> None:
+    """Start the CLI, SIGKILL it once ``moment()`` holds (polled every 10 ms) plus ``delay``."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hfedmoe", *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not moment():
+            assert proc.poll() is None, "the run ended before the moment to kill it"
+            assert time.monotonic() < deadline, "the moment to kill never came"
+            time.sleep(0.01)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+
+
+def _assert_same_end(run_dir: Path, uninterrupted: Path) -> None:
+    assert _strip_timing(read_metrics(run_dir)) == _strip_timing(read_metrics(uninterrupted))
+    ours = load_file(run_dir / "model" / "model.safetensors")
+    theirs = load_file(uninterrupted / "model" / "model.safetensors")
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)  # bit for bit
+    skip = {"wall_seconds", "run_dir"}
+    summary = json.loads((run_dir / "summary.json").read_text())
+    expected = json.loads((uninterrupted / "summary.json").read_text())
+    assert {k: v for k, v in summary.items() if k not in skip} == {
+        k: v for k, v in expected.items() if k not in skip
+    }
+    assert not [p.name for p in run_dir.iterdir() if p.name.startswith(".")]  # no temporaries
+
+
+def test_killed_twice_mid_run_then_resumed_ends_exactly_as_uninterrupted(
+    config_file, uninterrupted, tmp_path
+):
+    run_dir = tmp_path / "killed"
+    # 1: the moment round 1's metrics are written (its checkpoint may or may not be on disk yet)
+    _kill_when(["run", str(config_file), "-o", str(run_dir)], lambda: _records(run_dir) >= 2)
+    assert _checkpoint_round(run_dir) in (0, 1)
+    # 2: the resumed run, 50 ms after it checkpointed round 2 (inside round 3)
+    _kill_when(["run", "--resume", str(run_dir)], lambda: _checkpoint_round(run_dir) >= 2, 0.05)
+    assert 2 <= _checkpoint_round(run_dir) < ROUNDS
+    proc = run_cli("run", "--resume", str(run_dir), "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    _assert_same_end(run_dir, uninterrupted)
+
+
+def test_killed_while_saving_the_final_model_then_resumed(config_file, uninterrupted, tmp_path):
+    run_dir = tmp_path / "final"
+    _kill_when(
+        ["run", str(config_file), "-o", str(run_dir)], lambda: _checkpoint_round(run_dir) == ROUNDS
+    )
+    assert not (run_dir / "summary.json").exists()
+    proc = run_cli("run", "--resume", str(run_dir), "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    _assert_same_end(run_dir, uninterrupted)
+
+
+def test_resume_refuses_what_it_cannot_continue(config_file, uninterrupted, tmp_path):
+    proc = run_cli("run", "--resume", str(uninterrupted))
+    assert proc.returncode == 2 and "has already finished" in proc.stderr
+    proc = run_cli("run", "--resume", str(tmp_path))
+    assert proc.returncode == 2 and "has no config.toml" in proc.stderr
+    proc = run_cli("run", str(config_file), "--resume", str(uninterrupted))
+    assert proc.returncode == 2 and "takes only the run directory" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
