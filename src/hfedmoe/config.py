@@ -143,11 +143,21 @@ class DataConfig(Section):
 
 
 class FederationConfig(Section):
-    """How many clients exist, how many train per round, for how many rounds."""
+    """How many clients exist, how many train per round, for how many rounds; what the server
+    accepts from them."""
 
     num_clients: int = Field(8, gt=0)
     clients_per_round: int = Field(4, gt=0)
     rounds: int = Field(10, gt=0)
+    round_timeout: float | None = Field(
+        None, gt=0, description="Seconds the server waits for replies; null = for all of them."
+    )
+    max_update_ratio: float = Field(
+        10.0,
+        gt=0,
+        description="Reject an update whose distance from the global weights exceeds this "
+        "multiple of their norm (an absurd update).",
+    )
 
     @model_validator(mode="after")
     def _sample_within_population(self) -> FederationConfig:
@@ -206,6 +216,47 @@ class HFedMoEConfig(Section):
         "backward-only",
         description="backward-only: route normally, update only E_active (the paper); strict: "
         "a client holds only C_budget experts, routes among them, downloads and uploads them",
+    )
+
+
+#: How an injected faulty client misbehaves (``hfedmoe.faults``).
+FaultKind = Literal[
+    "dropout",  # never replies
+    "exception",  # raises during training
+    "deadline",  # replies after federation.round_timeout
+    "nan",
+    "inf",
+    "shape",
+    "dtype",
+    "unknown-key",
+    "missing-key",
+    "norm",  # an update far too large
+]
+FAULT_KINDS: tuple[str, ...] = FaultKind.__args__  # type: ignore[attr-defined]
+
+
+class FaultEvent(Section):
+    """One injected fault: client ``partition`` misbehaves in ``round``."""
+
+    round: int = Field(gt=0)
+    partition: int = Field(ge=0)
+    kind: FaultKind
+
+
+class FaultsConfig(Section):
+    """Client faults injected for tests and experiments (none by default)."""
+
+    rate: float = Field(
+        0.0, ge=0, le=1, description="Probability that a sampled client misbehaves in a round."
+    )
+    kinds: list[FaultKind] = Field(
+        default_factory=lambda: [k for k in FAULT_KINDS if k != "deadline"],
+        min_length=1,
+        description="What a faulty client does, drawn uniformly (deadline needs "
+        "federation.round_timeout).",
+    )
+    events: list[FaultEvent] = Field(
+        default_factory=list, description="Faults at fixed (round, partition), besides rate."
     )
 
 
@@ -272,6 +323,21 @@ class ExperimentConfig(Section):
     eval: EvalConfig = EvalConfig()
     hfedmoe: HFedMoEConfig = HFedMoEConfig()
     devices: DevicesConfig = DevicesConfig()
+    faults: FaultsConfig = FaultsConfig()
+
+    @model_validator(mode="after")
+    def _faults_fit(self) -> ExperimentConfig:
+        kinds = set(self.faults.kinds if self.faults.rate > 0 else [])
+        kinds |= {e.kind for e in self.faults.events}
+        if "deadline" in kinds and self.federation.round_timeout is None:
+            raise ValueError("faults: a 'deadline' fault needs federation.round_timeout")
+        for i, e in enumerate(self.faults.events):
+            if e.partition >= self.federation.num_clients:
+                raise ValueError(
+                    f"faults.events[{i}].partition: {e.partition} is not a client (expected "
+                    f"< federation.num_clients = {self.federation.num_clients})"
+                )
+        return self
 
     @model_validator(mode="after")
     def _one_device_per_client(self) -> ExperimentConfig:

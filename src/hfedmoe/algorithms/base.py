@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from hfedmoe.algorithms.validation import UploadSpec, full_upload
 from hfedmoe.config import ExperimentConfig
 from hfedmoe.data.tokenized import TokenizedDataset
 from hfedmoe.errors import ConfigError
@@ -79,6 +80,11 @@ class FederatedAlgorithm(ABC):
         self.budgets = dict(budgets)
 
     # ---- server side -------------------------------------------------------------------
+    def upload_spec(self, model: nn.Module) -> UploadSpec:
+        """What a client may upload (the server rejects anything else). Default: every
+        trainable tensor, required."""
+        return full_upload([n for n, p in model.named_parameters() if p.requires_grad])
+
     def bind(self, model: nn.Module) -> None:
         """Called once on the server with the initial global model, before round 1, so an
         algorithm can learn where experts and routers live in the weights. Default: nothing."""

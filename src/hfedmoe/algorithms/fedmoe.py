@@ -36,6 +36,7 @@ from hfedmoe.algorithms.partial import (
     STRICT,
     AssignedExperts,
     ExpertLayout,
+    PartialUploads,
     aggregate_experts,
     assigned_mask,
     download,
@@ -70,7 +71,7 @@ def router_rows(
 
 
 @register
-class FedMoE(FederatedAlgorithm):
+class FedMoE(PartialUploads, FederatedAlgorithm):
     name = "fedmoe"
 
     def bind(self, model: nn.Module) -> None:

@@ -41,12 +41,15 @@ from hfedmoe.algorithms.partial import (
     ASSIGNED,
     AssignedExperts,
     ExpertLayout,
+    PartialUploads,
     aggregate_experts,
     assigned_mask,
     fedavg_rest,
     own_or_mean,
+    partial_upload,
     upload_weights,
 )
+from hfedmoe.algorithms.validation import UploadSpec
 from hfedmoe.data.tokenized import TokenizedDataset
 from hfedmoe.model.experts import ExpertModel
 from hfedmoe.model.state import load_shared_state
@@ -80,7 +83,7 @@ def assign(fitness_CX: torch.Tensor, slots_C: list[int]) -> torch.Tensor:
 
 
 @register
-class FlexMoE(FederatedAlgorithm):
+class FlexMoE(PartialUploads, FederatedAlgorithm):
     name = "flexmoe"
 
     def bind(self, model: nn.Module) -> None:
@@ -151,6 +154,10 @@ class FlexMoE(FederatedAlgorithm):
         update = self._update(model, data, result, weights)
         update.stats["usage"] = hooks.usage.value()
         return update
+
+    def upload_spec(self, model: nn.Module) -> UploadSpec:
+        """Routers stay home: a client must not upload them."""
+        return partial_upload(model, exclude=frozenset(ExpertLayout.of(model).router_names))
 
     def state_dict(self) -> dict:
         return {"fitness": dict(self.fitness)}

@@ -48,6 +48,7 @@ from hfedmoe.algorithms.partial import (
     STRICT,
     ExpertLayout,
     GateUsage,
+    PartialUploads,
     aggregate_experts,
     assigned_mask,
     download,
@@ -96,7 +97,7 @@ class ImportanceSelector(StepHooks):
 
 
 @register
-class HFedMoE(FederatedAlgorithm):
+class HFedMoE(PartialUploads, FederatedAlgorithm):
     name = "hfedmoe"
     #: ``[hfedmoe]`` settings this algorithm fixes (the ablations, ``ablations.py``)
     forced: ClassVar[dict[str, object]] = {}

@@ -28,6 +28,7 @@ from hfedmoe.algorithms.aggregation import weighted_average
 from hfedmoe.algorithms.base import ClientTask, ClientUpdate, Weights
 from hfedmoe.algorithms.importance import select_active
 from hfedmoe.algorithms.sparse_aggregation import combine, usage
+from hfedmoe.algorithms.validation import UploadSpec
 from hfedmoe.model.experts import ExpertEntry, ExpertId, ExpertModel, RoutingCapture
 from hfedmoe.model.state import load_shared_state
 from hfedmoe.training import StepHooks
@@ -134,6 +135,28 @@ def upload_weights(
             for x in es:
                 out[expert_key(x, expert)] = x.take(params[x.state_name].detach()).clone()
     return out
+
+
+def partial_upload(model: nn.Module, exclude: frozenset[str] = frozenset()) -> UploadSpec:
+    """What :func:`upload_weights` may send: every trainable non-expert tensor (required, less
+    ``exclude``) and any experts, by :func:`expert_key`."""
+    layout = ExpertLayout.of(model)
+    expert_names = layout.expert_names
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    required = frozenset(n for n in trainable if n not in expert_names and n not in exclude)
+    experts = {
+        expert_key(x, expert): (x.state_name, None if x.dim is None else x)
+        for expert, entries in layout.experts.items()
+        for x in entries
+    }
+    return UploadSpec(required, experts)
+
+
+class PartialUploads:
+    """Mixin for algorithms whose clients upload with :func:`upload_weights`."""
+
+    def upload_spec(self, model: nn.Module) -> UploadSpec:
+        return partial_upload(model)
 
 
 def aggregate_experts(

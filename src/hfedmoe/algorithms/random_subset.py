@@ -36,6 +36,7 @@ from hfedmoe.algorithms.partial import (
     ASSIGNED,
     AssignedExperts,
     ExpertLayout,
+    PartialUploads,
     aggregate_experts,
     assigned_mask,
     fedavg_rest,
@@ -58,7 +59,7 @@ def draw_experts(shape: tuple[int, int], budget: int, rng: np.random.Generator) 
 
 
 @register
-class RandomSubset(FederatedAlgorithm):
+class RandomSubset(PartialUploads, FederatedAlgorithm):
     name = "random"
 
     def bind(self, model: nn.Module) -> None:

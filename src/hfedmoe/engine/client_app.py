@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import time
 
 import torch
 from flwr.app import ArrayRecord, Context, Error, Message
@@ -33,6 +34,7 @@ from hfedmoe.config import DeviceTier, ExperimentConfig
 from hfedmoe.data.tokenized import TokenizedDataset
 from hfedmoe.engine import wire
 from hfedmoe.errors import ConfigError
+from hfedmoe.faults import Dropout, InjectedFault, corrupt, planned_fault
 from hfedmoe.seeding import CLIENT_TRAIN, rng_for, seed_torch
 from hfedmoe.task import client_data, client_model, label_names
 
@@ -59,8 +61,14 @@ def train(msg: Message, context: Context) -> Message:
     except BudgetExceeded as exc:  # the round fails for this client; the server counts it
         return Message(Error(code=wire.BUDGET_EXCEEDED, reason=str(exc)), reply_to=msg)
 
+    fault = planned_fault(cfg, server_round, partition_id)  # injected faults (tests)
+    if fault == "dropout":
+        raise Dropout
+    if fault == "exception":
+        raise InjectedFault(f"injected fault: partition {partition_id}, round {server_round}")
     data = _data(cfg_json, partition_id, num_partitions)
     model = copy.deepcopy(_architecture(cfg_json))
+    sent = task.weights
     seed_torch(cfg.seed, CLIENT_TRAIN, server_round, partition_id)  # dropout
     rng = rng_for(cfg.seed, CLIENT_TRAIN, server_round, partition_id)  # batch order
     if MEMORY in context.state.array_records:  # what this node kept from its last round
@@ -70,6 +78,10 @@ def train(msg: Message, context: Context) -> Message:
         context.state[MEMORY] = ArrayRecord(task.memory)
     update.metrics["memory_predicted_bytes"] = float(costs.step_extra_bytes(requested))
     update.metrics["step_flops_predicted"] = costs.predict(requested).step_flops
+    if fault == "deadline":
+        time.sleep(cfg.federation.round_timeout or 0.0)  # the reply comes after the deadline
+    elif fault is not None:
+        update = corrupt(update, fault, sent)
     return Message(wire.pack_update(update, partition_id), reply_to=msg)
 
 

@@ -13,6 +13,7 @@ inflated back, so server and clients never share a Python object, as on the othe
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -29,6 +30,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from hfedmoe.config import ExperimentConfig
 from hfedmoe.engine import wire
+from hfedmoe.faults import Dropout
 
 #: Node ids of the embedded engine's clients: FIRST_NODE_ID + partition id (deterministic, so
 #: the same seed samples the same clients).
@@ -71,6 +73,7 @@ class InProcessGrid(Grid):
             for pid in range(num_nodes)
         }
         self._replies: dict[str, Message] = {}
+        self._seconds: dict[str, float] = {}  # message id -> how long its node took to reply
 
     def node_states(self) -> dict[int, dict[str, dict[str, torch.Tensor]]]:
         """The tensors every node keeps in its Context between rounds (for a checkpoint):
@@ -105,14 +108,23 @@ class InProcessGrid(Grid):
         for msg in messages:
             msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
             ids.append(msg.metadata.message_id)
-            self._replies[msg.metadata.message_id] = self._deliver(msg)
+            start = time.perf_counter()
+            with contextlib.suppress(Dropout):  # the node vanished: no reply will ever come
+                self._replies[msg.metadata.message_id] = self._deliver(msg)
+            self._seconds[msg.metadata.message_id] = time.perf_counter() - start
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return [self._replies.pop(i) for i in message_ids if i in self._replies]
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None):
-        return self.pull_messages(self.push_messages(messages))
+        """Every node's reply, except from nodes that took longer than ``timeout`` seconds
+        (clients run one after another here; each is timed as if they ran in parallel)."""
+        ids = self.push_messages(messages)
+        late = {i for i in ids if timeout is not None and self._seconds.pop(i, 0.0) > timeout}
+        for i in late:
+            self._replies.pop(i, None)
+        return self.pull_messages([i for i in ids if i not in late])
 
     def _deliver(self, msg: Message) -> Message:
         start = time.perf_counter()

@@ -64,6 +64,8 @@ def federate(
     algorithm = build_algorithm(cfg)
     algorithm.bind(model)
     strategy = AlgorithmStrategy(algorithm, cfg)
+    strategy.spec = algorithm.upload_spec(model)
+    round_timeout = cfg.federation.round_timeout or timeout
     if resume is None:
         need = minimum_budget(ExpertModel(model).num_layers, algorithm.holds_subset)
         strategy.devices = query_devices(grid, need, timeout)
@@ -102,9 +104,12 @@ def federate(
     for server_round in range((resume.round if resume else 0) + 1, cfg.federation.rounds + 1):
         round_start = time.perf_counter()
         messages = strategy.configure_train(server_round, arrays, ConfigRecord(), grid)
-        replies = grid.send_and_receive(messages, timeout=timeout)
+        replies = grid.send_and_receive(messages, timeout=round_timeout)
         new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
-        if new_arrays is not None:  # every client failed: the model stays as it was
+        if new_arrays is not None and not _finite(new_arrays):  # defence in depth
+            log.error("round %d: the aggregate is not finite; keeping the model", server_round)
+            new_arrays = train_metrics = None
+        if new_arrays is not None:  # None: every client failed, the model stays as it was
             arrays = new_arrays
             load_shared_state(model, arrays.to_torch_state_dict())
         result = evaluate(model, task.test, cfg.eval.batch_size)
@@ -127,6 +132,14 @@ def federate(
             now - round_start,
         )
     return recorder.finish(model, task.tokenizer)
+
+
+def _finite(arrays: ArrayRecord) -> bool:
+    return all(
+        bool(torch.isfinite(t).all())
+        for t in arrays.to_torch_state_dict().values()
+        if t.is_floating_point()
+    )
 
 
 def query_devices(grid: Grid, need: int, timeout: float) -> dict[int, wire.DeviceReport]:

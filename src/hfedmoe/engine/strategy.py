@@ -2,11 +2,15 @@
 
 It samples clients, turns the algorithm's per-client tasks into messages, and turns the
 replies back into updates for the algorithm's aggregation; it does no arithmetic itself.
-Per-client outcomes of the last round are kept in :attr:`AlgorithmStrategy.last_reports`.
+Every reply is checked first (``hfedmoe.algorithms.validation``): an error, a malformed or
+rejected update, or no reply at all makes that client a failure with a reason, and only the
+accepted updates are aggregated. Per-client outcomes of the last round are kept in
+:attr:`AlgorithmStrategy.last_reports`.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
@@ -15,9 +19,12 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from hfedmoe.algorithms import ClientUpdate, FederatedAlgorithm, Weights
+from hfedmoe.algorithms.validation import UploadSpec, check_update
 from hfedmoe.config import ExperimentConfig
 from hfedmoe.engine import wire
 from hfedmoe.seeding import SAMPLING, rng_for
+
+log = logging.getLogger("hfedmoe")
 
 
 @dataclass
@@ -28,7 +35,9 @@ class ClientReport:
     node_id: int
     bytes_down: int
     status: str = "ok"  # "ok" | "failed"
-    failure: str = ""  # "budget" (asked beyond its device) | "error" | ""
+    # why it failed: "budget" (asked beyond its device), "error" (raised), "no-reply" (none
+    # before the round's timeout), "malformed", or a rejection (validation.Rejection.reason)
+    failure: str = ""
     error: str = ""
     partition_id: int | None = None
     tier: str = ""  # the device tier ("" = unlimited)
@@ -54,6 +63,27 @@ class ClientReport:
         return asdict(self)
 
 
+def _describe(report: ClientReport, update: ClientUpdate, partition_id: int, bytes_up: int) -> None:
+    """Fill ``report`` from an accepted update's metrics."""
+    m = update.metrics
+    report.partition_id = partition_id
+    report.num_examples = update.num_examples
+    report.train_loss = m.get("train_loss")
+    report.seconds = m.get("train_seconds")
+    report.steps = _int_or_none(m.get("steps"))
+    report.bytes_up = bytes_up
+    report.experts_routed = _int_or_none(m.get("experts_routed"))
+    report.experts_updated = _int_or_none(m.get("experts_updated"))
+    report.experts_used = _int_or_none(m.get("experts_used"))
+    report.experts_routed_per_step = m.get("experts_routed_per_step")
+    report.max_active_per_step = _int_or_none(m.get("max_active_per_step"))
+    report.memory_predicted_bytes = m.get("memory_predicted_bytes")
+    report.memory_measured_bytes = m.get("memory_measured_bytes")
+    report.step_flops_predicted = m.get("step_flops_predicted")
+    if "expert_updates" in update.stats:
+        report.expert_updates = update.stats["expert_updates"].flatten().tolist()
+
+
 def _int_or_none(x: float | None) -> int | None:
     return None if x is None else int(x)
 
@@ -76,6 +106,8 @@ class AlgorithmStrategy(Strategy):
         self._bytes_down: dict[int, int] = {}
         self._requested: dict[int, int | None] = {}
         self.devices: dict[int, wire.DeviceReport] = {}  # node id -> its budget query answer
+        self.spec: UploadSpec | None = None  # what clients may upload; None = anything
+        self._sampled: list[int] = []
 
     def summary(self) -> None:
         """Flower calls this to describe the strategy; ours is described by the config."""
@@ -88,6 +120,7 @@ class AlgorithmStrategy(Strategy):
             grid.get_node_ids(), self.cfg.federation.clients_per_round, self.cfg.seed, server_round
         )
         messages, self._bytes_down, self._requested = [], {}, {}
+        self._sampled = sampled
         self.algorithm.configure_round(server_round, sampled)
         for node in sampled:
             task = self.algorithm.configure_client(server_round, self._global, node)
@@ -113,42 +146,33 @@ class AlgorithmStrategy(Strategy):
         reports = []
         for reply in replies:
             node = reply.metadata.src_node_id
-            device = self.devices.get(node)
-            base = ClientReport(
-                server_round,
-                node,
-                self._bytes_down.get(node, 0),
-                partition_id=device.partition_id if device else None,
-                tier=device.tier if device else "",
-                expert_budget=device.expert_budget if device else None,
-                requested_experts=self._requested.get(node),
-            )
+            report = self._report(server_round, node)
+            reports.append(report)
             if reply.has_error():
-                reason = reply.error.reason
-                base.status, base.error = "failed", reason
-                base.failure = "budget" if reply.error.code == wire.BUDGET_EXCEEDED else "error"
-                reports.append(base)
+                code = reply.error.code
+                failure = "budget" if code == wire.BUDGET_EXCEEDED else "error"
+                self._fail(report, failure, reply.error.reason)
                 continue
-            update, partition_id = wire.unpack_update(reply.content)
+            try:
+                update, partition_id = wire.unpack_update(reply.content)
+            except Exception as exc:  # whatever a broken client sends must not stop the server
+                self._fail(report, "malformed", f"{type(exc).__name__}: {exc}")
+                continue
+            rejection = self.spec and check_update(
+                update.weights,
+                update.num_examples,
+                self.spec,
+                self._global,
+                self.cfg.federation.max_update_ratio,
+            )
+            if rejection:
+                self._fail(report, rejection.reason, rejection.detail)
+                continue
             updates[node] = update
-            m = update.metrics
-            base.partition_id = partition_id
-            base.num_examples = update.num_examples
-            base.train_loss = m.get("train_loss")
-            base.seconds = m.get("train_seconds")
-            base.steps = _int_or_none(m.get("steps"))
-            base.bytes_up = wire.payload_bytes(reply.content)
-            base.experts_routed = _int_or_none(m.get("experts_routed"))
-            base.experts_updated = _int_or_none(m.get("experts_updated"))
-            base.experts_used = _int_or_none(m.get("experts_used"))
-            base.experts_routed_per_step = m.get("experts_routed_per_step")
-            base.max_active_per_step = _int_or_none(m.get("max_active_per_step"))
-            base.memory_predicted_bytes = m.get("memory_predicted_bytes")
-            base.memory_measured_bytes = m.get("memory_measured_bytes")
-            base.step_flops_predicted = m.get("step_flops_predicted")
-            if "expert_updates" in update.stats:
-                base.expert_updates = update.stats["expert_updates"].flatten().tolist()
-            reports.append(base)
+            _describe(report, update, partition_id, wire.payload_bytes(reply.content))
+        for node in sorted(set(self._sampled) - {r.node_id for r in reports}):
+            reports.append(self._report(server_round, node))
+            self._fail(reports[-1], "no-reply", "no reply before the round's timeout")
         self.last_reports = sorted(reports, key=lambda r: r.node_id)
         if not updates:
             return None, None
@@ -156,6 +180,25 @@ class AlgorithmStrategy(Strategy):
         total = sum(u.num_examples for u in updates.values())
         train_loss = sum(u.metrics["train_loss"] * u.num_examples for u in updates.values()) / total
         return ArrayRecord(new_global), MetricRecord({"train_loss": train_loss})
+
+    def _report(self, server_round: int, node: int) -> ClientReport:
+        device = self.devices.get(node)
+        return ClientReport(
+            server_round,
+            node,
+            self._bytes_down.get(node, 0),
+            partition_id=device.partition_id if device else None,
+            tier=device.tier if device else "",
+            expert_budget=device.expert_budget if device else None,
+            requested_experts=self._requested.get(node),
+        )
+
+    @staticmethod
+    def _fail(report: ClientReport, failure: str, error: str) -> None:
+        report.status, report.failure, report.error = "failed", failure, error
+        log.warning(
+            "round %d: node %d failed (%s): %s", report.round, report.node_id, failure, error
+        )
 
     # No client-side evaluation: the global model is evaluated centrally on the test split.
     def configure_evaluate(

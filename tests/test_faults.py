@@ -1,0 +1,176 @@
+"""Client faults: whatever a client sends (or fails to send), the server rejects what is bad
+with a reason, aggregates the rest, and never lets a bad update into the global model."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hfedmoe.algorithms import ClientUpdate
+from hfedmoe.algorithms.validation import UploadSpec, check_update
+from hfedmoe.config import FAULT_KINDS, validate
+from hfedmoe.engine.client_app import app as client_app
+from hfedmoe.engine.inprocess import run_embedded
+from hfedmoe.engine.server_app import app as server_app
+from hfedmoe.faults import corrupt, planned_fault
+from hfedmoe.results import read_metrics
+
+from .conftest import tiny_raw
+
+UPDATE_FAULTS = ["nan", "inf", "shape", "dtype", "unknown-key", "missing-key", "norm"]
+
+# --- the checks, by hand ---------------------------------------------------------------------
+
+GLOBAL = {"a": torch.tensor([3.0, 4.0]), "b": torch.tensor([[0.0]]), "step": torch.tensor(7)}
+SPEC = UploadSpec(frozenset({"a", "b"}))
+
+
+def _check(weights, num_examples=10, ratio=10.0):
+    return check_update(weights, num_examples, SPEC, GLOBAL, ratio)
+
+
+def test_a_sound_update_is_accepted():
+    assert _check({"a": torch.tensor([3.5, 4.0]), "b": torch.tensor([[1.0]])}) is None
+
+
+@pytest.mark.parametrize(
+    ("weights", "reason", "detail"),
+    [
+        ({"a": GLOBAL["a"], "b": GLOBAL["b"], "c": torch.zeros(1)}, "unknown-keys", "e.g. c"),
+        ({"a": GLOBAL["a"]}, "missing-keys", "e.g. b"),
+        ({"a": torch.zeros(3), "b": GLOBAL["b"]}, "shape", "a is (3,), expected (2,)"),
+        ({"a": GLOBAL["a"].double(), "b": GLOBAL["b"]}, "dtype", "a is torch.float64"),
+        ({"a": torch.tensor([math.nan, 4.0]), "b": GLOBAL["b"]}, "non-finite", "a holds NaN"),
+        ({"a": torch.tensor([3.0, math.inf]), "b": GLOBAL["b"]}, "non-finite", "a holds NaN"),
+    ],
+)
+def test_each_bad_update_is_rejected_with_its_reason(weights, reason, detail):
+    rejection = _check(weights)
+    assert rejection is not None and rejection.reason == reason and detail in rejection.detail
+
+
+def test_the_norm_bound_is_relative_to_the_global_weights_by_hand():
+    # ||w|| = ||(3, 4, 0)|| = 5; the update moves a by (0, 12) and b by 5: ||delta|| = 13
+    weights = {"a": torch.tensor([3.0, 16.0]), "b": torch.tensor([[5.0]])}
+    assert _check(weights, ratio=2.6) is None  # 13 <= 2.6 x 5
+    rejection = _check(weights, ratio=2.5)  # 13 > 12.5
+    assert rejection.reason == "norm" and "2.6 x their norm (limit 2.5)" in rejection.detail
+
+
+def test_an_update_from_no_examples_is_rejected():
+    assert _check({"a": GLOBAL["a"], "b": GLOBAL["b"]}, num_examples=0).reason == "examples"
+
+
+@pytest.mark.parametrize("kind", UPDATE_FAULTS)
+def test_every_injected_corruption_is_caught(kind):
+    sound = ClientUpdate({"a": torch.tensor([3.1, 4.0]), "b": torch.tensor([[0.1]])}, 10)
+    assert _check(sound.weights) is None
+    bad = corrupt(sound, kind, GLOBAL)
+    expected = {"nan": "non-finite", "inf": "non-finite", "unknown-key": "unknown-keys"}
+    expected |= {"missing-key": "missing-keys"}
+    assert _check(bad.weights).reason == expected.get(kind, kind)
+
+
+# --- which client misbehaves when --------------------------------------------------------------
+
+
+def test_faults_come_from_events_then_from_the_seeded_rate(tiny_bert_dir):
+    raw = tiny_raw(tiny_bert_dir, federation={"num_clients": 4, "rounds": 50})
+    raw["faults"] = {"rate": 0.3, "kinds": ["nan", "dropout"]}
+    raw["faults"]["events"] = [{"round": 2, "partition": 1, "kind": "shape"}]
+    cfg = validate(raw)
+    plan = {(r, p): planned_fault(cfg, r, p) for r in range(1, 51) for p in range(4)}
+    assert plan[(2, 1)] == "shape"
+    drawn = [k for (r, p), k in plan.items() if (r, p) != (2, 1)]
+    assert set(drawn) == {None, "nan", "dropout"}
+    assert 0.2 < sum(k is not None for k in drawn) / len(drawn) < 0.4  # about 30% of 199
+    assert plan == {(r, p): planned_fault(cfg, r, p) for r in range(1, 51) for p in range(4)}
+
+
+def test_fault_config_errors_name_the_field(tiny_bert_dir):
+    from hfedmoe.errors import ConfigError
+
+    raw = tiny_raw(tiny_bert_dir)
+    raw["faults"] = {"events": [{"round": 1, "partition": 0, "kind": "deadline"}]}
+    with pytest.raises(ConfigError, match=r"needs federation\.round_timeout"):
+        validate(raw)
+    raw["faults"] = {"events": [{"round": 1, "partition": 9, "kind": "nan"}]}
+    with pytest.raises(ConfigError, match=r"faults.events\[0\].partition: 9 is not a client"):
+        validate(raw)
+    raw["faults"] = {"kinds": ["meltdown"]}
+    with pytest.raises(ConfigError, match=r"faults.kinds.0"):
+        validate(raw)
+    assert set(FAULT_KINDS) == {"dropout", "exception", "deadline", *UPDATE_FAULTS}
+
+
+# --- real runs on the embedded engine ----------------------------------------------------------
+
+
+def _run(tiny_bert_dir, tmp_path, name: str, algorithm: str, events: list[dict], **federation):
+    raw = tiny_raw(tiny_bert_dir, algorithm=algorithm, federation={"rounds": 2, **federation})
+    raw["faults"] = {"events": events}
+    run_dir = tmp_path / name
+    run_embedded(validate(raw), str(run_dir), server_app, client_app)
+    return read_metrics(run_dir), load_file(run_dir / "model" / "model.safetensors")
+
+
+@pytest.mark.parametrize("algorithm", ["fedavg", "hfedmoe"])
+def test_a_bad_update_has_no_more_effect_than_a_client_that_never_replied(
+    tiny_bert_dir, tmp_path, algorithm
+):
+    """Client 0 misbehaves in round 1 in every way an update can; each run ends with exactly
+    the model of the run in which client 0 simply dropped out, and records why."""
+    dropped, dropped_model = _run(
+        tiny_bert_dir,
+        tmp_path,
+        "dropout",
+        algorithm,
+        [{"round": 1, "partition": 0, "kind": "dropout"}],
+    )
+    assert dropped[1]["failures"] == {"no-reply": 1} and dropped[1]["clients_ok"] == 1
+    reasons = {"nan": "non-finite", "inf": "non-finite", "unknown-key": "unknown-keys"}
+    reasons |= {"missing-key": "missing-keys", "exception": "error"}
+    for kind in [*UPDATE_FAULTS, "exception"]:
+        metrics, model = _run(
+            tiny_bert_dir, tmp_path, kind, algorithm, [{"round": 1, "partition": 0, "kind": kind}]
+        )
+        assert metrics[1]["failures"] == {reasons.get(kind, kind): 1}, kind
+        (bad,) = [c for c in metrics[1]["clients"] if c["status"] == "failed"]
+        assert bad["partition_id"] == 0 and bad["error"]
+        assert all(torch.equal(model[k], dropped_model[k]) for k in model), kind
+        assert [r["test_accuracy"] for r in metrics] == [r["test_accuracy"] for r in dropped]
+
+
+def test_a_round_in_which_every_client_fails_leaves_the_model_and_the_run_goes_on(
+    tiny_bert_dir, tmp_path
+):
+    events = [
+        {"round": 1, "partition": 0, "kind": "nan"},
+        {"round": 1, "partition": 1, "kind": "dropout"},
+    ]
+    metrics, _ = _run(tiny_bert_dir, tmp_path, "all-fail", "fedavg", events)
+    initial, first, second = metrics
+    assert first["clients_ok"] == 0 and first["failures"] == {"non-finite": 1, "no-reply": 1}
+    assert (first["test_accuracy"], first["test_loss"]) == (
+        initial["test_accuracy"],
+        initial["test_loss"],
+    )
+    assert second["clients_ok"] == 2 and second["failures"] == {}
+
+
+def test_a_reply_after_the_deadline_is_not_waited_for(tiny_bert_dir, tmp_path):
+    events = [{"round": 1, "partition": 1, "kind": "deadline"}]
+    metrics, model = _run(tiny_bert_dir, tmp_path, "late", "fedavg", events, round_timeout=20.0)
+    assert metrics[1]["failures"] == {"no-reply": 1}
+    _, dropped = _run(
+        tiny_bert_dir,
+        tmp_path,
+        "gone",
+        "fedavg",
+        [{"round": 1, "partition": 1, "kind": "dropout"}],
+        round_timeout=20.0,
+    )
+    assert all(torch.equal(model[k], dropped[k]) for k in model)
