@@ -78,3 +78,90 @@ def test_validate_prints_the_resolved_config():
     proc = run_cli("validate", str(REPO / "configs" / "default.toml"), "--set", "seed=5")
     assert proc.returncode == 0, proc.stderr
     assert "seed = 5" in proc.stdout and "[federation]" in proc.stdout
+
+
+# --- bad data files, model directories and devices: caught before the run directory exists ---
+
+
+def _rt_file(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "reviews.csv"
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("dataset", "content", "fragment"),
+    [
+        ("bbc_news", None, "must hold one folder per class"),  # an empty directory
+        ("rotten_tomatoes", "", "lacks the column(s) category, movie_name, text"),
+        ("rotten_tomatoes", "category,review,movie\nfresh,fine,x\n", "lacks the column(s)"),
+        ("rotten_tomatoes", "category,text,movie_name\n", "has no fresh or rotten reviews"),
+        (
+            "rotten_tomatoes",
+            "category,text,movie_name\nfresh,good,a\nmeh,so so,b\n",
+            "line 3: unknown category 'meh' (expected fresh, rotten or plot)",
+        ),
+    ],
+)
+def test_bad_data_files(dataset, content, fragment, tiny_bert_dir, tmp_path):
+    if content is None:
+        (data := tmp_path / "empty").mkdir()
+        path = str(data)
+    else:
+        path = _rt_file(tmp_path, content)
+    cfg = tmp_path / "tiny.toml"
+    raw = tiny_raw(tiny_bert_dir)
+    raw["data"] = {"dataset": dataset, "path": path}
+    cfg.write_text(tomli_w.dumps(raw))
+    proc = run_cli("run", str(cfg), "-o", str(tmp_path / "r"))
+    _assert_one_line_error(proc, fragment)
+    assert not (tmp_path / "r").exists()
+
+
+def _broken_model(tiny_bert_dir: Path, tmp_path: Path, broken: str) -> Path:
+    import shutil
+
+    directory = tmp_path / "model"
+    shutil.copytree(tiny_bert_dir, directory)
+    if broken == "no config":
+        (directory / "config.json").unlink()
+    elif broken == "no weights":
+        (directory / "model.safetensors").unlink()
+    elif broken == "no tokenizer":
+        for f in directory.glob("*"):
+            if f.name.startswith(("tokenizer", "vocab", "special_tokens")):
+                f.unlink()
+    elif broken == "gpt2":
+        (directory / "config.json").write_text('{"model_type": "gpt2"}')
+    elif broken == "garbled config":
+        (directory / "config.json").write_text("{not json")
+    return directory
+
+
+@pytest.mark.parametrize(
+    ("broken", "fragment"),
+    [
+        ("no config", "has no config.json"),
+        ("no weights", "has no weights (expected one of: model.safetensors"),
+        ("no tokenizer", "has no tokenizer"),
+        ("gpt2", "model type 'gpt2' is not supported"),
+        ("garbled config", "config.json' is not a usable config"),
+    ],
+)
+def test_bad_model_directories(broken, fragment, tiny_bert_dir, tmp_path):
+    directory = _broken_model(tiny_bert_dir, tmp_path, broken)
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text(tomli_w.dumps(tiny_raw(directory)))
+    proc = run_cli("run", str(cfg), "-o", str(tmp_path / "r"))
+    _assert_one_line_error(proc, fragment)
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_device_too_small_for_one_expert(tiny_bert_dir, tmp_path):
+    raw = tiny_raw(tiny_bert_dir)
+    raw["devices"] = {"tiers": [{"name": "toaster", "memory": 1000}]}
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text(tomli_w.dumps(raw))
+    proc = run_cli("run", str(cfg), "-o", str(tmp_path / "r"))
+    _assert_one_line_error(proc, "devices.tiers[0] ('toaster')")
+    assert not (tmp_path / "r").exists()

@@ -64,18 +64,25 @@ def _fail(message: str) -> None:
 def _preflight(cfg: config_mod.ExperimentConfig) -> None:
     """Check what can be checked before a run directory is created."""
     from hfedmoe.algorithms import build_algorithm
-    from hfedmoe.model.sources import check_model_source
+    from hfedmoe.assets import resolve_model_dir
+    from hfedmoe.model.factory import check_model_dir
+    from hfedmoe.model.sources import SHIPPED_GGUF, check_model_source
+    from hfedmoe.task import label_names
 
     algorithm = build_algorithm(cfg)
     check_model_source(cfg.model.name_or_path)
+    if cfg.model.name_or_path not in SHIPPED_GGUF:  # (a shipped GGUF is converted on first use)
+        directory = resolve_model_dir(cfg.model.name_or_path)
+        check_model_dir(directory, cfg.data.task, cfg.model.name_or_path)
     if cfg.data.path and not Path(cfg.data.path).expanduser().exists():
         raise HFedMoEError(f"data.path: '{cfg.data.path}' does not exist")
+    labels = label_names(cfg)  # reads the data: a bad file fails here, before any output
     if cfg.devices.tiers:  # a device too small to train anything is a config error
         from hfedmoe.budget import build_cost_model, check_tiers
         from hfedmoe.model.experts import ExpertModel
-        from hfedmoe.task import client_model, label_names
+        from hfedmoe.task import client_model
 
-        model = client_model(cfg, label_names(cfg))
+        model = client_model(cfg, labels)
         num_layers = ExpertModel(model).num_layers
         check_tiers(cfg, build_cost_model(model, cfg), num_layers, algorithm.holds_subset)
 

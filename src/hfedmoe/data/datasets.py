@@ -101,11 +101,15 @@ def read_rotten_tomatoes(path: Path) -> TextDataset:
                 f"data.path: '{path}' lacks the column(s) {', '.join(sorted(missing))} "
                 "(expected category, text, movie_name)"
             )
-        rows = [
-            (r["category"], " ".join(r["text"].split()), r["movie_name"])
-            for r in reader
-            if r["category"] in ROTTEN_TOMATOES_LABELS and r["text"].strip()
-        ]
+        rows = []
+        for n, r in enumerate(reader, start=2):  # line 1 is the header
+            if r["category"] not in (*ROTTEN_TOMATOES_LABELS, "plot"):
+                raise HFedMoEError(
+                    f"data.path: '{path}' line {n}: unknown category {r['category']!r} "
+                    "(expected fresh, rotten or plot)"
+                )
+            if r["category"] != "plot" and (r["text"] or "").strip():
+                rows.append((r["category"], " ".join(r["text"].split()), r["movie_name"]))
     if not rows:
         raise HFedMoEError(f"data.path: '{path}' has no fresh or rotten reviews")
     movies = sorted({m for _, _, m in rows})

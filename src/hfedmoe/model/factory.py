@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from transformers import AutoConfig, PreTrainedModel
+from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 from hfedmoe.config import ModelConfig, Task
 from hfedmoe.errors import ConfigError
@@ -22,6 +22,68 @@ from hfedmoe.model.hf import SUPPORTED_MOE_FAMILIES, load_moe_model
 from hfedmoe.model.sources import model_dir as resolve_model_dir
 from hfedmoe.model.upcycle import LLAMA_LIKE
 from hfedmoe.model.upcycled import build_causal_lm, build_classifier
+
+#: which kinds of checkpoint each task can train
+FITS = {
+    "classification": ("encoder",),
+    "language-modeling": ("decoder", "native MoE"),
+    "multiple-choice": ("decoder", "native MoE"),
+}
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model")
+
+
+def model_kind(model_type: str) -> str | None:
+    """ "encoder", "decoder" or "native MoE" for a supported ``config.model_type``, else None."""
+    if model_type in SUPPORTED_MOE_FAMILIES:
+        return "native MoE"
+    if model_type in LLAMA_LIKE:
+        return "decoder"
+    return "encoder" if model_type == "bert" else None
+
+
+def check_model_dir(directory: Path, task: Task, name: str) -> PretrainedConfig:
+    """Everything a run needs from a local model directory, checked before anything is
+    written: a readable config of a supported type that fits ``task``, weights, a tokenizer."""
+    if not (directory / "config.json").is_file():
+        raise ConfigError(f"model.name_or_path: '{directory}' has no config.json")
+    try:
+        model_config = AutoConfig.from_pretrained(directory)
+    except (OSError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(
+            f"model.name_or_path: '{directory}/config.json' is not a usable config ({first})"
+        ) from None
+    model_type = model_config.model_type
+    kind = model_kind(model_type)
+    if kind is None:
+        known = ", ".join(["bert", *LLAMA_LIKE, *sorted(SUPPORTED_MOE_FAMILIES)])
+        raise ConfigError(
+            f"model.name_or_path: model type '{model_type}' is not supported (expected one of: "
+            f"{known})"
+        )
+    if kind not in FITS[task]:
+        raise ConfigError(
+            f"data.task: '{task}' needs a {' or '.join(FITS[task])} model; "
+            f"'{name}' is a {kind} ({model_type})"
+        )
+    if task == "multiple-choice" and getattr(model_config, "is_encoder_decoder", False):
+        raise ConfigError(
+            f"data.task: 'multiple-choice' needs a decoder-only model; '{name}' is "
+            f"an encoder-decoder ({model_type})"
+        )
+    for what, files in (("weights", WEIGHT_FILES), ("tokenizer", TOKENIZER_FILES)):
+        if not any((directory / f).is_file() for f in files):
+            raise ConfigError(
+                f"model.name_or_path: '{directory}' has no {what} (expected one of: "
+                f"{', '.join(files)})"
+            )
+    return model_config
 
 
 def build_model(
@@ -35,40 +97,7 @@ def build_model(
 ) -> PreTrainedModel:
     """The model for ``task``; ``pretrained=False`` gives the architecture with random weights."""
     directory = Path(model_dir) if model_dir else resolve_model_dir(cfg.name_or_path)
-    if not (directory / "config.json").is_file():
-        raise ConfigError(f"model.name_or_path: '{directory}' has no config.json")
-    model_config = AutoConfig.from_pretrained(directory)
-    model_type = model_config.model_type
-    kind = (
-        "native MoE"
-        if model_type in SUPPORTED_MOE_FAMILIES
-        else "decoder"
-        if model_type in LLAMA_LIKE
-        else "encoder"
-        if model_type == "bert"
-        else None
-    )
-    fits = {
-        "classification": ("encoder",),
-        "language-modeling": ("decoder", "native MoE"),
-        "multiple-choice": ("decoder", "native MoE"),
-    }
-    if kind is None:
-        known = ", ".join(["bert", *LLAMA_LIKE, *sorted(SUPPORTED_MOE_FAMILIES)])
-        raise ConfigError(
-            f"model.name_or_path: model type '{model_type}' is not supported (expected one of: "
-            f"{known})"
-        )
-    if kind not in fits[task]:
-        raise ConfigError(
-            f"data.task: '{task}' needs a {' or '.join(fits[task])} model; "
-            f"'{cfg.name_or_path}' is a {kind} ({model_type})"
-        )
-    if task == "multiple-choice" and getattr(model_config, "is_encoder_decoder", False):
-        raise ConfigError(
-            f"data.task: 'multiple-choice' needs a decoder-only model; '{cfg.name_or_path}' is "
-            f"an encoder-decoder ({model_type})"
-        )
+    kind = model_kind(check_model_dir(directory, task, cfg.name_or_path).model_type)
     if kind == "native MoE":
         return load_moe_model(directory, lora=cfg.lora, pretrained=pretrained, seed=seed)
     if kind == "encoder":
