@@ -61,13 +61,17 @@ class ClientUpdate:
 
 
 class FederatedAlgorithm(ABC):
-    """Base class: FedAvg-style download of all weights and upload of trainable ones."""
+    """Base class: FedAvg-style download of all weights and upload of trainable ones.
+
+    A client is known by its client id: the partition id of its data, the same on every
+    engine (the strategy maps it to the engine's node).
+    """
 
     name: ClassVar[str]
 
     def __init__(self, cfg: ExperimentConfig):
         self.cfg = cfg
-        self.budgets: dict[int, int] = {}  # node id -> C_budget, learnt before round 1
+        self.budgets: dict[int, int] = {}  # client id -> C_budget, learnt before round 1
 
     @property
     def holds_subset(self) -> bool:
@@ -76,7 +80,7 @@ class FederatedAlgorithm(ABC):
         return False
 
     def set_budgets(self, budgets: Mapping[int, int]) -> None:
-        """The clients' C_budget(c), from their devices (``hfedmoe.budget``), by node id."""
+        """The clients' C_budget(c), from their devices (``hfedmoe.budget``), by client id."""
         self.budgets = dict(budgets)
 
     # ---- server side -------------------------------------------------------------------
@@ -91,21 +95,21 @@ class FederatedAlgorithm(ABC):
         del model
 
     def configure_round(self, server_round: int, clients: list[int]) -> None:
-        """Called with the round's sampled nodes before their tasks are configured, for
+        """Called with the round's sampled clients before their tasks are configured, for
         algorithms that assign work jointly. Default: nothing."""
         del server_round, clients
 
     def configure_client(
         self, server_round: int, global_weights: Weights, client: int
     ) -> ClientTask:
-        """The task for ``client`` (a node id) in ``server_round``. Default: all weights."""
+        """The task for ``client`` in ``server_round``. Default: all weights."""
         return ClientTask(global_weights, {})
 
     @abstractmethod
     def aggregate(
         self, server_round: int, global_weights: Weights, updates: Mapping[int, ClientUpdate]
     ) -> Weights:
-        """The next global weights from the updates of this round, keyed by node id."""
+        """The next global weights from the updates of this round, keyed by client id."""
 
     # ---- client side -------------------------------------------------------------------
     def train_client(

@@ -76,8 +76,8 @@ class FedMoE(PartialUploads, FederatedAlgorithm):
 
     def bind(self, model: nn.Module) -> None:
         self.layout = ExpertLayout.of(model)
-        self.usage: dict[int, torch.Tensor] = {}  # node -> its last reported u_c, (L, E)
-        self.examples: dict[int, int] = {}  # node -> |D_c|
+        self.usage: dict[int, torch.Tensor] = {}  # client -> its last reported u_c, (L, E)
+        self.examples: dict[int, int] = {}  # client -> |D_c|
 
     def recommendation(self) -> torch.Tensor | None:
         """u_global: the |D_c|-weighted mean of every client's latest usage."""

@@ -88,12 +88,12 @@ class FlexMoE(PartialUploads, FederatedAlgorithm):
 
     def bind(self, model: nn.Module) -> None:
         self.layout = ExpertLayout.of(model)
-        self.fitness: dict[int, torch.Tensor] = {}  # node -> f_c(e) from its last round, (L, E)
-        self._plan: dict[int, torch.Tensor] = {}  # this round's assignment, node -> (L, E)
+        self.fitness: dict[int, torch.Tensor] = {}  # client -> f_c(e) from its last round, (L, E)
+        self._plan: dict[int, torch.Tensor] = {}  # this round's assignment, client -> (L, E)
         self._plan_round = -1
 
     def plan(self, server_round: int, clients: list[int]) -> dict[int, torch.Tensor]:
-        """The round's assignment for ``clients`` (all sampled nodes), made once per round."""
+        """The round's assignment for ``clients`` (all sampled clients), made once per round."""
         L, E = self.layout.shape
         rng = rng_for(self.cfg.seed, FLEX_ASSIGN, server_round)
         fit = torch.stack(

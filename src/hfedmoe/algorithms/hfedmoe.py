@@ -114,7 +114,7 @@ class HFedMoE(PartialUploads, FederatedAlgorithm):
     def bind(self, model: nn.Module) -> None:
         self.layout = ExpertLayout.of(model)
         self.consistency = torch.zeros(0)
-        self.importance: dict[int, torch.Tensor] = {}  # node -> its last reported s_c, (L, E)
+        self.importance: dict[int, torch.Tensor] = {}  # client -> its last reported s_c, (L, E)
 
     # ---- server ------------------------------------------------------------------------
     def configure_client(

@@ -6,7 +6,7 @@ importance-based selection and sparsity-aware aggregation add over respecting th
 Decisions where METHOD.md is brief:
 
 * the draw is uniform over all (layer, expert) pairs, a fresh one for every client and round,
-  seeded by (seed, round, node): C_budget(c) experts, so the client never exceeds its device;
+  seeded by (seed, round, client): C_budget(c) experts, so the client never exceeds its device;
 * routing is normal (backward-only, like HFedMoE's default): the drawn experts are updated on
   the batches routed to them, the others pass gradients on but do not move;
 * an expert is averaged over the clients that updated it, weighted by |D_c|; one nobody

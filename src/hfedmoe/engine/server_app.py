@@ -68,15 +68,14 @@ def federate(
     round_timeout = cfg.federation.round_timeout or timeout
     if resume is None:
         need = minimum_budget(ExpertModel(model).num_layers, algorithm.holds_subset)
-        strategy.devices = query_devices(grid, need, timeout)
+        strategy.set_devices(query_devices(grid, need, timeout))
     else:
-        strategy.devices = {d.pop("node_id"): wire.DeviceReport(**d) for d in resume.devices}
+        strategy.set_devices({d.pop("node_id"): wire.DeviceReport(**d) for d in resume.devices})
         load_shared_state(model, resume.weights)
         algorithm.load_state_dict(resume.algorithm)
         if isinstance(grid, InProcessGrid):
             grid.restore_node_states(resume.nodes)
         log.info("resuming after round %d of %d", resume.round, cfg.federation.rounds)
-    algorithm.set_budgets({n: d.expert_budget for n, d in strategy.devices.items()})
     arrays = ArrayRecord(shared_state(model))
 
     def checkpoint(server_round: int) -> None:

@@ -88,15 +88,21 @@ def _int_or_none(x: float | None) -> int | None:
     return None if x is None else int(x)
 
 
-def sample_clients(nodes: Iterable[int], k: int, seed: int, server_round: int) -> list[int]:
-    """``k`` node ids drawn without replacement, reproducibly for (seed, round)."""
-    ordered = sorted(nodes)
+def sample_clients(clients: Iterable[int], k: int, seed: int, server_round: int) -> list[int]:
+    """``k`` client ids drawn without replacement, reproducibly for (seed, round)."""
+    ordered = sorted(clients)
     rng = rng_for(seed, SAMPLING, server_round)
     return sorted(int(n) for n in rng.choice(ordered, size=min(k, len(ordered)), replace=False))
 
 
 class AlgorithmStrategy(Strategy):
-    """configure_train -> (clients train) -> aggregate_train, for one algorithm."""
+    """configure_train -> (clients train) -> aggregate_train, for one algorithm.
+
+    The algorithm knows clients by their partition id, which every engine gives the same
+    client (Flower's node ids differ between engines and runs); this strategy translates
+    between the two with what the nodes said in the budget query (:meth:`set_devices`). So
+    the same seed samples, seeds and orders the same clients on every engine.
+    """
 
     def __init__(self, algorithm: FederatedAlgorithm, cfg: ExperimentConfig):
         self.algorithm = algorithm
@@ -106,8 +112,15 @@ class AlgorithmStrategy(Strategy):
         self._bytes_down: dict[int, int] = {}
         self._requested: dict[int, int | None] = {}
         self.devices: dict[int, wire.DeviceReport] = {}  # node id -> its budget query answer
+        self.nodes: dict[int, int] = {}  # client (partition) id -> node id
         self.spec: UploadSpec | None = None  # what clients may upload; None = anything
         self._sampled: list[int] = []
+
+    def set_devices(self, devices: dict[int, wire.DeviceReport]) -> None:
+        """The nodes' answers to the budget query, by node id; they name each node's client."""
+        self.devices = dict(devices)
+        self.nodes = {d.partition_id: node for node, d in self.devices.items()}
+        self.algorithm.set_budgets({d.partition_id: d.expert_budget for d in devices.values()})
 
     def summary(self) -> None:
         """Flower calls this to describe the strategy; ours is described by the config."""
@@ -116,14 +129,17 @@ class AlgorithmStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self._global = arrays.to_torch_state_dict()
+        if not self.nodes:  # no budget query (tests): the node ids serve as client ids
+            self.nodes = {n: n for n in grid.get_node_ids()}
         sampled = sample_clients(
-            grid.get_node_ids(), self.cfg.federation.clients_per_round, self.cfg.seed, server_round
+            self.nodes, self.cfg.federation.clients_per_round, self.cfg.seed, server_round
         )
         messages, self._bytes_down, self._requested = [], {}, {}
         self._sampled = sampled
         self.algorithm.configure_round(server_round, sampled)
-        for node in sampled:
-            task = self.algorithm.configure_client(server_round, self._global, node)
+        for client in sampled:
+            node = self.nodes[client]
+            task = self.algorithm.configure_client(server_round, self._global, client)
             content = wire.pack_task(task, server_round)
             self._bytes_down[node] = wire.payload_bytes(content)
             device = self.devices.get(node)
@@ -168,18 +184,23 @@ class AlgorithmStrategy(Strategy):
             if rejection:
                 self._fail(report, rejection.reason, rejection.detail)
                 continue
-            updates[node] = update
+            updates[self._client(node)] = update
             _describe(report, update, partition_id, wire.payload_bytes(reply.content))
-        for node in sorted(set(self._sampled) - {r.node_id for r in reports}):
-            reports.append(self._report(server_round, node))
+        replied = {self._client(r.node_id) for r in reports}
+        for client in sorted(set(self._sampled) - replied):
+            reports.append(self._report(server_round, self.nodes[client]))
             self._fail(reports[-1], "no-reply", "no reply before the round's timeout")
-        self.last_reports = sorted(reports, key=lambda r: r.node_id)
+        self.last_reports = sorted(reports, key=lambda r: self._client(r.node_id))
         if not updates:
             return None, None
         new_global = self.algorithm.aggregate(server_round, self._global, updates)
         total = sum(u.num_examples for u in updates.values())
         train_loss = sum(u.metrics["train_loss"] * u.num_examples for u in updates.values()) / total
         return ArrayRecord(new_global), MetricRecord({"train_loss": train_loss})
+
+    def _client(self, node: int) -> int:
+        device = self.devices.get(node)
+        return device.partition_id if device else node
 
     def _report(self, server_round: int, node: int) -> ClientReport:
         device = self.devices.get(node)
