@@ -335,6 +335,63 @@ def report(
 
 
 @app.command()
+def flower(
+    config: ConfigArg,
+    set_: SetOpt = None,
+    output_dir: Annotated[
+        Path | None,
+        typer.Option("--output-dir", "-o", help="Run directory (must be new or empty)."),
+    ] = None,
+    connection: Annotated[
+        str,
+        typer.Option(
+            help="A SuperLink connection of $FLWR_HOME/config.toml; 'local' = the Ray simulation."
+        ),
+    ] = "local",
+    cpus_per_client: Annotated[
+        int, typer.Option(min=1, help="Simulation: CPUs Ray gives each client.")
+    ] = 1,
+    app_dir: Annotated[
+        Path | None, typer.Option(help="The Flower App directory (default: this repository).")
+    ] = None,
+    print_only: Annotated[
+        bool, typer.Option("--print-only", help="Write the run config, print the command, stop.")
+    ] = False,
+) -> None:
+    """Run an experiment on a Flower engine with `flwr run`: the Ray simulation (one simulated
+    SuperNode per client) or, with --connection, a SuperLink and its SuperNodes."""
+    from hfedmoe.engine.flower import LOCAL, flwr_command, run_flower, write_run_config
+    from hfedmoe.engine.flower import app_dir as default_app_dir
+    from hfedmoe.results import prepare_run_dir
+
+    try:
+        cfg = config_mod.load(config, set_ or [])
+        _preflight(cfg)
+        run_dir = output_dir or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.name}"
+        prepare_run_dir(run_dir)
+        simulated = connection == LOCAL
+        cmd = flwr_command(
+            app_dir or default_app_dir(),
+            connection,
+            write_run_config(cfg, run_dir),
+            supernodes=cfg.federation.num_clients if simulated else None,
+            cpus_per_client=cpus_per_client if simulated else None,
+        )
+    except HFedMoEError as exc:
+        _fail(str(exc))
+        return
+    console.print(" ".join(cmd[:2] + [repr(c) if " " in c else c for c in cmd[2:]]))
+    if print_only:
+        return
+    try:
+        summary = run_flower(cmd, run_dir)
+    except HFedMoEError as exc:
+        typer.echo(f"hfedmoe: error: {exc}", err=True)
+        raise typer.Exit(code=1) from None
+    _print_summary(summary, run_dir)
+
+
+@app.command()
 def validate(config: ConfigArg, set_: SetOpt = None) -> None:
     """Validate a config (with overrides) and print it resolved, as TOML."""
     import tomli_w

@@ -9,8 +9,6 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from dataclasses import asdict
-from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
@@ -37,8 +35,7 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    cfg = ExperimentConfig.from_json(str(context.run_config[wire.RUN_CONFIG]))
-    run_dir = Path(str(context.run_config[wire.RUN_DIR]))
+    cfg, run_dir = wire.run_config(context.run_config)
     resume = load_run_state(run_dir) if context.run_config.get(wire.RESUME) else None
     federate(grid, cfg, RunRecorder(run_dir, cfg, resume), resume=resume)
 
@@ -68,7 +65,7 @@ def federate(
     round_timeout = cfg.federation.round_timeout or timeout
     if resume is None:
         need = minimum_budget(ExpertModel(model).num_layers, algorithm.holds_subset)
-        strategy.set_devices(query_devices(grid, need, timeout))
+        strategy.set_devices(query_devices(grid, need, timeout, cfg.federation.num_clients))
     else:
         strategy.set_devices({d.pop("node_id"): wire.DeviceReport(**d) for d in resume.devices})
         load_shared_state(model, resume.weights)
@@ -80,7 +77,7 @@ def federate(
 
     def checkpoint(server_round: int) -> None:
         nodes = grid.node_states() if isinstance(grid, InProcessGrid) else {}
-        devices = [{"node_id": n, **asdict(d)} for n, d in sorted(strategy.devices.items())]
+        devices = strategy.device_records()
         state = RunState(
             server_round,
             arrays.to_torch_state_dict(),
@@ -95,9 +92,7 @@ def federate(
     if resume is None:
         initial = evaluate(model, task.test, cfg.eval.batch_size)
         record = _round_record(0, initial, None, [], 0.0, time.perf_counter() - start)
-        record["devices"] = [
-            {"node_id": n, **asdict(d)} for n, d in sorted(strategy.devices.items())
-        ]
+        record["devices"] = strategy.device_records()
         recorder.log_round(record)
         checkpoint(0)
     for server_round in range((resume.round if resume else 0) + 1, cfg.federation.rounds + 1):
@@ -141,12 +136,29 @@ def _finite(arrays: ArrayRecord) -> bool:
     )
 
 
-def query_devices(grid: Grid, need: int, timeout: float) -> dict[int, wire.DeviceReport]:
-    """Ask every node for its device and C_budget (before round 1); fail if one cannot train
-    even ``need`` experts per batch (one; with strict routing one per MoE layer)."""
+def wait_for_nodes(grid: Grid, num_nodes: int, timeout: float) -> list[int]:
+    """The node ids once ``num_nodes`` nodes are connected (in a deployment SuperNodes join
+    over time); an error naming how many came if they do not within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while len(nodes := list(grid.get_node_ids())) < num_nodes:
+        if time.monotonic() > deadline:
+            raise HFedMoEError(
+                f"federation.num_clients: {num_nodes} clients expected, {len(nodes)} node(s) "
+                f"connected within {timeout:.0f} s"
+            )
+        time.sleep(1.0)
+    return nodes
+
+
+def query_devices(
+    grid: Grid, need: int, timeout: float, num_nodes: int = 0
+) -> dict[int, wire.DeviceReport]:
+    """Ask every node for its device and C_budget (before round 1), once ``num_nodes`` are
+    connected; fail if one cannot train even ``need`` experts per batch (one; with strict
+    routing one per MoE layer)."""
     messages = [
         Message(RecordDict(), dst_node_id=node, message_type=wire.BUDGET_QUERY, group_id="0")
-        for node in sorted(grid.get_node_ids())
+        for node in sorted(wait_for_nodes(grid, num_nodes, timeout))
     ]
     devices = {}
     for reply in grid.send_and_receive(messages, timeout=timeout):

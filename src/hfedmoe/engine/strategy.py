@@ -198,6 +198,11 @@ class AlgorithmStrategy(Strategy):
         train_loss = sum(u.metrics["train_loss"] * u.num_examples for u in updates.values()) / total
         return ArrayRecord(new_global), MetricRecord({"train_loss": train_loss})
 
+    def device_records(self) -> list[dict]:
+        """Every node's device, in client order (the same on every engine)."""
+        by_client = sorted(self.devices.items(), key=lambda nd: nd[1].partition_id)
+        return [{"node_id": n, **asdict(d)} for n, d in by_client]
+
     def _client(self, node: int) -> int:
         device = self.devices.get(node)
         return device.partition_id if device else node

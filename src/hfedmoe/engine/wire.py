@@ -18,11 +18,15 @@ Before round 1, server -> client ``query.budget`` (empty) and client -> server::
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from hfedmoe.algorithms import ClientTask, ClientUpdate
+from hfedmoe.config import ExperimentConfig
+from hfedmoe.errors import ConfigError
 
 ARRAYS = "arrays"
 CONFIG = "config"
@@ -40,6 +44,17 @@ PARTITION_ID = "partition-id"
 RUN_CONFIG = "hfedmoe-config"  # the validated ExperimentConfig as JSON
 RUN_DIR = "run-dir"  # where the ServerApp writes results
 RESUME = "resume"  # true: continue the run in RUN_DIR from its checkpoint
+
+
+def run_config(values: Mapping[str, object]) -> tuple[ExperimentConfig, Path]:
+    """The experiment config and run directory of a run's Flower run config."""
+    text, run_dir = str(values.get(RUN_CONFIG, "")), str(values.get(RUN_DIR, ""))
+    if not text or not run_dir:
+        raise ConfigError(
+            f"run config: '{RUN_CONFIG}' and '{RUN_DIR}' must be set; start Flower runs with "
+            "`hfedmoe flower CONFIG` (or `flwr run --run-config` with the file it writes)"
+        )
+    return ExperimentConfig.from_json(text), Path(run_dir)
 
 
 def pack_task(task: ClientTask, server_round: int) -> RecordDict:
