@@ -57,12 +57,9 @@ def corrupt(update: ClientUpdate, kind: str, sent: dict[str, torch.Tensor]) -> C
     weights = dict(update.weights)
     name = min(weights)
     t = weights[name]
-    if kind == "nan":
-        weights[name] = t.clone().flatten().index_fill(0, torch.tensor([0]), float("nan"))
-        weights[name] = weights[name].view_as(t)
-    elif kind == "inf":
-        weights[name] = t.clone().flatten().index_fill(0, torch.tensor([0]), float("inf"))
-        weights[name] = weights[name].view_as(t)
+    if kind in ("nan", "inf"):
+        weights[name] = t.clone()
+        weights[name].view(-1)[0] = float(kind)  # float("nan"), float("inf")
     elif kind == "shape":
         weights[name] = t.flatten()[:-1].clone()
     elif kind == "dtype":
