@@ -68,7 +68,11 @@ def main() -> None:
         [*hfedmoe, "run", args.config, *sets, "-o", str(runs["embedded"]), "--no-progress"]
     )
     port = free_port()
-    env = {**flwr_env(work / "flwr-home"), "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(port)}
+    env = {
+        **flwr_env(work / "flwr-home"),
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(port),
+        "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
+    }
     try:
         wall["ray"] = _timed([*hfedmoe, "flower", args.config, *sets, "-o", str(runs["ray"])], env)
     finally:

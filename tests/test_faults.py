@@ -28,8 +28,9 @@ GLOBAL = {"a": torch.tensor([3.0, 4.0]), "b": torch.tensor([[0.0]]), "step": tor
 SPEC = UploadSpec(frozenset({"a", "b"}))
 
 
-def _check(weights, num_examples=10, ratio=10.0):
-    return check_update(weights, num_examples, SPEC, GLOBAL, ratio)
+def _check(weights, num_examples=10, ratio=10.0, spec=SPEC, stats=None, loss=1.0):
+    update = ClientUpdate(weights, num_examples, metrics={"train_loss": loss}, stats=stats or {})
+    return check_update(update, spec, GLOBAL, ratio)
 
 
 def test_a_sound_update_is_accepted():
@@ -58,6 +59,28 @@ def test_the_norm_bound_is_relative_to_the_global_weights_by_hand():
     assert _check(weights, ratio=2.6) is None  # 13 <= 2.6 x 5
     rejection = _check(weights, ratio=2.5)  # 13 > 12.5
     assert rejection.reason == "norm" and "2.6 x their norm (limit 2.5)" in rejection.detail
+
+
+def test_the_statistics_aggregation_reads_are_checked():
+    """A partial upload: expert (0, 1) is tensor "b"; the reply must carry (1, 2) statistics."""
+    spec = UploadSpec(
+        frozenset({"a"}), {"b": ("b", None)}, {(0, 1): ["b"]}, {"expert_updates": (1, 2)}
+    )
+    sound = {"a": GLOBAL["a"], "b": GLOBAL["b"]}
+    counts = torch.tensor([[0, 3]])
+    assert _check(sound, spec=spec, stats={"expert_updates": counts}) is None
+    cases = [
+        ({}, 1.0, "stats", "'expert_updates' is missing"),
+        ({"expert_updates": torch.zeros(2)}, 1.0, "stats", "is (2,), expected (1, 2)"),
+        ({"expert_updates": torch.tensor([[0.0, math.nan]])}, 1.0, "stats", "NaN or Inf"),
+        ({"expert_updates": counts}, math.inf, "stats", "train_loss is inf"),
+    ]
+    for stats, loss, reason, detail in cases:
+        rejection = _check(sound, spec=spec, stats=stats, loss=loss)
+        assert (rejection.reason, detail in rejection.detail) == (reason, True), rejection
+    # it says it updated expert (0, 1) but did not upload it
+    rejection = _check({"a": GLOBAL["a"]}, spec=spec, stats={"expert_updates": counts})
+    assert rejection.reason == "missing-keys" and "(0, 1) was updated" in rejection.detail
 
 
 def test_an_update_from_no_examples_is_rejected():

@@ -24,7 +24,6 @@ from hfedmoe.engine.localnet import (
     flwr_env,
     free_port,
     make_node_key,
-    matching,
     stop_matching,
 )
 from hfedmoe.results import read_metrics
@@ -73,7 +72,11 @@ def test_the_ray_simulation_gives_the_embedded_engines_metrics(config_file, tmp_
     proc = run_cli("run", str(config_file), "-o", str(embedded), "--no-progress")
     assert proc.returncode == 0, proc.stderr
     port = free_port()
-    env = {**flwr_env(tmp_path / "flwr-home"), "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(port)}
+    env = {
+        **flwr_env(tmp_path / "flwr-home"),
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(port),
+        "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
+    }
     try:
         proc = flower(config_file, tmp_path / "ray", env)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -93,7 +96,7 @@ def test_a_deployment_with_tls_and_node_authentication(config_file, tmp_path):
         assert "Failed to activate SuperNode" in (net.workdir / "rogue.log").read_text()
         proc = flower(config_file, run_dir, net.env, "--connection", CONNECTION)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert not matching(str(net.workdir)), "processes left behind"
+    assert not net.leftovers(), "processes left behind"
 
     metrics = read_metrics(run_dir)
     assert [r["round"] for r in metrics] == [0, 1, 2]

@@ -65,13 +65,19 @@ def _preflight(cfg: config_mod.ExperimentConfig) -> None:
     """Check what can be checked before a run directory is created."""
     from hfedmoe.algorithms import build_algorithm
     from hfedmoe.assets import resolve_model_dir
-    from hfedmoe.model.factory import check_model_dir
+    from hfedmoe.model.factory import FITS, check_model_dir
     from hfedmoe.model.sources import SHIPPED_GGUF, check_model_source
     from hfedmoe.task import label_names
 
     algorithm = build_algorithm(cfg)
     check_model_source(cfg.model.name_or_path)
-    if cfg.model.name_or_path not in SHIPPED_GGUF:  # (a shipped GGUF is converted on first use)
+    if cfg.model.name_or_path in SHIPPED_GGUF:  # a decoder, converted on first use
+        if "decoder" not in FITS[cfg.data.task]:
+            raise HFedMoEError(
+                f"data.task: '{cfg.data.task}' needs a {' or '.join(FITS[cfg.data.task])} "
+                f"model; '{cfg.model.name_or_path}' is a decoder"
+            )
+    else:
         directory = resolve_model_dir(cfg.model.name_or_path)
         check_model_dir(directory, cfg.data.task, cfg.model.name_or_path)
     if cfg.data.path and not Path(cfg.data.path).expanduser().exists():

@@ -24,6 +24,7 @@ from hfedmoe.algorithms.validation import UploadSpec, full_upload
 from hfedmoe.config import ExperimentConfig
 from hfedmoe.data.tokenized import TokenizedDataset
 from hfedmoe.errors import ConfigError
+from hfedmoe.model.experts import ExpertModel
 from hfedmoe.model.state import load_shared_state
 from hfedmoe.training import TrainResult, train_local
 
@@ -87,7 +88,8 @@ class FederatedAlgorithm(ABC):
     def upload_spec(self, model: nn.Module) -> UploadSpec:
         """What a client may upload (the server rejects anything else). Default: every
         trainable tensor, required."""
-        return full_upload([n for n, p in model.named_parameters() if p.requires_grad])
+        trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+        return full_upload(trainable, ExpertModel(model).shape)
 
     def bind(self, model: nn.Module) -> None:
         """Called once on the server with the initial global model, before round 1, so an

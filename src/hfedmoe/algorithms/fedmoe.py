@@ -73,6 +73,7 @@ def router_rows(
 @register
 class FedMoE(PartialUploads, FederatedAlgorithm):
     name = "fedmoe"
+    STATS = ("usage", "held")  # what aggregate() reads from each reply
 
     def bind(self, model: nn.Module) -> None:
         self.layout = ExpertLayout.of(model)

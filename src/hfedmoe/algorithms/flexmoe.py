@@ -85,6 +85,7 @@ def assign(fitness_CX: torch.Tensor, slots_C: list[int]) -> torch.Tensor:
 @register
 class FlexMoE(PartialUploads, FederatedAlgorithm):
     name = "flexmoe"
+    STATS = ("usage",)  # what aggregate() reads from each reply
 
     def bind(self, model: nn.Module) -> None:
         self.layout = ExpertLayout.of(model)
@@ -157,7 +158,8 @@ class FlexMoE(PartialUploads, FederatedAlgorithm):
 
     def upload_spec(self, model: nn.Module) -> UploadSpec:
         """Routers stay home: a client must not upload them."""
-        return partial_upload(model, exclude=frozenset(ExpertLayout.of(model).router_names))
+        routers = frozenset(ExpertLayout.of(model).router_names)
+        return partial_upload(model, exclude=routers, stats=self.STATS)
 
     def state_dict(self) -> dict:
         return {"fitness": dict(self.fitness)}

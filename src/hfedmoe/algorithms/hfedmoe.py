@@ -99,6 +99,7 @@ class ImportanceSelector(StepHooks):
 @register
 class HFedMoE(PartialUploads, FederatedAlgorithm):
     name = "hfedmoe"
+    STATS = ("usage", "importance")  # what aggregate() reads from each reply
     #: ``[hfedmoe]`` settings this algorithm fixes (the ablations, ``ablations.py``)
     forced: ClassVar[dict[str, object]] = {}
 

@@ -137,9 +137,12 @@ def upload_weights(
     return out
 
 
-def partial_upload(model: nn.Module, exclude: frozenset[str] = frozenset()) -> UploadSpec:
+def partial_upload(
+    model: nn.Module, exclude: frozenset[str] = frozenset(), stats: tuple[str, ...] = ()
+) -> UploadSpec:
     """What :func:`upload_weights` may send: every trainable non-expert tensor (required, less
-    ``exclude``) and any experts, by :func:`expert_key`."""
+    ``exclude``) and any experts, by :func:`expert_key`; the (L, E) statistics ``stats`` besides
+    the per-expert update counts."""
     layout = ExpertLayout.of(model)
     expert_names = layout.expert_names
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -149,14 +152,19 @@ def partial_upload(model: nn.Module, exclude: frozenset[str] = frozenset()) -> U
         for expert, entries in layout.experts.items()
         for x in entries
     }
-    return UploadSpec(required, experts)
+    keys = {ex: [expert_key(x, ex) for x in entries] for ex, entries in layout.experts.items()}
+    shapes = {name: layout.shape for name in ("expert_updates", *stats)}
+    return UploadSpec(required, experts, keys, shapes)
 
 
 class PartialUploads:
-    """Mixin for algorithms whose clients upload with :func:`upload_weights`."""
+    """Mixin for algorithms whose clients upload with :func:`upload_weights`; ``STATS``: the
+    (L, E) statistics its replies carry besides ``expert_updates``."""
+
+    STATS: tuple[str, ...] = ()
 
     def upload_spec(self, model: nn.Module) -> UploadSpec:
-        return partial_upload(model)
+        return partial_upload(model, stats=self.STATS)
 
 
 def aggregate_experts(

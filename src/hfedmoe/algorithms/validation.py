@@ -8,14 +8,17 @@ the global model. An algorithm states what its clients may upload (:class:`Uploa
 * partial algorithms (``hfedmoe.algorithms.partial``): the trainable non-expert tensors,
   required, plus any subset of the experts, under their upload keys.
 
-Checks, in order: unknown keys, missing keys, shapes, dtypes, finite values, example count, and
-the size of the update: ``||w_c - w|| <= max_update_ratio * ||w||`` over the uploaded tensors.
+Checks, in order: unknown keys, missing keys, shapes, dtypes, finite values, example count; the
+statistics the algorithm aggregates with (present, of the model's (L, E) shape, finite) and a
+finite training loss; every expert the client says it updated is uploaded; and the size of the
+update: ``||w_c - w|| <= max_update_ratio * ||w||`` over the uploaded tensors.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -24,13 +27,26 @@ from hfedmoe.model.experts import ExpertEntry
 Weights = dict[str, torch.Tensor]
 
 
-@dataclass(frozen=True)
+class Reply(Protocol):
+    """What a client's update holds (``hfedmoe.algorithms.ClientUpdate``)."""
+
+    weights: Weights
+    num_examples: int
+    metrics: dict[str, float]
+    stats: Weights
+
+
+@dataclass
 class UploadSpec:
     """The tensors a client may upload: ``required`` global names, and optional expert keys
-    (key -> the global tensor's name and the entry that takes the expert's part of it)."""
+    (key -> the global tensor's name and the entry that takes the expert's part of it),
+    grouped by expert in ``expert_keys``; ``stats``: the statistics a reply must carry, by name,
+    with their shape."""
 
     required: frozenset[str]
     experts: dict[str, tuple[str, ExpertEntry | None]] = field(default_factory=dict)
+    expert_keys: dict[tuple[int, int], list[str]] = field(default_factory=dict)
+    stats: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     def references(self, global_weights: Weights) -> Weights:
         """Every acceptable key with the global tensor (or slice) its upload replaces."""
@@ -51,14 +67,10 @@ class Rejection:
 
 
 def check_update(
-    weights: Weights,
-    num_examples: object,
-    spec: UploadSpec,
-    global_weights: Weights,
-    max_update_ratio: float,
+    update: Reply, spec: UploadSpec, global_weights: Weights, max_update_ratio: float
 ) -> Rejection | None:
-    """None if an update (``weights`` from ``num_examples`` examples) is acceptable against
-    ``global_weights``, else why not."""
+    """None if ``update`` is acceptable against ``global_weights``, else why not."""
+    weights, num_examples = update.weights, update.num_examples
     refs = spec.references(global_weights)
     keys = set(weights)
     if unknown := sorted(keys - set(refs)):
@@ -75,6 +87,8 @@ def check_update(
             return Rejection("non-finite", f"{key} holds NaN or Inf")
     if not (isinstance(num_examples, int) and num_examples > 0):
         return Rejection("examples", f"num_examples is {num_examples!r}, expected > 0")
+    if rejection := _check_stats(update, spec):
+        return rejection
     floats = [k for k in keys if refs[k].is_floating_point()]
     delta = math.sqrt(sum(float((weights[k] - refs[k]).double().square().sum()) for k in floats))
     norm = math.sqrt(sum(float(refs[k].double().square().sum()) for k in floats))
@@ -87,6 +101,29 @@ def check_update(
     return None
 
 
-def full_upload(trainable: list[str]) -> UploadSpec:
-    """FedAvg-style: every trainable tensor, by name, required."""
-    return UploadSpec(frozenset(trainable))
+def _check_stats(update: Reply, spec: UploadSpec) -> Rejection | None:
+    for name, shape in spec.stats.items():
+        t = update.stats.get(name)
+        if t is None:
+            return Rejection("stats", f"the statistic '{name}' is missing")
+        if tuple(t.shape) != shape:
+            return Rejection("stats", f"'{name}' is {tuple(t.shape)}, expected {shape}")
+        if not bool(torch.isfinite(t.double()).all()):
+            return Rejection("stats", f"'{name}' holds NaN or Inf")
+    loss = update.metrics.get("train_loss")
+    if not (isinstance(loss, float) and math.isfinite(loss)):
+        return Rejection("stats", f"train_loss is {loss!r}, expected a finite number")
+    updated = update.stats.get("expert_updates")
+    if updated is not None and spec.expert_keys:
+        for (layer, e), keys in spec.expert_keys.items():
+            if updated[layer, e] > 0 and any(k not in update.weights for k in keys):
+                return Rejection(
+                    "missing-keys", f"expert ({layer}, {e}) was updated but not uploaded"
+                )
+    return None
+
+
+def full_upload(trainable: list[str], shape: tuple[int, int]) -> UploadSpec:
+    """FedAvg-style: every trainable tensor, by name, required; per-expert update counts of
+    the (L, E) pool."""
+    return UploadSpec(frozenset(trainable), stats={"expert_updates": shape})

@@ -109,6 +109,8 @@ def read_rotten_tomatoes(path: Path) -> TextDataset:
                     "(expected fresh, rotten or plot)"
                 )
             if r["category"] != "plot" and (r["text"] or "").strip():
+                if not r["movie_name"]:
+                    raise HFedMoEError(f"data.path: '{path}' line {n}: no movie_name")
                 rows.append((r["category"], " ".join(r["text"].split()), r["movie_name"]))
     if not rows:
         raise HFedMoEError(f"data.path: '{path}' has no fresh or rotten reviews")

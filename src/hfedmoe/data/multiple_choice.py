@@ -20,10 +20,14 @@ import json
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from hfedmoe.errors import HFedMoEError
+
+if TYPE_CHECKING:
+    from hfedmoe.data.datasets import TextDataset
 
 Row = tuple[str, tuple[str, ...], int]  # prompt, choices, index of the right one
 
@@ -74,7 +78,7 @@ TASKS: dict[str, tuple[str, Callable[[dict], Row | None]]] = {
 }
 
 
-def read_qa_mix(root: Path):
+def read_qa_mix(root: Path) -> TextDataset:
     """The four tasks as one :class:`~hfedmoe.data.datasets.TextDataset`; group = task."""
     from hfedmoe.data.datasets import TextDataset
 

@@ -98,6 +98,7 @@ def budget(msg: Message, context: Context) -> Message:
         memory_bytes=0 if tier is None else int(tier.memory),
         expert_budget=costs.expert_budget(tier, _holds_subset(cfg_json)),
         num_experts=costs.num_experts,
+        num_partitions=int(context.node_config["num-partitions"]),
     )
     return Message(wire.pack_device(reply), reply_to=msg)
 

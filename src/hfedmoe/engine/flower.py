@@ -37,11 +37,11 @@ def app_dir() -> Path:
     return root
 
 
-def write_run_config(cfg: ExperimentConfig, run_dir: Path, resume: bool = False) -> Path:
+def write_run_config(cfg: ExperimentConfig, run_dir: Path) -> Path:
     """``RUN_DIR/flower-run-config.toml``: the values of ``[tool.flwr.app.config]`` for a run."""
     path = run_dir / RUN_CONFIG_FILE
     values = {wire.RUN_CONFIG: cfg.to_json(), wire.RUN_DIR: str(run_dir.resolve())}
-    path.write_text(tomli_w.dumps({**values, wire.RESUME: resume}))
+    path.write_text(tomli_w.dumps(values))
     return path
 
 

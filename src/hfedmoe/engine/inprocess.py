@@ -121,7 +121,8 @@ class InProcessGrid(Grid):
         """Every node's reply, except from nodes that took longer than ``timeout`` seconds
         (clients run one after another here; each is timed as if they ran in parallel)."""
         ids = self.push_messages(messages)
-        late = {i for i in ids if timeout is not None and self._seconds.pop(i, 0.0) > timeout}
+        seconds = {i: self._seconds.pop(i, 0.0) for i in ids}
+        late = {i for i in ids if timeout is not None and seconds[i] > timeout}
         for i in late:
             self._replies.pop(i, None)
         return self.pull_messages([i for i in ids if i not in late])

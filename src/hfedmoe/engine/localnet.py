@@ -20,7 +20,10 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import IO
 
 import tomli_w
 
@@ -47,14 +50,22 @@ def flwr_env(home: Path) -> dict[str, str]:
     }
 
 
+TAG = "HFEDMOE_LOCALNET"  # environment variable marking every process a deployment starts
+
+
 class Processes:
-    """Processes started in their own process groups; all killed by :meth:`stop`."""
+    """Processes started in their own process groups, each with ``TAG=tag`` in its
+    environment (inherited by whatever it starts); :meth:`stop` ends them all."""
 
     def __init__(self, env: dict[str, str], logs: Path):
-        self.env, self.logs, self.procs = env, logs, []
+        self.tag = uuid.uuid4().hex
+        self.env, self.logs = {**env, TAG: self.tag}, logs
+        self.procs: list[subprocess.Popen] = []
+        self.files: list[IO] = []
 
     def start(self, name: str, *args: str, **env: str) -> subprocess.Popen:
         log = (self.logs / f"{name}.log").open("w")
+        self.files.append(log)
         proc = subprocess.Popen(
             [str(BIN / args[0]), *args[1:]],
             env={**self.env, **env},
@@ -67,6 +78,7 @@ class Processes:
         return proc
 
     def stop(self) -> None:
+        """SIGTERM every group, wait up to 20 s, SIGKILL what is left, anywhere it went."""
         for proc in self.procs:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGTERM)
@@ -74,37 +86,66 @@ class Processes:
         for proc in self.procs:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            with contextlib.suppress(
-                ProcessLookupError, PermissionError
-            ):  # the group, including children (superexec, clientapps)
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+        stop_pids(lambda: tagged(self.tag))  # groups and whatever left them
+        for proc in self.procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=10)
+        for f in self.files:
+            f.close()
+
+
+def _live(pid_dir: Path) -> bool:
+    try:
+        return (pid_dir / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _proc_dirs() -> list[Path]:
+    return [d for d in Path("/proc").iterdir() if d.name.isdigit()]
 
 
 def matching(marker: str) -> list[int]:
     """Pids of live processes whose command line contains ``marker`` (Linux /proc)."""
     pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
+    for d in _proc_dirs():
         try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            cmdline = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode()
         except OSError:
             continue
-        if marker in cmdline and state != "Z":
-            pids.append(int(entry.name))
+        if marker in cmdline and _live(d):
+            pids.append(int(d.name))
     return pids
 
 
-def stop_matching(marker: str) -> None:
+def tagged(tag: str) -> list[int]:
+    """Pids of live processes with ``TAG=tag`` in their environment."""
+    needle = f"{TAG}={tag}".encode()
+    pids = []
+    for d in _proc_dirs():
+        try:
+            environ = (d / "environ").read_bytes()
+        except OSError:
+            continue
+        if needle in environ.split(b"\0") and _live(d):
+            pids.append(int(d.name))
+    return pids
+
+
+def stop_pids(find: Callable[[], list[int]]) -> None:
+    """SIGTERM, then SIGKILL, every process ``find()`` returns, until it returns none."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in matching(marker):
+        for pid in find():
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, sig)
         deadline = time.monotonic() + 15
-        while matching(marker) and time.monotonic() < deadline:
+        while find() and time.monotonic() < deadline:
             time.sleep(0.2)
+
+
+def stop_matching(marker: str) -> None:
+    """Stop every process whose command line contains ``marker``."""
+    stop_pids(lambda: matching(marker))
 
 
 def make_certificates(directory: Path) -> tuple[Path, Path, Path]:
@@ -174,14 +215,15 @@ def make_node_key(directory: Path, name: str) -> tuple[Path, Path]:
     return private, public
 
 
-def wait_until(what: str, check, timeout: float = 120) -> None:
+def wait_until(what: str, check: Callable[[], bool], timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
         time.sleep(0.5)
 
 
-def flwr_json(env: dict, *args: str) -> dict:
+def flwr_json(env: dict[str, str], *args: str) -> dict:
     out = subprocess.run(
         [str(BIN / "flwr"), *args, "--format", "json"],
         env=env,
@@ -285,4 +327,7 @@ class LocalDeployment:
 
     def stop(self) -> None:
         self.processes.stop()
-        stop_matching(str(self.workdir))  # anything they started that outlived its group
+
+    def leftovers(self) -> list[int]:
+        """Live processes this deployment started (none after :meth:`stop`)."""
+        return tagged(self.processes.tag)

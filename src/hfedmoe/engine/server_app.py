@@ -36,7 +36,11 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg, run_dir = wire.run_config(context.run_config)
-    resume = load_run_state(run_dir) if context.run_config.get(wire.RESUME) else None
+    resume = None
+    if context.run_config.get(wire.RESUME):
+        if not isinstance(grid, InProcessGrid):  # node ids and node state do not survive
+            raise ConfigError("resume: only runs of the embedded engine (hfedmoe run) resume")
+        resume = load_run_state(run_dir)
     federate(grid, cfg, RunRecorder(run_dir, cfg, resume), resume=resume)
 
 
@@ -100,9 +104,6 @@ def federate(
         messages = strategy.configure_train(server_round, arrays, ConfigRecord(), grid)
         replies = grid.send_and_receive(messages, timeout=round_timeout)
         new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
-        if new_arrays is not None and not _finite(new_arrays):  # defence in depth
-            log.error("round %d: the aggregate is not finite; keeping the model", server_round)
-            new_arrays = train_metrics = None
         if new_arrays is not None:  # None: every client failed, the model stays as it was
             arrays = new_arrays
             load_shared_state(model, arrays.to_torch_state_dict())
@@ -114,6 +115,8 @@ def federate(
         )
         if new_arrays is not None:  # what the algorithm says about this round's aggregation
             record.update(algorithm.round_metrics())
+        if strategy.aggregate_rejected:
+            record["aggregate_rejected"] = True
         recorder.log_round(record)
         checkpoint(server_round)
         log.info(
@@ -126,14 +129,6 @@ def federate(
             now - round_start,
         )
     return recorder.finish(model, task.tokenizer)
-
-
-def _finite(arrays: ArrayRecord) -> bool:
-    return all(
-        bool(torch.isfinite(t).all())
-        for t in arrays.to_torch_state_dict().values()
-        if t.is_floating_point()
-    )
 
 
 def wait_for_nodes(grid: Grid, num_nodes: int, timeout: float) -> list[int]:
@@ -165,7 +160,11 @@ def query_devices(
         node = reply.metadata.src_node_id
         if reply.has_error():
             raise HFedMoEError(f"node {node}: budget query failed: {reply.error.reason}")
-        devices[node] = wire.unpack_device(reply.content)
+        try:
+            devices[node] = wire.unpack_device(reply.content)
+        except ValueError as exc:
+            raise HFedMoEError(f"node {node}: {exc}") from None
+    check_federation(devices, [m.metadata.dst_node_id for m in messages], num_nodes or None)
     for node, d in sorted(devices.items()):
         if d.expert_budget < need:
             raise ConfigError(
@@ -175,6 +174,32 @@ def query_devices(
     budgets = {n: d.expert_budget for n, d in devices.items()}
     log.info("device budgets (node: C_budget): %s", budgets)
     return devices
+
+
+def check_federation(
+    devices: dict[int, wire.DeviceReport], queried: list[int], num_clients: int | None
+) -> None:
+    """Every queried node answered, and the nodes' partitions are exactly 0..num_clients-1,
+    each once, all told the same number of partitions; else one error naming the problem."""
+    if missing := sorted(set(queried) - set(devices)):
+        raise HFedMoEError(f"node(s) {missing} did not answer the budget query in time")
+    if num_clients is None:
+        return
+    by_partition: dict[int, list[int]] = {}
+    for node, d in devices.items():
+        by_partition.setdefault(d.partition_id, []).append(node)
+        if d.num_partitions not in (0, num_clients):
+            raise ConfigError(
+                f"node {node}: node config num-partitions is {d.num_partitions}, expected "
+                f"federation.num_clients = {num_clients}"
+            )
+    if twice := {p: n for p, n in by_partition.items() if len(n) > 1}:
+        raise ConfigError(f"node config partition-id: nodes share a partition: {twice}")
+    if sorted(by_partition) != list(range(num_clients)):
+        raise ConfigError(
+            f"node config partition-id: the nodes hold partitions {sorted(by_partition)}, "
+            f"expected 0..{num_clients - 1} (federation.num_clients = {num_clients})"
+        )
 
 
 def _round_record(server_round, result, train_loss, reports, round_seconds, elapsed) -> dict:

@@ -10,10 +10,12 @@ accepted updates are aggregated. Per-client outcomes of the last round are kept 
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
@@ -66,7 +68,8 @@ class ClientReport:
 def _describe(report: ClientReport, update: ClientUpdate, partition_id: int, bytes_up: int) -> None:
     """Fill ``report`` from an accepted update's metrics."""
     m = update.metrics
-    report.partition_id = partition_id
+    if report.partition_id is None:  # known from the budget query, else as the client says
+        report.partition_id = partition_id
     report.num_examples = update.num_examples
     report.train_loss = m.get("train_loss")
     report.seconds = m.get("train_seconds")
@@ -114,6 +117,7 @@ class AlgorithmStrategy(Strategy):
         self.devices: dict[int, wire.DeviceReport] = {}  # node id -> its budget query answer
         self.nodes: dict[int, int] = {}  # client (partition) id -> node id
         self.spec: UploadSpec | None = None  # what clients may upload; None = anything
+        self.aggregate_rejected = False  # the last round's aggregate was not finite
         self._sampled: list[int] = []
 
     def set_devices(self, devices: dict[int, wire.DeviceReport]) -> None:
@@ -174,13 +178,8 @@ class AlgorithmStrategy(Strategy):
             except Exception as exc:  # whatever a broken client sends must not stop the server
                 self._fail(report, "malformed", f"{type(exc).__name__}: {exc}")
                 continue
-            rejection = self.spec and check_update(
-                update.weights,
-                update.num_examples,
-                self.spec,
-                self._global,
-                self.cfg.federation.max_update_ratio,
-            )
+            ratio = self.cfg.federation.max_update_ratio
+            rejection = self.spec and check_update(update, self.spec, self._global, ratio)
             if rejection:
                 self._fail(report, rejection.reason, rejection.detail)
                 continue
@@ -193,7 +192,15 @@ class AlgorithmStrategy(Strategy):
         self.last_reports = sorted(reports, key=lambda r: self._client(r.node_id))
         if not updates:
             return None, None
+        saved = copy.deepcopy(self.algorithm.state_dict())
         new_global = self.algorithm.aggregate(server_round, self._global, updates)
+        self.aggregate_rejected = not all(
+            bool(torch.isfinite(t).all()) for t in new_global.values() if t.is_floating_point()
+        )
+        if self.aggregate_rejected:  # defence in depth: validated updates should never do this
+            self.algorithm.load_state_dict(saved)
+            log.error("round %d: the aggregate is not finite; the model stays", server_round)
+            return None, None
         total = sum(u.num_examples for u in updates.values())
         train_loss = sum(u.metrics["train_loss"] * u.num_examples for u in updates.values()) / total
         return ArrayRecord(new_global), MetricRecord({"train_loss": train_loss})

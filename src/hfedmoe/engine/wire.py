@@ -43,7 +43,7 @@ PARTITION_ID = "partition-id"
 # run_config keys (Flower's per-run config, the same on every engine)
 RUN_CONFIG = "hfedmoe-config"  # the validated ExperimentConfig as JSON
 RUN_DIR = "run-dir"  # where the ServerApp writes results
-RESUME = "resume"  # true: continue the run in RUN_DIR from its checkpoint
+RESUME = "resume"  # true: continue the run in RUN_DIR from its checkpoint (embedded only)
 
 
 def run_config(values: Mapping[str, object]) -> tuple[ExperimentConfig, Path]:
@@ -107,6 +107,7 @@ class DeviceReport:
     memory_bytes: int  # 0 = unlimited
     expert_budget: int  # C_budget(c); -1 = cannot even hold the model
     num_experts: int  # L x E
+    num_partitions: int = 0  # as the node was told (node config); 0 = not reported
 
 
 def pack_device(report: DeviceReport) -> RecordDict:
@@ -114,7 +115,10 @@ def pack_device(report: DeviceReport) -> RecordDict:
 
 
 def unpack_device(content: RecordDict) -> DeviceReport:
-    return DeviceReport(**dict(content.config_records[DEVICE]))
+    try:
+        return DeviceReport(**dict(content.config_records[DEVICE]))
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"malformed budget reply ({exc})") from None
 
 
 def payload_bytes(content: RecordDict) -> int:
