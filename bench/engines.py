@@ -27,20 +27,7 @@ from pathlib import Path
 
 from hfedmoe.config import load
 from hfedmoe.engine.localnet import CONNECTION, LocalDeployment, flwr_env, free_port, stop_matching
-from hfedmoe.results import read_metrics
-
-TIMINGS = {"memory_measured_bytes", "round_seconds", "elapsed_seconds", "seconds", "node_id"}
-
-
-def _comparable(run_dir: Path) -> list[dict]:
-    def strip(d: dict) -> dict:
-        return {
-            k: ([strip(x) for x in v] if k in ("clients", "devices") else v)
-            for k, v in d.items()
-            if k not in TIMINGS
-        }
-
-    return [strip(r) for r in read_metrics(run_dir)]
+from hfedmoe.results import engine_independent, read_metrics
 
 
 def _timed(cmd: list[str], env: dict | None = None) -> float:
@@ -81,7 +68,7 @@ def main() -> None:
     with LocalDeployment(work / "net", tiers) as net:
         cmd = [*hfedmoe, "flower", args.config, *sets, "-o", str(runs["deployment"])]
         wall["deployment"] = _timed([*cmd, "--connection", CONNECTION], net.env)
-    reference = _comparable(runs["embedded"])
+    reference = engine_independent(runs["embedded"])
     per_round = {
         name: sum(r["round_seconds"] for r in read_metrics(d)[1:]) / args.rounds
         for name, d in runs.items()
@@ -92,7 +79,7 @@ def main() -> None:
     print("| engine | s / round | vs embedded | wall s | vs embedded | same metrics |")
     print("| --- | ---: | ---: | ---: | ---: | --- |")
     for name, run_dir in runs.items():
-        same = "yes" if _comparable(run_dir) == reference else "no"
+        same = "yes" if engine_independent(run_dir) == reference else "no"
         print(
             f"| {name} | {per_round[name]:.1f} | {per_round[name] / per_round['embedded']:.2f}x "
             f"| {wall[name]:.0f} | {wall[name] / wall['embedded']:.2f}x | {same} |"

@@ -15,13 +15,11 @@ import torch
 
 from hfedmoe.config import load
 from hfedmoe.model import load_checkpoint
-from hfedmoe.results import read_metrics
+from hfedmoe.results import TIMING_KEYS, read_metrics
 from hfedmoe.task import server_task
 from hfedmoe.training import evaluate
 
 from .conftest import tiny_raw
-
-TIMING_KEYS = {"memory_measured_bytes", "round_seconds", "elapsed_seconds", "seconds"}
 
 
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:

@@ -26,26 +26,12 @@ from hfedmoe.engine.localnet import (
     make_node_key,
     stop_matching,
 )
-from hfedmoe.results import read_metrics
+from hfedmoe.results import engine_independent, read_metrics
 
 from .test_budget import _three_tiers
-from .test_end_to_end import TIMING_KEYS, run_cli
+from .test_end_to_end import run_cli
 
 TIERS = ["small", "medium", "large"]  # _three_tiers' tier names, one per partition
-
-
-def engine_independent(run_dir: Path) -> list[dict]:
-    """metrics.jsonl without timings and node ids (each engine numbers its nodes its own way)."""
-    drop = TIMING_KEYS | {"node_id"}
-
-    def strip(d: dict) -> dict:
-        return {
-            k: ([strip(x) for x in v] if k in ("clients", "devices") else v)
-            for k, v in d.items()
-            if k not in drop
-        }
-
-    return [strip(r) for r in read_metrics(run_dir)]
 
 
 def flower(config: Path, run_dir: Path, env: dict, *args: str) -> subprocess.CompletedProcess:

@@ -48,6 +48,10 @@ console = Console(stderr=True)
 ConfigArg = Annotated[
     Path, typer.Argument(help="Experiment TOML file (e.g. configs/default.toml).")
 ]
+RunDirOpt = Annotated[
+    Path | None,
+    typer.Option("--output-dir", "-o", help="Run directory (must be new or empty)."),
+]
 SetOpt = Annotated[
     list[str] | None,
     typer.Option(
@@ -100,10 +104,7 @@ def run(
         typer.Argument(help="Experiment TOML file (e.g. configs/default.toml); not with --resume."),
     ] = None,
     set_: SetOpt = None,
-    output_dir: Annotated[
-        Path | None,
-        typer.Option("--output-dir", "-o", help="Run directory (must be new or empty)."),
-    ] = None,
+    output_dir: RunDirOpt = None,
     resume: Annotated[
         Path | None,
         typer.Option(
@@ -344,10 +345,7 @@ def report(
 def flower(
     config: ConfigArg,
     set_: SetOpt = None,
-    output_dir: Annotated[
-        Path | None,
-        typer.Option("--output-dir", "-o", help="Run directory (must be new or empty)."),
-    ] = None,
+    output_dir: RunDirOpt = None,
     connection: Annotated[
         str,
         typer.Option(

@@ -153,6 +153,25 @@ def _failure_rate(rounds: list[dict]) -> float:
     return sum(r["clients_failed"] for r in rounds) / sampled if sampled else 0.0
 
 
+#: fields of metrics.jsonl that measure the machine, not the training (they differ between runs)
+TIMING_KEYS = frozenset({"memory_measured_bytes", "round_seconds", "elapsed_seconds", "seconds"})
+
+
+def engine_independent(run_dir: Path) -> list[dict]:
+    """metrics.jsonl without timings and node ids (each engine numbers its nodes its own way):
+    what two runs of one config and seed must agree on, on any engine."""
+    drop = TIMING_KEYS | {"node_id"}
+
+    def strip(d: dict) -> dict:
+        return {
+            k: ([strip(x) for x in v] if k in ("clients", "devices") else v)
+            for k, v in d.items()
+            if k not in drop
+        }
+
+    return [strip(r) for r in read_metrics(run_dir)]
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
