@@ -1,5 +1,6 @@
 """`hfedmoe compare`: every method x seed on identical partitions, budgets and initial weights;
-finished runs are never repeated, unfinished ones are set aside, bad input fails first."""
+finished runs are never repeated, interrupted ones resume from their checkpoint, anything else
+unfinished is set aside, bad input fails first."""
 
 from __future__ import annotations
 
@@ -52,6 +53,37 @@ def test_an_unfinished_run_is_set_aside_and_redone(tiny_bert_dir, tmp_path):
     assert (broken / "summary.json").is_file()
     kept = out / "fedavg" / "seed0.incomplete-1" / "metrics.jsonl"
     assert kept.read_text() == '{"round": 0}\n'
+
+
+def test_an_interrupted_run_resumes_from_its_checkpoint(tiny_bert_dir, tmp_path):
+    config, out = _config(tmp_path, tiny_bert_dir), tmp_path / "grid"
+    args = ["compare", str(config), "--methods", "fedavg", "--set", "federation.rounds=2"]
+    assert run_cli(*args, "-o", str(out), "--no-progress").returncode == 0
+    run_dir = out / "fedavg" / "seed0"
+    rounds = (run_dir / "metrics.jsonl").read_text()
+    (run_dir / "summary.json").unlink()  # as if killed after the last checkpoint
+
+    proc = run_cli(*args, "-o", str(out), "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    assert "0 already finished, 1 to resume" in proc.stderr
+    assert (run_dir / "summary.json").is_file()
+    # Rounds are not redone (a rerun would write new timings), and nothing is set aside.
+    assert (run_dir / "metrics.jsonl").read_text() == rounds
+    assert not list(out.glob("fedavg/*.incomplete-*"))
+
+
+def test_an_unfinished_run_of_another_experiment_is_set_aside(tiny_bert_dir, tmp_path):
+    config, out = _config(tmp_path, tiny_bert_dir), tmp_path / "grid"
+    args = ["compare", str(config), "--methods", "fedavg"]
+    assert run_cli(*args, "--set", "train.lr=0.5", "-o", str(out), "--no-progress").returncode == 0
+    (out / "fedavg" / "seed0" / "summary.json").unlink()
+
+    proc = run_cli(*args, "-o", str(out), "--no-progress")  # the default lr: another run
+    assert proc.returncode == 0, proc.stderr
+    assert "0 already finished, 0 to resume" in proc.stderr
+    aside = out / "fedavg" / "seed0.incomplete-1" / "config.toml"
+    assert "lr = 0.5" in aside.read_text()
+    assert "lr = 0.5" not in (out / "fedavg" / "seed0" / "config.toml").read_text()
 
 
 def test_bad_grid_input_fails_before_anything_runs(tiny_bert_dir, tmp_path):

@@ -259,7 +259,7 @@ def compare(
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Run every method x seed of one experiment on identical partitions, budgets and initial
-    weights; finished runs are not repeated."""
+    weights; finished runs are not repeated, interrupted ones continue from their checkpoint."""
     from hfedmoe import grid
 
     try:
@@ -275,9 +275,10 @@ def compare(
         _fail(str(exc))
         return
     todo = [r for r in runs if not r.done]
+    resuming = sum(grid.resumable(config, r, base) for r in todo)
     console.print(
         f"[bold]hfedmoe[/] compare: {len(runs)} runs, {len(runs) - len(todo)} already "
-        f"finished -> {output_dir}"
+        f"finished, {resuming} to resume -> {output_dir}"
     )
     failed = []
     columns = [

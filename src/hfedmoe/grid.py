@@ -4,9 +4,12 @@
 ``OUT/<method>/seed<k>/`` for each pair. Every run takes the same config with only ``algorithm``
 and ``seed`` changed, so methods with the same seed share the split, the partition, the device
 tiers and the initial weights (all derived from the seed). A run whose ``summary.json`` exists
-is finished and is not repeated; an unfinished one is moved aside to ``<dir>.incomplete-<n>``
-(never deleted) and started again. Each run is a child process (the real CLI), so one run's
-memory is returned before the next starts and a crash stops only that run.
+is finished and is not repeated. An unfinished one continues from its last checkpoint
+(``hfedmoe run --resume``, which ends exactly as an uninterrupted run would) when its
+``config.toml`` is the experiment this cell asks for; otherwise it is moved aside to
+``<dir>.incomplete-<n>`` (never deleted) and started again. Each run is a child process (the
+real CLI), so one run's memory is returned before the next starts and a crash stops only that
+run.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hfedmoe import config as config_mod
+from hfedmoe.errors import HFedMoEError
 
 #: Named reductions of an experiment, as --set overrides. "quick" is the smoke-test size.
 PROFILES: dict[str, list[str]] = {
@@ -72,12 +76,32 @@ def set_aside(run_dir: Path) -> Path | None:
     return target
 
 
+def resumable(config: Path, run: GridRun, base: list[str]) -> bool:
+    """Whether an unfinished cell can continue: a readable checkpoint of the same experiment."""
+    from hfedmoe.resume import load_run_state
+
+    saved = run.run_dir / "config.toml"
+    if run.done or not saved.is_file():
+        return False
+    try:
+        same = config_mod.load(saved) == config_mod.load(config, run.overrides(base))
+        if same:
+            load_run_state(run.run_dir)
+    except HFedMoEError:
+        return False
+    return same
+
+
 def execute(config: Path, run: GridRun, base: list[str]) -> subprocess.CompletedProcess:
-    """Run one cell of the grid with the real CLI in a child process."""
-    set_aside(run.run_dir)
-    run.run_dir.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "hfedmoe", "run", str(config), "--no-progress"]
-    for item in run.overrides(base):
-        cmd += ["--set", item]
-    cmd += ["-o", str(run.run_dir)]
+    """Run (or continue) one cell of the grid with the real CLI in a child process."""
+    cmd = [sys.executable, "-m", "hfedmoe", "run"]
+    if resumable(config, run, base):
+        cmd += ["--resume", str(run.run_dir), "--no-progress"]
+    else:
+        set_aside(run.run_dir)
+        run.run_dir.parent.mkdir(parents=True, exist_ok=True)
+        cmd += [str(config), "--no-progress"]
+        for item in run.overrides(base):
+            cmd += ["--set", item]
+        cmd += ["-o", str(run.run_dir)]
     return subprocess.run(cmd, capture_output=True, text=True)
