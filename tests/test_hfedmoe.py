@@ -101,6 +101,39 @@ def test_server_aggregates_by_eqs_17_to_21(setup):
     torch.testing.assert_close(new[head], 0.25 * A[head] + 0.75 * B[head])
 
 
+def test_usage_only_counts_an_expert_a_client_uploaded(tiny_bert_dir):
+    # expert_used = "usage": u >= tau is not enough when the client never routed to (so never
+    # trained or sent) the expert; it must not count for it, nor break aggregation.
+    cfg = validate(tiny_raw(tiny_bert_dir, algorithm="hfedmoe", hfedmoe={"expert_used": "usage"}))
+    task = server_task(cfg)
+    algo = build_algorithm(cfg)
+    algo.bind(task.model)
+    em = ExpertModel(task.model)
+    L, E = em.shape
+    glob = {k: v.clone() for k, v in task.model.state_dict().items()}
+    sent = torch.zeros(L, E, dtype=torch.bool)
+    sent[0, 0] = True
+    with torch.no_grad():
+        for p in task.model.parameters():
+            p.add_(1.0)  # the client's "trained" weights
+    up = ClientUpdate(
+        weights=upload_weights(task.model, sent, em.expert_entries()),
+        num_examples=5,
+        stats={  # the client uses every expert equally (1/E >= tau) but sent only (0, 0)
+            "usage": torch.full((L, E), 1.0 / E),
+            "importance": torch.ones(L, E),
+            "expert_updates": torch.zeros(L, E),
+        },
+    )
+    assert cfg.hfedmoe.tau <= 1.0 / E
+    new = algo.aggregate(1, glob, {3: up})
+    for (layer, e), entries in em.expert_entries().items():
+        for entry in entries:
+            was = glob[entry.state_name]
+            expected = was + 1.0 if (layer, e) == (0, 0) else was
+            torch.testing.assert_close(entry.take(new[entry.state_name]), entry.take(expected))
+
+
 # ---- strict mode (METHOD.md §7, beyond the paper) -------------------------------------------
 
 

@@ -17,7 +17,8 @@ round 1 and sends it with every task.
 
 Communication. Backward-only: a client downloads all weights and uploads the shared parameters,
 the routers and only the experts the server can use (those it updated, or with
-``expert_used = "usage"`` also those it used), each expert's tensors under its own key.
+``expert_used = "usage"`` also those it used and routed to; the server counts a client for an
+expert only if it sent it), each expert's tensors under its own key.
 Strict (``mode = "strict"``, beyond the paper, METHOD.md §7): the server gives each client a held
 set of C_budget experts, at least one per layer: the top ones by the client's last reported
 s_c(e) (by the mean s_c over all reports before it has one, by a seeded draw before anyone has
@@ -58,6 +59,7 @@ from hfedmoe.algorithms.partial import (
     mask_of,
     own_or_mean,
     upload_weights,
+    uploaded_mask,
 )
 from hfedmoe.algorithms.sparse_aggregation import (
     combine,
@@ -148,7 +150,12 @@ class HFedMoE(PartialUploads, FederatedAlgorithm):
         if p.expert_aggregation == "holders":
             w_CLE = expert_weights(n_C, counts > 0)
         else:
-            updated = counts if p.expert_used == "usage_and_updated" else None
+            # "usage": an expert a client used (u >= tau, eq. (16) counts every gate value) but
+            # never routed to was not trained, so it was not uploaded and cannot count.
+            if p.expert_used == "usage_and_updated":
+                updated = counts
+            else:
+                updated = torch.stack([uploaded_mask(self.layout, u.weights) for u in ups])
             w_CLE = expert_weights(n_C, qualifies(u_CLE, p.tau, updated))
         new = aggregate_experts(self.layout, global_weights, ups, w_CLE)
 

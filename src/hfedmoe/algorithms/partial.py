@@ -65,6 +65,15 @@ def expert_key(entry: ExpertEntry, expert: ExpertId) -> str:
     return entry.state_name if entry.dim is None else f"{entry.state_name}@expert{layer}.{e}"
 
 
+def uploaded_mask(layout: ExpertLayout, weights: Weights) -> torch.Tensor:
+    """(L, E) bool: the experts whose tensors are in one reply (validation has checked that an
+    expert comes whole or not at all)."""
+    sent = torch.zeros(layout.shape, dtype=torch.bool)
+    for expert, entries in layout.experts.items():
+        sent[expert] = expert_key(entries[0], expert) in weights
+    return sent
+
+
 def assigned_mask(mask_LE: torch.Tensor) -> list[int]:
     """The ``ASSIGNED`` task value of an (L, E) mask."""
     return mask_LE.flatten().nonzero().flatten().tolist()
