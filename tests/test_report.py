@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tomli_w
 
-from hfedmoe.report import Run, coefficient_of_variation, find_runs, summarise
+from hfedmoe.report import Run, coefficient_of_variation, find_runs, label_runs, summarise
 
 from .conftest import tiny_raw
 from .test_end_to_end import run_cli
@@ -71,6 +71,16 @@ def test_the_table_by_hand(tmp_path):
     assert coefficient_of_variation(np.array([9, 6, 0, 12])) == pytest.approx(
         np.std([9, 6, 0, 12]) / 6.75
     )
+
+
+def test_the_same_method_from_two_grids_makes_two_rows(tmp_path):
+    for grid, acc in (("clean", 0.9), ("faulty", 0.7)):
+        for seed in (0, 1):
+            _fake_run(tmp_path / grid / "a" / f"seed{seed}", "a", seed, [0.2, acc])
+    runs = label_runs([Run.load(p) for p in find_runs([tmp_path / "clean", tmp_path / "faulty"])])
+    rows = {r.algorithm: r for r in summarise(runs, target=0.8)}
+    assert sorted(rows) == ["clean/a", "faulty/a"]
+    assert rows["clean/a"].seeds == [0, 1] and rows["faulty/a"].final_mean == pytest.approx(0.7)
 
 
 def test_grid_directories_are_searched_and_incomplete_runs_skipped(tmp_path):

@@ -141,12 +141,21 @@ def find_runs(paths: list[Path]) -> list[Path]:
 
 
 def label_runs(runs: list[Run]) -> list[Run]:
-    """Rows are algorithms, their seeds pooled; if one algorithm has the same seed twice (a
-    sweep of settings, not a grid), every run is a row of its own, named by its directory."""
+    """Rows are algorithms, their seeds pooled. If one algorithm has the same seed twice, the
+    runs come from several experiments: a run of a ``compare`` grid (``GRID/<algorithm>/seed<k>``)
+    is then labelled ``GRID/<algorithm>``, pooling that grid's seeds; any other run is a row of
+    its own, named by its directory (a sweep of settings)."""
     keys = [(r.algorithm, r.seed) for r in runs]
     if len(set(keys)) == len(keys):
         return runs
-    return [replace(r, label=r.path.name) for r in runs]
+    return [replace(r, label=_experiment_label(r)) for r in runs]
+
+
+def _experiment_label(run: Run) -> str:
+    path = run.path.resolve()
+    if path.name == f"seed{run.seed}" and path.parent.name == run.algorithm:
+        return f"{path.parent.parent.name}/{run.algorithm}"
+    return run.path.name
 
 
 def coefficient_of_variation(x: np.ndarray) -> float:
