@@ -39,6 +39,7 @@ def _fake_run(path, algorithm, seed, accuracies, failed=(), flops=1e9):
         rounds.append(
             {
                 "round": k,
+                "failures": {"budget": len(clients) - ok} if len(clients) > ok else {},
                 "test_accuracy": acc,
                 "clients_ok": ok,
                 "clients_failed": len(clients) - ok,
@@ -66,6 +67,7 @@ def test_the_table_by_hand(tmp_path):
     assert b.rounds_to_target == 1.0 and b.compute_to_target == pytest.approx(2e9)
     assert a.failure_rate == pytest.approx((0 + 1 / 6) / 2)  # seed 1 lost 1 of 6 trainings
     assert a.bytes_per_round == pytest.approx(220.0)  # rounds 1-3: 110, 220, 330
+    assert (a.failures, b.failures) == ({"budget": 1}, {})
     # per-expert updates over seed 0: 3 rounds x ([1,1,0,2] + [2,1,0,2]) = [9, 6, 0, 12]
     assert Run.load(a0).expert_updates().tolist() == [9, 6, 0, 12]
     assert coefficient_of_variation(np.array([9, 6, 0, 12])) == pytest.approx(
@@ -115,14 +117,18 @@ def test_report_of_a_real_grid(real_grid, tmp_path):
     proc = run_cli("report", str(real_grid), "-o", str(out), "--target", "0.25")
     assert proc.returncode == 0, proc.stderr
     md = (out / "report.md").read_text()
+    results, reasons = md.split("Failed client trainings by reason")
     rows = [
         line
-        for line in md.splitlines()
+        for line in results.splitlines()
         if line.startswith("| fedavg") or line.startswith("| hfedmoe")
     ]
     assert len(rows) == 2
     fedavg = rows[0].split(" | ")
     assert fedavg[1] == "0,1" and fedavg[5] == "0.500"  # the small device fails every round
+    # 2 seeds x 2 rounds, each with the small device sampled: 4 failures, all over budget
+    assert "| fedavg | 4 |" in reasons and "| hfedmoe | 0 |" in reasons
+    assert "| method | budget |" in reasons
     for name in ("accuracy", "compute", "failures", "bytes", "selection"):
         assert (out / f"{name}.png").stat().st_size > 1000
     page = (out / "report.html").read_text()

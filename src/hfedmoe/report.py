@@ -89,6 +89,14 @@ class Run:
             ]
         )
 
+    def failures_by_reason(self) -> dict[str, int]:
+        """Failed client trainings over the run, by the reason the server gave."""
+        out: dict[str, int] = {}
+        for r in self.rounds:
+            for reason, n in (r.get("failures") or {}).items():
+                out[reason] = out.get(reason, 0) + n
+        return out
+
     def bytes_per_round(self) -> np.ndarray:
         return np.array([r["bytes_down"] + r["bytes_up"] for r in self.rounds[1:]])
 
@@ -175,6 +183,7 @@ class Row:
     failure_rate: float
     bytes_per_round: float
     utilisation_cv: float | None
+    failures: dict[str, int]  # failed client trainings by reason, summed over seeds
 
 
 def summarise(runs: list[Run], target: float) -> list[Row]:
@@ -204,9 +213,26 @@ def summarise(runs: list[Run], target: float) -> list[Row]:
                     if updates
                     else None
                 ),
+                failures=_sum_counts([r.failures_by_reason() for r in group]),
             )
         )
     return rows
+
+
+def _sum_counts(counts: list[dict[str, int]]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for c in counts:
+        for k, n in c.items():
+            out[k] = out.get(k, 0) + n
+    return dict(sorted(out.items()))
+
+
+def failure_reasons_table(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
+    """Failed client trainings by reason (columns) per row, summed over seeds; no columns if
+    nothing failed."""
+    reasons = sorted({k for r in rows for k in r.failures})
+    cells = [[r.algorithm, *(str(r.failures.get(k, 0)) for k in reasons)] for r in rows]
+    return reasons, cells
 
 
 # ---- plots ------------------------------------------------------------------------------
@@ -347,6 +373,24 @@ def write_report(run_dirs: list[Path], out_dir: Path, target: float, title: str 
     md += ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     md += ["| " + " | ".join(_cells(r)) + " |" for r in rows]
     md.append("")
+    reasons, reason_cells = failure_reasons_table(rows)
+    reasons_html = ""
+    if reasons:
+        md += ["Failed client trainings by reason (summed over seeds):", ""]
+        md += ["| method | " + " | ".join(reasons) + " |", "|" + "---|" * (len(reasons) + 1)]
+        md += ["| " + " | ".join(c) + " |" for c in reason_cells]
+        md.append("")
+        reasons_html = (
+            "<h2>Failed client trainings by reason</h2><p>Summed over seeds.</p>"
+            '<table id="failures"><thead><tr><th>method</th>'
+            + "".join(f"<th>{html.escape(k)}</th>" for k in reasons)
+            + "</tr></thead><tbody>"
+            + "".join(
+                "<tr>" + "".join(f"<td>{html.escape(x)}</td>" for x in c) + "</tr>"
+                for c in reason_cells
+            )
+            + "</tbody></table>"
+        )
     html_figs = []
     for name, fig in figs.items():
         fig.savefig(out_dir / f"{name}.png", dpi=110)
@@ -376,6 +420,7 @@ figure {{ margin: 1.5rem 0; }} img {{ max-width: 100%; }}
 <p>Target accuracy: {target:g}. Mean ± sample std over seeds; compute is predicted training
 FLOPs of all clients up to the round that reaches the target.</p>
 <table id="results"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>
+{reasons_html}
 {"".join(html_figs)}
 <h2>Runs</h2><ul>{sources}</ul>
 </body></html>
