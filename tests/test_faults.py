@@ -83,6 +83,23 @@ def test_the_statistics_aggregation_reads_are_checked():
     assert rejection.reason == "missing-keys" and "(0, 1) was updated" in rejection.detail
 
 
+def test_an_expert_comes_whole_or_not_at_all():
+    """Expert (0, 0) is two tensors, "b" and "step"; sending one of them is a broken reply,
+    even for an expert the client did not update (HFedMoE's usage mode sends those too)."""
+    spec = UploadSpec(
+        frozenset({"a"}),
+        {"b": ("b", None), "step": ("step", None)},
+        {(0, 0): ["b", "step"]},
+        {"expert_updates": (1, 1)},
+    )
+    stats = {"expert_updates": torch.zeros(1, 1)}
+    whole = {"a": GLOBAL["a"], "b": GLOBAL["b"], "step": GLOBAL["step"]}
+    assert _check(whole, spec=spec, stats=stats) is None
+    assert _check({"a": GLOBAL["a"]}, spec=spec, stats=stats) is None  # not sent: fine
+    rejection = _check({"a": GLOBAL["a"], "b": GLOBAL["b"]}, spec=spec, stats=stats)
+    assert rejection.reason == "missing-keys" and "(0, 0) was uploaded in part" in rejection.detail
+
+
 def test_an_update_from_no_examples_is_rejected():
     assert _check({"a": GLOBAL["a"], "b": GLOBAL["b"]}, num_examples=0).reason == "examples"
 

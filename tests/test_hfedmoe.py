@@ -103,34 +103,36 @@ def test_server_aggregates_by_eqs_17_to_21(setup):
 
 def test_usage_only_counts_an_expert_a_client_uploaded(tiny_bert_dir):
     # expert_used = "usage": u >= tau is not enough when the client never routed to (so never
-    # trained or sent) the expert; it must not count for it, nor break aggregation.
+    # trained or sent) the expert; eq. (17) must weigh only the clients that sent it.
     cfg = validate(tiny_raw(tiny_bert_dir, algorithm="hfedmoe", hfedmoe={"expert_used": "usage"}))
     task = server_task(cfg)
     algo = build_algorithm(cfg)
     algo.bind(task.model)
     em = ExpertModel(task.model)
     L, E = em.shape
-    glob = {k: v.clone() for k, v in task.model.state_dict().items()}
-    sent = torch.zeros(L, E, dtype=torch.bool)
-    sent[0, 0] = True
-    with torch.no_grad():
-        for p in task.model.parameters():
-            p.add_(1.0)  # the client's "trained" weights
-    up = ClientUpdate(
-        weights=upload_weights(task.model, sent, em.expert_entries()),
-        num_examples=5,
-        stats={  # the client uses every expert equally (1/E >= tau) but sent only (0, 0)
-            "usage": torch.full((L, E), 1.0 / E),
-            "importance": torch.ones(L, E),
-            "expert_updates": torch.zeros(L, E),
-        },
-    )
     assert cfg.hfedmoe.tau <= 1.0 / E
-    new = algo.aggregate(1, glob, {3: up})
+    glob = {k: v.clone() for k, v in task.model.state_dict().items()}
+    ups = {}
+    for client, shift, sends_00 in ((3, 1.0, True), (4, 2.0, False)):
+        sent = torch.zeros(L, E, dtype=torch.bool)
+        sent[0, 0] = sends_00
+        with torch.no_grad():
+            for name, p in task.model.named_parameters():
+                p.copy_(glob[name] + shift)  # the client's "trained" weights
+        ups[client] = ClientUpdate(
+            weights=upload_weights(task.model, sent, em.expert_entries()),
+            num_examples=5,
+            stats={  # both use every expert equally (1/E >= tau)
+                "usage": torch.full((L, E), 1.0 / E),
+                "importance": torch.ones(L, E),
+                "expert_updates": torch.zeros(L, E),
+            },
+        )
+    new = algo.aggregate(1, glob, ups)
     for (layer, e), entries in em.expert_entries().items():
         for entry in entries:
             was = glob[entry.state_name]
-            expected = was + 1.0 if (layer, e) == (0, 0) else was
+            expected = was + 1.0 if (layer, e) == (0, 0) else was  # client 3's alone, or kept
             torch.testing.assert_close(entry.take(new[entry.state_name]), entry.take(expected))
 
 

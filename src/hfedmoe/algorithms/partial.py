@@ -66,11 +66,11 @@ def expert_key(entry: ExpertEntry, expert: ExpertId) -> str:
 
 
 def uploaded_mask(layout: ExpertLayout, weights: Weights) -> torch.Tensor:
-    """(L, E) bool: the experts whose tensors are in one reply (validation has checked that an
-    expert comes whole or not at all)."""
+    """(L, E) bool: the experts whose tensors are all in one reply (validation rejects a reply
+    with an expert in part)."""
     sent = torch.zeros(layout.shape, dtype=torch.bool)
     for expert, entries in layout.experts.items():
-        sent[expert] = expert_key(entries[0], expert) in weights
+        sent[expert] = all(expert_key(x, expert) in weights for x in entries)
     return sent
 
 

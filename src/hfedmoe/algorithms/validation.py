@@ -114,12 +114,12 @@ def _check_stats(update: Reply, spec: UploadSpec) -> Rejection | None:
     if not (isinstance(loss, float) and math.isfinite(loss)):
         return Rejection("stats", f"train_loss is {loss!r}, expected a finite number")
     updated = update.stats.get("expert_updates")
-    if updated is not None and spec.expert_keys:
-        for (layer, e), keys in spec.expert_keys.items():
-            if updated[layer, e] > 0 and any(k not in update.weights for k in keys):
-                return Rejection(
-                    "missing-keys", f"expert ({layer}, {e}) was updated but not uploaded"
-                )
+    for (layer, e), keys in spec.expert_keys.items():
+        sent = sum(k in update.weights for k in keys)
+        if 0 < sent < len(keys):
+            return Rejection("missing-keys", f"expert ({layer}, {e}) was uploaded in part")
+        if not sent and updated is not None and updated[layer, e] > 0:
+            return Rejection("missing-keys", f"expert ({layer}, {e}) was updated but not uploaded")
     return None
 
 
