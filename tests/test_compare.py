@@ -8,6 +8,7 @@ import json
 
 import tomli_w
 
+from hfedmoe import grid, resume
 from hfedmoe.results import read_metrics
 
 from .conftest import tiny_raw
@@ -55,21 +56,42 @@ def test_an_unfinished_run_is_set_aside_and_redone(tiny_bert_dir, tmp_path):
     assert kept.read_text() == '{"round": 0}\n'
 
 
-def test_an_interrupted_run_resumes_from_its_checkpoint(tiny_bert_dir, tmp_path):
+def test_an_interrupted_run_resumes_from_its_checkpoint(tiny_bert_dir, tmp_path, monkeypatch):
     config, out = _config(tmp_path, tiny_bert_dir), tmp_path / "grid"
-    args = ["compare", str(config), "--methods", "fedavg", "--set", "federation.rounds=2"]
-    assert run_cli(*args, "-o", str(out), "--no-progress").returncode == 0
+    base = ["federation.rounds=2"]
+    args = ["compare", str(config), "--methods", "fedavg", "--set", base[0], "-o", str(out)]
+    assert run_cli(*args, "--no-progress").returncode == 0
     run_dir = out / "fedavg" / "seed0"
     rounds = (run_dir / "metrics.jsonl").read_text()
     (run_dir / "summary.json").unlink()  # as if killed after the last checkpoint
 
-    proc = run_cli(*args, "-o", str(out), "--no-progress")
+    proc = run_cli(*args, "--no-progress")
     assert proc.returncode == 0, proc.stderr
     assert "0 already finished, 1 to resume" in proc.stderr
     assert (run_dir / "summary.json").is_file()
     # Rounds are not redone (a rerun would write new timings), and nothing is set aside.
     assert (run_dir / "metrics.jsonl").read_text() == rounds
     assert not list(out.glob("fedavg/*.incomplete-*"))
+
+    # Only a checkpoint written by this same code is resumed: other code need not continue
+    # the run the way an uninterrupted one would.
+    (run_dir / "summary.json").unlink()
+    cell = grid.GridRun("fedavg", 0, run_dir)
+    assert grid.resumable(config, cell, base)
+    monkeypatch.setattr(resume, "code_digest", lambda: "0.0.0+other")
+    assert not grid.resumable(config, cell, base)
+    monkeypatch.undo()
+
+    # --fresh starts it over; so does a run whose checkpoint is gone. Both are kept aside.
+    proc = run_cli(*args, "--fresh", "--no-progress")
+    assert "0 already finished, 0 to resume" in proc.stderr
+    (run_dir / "summary.json").unlink()
+    (run_dir / "checkpoint.safetensors").unlink()
+    assert not grid.resumable(config, cell, base)
+    assert run_cli(*args, "--no-progress").returncode == 0
+    aside = sorted(p.name for p in out.glob("fedavg/seed0.incomplete-*"))
+    assert aside == ["seed0.incomplete-1", "seed0.incomplete-2"]
+    assert (out / "fedavg" / "seed0.incomplete-1" / "metrics.jsonl").read_text() == rounds
 
 
 def test_an_unfinished_run_of_another_experiment_is_set_aside(tiny_bert_dir, tmp_path):

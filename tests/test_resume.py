@@ -17,11 +17,20 @@ import tomli_w
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
+import hfedmoe
 from hfedmoe.errors import HFedMoEError
 from hfedmoe.results import read_metrics
-from hfedmoe.resume import CHECKPOINT_FILE, RunState, flatten, load_run_state, save_run_state
+from hfedmoe.resume import (
+    CHECKPOINT_FILE,
+    RunState,
+    code_digest,
+    flatten,
+    load_run_state,
+    read_header,
+    save_run_state,
+)
 
 from .test_budget import _three_tiers
 from .test_end_to_end import _strip_timing, run_cli
@@ -104,6 +113,15 @@ def test_a_directory_without_a_checkpoint_is_a_clear_error(tmp_path):
     (tmp_path / CHECKPOINT_FILE).write_bytes(b"garbage")
     with pytest.raises(HFedMoEError, match="is not a readable checkpoint"):
         load_run_state(tmp_path)
+    save_file({"x": torch.zeros(1)}, tmp_path / CHECKPOINT_FILE, metadata={"format_version": "1"})
+    with pytest.raises(HFedMoEError, match="lacks 'round'"):
+        load_run_state(tmp_path)
+
+
+def test_a_checkpoint_names_the_code_that_wrote_it(tmp_path):
+    save_run_state(tmp_path, _state(round_=1))
+    assert read_header(tmp_path)["code"] == code_digest()
+    assert code_digest().startswith(f"{hfedmoe.__version__}+")
 
 
 # --- real SIGKILLs of a real run ---------------------------------------------------------------

@@ -149,7 +149,7 @@ def _resumable(
     run_dir: Path, config: Path | None, set_: list[str] | None, output_dir: Path | None
 ) -> tuple[config_mod.ExperimentConfig, Path]:
     """The config of the run to resume (its own config.toml: changing it would change the run)."""
-    from hfedmoe.resume import load_run_state
+    from hfedmoe.resume import code_digest, read_header
 
     if config is not None or set_ or output_dir is not None:
         raise HFedMoEError(
@@ -161,7 +161,12 @@ def _resumable(
     if not (run_dir / "config.toml").is_file():
         raise HFedMoEError(f"--resume: '{run_dir}' has no config.toml (not a run directory)")
     cfg = config_mod.load(run_dir / "config.toml")
-    load_run_state(run_dir)  # fails early, naming the problem, if there is no usable checkpoint
+    header = read_header(run_dir)  # fails early, naming the problem, if there is no checkpoint
+    if (written_by := header.get("code", "an older hfedmoe")) != code_digest():
+        console.print(
+            f"[yellow]warning:[/] the checkpoint was written by {written_by}, this is "
+            f"{code_digest()}: the run goes on, but need not end as an uninterrupted run would"
+        )
     return cfg, run_dir
 
 
@@ -256,6 +261,12 @@ def compare(
         str, typer.Option(help="full, or quick (3 rounds on a data subset: a smoke test).")
     ] = "full",
     set_: SetOpt = None,
+    fresh: Annotated[
+        bool,
+        typer.Option(
+            "--fresh", help="Start interrupted runs over (set aside) instead of resuming them."
+        ),
+    ] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Run every method x seed of one experiment on identical partitions, budgets and initial
@@ -275,10 +286,10 @@ def compare(
         _fail(str(exc))
         return
     todo = [r for r in runs if not r.done]
-    resuming = sum(grid.resumable(config, r, base) for r in todo)
+    resume = {r: not fresh and grid.resumable(config, r, base) for r in todo}
     console.print(
         f"[bold]hfedmoe[/] compare: {len(runs)} runs, {len(runs) - len(todo)} already "
-        f"finished, {resuming} to resume -> {output_dir}"
+        f"finished, {sum(resume.values())} to resume -> {output_dir}"
     )
     failed = []
     columns = [
@@ -292,11 +303,12 @@ def compare(
         task = bar.add_task("grid", total=len(todo))
         for run in todo:
             bar.update(task, description=f"{run.method} seed {run.seed}")
-            proc = grid.execute(config, run, base)
+            proc = grid.execute(config, run, base, resume[run])
             if proc.returncode != 0:
                 failed.append(run)
                 last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-                console.print(f"[red]failed[/] {run.method} seed {run.seed}: {last}")
+                how = " (resumed; --fresh starts it over)" if resume[run] else ""
+                console.print(f"[red]failed[/] {run.method} seed {run.seed}{how}: {last}")
             bar.update(task, advance=1)
     table = Table(title=f"Grid: {output_dir}")
     for column in ("method", "seed", "final acc", "best acc", "failure rate", "wall s"):

@@ -6,8 +6,9 @@ and ``seed`` changed, so methods with the same seed share the split, the partiti
 tiers and the initial weights (all derived from the seed). A run whose ``summary.json`` exists
 is finished and is not repeated. An unfinished one continues from its last checkpoint
 (``hfedmoe run --resume``, which ends exactly as an uninterrupted run would) when its
-``config.toml`` is the experiment this cell asks for; otherwise it is moved aside to
-``<dir>.incomplete-<n>`` (never deleted) and started again. Each run is a child process (the
+``config.toml`` is the experiment this cell asks for and the checkpoint was written by this
+same code; otherwise, or with ``fresh``, it is moved aside to ``<dir>.incomplete-<n>`` (never
+deleted) and started again. Each run is a child process (the
 real CLI), so one run's memory is returned before the next starts and a crash stops only that
 run.
 """
@@ -77,25 +78,28 @@ def set_aside(run_dir: Path) -> Path | None:
 
 
 def resumable(config: Path, run: GridRun, base: list[str]) -> bool:
-    """Whether an unfinished cell can continue: a readable checkpoint of the same experiment."""
-    from hfedmoe.resume import load_run_state
+    """Whether an unfinished cell can continue: a checkpoint of the same experiment, written
+    by the same code (only its header is read)."""
+    from hfedmoe.resume import code_digest, read_header
 
     saved = run.run_dir / "config.toml"
     if run.done or not saved.is_file():
         return False
     try:
-        same = config_mod.load(saved) == config_mod.load(config, run.overrides(base))
-        if same:
-            load_run_state(run.run_dir)
+        if config_mod.load(saved) != config_mod.load(config, run.overrides(base)):
+            return False
+        return read_header(run.run_dir).get("code") == code_digest()
     except HFedMoEError:
         return False
-    return same
 
 
-def execute(config: Path, run: GridRun, base: list[str]) -> subprocess.CompletedProcess:
-    """Run (or continue) one cell of the grid with the real CLI in a child process."""
+def execute(
+    config: Path, run: GridRun, base: list[str], resume: bool
+) -> subprocess.CompletedProcess:
+    """Run one cell of the grid with the real CLI in a child process: continue it from its
+    checkpoint (``resume``), or set aside what is there and start it."""
     cmd = [sys.executable, "-m", "hfedmoe", "run"]
-    if resumable(config, run, base):
+    if resume:
         cmd += ["--resume", str(run.run_dir), "--no-progress"]
     else:
         set_aside(run.run_dir)

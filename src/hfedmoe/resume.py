@@ -7,8 +7,8 @@
   baseline state), with its other values in the metadata;
 - ``nodes/<node>/<name>``: what each simulated node keeps between rounds (a FLEX-MoE client's
   personal routers), where the engine can see it (the embedded engine);
-- metadata: the round, the node devices, the metrics of every round so far and the elapsed
-  seconds.
+- metadata: the round, the node devices, the metrics of every round so far, the elapsed
+  seconds and the code that wrote it (:func:`code_digest`).
 
 There is no RNG state to store: every random stream is a pure function of (seed, purpose,
 round, client) (``hfedmoe.seeding``), so round r + 1 draws the same numbers whether or not the
@@ -20,6 +20,8 @@ moment leaves either the previous round's checkpoint or this one, never a mixtur
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
 import tempfile
@@ -35,6 +37,7 @@ from hfedmoe.errors import HFedMoEError
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
 FORMAT_VERSION = 1
+HEADER_KEYS = ("format_version", "round", "algorithm", "devices", "rounds", "elapsed_seconds")
 
 Weights = dict[str, torch.Tensor]
 
@@ -50,6 +53,19 @@ class RunState:
     devices: list[dict] = field(default_factory=list)
     rounds: list[dict] = field(default_factory=list)  # the metrics records so far
     elapsed_seconds: float = 0.0
+
+
+@functools.cache
+def code_digest() -> str:
+    """The hfedmoe version and a hash of its source: resuming with other code cannot promise
+    the run an uninterrupted one would have been."""
+    import hfedmoe
+
+    root = Path(hfedmoe.__file__).parent
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return f"{hfedmoe.__version__}+{h.hexdigest()[:16]}"
 
 
 def flatten(tree: dict[str, Any], prefix: str) -> tuple[Weights, dict[str, Any]]:
@@ -110,6 +126,7 @@ def save_run_state(run_dir: Path, state: RunState) -> Path:
         "devices": json.dumps(state.devices),
         "rounds": json.dumps(state.rounds),
         "elapsed_seconds": repr(state.elapsed_seconds),
+        "code": code_digest(),
     }
     path = Path(run_dir) / CHECKPOINT_FILE
     fd, tmp = tempfile.mkstemp(prefix=f".{CHECKPOINT_FILE}-", dir=run_dir)
@@ -125,8 +142,9 @@ def save_run_state(run_dir: Path, state: RunState) -> Path:
     return path
 
 
-def load_run_state(run_dir: Path) -> RunState:
-    """Read the last complete round's state; a clear error if there is none."""
+def read_header(run_dir: Path) -> dict[str, str]:
+    """The checkpoint's metadata, without its tensors; a clear error if it is not a usable
+    checkpoint of this format."""
     path = Path(run_dir) / CHECKPOINT_FILE
     if not path.is_file():
         raise HFedMoEError(
@@ -134,27 +152,44 @@ def load_run_state(run_dir: Path) -> RunState:
             "stopped before its first round was checkpointed)"
         )
     try:
-        tensors = load_file(path)
         with safe_open(path, framework="pt") as f:
             meta = f.metadata() or {}
-        version = int(meta["format_version"])
-    except (SafetensorError, KeyError, ValueError, OSError) as exc:
+    except (SafetensorError, OSError) as exc:
         raise HFedMoEError(f"--resume: '{path}' is not a readable checkpoint ({exc})") from None
-    if version != FORMAT_VERSION:
+    if missing := [k for k in HEADER_KEYS if k not in meta]:
+        raise HFedMoEError(f"--resume: '{path}' lacks '{missing[0]}' (not a checkpoint)")
+    if meta["format_version"] != str(FORMAT_VERSION):
         raise HFedMoEError(
-            f"--resume: '{path}' has format version {version}, expected {FORMAT_VERSION}"
+            f"--resume: '{path}' has format version {meta['format_version']}, expected "
+            f"{FORMAT_VERSION}"
         )
+    return meta
+
+
+def load_run_state(run_dir: Path) -> RunState:
+    """Read the last complete round's state; a clear error if there is none."""
+    meta = read_header(run_dir)
+    path = Path(run_dir) / CHECKPOINT_FILE
+    try:
+        tensors = load_file(path)
+    except (SafetensorError, OSError) as exc:
+        raise HFedMoEError(f"--resume: '{path}' is not a readable checkpoint ({exc})") from None
     nodes: dict[int, dict[str, Weights]] = {}
-    for key, t in tensors.items():
-        if key.startswith("nodes/"):
-            _, node, record, name = key.split("/", 3)
-            nodes.setdefault(int(node), {}).setdefault(record, {})[name] = t
-    return RunState(
-        round=int(meta["round"]),
-        weights={k.removeprefix("weights/"): t for k, t in tensors.items() if k[:8] == "weights/"},
-        algorithm=unflatten(tensors, json.loads(meta["algorithm"]), "algorithm"),
-        nodes=nodes,
-        devices=json.loads(meta["devices"]),
-        rounds=json.loads(meta["rounds"]),
-        elapsed_seconds=float(meta["elapsed_seconds"]),
-    )
+    try:
+        for key, t in tensors.items():
+            if key.startswith("nodes/"):
+                _, node, record, name = key.split("/", 3)
+                nodes.setdefault(int(node), {}).setdefault(record, {})[name] = t
+        return RunState(
+            round=int(meta["round"]),
+            weights={
+                k.removeprefix("weights/"): t for k, t in tensors.items() if k[:8] == "weights/"
+            },
+            algorithm=unflatten(tensors, json.loads(meta["algorithm"]), "algorithm"),
+            nodes=nodes,
+            devices=json.loads(meta["devices"]),
+            rounds=json.loads(meta["rounds"]),
+            elapsed_seconds=float(meta["elapsed_seconds"]),
+        )
+    except (ValueError, KeyError) as exc:  # a malformed header value or tensor name
+        raise HFedMoEError(f"--resume: '{path}' is not a readable checkpoint ({exc})") from None
