@@ -83,6 +83,12 @@ def test_the_same_method_from_two_grids_makes_two_rows(tmp_path):
     rows = {r.algorithm: r for r in summarise(runs, target=0.8)}
     assert sorted(rows) == ["clean/a", "faulty/a"]
     assert rows["clean/a"].seeds == [0, 1] and rows["faulty/a"].final_mean == pytest.approx(0.7)
+    # grids of the same name in different places are told apart by their whole path
+    _fake_run(tmp_path / "other" / "clean" / "a" / "seed0", "a", 0, [0.2, 0.5])
+    found = find_runs([tmp_path / "clean", tmp_path / "other", tmp_path / "clean" / "a"])
+    assert len(found) == 3  # clean/a/seed0 named twice counts once
+    labels = {r.label for r in label_runs([Run.load(p) for p in found])}
+    assert labels == {f"{tmp_path / 'clean'}/a", f"{tmp_path / 'other' / 'clean'}/a"}
 
 
 def test_grid_directories_are_searched_and_incomplete_runs_skipped(tmp_path):

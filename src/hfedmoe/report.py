@@ -145,7 +145,7 @@ def find_runs(paths: list[Path]) -> list[Path]:
             found += below
         else:
             raise HFedMoEError(f"'{path}' is not a directory")
-    return found
+    return list({p.resolve(): p for p in found}.values())  # a run named twice counts once
 
 
 def label_runs(runs: list[Run]) -> list[Run]:
@@ -156,14 +156,18 @@ def label_runs(runs: list[Run]) -> list[Run]:
     keys = [(r.algorithm, r.seed) for r in runs]
     if len(set(keys)) == len(keys):
         return runs
-    return [replace(r, label=_experiment_label(r)) for r in runs]
+    labelled = [replace(r, label=_experiment_label(r)) for r in runs]
+    if len({(r.label, r.seed) for r in labelled}) < len(runs):  # two grids of the same name
+        labelled = [replace(r, label=_experiment_label(r, full=True)) for r in runs]
+    return labelled
 
 
-def _experiment_label(run: Run) -> str:
-    path = run.path.resolve()
+def _experiment_label(run: Run, full: bool = False) -> str:
+    path = run.path.absolute()
     if path.name == f"seed{run.seed}" and path.parent.name == run.algorithm:
-        return f"{path.parent.parent.name}/{run.algorithm}"
-    return run.path.name
+        grid = path.parent.parent
+        return f"{grid if full else grid.name}/{run.algorithm}"
+    return str(path) if full else path.name
 
 
 def coefficient_of_variation(x: np.ndarray) -> float:
