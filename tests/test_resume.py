@@ -96,7 +96,8 @@ def test_a_failed_write_leaves_the_previous_checkpoint_intact(tmp_path, monkeypa
     before = (tmp_path / CHECKPOINT_FILE).read_bytes()
 
     def crash(*args, **kwargs):
-        Path(args[1]).write_bytes(b"half a checkpoint")
+        # like safetensors >= 0.7: a ".tmpXXXXXX" beside the target, then the failure
+        (Path(args[1]).parent / ".tmpAbCdEf").write_bytes(b"half a checkpoint")
         raise OSError("disk full")
 
     monkeypatch.setattr("hfedmoe.resume.save_file", crash)

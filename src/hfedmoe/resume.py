@@ -24,6 +24,7 @@ import functools
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,16 +130,17 @@ def save_run_state(run_dir: Path, state: RunState) -> Path:
         "code": code_digest(),
     }
     path = Path(run_dir) / CHECKPOINT_FILE
-    fd, tmp = tempfile.mkstemp(prefix=f".{CHECKPOINT_FILE}-", dir=run_dir)
-    os.close(fd)
+    # A private directory, not a temporary file: safetensors (>= 0.7) itself writes through a
+    # ".tmpXXXXXX" file beside its target, which a kill would otherwise leave in the run dir.
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{CHECKPOINT_FILE}-", dir=run_dir))
     try:
+        tmp = tmp_dir / CHECKPOINT_FILE
         save_file({**weights, **algorithm, **nodes}, tmp, metadata=metadata)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
     return path
 
 
