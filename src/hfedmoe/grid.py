@@ -7,10 +7,9 @@ tiers and the initial weights (all derived from the seed). A run whose ``summary
 is finished and is not repeated. An unfinished one continues from its last checkpoint
 (``hfedmoe run --resume``, which ends exactly as an uninterrupted run would) when its
 ``config.toml`` is the experiment this cell asks for and the checkpoint was written by this
-same code; otherwise, or with ``fresh``, it is moved aside to ``<dir>.incomplete-<n>`` (never
-deleted) and started again. Each run is a child process (the
-real CLI), so one run's memory is returned before the next starts and a crash stops only that
-run.
+same code; otherwise, or with ``--fresh``, it is moved aside to ``<dir>.incomplete-<n>``
+(never deleted) and started again. Each run is a child process (the real CLI), so one run's
+memory is returned before the next starts and a crash stops only that run.
 """
 
 from __future__ import annotations

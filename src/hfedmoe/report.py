@@ -24,6 +24,8 @@ import html
 import io
 import json
 import math
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -91,11 +93,7 @@ class Run:
 
     def failures_by_reason(self) -> dict[str, int]:
         """Failed client trainings over the run, by the reason the server gave."""
-        out: dict[str, int] = {}
-        for r in self.rounds:
-            for reason, n in (r.get("failures") or {}).items():
-                out[reason] = out.get(reason, 0) + n
-        return out
+        return _sum_counts(r.get("failures") or {} for r in self.rounds)
 
     def bytes_per_round(self) -> np.ndarray:
         return np.array([r["bytes_down"] + r["bytes_up"] for r in self.rounds[1:]])
@@ -223,12 +221,11 @@ def summarise(runs: list[Run], target: float) -> list[Row]:
     return rows
 
 
-def _sum_counts(counts: list[dict[str, int]]) -> dict[str, int]:
-    out: dict[str, int] = {}
+def _sum_counts(counts: Iterable[dict[str, int]]) -> dict[str, int]:
+    total: Counter[str] = Counter()
     for c in counts:
-        for k, n in c.items():
-            out[k] = out.get(k, 0) + n
-    return dict(sorted(out.items()))
+        total.update(c)  # unlike Counter's +, keeps a reason counted 0
+    return dict(sorted(total.items()))
 
 
 def failure_reasons_table(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
@@ -362,6 +359,22 @@ def _cells(row: Row) -> list[str]:
     ]
 
 
+def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return [
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+        *["| " + " | ".join(r) + " |" for r in rows],
+    ]
+
+
+def _html_table(table_id: str, header: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in header)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows
+    )
+    return f'<table id="{table_id}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
 def write_report(run_dirs: list[Path], out_dir: Path, target: float, title: str = "") -> Path:
     """Write report.html, report.md and the PNGs into ``out_dir``; return the HTML path."""
     runs = label_runs([Run.load(Path(p)) for p in run_dirs])
@@ -374,26 +387,16 @@ def write_report(run_dirs: list[Path], out_dir: Path, target: float, title: str 
     sources = "".join(f"<li><code>{html.escape(str(r.path))}</code></li>" for r in runs)
 
     md = [f"# {title}", "", f"Target accuracy: {target:g}.", ""]
-    md += ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    md += ["| " + " | ".join(_cells(r)) + " |" for r in rows]
-    md.append("")
+    results = [_cells(r) for r in rows]
+    md += [*_md_table(COLUMNS, results), ""]
     reasons, reason_cells = failure_reasons_table(rows)
     reasons_html = ""
     if reasons:
         md += ["Failed client trainings by reason (summed over seeds):", ""]
-        md += ["| method | " + " | ".join(reasons) + " |", "|" + "---|" * (len(reasons) + 1)]
-        md += ["| " + " | ".join(c) + " |" for c in reason_cells]
-        md.append("")
+        md += [*_md_table(["method", *reasons], reason_cells), ""]
         reasons_html = (
             "<h2>Failed client trainings by reason</h2><p>Summed over seeds.</p>"
-            '<table id="failures"><thead><tr><th>method</th>'
-            + "".join(f"<th>{html.escape(k)}</th>" for k in reasons)
-            + "</tr></thead><tbody>"
-            + "".join(
-                "<tr>" + "".join(f"<td>{html.escape(x)}</td>" for x in c) + "</tr>"
-                for c in reason_cells
-            )
-            + "</tbody></table>"
+            + _html_table("failures", ["method", *reasons], reason_cells)
         )
     html_figs = []
     for name, fig in figs.items():
@@ -407,10 +410,6 @@ def write_report(run_dirs: list[Path], out_dir: Path, target: float, title: str 
     md += ["", "Runs:", *[f"- `{r.path}`" for r in runs], ""]
     (out_dir / "report.md").write_text("\n".join(md))
 
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in _cells(r)) + "</tr>" for r in rows
-    )
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>
@@ -423,7 +422,7 @@ figure {{ margin: 1.5rem 0; }} img {{ max-width: 100%; }}
 <h1>{html.escape(title)}</h1>
 <p>Target accuracy: {target:g}. Mean ± sample std over seeds; compute is predicted training
 FLOPs of all clients up to the round that reaches the target.</p>
-<table id="results"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>
+{_html_table("results", COLUMNS, results)}
 {reasons_html}
 {"".join(html_figs)}
 <h2>Runs</h2><ul>{sources}</ul>
