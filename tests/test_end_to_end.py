@@ -15,7 +15,7 @@ import torch
 
 from hfedmoe.config import load
 from hfedmoe.model import load_checkpoint
-from hfedmoe.results import TIMING_KEYS, read_metrics
+from hfedmoe.results import read_metrics, without
 from hfedmoe.task import server_task
 from hfedmoe.training import evaluate
 
@@ -32,17 +32,6 @@ def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
         cwd=cwd,
         timeout=600,
     )
-
-
-def _strip_timing(records: list[dict]) -> list[dict]:
-    def strip(d: dict) -> dict:
-        return {
-            k: (v if k != "clients" else [strip(c) for c in v])
-            for k, v in d.items()
-            if k not in TIMING_KEYS
-        }
-
-    return [strip(r) for r in records]
 
 
 @pytest.fixture(scope="module")
@@ -120,9 +109,7 @@ def test_checkpoint_reloads_and_reproduces_the_final_evaluation(finished_run):
 def test_same_config_and_seed_give_the_same_metrics(finished_run, config_file, tmp_path):
     proc = run_cli("run", str(config_file), "-o", str(tmp_path / "again"), "--no-progress")
     assert proc.returncode == 0, proc.stderr
-    assert _strip_timing(read_metrics(tmp_path / "again")) == _strip_timing(
-        read_metrics(finished_run)
-    )
+    assert without(read_metrics(tmp_path / "again")) == without(read_metrics(finished_run))
 
 
 def test_lora_run_uploads_only_adapters_and_reloads(tiny_bert_dir, tmp_path):

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 import hfedmoe
 from hfedmoe.errors import HFedMoEError
-from hfedmoe.results import read_metrics
+from hfedmoe.results import read_metrics, without
 from hfedmoe.resume import (
     CHECKPOINT_FILE,
     RunState,
@@ -33,7 +33,7 @@ from hfedmoe.resume import (
 )
 
 from .test_budget import _three_tiers
-from .test_end_to_end import _strip_timing, run_cli
+from .test_end_to_end import run_cli
 
 ROUNDS = 4
 
@@ -183,7 +183,7 @@ def _kill_when(args: list[str], moment: Callable[[], bool], delay: float = 0.0) 
 
 
 def _assert_same_end(run_dir: Path, uninterrupted: Path) -> None:
-    assert _strip_timing(read_metrics(run_dir)) == _strip_timing(read_metrics(uninterrupted))
+    assert without(read_metrics(run_dir)) == without(read_metrics(uninterrupted))
     ours = load_file(run_dir / "model" / "model.safetensors")
     theirs = load_file(uninterrupted / "model" / "model.safetensors")
     assert ours.keys() == theirs.keys()

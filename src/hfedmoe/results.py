@@ -157,10 +157,9 @@ def _failure_rate(rounds: list[dict]) -> float:
 TIMING_KEYS = frozenset({"memory_measured_bytes", "round_seconds", "elapsed_seconds", "seconds"})
 
 
-def engine_independent(run_dir: Path) -> list[dict]:
-    """metrics.jsonl without timings and node ids (each engine numbers its nodes its own way):
-    what two runs of one config and seed must agree on, on any engine."""
-    drop = TIMING_KEYS | {"node_id"}
+def without(records: list[dict], drop: frozenset[str] = TIMING_KEYS) -> list[dict]:
+    """Metrics records without the keys ``drop``, in each round and in its clients and devices:
+    by default the timings, which differ between any two runs."""
 
     def strip(d: dict) -> dict:
         return {
@@ -169,7 +168,13 @@ def engine_independent(run_dir: Path) -> list[dict]:
             if k not in drop
         }
 
-    return [strip(r) for r in read_metrics(run_dir)]
+    return [strip(r) for r in records]
+
+
+def engine_independent(run_dir: Path) -> list[dict]:
+    """metrics.jsonl without timings and node ids (each engine numbers its nodes its own way):
+    what two runs of one config and seed must agree on, on any engine."""
+    return without(read_metrics(run_dir), TIMING_KEYS | {"node_id"})
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
