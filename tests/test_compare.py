@@ -119,3 +119,17 @@ def test_bad_grid_input_fails_before_anything_runs(tiny_bert_dir, tmp_path):
         assert proc.returncode == 2
         assert proc.stderr.strip().splitlines()[-1].startswith(f"hfedmoe: error: {message}")
         assert not out.exists()
+
+
+def test_a_grid_being_run_cannot_be_run_twice(tiny_bert_dir, tmp_path):
+    config, out = _config(tmp_path, tiny_bert_dir), tmp_path / "grid"
+    with grid.locked(out):  # as a first `compare` holds it
+        proc = run_cli("compare", str(config), "--methods", "fedavg", "-o", str(out))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"hfedmoe: error: -o {out}: another `hfedmoe compare` is running on this grid "
+        "(wait for it, or choose another directory)"
+    )
+    assert not (out / "fedavg").exists()
+    proc = run_cli("compare", str(config), "--methods", "fedavg", "-o", str(out), "--no-progress")
+    assert proc.returncode == 0, proc.stderr  # the lock ends with its holder

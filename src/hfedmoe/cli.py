@@ -6,13 +6,14 @@ is written to disk.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -35,6 +36,9 @@ logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 from hfedmoe import config as config_mod  # noqa: E402
 from hfedmoe.errors import HFedMoEError  # noqa: E402
+
+if TYPE_CHECKING:
+    from hfedmoe.grid import GridRun
 
 app = typer.Typer(
     add_completion=False,
@@ -285,6 +289,42 @@ def compare(
     except HFedMoEError as exc:
         _fail(str(exc))
         return
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(grid.locked(output_dir))
+        except HFedMoEError as exc:
+            _fail(str(exc))
+        failed = _run_grid(config, runs, base, fresh, progress, output_dir)
+    table = Table(title=f"Grid: {output_dir}")
+    for column in ("method", "seed", "final acc", "best acc", "failure rate", "wall s"):
+        table.add_column(column, justify="right" if column != "method" else "left")
+    for run in runs:
+        if run.done:
+            s = run.summary()
+            table.add_row(
+                run.method,
+                str(run.seed),
+                f"{s['final_test_accuracy']:.4f}",
+                f"{s['best_test_accuracy']:.4f}",
+                f"{s.get('failure_rate', 0.0):.2f}",
+                f"{s['wall_seconds']:.0f}",
+            )
+    Console().print(table)
+    if failed:
+        _fail(f"{len(failed)} of {len(runs)} runs failed (rerun the same command to retry)")
+
+
+def _run_grid(
+    config: Path,
+    runs: list[GridRun],
+    base: list[str],
+    fresh: bool,
+    progress: bool,
+    output_dir: Path,
+) -> list[GridRun]:
+    """Run the grid's unfinished cells in order; the cells that failed."""
+    from hfedmoe import grid
+
     todo = [r for r in runs if not r.done]
     resume = {r: not fresh and grid.resumable(config, r, base) for r in todo}
     console.print(
@@ -310,23 +350,7 @@ def compare(
                 how = " (resumed; --fresh starts it over)" if resume[run] else ""
                 console.print(f"[red]failed[/] {run.method} seed {run.seed}{how}: {last}")
             bar.update(task, advance=1)
-    table = Table(title=f"Grid: {output_dir}")
-    for column in ("method", "seed", "final acc", "best acc", "failure rate", "wall s"):
-        table.add_column(column, justify="right" if column != "method" else "left")
-    for run in runs:
-        if run.done:
-            s = run.summary()
-            table.add_row(
-                run.method,
-                str(run.seed),
-                f"{s['final_test_accuracy']:.4f}",
-                f"{s['best_test_accuracy']:.4f}",
-                f"{s.get('failure_rate', 0.0):.2f}",
-                f"{s['wall_seconds']:.0f}",
-            )
-    Console().print(table)
-    if failed:
-        _fail(f"{len(failed)} of {len(runs)} runs failed (rerun the same command to retry)")
+    return failed
 
 
 @app.command()

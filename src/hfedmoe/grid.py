@@ -9,14 +9,19 @@ is finished and is not repeated. An unfinished one continues from its last check
 ``config.toml`` is the experiment this cell asks for and the checkpoint was written by this
 same code; otherwise, or with ``--fresh``, it is moved aside to ``<dir>.incomplete-<n>``
 (never deleted) and started again. Each run is a child process (the real CLI), so one run's
-memory is returned before the next starts and a crash stops only that run.
+memory is returned before the next starts and a crash stops only that run. One ``compare`` at a
+time works on a grid directory (:func:`locked`): two would run the same unfinished cell into one
+directory.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +60,23 @@ class GridRun:
 def plan(out_dir: Path, methods: list[str], seeds: list[int]) -> list[GridRun]:
     """The runs of the grid, seed-major so that early results cover every method."""
     return [GridRun(m, s, out_dir / m / f"seed{s}") for s in seeds for m in methods]
+
+
+@contextlib.contextmanager
+def locked(out_dir: Path) -> Iterator[None]:
+    """Hold the grid directory's lock (``OUT/.compare.lock``) for the block, or fail at once if
+    another process holds it. The lock is the kernel's (flock): it ends with the process, so a
+    killed ``compare`` leaves nothing stale behind."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / ".compare.lock", "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise HFedMoEError(
+                f"-o {out_dir}: another `hfedmoe compare` is running on this grid "
+                "(wait for it, or choose another directory)"
+            ) from None
+        yield  # closing the file releases the lock
 
 
 def validate_grid(config: Path, runs: list[GridRun], base: list[str]) -> None:
