@@ -18,6 +18,10 @@ os.environ.setdefault(
 from hfedmoe.assets import shipped_path
 from hfedmoe.config import ExperimentConfig, validate
 
+#: Where the tests' models train and evaluate: ``HFEDMOE_TEST_DEVICE=cuda pytest`` runs the
+#: end-to-end runs and the expert interface's rules on a GPU (README, Tests).
+TEST_DEVICE = os.environ.get("HFEDMOE_TEST_DEVICE", "cpu")
+
 
 def save_tiny_model(directory: Path, make_model) -> Path:
     """Save ``make_model(vocab_size)`` (seeded) with the shipped MiniLM tokenizer to
@@ -83,7 +87,7 @@ def tiny_raw(model_dir: Path, **sections: dict) -> dict:
         "model": {"name_or_path": str(model_dir), "num_experts": 4, "top_k": 2, "max_length": 32},
         "data": {"max_train_examples": 120, "max_test_examples": 40, "min_partition_size": 5},
         "federation": {"num_clients": 2, "clients_per_round": 2, "rounds": 2},
-        "train": {"local_steps": 2, "batch_size": 8, "lr": 1e-3},
+        "train": {"local_steps": 2, "batch_size": 8, "lr": 1e-3, "device": TEST_DEVICE},
         "eval": {"batch_size": 40},
     }
     for section, values in sections.items():

@@ -19,6 +19,7 @@ from hfedmoe.model.lora import add_lora
 from hfedmoe.optim import ExpertAxis, MaskedAdamW
 
 from . import families
+from .conftest import TEST_DEVICE
 
 UPCYCLED = ["upcycled_bert", "upcycled_llama"]
 WITH_LORA = ["mixtral+lora", "switch_transformers+lora", "upcycled_bert+lora"]
@@ -28,7 +29,8 @@ LORA = LoraConfig(rank=2, targets=["experts", "attention", "routers"])
 
 @pytest.fixture
 def moe(request, tiny_bert_dir, tiny_llama_dir):
-    """(model, a padded batch, labels) for the family named by the test's parameter."""
+    """(model, a padded batch, labels) for the family named by the test's parameter, on the
+    tests' device (``HFEDMOE_TEST_DEVICE``)."""
     family, _, lora = request.param.partition("+")
     if family == "upcycled_bert":
         cfg = ModelConfig(
@@ -43,7 +45,7 @@ def moe(request, tiny_bert_dir, tiny_llama_dir):
                 ["one two three four five", "six seven"], padding=True, return_tensors="pt"
             )
         )
-        return model, batch, {"labels": torch.tensor([0, 2])}
+        return _on_test_device(model, batch, {"labels": torch.tensor([0, 2])})
     if family == "upcycled_llama":
         cfg = ModelConfig(name_or_path=str(tiny_llama_dir), num_experts=4, top_k=2)
         model = build_causal_lm(cfg, seed=0).eval()
@@ -55,12 +57,17 @@ def moe(request, tiny_bert_dir, tiny_llama_dir):
                 ["one two three four five", "six seven"], padding=True, return_tensors="pt"
             )
         )
-        return model, batch, {"labels": batch["input_ids"]}
+        return _on_test_device(model, batch, {"labels": batch["input_ids"]})
     model, batch = families.build(family), families.batch(family)
     if lora:
         model = add_lora(model, LORA)
     target = batch.get("decoder_input_ids", batch["input_ids"])
-    return model, batch, {"labels": target}
+    return _on_test_device(model, batch, {"labels": target})
+
+
+def _on_test_device(model, batch: dict, labels: dict) -> tuple:
+    move = {k: v.to(TEST_DEVICE) for k, v in batch.items()}
+    return model.to(TEST_DEVICE), move, {k: v.to(TEST_DEVICE) for k, v in labels.items()}
 
 
 def _state(model) -> dict[str, torch.Tensor]:

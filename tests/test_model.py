@@ -28,6 +28,8 @@ from hfedmoe.model import (
 from hfedmoe.model.sources import model_dir
 from hfedmoe.training import choice_logprobs, continuation_logprobs, evaluate
 
+from .conftest import TEST_DEVICE
+
 LABELS = ("a", "b", "c")
 TEXTS = ["Shares rose sharply after the merger.", "The striker scored twice in the final."]
 
@@ -281,7 +283,7 @@ def test_multiple_choice_evaluation_picks_the_likeliest_answer_per_token(tiny_ll
         nll -= float(raw[label])
         tokens += len(tokenizer(answers[label], add_special_tokens=False)["input_ids"])
     for batch_size in (1, 3, 16):
-        result = evaluate(model, tokenized, batch_size)
+        result = evaluate(model, tokenized, batch_size, TEST_DEVICE)
         assert result.accuracy == np.mean(expected_right)
         assert result.loss == pytest.approx(nll / tokens, abs=1e-4)
         assert result.by_group == {

@@ -48,6 +48,7 @@ def bert64_dir(tmp_path_factory) -> Path:
 
 def _raw(model_dir: Path, quantize: str, **sections) -> dict:
     raw = tiny_raw(model_dir, **sections)
+    raw["train"]["device"] = "cpu"  # a quantised base trains on the CPU only
     raw["model"]["lora"] = {"rank": 4, "targets": ["experts", "attention"], "quantize": quantize}
     return raw
 

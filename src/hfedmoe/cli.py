@@ -76,8 +76,10 @@ def _preflight(cfg: config_mod.ExperimentConfig) -> None:
     from hfedmoe.model.factory import FITS, check_model_dir
     from hfedmoe.model.sources import SHIPPED_GGUF, check_model_source
     from hfedmoe.task import label_names
+    from hfedmoe.training import resolve_device
 
     algorithm = build_algorithm(cfg)
+    resolve_device(cfg.train.device)  # a device torch cannot see fails here
     check_model_source(cfg.model.name_or_path)
     if cfg.model.name_or_path in SHIPPED_GGUF:  # a decoder, converted on first use
         if "decoder" not in FITS[cfg.data.task]:

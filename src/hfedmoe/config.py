@@ -12,6 +12,7 @@ parse the same object.
 from __future__ import annotations
 
 import json
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -22,6 +23,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
@@ -177,6 +179,18 @@ class TrainConfig(Section):
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(0.01, ge=0)
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip norm; null = no clipping.")
+    device: str = Field(
+        "cpu",
+        description="Where local training and the server's evaluation run: cpu, cuda, cuda:N, "
+        "or auto (cuda when torch sees one). Aggregation always runs on the CPU.",
+    )
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, value: str) -> str:
+        if not re.fullmatch(r"cpu|auto|cuda(:\d+)?", value):
+            raise ValueError("expected cpu, auto, cuda or cuda:N")
+        return value
 
 
 class EvalConfig(Section):
@@ -346,6 +360,15 @@ class ExperimentConfig(Section):
             raise ValueError(
                 f"devices.assignment has {len(assignment)} entries, expected one per client "
                 f"(federation.num_clients = {self.federation.num_clients})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _quantized_base_on_cpu(self) -> ExperimentConfig:
+        if self.model.lora and self.model.lora.quantize and self.train.device != "cpu":
+            raise ValueError(
+                "train.device: a quantised base (model.lora.quantize) trains on the CPU only; "
+                "expected 'cpu'"
             )
         return self
 

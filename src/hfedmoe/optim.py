@@ -76,19 +76,20 @@ class MaskedAdamW(torch.optim.Optimizer):
                     state["exp_avg"] = torch.zeros_like(p)
                     state["exp_avg_sq"] = torch.zeros_like(p)
                     # one step count per expert where experts can be masked, else one in all
-                    state["step"] = torch.zeros(axis.num_experts if axis else ())
+                    state["step"] = torch.zeros(axis.num_experts if axis else (), device=p.device)
                 if axis is None:
                     state["step"] += 1
                     _adamw(p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"], *hyper)
                     continue
                 experts = active.get(p, torch.ones(axis.num_experts, dtype=torch.bool))
-                idx = axis.positions(experts)
+                idx = axis.positions(experts.cpu())
                 if idx.numel() == 0:
                     continue
-                state["step"][experts] += 1
+                state["step"][experts.to(p.device)] += 1
                 shape = [1] * p.dim()
                 shape[axis.dim] = -1  # per-position step, broadcast over the other dims
-                step = state["step"][axis.expert_of[idx]].view(shape)
+                step = state["step"][axis.expert_of[idx].to(p.device)].view(shape)
+                idx = idx.to(p.device)
                 value, m, v = (
                     t.index_select(axis.dim, idx)
                     for t in (p, state["exp_avg"], state["exp_avg_sq"])

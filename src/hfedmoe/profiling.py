@@ -1,6 +1,7 @@
-"""Measured cost of a block of work: peak resident memory above the level at entry.
+"""Measured cost of a block of work: peak memory above the level at entry.
 
-Written by hand because torch keeps no statistics of CPU allocations. Linux only: the kernel's
+On a CUDA device, torch's allocator statistics (``max_memory_allocated``). On the CPU, written
+by hand because torch keeps no statistics of CPU allocations. Linux only: the kernel's
 high-water mark of resident memory (VmHWM) is reset through /proc/self/clear_refs, and glibc is
 asked to give freed memory back first (``malloc_trim``) so that memory freed before the block
 is not reused unseen. Elsewhere the measurement is None.
@@ -43,15 +44,21 @@ def _trim() -> None:
 
 
 class PeakMemory:
-    """``with PeakMemory() as m: ...`` then ``m.increase``: peak RSS bytes above the entry level
-    (None where the platform cannot tell)."""
+    """``with PeakMemory(device) as m: ...`` then ``m.increase``: peak bytes above the entry
+    level, of the CUDA device's allocations or of the process's RSS on the CPU (None where the
+    platform cannot tell)."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
         self.start: int | None = None
         self.peak: int | None = None
 
     def __enter__(self) -> PeakMemory:
         gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.start = torch.cuda.memory_allocated(self.device)
+            return self
         _trim()
         try:
             _CLEAR_REFS.write_text("5")  # reset the high-water mark to the current RSS
@@ -62,7 +69,9 @@ class PeakMemory:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.start is not None:
+        if self.device.type == "cuda":
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        elif self.start is not None:
             hwm = _status_kib("VmHWM")
             self.peak = None if hwm is None else hwm * 1024
 

@@ -24,9 +24,26 @@ from hfedmoe.data.tokenized import (
     sequential_batches,
     shuffled_batches,
 )
+from hfedmoe.errors import HFedMoEError
 from hfedmoe.model.experts import ExpertModel, RoutingCapture
 from hfedmoe.optim import ExpertAdamW
 from hfedmoe.profiling import PeakMemory
+
+
+def resolve_device(name: str) -> torch.device:
+    """``train.device`` as a torch device: ``auto`` is cuda when torch sees one, else cpu."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and (
+        not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()
+    ):
+        raise HFedMoEError(f"train.device: '{name}', but torch sees no such CUDA device")
+    return device
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 class StepHooks:
@@ -64,8 +81,27 @@ def train_local(
     The optimizer is created fresh (a client keeps no optimizer state between rounds). Experts
     outside the hooks' selection get no weight gradient and are not moved by the optimizer: no
     moment update, no weight decay.
+
+    The model trains on ``cfg.device`` and is back on the CPU on return; the hooks see the
+    routing and the batch on the CPU (they are small), so no algorithm deals with devices.
     """
     hooks = hooks or StepHooks()
+    device = resolve_device(cfg.device)
+    model.to(device)
+    try:
+        return _train_steps(model, data, cfg, rng, hooks, device)
+    finally:
+        model.to("cpu")
+
+
+def _train_steps(
+    model: nn.Module,
+    data: TokenizedDataset,
+    cfg: TrainConfig,
+    rng: np.random.Generator,
+    hooks: StepHooks,
+    device: torch.device,
+) -> TrainResult:
     em = ExpertModel(model)
     optimizer = ExpertAdamW(
         model.parameters(), em.expert_axes(), lr=cfg.lr, weight_decay=cfg.weight_decay
@@ -78,12 +114,12 @@ def train_local(
     routed_any_LE = torch.zeros(em.shape, dtype=torch.bool)
     batch_size = min(cfg.batch_size, len(data))
     # the loop's peak memory above its start: what the budget cost model predicts
-    with PeakMemory() as memory:
+    with PeakMemory(device) as memory:
         for idx in shuffled_batches(len(data), batch_size, cfg.local_steps, rng):
             batch = data.batch(idx)
             optimizer.zero_grad()
             with em.capture() as capture:
-                loss = model(**batch).loss
+                loss = model(**to_device(batch, device)).loss
             routed_LE = capture.routed(batch.get("attention_mask"))
             active_LE = hooks.select_experts(capture, batch, routed_LE) & routed_LE
             with em.update_only(active_LE):
@@ -124,20 +160,32 @@ class EvalResult:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: TokenizedDataset, batch_size: int) -> EvalResult:
-    """Accuracy and mean cross-entropy of ``model`` on ``data``.
+def evaluate(
+    model: nn.Module, data: TokenizedDataset, batch_size: int, device: str = "cpu"
+) -> EvalResult:
+    """Accuracy and mean cross-entropy of ``model`` on ``data``, computed on ``device``
+    (``train.device``; the model is back on the CPU on return).
 
     Classification: per example. Language modelling: per predicted token (next-token accuracy
     and loss; a seq2seq model predicts its labels directly, a decoder the next position).
     Multiple choice: :func:`evaluate_choices`.
     """
-    if data.choices is not None:
-        return evaluate_choices(model, data, batch_size)
+    model.to(resolve_device(device))
+    try:
+        if data.choices is not None:
+            return evaluate_choices(model, data, batch_size)
+        return _evaluate_batches(model, data, batch_size)
+    finally:
+        model.to("cpu")
+
+
+def _evaluate_batches(model: nn.Module, data: TokenizedDataset, batch_size: int) -> EvalResult:
     model.eval()
+    device = _device_of(model)
     correct, loss_sum, count = 0, 0.0, 0
     shift = not getattr(model.config, "is_encoder_decoder", False)
     for idx in sequential_batches(len(data), batch_size):
-        batch = data.batch(idx)
+        batch = to_device(data.batch(idx), device)
         labels = batch["labels"]
         if data.language_modeling:
             logits = model(**batch).logits
@@ -156,6 +204,10 @@ def evaluate(model: nn.Module, data: TokenizedDataset, batch_size: int) -> EvalR
     return EvalResult(correct / count, loss_sum / count if count else math.nan, count)
 
 
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 def continuation_logprobs(
     logits_BTV: torch.Tensor, ids_BT: torch.Tensor, start_B: torch.Tensor, end_B: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,7 +217,8 @@ def continuation_logprobs(
     """
     logp_BT = torch.log_softmax(logits_BTV[:, :-1].float(), -1)
     logp_BT = logp_BT.gather(-1, ids_BT[:, 1:, None]).squeeze(-1)  # log p of tokens 1..T-1
-    t = torch.arange(1, ids_BT.shape[1])
+    t = torch.arange(1, ids_BT.shape[1], device=ids_BT.device)
+    start_B, end_B = start_B.to(ids_BT.device), end_B.to(ids_BT.device)
     keep_BT = (t >= start_B[:, None]) & (t < end_B[:, None])
     return (logp_BT * keep_BT).sum(-1), keep_BT.sum(-1)
 
@@ -181,6 +234,7 @@ def evaluate_choices(model: nn.Module, data: TokenizedDataset, batch_size: int) 
     """
     assert data.choices is not None and data.answer_start is not None
     model.eval()
+    device = _device_of(model)
     pairs = [(i, j) for i, answers in enumerate(data.choices) for j in range(len(answers))]
     prompt = [ids[:start] for ids, start in zip(data.input_ids, data.answer_start, strict=True)]
     rows = [prompt[i] + data.choices[i][j] for i, j in pairs]
@@ -194,11 +248,12 @@ def evaluate_choices(model: nn.Module, data: TokenizedDataset, batch_size: int) 
         for b, k in enumerate(ks):
             ids_BT[b, : len(rows[k])] = torch.tensor(rows[k])
             mask_BT[b, : len(rows[k])] = 1
+        ids_BT, mask_BT = ids_BT.to(device), mask_BT.to(device)
         logits = model(input_ids=ids_BT, attention_mask=mask_BT).logits
         start_B = torch.tensor([len(prompt[pairs[k][0]]) for k in ks])
         end_B = torch.tensor([len(rows[k]) for k in ks])
         s, n = continuation_logprobs(logits, ids_BT, start_B, end_B)
-        sums[ks], counts[ks] = s, n.float()
+        sums[ks], counts[ks] = s.cpu(), n.float().cpu()
     right = np.zeros(len(data), dtype=bool)
     loss_sum = tokens = 0.0
     k = 0
@@ -239,7 +294,8 @@ def choice_logprobs(
     for c, r in enumerate(rows):
         ids_CT[c, : len(r)] = torch.tensor(r)
         mask_CT[c, : len(r)] = 1
+    ids_CT, mask_CT = ids_CT.to(_device_of(model)), mask_CT.to(_device_of(model))
     logits = model(input_ids=ids_CT, attention_mask=mask_CT).logits
     start = torch.full((len(rows),), len(prompt_ids))
     sums, counts = continuation_logprobs(logits, ids_CT, start, mask_CT.sum(-1))
-    return sums / counts if normalize else sums
+    return (sums / counts if normalize else sums).cpu()

@@ -94,7 +94,7 @@ def federate(
         save_run_state(recorder.run_dir, state)
 
     if resume is None:
-        initial = evaluate(model, task.test, cfg.eval.batch_size)
+        initial = evaluate(model, task.test, cfg.eval.batch_size, cfg.train.device)
         record = _round_record(0, initial, None, [], 0.0, time.perf_counter() - start)
         record["devices"] = strategy.device_records()
         recorder.log_round(record)
@@ -107,7 +107,7 @@ def federate(
         if new_arrays is not None:  # None: every client failed, the model stays as it was
             arrays = new_arrays
             load_shared_state(model, arrays.to_torch_state_dict())
-        result = evaluate(model, task.test, cfg.eval.batch_size)
+        result = evaluate(model, task.test, cfg.eval.batch_size, cfg.train.device)
         train_loss = float(train_metrics["train_loss"]) if train_metrics else None
         now = time.perf_counter()
         record = _round_record(

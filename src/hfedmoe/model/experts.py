@@ -214,10 +214,13 @@ class RoutingCapture:
                 chosen = dispatch.reshape(-1, layer.num_experts).bool()
             else:
                 logits, _, indices = output
-                chosen = torch.zeros(logits.shape[0], layer.num_experts, dtype=torch.bool)
+                chosen = torch.zeros(
+                    logits.shape[0], layer.num_experts, dtype=torch.bool, device=logits.device
+                )
                 chosen.scatter_(1, indices.reshape(logits.shape[0], -1), True)
+            # on the CPU: (tokens, E) is small, and selection code then never meets a device
             self.records[layer.position] = _Record(
-                logits.detach().reshape(-1, layer.num_experts), chosen.detach()
+                logits.detach().reshape(-1, layer.num_experts).cpu(), chosen.detach().cpu()
             )
 
         return hook
@@ -399,7 +402,7 @@ class ExpertModel:
             active_E = active_LE[layer.position].bool()
             for p, axis in layer.axes.values():
                 if p.grad is not None:
-                    p.grad.index_fill_(axis.dim, axis.positions(~active_E), 0)
+                    p.grad.index_fill_(axis.dim, axis.positions(~active_E).to(p.device), 0)
                 active[p] = active_E.clone()
             for e, params in enumerate(layer.trainable):
                 if not active_E[e]:
@@ -543,22 +546,24 @@ def _strict_hook(layer: MoELayer, allowed_E: torch.Tensor):
     def hook(module: nn.Module, args: tuple, output: tuple):
         if layer.kind == "switch":
             dispatch, own_probs, logits = output
+            allowed = allowed_E.to(logits.device)
             probs = torch.softmax(logits.float(), dim=-1)
-            masked = probs.masked_fill(~allowed_E, -1.0)
+            masked = probs.masked_fill(~allowed, -1.0)
             choice = masked.argmax(-1)
             one_hot = nn.functional.one_hot(choice, layer.num_experts)
             capacity_ok = torch.cumsum(one_hot, dim=-2) <= module.expert_capacity
             chosen_probs = probs.gather(-1, choice.unsqueeze(-1)).to(own_probs.dtype)
             return (one_hot * capacity_ok).to(dispatch.dtype), chosen_probs, logits
         logits, weights, _ = output
+        allowed = allowed_E.to(logits.device)
         scores = (
             torch.softmax(logits.float(), -1)
             if layer.rule.score == "softmax"
             else logits.float().sigmoid()
         )
         bias = getattr(module, "e_score_correction_bias", None)  # DeepSeek-V3 chooses with it
-        choice = (scores if bias is None else scores + bias).masked_fill(~allowed_E, float("-inf"))
-        n_allowed = int(allowed_E.sum())
+        choice = (scores if bias is None else scores + bias).masked_fill(~allowed, float("-inf"))
+        n_allowed = int(allowed.sum())
         top_w, top_i = torch.topk(choice, min(k, n_allowed), dim=-1)
         top_w = scores.gather(-1, top_i)
         if n_allowed < k:  # keep K columns: repeat the best allowed expert with weight 0
