@@ -245,7 +245,12 @@ def test_inactive_experts_and_their_optimizer_state_do_not_move(moe):
             one[e] = True
             owned = (  # (parameter, expert e's part of a tensor shaped like it)
                 [
-                    (p, lambda t, a=a, one=one: t.index_select(a.dim, a.positions(one)))
+                    (
+                        p,
+                        lambda t, a=a, one=one: t.index_select(
+                            a.dim, a.positions(one).to(t.device)
+                        ),
+                    )
                     for p, a in layer.axes.values()
                 ]
                 if layer.axes

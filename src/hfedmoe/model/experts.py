@@ -73,7 +73,7 @@ class MoELayer:
         """Expert ``e``'s trainable tensors by local name (copies of fused slices)."""
         if self.axes:
             return {
-                n: p.detach().index_select(axis.dim, axis.positions_of(e))
+                n: p.detach().index_select(axis.dim, axis.positions_of(e).to(p.device))
                 for n, (p, axis) in self.axes.items()
             }
         return {n: p.detach() for n, p in self.trainable[e].items()}
@@ -82,7 +82,8 @@ class MoELayer:
     def write_expert_tensors(self, e: int, tensors: dict[str, torch.Tensor]) -> None:
         if self.axes:
             for n, (p, axis) in self.axes.items():
-                p.index_copy_(axis.dim, axis.positions_of(e), tensors[n].to(p.dtype))
+                idx = axis.positions_of(e).to(p.device)
+                p.index_copy_(axis.dim, idx, tensors[n].to(p.device, p.dtype))
         else:
             for n, p in self.trainable[e].items():
                 p.copy_(tensors[n])
@@ -226,7 +227,8 @@ class RoutingCapture:
         return hook
 
     def _per_sample(self, x_NE: torch.Tensor, mask_BT: torch.Tensor | None) -> tuple:
-        """View (N, E) as (B, T, E) with a (B, T) real-token mask."""
+        """View (N, E) as (B, T, E) with a (B, T) real-token mask (on the CPU, as the records)."""
+        mask_BT = None if mask_BT is None else mask_BT.cpu()
         if mask_BT is not None and x_NE.shape[0] == mask_BT.numel():
             B, T = mask_BT.shape
             return x_NE.reshape(B, T, -1), mask_BT.bool()
