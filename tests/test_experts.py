@@ -17,6 +17,7 @@ from hfedmoe.model.experts import ExpertModel
 from hfedmoe.model.hf import load_moe_model
 from hfedmoe.model.lora import add_lora
 from hfedmoe.optim import ExpertAxis, MaskedAdamW
+from hfedmoe.training import to_device
 
 from . import families
 from .conftest import TEST_DEVICE
@@ -66,8 +67,8 @@ def moe(request, tiny_bert_dir, tiny_llama_dir):
 
 
 def _on_test_device(model, batch: dict, labels: dict) -> tuple:
-    move = {k: v.to(TEST_DEVICE) for k, v in batch.items()}
-    return model.to(TEST_DEVICE), move, {k: v.to(TEST_DEVICE) for k, v in labels.items()}
+    device = torch.device(TEST_DEVICE)
+    return model.to(device), to_device(batch, device), to_device(labels, device)
 
 
 def _state(model) -> dict[str, torch.Tensor]:

@@ -9,8 +9,10 @@ copies the loop.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,6 +42,18 @@ def resolve_device(name: str) -> torch.device:
     ):
         raise HFedMoEError(f"train.device: '{name}', but torch sees no such CUDA device")
     return device
+
+
+@contextlib.contextmanager
+def on_device(model: nn.Module, name: str) -> Iterator[torch.device]:
+    """The block runs with ``model`` on the device ``name`` (``train.device``); the model is
+    back on the CPU afterwards, where aggregation and the wire expect it."""
+    device = resolve_device(name)
+    model.to(device)
+    try:
+        yield device
+    finally:
+        model.to("cpu")
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -85,13 +99,8 @@ def train_local(
     The model trains on ``cfg.device`` and is back on the CPU on return; the hooks see the
     routing and the batch on the CPU (they are small), so no algorithm deals with devices.
     """
-    hooks = hooks or StepHooks()
-    device = resolve_device(cfg.device)
-    model.to(device)
-    try:
-        return _train_steps(model, data, cfg, rng, hooks, device)
-    finally:
-        model.to("cpu")
+    with on_device(model, cfg.device) as device:
+        return _train_steps(model, data, cfg, rng, hooks or StepHooks(), device)
 
 
 def _train_steps(
@@ -170,13 +179,10 @@ def evaluate(
     and loss; a seq2seq model predicts its labels directly, a decoder the next position).
     Multiple choice: :func:`evaluate_choices`.
     """
-    model.to(resolve_device(device))
-    try:
+    with on_device(model, device):
         if data.choices is not None:
             return evaluate_choices(model, data, batch_size)
         return _evaluate_batches(model, data, batch_size)
-    finally:
-        model.to("cpu")
 
 
 def _evaluate_batches(model: nn.Module, data: TokenizedDataset, batch_size: int) -> EvalResult:
