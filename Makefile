@@ -35,12 +35,17 @@ $(STAMP): pyproject.toml requirements-assets.txt Makefile
 run: $(STAMP)
 	$(VENV)/bin/hfedmoe run $(CONFIG) $(ARGS)
 
+# One pytest worker per core (pytest-xdist); a test file stays on one worker, so a module's
+# expensive fixture (a finished run, a grid) is built once. WORKERS=0: no workers.
+WORKERS ?= 2
+
 test: $(STAMP)
-	$(PY) -m pytest $(ARGS)
+	$(PY) -m pytest -n $(WORKERS) --dist loadfile $(ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench experiments
 	$(VENV)/bin/ruff format --check src tests bench experiments
+	$(VENV)/bin/lint-imports  # the layers of pyproject.toml's [tool.importlinter]
 
 bench: $(STAMP)
 	$(PY) -m bench.moe_layer

@@ -18,12 +18,12 @@ import subprocess
 import sys
 
 import torch
+from tests.support.calibration import count_step_flops
 
 from hfedmoe.budget import build_cost_model, probe_batch
-from hfedmoe.config import ExperimentConfig, validate
+from hfedmoe.federation.workload import client_model, label_names
+from hfedmoe.foundation.config import ExperimentConfig, validate
 from hfedmoe.model.experts import ExpertModel
-from hfedmoe.profiling import count_step_flops
-from hfedmoe.task import client_model, label_names
 
 MINILM = {
     "model": {"moe_layers": [3, 4, 5], "max_length": 64},
@@ -41,8 +41,8 @@ SMOLLM2 = {
 
 MEASURE = """
 import json, sys, torch
-from hfedmoe.config import validate
-from hfedmoe.profiling import measure_client_memory
+from hfedmoe.foundation.config import validate
+from tests.support.calibration import measure_client_memory
 torch.set_num_threads(2)
 print(json.dumps(measure_client_memory(validate(json.loads(sys.argv[1])), int(sys.argv[2]))))
 """

@@ -8,7 +8,7 @@ Runs the job three times, one engine after another, on this machine:
 * embedded: ``hfedmoe run`` (one process, clients called in turn);
 * Ray simulation: ``hfedmoe flower`` on a managed local SuperLink, 1 CPU per client;
 * deployment: a SuperLink and one SuperNode per client on 127.0.0.1 with TLS and SuperNode
-  authentication (``hfedmoe.engine.localnet``), ``hfedmoe flower --connection deploy``.
+  authentication (``tests.support.localnet``), ``hfedmoe flower --connection deploy``.
 
 It prints the mean seconds per round (rounds 1..R, from metrics.jsonl), the wall time of the
 whole command (start-up included), their ratios to the embedded engine, and whether the
@@ -25,8 +25,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from hfedmoe.config import load
-from hfedmoe.engine.localnet import CONNECTION, LocalDeployment, flwr_env, free_port, stop_matching
+from tests.support.localnet import CONNECTION, LocalDeployment, flwr_env, free_port, stop_matching
+
+from hfedmoe.foundation.config import load
 from hfedmoe.results import engine_independent, read_metrics
 
 

@@ -29,10 +29,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 from torch import nn
 
-from hfedmoe.config import ModelConfig
+from hfedmoe.foundation.config import ModelConfig
 from hfedmoe.model import ExpertModel, build_classifier
 from hfedmoe.model.moe import GatedExpertFFN, MoEFeedForward
-from hfedmoe.optim import ExpertAdamW
+from hfedmoe.training.optimizer import ExpertAdamW
 
 
 def interleaved(cases: dict, repeats: int, warmup: int = 2) -> dict[object, list[float]]:

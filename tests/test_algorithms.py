@@ -8,9 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hfedmoe.algorithms import ALGORITHMS, ClientUpdate, build_algorithm
-from hfedmoe.algorithms.aggregation import weighted_average
-from hfedmoe.config import validate
-from hfedmoe.errors import ConfigError
+from hfedmoe.algorithms.maths.averaging import weighted_average
+from hfedmoe.foundation.config import validate
+from hfedmoe.foundation.errors import ConfigError
 
 
 def test_weighted_average_by_hand():

@@ -8,20 +8,21 @@ import pytest
 import torch
 
 from hfedmoe.algorithms import ALGORITHMS, ClientUpdate, build_algorithm
-from hfedmoe.algorithms.fedmoe import router_rows
-from hfedmoe.algorithms.flexmoe import assign
-from hfedmoe.algorithms.partial import ASSIGNED, STRICT, upload_weights
-from hfedmoe.algorithms.random_subset import draw_experts
-from hfedmoe.config import validate
-from hfedmoe.engine.client_app import app as client_app
-from hfedmoe.engine.inprocess import run_embedded
-from hfedmoe.engine.server_app import app as server_app
+from hfedmoe.algorithms.baselines.fedmoe import router_rows
+from hfedmoe.algorithms.baselines.flexmoe import assign
+from hfedmoe.algorithms.baselines.random_subset import draw_experts
+from hfedmoe.algorithms.mechanics.assignment import ASSIGNED, STRICT
+from hfedmoe.algorithms.mechanics.transfer import upload_weights
+from hfedmoe.engines.embedded import run_embedded
+from hfedmoe.federation.client_app import app as client_app
+from hfedmoe.federation.server_app import app as server_app
+from hfedmoe.federation.workload import server_workload
+from hfedmoe.foundation.config import validate
 from hfedmoe.model import ExpertModel
 from hfedmoe.results import read_metrics
-from hfedmoe.task import server_task
 
-from .conftest import tiny_raw
-from .test_budget import _three_tiers
+from .support.configs import tiny_raw
+from .support.tiers import three_tiers
 
 BASELINES = ["random", "fedmoe", "flexmoe"]
 ABLATIONS = {
@@ -62,7 +63,7 @@ def test_router_rows_follow_their_experts_holders_by_hand():
 def test_fedmoe_sub_moe_mixes_own_pattern_and_the_recommendation(tiny_bert_dir):
     cfg = validate(tiny_raw(tiny_bert_dir, algorithm="fedmoe"))
     algo = build_algorithm(cfg)
-    algo.bind(server_task(cfg).model)
+    algo.bind(server_workload(cfg).model)
     L, E = algo.layout.shape
     assert (L, E) == (2, 4)
     algo.usage = {
@@ -78,7 +79,7 @@ def test_fedmoe_sub_moe_mixes_own_pattern_and_the_recommendation(tiny_bert_dir):
     # u_global: layer 0 [.4, .25, .1, .25] -> 0; layer 1 [.25, .1, .175, .475] -> 3
     assert new_client.nonzero().tolist() == [[0, 0], [1, 3]]
     algo.set_budgets({7: 3})
-    task = algo.configure_client(1, server_task(cfg).model.state_dict(), 7)
+    task = algo.configure_client(1, server_workload(cfg).model.state_dict(), 7)
     assert task.config[STRICT] == 1 and len(task.config[ASSIGNED]) == 3
 
 
@@ -104,12 +105,12 @@ def test_flex_assignment_covers_every_expert_then_follows_fitness_by_hand():
 
 
 def test_flexmoe_keeps_routers_personal(tiny_bert_dir, tmp_path):
-    cfg = validate(_three_tiers(tiny_bert_dir, "flexmoe"))
+    cfg = validate(three_tiers(tiny_bert_dir, "flexmoe"))
     run_embedded(cfg, str(tmp_path / "run"), server_app, client_app)
     from hfedmoe.model import load_checkpoint
 
     final, _ = load_checkpoint(tmp_path / "run" / "model")
-    initial = server_task(cfg).model
+    initial = server_workload(cfg).model
     layout_names = ExpertModel(initial).param_groups()["routers"]
     final_params, initial_params = dict(final.named_parameters()), dict(initial.named_parameters())
     for name in layout_names:  # the global router is never aggregated
@@ -117,11 +118,11 @@ def test_flexmoe_keeps_routers_personal(tiny_bert_dir, tmp_path):
 
 
 def test_a_flexmoe_client_trains_its_own_router_and_never_uploads_it(tiny_bert_dir):
-    from hfedmoe.algorithms.flexmoe import ROUTER_MEMORY
-    from hfedmoe.task import client_data
+    from hfedmoe.algorithms.baselines.flexmoe import ROUTER_MEMORY
+    from hfedmoe.federation.workload import client_data
 
     cfg = validate(tiny_raw(tiny_bert_dir, algorithm="flexmoe"))
-    model = server_task(cfg).model
+    model = server_workload(cfg).model
     algo = build_algorithm(cfg)
     algo.bind(model)
     routers = algo.layout.router_names
@@ -177,7 +178,7 @@ def _two_updates(model, seed=0):
 def test_holder_averaging_ignores_usage_where_eq17_keeps_the_expert(tiny_bert_dir):
     for name, expect_changed in (("hfedmoe", False), ("hfedmoe-holder-avg", True)):
         cfg = validate(tiny_raw(tiny_bert_dir, algorithm=name))
-        model = server_task(cfg).model
+        model = server_workload(cfg).model
         algo = build_algorithm(cfg)
         algo.bind(model)
         glob, ups, trained = _two_updates(model)
@@ -191,7 +192,7 @@ def test_holder_averaging_ignores_usage_where_eq17_keeps_the_expert(tiny_bert_di
 
 def test_fedavg_routers_ablation_averages_routers_by_examples(tiny_bert_dir):
     cfg = validate(tiny_raw(tiny_bert_dir, algorithm="hfedmoe-fedavg-routers"))
-    model = server_task(cfg).model
+    model = server_workload(cfg).model
     algo = build_algorithm(cfg)
     algo.bind(model)
     glob, ups, trained = _two_updates(model)
@@ -205,7 +206,7 @@ def test_fedavg_routers_ablation_averages_routers_by_examples(tiny_bert_dir):
 
 @pytest.mark.parametrize("name", BASELINES)
 def test_budget_aware_baselines_stay_within_every_budget(tiny_bert_dir, tmp_path, name):
-    cfg = validate(_three_tiers(tiny_bert_dir, name))
+    cfg = validate(three_tiers(tiny_bert_dir, name))
     run_embedded(cfg, str(tmp_path / "run"), server_app, client_app)
     records = read_metrics(tmp_path / "run")
     for record in records[1:]:

@@ -7,11 +7,11 @@ import json
 import subprocess
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 
-from hfedmoe.algorithms import build_algorithm
 from hfedmoe.budget import (
     BudgetExceeded,
     CostModel,
@@ -22,17 +22,18 @@ from hfedmoe.budget import (
     probe_batch,
     tier_counts,
 )
-from hfedmoe.config import DeviceTier, validate
-from hfedmoe.engine.client_app import app as client_app
-from hfedmoe.engine.inprocess import run_embedded
-from hfedmoe.engine.server_app import app as server_app
-from hfedmoe.errors import ConfigError
+from hfedmoe.engines.embedded import run_embedded
+from hfedmoe.federation.client_app import app as client_app
+from hfedmoe.federation.server_app import app as server_app
+from hfedmoe.federation.workload import client_model, label_names
+from hfedmoe.foundation.config import DeviceTier, validate
+from hfedmoe.foundation.errors import ConfigError
 from hfedmoe.model.experts import ExpertModel
-from hfedmoe.profiling import count_step_flops
 from hfedmoe.results import read_metrics
-from hfedmoe.task import client_model, label_names
 
-from .conftest import tiny_raw
+from .support.calibration import count_step_flops
+from .support.configs import tiny_raw
+from .support.tiers import three_tiers
 
 # ---- which client has which device --------------------------------------------------------
 
@@ -181,8 +182,8 @@ def test_step_flops_match_what_torch_counts():
 
 MEASURE = """
 import json, sys, torch
-from hfedmoe.config import validate
-from hfedmoe.profiling import measure_client_memory
+from hfedmoe.foundation.config import validate
+from tests.support.calibration import measure_client_memory
 torch.set_num_threads(2)
 cfg = validate(json.loads(sys.argv[1]))
 print(json.dumps(measure_client_memory(cfg, int(sys.argv[2]))))
@@ -199,6 +200,7 @@ def test_peak_memory_matches_the_prediction(experts):
         capture_output=True,
         text=True,
         timeout=300,
+        cwd=Path(__file__).resolve().parents[1],  # the repository root: tests.support imports
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     m = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -211,37 +213,8 @@ def test_peak_memory_matches_the_prediction(experts):
 # ---- budgets in a real federated run ----------------------------------------------------
 
 
-def _three_tiers(tiny_bert_dir, algorithm: str, mode: str = "backward-only") -> dict:
-    """Three clients on three devices: small (budget 2), medium (budget 5), large (all 8)."""
-    raw = tiny_raw(
-        tiny_bert_dir,
-        algorithm=algorithm,
-        federation={"num_clients": 3, "clients_per_round": 3, "rounds": 2},
-        hfedmoe={"mode": mode},
-    )
-    cfg = validate(raw)
-    model = client_model(cfg, label_names(cfg))
-    costs = build_cost_model(model, cfg)
-    strict = build_algorithm(cfg).holds_subset
-
-    def between(c: int) -> int:  # memory that fits c experts per batch but not c + 1
-        lo = costs.predict(c, held=c if strict else None).peak_bytes
-        hi = costs.predict(c + 1, held=c + 1 if strict else None).peak_bytes
-        return (lo + hi) // 2
-
-    raw["devices"] = {
-        "tiers": [
-            {"name": "small", "memory": between(2)},
-            {"name": "medium", "memory": between(5)},
-            {"name": "large", "memory": 10 * costs.predict(costs.num_experts).peak_bytes},
-        ],
-        "assignment": ["small", "medium", "large"],
-    }
-    return raw
-
-
 def test_hfedmoe_keeps_every_client_within_its_budget(tiny_bert_dir, tmp_path):
-    cfg = validate(_three_tiers(tiny_bert_dir, "hfedmoe"))
+    cfg = validate(three_tiers(tiny_bert_dir, "hfedmoe"))
     run_embedded(cfg, str(tmp_path / "run"), server_app, client_app)
     records = read_metrics(tmp_path / "run")
     devices = {d["tier"]: d for d in records[0]["devices"]}
@@ -267,7 +240,7 @@ def test_hfedmoe_keeps_every_client_within_its_budget(tiny_bert_dir, tmp_path):
 
 
 def test_budget_unaware_fedavg_loses_the_clients_that_cannot_hold_it(tiny_bert_dir, tmp_path):
-    cfg = validate(_three_tiers(tiny_bert_dir, "fedavg"))
+    cfg = validate(three_tiers(tiny_bert_dir, "fedavg"))
     run_embedded(cfg, str(tmp_path / "run"), server_app, client_app)
     records = read_metrics(tmp_path / "run")
     for record in records[1:]:
@@ -285,7 +258,7 @@ def test_budget_unaware_fedavg_loses_the_clients_that_cannot_hold_it(tiny_bert_d
 
 
 def test_a_round_where_every_client_fails_leaves_the_model_unchanged(tiny_bert_dir, tmp_path):
-    raw = _three_tiers(tiny_bert_dir, "fedavg")
+    raw = three_tiers(tiny_bert_dir, "fedavg")
     raw["devices"]["assignment"] = ["small", "small", "medium"]
     run_embedded(validate(raw), str(tmp_path / "run"), server_app, client_app)
     records = read_metrics(tmp_path / "run")

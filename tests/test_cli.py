@@ -1,5 +1,9 @@
 """Bad input: one line on stderr naming the problem, exit status 2, no traceback, and nothing
-already on disk touched."""
+already on disk touched.
+
+Most cases run the command in this process (``invoke_cli``); the first bad value, a missing
+file, results already on disk and the shipped models run it as a user does, in a new process
+(``run_cli``), so that what a shell sees (stderr, the exit status) stays proven."""
 
 from __future__ import annotations
 
@@ -8,8 +12,8 @@ from pathlib import Path
 import pytest
 import tomli_w
 
-from .conftest import tiny_raw
-from .test_end_to_end import run_cli
+from .support.cli import invoke_cli, run_cli
+from .support.configs import tiny_raw
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,7 +40,8 @@ def _assert_one_line_error(proc, fragment: str) -> None:
 )
 def test_bad_config_values(overrides, fragment, tmp_path):
     args = [a for o in overrides for a in ("--set", o)]
-    proc = run_cli("run", str(REPO / "configs" / "default.toml"), *args, "-o", str(tmp_path / "r"))
+    cli = run_cli if overrides == ["federation.rounds=0"] else invoke_cli  # one in a new process
+    proc = cli("run", str(REPO / "configs" / "default.toml"), *args, "-o", str(tmp_path / "r"))
     _assert_one_line_error(proc, fragment)
     assert not (tmp_path / "r").exists()
 
@@ -48,7 +53,7 @@ def test_missing_config_file(tmp_path):
 def test_unknown_key_in_file(tmp_path):
     path = tmp_path / "x.toml"
     path.write_text("[train]\nlocal_stepz = 3\n")
-    _assert_one_line_error(run_cli("run", str(path)), "train.local_stepz: unknown key")
+    _assert_one_line_error(invoke_cli("run", str(path)), "train.local_stepz: unknown key")
 
 
 def test_existing_results_are_never_overwritten(tiny_bert_dir, tmp_path):
@@ -75,7 +80,7 @@ def test_shipped_models_pass_the_preflight_check():
 
 
 def test_validate_prints_the_resolved_config():
-    proc = run_cli("validate", str(REPO / "configs" / "default.toml"), "--set", "seed=5")
+    proc = invoke_cli("validate", str(REPO / "configs" / "default.toml"), "--set", "seed=5")
     assert proc.returncode == 0, proc.stderr
     assert "seed = 5" in proc.stdout and "[federation]" in proc.stdout
 
@@ -113,7 +118,7 @@ def test_bad_data_files(dataset, content, fragment, tiny_bert_dir, tmp_path):
     raw = tiny_raw(tiny_bert_dir)
     raw["data"] = {"dataset": dataset, "path": path}
     cfg.write_text(tomli_w.dumps(raw))
-    proc = run_cli("run", str(cfg), "-o", str(tmp_path / "r"))
+    proc = invoke_cli("run", str(cfg), "-o", str(tmp_path / "r"))
     _assert_one_line_error(proc, fragment)
     assert not (tmp_path / "r").exists()
 
@@ -152,7 +157,7 @@ def test_bad_model_directories(broken, fragment, tiny_bert_dir, tmp_path):
     directory = _broken_model(tiny_bert_dir, tmp_path, broken)
     cfg = tmp_path / "tiny.toml"
     cfg.write_text(tomli_w.dumps(tiny_raw(directory)))
-    proc = run_cli("run", str(cfg), "-o", str(tmp_path / "r"))
+    proc = invoke_cli("run", str(cfg), "-o", str(tmp_path / "r"))
     _assert_one_line_error(proc, fragment)
     assert not (tmp_path / "r").exists()
 
@@ -162,6 +167,6 @@ def test_a_device_too_small_for_one_expert(tiny_bert_dir, tmp_path):
     raw["devices"] = {"tiers": [{"name": "toaster", "memory": 1000}]}
     cfg = tmp_path / "tiny.toml"
     cfg.write_text(tomli_w.dumps(raw))
-    proc = run_cli("run", str(cfg), "-o", str(tmp_path / "r"))
+    proc = invoke_cli("run", str(cfg), "-o", str(tmp_path / "r"))
     _assert_one_line_error(proc, "devices.tiers[0] ('toaster')")
     assert not (tmp_path / "r").exists()

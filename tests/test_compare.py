@@ -8,11 +8,11 @@ import json
 
 import tomli_w
 
-from hfedmoe import grid, resume
-from hfedmoe.results import read_metrics
+from hfedmoe.experiment import comparison
+from hfedmoe.results import read_metrics, run_state
 
-from .conftest import tiny_raw
-from .test_end_to_end import run_cli
+from .support.cli import invoke_cli
+from .support.configs import tiny_raw
 
 
 def _config(tmp_path, tiny_bert_dir):
@@ -26,7 +26,7 @@ def _config(tmp_path, tiny_bert_dir):
 def test_grid_runs_every_cell_once_on_shared_seeds(tiny_bert_dir, tmp_path):
     config, out = _config(tmp_path, tiny_bert_dir), tmp_path / "grid"
     args = ["compare", str(config), "--methods", "fedavg,random", "--seeds", "0,1"]
-    proc = run_cli(*args, "-o", str(out), "--no-progress")
+    proc = invoke_cli(*args, "-o", str(out), "--no-progress")
     assert proc.returncode == 0, proc.stderr
     cells = {(m, s): out / m / f"seed{s}" for m in ("fedavg", "random") for s in (0, 1)}
     for (method, seed), run_dir in cells.items():
@@ -38,7 +38,7 @@ def test_grid_runs_every_cell_once_on_shared_seeds(tiny_bert_dir, tmp_path):
         assert starts[0]["devices"] == starts[1]["devices"]
 
     stamps = {k: (d / "summary.json").stat().st_mtime_ns for k, d in cells.items()}
-    again = run_cli(*args, "-o", str(out), "--no-progress")
+    again = invoke_cli(*args, "-o", str(out), "--no-progress")
     assert again.returncode == 0, again.stderr
     assert "4 already finished" in again.stderr
     assert stamps == {k: (d / "summary.json").stat().st_mtime_ns for k, d in cells.items()}
@@ -49,7 +49,9 @@ def test_an_unfinished_run_is_set_aside_and_redone(tiny_bert_dir, tmp_path):
     broken = out / "fedavg" / "seed0"
     broken.mkdir(parents=True)
     (broken / "metrics.jsonl").write_text('{"round": 0}\n')
-    proc = run_cli("compare", str(config), "--methods", "fedavg", "-o", str(out), "--no-progress")
+    proc = invoke_cli(
+        "compare", str(config), "--methods", "fedavg", "-o", str(out), "--no-progress"
+    )
     assert proc.returncode == 0, proc.stderr
     assert (broken / "summary.json").is_file()
     kept = out / "fedavg" / "seed0.incomplete-1" / "metrics.jsonl"
@@ -60,12 +62,12 @@ def test_an_interrupted_run_resumes_from_its_checkpoint(tiny_bert_dir, tmp_path,
     config, out = _config(tmp_path, tiny_bert_dir), tmp_path / "grid"
     base = ["federation.rounds=2"]
     args = ["compare", str(config), "--methods", "fedavg", "--set", base[0], "-o", str(out)]
-    assert run_cli(*args, "--no-progress").returncode == 0
+    assert invoke_cli(*args, "--no-progress").returncode == 0
     run_dir = out / "fedavg" / "seed0"
     rounds = (run_dir / "metrics.jsonl").read_text()
     (run_dir / "summary.json").unlink()  # as if killed after the last checkpoint
 
-    proc = run_cli(*args, "--no-progress")
+    proc = invoke_cli(*args, "--no-progress")
     assert proc.returncode == 0, proc.stderr
     assert "0 already finished, 1 to resume" in proc.stderr
     assert (run_dir / "summary.json").is_file()
@@ -76,19 +78,19 @@ def test_an_interrupted_run_resumes_from_its_checkpoint(tiny_bert_dir, tmp_path,
     # Only a checkpoint written by this same code is resumed: other code need not continue
     # the run the way an uninterrupted one would.
     (run_dir / "summary.json").unlink()
-    cell = grid.GridRun("fedavg", 0, run_dir)
-    assert grid.resumable(config, cell, base)
-    monkeypatch.setattr(resume, "code_digest", lambda: "0.0.0+other")
-    assert not grid.resumable(config, cell, base)
+    cell = comparison.Cell("fedavg", 0, run_dir)
+    assert comparison.resumable(config, cell, base)
+    monkeypatch.setattr(run_state, "code_digest", lambda: "0.0.0+other")
+    assert not comparison.resumable(config, cell, base)
     monkeypatch.undo()
 
     # --fresh starts it over; so does a run whose checkpoint is gone. Both are kept aside.
-    proc = run_cli(*args, "--fresh", "--no-progress")
+    proc = invoke_cli(*args, "--fresh", "--no-progress")
     assert "0 already finished, 0 to resume" in proc.stderr
     (run_dir / "summary.json").unlink()
     (run_dir / "checkpoint.safetensors").unlink()
-    assert not grid.resumable(config, cell, base)
-    assert run_cli(*args, "--no-progress").returncode == 0
+    assert not comparison.resumable(config, cell, base)
+    assert invoke_cli(*args, "--no-progress").returncode == 0
     aside = sorted(p.name for p in out.glob("fedavg/seed0.incomplete-*"))
     assert aside == ["seed0.incomplete-1", "seed0.incomplete-2"]
     assert (out / "fedavg" / "seed0.incomplete-1" / "metrics.jsonl").read_text() == rounds
@@ -97,10 +99,11 @@ def test_an_interrupted_run_resumes_from_its_checkpoint(tiny_bert_dir, tmp_path,
 def test_an_unfinished_run_of_another_experiment_is_set_aside(tiny_bert_dir, tmp_path):
     config, out = _config(tmp_path, tiny_bert_dir), tmp_path / "grid"
     args = ["compare", str(config), "--methods", "fedavg"]
-    assert run_cli(*args, "--set", "train.lr=0.5", "-o", str(out), "--no-progress").returncode == 0
+    proc = invoke_cli(*args, "--set", "train.lr=0.5", "-o", str(out), "--no-progress")
+    assert proc.returncode == 0, proc.stderr
     (out / "fedavg" / "seed0" / "summary.json").unlink()
 
-    proc = run_cli(*args, "-o", str(out), "--no-progress")  # the default lr: another run
+    proc = invoke_cli(*args, "-o", str(out), "--no-progress")  # the default lr: another run
     assert proc.returncode == 0, proc.stderr
     assert "0 already finished, 0 to resume" in proc.stderr
     aside = out / "fedavg" / "seed0.incomplete-1" / "config.toml"
@@ -115,7 +118,7 @@ def test_bad_grid_input_fails_before_anything_runs(tiny_bert_dir, tmp_path):
         (["--methods", "fedavg", "--seeds", "0,x"], "--seeds: expected a comma-separated list"),
         (["--methods", "fedavg", "--profile", "huge"], "--profile: unknown 'huge'"),
     ):
-        proc = run_cli("compare", str(config), *extra, "-o", str(out), "--no-progress")
+        proc = invoke_cli("compare", str(config), *extra, "-o", str(out), "--no-progress")
         assert proc.returncode == 2
         assert proc.stderr.strip().splitlines()[-1].startswith(f"hfedmoe: error: {message}")
         assert not out.exists()
@@ -123,13 +126,15 @@ def test_bad_grid_input_fails_before_anything_runs(tiny_bert_dir, tmp_path):
 
 def test_a_grid_being_run_cannot_be_run_twice(tiny_bert_dir, tmp_path):
     config, out = _config(tmp_path, tiny_bert_dir), tmp_path / "grid"
-    with grid.locked(out):  # as a first `compare` holds it
-        proc = run_cli("compare", str(config), "--methods", "fedavg", "-o", str(out))
+    with comparison.locked(out):  # as a first `compare` holds it
+        proc = invoke_cli("compare", str(config), "--methods", "fedavg", "-o", str(out))
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == (
         f"hfedmoe: error: -o {out}: another `hfedmoe compare` is running on this grid "
         "(wait for it, or choose another directory)"
     )
     assert not (out / "fedavg").exists()
-    proc = run_cli("compare", str(config), "--methods", "fedavg", "-o", str(out), "--no-progress")
+    proc = invoke_cli(
+        "compare", str(config), "--methods", "fedavg", "-o", str(out), "--no-progress"
+    )
     assert proc.returncode == 0, proc.stderr  # the lock ends with its holder

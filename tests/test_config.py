@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from hfedmoe.config import ExperimentConfig, apply_override, load, validate
-from hfedmoe.errors import ConfigError
+from hfedmoe.foundation.config import ExperimentConfig, apply_override, load, validate
+from hfedmoe.foundation.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 

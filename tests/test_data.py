@@ -5,14 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hfedmoe.assets import shipped_path
-from hfedmoe.config import DataConfig
 from hfedmoe.data import TextDataset, load_dataset, partition_indices
 from hfedmoe.data.datasets import stratified_split
 from hfedmoe.data.multiple_choice import parse_options
 from hfedmoe.data.partition import partition_key
 from hfedmoe.data.tokenized import IGNORE_INDEX, shuffled_batches, tokenize_choices
-from hfedmoe.errors import HFedMoEError
+from hfedmoe.foundation.assets import shipped_path
+from hfedmoe.foundation.config import DataConfig
+from hfedmoe.foundation.errors import HFedMoEError
 
 
 def test_bbc_news_is_read_with_sorted_class_names():

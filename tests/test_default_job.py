@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from .test_end_to_end import run_cli
+from .support.cli import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -12,14 +12,14 @@ import pytest
 import tomli_w
 import torch
 
-from hfedmoe.algorithms.importance import select_active
-from hfedmoe.config import validate
-from hfedmoe.errors import ConfigError, HFedMoEError
-from hfedmoe.task import client_data, client_model, label_names, server_task
+from hfedmoe.algorithms.maths.importance import select_active
+from hfedmoe.federation.workload import client_data, client_model, label_names, server_workload
+from hfedmoe.foundation.config import validate
+from hfedmoe.foundation.errors import ConfigError, HFedMoEError
 from hfedmoe.training import StepHooks, evaluate, resolve_device, train_local
 
-from .conftest import tiny_raw
-from .test_end_to_end import run_cli
+from .support.cli import run_cli
+from .support.configs import tiny_raw
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="torch sees no CUDA device")
 
@@ -97,7 +97,7 @@ def test_training_on_cuda_gives_what_the_cpu_gives(tiny_bert_dir):
 @cuda
 def test_evaluation_on_cuda_gives_what_the_cpu_gives(tiny_bert_dir):
     cfg = validate(tiny_raw(tiny_bert_dir))
-    model, test = client_model(cfg, label_names(cfg)), server_task(cfg).test
+    model, test = client_model(cfg, label_names(cfg)), server_workload(cfg).test
     on_cpu, on_cuda = evaluate(model, test, 16, "cpu"), evaluate(model, test, 16, "cuda")
     assert on_cuda.accuracy == on_cpu.accuracy
     assert on_cuda.loss == pytest.approx(on_cpu.loss, abs=1e-5)

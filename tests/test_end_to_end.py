@@ -4,34 +4,20 @@ real BBC News data, the Flower ServerApp and ClientApp on the embedded engine.""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import tomli_w
 import torch
 
-from hfedmoe.config import load
+from hfedmoe.federation.workload import server_workload
+from hfedmoe.foundation.config import load
 from hfedmoe.model import load_checkpoint
 from hfedmoe.results import read_metrics, without
-from hfedmoe.task import server_task
 from hfedmoe.training import evaluate
 
-from .conftest import tiny_raw
-
-
-def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
-    return subprocess.run(
-        [sys.executable, "-m", "hfedmoe", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=cwd,
-        timeout=600,
-    )
+from .support.cli import run_cli
+from .support.configs import tiny_raw
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +80,7 @@ def test_saved_config_reproduces_the_run_config(finished_run, config_file):
 
 def test_checkpoint_reloads_and_reproduces_the_final_evaluation(finished_run):
     model, _ = load_checkpoint(finished_run / "model")
-    test = server_task(load(finished_run / "config.toml")).test
+    test = server_workload(load(finished_run / "config.toml")).test
     result = evaluate(model, test, batch_size=16)
     last = read_metrics(finished_run)[-1]
     assert result.accuracy == pytest.approx(last["test_accuracy"], abs=1e-9)
@@ -123,12 +109,14 @@ def test_lora_run_uploads_only_adapters_and_reloads(tiny_bert_dir, tmp_path):
     proc = run_cli("run", str(config), "-o", str(run_dir), "--no-progress")
     assert proc.returncode == 0, proc.stderr
     (record,) = read_metrics(run_dir)[1:]
-    full = sum(t.numel() * t.element_size() for t in server_task(load(config)).model.parameters())
+    full = sum(
+        t.numel() * t.element_size() for t in server_workload(load(config)).model.parameters()
+    )
     for c in record["clients"]:  # adapters + head, both ways: the frozen base never travels
         assert 0 < c["bytes_down"] < full / 20
         assert abs(c["bytes_up"] - c["bytes_down"]) < 1024  # the same tensors, plus statistics
     model, _ = load_checkpoint(run_dir / "model")
-    result = evaluate(model, server_task(load(config)).test, batch_size=16)
+    result = evaluate(model, server_workload(load(config)).test, batch_size=16)
     assert result.accuracy == pytest.approx(record["test_accuracy"], abs=1e-9)
 
 
@@ -173,5 +161,5 @@ def test_setting_c_multiple_choice_reports_accuracy_per_task_and_reloads(tiny_ll
     assert set(by_task) == {"boolq", "commonsenseqa", "piqa", "siqa"}
     assert record["test_accuracy"] == pytest.approx(sum(by_task.values()) / 4)  # 6 per task
     model, _ = load_checkpoint(tmp_path / "c" / "model")
-    result = evaluate(model, server_task(load(config)).test, batch_size=7)
+    result = evaluate(model, server_workload(load(config)).test, batch_size=7)
     assert result.accuracy == pytest.approx(record["test_accuracy"], abs=1e-9)

@@ -8,10 +8,10 @@ from flwr.clientapp import ClientApp
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
 
-from hfedmoe.algorithms import ClientTask, ClientUpdate
-from hfedmoe.engine import wire
-from hfedmoe.engine.inprocess import FIRST_NODE_ID, InProcessGrid
-from hfedmoe.engine.strategy import sample_clients
+from hfedmoe.algorithms import ClientUpdate, TrainRequest
+from hfedmoe.engines.embedded import FIRST_NODE_ID, InProcessGrid
+from hfedmoe.federation import wire
+from hfedmoe.federation.strategy import sample_clients
 
 echo_app = ClientApp()
 seen: list[tuple[int, dict]] = []
@@ -60,8 +60,8 @@ def test_in_process_grid_delivers_copies_and_reports_client_errors():
 
 
 def test_task_and_update_survive_the_wire():
-    task = ClientTask({"a": torch.arange(3.0)}, {"budget": 2})
-    back, server_round = wire.unpack_task(wire.pack_task(task, 4))
+    task = TrainRequest({"a": torch.arange(3.0)}, {"budget": 2})
+    back, server_round = wire.unpack_request(wire.pack_request(task, 4))
     assert server_round == 4 and back.config == {"budget": 2}
     assert torch.equal(back.weights["a"], task.weights["a"])
 

@@ -7,17 +7,17 @@ import math
 
 import pytest
 
-from hfedmoe.config import validate
-from hfedmoe.engine.client_app import app as client_app
-from hfedmoe.engine.inprocess import run_embedded
-from hfedmoe.engine.server_app import app as server_app
+from hfedmoe.engines.embedded import run_embedded
+from hfedmoe.federation.client_app import app as client_app
+from hfedmoe.federation.server_app import app as server_app
+from hfedmoe.federation.workload import server_workload
+from hfedmoe.foundation.config import validate
 from hfedmoe.model import load_checkpoint
 from hfedmoe.results import read_metrics
-from hfedmoe.task import server_task
 from hfedmoe.training import evaluate
 
-from . import families
-from .conftest import save_tiny_model, tiny_raw
+from .support import families
+from .support.configs import save_tiny_model, tiny_raw
 
 
 @pytest.mark.parametrize("family", [*families.FAMILIES, "upcycled_llama"])
@@ -46,5 +46,5 @@ def test_one_federated_round(family, tiny_llama_dir, tmp_path):
         assert client["experts_updated"] > 0
         assert client["bytes_up"] > 0
     model, _ = load_checkpoint(run_dir / "model")
-    result = evaluate(model, server_task(cfg).test, batch_size=8)
+    result = evaluate(model, server_workload(cfg).test, batch_size=8)
     assert result.loss == pytest.approx(first["test_loss"], rel=1e-5)

@@ -4,21 +4,25 @@ with a reason, aggregates the rest, and never lets a bad update into the global 
 from __future__ import annotations
 
 import math
+import time
+from collections import Counter
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from hfedmoe.algorithms import ClientUpdate
-from hfedmoe.algorithms.validation import UploadSpec, check_update
-from hfedmoe.config import FAULT_KINDS, validate
-from hfedmoe.engine.client_app import app as client_app
-from hfedmoe.engine.inprocess import run_embedded
-from hfedmoe.engine.server_app import app as server_app
-from hfedmoe.faults import corrupt, planned_fault
+from hfedmoe.algorithms.mechanics.uploads import UploadSpec
+from hfedmoe.algorithms.mechanics.validation import check_update
+from hfedmoe.engines.embedded import run_embedded
+from hfedmoe.federation import faults
+from hfedmoe.federation.client_app import app as client_app
+from hfedmoe.federation.faults import corrupt, planned_fault
+from hfedmoe.federation.server_app import app as server_app
+from hfedmoe.foundation.config import FAULT_KINDS, validate
 from hfedmoe.results import read_metrics
 
-from .conftest import tiny_raw
+from .support.configs import tiny_raw
 
 UPDATE_FAULTS = ["nan", "inf", "shape", "dtype", "unknown-key", "missing-key", "norm"]
 
@@ -131,7 +135,7 @@ def test_faults_come_from_events_then_from_the_seeded_rate(tiny_bert_dir):
 
 
 def test_fault_config_errors_name_the_field(tiny_bert_dir):
-    from hfedmoe.errors import ConfigError
+    from hfedmoe.foundation.errors import ConfigError
 
     raw = tiny_raw(tiny_bert_dir)
     raw["faults"] = {"events": [{"round": 1, "partition": 0, "kind": "deadline"}]}
@@ -149,39 +153,47 @@ def test_fault_config_errors_name_the_field(tiny_bert_dir):
 # --- real runs on the embedded engine ----------------------------------------------------------
 
 
-def _run(tiny_bert_dir, tmp_path, name: str, algorithm: str, events: list[dict], **federation):
+def _run(
+    tiny_bert_dir, tmp_path, name: str, algorithm: str, events: list[dict], clock=None, **federation
+):
     raw = tiny_raw(tiny_bert_dir, algorithm=algorithm, federation={"rounds": 2, **federation})
+    if "num_clients" in federation:  # enough data for every client's partition
+        raw["data"]["max_train_examples"] = 30 * federation["num_clients"]
     raw["faults"] = {"events": events}
     run_dir = tmp_path / name
-    run_embedded(validate(raw), str(run_dir), server_app, client_app)
+    options = {} if clock is None else {"clock": clock}
+    run_embedded(validate(raw), str(run_dir), server_app, client_app, **options)
     return read_metrics(run_dir), load_file(run_dir / "model" / "model.safetensors")
+
+
+BAD = [*UPDATE_FAULTS, "exception"]  # what client 1 + i does in round 1
 
 
 @pytest.mark.parametrize("algorithm", ["fedavg", "hfedmoe"])
 def test_a_bad_update_has_no_more_effect_than_a_client_that_never_replied(
     tiny_bert_dir, tmp_path, algorithm
 ):
-    """Client 0 misbehaves in round 1 in every way an update can; each run ends with exactly
-    the model of the run in which client 0 simply dropped out, and records why."""
-    dropped, dropped_model = _run(
-        tiny_bert_dir,
-        tmp_path,
-        "dropout",
-        algorithm,
-        [{"round": 1, "partition": 0, "kind": "dropout"}],
-    )
-    assert dropped[1]["failures"] == {"no-reply": 1} and dropped[1]["clients_ok"] == 1
+    """Clients 1..8 misbehave in round 1, each in another way an update can; the run ends with
+    exactly the model of the run in which they simply dropped out, and records why for each.
+    (Client 0 is sound: it trains the same in both runs.)"""
+    n = 1 + len(BAD)
+    federation = {"num_clients": n, "clients_per_round": n}
+    gone = [{"round": 1, "partition": 1 + i, "kind": "dropout"} for i in range(len(BAD))]
+    dropped, dropped_model = _run(tiny_bert_dir, tmp_path, "dropout", algorithm, gone, **federation)
+    assert dropped[1]["failures"] == {"no-reply": len(BAD)} and dropped[1]["clients_ok"] == 1
+    bad = [{"round": 1, "partition": 1 + i, "kind": kind} for i, kind in enumerate(BAD)]
+    metrics, model = _run(tiny_bert_dir, tmp_path, "bad", algorithm, bad, **federation)
     reasons = {"nan": "non-finite", "inf": "non-finite", "unknown-key": "unknown-keys"}
     reasons |= {"missing-key": "missing-keys", "exception": "error"}
-    for kind in [*UPDATE_FAULTS, "exception"]:
-        metrics, model = _run(
-            tiny_bert_dir, tmp_path, kind, algorithm, [{"round": 1, "partition": 0, "kind": kind}]
-        )
-        assert metrics[1]["failures"] == {reasons.get(kind, kind): 1}, kind
-        (bad,) = [c for c in metrics[1]["clients"] if c["status"] == "failed"]
-        assert bad["partition_id"] == 0 and bad["error"]
-        assert all(torch.equal(model[k], dropped_model[k]) for k in model), kind
-        assert [r["test_accuracy"] for r in metrics] == [r["test_accuracy"] for r in dropped]
+    failed = {c["partition_id"]: c for c in metrics[1]["clients"] if c["status"] == "failed"}
+    assert sorted(failed) == list(range(1, n)) and metrics[1]["clients_ok"] == 1
+    for i, kind in enumerate(BAD):
+        assert failed[1 + i]["failure"] == reasons.get(kind, kind), kind
+        assert failed[1 + i]["error"], kind
+    assert metrics[1]["failures"] == dict(Counter(reasons.get(k, k) for k in BAD))
+    assert all(torch.equal(model[k], dropped_model[k]) for k in model)
+    assert [r["test_accuracy"] for r in metrics] == [r["test_accuracy"] for r in dropped]
+    assert [r["test_loss"] for r in metrics] == [r["test_loss"] for r in dropped]
 
 
 def test_a_round_in_which_every_client_fails_leaves_the_model_and_the_run_goes_on(
@@ -201,10 +213,28 @@ def test_a_round_in_which_every_client_fails_leaves_the_model_and_the_run_goes_o
     assert second["clients_ok"] == 2 and second["failures"] == {}
 
 
-def test_a_reply_after_the_deadline_is_not_waited_for(tiny_bert_dir, tmp_path):
+class SkippingClock:
+    """Real time, plus the waits it was asked to skip: a 20 s deadline fault takes no time."""
+
+    def __init__(self) -> None:
+        self.skipped = 0.0
+
+    def now(self) -> float:
+        return time.perf_counter() + self.skipped
+
+    def sleep(self, seconds: float) -> None:
+        self.skipped += seconds
+
+
+def test_a_reply_after_the_deadline_is_not_waited_for(tiny_bert_dir, tmp_path, monkeypatch):
+    clock = SkippingClock()
+    monkeypatch.setattr(faults, "reply_late", clock.sleep)
     events = [{"round": 1, "partition": 1, "kind": "deadline"}]
-    metrics, model = _run(tiny_bert_dir, tmp_path, "late", "fedavg", events, round_timeout=20.0)
-    assert metrics[1]["failures"] == {"no-reply": 1}
+    metrics, model = _run(
+        tiny_bert_dir, tmp_path, "late", "fedavg", events, clock.now, round_timeout=20.0
+    )
+    assert clock.skipped == 20.0  # the client did reply late ...
+    assert metrics[1]["failures"] == {"no-reply": 1}  # ... and was not waited for
     _, dropped = _run(
         tiny_bert_dir,
         tmp_path,

@@ -18,7 +18,10 @@ from pathlib import Path
 import pytest
 import tomli_w
 
-from hfedmoe.engine.localnet import (
+from hfedmoe.results import engine_independent, read_metrics
+
+from .support.cli import run_cli
+from .support.localnet import (
     CONNECTION,
     LocalDeployment,
     flwr_env,
@@ -26,10 +29,7 @@ from hfedmoe.engine.localnet import (
     make_node_key,
     stop_matching,
 )
-from hfedmoe.results import engine_independent, read_metrics
-
-from .test_budget import _three_tiers
-from .test_end_to_end import run_cli
+from .support.tiers import three_tiers
 
 TIERS = ["small", "medium", "large"]  # _three_tiers' tier names, one per partition
 
@@ -47,7 +47,7 @@ def flower(config: Path, run_dir: Path, env: dict, *args: str) -> subprocess.Com
 @pytest.fixture(scope="module")
 def config_file(tiny_bert_dir, tmp_path_factory) -> Path:
     """HFedMoE, 2 rounds, three clients on three device tiers (budgets 2, 5 and all 8)."""
-    raw = _three_tiers(tiny_bert_dir, "hfedmoe")
+    raw = three_tiers(tiny_bert_dir, "hfedmoe")
     path = tmp_path_factory.mktemp("flower") / "tiers.toml"
     path.write_text(tomli_w.dumps(raw))
     return path

@@ -8,23 +8,24 @@ import pytest
 import torch
 
 from hfedmoe.algorithms import ClientUpdate, build_algorithm
-from hfedmoe.algorithms.partial import ASSIGNED, STRICT, held_experts, upload_weights
-from hfedmoe.algorithms.sparse_aggregation import expert_weights, qualifies, router_weights
-from hfedmoe.config import validate
-from hfedmoe.engine.client_app import app as client_app
-from hfedmoe.engine.inprocess import run_embedded
-from hfedmoe.engine.server_app import app as server_app
+from hfedmoe.algorithms.maths.sparse_aggregation import expert_weights, qualifies, router_weights
+from hfedmoe.algorithms.mechanics.assignment import ASSIGNED, STRICT, held_experts
+from hfedmoe.algorithms.mechanics.transfer import upload_weights
+from hfedmoe.engines.embedded import run_embedded
+from hfedmoe.federation.client_app import app as client_app
+from hfedmoe.federation.server_app import app as server_app
+from hfedmoe.federation.workload import client_data, server_workload
+from hfedmoe.foundation.config import validate
 from hfedmoe.model import ExpertModel
 from hfedmoe.results import read_metrics
-from hfedmoe.task import client_data, server_task
 
-from .conftest import tiny_raw
+from .support.configs import tiny_raw
 
 
 @pytest.fixture
 def setup(tiny_bert_dir):
     cfg = validate(tiny_raw(tiny_bert_dir, algorithm="hfedmoe"))
-    task = server_task(cfg)
+    task = server_workload(cfg)
     algo = build_algorithm(cfg)
     algo.bind(task.model)
     algo.set_budgets({7: 3})  # node 7's device can train 3 experts per batch
@@ -105,7 +106,7 @@ def test_usage_only_counts_an_expert_a_client_uploaded(tiny_bert_dir):
     # expert_used = "usage": u >= tau is not enough when the client never routed to (so never
     # trained or sent) the expert; eq. (17) must weigh only the clients that sent it.
     cfg = validate(tiny_raw(tiny_bert_dir, algorithm="hfedmoe", hfedmoe={"expert_used": "usage"}))
-    task = server_task(cfg)
+    task = server_workload(cfg)
     algo = build_algorithm(cfg)
     algo.bind(task.model)
     em = ExpertModel(task.model)
@@ -150,7 +151,7 @@ def test_held_set_takes_each_layers_best_then_the_best_of_the_rest():
 
 def test_strict_client_downloads_trains_and_uploads_only_its_held_experts(tiny_bert_dir):
     cfg = validate(tiny_raw(tiny_bert_dir, algorithm="hfedmoe", hfedmoe={"mode": "strict"}))
-    task = server_task(cfg)
+    task = server_workload(cfg)
     algo = build_algorithm(cfg)
     algo.bind(task.model)
     algo.set_budgets({7: 3})
@@ -184,9 +185,9 @@ def test_strict_client_downloads_trains_and_uploads_only_its_held_experts(tiny_b
 
 
 def test_strict_clients_hold_their_budget_in_a_federated_run(tiny_bert_dir, tmp_path):
-    from .test_budget import _three_tiers
+    from .support.tiers import three_tiers
 
-    cfg = validate(_three_tiers(tiny_bert_dir, "hfedmoe", mode="strict"))
+    cfg = validate(three_tiers(tiny_bert_dir, "hfedmoe", mode="strict"))
     run_embedded(cfg, str(tmp_path / "run"), server_app, client_app)
     records = read_metrics(tmp_path / "run")
     for record in records[1:]:

@@ -24,7 +24,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hfedmoe.algorithms.importance import (
+from hfedmoe.algorithms.maths.importance import (
     activation_kl,
     batch_importance,
     cumulative_importance,

@@ -11,11 +11,11 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, BertForSequenceClassification
 
-from hfedmoe.assets import shipped_path
-from hfedmoe.config import ModelConfig
 from hfedmoe.data import TextDataset
 from hfedmoe.data.tokenized import tokenize_choices
-from hfedmoe.errors import HFedMoEError
+from hfedmoe.foundation.assets import shipped_path
+from hfedmoe.foundation.config import ModelConfig
+from hfedmoe.foundation.errors import HFedMoEError
 from hfedmoe.model import (
     ExpertModel,
     build_causal_lm,
@@ -28,7 +28,7 @@ from hfedmoe.model import (
 from hfedmoe.model.sources import model_dir
 from hfedmoe.training import choice_logprobs, continuation_logprobs, evaluate
 
-from .conftest import TEST_DEVICE
+from .support.configs import TEST_DEVICE
 
 LABELS = ("a", "b", "c")
 TEXTS = ["Shares rose sharply after the merger.", "The striker scored twice in the final."]

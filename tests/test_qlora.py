@@ -12,16 +12,16 @@ import tomli_w
 import torch
 
 from hfedmoe.budget import build_cost_model
-from hfedmoe.config import load, validate
-from hfedmoe.errors import ConfigError
+from hfedmoe.federation.workload import client_data, client_model, label_names, server_workload
+from hfedmoe.foundation.config import load, validate
+from hfedmoe.foundation.errors import ConfigError
 from hfedmoe.model import load_checkpoint
 from hfedmoe.model.quantize import is_quantized
 from hfedmoe.results import read_metrics
-from hfedmoe.task import client_data, client_model, label_names, server_task
 from hfedmoe.training import evaluate, train_local
 
-from .conftest import save_tiny_model, tiny_raw
-from .test_end_to_end import run_cli
+from .support.cli import run_cli
+from .support.configs import save_tiny_model, tiny_raw
 
 pytest.importorskip("bitsandbytes")
 
@@ -89,13 +89,13 @@ def test_qlora_federated_run_sends_only_adapters_and_reloads_without_quantisatio
     proc = run_cli("run", str(config), "-o", str(run_dir), "--no-progress")
     assert proc.returncode == 0, proc.stderr
     (record,) = read_metrics(run_dir)[1:]
-    model = server_task(load(config)).model
+    model = server_workload(load(config)).model
     full = sum(p.numel() * p.element_size() for p in model.parameters())
     for c in record["clients"]:
         assert c["status"] == "ok" and 0 < c["bytes_down"] < full / 4
     reloaded, _ = load_checkpoint(run_dir / "model")
     assert not is_quantized(reloaded)  # the base is stored dequantised
-    result = evaluate(reloaded, server_task(load(config)).test, batch_size=16)
+    result = evaluate(reloaded, server_workload(load(config)).test, batch_size=16)
     assert result.accuracy == pytest.approx(record["test_accuracy"], abs=0.03)
     assert result.loss == pytest.approx(record["test_loss"], rel=1e-3)
 
@@ -122,7 +122,7 @@ def test_dequantised_checkpoint_predicts_what_the_quantised_model_predicts(bert6
     from hfedmoe.model import save_checkpoint
 
     cfg = validate(_raw(bert64_dir, "nf4"))
-    task = server_task(cfg)
+    task = server_workload(cfg)
     save_checkpoint(task.model, task.tokenizer, cfg.model, tmp_path / "ckpt", cfg.data.task)
     reloaded, _ = load_checkpoint(tmp_path / "ckpt")
     batch = task.test.batch(list(range(8)))

@@ -12,7 +12,7 @@ import pytest
 
 from hfedmoe.algorithms import ALGORITHMS
 
-from .test_end_to_end import run_cli
+from .support.cli import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -11,10 +11,16 @@ import numpy as np
 import pytest
 import tomli_w
 
-from hfedmoe.report import Run, coefficient_of_variation, find_runs, label_runs, summarise
+from hfedmoe.experiment.report import (
+    Run,
+    coefficient_of_variation,
+    find_runs,
+    label_runs,
+    summarise,
+)
 
-from .conftest import tiny_raw
-from .test_end_to_end import run_cli
+from .support.cli import invoke_cli, run_cli
+from .support.configs import tiny_raw
 
 
 def _fake_run(path, algorithm, seed, accuracies, failed=(), flops=1e9):
@@ -104,9 +110,9 @@ def real_grid(tiny_bert_dir, tmp_path_factory):
     FedAvg: a real grid to report on."""
     tmp = tmp_path_factory.mktemp("grid")
     raw = tiny_raw(tiny_bert_dir, federation={"rounds": 2})
-    from .test_budget import _three_tiers
+    from .support.tiers import three_tiers
 
-    raw["devices"] = _three_tiers(tiny_bert_dir, "hfedmoe")["devices"]
+    raw["devices"] = three_tiers(tiny_bert_dir, "hfedmoe")["devices"]
     raw["devices"]["assignment"] = ["small", "large"]
     config = tmp / "tiny.toml"
     config.write_text(tomli_w.dumps(raw))
@@ -120,7 +126,7 @@ def real_grid(tiny_bert_dir, tmp_path_factory):
 
 def test_report_of_a_real_grid(real_grid, tmp_path):
     out = tmp_path / "report"
-    proc = run_cli("report", str(real_grid), "-o", str(out), "--target", "0.25")
+    proc = invoke_cli("report", str(real_grid), "-o", str(out), "--target", "0.25")
     assert proc.returncode == 0, proc.stderr
     md = (out / "report.md").read_text()
     results, reasons = md.split("Failed client trainings by reason")
@@ -142,7 +148,7 @@ def test_report_of_a_real_grid(real_grid, tmp_path):
 
 
 def test_report_errors_are_one_line(tmp_path):
-    proc = run_cli("report", str(tmp_path), "-o", str(tmp_path / "r"))
+    proc = invoke_cli("report", str(tmp_path), "-o", str(tmp_path / "r"))
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("hfedmoe: error: ")
     assert "no finished run" in proc.stderr
@@ -154,7 +160,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed")
 def test_the_html_renders_in_headless_chromium(real_grid, tmp_path):
     out = tmp_path / "report"
-    assert run_cli("report", str(real_grid), "-o", str(out)).returncode == 0
+    assert invoke_cli("report", str(real_grid), "-o", str(out)).returncode == 0
     dom = subprocess.run(
         [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom",
          (out / "report.html").as_uri()],

@@ -20,9 +20,9 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 import hfedmoe
-from hfedmoe.errors import HFedMoEError
+from hfedmoe.foundation.errors import HFedMoEError
 from hfedmoe.results import read_metrics, without
-from hfedmoe.resume import (
+from hfedmoe.results.run_state import (
     CHECKPOINT_FILE,
     RunState,
     code_digest,
@@ -32,8 +32,8 @@ from hfedmoe.resume import (
     save_run_state,
 )
 
-from .test_budget import _three_tiers
-from .test_end_to_end import run_cli
+from .support.cli import invoke_cli, run_cli
+from .support.tiers import three_tiers
 
 ROUNDS = 4
 
@@ -76,7 +76,7 @@ def test_run_state_round_trips_through_one_file(tmp_path):
     ).filter(lambda t: isinstance(t, dict))
 )
 def test_flatten_then_unflatten_is_the_identity(tree):
-    from hfedmoe.resume import unflatten
+    from hfedmoe.results.run_state import unflatten
 
     tensors, rest = flatten(tree, "x")
     back = unflatten(tensors, rest, "x")
@@ -100,7 +100,7 @@ def test_a_failed_write_leaves_the_previous_checkpoint_intact(tmp_path, monkeypa
         (Path(args[1]).parent / ".tmpAbCdEf").write_bytes(b"half a checkpoint")
         raise OSError("disk full")
 
-    monkeypatch.setattr("hfedmoe.resume.save_file", crash)
+    monkeypatch.setattr("hfedmoe.results.run_state.save_file", crash)
     with pytest.raises(OSError, match="disk full"):
         save_run_state(tmp_path, _state(round_=3))
     assert (tmp_path / CHECKPOINT_FILE).read_bytes() == before
@@ -132,7 +132,7 @@ def test_a_checkpoint_names_the_code_that_wrote_it(tmp_path):
 def config_file(tiny_bert_dir, tmp_path_factory) -> Path:
     """FLEX-MoE on three device tiers: server-side fitness, personal routers kept by the nodes,
     budget failures; every kind of state a resume must restore."""
-    raw = _three_tiers(tiny_bert_dir, "flexmoe")
+    raw = three_tiers(tiny_bert_dir, "flexmoe")
     raw["federation"]["rounds"] = ROUNDS
     path = tmp_path_factory.mktemp("resume-cfg") / "flex.toml"
     path.write_text(tomli_w.dumps(raw))
@@ -224,10 +224,10 @@ def test_killed_while_saving_the_final_model_then_resumed(config_file, uninterru
 
 
 def test_resume_refuses_what_it_cannot_continue(config_file, uninterrupted, tmp_path):
-    proc = run_cli("run", "--resume", str(uninterrupted))
+    proc = invoke_cli("run", "--resume", str(uninterrupted))
     assert proc.returncode == 2 and "has already finished" in proc.stderr
-    proc = run_cli("run", "--resume", str(tmp_path))
+    proc = invoke_cli("run", "--resume", str(tmp_path))
     assert proc.returncode == 2 and "has no config.toml" in proc.stderr
-    proc = run_cli("run", str(config_file), "--resume", str(uninterrupted))
+    proc = invoke_cli("run", str(config_file), "--resume", str(uninterrupted))
     assert proc.returncode == 2 and "takes only the run directory" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1

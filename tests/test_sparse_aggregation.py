@@ -22,7 +22,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hfedmoe.algorithms.sparse_aggregation import (
+from hfedmoe.algorithms.maths.sparse_aggregation import (
     combine,
     expert_weights,
     qualifies,

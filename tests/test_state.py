@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hfedmoe.config import validate
+from hfedmoe.federation.workload import client_model, label_names, server_workload
+from hfedmoe.foundation.config import validate
 from hfedmoe.model.state import has_frozen_base, load_shared_state, shared_state
-from hfedmoe.task import client_model, label_names, server_task
 
-from .conftest import tiny_raw
-from .families import FAMILIES, build
+from .support.configs import tiny_raw
+from .support.families import FAMILIES, build
 
 
 def _lora(tiny_bert_dir):
@@ -21,7 +21,7 @@ def _lora(tiny_bert_dir):
 
 
 def test_full_fine_tuning_shares_the_whole_state(tiny_cfg):
-    model = server_task(tiny_cfg).model
+    model = server_workload(tiny_cfg).model
     assert not has_frozen_base(model)
     assert set(shared_state(model)) == set(model.state_dict())
 
@@ -33,7 +33,7 @@ def test_native_families_have_no_frozen_base_without_lora(family):
 
 def test_a_client_rebuilds_exactly_the_servers_frozen_base(tiny_bert_dir):
     cfg = _lora(tiny_bert_dir)
-    server = server_task(cfg).model
+    server = server_workload(cfg).model
     client = client_model(cfg, label_names(cfg))
     frozen = {n: p for n, p in server.named_parameters() if not p.requires_grad}
     assert frozen

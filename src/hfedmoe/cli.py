@@ -34,11 +34,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # CPU kernel from the Hub; offline that is expected, and errors must stay one line on stderr.
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
-from hfedmoe import config as config_mod  # noqa: E402
-from hfedmoe.errors import HFedMoEError  # noqa: E402
+from hfedmoe.foundation import config as config_mod  # noqa: E402
+from hfedmoe.foundation.errors import HFedMoEError  # noqa: E402
 
 if TYPE_CHECKING:
-    from hfedmoe.grid import GridRun
+    from hfedmoe.experiment.comparison import Cell
 
 app = typer.Typer(
     add_completion=False,
@@ -71,36 +71,9 @@ def _fail(message: str) -> None:
 
 def _preflight(cfg: config_mod.ExperimentConfig) -> None:
     """Check what can be checked before a run directory is created."""
-    from hfedmoe.algorithms import build_algorithm
-    from hfedmoe.assets import resolve_model_dir
-    from hfedmoe.model.factory import FITS, check_model_dir
-    from hfedmoe.model.sources import SHIPPED_GGUF, check_model_source
-    from hfedmoe.task import label_names
-    from hfedmoe.training import resolve_device
+    from hfedmoe.federation.preflight import check_experiment
 
-    algorithm = build_algorithm(cfg)
-    resolve_device(cfg.train.device)  # a device torch cannot see fails here
-    check_model_source(cfg.model.name_or_path)
-    if cfg.model.name_or_path in SHIPPED_GGUF:  # a decoder, converted on first use
-        if "decoder" not in FITS[cfg.data.task]:
-            raise HFedMoEError(
-                f"data.task: '{cfg.data.task}' needs a {' or '.join(FITS[cfg.data.task])} "
-                f"model; '{cfg.model.name_or_path}' is a decoder"
-            )
-    else:
-        directory = resolve_model_dir(cfg.model.name_or_path)
-        check_model_dir(directory, cfg.data.task, cfg.model.name_or_path)
-    if cfg.data.path and not Path(cfg.data.path).expanduser().exists():
-        raise HFedMoEError(f"data.path: '{cfg.data.path}' does not exist")
-    labels = label_names(cfg)  # reads the data: a bad file fails here, before any output
-    if cfg.devices.tiers:  # a device too small to train anything is a config error
-        from hfedmoe.budget import build_cost_model, check_tiers
-        from hfedmoe.model.experts import ExpertModel
-        from hfedmoe.task import client_model
-
-        model = client_model(cfg, labels)
-        num_layers = ExpertModel(model).num_layers
-        check_tiers(cfg, build_cost_model(model, cfg), num_layers, algorithm.holds_subset)
+    check_experiment(cfg)
 
 
 @app.command()
@@ -155,7 +128,7 @@ def _resumable(
     run_dir: Path, config: Path | None, set_: list[str] | None, output_dir: Path | None
 ) -> tuple[config_mod.ExperimentConfig, Path]:
     """The config of the run to resume (its own config.toml: changing it would change the run)."""
-    from hfedmoe.resume import code_digest, read_header
+    from hfedmoe.results.run_state import code_digest, read_header
 
     if config is not None or set_ or output_dir is not None:
         raise HFedMoEError(
@@ -181,9 +154,9 @@ def _run_with_progress(
 ) -> dict:
     from flwr.app import MessageType
 
-    from hfedmoe.engine.client_app import app as client_app
-    from hfedmoe.engine.inprocess import run_embedded
-    from hfedmoe.engine.server_app import app as server_app
+    from hfedmoe.engines.embedded import run_embedded
+    from hfedmoe.federation.client_app import app as client_app
+    from hfedmoe.federation.server_app import app as server_app
 
     per_round = cfg.federation.clients_per_round
     total = cfg.federation.rounds * per_round
@@ -277,23 +250,22 @@ def compare(
 ) -> None:
     """Run every method x seed of one experiment on identical partitions, budgets and initial
     weights; finished runs are not repeated, interrupted ones continue from their checkpoint."""
-    from hfedmoe import grid
+    from hfedmoe.experiment import comparison
 
     try:
-        if profile not in grid.PROFILES:
-            raise HFedMoEError(
-                f"--profile: unknown '{profile}' (expected one of: {', '.join(grid.PROFILES)})"
-            )
-        base = [*grid.PROFILES[profile], *(set_ or [])]
-        runs = grid.plan(output_dir, _csv(methods, "methods"), _csv(seeds, "seeds", int))
-        grid.validate_grid(config, runs, base)
+        if profile not in comparison.PROFILES:
+            known = ", ".join(comparison.PROFILES)
+            raise HFedMoEError(f"--profile: unknown '{profile}' (expected one of: {known})")
+        base = [*comparison.PROFILES[profile], *(set_ or [])]
+        runs = comparison.plan(output_dir, _csv(methods, "methods"), _csv(seeds, "seeds", int))
+        comparison.validate_grid(config, runs, base)
         _preflight(config_mod.load(config, runs[0].overrides(base)))
     except HFedMoEError as exc:
         _fail(str(exc))
         return
     with contextlib.ExitStack() as held:
         try:
-            held.enter_context(grid.locked(output_dir))
+            held.enter_context(comparison.locked(output_dir))
         except HFedMoEError as exc:
             _fail(str(exc))
         failed = _run_grid(config, runs, base, fresh, progress, output_dir)
@@ -318,17 +290,17 @@ def compare(
 
 def _run_grid(
     config: Path,
-    runs: list[GridRun],
+    runs: list[Cell],
     base: list[str],
     fresh: bool,
     progress: bool,
     output_dir: Path,
-) -> list[GridRun]:
+) -> list[Cell]:
     """Run the grid's unfinished cells in order; the cells that failed."""
-    from hfedmoe import grid
+    from hfedmoe.experiment import comparison
 
     todo = [r for r in runs if not r.done]
-    resume = {r: not fresh and grid.resumable(config, r, base) for r in todo}
+    resume = {r: not fresh and comparison.resumable(config, r, base) for r in todo}
     console.print(
         f"[bold]hfedmoe[/] compare: {len(runs)} runs, {len(runs) - len(todo)} already "
         f"finished, {sum(resume.values())} to resume -> {output_dir}"
@@ -345,7 +317,7 @@ def _run_grid(
         task = bar.add_task("grid", total=len(todo))
         for run in todo:
             bar.update(task, description=f"{run.method} seed {run.seed}")
-            proc = grid.execute(config, run, base, resume[run])
+            proc = comparison.execute(config, run, base, resume[run])
             if proc.returncode != 0:
                 failed.append(run)
                 last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
@@ -367,7 +339,7 @@ def report(
     title: Annotated[str, typer.Option(help="Report title.")] = "",
 ) -> None:
     """Write an HTML and a Markdown report (table and plots) comparing finished runs."""
-    from hfedmoe.report import find_runs, write_report
+    from hfedmoe.experiment.report import find_runs, write_report
 
     try:
         if not 0 < target <= 1:
@@ -403,8 +375,8 @@ def flower(
 ) -> None:
     """Run an experiment on a Flower engine with `flwr run`: the Ray simulation (one simulated
     SuperNode per client) or, with --connection, a SuperLink and its SuperNodes."""
-    from hfedmoe.engine.flower import LOCAL, flwr_command, run_flower, write_run_config
-    from hfedmoe.engine.flower import app_dir as default_app_dir
+    from hfedmoe.engines.flower import LOCAL, flwr_command, run_flower, write_run_config
+    from hfedmoe.engines.flower import app_dir as default_app_dir
     from hfedmoe.results import prepare_run_dir
 
     try:

@@ -1,29 +1,25 @@
-"""Federated algorithms, selected by name from the config (``algorithm = "fedavg"``)."""
+"""Federated algorithms as plain torch code (no engine imports), selected by name from the
+config (``algorithm = "fedavg"``).
 
-# each module registers its algorithms by name
-from hfedmoe.algorithms import (  # noqa: F401
-    ablations,
-    fedavg,
-    fedmoe,
-    flexmoe,
-    hfedmoe,
-    random_subset,
-)
-from hfedmoe.algorithms.base import (
-    ALGORITHMS,
-    ClientTask,
-    ClientUpdate,
-    FederatedAlgorithm,
-    Weights,
-    build_algorithm,
-    register,
-)
+- ``messages``: what server and client exchange (:class:`TrainRequest`, :class:`ClientUpdate`);
+- ``base``: the interface every algorithm implements, and the registry;
+- ``maths``: the arithmetic, as pure functions with METHOD.md's equation numbers;
+- ``mechanics``: what the budget-aware algorithms share, one job a module;
+- ``hfedmoe``, ``ablations``: the method and its four ablations;
+- ``baselines``: FedAvg, Random subset, FedMoE, FLEX-MoE.
+"""
+
+# importing each module registers its algorithms by name
+from hfedmoe.algorithms import ablations, hfedmoe  # noqa: F401
+from hfedmoe.algorithms.base import ALGORITHMS, FederatedAlgorithm, build_algorithm, register
+from hfedmoe.algorithms.baselines import fedavg, fedmoe, flexmoe, random_subset  # noqa: F401
+from hfedmoe.algorithms.messages import ClientUpdate, TrainRequest, Weights
 
 __all__ = [
     "ALGORITHMS",
-    "ClientTask",
     "ClientUpdate",
     "FederatedAlgorithm",
+    "TrainRequest",
     "Weights",
     "build_algorithm",
     "register",

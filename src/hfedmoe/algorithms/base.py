@@ -4,7 +4,7 @@ Server side: :meth:`FederatedAlgorithm.configure_client` says what one client do
 asked to do; :meth:`FederatedAlgorithm.aggregate` turns the clients' updates into the next
 global weights. Client side: :meth:`FederatedAlgorithm.train_client` runs local training.
 
-The Flower apps in ``hfedmoe.engine`` only pack and unpack these objects into messages, so an
+The Flower apps in ``hfedmoe.federation`` only pack and unpack these objects into messages, so an
 algorithm never knows which engine carries it. Adding an algorithm = one new module here that
 subclasses :class:`FederatedAlgorithm` and is decorated with :func:`register`.
 """
@@ -13,52 +13,19 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import ClassVar
 
 import numpy as np
-import torch
 from torch import nn
 
-from hfedmoe.algorithms.validation import UploadSpec, full_upload
-from hfedmoe.config import ExperimentConfig
+from hfedmoe.algorithms.mechanics.uploads import UploadSpec, full_upload
+from hfedmoe.algorithms.messages import ClientUpdate, TrainRequest, Weights
 from hfedmoe.data.tokenized import TokenizedDataset
-from hfedmoe.errors import ConfigError
+from hfedmoe.foundation.config import ExperimentConfig
+from hfedmoe.foundation.errors import ConfigError
 from hfedmoe.model.experts import ExpertModel
 from hfedmoe.model.state import load_shared_state
 from hfedmoe.training import TrainResult, train_local
-
-Weights = dict[str, torch.Tensor]
-Scalar = int | float | str | list[int]
-
-#: Task config key: C_budget(c), the experts the client is asked to train per batch. A task
-#: without it asks for every expert (budget-unaware algorithms).
-BUDGET = "expert-budget"
-
-
-@dataclass
-class ClientTask:
-    """What the server sends one client for one round."""
-
-    weights: Weights
-    config: dict[str, Scalar] = field(default_factory=dict)
-    #: the client node's own tensors kept between its rounds (e.g. a personal router); the
-    #: client app restores it before ``train_client`` and stores what it holds afterwards
-    memory: Weights = field(default_factory=dict)
-
-    def requested_experts(self, pool: int) -> int:
-        """How many experts per batch this task asks for, out of a ``pool`` of L x E."""
-        return int(self.config.get(BUDGET, pool))  # type: ignore[arg-type]
-
-
-@dataclass
-class ClientUpdate:
-    """What a client sends back after local training."""
-
-    weights: Weights
-    num_examples: int  # |D_c|
-    metrics: dict[str, float] = field(default_factory=dict)
-    stats: dict[str, torch.Tensor] = field(default_factory=dict)  # algorithm-specific
 
 
 class FederatedAlgorithm(ABC):
@@ -103,9 +70,9 @@ class FederatedAlgorithm(ABC):
 
     def configure_client(
         self, server_round: int, global_weights: Weights, client: int
-    ) -> ClientTask:
-        """The task for ``client`` in ``server_round``. Default: all weights."""
-        return ClientTask(global_weights, {})
+    ) -> TrainRequest:
+        """The request for ``client`` in ``server_round``. Default: all weights."""
+        return TrainRequest(global_weights, {})
 
     @abstractmethod
     def aggregate(
@@ -115,10 +82,14 @@ class FederatedAlgorithm(ABC):
 
     # ---- client side -------------------------------------------------------------------
     def train_client(
-        self, model: nn.Module, data: TokenizedDataset, task: ClientTask, rng: np.random.Generator
+        self,
+        model: nn.Module,
+        data: TokenizedDataset,
+        request: TrainRequest,
+        rng: np.random.Generator,
     ) -> ClientUpdate:
         """Local training; default: every trainable parameter, uploaded in full."""
-        load_shared_state(model, task.weights)
+        load_shared_state(model, request.weights)
         return self._update(model, data, train_local(model, data, self.cfg.train, rng))
 
     @staticmethod

@@ -13,7 +13,7 @@ expert nobody qualifies for keeps its value; each layer's router by eqs. (19)-(2
 normalised alphas; shared parameters by FedAvg over |D_c|.
 
 C_budget(c) comes from the client's device (``hfedmoe.budget``); the server learns it before
-round 1 and sends it with every task.
+round 1 and sends it with every request.
 
 Communication. Backward-only: a client downloads all weights and uploads the shared parameters,
 the routers and only the experts the server can use (those it updated, or with
@@ -35,44 +35,34 @@ import numpy as np
 import torch
 from torch import nn
 
-from hfedmoe.algorithms.base import (
-    BUDGET,
-    ClientTask,
-    ClientUpdate,
-    FederatedAlgorithm,
-    Weights,
-    register,
-)
-from hfedmoe.algorithms.importance import batch_importance, ib_score, select_active
-from hfedmoe.algorithms.partial import (
-    ASSIGNED,
-    STRICT,
-    ExpertLayout,
-    GateUsage,
-    PartialUploads,
-    aggregate_experts,
-    assigned_mask,
-    download,
-    fedavg_rest,
-    held_experts,
-    load_held,
-    mask_of,
-    own_or_mean,
-    upload_weights,
-    uploaded_mask,
-)
-from hfedmoe.algorithms.sparse_aggregation import (
+from hfedmoe.algorithms.base import FederatedAlgorithm, register
+from hfedmoe.algorithms.maths.importance import batch_importance, ib_score, select_active
+from hfedmoe.algorithms.maths.sparse_aggregation import (
     combine,
     expert_weights,
     qualifies,
     router_weights,
     routing_consistency,
 )
-from hfedmoe.config import ExperimentConfig, HFedMoEConfig
+from hfedmoe.algorithms.mechanics.assignment import (
+    ASSIGNED,
+    STRICT,
+    assigned_mask,
+    held_experts,
+    mask_of,
+    own_or_mean,
+)
+from hfedmoe.algorithms.mechanics.hooks import GateUsage
+from hfedmoe.algorithms.mechanics.layout import ExpertLayout, uploaded_mask
+from hfedmoe.algorithms.mechanics.merging import aggregate_experts, fedavg_rest
+from hfedmoe.algorithms.mechanics.transfer import download, load_held, upload_weights
+from hfedmoe.algorithms.mechanics.uploads import PartialUploads
+from hfedmoe.algorithms.messages import BUDGET, ClientUpdate, TrainRequest, Weights
 from hfedmoe.data.tokenized import TokenizedDataset
+from hfedmoe.foundation.config import ExperimentConfig, HFedMoEConfig
+from hfedmoe.foundation.seeding import STRICT_HELD, rng_for
 from hfedmoe.model.experts import ExpertModel, RoutingCapture
 from hfedmoe.model.state import load_shared_state
-from hfedmoe.seeding import STRICT_HELD, rng_for
 from hfedmoe.training import StepHooks, train_local
 
 
@@ -122,14 +112,14 @@ class HFedMoE(PartialUploads, FederatedAlgorithm):
     # ---- server ------------------------------------------------------------------------
     def configure_client(
         self, server_round: int, global_weights: Weights, client: int
-    ) -> ClientTask:
+    ) -> TrainRequest:
         L, E = self.layout.shape
         budget = self.budgets.get(client, L * E)
         if not self.holds_subset:
-            return ClientTask(global_weights, {BUDGET: budget})
+            return TrainRequest(global_weights, {BUDGET: budget})
         held = held_experts(self._held_score(server_round, client), budget)
         config = {BUDGET: budget, ASSIGNED: assigned_mask(held), STRICT: 1}
-        return ClientTask(download(self.layout, global_weights, held), config)
+        return TrainRequest(download(self.layout, global_weights, held), config)
 
     def _held_score(self, server_round: int, client: int) -> torch.Tensor:
         rng = rng_for(self.cfg.seed, STRICT_HELD, server_round, client)
@@ -190,17 +180,21 @@ class HFedMoE(PartialUploads, FederatedAlgorithm):
 
     # ---- client ------------------------------------------------------------------------
     def train_client(
-        self, model: nn.Module, data: TokenizedDataset, task: ClientTask, rng: np.random.Generator
+        self,
+        model: nn.Module,
+        data: TokenizedDataset,
+        request: TrainRequest,
+        rng: np.random.Generator,
     ) -> ClientUpdate:
         em = ExpertModel(model)
-        budget = task.requested_experts(em.num_layers * em.num_experts)
+        budget = request.requested_experts(em.num_layers * em.num_experts)
         selector = ImportanceSelector(self.cfg.hfedmoe, budget)
-        held = mask_of(task, em.shape)
+        held = mask_of(request, em.shape)
         if held is None:  # backward-only: all weights down
-            load_shared_state(model, task.weights)
+            load_shared_state(model, request.weights)
             result = train_local(model, data, self.cfg.train, rng, selector)
         else:
-            load_held(model, task.weights, em.expert_entries(), held)
+            load_held(model, request.weights, em.expert_entries(), held)
             with em.restrict_routing(held):
                 result = train_local(model, data, self.cfg.train, rng, selector)
         u_LE = selector.usage.value()  # eq. (16)

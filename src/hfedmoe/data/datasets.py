@@ -15,52 +15,15 @@ from __future__ import annotations
 import bz2
 import csv
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from hfedmoe.assets import shipped_path
-from hfedmoe.config import DataConfig
-from hfedmoe.errors import HFedMoEError
-
-
-@dataclass(frozen=True)
-class TextDataset:
-    """Texts with integer labels into ``label_names``.
-
-    ``groups``: each row's natural id into ``group_names`` (the movie a review is of, the task a
-    question comes from), for natural partitions; None where a data set has none.
-    ``choices``: multiple choice: each row's candidate answers; ``labels`` index the right one
-    and ``texts`` are the prompts.
-    """
-
-    texts: list[str]
-    labels: np.ndarray  # (N,) int64
-    label_names: tuple[str, ...]
-    groups: np.ndarray | None = None  # (N,) int64
-    group_names: tuple[str, ...] = ()
-    choices: list[tuple[str, ...]] | None = field(default=None, repr=False)
-
-    def __len__(self) -> int:
-        return len(self.texts)
-
-    def subset(self, idx: np.ndarray | list[int]) -> TextDataset:
-        idx = np.asarray(idx, dtype=np.int64)
-        return TextDataset(
-            [self.texts[i] for i in idx],
-            self.labels[idx],
-            self.label_names,
-            None if self.groups is None else self.groups[idx],
-            self.group_names,
-            None if self.choices is None else [self.choices[i] for i in idx],
-        )
-
-
-@dataclass(frozen=True)
-class Split:
-    train: TextDataset
-    test: TextDataset
+from hfedmoe.data.multiple_choice import read_qa_mix
+from hfedmoe.data.text import Split, TextDataset
+from hfedmoe.foundation.assets import shipped_path
+from hfedmoe.foundation.config import DataConfig
+from hfedmoe.foundation.errors import HFedMoEError
 
 
 def read_bbc_news(root: Path) -> TextDataset:
@@ -125,16 +88,10 @@ def read_rotten_tomatoes(path: Path) -> TextDataset:
     )
 
 
-def _read_qa_mix(root: Path) -> TextDataset:
-    from hfedmoe.data.multiple_choice import read_qa_mix
-
-    return read_qa_mix(root)
-
-
 READERS: dict[str, Callable[[Path], TextDataset]] = {
     "bbc_news": read_bbc_news,
     "rotten_tomatoes": read_rotten_tomatoes,
-    "qa_mix": _read_qa_mix,
+    "qa_mix": read_qa_mix,
 }
 
 

@@ -20,14 +20,11 @@ import json
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-from hfedmoe.errors import HFedMoEError
-
-if TYPE_CHECKING:
-    from hfedmoe.data.datasets import TextDataset
+from hfedmoe.data.text import TextDataset
+from hfedmoe.foundation.errors import HFedMoEError
 
 Row = tuple[str, tuple[str, ...], int]  # prompt, choices, index of the right one
 
@@ -79,9 +76,7 @@ TASKS: dict[str, tuple[str, Callable[[dict], Row | None]]] = {
 
 
 def read_qa_mix(root: Path) -> TextDataset:
-    """The four tasks as one :class:`~hfedmoe.data.datasets.TextDataset`; group = task."""
-    from hfedmoe.data.datasets import TextDataset
-
+    """The four tasks as one :class:`~hfedmoe.data.text.TextDataset`; group = task."""
     texts, choices, labels, groups = [], [], [], []
     for group, (task, (file, parse)) in enumerate(TASKS.items()):
         path = root / file

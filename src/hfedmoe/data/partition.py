@@ -6,9 +6,9 @@ import numpy as np
 from datasets import Dataset
 from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, Partitioner
 
-from hfedmoe.config import DataConfig
-from hfedmoe.data.datasets import TextDataset
-from hfedmoe.errors import HFedMoEError
+from hfedmoe.data.text import TextDataset
+from hfedmoe.foundation.config import DataConfig
+from hfedmoe.foundation.errors import HFedMoEError
 
 
 def partition_key(data: TextDataset, cfg: DataConfig) -> np.ndarray:

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from hfedmoe.data.datasets import TextDataset
+from hfedmoe.data.text import TextDataset
 
 IGNORE_INDEX = -100  # label of positions that no loss is computed on (transformers' convention)
 

@@ -19,8 +19,8 @@ from pathlib import Path
 from safetensors.torch import load_model, save_model
 from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from hfedmoe.config import ModelConfig, Task
-from hfedmoe.errors import HFedMoEError
+from hfedmoe.foundation.config import ModelConfig, Task
+from hfedmoe.foundation.errors import HFedMoEError
 from hfedmoe.model.factory import build_model
 from hfedmoe.model.quantize import dequantized_state, is_quantized
 from hfedmoe.model.sources import model_dir as resolve_model_dir

@@ -28,9 +28,9 @@ from typing import Literal
 import torch
 from torch import nn
 
-from hfedmoe.errors import HFedMoEError
+from hfedmoe.foundation.errors import HFedMoEError
+from hfedmoe.model.expert_axis import ExpertAxis
 from hfedmoe.model.quantize import logical_numel
-from hfedmoe.optim import ExpertAxis
 
 ExpertId = tuple[int, int]  # (MoE layer position 0..L-1, expert index 0..E-1)
 
@@ -68,25 +68,6 @@ class MoELayer:
     axes: dict[str, tuple[nn.Parameter, ExpertAxis]] = field(default_factory=dict)
     trainable: list[dict[str, nn.Parameter]] = field(default_factory=list)  # modular, per expert
     expert_param_names: list[str] = field(default_factory=list)  # state-dict names
-
-    def expert_tensors(self, e: int) -> dict[str, torch.Tensor]:
-        """Expert ``e``'s trainable tensors by local name (copies of fused slices)."""
-        if self.axes:
-            return {
-                n: p.detach().index_select(axis.dim, axis.positions_of(e).to(p.device))
-                for n, (p, axis) in self.axes.items()
-            }
-        return {n: p.detach() for n, p in self.trainable[e].items()}
-
-    @torch.no_grad()
-    def write_expert_tensors(self, e: int, tensors: dict[str, torch.Tensor]) -> None:
-        if self.axes:
-            for n, (p, axis) in self.axes.items():
-                idx = axis.positions_of(e).to(p.device)
-                p.index_copy_(axis.dim, idx, tensors[n].to(p.device, p.dtype))
-        else:
-            for n, p in self.trainable[e].items():
-                p.copy_(tensors[n])
 
     def weight_params(self, e: int) -> list[torch.Tensor]:
         """Expert ``e``'s weights (frozen or not), for FLOP counting."""
@@ -275,20 +256,41 @@ class RoutingCapture:
 @dataclass(frozen=True)
 class ExpertEntry:
     """Where an expert's tensor lives in a state dict: the whole entry, or positions ``index``
-    along ``dim`` of it (a fused tensor or a stacked LoRA)."""
+    along ``dim`` of it (a fused tensor or a stacked LoRA).
+
+    The one way to address an expert: the server's aggregation, a client's partial downloads
+    and uploads, the cost model and :meth:`ExpertModel.read_expert` all go through it.
+    """
 
     state_name: str
     dim: int | None = None
     index: torch.Tensor | None = None
+    #: the tensor's name within its expert, the same for every expert of a layer ("fc_in.weight",
+    #: "gate_up_proj", "gate_up_proj.lora_A"); "" = ``state_name``
+    name: str = ""
+
+    @property
+    def local_name(self) -> str:
+        return self.name or self.state_name
 
     def take(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor if self.dim is None else tensor.index_select(self.dim, self.index)
+        """This expert's part of ``tensor`` (the tensor itself for a whole entry)."""
+        if self.dim is None:
+            return tensor
+        return tensor.index_select(self.dim, self.index.to(tensor.device))
 
     def put(self, tensor: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
         """A copy of ``tensor`` with this expert's part replaced."""
         if self.dim is None:
             return part.clone()
-        return tensor.clone().index_copy_(self.dim, self.index, part)
+        return self.write_(tensor.clone(), part)
+
+    def write_(self, tensor: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
+        """Replace this expert's part of ``tensor`` in place; returns ``tensor``."""
+        part = part.to(tensor.device, tensor.dtype)
+        if self.dim is None:
+            return tensor.copy_(part)
+        return tensor.index_copy_(self.dim, self.index.to(tensor.device), part)
 
 
 @dataclass(frozen=True)
@@ -396,8 +398,9 @@ class ExpertModel:
 
         Modular experts: their ``grad`` becomes None (the optimizer then skips them entirely).
         Fused experts: the inactive experts' gradient entries are zeroed and the returned
-        {parameter: (E,) bool} masks must be passed to :class:`~hfedmoe.optim.MaskedAdamW` so
-        that their values and moments do not move either (METHOD.md §7).
+        {parameter: (E,) bool} masks must be passed to the optimizer
+        (:class:`hfedmoe.training.MaskedAdamW`) so that their values and moments do not move
+        either (METHOD.md §7).
         """
         active: dict[nn.Parameter, torch.Tensor] = {}
         for layer in self.layers:
@@ -426,12 +429,12 @@ class ExpertModel:
             for e in range(layer.num_experts):
                 if layer.axes:
                     out[(layer.position, e)] = [
-                        ExpertEntry(names[id(p)], axis.dim, axis.positions_of(e))
-                        for p, axis in layer.axes.values()
+                        ExpertEntry(names[id(p)], axis.dim, axis.positions_of(e), name=n)
+                        for n, (p, axis) in layer.axes.items()
                     ]
                 else:
                     out[(layer.position, e)] = [
-                        ExpertEntry(names[id(p)]) for p in layer.trainable[e].values()
+                        ExpertEntry(names[id(p)], name=n) for n, p in layer.trainable[e].items()
                     ]
         return out
 
@@ -442,45 +445,40 @@ class ExpertModel:
             for layer in self.layers
         }
 
-    # -- reading and writing experts and routers --
+    # -- reading and writing one expert (through its ExpertEntry list) --
     def read_expert(self, expert: ExpertId) -> dict[str, torch.Tensor]:
-        """Expert ``(layer, e)``'s trainable tensors (its weights, or its LoRA slices), copied."""
-        layer, e = self._layer(expert)
-        return {n: t.clone() for n, t in layer.expert_tensors(e).items()}
+        """Expert ``(layer, e)``'s trainable tensors (its weights, or its LoRA slices), copied,
+        by their names within the expert (the same for every expert of a layer)."""
+        params = dict(self.model.named_parameters())
+        return {
+            x.local_name: x.take(params[x.state_name].detach()).clone()
+            for x in self._entries(expert)
+        }
 
+    @torch.no_grad()
     def write_expert(self, expert: ExpertId, tensors: dict[str, torch.Tensor]) -> None:
         """Overwrite expert ``(layer, e)``'s trainable tensors; nothing else changes."""
-        layer, e = self._layer(expert)
-        targets = layer.expert_tensors(e)
+        entries = self._entries(expert)
+        params = dict(self.model.named_parameters())
+        targets = {x.local_name: x for x in entries}
         if set(tensors) != set(targets):
             raise KeyError(
                 f"expert {expert}: expected tensors {sorted(targets)}, got {sorted(tensors)}"
             )
-        for n, t in targets.items():
-            if tensors[n].shape != t.shape:
+        for n, x in targets.items():
+            shape = x.take(params[x.state_name]).shape
+            if tensors[n].shape != shape:
                 raise ValueError(
-                    f"expert {expert}.{n}: shape {tuple(tensors[n].shape)} != {tuple(t.shape)}"
+                    f"expert {expert}.{n}: shape {tuple(tensors[n].shape)} != {tuple(shape)}"
                 )
-        layer.write_expert_tensors(e, tensors)
+        for n, x in targets.items():
+            x.write_(params[x.state_name].data, tensors[n])
 
-    def read_routers(self) -> dict[str, torch.Tensor]:
-        return {
-            n: p.detach().clone() for layer in self.layers for n, p in layer.router_params.items()
-        }
-
-    @torch.no_grad()
-    def write_routers(self, tensors: dict[str, torch.Tensor]) -> None:
-        params = {n: p for layer in self.layers for n, p in layer.router_params.items()}
-        if set(tensors) != set(params):
-            raise KeyError(f"routers: expected {sorted(params)}, got {sorted(tensors)}")
-        for n, p in params.items():
-            p.copy_(tensors[n])
-
-    def _layer(self, expert: ExpertId) -> tuple[MoELayer, int]:
+    def _entries(self, expert: ExpertId) -> list[ExpertEntry]:
         position, e = expert
         if not (0 <= position < self.num_layers and 0 <= e < self.num_experts):
             raise IndexError(f"expert {expert} outside the {self.shape} pool")
-        return self.layers[position], e
+        return self.expert_entries()[expert]
 
     # -- cost accounting (inputs of the budget cost model, METHOD.md §6) --
     def param_bytes(self) -> ParamBytes:

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
-from hfedmoe.config import ModelConfig, Task
-from hfedmoe.errors import ConfigError
+from hfedmoe.foundation.config import ModelConfig, Task
+from hfedmoe.foundation.errors import ConfigError
 from hfedmoe.model.hf import SUPPORTED_MOE_FAMILIES, load_moe_model
 from hfedmoe.model.sources import model_dir as resolve_model_dir
 from hfedmoe.model.upcycle import LLAMA_LIKE

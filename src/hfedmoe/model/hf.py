@@ -17,8 +17,8 @@ from transformers import (
     PreTrainedModel,
 )
 
-from hfedmoe.config import LoraConfig
-from hfedmoe.errors import HFedMoEError
+from hfedmoe.foundation.config import LoraConfig
+from hfedmoe.foundation.errors import HFedMoEError
 from hfedmoe.model.lora import add_lora
 
 #: model_type -> the Auto class that loads it (the architecture the paper used is Switch).

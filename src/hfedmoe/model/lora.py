@@ -18,8 +18,8 @@ from peft import PeftModel, get_peft_model
 from torch import nn
 from transformers import PreTrainedModel
 
-from hfedmoe.config import LoraConfig
-from hfedmoe.errors import ConfigError
+from hfedmoe.foundation.config import LoraConfig
+from hfedmoe.foundation.errors import ConfigError
 from hfedmoe.model.experts import ExpertModel, expert_modules
 from hfedmoe.model.quantize import quantize_base
 

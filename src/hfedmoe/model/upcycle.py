@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from hfedmoe.errors import HFedMoEError
+from hfedmoe.foundation.errors import HFedMoEError
 from hfedmoe.model.moe import ExpertFFN, GatedExpertFFN, MoEFeedForward
 
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")

@@ -16,8 +16,8 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from hfedmoe.config import ModelConfig
-from hfedmoe.errors import HFedMoEError
+from hfedmoe.foundation.config import ModelConfig
+from hfedmoe.foundation.errors import HFedMoEError
 from hfedmoe.model.lora import add_lora
 from hfedmoe.model.sources import model_dir as resolve_model_dir
 from hfedmoe.model.upcycle import LLAMA_LIKE, upcycle

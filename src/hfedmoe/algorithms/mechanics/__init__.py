@@ -1,0 +1,1 @@
+"""Mechanics the budget-aware algorithms share, one job a module (see ``assignment``)."""

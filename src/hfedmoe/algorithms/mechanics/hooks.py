@@ -1,0 +1,46 @@
+"""Client-side per-step hooks of the budget-aware algorithms (``hfedmoe.training.StepHooks``)."""
+
+from __future__ import annotations
+
+import torch
+
+from hfedmoe.algorithms.maths.sparse_aggregation import usage
+from hfedmoe.algorithms.mechanics.assignment import mask_of
+from hfedmoe.algorithms.messages import TrainRequest
+from hfedmoe.model.experts import RoutingCapture
+from hfedmoe.training import StepHooks
+
+
+class GateUsage:
+    """Running sum of G_e(x) over a client's samples; :meth:`value` is u_c(e), eq. (16)."""
+
+    def __init__(self) -> None:
+        self.gate_sum: torch.Tensor | None = None  # sum over samples of G_e(x), (L, E)
+        self.samples = 0
+
+    def add(self, G_LBE: torch.Tensor) -> None:
+        gate_sum = G_LBE.sum(1)
+        self.gate_sum = gate_sum if self.gate_sum is None else self.gate_sum + gate_sum
+        self.samples += G_LBE.shape[1]
+
+    def value(self) -> torch.Tensor:
+        return usage(self.gate_sum, self.samples)
+
+
+class AssignedExperts(StepHooks):
+    """Update the assigned experts on the batches routed to them (all routed ones if none),
+    and record the client's usage u_c(e) (``self.usage``)."""
+
+    def __init__(self, assigned_LE: torch.Tensor | None):
+        self.assigned_LE = assigned_LE
+        self.usage = GateUsage()
+
+    @classmethod
+    def from_request(cls, request: TrainRequest, shape: tuple[int, int]) -> AssignedExperts:
+        return cls(mask_of(request, shape))
+
+    def select_experts(
+        self, capture: RoutingCapture, batch: dict[str, torch.Tensor], routed_LE: torch.Tensor
+    ) -> torch.Tensor:
+        self.usage.add(capture.sample_probs(batch.get("attention_mask")))
+        return routed_LE if self.assigned_LE is None else routed_LE & self.assigned_LE

@@ -1,0 +1,88 @@
+"""What the server accepts from a client: a check of every update before aggregation.
+
+A reply that fails any check is rejected with a reason (recorded per round in metrics.jsonl as
+``failures``) and never reaches the algorithm, so one faulty or malicious client cannot corrupt
+the global model. An algorithm states what its clients may upload
+(:class:`~hfedmoe.algorithms.mechanics.uploads.UploadSpec`).
+
+Checks, in order: unknown keys, missing keys, shapes, dtypes, finite values, example count; the
+statistics the algorithm aggregates with (present, of the model's (L, E) shape, finite) and a
+finite training loss; every expert the client says it updated is uploaded; and the size of the
+update: ``||w_c - w|| <= max_update_ratio * ||w||`` over the uploaded tensors.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from hfedmoe.algorithms.mechanics.uploads import UploadSpec
+from hfedmoe.algorithms.messages import ClientUpdate, Weights
+
+
+@dataclass(frozen=True)
+class Rejection:
+    reason: str  # "unknown-keys" | "missing-keys" | "shape" | "dtype" | "non-finite" | ...
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.reason}: {self.detail}"
+
+
+def check_update(
+    update: ClientUpdate, spec: UploadSpec, global_weights: Weights, max_update_ratio: float
+) -> Rejection | None:
+    """None if ``update`` is acceptable against ``global_weights``, else why not."""
+    weights, num_examples = update.weights, update.num_examples
+    refs = spec.references(global_weights)
+    keys = set(weights)
+    if unknown := sorted(keys - set(refs)):
+        return Rejection("unknown-keys", f"{len(unknown)} unknown tensor(s), e.g. {unknown[0]}")
+    if missing := sorted(spec.required - keys):
+        return Rejection("missing-keys", f"{len(missing)} tensor(s) missing, e.g. {missing[0]}")
+    for key in sorted(keys):
+        t, ref = weights[key], refs[key]
+        if t.shape != ref.shape:
+            return Rejection("shape", f"{key} is {tuple(t.shape)}, expected {tuple(ref.shape)}")
+        if t.dtype != ref.dtype:
+            return Rejection("dtype", f"{key} is {t.dtype}, expected {ref.dtype}")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return Rejection("non-finite", f"{key} holds NaN or Inf")
+    if not (isinstance(num_examples, int) and num_examples > 0):
+        return Rejection("examples", f"num_examples is {num_examples!r}, expected > 0")
+    if rejection := _check_stats(update, spec):
+        return rejection
+    floats = [k for k in keys if refs[k].is_floating_point()]
+    delta = math.sqrt(sum(float((weights[k] - refs[k]).double().square().sum()) for k in floats))
+    norm = math.sqrt(sum(float(refs[k].double().square().sum()) for k in floats))
+    if delta > max_update_ratio * max(norm, 1e-12):
+        return Rejection(
+            "norm",
+            f"the update moves the weights by {delta:.3g}, {delta / max(norm, 1e-12):.3g} x "
+            f"their norm (limit {max_update_ratio:g})",
+        )
+    return None
+
+
+def _check_stats(update: ClientUpdate, spec: UploadSpec) -> Rejection | None:
+    for name, shape in spec.stats.items():
+        t = update.stats.get(name)
+        if t is None:
+            return Rejection("stats", f"the statistic '{name}' is missing")
+        if tuple(t.shape) != shape:
+            return Rejection("stats", f"'{name}' is {tuple(t.shape)}, expected {shape}")
+        if not bool(torch.isfinite(t.double()).all()):
+            return Rejection("stats", f"'{name}' holds NaN or Inf")
+    loss = update.metrics.get("train_loss")
+    if not (isinstance(loss, float) and math.isfinite(loss)):
+        return Rejection("stats", f"train_loss is {loss!r}, expected a finite number")
+    updated = update.stats.get("expert_updates")
+    for (layer, e), keys in spec.expert_keys.items():
+        sent = sum(k in update.weights for k in keys)
+        if 0 < sent < len(keys):
+            return Rejection("missing-keys", f"expert ({layer}, {e}) was uploaded in part")
+        if not sent and updated is not None and updated[layer, e] > 0:
+            return Rejection("missing-keys", f"expert ({layer}, {e}) was updated but not uploaded")
+    return None

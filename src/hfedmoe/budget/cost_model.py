@@ -1,0 +1,255 @@
+"""Device budgets (METHOD.md §6): from a device profile to C_budget(c), with a cost model.
+
+A client's device is a :class:`~hfedmoe.foundation.config.DeviceTier` (memory bytes, optionally
+FLOP/s and a round deadline; :mod:`hfedmoe.budget.devices` says which client has which). The
+:class:`CostModel` of a model and a training setup predicts, for a number C of experts trained
+per batch:
+
+* peak memory = resident weights
+  + 3 x trainable bytes (gradient + two Adam moments) of the shared parameters and routers
+  + 3 x trainable bytes of each of the C trained experts
+  + the activations the forward pass saves for backward (measured on a probe batch)
+  + the backward pass's transient buffers (:data:`BACKWARD_TRANSIENT` x activations);
+* step FLOPs = tokens x (forward + backward FLOPs per token), from the expert interface's
+  accounting, with the C trained experts' weight gradients counted;
+* round seconds = local steps x step FLOPs / the device's FLOP/s.
+
+C_budget(c) is the largest C whose predicted peak fits the device's memory and whose round fits
+its deadline. Two facts of the implementation make this bound hold: an expert outside E_active
+gets no weight gradient (``ExpertModel.update_only``), and the optimizer drops the moments of an
+expert when it leaves E_active (``ExpertAdamW``), so at most C experts carry optimizer state.
+Fused expert tensors (transformers' 3-D experts) get gradients and moments as whole tensors, so
+on such models training any expert costs as much as training all of them: C_budget is then all
+or nothing, and the cost model says so rather than pretending otherwise.
+
+The model is checked against measured peak memory (RSS) and counted FLOPs in
+tests/test_budget.py; docs/BUDGETS.md gives the numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from hfedmoe.foundation.config import DeviceTier, ExperimentConfig
+from hfedmoe.foundation.errors import ConfigError, HFedMoEError
+from hfedmoe.model.experts import ExpertModel
+
+#: Backward's transient memory (gradients of activations, the softmax of the loss, allocator
+#: slack) as a multiple of the saved activations; measured on MiniLM-MoE and SmolLM2-MoE
+#: (docs/BUDGETS.md), rounded up.
+BACKWARD_TRANSIENT = 0.5
+
+#: Bytes of gradient + two Adam moments per trainable byte.
+TRAINING_STATE_FACTOR = 3
+
+
+class BudgetExceeded(HFedMoEError):
+    """A client was asked to do more than its device allows (it fails the round)."""
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Predicted cost of one client-round training ``experts`` experts per batch."""
+
+    experts: int
+    peak_bytes: int
+    step_flops: float
+    round_seconds: float | None  # None when the device's FLOP/s are unknown
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """The cost of training a given number of experts per batch, for one model and setup."""
+
+    num_experts: int  # L x E, the expert pool
+    resident_bytes: int  # every parameter and buffer of the model
+    expert_resident_bytes: int  # weights of one expert (largest layer's)
+    shared_train_bytes: int  # trainable bytes outside experts: shared parameters and routers
+    expert_train_bytes: int  # trainable bytes of one expert (largest layer's)
+    fused: bool  # experts stored as fused tensors: gradients and moments come whole
+    activation_bytes: int  # saved for backward by one batch of the configured size
+    tokens_per_step: int  # batch_size x max_length (an upper bound: batches are not padded)
+    local_steps: int
+    forward_flops: float  # per token
+    backward_flops_none: float  # per token, no expert trained
+    backward_flops_all: float  # per token, every expert trained
+
+    def training_bytes(self, experts: int) -> int:
+        """Gradients + optimizer state of the shared parameters, routers and ``experts``."""
+        trained = self.num_experts if (self.fused and experts > 0) else experts
+        return TRAINING_STATE_FACTOR * (self.shared_train_bytes + trained * self.expert_train_bytes)
+
+    def step_extra_bytes(self, experts: int) -> int:
+        """What training adds on top of the resident weights (what a client measures)."""
+        transient = int(BACKWARD_TRANSIENT * self.activation_bytes)
+        return self.training_bytes(experts) + self.activation_bytes + transient
+
+    def predict(
+        self, experts: int, flops_per_second: float | None = None, held: int | None = None
+    ) -> Cost:
+        """The cost of training ``experts`` per batch; ``held``: experts resident (strict mode,
+        default all)."""
+        if not 0 <= experts <= self.num_experts:
+            raise ValueError(f"experts must be in 0..{self.num_experts}, got {experts}")
+        unheld = 0 if (held is None or self.fused) else self.num_experts - held
+        resident = self.resident_bytes - unheld * self.expert_resident_bytes
+        fraction = experts / self.num_experts
+        backward = self.backward_flops_none + fraction * (
+            self.backward_flops_all - self.backward_flops_none
+        )
+        step_flops = self.tokens_per_step * (self.forward_flops + backward)
+        seconds = None if not flops_per_second else self.local_steps * step_flops / flops_per_second
+        return Cost(experts, resident + self.step_extra_bytes(experts), step_flops, seconds)
+
+    def expert_budget(self, tier: DeviceTier | None, strict: bool = False) -> int:
+        """C_budget: the most experts per batch that fit ``tier`` (all, for None)."""
+        if tier is None:
+            return self.num_experts
+        best = -1
+        for c in range(self.num_experts + 1):
+            if self.fits(c, tier, strict):
+                best = c
+        return best
+
+    def fits(self, experts: int, tier: DeviceTier, strict: bool = False) -> bool:
+        cost = self.predict(experts, tier.flops, held=experts if strict else None)
+        on_time = tier.deadline_seconds is None or cost.round_seconds <= tier.deadline_seconds
+        return cost.peak_bytes <= tier.memory and on_time
+
+
+def build_cost_model(model: nn.Module, cfg: ExperimentConfig) -> CostModel:
+    """The cost model of ``model`` trained as ``cfg.train`` says, on ``cfg.model.max_length``
+    tokens per example. Runs one forward pass on a probe batch to measure activations."""
+    em = ExpertModel(model)
+    L, E = em.shape
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    expert_entries = em.expert_entries()
+    expert_names = {x.state_name for es in expert_entries.values() for x in es}
+    params = dict(model.named_parameters())
+    shared_train = sum(
+        _nbytes(p) for n, p in params.items() if id(p) in trainable and n not in expert_names
+    )
+    expert_train = max(
+        sum(_nbytes(x.take(params[x.state_name])) for x in expert_entries[(layer, 0)])
+        for layer in range(L)
+    )
+    expert_resident = max(em.param_bytes().per_expert)
+    resident = sum(_nbytes(p) for p in model.parameters()) + sum(
+        _nbytes(b) for b in model.buffers()
+    )
+    forward, backward_none = em.flops_per_token(torch.zeros(L, E, dtype=torch.bool))
+    _, backward_all = em.flops_per_token(torch.ones(L, E, dtype=torch.bool))
+    batch = probe_batch(model, cfg)
+    return CostModel(
+        num_experts=L * E,
+        resident_bytes=resident,
+        expert_resident_bytes=expert_resident,
+        shared_train_bytes=shared_train,
+        expert_train_bytes=expert_train,
+        fused=any(layer.fused for layer in em.layers),
+        activation_bytes=saved_activation_bytes(model, batch),
+        tokens_per_step=cfg.train.batch_size * cfg.model.max_length,
+        local_steps=cfg.train.local_steps,
+        forward_flops=forward,
+        backward_flops_none=backward_none,
+        backward_flops_all=backward_all,
+    )
+
+
+def probe_batch(model: nn.Module, cfg: ExperimentConfig) -> dict[str, torch.Tensor]:
+    """A full batch (``batch_size`` x ``max_length`` random tokens) of the run's task."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    vocab = model.get_input_embeddings().num_embeddings
+    shape = (cfg.train.batch_size, cfg.model.max_length)
+    ids = torch.randint(0, vocab, shape, generator=gen)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if cfg.data.task != "classification":
+        batch["labels"] = ids
+    else:
+        batch["labels"] = torch.zeros(shape[0], dtype=torch.long)
+    return batch
+
+
+def saved_activation_bytes(model: nn.Module, batch: dict[str, torch.Tensor]) -> int:
+    """Bytes the forward pass of ``batch`` keeps for backward (parameters not counted).
+
+    Measured with autograd's saved-tensor hooks, each storage counted once; written here
+    because torch has no CPU memory statistics.
+    """
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: set[int] = set()
+    total = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr not in params and ptr not in seen:
+            seen.add(ptr)
+            total += storage.nbytes()
+        return t
+
+    was_training = model.training
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(**batch).loss
+    del loss
+    model.train(was_training)
+    return total
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def check_request(
+    cost_model: CostModel, tier: DeviceTier | None, requested: int, strict: bool = False
+) -> None:
+    """Raise :class:`BudgetExceeded` if training ``requested`` experts per batch does not fit."""
+    if tier is None or cost_model.fits(requested, tier, strict):
+        return
+    limit = cost_model.expert_budget(tier, strict)
+    raise BudgetExceeded(
+        f"device '{tier.name}' cannot train {requested} experts per batch "
+        f"({_shortfall(cost_model, tier, requested, strict)}); its budget is {max(limit, 0)}"
+    )
+
+
+def minimum_budget(num_layers: int, strict: bool) -> int:
+    """The smallest useful C_budget: one expert (strict routing: one per MoE layer)."""
+    return num_layers if strict else 1
+
+
+def check_tiers(
+    cfg: ExperimentConfig, cost_model: CostModel, num_layers: int, strict: bool
+) -> dict[str, int]:
+    """C_budget of every configured tier; :class:`ConfigError` for a tier too small to train
+    even the minimum (:func:`minimum_budget`)."""
+    need = minimum_budget(num_layers, strict)
+    budgets = {}
+    for i, tier in enumerate(cfg.devices.tiers):
+        budget = cost_model.expert_budget(tier, strict)
+        if budget < need:
+            raise ConfigError(
+                f"devices.tiers[{i}] ('{tier.name}'): cannot train even {need} "
+                f"expert{'s' if need > 1 else ''} per batch of this model "
+                f"({_shortfall(cost_model, tier, need, strict)})"
+            )
+        budgets[tier.name] = budget
+    return budgets
+
+
+def _shortfall(cost_model: CostModel, tier: DeviceTier, experts: int, strict: bool) -> str:
+    """What training ``experts`` per batch needs against what ``tier`` has, in words."""
+    cost = cost_model.predict(experts, tier.flops, held=experts if strict else None)
+    words = f"needs {_gib(cost.peak_bytes)} of {_gib(tier.memory)}"
+    if cost.round_seconds is not None and tier.deadline_seconds is not None:
+        words += f", {cost.round_seconds:.1f} s of a {tier.deadline_seconds:g} s deadline"
+    return words
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"

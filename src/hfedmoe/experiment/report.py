@@ -1,0 +1,433 @@
+"""The comparison report: a results table and plots from finished run directories.
+
+``hfedmoe report RUN_DIR... -o OUT`` groups runs by algorithm (several seeds of one method form
+one row) and writes ``OUT/report.html`` (self-contained: plots embedded) and ``OUT/report.md``
+(plots beside it as PNG files). Everything is computed from each run's metrics.jsonl and
+summary.json, so a report can be rebuilt at any time from the run directories alone.
+
+Columns (METHOD.md §10):
+
+* final test accuracy, mean +- std over seeds (sample std; 0 for one seed);
+* rounds to the target accuracy (mean over the seeds that reach it, and how many did);
+* client compute to the target: predicted training FLOPs summed over every client-round up to
+  that round (``step_flops_predicted`` x steps; a client that failed did no training);
+* training failure rate: failed / sampled client trainings;
+* bytes per round, down + up, mean;
+* expert-utilisation balance: the coefficient of variation of the per-expert update counts
+  summed over the run (0 = every expert trained equally often).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.ticker import MaxNLocator
+
+from hfedmoe.foundation.errors import HFedMoEError
+
+
+@dataclass(frozen=True)
+class Run:
+    """One finished run, as the report needs it."""
+
+    path: Path
+    algorithm: str
+    seed: int
+    rounds: list[dict]  # metrics.jsonl, round 0 first
+    label: str = ""  # the row it belongs to (default: its algorithm)
+
+    @classmethod
+    def load(cls, path: Path) -> Run:
+        summary_path = path / "summary.json"
+        if not summary_path.is_file():
+            raise HFedMoEError(f"'{path}' is not a finished run (no summary.json)")
+        summary = json.loads(summary_path.read_text())
+        lines = (path / "metrics.jsonl").read_text().splitlines()
+        rounds = [json.loads(line) for line in lines if line.strip()]
+        return cls(path, summary["algorithm"], int(summary["seed"]), rounds, summary["algorithm"])
+
+    @property
+    def accuracy(self) -> np.ndarray:
+        return np.array([r["test_accuracy"] for r in self.rounds])
+
+    def client_flops(self) -> np.ndarray | None:
+        """Cumulative predicted training FLOPs of all clients after each round (round 0: 0);
+        None for runs recorded before clients reported their step FLOPs."""
+        ok = [c for r in self.rounds for c in r["clients"] if c["status"] == "ok"]
+        if any(c.get("step_flops_predicted") is None or c.get("steps") is None for c in ok):
+            return None
+        per_round = [
+            sum(
+                (c.get("step_flops_predicted") or 0.0) * (c.get("steps") or 0)
+                for c in r["clients"]
+                if c["status"] == "ok"
+            )
+            for r in self.rounds
+        ]
+        return np.cumsum(per_round)
+
+    def failure_rate(self) -> float:
+        sampled = sum(r["clients_ok"] + r["clients_failed"] for r in self.rounds)
+        return sum(r["clients_failed"] for r in self.rounds) / sampled if sampled else 0.0
+
+    def failure_rate_per_round(self) -> np.ndarray:
+        return np.array(
+            [
+                r["clients_failed"] / max(r["clients_ok"] + r["clients_failed"], 1)
+                for r in self.rounds[1:]
+            ]
+        )
+
+    def failures_by_reason(self) -> dict[str, int]:
+        """Failed client trainings over the run, by the reason the server gave."""
+        return _sum_counts(r.get("failures") or {} for r in self.rounds)
+
+    def bytes_per_round(self) -> np.ndarray:
+        return np.array([r["bytes_down"] + r["bytes_up"] for r in self.rounds[1:]])
+
+    def expert_updates(self) -> np.ndarray | None:
+        """Per-expert update counts summed over every client of every round, flat (L x E)."""
+        rows = [
+            c["expert_updates"]
+            for r in self.rounds
+            for c in r["clients"]
+            if c.get("expert_updates")
+        ]
+        return np.sum(rows, axis=0) if rows else None
+
+    def selection_matrix(self) -> tuple[list[int], np.ndarray] | None:
+        """(partition, expert) update counts over the run, with the partition ids of the rows:
+        the per-client heatmap."""
+        rows: dict[int, np.ndarray] = {}
+        for r in self.rounds:
+            for c in r["clients"]:
+                if c.get("expert_updates") and c.get("partition_id") is not None:
+                    counts = np.array(c["expert_updates"])
+                    rows[c["partition_id"]] = rows.get(c["partition_id"], 0) + counts
+        if not rows:
+            return None
+        return sorted(rows), np.stack([rows[p] for p in sorted(rows)])
+
+    def rounds_to(self, target: float) -> int | None:
+        hits = np.nonzero(self.accuracy >= target)[0]
+        return int(hits[0]) if len(hits) else None
+
+
+def find_runs(paths: list[Path]) -> list[Path]:
+    """Run directories among ``paths``: each path itself if it is a finished run, otherwise
+    every finished run below it (a ``compare`` grid), in sorted order."""
+    found: list[Path] = []
+    for path in paths:
+        path = Path(path)
+        if (path / "summary.json").is_file():
+            found.append(path)
+        elif path.is_dir():
+            below = sorted(
+                p.parent for p in path.rglob("summary.json") if ".incomplete-" not in str(p.parent)
+            )
+            if not below:
+                raise HFedMoEError(f"'{path}' holds no finished run (no summary.json)")
+            found += below
+        else:
+            raise HFedMoEError(f"'{path}' is not a directory")
+    return list({p.resolve(): p for p in found}.values())  # a run named twice counts once
+
+
+def label_runs(runs: list[Run]) -> list[Run]:
+    """Rows are algorithms, their seeds pooled. If one algorithm has the same seed twice, the
+    runs come from several experiments: a run of a ``compare`` grid (``GRID/<algorithm>/seed<k>``)
+    is then labelled ``GRID/<algorithm>``, pooling that grid's seeds; any other run is a row of
+    its own, named by its directory (a sweep of settings)."""
+    keys = [(r.algorithm, r.seed) for r in runs]
+    if len(set(keys)) == len(keys):
+        return runs
+    labelled = [replace(r, label=_experiment_label(r)) for r in runs]
+    if len({(r.label, r.seed) for r in labelled}) < len(runs):  # two grids of the same name
+        labelled = [replace(r, label=_experiment_label(r, full=True)) for r in runs]
+    return labelled
+
+
+def _experiment_label(run: Run, full: bool = False) -> str:
+    path = run.path.absolute()
+    if path.name == f"seed{run.seed}" and path.parent.name == run.algorithm:
+        grid = path.parent.parent
+        return f"{grid if full else grid.name}/{run.algorithm}"
+    return str(path) if full else path.name
+
+
+def coefficient_of_variation(x: np.ndarray) -> float:
+    mean = float(np.mean(x))
+    return float(np.std(x) / mean) if mean > 0 else math.nan
+
+
+@dataclass(frozen=True)
+class Row:
+    algorithm: str
+    seeds: list[int]
+    final_mean: float
+    final_std: float
+    rounds_to_target: float | None
+    reached: int
+    compute_to_target: float | None  # FLOPs
+    failure_rate: float
+    bytes_per_round: float
+    utilisation_cv: float | None
+    failures: dict[str, int]  # failed client trainings by reason, summed over seeds
+
+
+def summarise(runs: list[Run], target: float) -> list[Row]:
+    """One row per algorithm, in the order algorithms first appear."""
+    order = list(dict.fromkeys(r.label for r in runs))
+    rows = []
+    for algorithm in order:
+        group = [r for r in runs if r.label == algorithm]
+        finals = np.array([r.accuracy[-1] for r in group])
+        hits = [(r, r.rounds_to(target)) for r in group]
+        reached = [(r, k) for r, k in hits if k is not None]
+        flops = [f[k] for r, k in reached if (f := r.client_flops()) is not None]
+        updates = [u for r in group if (u := r.expert_updates()) is not None]
+        rows.append(
+            Row(
+                algorithm=algorithm,
+                seeds=sorted(r.seed for r in group),
+                final_mean=float(finals.mean()),
+                final_std=float(finals.std(ddof=1)) if len(finals) > 1 else 0.0,
+                rounds_to_target=float(np.mean([k for _, k in reached])) if reached else None,
+                reached=len(reached),
+                compute_to_target=float(np.mean(flops)) if flops else None,
+                failure_rate=float(np.mean([r.failure_rate() for r in group])),
+                bytes_per_round=float(np.mean([r.bytes_per_round().mean() for r in group])),
+                utilisation_cv=(
+                    float(np.mean([coefficient_of_variation(u) for u in updates]))
+                    if updates
+                    else None
+                ),
+                failures=_sum_counts([r.failures_by_reason() for r in group]),
+            )
+        )
+    return rows
+
+
+def _sum_counts(counts: Iterable[dict[str, int]]) -> dict[str, int]:
+    total: Counter[str] = Counter()
+    for c in counts:
+        total.update(c)  # unlike Counter's +, keeps a reason counted 0
+    return dict(sorted(total.items()))
+
+
+def failure_reasons_table(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
+    """Failed client trainings by reason (columns) per row, summed over seeds; no columns if
+    nothing failed."""
+    reasons = sorted({k for r in rows for k in r.failures})
+    cells = [[r.algorithm, *(str(r.failures.get(k, 0)) for k in reasons)] for r in rows]
+    return reasons, cells
+
+
+# ---- plots ------------------------------------------------------------------------------
+
+
+def _by_algorithm(runs: list[Run]) -> dict[str, list[Run]]:
+    out: dict[str, list[Run]] = {}
+    for r in runs:
+        out.setdefault(r.label, []).append(r)
+    return out
+
+
+def _mean_band(ax, x, ys, label) -> None:
+    n = min(len(y) for y in ys)
+    arr = np.stack([y[:n] for y in ys])
+    mean = arr.mean(0)
+    (line,) = ax.plot(x[:n], mean, label=label)
+    if len(ys) > 1:
+        ax.fill_between(x[:n], arr.min(0), arr.max(0), color=line.get_color(), alpha=0.15)
+
+
+def _per_round(groups: dict[str, list[Run]], value, **axes) -> plt.Figure:
+    """A figure of ``value(run)`` for rounds 1..R: mean and min-max band per row."""
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for name, group in groups.items():
+        _mean_band(ax, np.arange(1, len(group[0].rounds)), [value(r) for r in group], name)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set(xlabel="round", **axes)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def plot_all(runs: list[Run], target: float) -> dict[str, plt.Figure]:
+    """The report's figures by name."""
+    groups = _by_algorithm(runs)
+    figs: dict[str, plt.Figure] = {}
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, group in groups.items():
+        _mean_band(ax, np.arange(len(group[0].rounds)), [r.accuracy for r in group], name)
+    ax.axhline(target, color="grey", linestyle=":", linewidth=1, label=f"target {target:g}")
+    ax.set(xlabel="round", ylabel="test accuracy", title="Accuracy per round (mean, min-max band)")
+    ax.legend(fontsize=8)
+    figs["accuracy"] = fig
+
+    if all(r.client_flops() is not None for r in runs):
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for n, (name, group) in enumerate(groups.items()):
+            for i, r in enumerate(group):
+                flops = r.client_flops()
+                ax.plot(flops / 1e12, r.accuracy, color=f"C{n}", label=None if i else name)
+        ax.set(
+            xlabel="cumulative client training compute (TFLOP, predicted)",
+            ylabel="test accuracy",
+            title="Accuracy against client compute",
+        )
+        ax.legend(fontsize=8)
+        figs["compute"] = fig
+
+    figs["failures"] = _per_round(
+        groups,
+        Run.failure_rate_per_round,
+        ylabel="failed / sampled",
+        title="Training failure rate per round",
+        ylim=(-0.05, 1.05),
+    )
+    figs["bytes"] = _per_round(
+        groups,
+        lambda r: r.bytes_per_round() / 1e6,
+        ylabel="MB (down + up)",
+        title="Bytes per round",
+    )
+
+    heat = [(name, g[0].selection_matrix()) for name, g in groups.items()]
+    heat = [(n, m) for n, m in heat if m is not None]
+    if heat:
+        fig, axes = plt.subplots(
+            len(heat), 1, figsize=(7, 1.2 + 1.1 * len(heat) * 1.6), squeeze=False
+        )
+        for ax, (name, (ids, m)) in zip(axes[:, 0], heat, strict=True):
+            im = ax.imshow(m, aspect="auto", cmap="viridis", interpolation="nearest")
+            ax.set_yticks(range(len(ids)), [str(p) for p in ids])
+            ax.set(
+                title=f"{name} (seed {groups[name][0].seed})",
+                xlabel="expert (layer x E + e)",
+                ylabel="client (partition)",
+            )
+            fig.colorbar(im, ax=ax, label="batches updated")
+        fig.suptitle("Per-client expert selection over the run")
+        fig.tight_layout()
+        figs["selection"] = fig
+    for f in figs.values():
+        f.tight_layout()
+    return figs
+
+
+# ---- writing ----------------------------------------------------------------------------
+
+COLUMNS = [
+    "method",
+    "seeds",
+    "final accuracy",
+    "rounds to target",
+    "client compute to target",
+    "failure rate",
+    "bytes / round",
+    "utilisation CV",
+]
+
+
+def _cells(row: Row) -> list[str]:
+    return [
+        row.algorithm,
+        ",".join(map(str, row.seeds)),
+        f"{row.final_mean:.4f} ± {row.final_std:.4f}",
+        "-"
+        if row.rounds_to_target is None
+        else f"{row.rounds_to_target:.1f} ({row.reached}/{len(row.seeds)})",
+        "-" if row.compute_to_target is None else f"{row.compute_to_target / 1e12:.1f} TFLOP",
+        f"{row.failure_rate:.3f}",
+        f"{row.bytes_per_round / 1e6:,.0f} MB",
+        "-" if row.utilisation_cv is None else f"{row.utilisation_cv:.3f}",
+    ]
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return [
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+        *["| " + " | ".join(r) + " |" for r in rows],
+    ]
+
+
+def _html_table(table_id: str, header: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in header)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows
+    )
+    return f'<table id="{table_id}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def write_report(run_dirs: list[Path], out_dir: Path, target: float, title: str = "") -> Path:
+    """Write report.html, report.md and the PNGs into ``out_dir``; return the HTML path."""
+    runs = label_runs([Run.load(Path(p)) for p in run_dirs])
+    if not runs:
+        raise HFedMoEError("report: no run directories given")
+    rows = summarise(runs, target)
+    figs = plot_all(runs, target)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    title = title or f"hfedmoe comparison ({len(runs)} runs)"
+    sources = "".join(f"<li><code>{html.escape(str(r.path))}</code></li>" for r in runs)
+
+    md = [f"# {title}", "", f"Target accuracy: {target:g}.", ""]
+    results = [_cells(r) for r in rows]
+    md += [*_md_table(COLUMNS, results), ""]
+    reasons, reason_cells = failure_reasons_table(rows)
+    reasons_html = ""
+    if reasons:
+        md += ["Failed client trainings by reason (summed over seeds):", ""]
+        md += [*_md_table(["method", *reasons], reason_cells), ""]
+        reasons_html = (
+            "<h2>Failed client trainings by reason</h2><p>Summed over seeds.</p>"
+            + _html_table("failures", ["method", *reasons], reason_cells)
+        )
+    html_figs = []
+    for name, fig in figs.items():
+        fig.savefig(out_dir / f"{name}.png", dpi=110)
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=110)
+        plt.close(fig)
+        data = base64.b64encode(buf.getvalue()).decode()
+        md.append(f"![{name}]({name}.png)")
+        html_figs.append(f'<figure><img alt="{name}" src="data:image/png;base64,{data}"></figure>')
+    md += ["", "Runs:", *[f"- `{r.path}`" for r in runs], ""]
+    (out_dir / "report.md").write_text("\n".join(md))
+
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; max-width: 60rem; margin: 2rem auto; color: #222; }}
+table {{ border-collapse: collapse; margin: 1rem 0; }}
+th, td {{ border: 1px solid #ccc; padding: 0.3rem 0.6rem; text-align: right; }}
+th:first-child, td:first-child {{ text-align: left; }}
+figure {{ margin: 1.5rem 0; }} img {{ max-width: 100%; }}
+</style></head><body>
+<h1>{html.escape(title)}</h1>
+<p>Target accuracy: {target:g}. Mean ± sample std over seeds; compute is predicted training
+FLOPs of all clients up to the round that reaches the target.</p>
+{_html_table("results", COLUMNS, results)}
+{reasons_html}
+{"".join(html_figs)}
+<h2>Runs</h2><ul>{sources}</ul>
+</body></html>
+"""
+    path = out_dir / "report.html"
+    path.write_text(page)
+    return path

@@ -1,0 +1,140 @@
+"""The Flower ClientApp: unpack the request, run the algorithm's local training, pack the reply.
+
+A client process keeps a cache of its tokenised partition, of the model architecture and of its
+cost model (all derived from the config alone), so it does not rebuild them every round. Nothing
+here is shared with the server: the client sees only what arrives in the message and in its
+Context.
+
+Its device (``hfedmoe.budget``): the tier named by the node config's ``device-tier``, else the
+one the config assigns to its partition. Before the first round the server asks every node for
+its budget (a ``query.budget`` message); a train request asking for more experts per batch than the
+device can hold fails with :class:`~hfedmoe.budget.BudgetExceeded` and contributes nothing.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import torch
+from flwr.app import ArrayRecord, Context, Error, Message
+from flwr.clientapp import ClientApp
+from transformers import PreTrainedModel
+
+from hfedmoe.algorithms import build_algorithm
+from hfedmoe.budget import (
+    BudgetExceeded,
+    CostModel,
+    assign_tiers,
+    build_cost_model,
+    check_request,
+)
+from hfedmoe.data.tokenized import TokenizedDataset
+from hfedmoe.federation import faults, wire
+from hfedmoe.federation.workload import client_data, client_model, label_names
+from hfedmoe.foundation.config import DeviceTier, ExperimentConfig
+from hfedmoe.foundation.errors import ConfigError
+from hfedmoe.foundation.seeding import CLIENT_TRAIN, rng_for, seed_torch
+
+app = ClientApp()
+
+MEMORY = "hfedmoe-memory"  # the node's own tensors between rounds (TrainRequest.memory)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    cfg_json = str(context.run_config[wire.RUN_CONFIG])
+    cfg = _config(cfg_json)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    partition_id = int(context.node_config["partition-id"])
+    num_partitions = int(context.node_config["num-partitions"])
+    request, server_round = wire.unpack_request(msg.content)
+
+    tier = _tier(cfg_json, partition_id, context.node_config.get("device-tier"))
+    costs = _cost_model(cfg_json)
+    requested = request.requested_experts(costs.num_experts)
+    try:
+        check_request(costs, tier, requested, _holds_subset(cfg_json))
+    except BudgetExceeded as exc:  # the round fails for this client; the server counts it
+        return Message(Error(code=wire.BUDGET_EXCEEDED, reason=str(exc)), reply_to=msg)
+
+    fault = faults.planned_fault(cfg, server_round, partition_id)  # injected faults (tests)
+    if fault == "dropout":
+        raise faults.Dropout
+    if fault == "exception":
+        raise faults.InjectedFault(
+            f"injected fault: partition {partition_id}, round {server_round}"
+        )
+    data = _data(cfg_json, partition_id, num_partitions)
+    model = copy.deepcopy(_architecture(cfg_json))
+    sent = request.weights
+    seed_torch(cfg.seed, CLIENT_TRAIN, server_round, partition_id)  # dropout
+    rng = rng_for(cfg.seed, CLIENT_TRAIN, server_round, partition_id)  # batch order
+    if MEMORY in context.state.array_records:  # what this node kept from its last round
+        request.memory = context.state.array_records[MEMORY].to_torch_state_dict()
+    update = build_algorithm(cfg).train_client(model, data, request, rng)
+    if request.memory:
+        context.state[MEMORY] = ArrayRecord(request.memory)
+    update.metrics["memory_predicted_bytes"] = float(costs.step_extra_bytes(requested))
+    update.metrics["step_flops_predicted"] = costs.predict(requested).step_flops
+    if fault == "deadline":
+        faults.reply_late(cfg.federation.round_timeout or 0.0)  # after the deadline
+    elif fault is not None:
+        update = faults.corrupt(update, fault, sent)
+    return Message(wire.pack_update(update, partition_id), reply_to=msg)
+
+
+@app.query("budget")
+def budget(msg: Message, context: Context) -> Message:
+    """This node's device and C_budget, for the server before round 1."""
+    cfg_json = str(context.run_config[wire.RUN_CONFIG])
+    partition_id = int(context.node_config["partition-id"])
+    tier = _tier(cfg_json, partition_id, context.node_config.get("device-tier"))
+    costs = _cost_model(cfg_json)
+    reply = wire.DeviceReport(
+        partition_id=partition_id,
+        tier="" if tier is None else tier.name,
+        memory_bytes=0 if tier is None else int(tier.memory),
+        expert_budget=costs.expert_budget(tier, _holds_subset(cfg_json)),
+        num_experts=costs.num_experts,
+        num_partitions=int(context.node_config["num-partitions"]),
+    )
+    return Message(wire.pack_device(reply), reply_to=msg)
+
+
+@functools.lru_cache(maxsize=4)
+def _config(text: str) -> ExperimentConfig:
+    return ExperimentConfig.from_json(text)
+
+
+@functools.lru_cache(maxsize=64)
+def _data(cfg_json: str, partition_id: int, num_partitions: int) -> TokenizedDataset:
+    return client_data(_config(cfg_json), partition_id, num_partitions)
+
+
+@functools.lru_cache(maxsize=2)
+def _architecture(cfg_json: str) -> PreTrainedModel:
+    cfg = _config(cfg_json)
+    return client_model(cfg, label_names(cfg))
+
+
+@functools.lru_cache(maxsize=4)
+def _holds_subset(cfg_json: str) -> bool:
+    return build_algorithm(_config(cfg_json)).holds_subset
+
+
+@functools.lru_cache(maxsize=2)
+def _cost_model(cfg_json: str) -> CostModel:
+    return build_cost_model(copy.deepcopy(_architecture(cfg_json)), _config(cfg_json))
+
+
+@functools.lru_cache(maxsize=64)
+def _tier(cfg_json: str, partition_id: int, name: object = None) -> DeviceTier | None:
+    cfg = _config(cfg_json)
+    if name is None:
+        return assign_tiers(cfg)[partition_id]
+    tiers = {t.name: t for t in cfg.devices.tiers}
+    if str(name) not in tiers:
+        raise ConfigError(f"node config device-tier: unknown tier '{name}'")
+    return tiers[str(name)]

@@ -1,0 +1,238 @@
+"""The Flower ServerApp: the federated round loop, with central evaluation and results.
+
+The loop is written out (rather than ``Strategy.start``) so each round's record is written at
+the top level as soon as the round ends, and so a run can later resume from any round.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from typing import Protocol, runtime_checkable
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from hfedmoe.algorithms import build_algorithm
+from hfedmoe.budget import minimum_budget
+from hfedmoe.federation import wire
+from hfedmoe.federation.strategy import AlgorithmStrategy
+from hfedmoe.federation.workload import server_workload
+from hfedmoe.foundation.config import ExperimentConfig
+from hfedmoe.foundation.errors import ConfigError, HFedMoEError
+from hfedmoe.model.experts import ExpertModel
+from hfedmoe.model.state import load_shared_state, shared_state
+from hfedmoe.results import RunRecorder
+from hfedmoe.results.run_state import RunState, load_run_state, save_run_state
+from hfedmoe.training import evaluate
+
+log = logging.getLogger("hfedmoe")
+
+app = ServerApp()
+
+NodeStates = dict[int, dict[str, dict[str, torch.Tensor]]]  # node -> record name -> tensors
+
+
+@runtime_checkable
+class ResumableGrid(Protocol):
+    """A Grid that can read and restore what every node keeps in its Context between rounds.
+
+    Resuming a run needs it: the embedded engine (``hfedmoe.engines.embedded``) is one. On
+    Flower's own engines node ids and node state live in other processes and do not survive a
+    restart, so their runs do not resume.
+    """
+
+    def node_states(self) -> NodeStates: ...
+
+    def restore_node_states(self, states: NodeStates) -> None: ...
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    cfg, run_dir = wire.run_config(context.run_config)
+    resume = None
+    if context.run_config.get(wire.RESUME):
+        if not isinstance(grid, ResumableGrid):  # node ids and node state do not survive
+            raise ConfigError("resume: only runs of the embedded engine (hfedmoe run) resume")
+        resume = load_run_state(run_dir)
+    federate(grid, cfg, RunRecorder(run_dir, cfg, resume), resume=resume)
+
+
+def federate(
+    grid: Grid,
+    cfg: ExperimentConfig,
+    recorder: RunRecorder,
+    timeout: float = 3600,
+    resume: RunState | None = None,
+) -> dict:
+    """Run ``cfg.federation.rounds`` rounds over ``grid``; return the run summary.
+
+    After every round the run state is checkpointed (``hfedmoe.results.run_state``); with
+    ``resume`` the loop continues from the checkpoint's round with the same weights, algorithm
+    state, node state and devices, and ends exactly where an uninterrupted run ends.
+    """
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    start = time.perf_counter() - (resume.elapsed_seconds if resume else 0.0)
+    workload = server_workload(cfg)
+    model = workload.model
+    algorithm = build_algorithm(cfg)
+    algorithm.bind(model)
+    strategy = AlgorithmStrategy(algorithm, cfg)
+    strategy.spec = algorithm.upload_spec(model)
+    round_timeout = cfg.federation.round_timeout or timeout
+    if resume is None:
+        need = minimum_budget(ExpertModel(model).num_layers, algorithm.holds_subset)
+        strategy.set_devices(query_devices(grid, need, timeout, cfg.federation.num_clients))
+    else:
+        strategy.set_devices({d.pop("node_id"): wire.DeviceReport(**d) for d in resume.devices})
+        load_shared_state(model, resume.weights)
+        algorithm.load_state_dict(resume.algorithm)
+        if isinstance(grid, ResumableGrid):
+            grid.restore_node_states(resume.nodes)
+        log.info("resuming after round %d of %d", resume.round, cfg.federation.rounds)
+    arrays = ArrayRecord(shared_state(model))
+
+    def checkpoint(server_round: int) -> None:
+        nodes = grid.node_states() if isinstance(grid, ResumableGrid) else {}
+        devices = strategy.device_records()
+        state = RunState(
+            server_round,
+            arrays.to_torch_state_dict(),
+            algorithm.state_dict(),
+            nodes,
+            devices,
+            recorder.rounds,
+            time.perf_counter() - start,
+        )
+        save_run_state(recorder.run_dir, state)
+
+    if resume is None:
+        initial = evaluate(model, workload.test, cfg.eval.batch_size, cfg.train.device)
+        record = _round_record(0, initial, None, [], 0.0, time.perf_counter() - start)
+        record["devices"] = strategy.device_records()
+        recorder.log_round(record)
+        checkpoint(0)
+    for server_round in range((resume.round if resume else 0) + 1, cfg.federation.rounds + 1):
+        round_start = time.perf_counter()
+        messages = strategy.configure_train(server_round, arrays, ConfigRecord(), grid)
+        replies = grid.send_and_receive(messages, timeout=round_timeout)
+        new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
+        if new_arrays is not None:  # None: every client failed, the model stays as it was
+            arrays = new_arrays
+            load_shared_state(model, arrays.to_torch_state_dict())
+        result = evaluate(model, workload.test, cfg.eval.batch_size, cfg.train.device)
+        train_loss = float(train_metrics["train_loss"]) if train_metrics else None
+        now = time.perf_counter()
+        record = _round_record(
+            server_round, result, train_loss, strategy.last_reports, now - round_start, now - start
+        )
+        if new_arrays is not None:  # what the algorithm says about this round's aggregation
+            record.update(algorithm.round_metrics())
+        if strategy.aggregate_rejected:
+            record["aggregate_rejected"] = True
+        recorder.log_round(record)
+        checkpoint(server_round)
+        log.info(
+            "round %d/%d  test_accuracy=%.4f  test_loss=%.4f  train_loss=%s  (%.1fs)",
+            server_round,
+            cfg.federation.rounds,
+            result.accuracy,
+            result.loss,
+            "n/a" if train_loss is None else f"{train_loss:.4f}",
+            now - round_start,
+        )
+    return recorder.finish(model, workload.tokenizer)
+
+
+def wait_for_nodes(grid: Grid, num_nodes: int, timeout: float) -> list[int]:
+    """The node ids once ``num_nodes`` nodes are connected (in a deployment SuperNodes join
+    over time); an error naming how many came if they do not within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while len(nodes := list(grid.get_node_ids())) < num_nodes:
+        if time.monotonic() > deadline:
+            raise HFedMoEError(
+                f"federation.num_clients: {num_nodes} clients expected, {len(nodes)} node(s) "
+                f"connected within {timeout:.0f} s"
+            )
+        time.sleep(1.0)
+    return nodes
+
+
+def query_devices(
+    grid: Grid, need: int, timeout: float, num_nodes: int = 0
+) -> dict[int, wire.DeviceReport]:
+    """Ask every node for its device and C_budget (before round 1), once ``num_nodes`` are
+    connected; fail if one cannot train even ``need`` experts per batch (one; with strict
+    routing one per MoE layer)."""
+    messages = [
+        Message(RecordDict(), dst_node_id=node, message_type=wire.BUDGET_QUERY, group_id="0")
+        for node in sorted(wait_for_nodes(grid, num_nodes, timeout))
+    ]
+    devices = {}
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            raise HFedMoEError(f"node {node}: budget query failed: {reply.error.reason}")
+        try:
+            devices[node] = wire.unpack_device(reply.content)
+        except ValueError as exc:
+            raise HFedMoEError(f"node {node}: {exc}") from None
+    check_federation(devices, [m.metadata.dst_node_id for m in messages], num_nodes or None)
+    for node, d in sorted(devices.items()):
+        if d.expert_budget < need:
+            raise ConfigError(
+                f"node {node} (device tier '{d.tier}', {d.memory_bytes / 2**30:.2f} GiB): "
+                f"cannot train even {need} expert(s) per batch of this model"
+            )
+    budgets = {n: d.expert_budget for n, d in devices.items()}
+    log.info("device budgets (node: C_budget): %s", budgets)
+    return devices
+
+
+def check_federation(
+    devices: dict[int, wire.DeviceReport], queried: list[int], num_clients: int | None
+) -> None:
+    """Every queried node answered, and the nodes' partitions are exactly 0..num_clients-1,
+    each once, all told the same number of partitions; else one error naming the problem."""
+    if missing := sorted(set(queried) - set(devices)):
+        raise HFedMoEError(f"node(s) {missing} did not answer the budget query in time")
+    if num_clients is None:
+        return
+    by_partition: dict[int, list[int]] = {}
+    for node, d in devices.items():
+        by_partition.setdefault(d.partition_id, []).append(node)
+        if d.num_partitions not in (0, num_clients):
+            raise ConfigError(
+                f"node {node}: node config num-partitions is {d.num_partitions}, expected "
+                f"federation.num_clients = {num_clients}"
+            )
+    if twice := {p: n for p, n in by_partition.items() if len(n) > 1}:
+        raise ConfigError(f"node config partition-id: nodes share a partition: {twice}")
+    if sorted(by_partition) != list(range(num_clients)):
+        raise ConfigError(
+            f"node config partition-id: the nodes hold partitions {sorted(by_partition)}, "
+            f"expected 0..{num_clients - 1} (federation.num_clients = {num_clients})"
+        )
+
+
+def _round_record(server_round, result, train_loss, reports, round_seconds, elapsed) -> dict:
+    ok = [r for r in reports if r.status == "ok"]
+    return {
+        "round": server_round,
+        "test_accuracy": result.accuracy,
+        "test_loss": result.loss,
+        **({"test_accuracy_by_group": result.by_group} if result.by_group else {}),
+        "train_loss": train_loss,
+        "clients_ok": len(ok),
+        "clients_failed": len(reports) - len(ok),
+        "failures": dict(Counter(r.failure for r in reports if r.status != "ok")),
+        "examples": sum(r.num_examples for r in ok),
+        "bytes_down": sum(r.bytes_down for r in reports),
+        "bytes_up": sum(r.bytes_up for r in reports),
+        "round_seconds": round_seconds,
+        "elapsed_seconds": elapsed,
+        "clients": [r.to_dict() for r in reports],
+    }

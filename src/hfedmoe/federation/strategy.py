@@ -1,0 +1,246 @@
+"""A Flower Strategy that carries any :class:`~hfedmoe.algorithms.FederatedAlgorithm`.
+
+It samples clients, turns the algorithm's per-client tasks into messages, and turns the
+replies back into updates for the algorithm's aggregation; it does no arithmetic itself.
+Every reply is checked first (``hfedmoe.algorithms.mechanics.validation``): an error, a malformed or
+rejected update, or no reply at all makes that client a failure with a reason, and only the
+accepted updates are aggregated. Per-client outcomes of the last round are kept in
+:attr:`AlgorithmStrategy.last_reports`.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from hfedmoe.algorithms import ClientUpdate, FederatedAlgorithm, Weights
+from hfedmoe.algorithms.mechanics.uploads import UploadSpec
+from hfedmoe.algorithms.mechanics.validation import check_update
+from hfedmoe.federation import wire
+from hfedmoe.foundation.config import ExperimentConfig
+from hfedmoe.foundation.seeding import SAMPLING, rng_for
+
+log = logging.getLogger("hfedmoe")
+
+
+@dataclass
+class ClientReport:
+    """One sampled client's outcome in one round (a row of clients.csv)."""
+
+    round: int
+    node_id: int
+    bytes_down: int
+    status: str = "ok"  # "ok" | "failed"
+    # why it failed: "budget" (asked beyond its device), "error" (raised), "no-reply" (none
+    # before the round's timeout), "malformed", or a rejection (validation.Rejection.reason)
+    failure: str = ""
+    error: str = ""
+    partition_id: int | None = None
+    tier: str = ""  # the device tier ("" = unlimited)
+    expert_budget: int | None = None  # C_budget(c), from the device
+    requested_experts: int | None = None  # experts per batch the request asked for
+    num_examples: int = 0
+    train_loss: float | None = None
+    seconds: float | None = None
+    steps: int | None = None  # local optimizer steps
+    bytes_up: int = 0
+    # the three participation sets of METHOD.md §10, as sizes over the round
+    experts_routed: int | None = None  # routed to in >= 1 batch (union of E_union)
+    experts_updated: int | None = None  # updated in >= 1 batch (union of E_active)
+    experts_used: int | None = None  # reported as used: u_c(e) >= tau (HFedMoE)
+    experts_routed_per_step: float | None = None  # mean |E_union| per local batch
+    max_active_per_step: int | None = None  # the most experts updated on one batch
+    memory_predicted_bytes: float | None = None  # training's extra memory, cost model
+    memory_measured_bytes: float | None = None  # peak RSS increase while training
+    step_flops_predicted: float | None = None
+    expert_updates: list[int] | None = None  # batches each expert was updated in, L x E flat
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _describe(report: ClientReport, update: ClientUpdate, partition_id: int, bytes_up: int) -> None:
+    """Fill ``report`` from an accepted update's metrics."""
+    m = update.metrics
+    if report.partition_id is None:  # known from the budget query, else as the client says
+        report.partition_id = partition_id
+    report.num_examples = update.num_examples
+    report.train_loss = m.get("train_loss")
+    report.seconds = m.get("train_seconds")
+    report.steps = _int_or_none(m.get("steps"))
+    report.bytes_up = bytes_up
+    report.experts_routed = _int_or_none(m.get("experts_routed"))
+    report.experts_updated = _int_or_none(m.get("experts_updated"))
+    report.experts_used = _int_or_none(m.get("experts_used"))
+    report.experts_routed_per_step = m.get("experts_routed_per_step")
+    report.max_active_per_step = _int_or_none(m.get("max_active_per_step"))
+    report.memory_predicted_bytes = m.get("memory_predicted_bytes")
+    report.memory_measured_bytes = m.get("memory_measured_bytes")
+    report.step_flops_predicted = m.get("step_flops_predicted")
+    if "expert_updates" in update.stats:
+        report.expert_updates = update.stats["expert_updates"].flatten().tolist()
+
+
+def _int_or_none(x: float | None) -> int | None:
+    return None if x is None else int(x)
+
+
+def sample_clients(clients: Iterable[int], k: int, seed: int, server_round: int) -> list[int]:
+    """``k`` client ids drawn without replacement, reproducibly for (seed, round)."""
+    ordered = sorted(clients)
+    rng = rng_for(seed, SAMPLING, server_round)
+    return sorted(int(n) for n in rng.choice(ordered, size=min(k, len(ordered)), replace=False))
+
+
+class AlgorithmStrategy(Strategy):
+    """configure_train -> (clients train) -> aggregate_train, for one algorithm.
+
+    The algorithm knows clients by their partition id, which every engine gives the same
+    client (Flower's node ids differ between engines and runs); this strategy translates
+    between the two with what the nodes said in the budget query (:meth:`set_devices`). So
+    the same seed samples, seeds and orders the same clients on every engine.
+    """
+
+    def __init__(self, algorithm: FederatedAlgorithm, cfg: ExperimentConfig):
+        self.algorithm = algorithm
+        self.cfg = cfg
+        self.last_reports: list[ClientReport] = []
+        self._global: Weights = {}
+        self._bytes_down: dict[int, int] = {}
+        self._requested: dict[int, int | None] = {}
+        self.devices: dict[int, wire.DeviceReport] = {}  # node id -> its budget query answer
+        self.nodes: dict[int, int] = {}  # client (partition) id -> node id
+        self.spec: UploadSpec | None = None  # what clients may upload; None = anything
+        self.aggregate_rejected = False  # the last round's aggregate was not finite
+        self._sampled: list[int] = []
+
+    def set_devices(self, devices: dict[int, wire.DeviceReport]) -> None:
+        """The nodes' answers to the budget query, by node id; they name each node's client."""
+        self.devices = dict(devices)
+        self.nodes = {d.partition_id: node for node, d in self.devices.items()}
+        self.algorithm.set_budgets({d.partition_id: d.expert_budget for d in devices.values()})
+
+    def summary(self) -> None:
+        """Flower calls this to describe the strategy; ours is described by the config."""
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self._global = arrays.to_torch_state_dict()
+        if not self.nodes:  # no budget query (tests): the node ids serve as client ids
+            self.nodes = {n: n for n in grid.get_node_ids()}
+        sampled = sample_clients(
+            self.nodes, self.cfg.federation.clients_per_round, self.cfg.seed, server_round
+        )
+        messages, self._bytes_down, self._requested = [], {}, {}
+        self._sampled = sampled
+        self.algorithm.configure_round(server_round, sampled)
+        for client in sampled:
+            node = self.nodes[client]
+            request = self.algorithm.configure_client(server_round, self._global, client)
+            content = wire.pack_request(request, server_round)
+            self._bytes_down[node] = wire.payload_bytes(content)
+            device = self.devices.get(node)
+            pool = device.num_experts if device else None
+            self._requested[node] = request.requested_experts(pool) if pool else None
+            messages.append(
+                Message(
+                    content,
+                    dst_node_id=node,
+                    message_type=MessageType.TRAIN,
+                    group_id=str(server_round),
+                )
+            )
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        updates: dict[int, ClientUpdate] = {}
+        reports = []
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            report = self._report(server_round, node)
+            reports.append(report)
+            if reply.has_error():
+                code = reply.error.code
+                failure = "budget" if code == wire.BUDGET_EXCEEDED else "error"
+                self._fail(report, failure, reply.error.reason)
+                continue
+            try:
+                update, partition_id = wire.unpack_update(reply.content)
+            except Exception as exc:  # whatever a broken client sends must not stop the server
+                self._fail(report, "malformed", f"{type(exc).__name__}: {exc}")
+                continue
+            ratio = self.cfg.federation.max_update_ratio
+            rejection = self.spec and check_update(update, self.spec, self._global, ratio)
+            if rejection:
+                self._fail(report, rejection.reason, rejection.detail)
+                continue
+            updates[self._client(node)] = update
+            _describe(report, update, partition_id, wire.payload_bytes(reply.content))
+        replied = {self._client(r.node_id) for r in reports}
+        for client in sorted(set(self._sampled) - replied):
+            reports.append(self._report(server_round, self.nodes[client]))
+            self._fail(reports[-1], "no-reply", "no reply before the round's timeout")
+        self.last_reports = sorted(reports, key=lambda r: self._client(r.node_id))
+        if not updates:
+            return None, None
+        saved = copy.deepcopy(self.algorithm.state_dict())
+        new_global = self.algorithm.aggregate(server_round, self._global, updates)
+        self.aggregate_rejected = not all(
+            bool(torch.isfinite(t).all()) for t in new_global.values() if t.is_floating_point()
+        )
+        if self.aggregate_rejected:  # defence in depth: validated updates should never do this
+            self.algorithm.load_state_dict(saved)
+            log.error("round %d: the aggregate is not finite; the model stays", server_round)
+            return None, None
+        total = sum(u.num_examples for u in updates.values())
+        train_loss = sum(u.metrics["train_loss"] * u.num_examples for u in updates.values()) / total
+        return ArrayRecord(new_global), MetricRecord({"train_loss": train_loss})
+
+    def device_records(self) -> list[dict]:
+        """Every node's device, in client order (the same on every engine)."""
+        by_client = sorted(self.devices.items(), key=lambda nd: nd[1].partition_id)
+        return [{"node_id": n, **asdict(d)} for n, d in by_client]
+
+    def _client(self, node: int) -> int:
+        device = self.devices.get(node)
+        return device.partition_id if device else node
+
+    def _report(self, server_round: int, node: int) -> ClientReport:
+        device = self.devices.get(node)
+        return ClientReport(
+            server_round,
+            node,
+            self._bytes_down.get(node, 0),
+            partition_id=device.partition_id if device else None,
+            tier=device.tier if device else "",
+            expert_budget=device.expert_budget if device else None,
+            requested_experts=self._requested.get(node),
+        )
+
+    @staticmethod
+    def _fail(report: ClientReport, failure: str, error: str) -> None:
+        report.status, report.failure, report.error = "failed", failure, error
+        log.warning(
+            "round %d: node %d failed (%s): %s", report.round, report.node_id, failure, error
+        )
+
+    # No client-side evaluation: the global model is evaluated centrally on the test split.
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return []
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        return None

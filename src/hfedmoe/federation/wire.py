@@ -1,0 +1,128 @@
+"""The wire format: how algorithm objects travel in Flower messages. Keys are defined once here.
+
+Server -> client (a ``train`` message)::
+
+    ARRAYS  ArrayRecord   the weights the client downloads
+    CONFIG  ConfigRecord  {ROUND: int, ...algorithm request config}
+
+Client -> server (the reply)::
+
+    ARRAYS   ArrayRecord   the weights the client uploads
+    METRICS  MetricRecord  {NUM_EXAMPLES: |D_c|, PARTITION_ID: int, ...training metrics}
+    STATS    ArrayRecord   algorithm statistics (e.g. per-expert usage), possibly empty
+
+Before round 1, server -> client ``query.budget`` (empty) and client -> server::
+
+    DEVICE   ConfigRecord  a :class:`DeviceReport`
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from hfedmoe.algorithms import ClientUpdate, TrainRequest
+from hfedmoe.foundation.config import ExperimentConfig
+from hfedmoe.foundation.errors import ConfigError
+
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+STATS = "stats"
+DEVICE = "device"
+BUDGET_QUERY = "query.budget"  # message type of the budget query
+BUDGET_EXCEEDED = 4001  # error code of a reply from a client asked beyond its device
+
+ROUND = "server-round"
+NUM_EXAMPLES = "num-examples"
+PARTITION_ID = "partition-id"
+
+# run_config keys (Flower's per-run config, the same on every engine)
+RUN_CONFIG = "hfedmoe-config"  # the validated ExperimentConfig as JSON
+RUN_DIR = "run-dir"  # where the ServerApp writes results
+RESUME = "resume"  # true: continue the run in RUN_DIR from its checkpoint (embedded only)
+
+
+def run_config(values: Mapping[str, object]) -> tuple[ExperimentConfig, Path]:
+    """The experiment config and run directory of a run's Flower run config."""
+    text, run_dir = str(values.get(RUN_CONFIG, "")), str(values.get(RUN_DIR, ""))
+    if not text or not run_dir:
+        raise ConfigError(
+            f"run config: '{RUN_CONFIG}' and '{RUN_DIR}' must be set; start Flower runs with "
+            "`hfedmoe flower CONFIG` (or `flwr run --run-config` with the file it writes)"
+        )
+    return ExperimentConfig.from_json(text), Path(run_dir)
+
+
+def pack_request(request: TrainRequest, server_round: int) -> RecordDict:
+    return RecordDict(
+        {
+            ARRAYS: ArrayRecord(request.weights),
+            CONFIG: ConfigRecord({ROUND: server_round, **request.config}),
+        }
+    )
+
+
+def unpack_request(content: RecordDict) -> tuple[TrainRequest, int]:
+    config = dict(content.config_records[CONFIG])
+    server_round = int(config.pop(ROUND))
+    return TrainRequest(content.array_records[ARRAYS].to_torch_state_dict(), config), server_round
+
+
+def pack_update(update: ClientUpdate, partition_id: int) -> RecordDict:
+    metrics = {NUM_EXAMPLES: update.num_examples, PARTITION_ID: partition_id, **update.metrics}
+    return RecordDict(
+        {
+            ARRAYS: ArrayRecord(update.weights),
+            METRICS: MetricRecord(metrics),
+            STATS: ArrayRecord(update.stats) if update.stats else ArrayRecord(),
+        }
+    )
+
+
+def unpack_update(content: RecordDict) -> tuple[ClientUpdate, int]:
+    metrics = dict(content.metric_records[METRICS])
+    num_examples = int(metrics.pop(NUM_EXAMPLES))
+    partition_id = int(metrics.pop(PARTITION_ID))
+    stats_record = content.array_records.get(STATS)
+    stats = stats_record.to_torch_state_dict() if stats_record else {}
+    update = ClientUpdate(
+        weights=content.array_records[ARRAYS].to_torch_state_dict(),
+        num_examples=num_examples,
+        metrics={k: float(v) for k, v in metrics.items()},
+        stats=stats,
+    )
+    return update, partition_id
+
+
+@dataclass(frozen=True)
+class DeviceReport:
+    """A node's answer to the budget query."""
+
+    partition_id: int
+    tier: str  # "" = no tier: unlimited
+    memory_bytes: int  # 0 = unlimited
+    expert_budget: int  # C_budget(c); -1 = cannot even hold the model
+    num_experts: int  # L x E
+    num_partitions: int = 0  # as the node was told (node config); 0 = not reported
+
+
+def pack_device(report: DeviceReport) -> RecordDict:
+    return RecordDict({DEVICE: ConfigRecord(asdict(report))})
+
+
+def unpack_device(content: RecordDict) -> DeviceReport:
+    try:
+        return DeviceReport(**dict(content.config_records[DEVICE]))
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"malformed budget reply ({exc})") from None
+
+
+def payload_bytes(content: RecordDict) -> int:
+    """Bytes of array data in a message: what dominates the wire, the same on every engine."""
+    return sum(
+        len(array.data) for record in content.array_records.values() for array in record.values()
+    )

@@ -1,0 +1,24 @@
+"""One seed controls everything: every random stream is derived from (seed, purpose, ...)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+# Purposes, so that two streams never coincide.
+SAMPLING, CLIENT_TRAIN, DEVICES, STRICT_HELD, RANDOM_SUBSET, FLEX_ASSIGN = 1, 2, 3, 4, 5, 6
+FAULTS = 7  # injected client faults (hfedmoe.federation.faults)
+
+
+def rng_for(seed: int, *keys: int) -> np.random.Generator:
+    """A numpy generator for ``(seed, *keys)``; independent of call order."""
+    return np.random.default_rng(np.random.SeedSequence([seed, *keys]))
+
+
+def torch_seed_for(seed: int, *keys: int) -> int:
+    """A torch seed for ``(seed, *keys)`` (for dropout and other global-RNG users)."""
+    return int(np.random.SeedSequence([seed, *keys]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def seed_torch(seed: int, *keys: int) -> None:
+    torch.manual_seed(torch_seed_for(seed, *keys))

@@ -1,0 +1,182 @@
+"""A run directory and everything written into it.
+
+::
+
+    RUN_DIR/
+      config.toml      the resolved, validated config of the run
+      metrics.jsonl    one JSON object per round (round 0 = the initial model)
+      metrics.csv      the same, one row per round (scalars only)
+      clients.csv      one row per (round, sampled client)
+      model/           the final global model (safetensors + what is needed to reload it)
+      accuracy.png     test accuracy and loss vs round
+      summary.json     final figures
+
+Files are written atomically (temporary file + rename) or appended line by line, so a crash
+never leaves a half-written file behind.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import tomli_w
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from hfedmoe.foundation.config import ExperimentConfig
+from hfedmoe.foundation.errors import HFedMoEError
+from hfedmoe.model import save_checkpoint
+from hfedmoe.results.plots import plot_accuracy
+from hfedmoe.results.run_state import RunState
+
+ROUND_COLUMNS = [
+    "round",
+    "test_accuracy",
+    "test_loss",
+    "train_loss",
+    "clients_ok",
+    "clients_failed",
+    "examples",
+    "bytes_down",
+    "bytes_up",
+    "round_seconds",
+    "elapsed_seconds",
+]
+
+
+def prepare_run_dir(path: Path) -> Path:
+    """Create a new run directory; refuse one that already holds files (nothing is overwritten)."""
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise HFedMoEError(
+            f"--output-dir: '{path}' already exists and is not empty; not overwriting"
+        )
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def to_csv(rows: list[dict], columns: list[str]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+class RunRecorder:
+    """Writes a run's results as the rounds complete."""
+
+    def __init__(self, run_dir: Path, cfg: ExperimentConfig, resume: RunState | None = None):
+        """A new run; or, with ``resume``, the run in ``run_dir`` continued from its checkpoint:
+        the metrics files are rewritten from the checkpoint's records (dropping any round the
+        crash interrupted) and temporary files a killed process left are removed."""
+        self.run_dir = Path(run_dir)
+        self.cfg = cfg
+        self.rounds: list[dict] = []
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(self.run_dir / "config.toml", tomli_w.dumps(cfg.model_dump(exclude_none=True)))
+        if resume is not None:
+            for leftover in self.run_dir.glob(".*-*"):  # write_atomic's and mkdtemp's names
+                if leftover.is_dir():
+                    shutil.rmtree(leftover)
+                else:
+                    leftover.unlink()
+            self.rounds = list(resume.rounds)
+            write_atomic(self.metrics_path, "".join(json.dumps(r) + "\n" for r in self.rounds))
+            self._write_tables()
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.run_dir / "metrics.jsonl"
+
+    def log_round(self, record: dict) -> None:
+        self.rounds.append(record)
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self._write_tables()
+
+    def _write_tables(self) -> None:
+        write_atomic(self.run_dir / "metrics.csv", to_csv(self.rounds, ROUND_COLUMNS))
+        client_rows = [c for r in self.rounds for c in r["clients"]]
+        if client_rows:
+            write_atomic(self.run_dir / "clients.csv", to_csv(client_rows, list(client_rows[0])))
+
+    def finish(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> dict:
+        if not (self.run_dir / "model").exists():  # else: written before a crash, complete
+            save_checkpoint(
+                model, tokenizer, self.cfg.model, self.run_dir / "model", self.cfg.data.task
+            )
+        plot_accuracy(
+            self.rounds, self.run_dir / "accuracy.png", f"{self.cfg.name} ({self.cfg.algorithm})"
+        )
+        last = self.rounds[-1]
+        summary = {
+            "name": self.cfg.name,
+            "algorithm": self.cfg.algorithm,
+            "seed": self.cfg.seed,
+            "rounds": last["round"],
+            "final_test_accuracy": last["test_accuracy"],
+            "final_test_loss": last["test_loss"],
+            "best_test_accuracy": max(r["test_accuracy"] for r in self.rounds),
+            "total_bytes_down": sum(r["bytes_down"] for r in self.rounds),
+            "total_bytes_up": sum(r["bytes_up"] for r in self.rounds),
+            "failure_rate": _failure_rate(self.rounds),
+            "wall_seconds": last["elapsed_seconds"],
+            "run_dir": str(self.run_dir),
+        }
+        write_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2))
+        return summary
+
+
+def _failure_rate(rounds: list[dict]) -> float:
+    """Failed client trainings / sampled client trainings, over the run."""
+    sampled = sum(r["clients_ok"] + r["clients_failed"] for r in rounds)
+    return sum(r["clients_failed"] for r in rounds) / sampled if sampled else 0.0
+
+
+#: fields of metrics.jsonl that measure the machine, not the training (they differ between runs)
+TIMING_KEYS = frozenset({"memory_measured_bytes", "round_seconds", "elapsed_seconds", "seconds"})
+
+
+def without(records: list[dict], drop: frozenset[str] = TIMING_KEYS) -> list[dict]:
+    """Metrics records without the keys ``drop``, in each round and in its clients and devices:
+    by default the timings, which differ between any two runs."""
+
+    def strip(d: dict) -> dict:
+        return {
+            k: ([strip(x) for x in v] if k in ("clients", "devices") else v)
+            for k, v in d.items()
+            if k not in drop
+        }
+
+    return [strip(r) for r in records]
+
+
+def engine_independent(run_dir: Path) -> list[dict]:
+    """metrics.jsonl without timings and node ids (each engine numbers its nodes its own way):
+    what two runs of one config and seed must agree on, on any engine."""
+    return without(read_metrics(run_dir), TIMING_KEYS | {"node_id"})
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

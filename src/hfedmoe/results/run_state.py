@@ -1,0 +1,197 @@
+"""The state a run needs to continue after a crash, written atomically after every round.
+
+``RUN_DIR/checkpoint.safetensors`` holds, as of the end of round ``round``:
+
+- ``weights/<name>``: the global model's travelling state (``hfedmoe.model.state``);
+- ``algorithm/<path>``: the algorithm's tensors (expert statistics, per-client histories,
+  baseline state), with its other values in the metadata;
+- ``nodes/<node>/<name>``: what each simulated node keeps between rounds (a FLEX-MoE client's
+  personal routers), where the engine can see it (the embedded engine);
+- metadata: the round, the node devices, the metrics of every round so far, the elapsed
+  seconds and the code that wrote it (:func:`code_digest`).
+
+There is no RNG state to store: every random stream is a pure function of (seed, purpose,
+round, client) (``hfedmoe.foundation.seeding``), so round r + 1 draws the same numbers whether
+or not the process was restarted after round r.
+
+One file, written to a temporary name, fsynced and renamed over the old one: a crash at any
+moment leaves either the previous round's checkpoint or this one, never a mixture.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from hfedmoe.foundation.errors import HFedMoEError
+
+CHECKPOINT_FILE = "checkpoint.safetensors"
+FORMAT_VERSION = 1
+HEADER_KEYS = ("format_version", "round", "algorithm", "devices", "rounds", "elapsed_seconds")
+
+Weights = dict[str, torch.Tensor]
+
+
+@dataclass
+class RunState:
+    """Everything the round loop carries from one round to the next."""
+
+    round: int
+    weights: Weights
+    algorithm: dict[str, Any] = field(default_factory=dict)
+    nodes: dict[int, dict[str, Weights]] = field(default_factory=dict)  # node -> record -> ...
+    devices: list[dict] = field(default_factory=list)
+    rounds: list[dict] = field(default_factory=list)  # the metrics records so far
+    elapsed_seconds: float = 0.0
+
+
+@functools.cache
+def code_digest() -> str:
+    """The hfedmoe version and a hash of its source: resuming with other code cannot promise
+    the run an uninterrupted one would have been."""
+    import hfedmoe
+
+    root = Path(hfedmoe.__file__).parent
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return f"{hfedmoe.__version__}+{h.hexdigest()[:16]}"
+
+
+def flatten(tree: dict[str, Any], prefix: str) -> tuple[Weights, dict[str, Any]]:
+    """Split a nested dict into its tensors (``prefix/a/b``) and the JSON rest (same nesting)."""
+    tensors: Weights = {}
+    rest: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}/{key}"
+        if isinstance(value, torch.Tensor):
+            tensors[name] = value.detach().contiguous().clone()
+        elif isinstance(value, dict):
+            sub_tensors, sub_rest = flatten(value, name)
+            tensors.update(sub_tensors)
+            rest[str(key)] = sub_rest
+        else:
+            rest[str(key)] = value
+    return tensors, rest
+
+
+def unflatten(tensors: Weights, rest: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """The inverse of :func:`flatten` (keys come back as strings)."""
+    tree: dict[str, Any] = {}
+    for name, value in tensors.items():
+        if not name.startswith(prefix + "/"):
+            continue
+        node = tree
+        *parents, leaf = name[len(prefix) + 1 :].split("/")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    _merge(tree, rest)
+    return tree
+
+
+def _merge(tree: dict[str, Any], rest: dict[str, Any]) -> None:
+    for key, value in rest.items():
+        if isinstance(value, dict):
+            _merge(tree.setdefault(key, {}), value)
+        else:
+            tree[key] = value
+
+
+def save_run_state(run_dir: Path, state: RunState) -> Path:
+    """Write ``RUN_DIR/checkpoint.safetensors`` atomically (temporary file, fsync, rename)."""
+    # weights and node records are flat name -> tensor maps whose names may hold "/"
+    weights = {f"weights/{k}": v.detach().contiguous().clone() for k, v in state.weights.items()}
+    nodes = {
+        f"nodes/{node}/{record}/{name}": t.detach().contiguous().clone()
+        for node, records in state.nodes.items()
+        for record, tensors in records.items()
+        for name, t in tensors.items()
+    }
+    algorithm, algorithm_rest = flatten(state.algorithm, "algorithm")
+    metadata = {
+        "format_version": str(FORMAT_VERSION),
+        "round": str(state.round),
+        "algorithm": json.dumps(algorithm_rest),
+        "devices": json.dumps(state.devices),
+        "rounds": json.dumps(state.rounds),
+        "elapsed_seconds": repr(state.elapsed_seconds),
+        "code": code_digest(),
+    }
+    path = Path(run_dir) / CHECKPOINT_FILE
+    # A private directory, not a temporary file: safetensors (>= 0.7) itself writes through a
+    # ".tmpXXXXXX" file beside its target, which a kill would otherwise leave in the run dir.
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{CHECKPOINT_FILE}-", dir=run_dir))
+    try:
+        tmp = tmp_dir / CHECKPOINT_FILE
+        save_file({**weights, **algorithm, **nodes}, tmp, metadata=metadata)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return path
+
+
+def read_header(run_dir: Path) -> dict[str, str]:
+    """The checkpoint's metadata, without its tensors; a clear error if it is not a usable
+    checkpoint of this format."""
+    path = Path(run_dir) / CHECKPOINT_FILE
+    if not path.is_file():
+        raise HFedMoEError(
+            f"--resume: '{run_dir}' has no {CHECKPOINT_FILE} (not a run directory, or the run "
+            "stopped before its first round was checkpointed)"
+        )
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError) as exc:
+        raise HFedMoEError(f"--resume: '{path}' is not a readable checkpoint ({exc})") from None
+    if missing := [k for k in HEADER_KEYS if k not in meta]:
+        raise HFedMoEError(f"--resume: '{path}' lacks '{missing[0]}' (not a checkpoint)")
+    if meta["format_version"] != str(FORMAT_VERSION):
+        raise HFedMoEError(
+            f"--resume: '{path}' has format version {meta['format_version']}, expected "
+            f"{FORMAT_VERSION}"
+        )
+    return meta
+
+
+def load_run_state(run_dir: Path) -> RunState:
+    """Read the last complete round's state; a clear error if there is none."""
+    meta = read_header(run_dir)
+    path = Path(run_dir) / CHECKPOINT_FILE
+    try:
+        tensors = load_file(path)
+    except (SafetensorError, OSError) as exc:
+        raise HFedMoEError(f"--resume: '{path}' is not a readable checkpoint ({exc})") from None
+    nodes: dict[int, dict[str, Weights]] = {}
+    try:
+        for key, t in tensors.items():
+            if key.startswith("nodes/"):
+                _, node, record, name = key.split("/", 3)
+                nodes.setdefault(int(node), {}).setdefault(record, {})[name] = t
+        return RunState(
+            round=int(meta["round"]),
+            weights={
+                k.removeprefix("weights/"): t for k, t in tensors.items() if k[:8] == "weights/"
+            },
+            algorithm=unflatten(tensors, json.loads(meta["algorithm"]), "algorithm"),
+            nodes=nodes,
+            devices=json.loads(meta["devices"]),
+            rounds=json.loads(meta["rounds"]),
+            elapsed_seconds=float(meta["elapsed_seconds"]),
+        )
+    except (ValueError, KeyError) as exc:  # a malformed header value or tensor name
+        raise HFedMoEError(f"--resume: '{path}' is not a readable checkpoint ({exc})") from None

@@ -1,0 +1,31 @@
+"""Local training and evaluation, shared by every algorithm: the loop, the optimizer that can
+leave experts untouched, the peak-memory probe, evaluation and the device the work runs on."""
+
+from hfedmoe.training.device import on_device, resolve_device, to_device
+from hfedmoe.training.evaluation import (
+    EvalResult,
+    choice_logprobs,
+    continuation_logprobs,
+    evaluate,
+    evaluate_choices,
+)
+from hfedmoe.training.loop import StepHooks, TrainResult, train_local
+from hfedmoe.training.memory import PeakMemory
+from hfedmoe.training.optimizer import ExpertAdamW, MaskedAdamW
+
+__all__ = [
+    "EvalResult",
+    "ExpertAdamW",
+    "MaskedAdamW",
+    "PeakMemory",
+    "StepHooks",
+    "TrainResult",
+    "choice_logprobs",
+    "continuation_logprobs",
+    "evaluate",
+    "evaluate_choices",
+    "on_device",
+    "resolve_device",
+    "to_device",
+    "train_local",
+]

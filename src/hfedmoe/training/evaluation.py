@@ -1,0 +1,162 @@
+"""Evaluation of a model on a tokenised data set: accuracy and loss per example (classification),
+per predicted token (language modelling) or per question (multiple choice, by answer
+likelihood)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from hfedmoe.data.tokenized import IGNORE_INDEX, TokenizedDataset, sequential_batches
+from hfedmoe.training.device import on_device, to_device
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    accuracy: float
+    loss: float
+    examples: int
+    by_group: dict[str, float] | None = None  # multiple choice: accuracy per task
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, data: TokenizedDataset, batch_size: int, device: str = "cpu"
+) -> EvalResult:
+    """Accuracy and mean cross-entropy of ``model`` on ``data``, computed on ``device``
+    (``train.device``; the model is back on the CPU on return).
+
+    Classification: per example. Language modelling: per predicted token (next-token accuracy
+    and loss; a seq2seq model predicts its labels directly, a decoder the next position).
+    Multiple choice: :func:`evaluate_choices`.
+    """
+    with on_device(model, device):
+        if data.choices is not None:
+            return evaluate_choices(model, data, batch_size)
+        return _evaluate_batches(model, data, batch_size)
+
+
+def _evaluate_batches(model: nn.Module, data: TokenizedDataset, batch_size: int) -> EvalResult:
+    model.eval()
+    device = _device_of(model)
+    correct, loss_sum, count = 0, 0.0, 0
+    shift = not getattr(model.config, "is_encoder_decoder", False)
+    for idx in sequential_batches(len(data), batch_size):
+        batch = to_device(data.batch(idx), device)
+        labels = batch["labels"]
+        if data.language_modeling:
+            logits = model(**batch).logits
+            if shift:
+                logits, labels = logits[:, :-1], labels[:, 1:]
+            logits, labels = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
+            keep = labels != IGNORE_INDEX
+            logits, labels = logits[keep], labels[keep]
+        else:
+            logits = model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).logits
+        loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
+        correct += int((logits.argmax(-1) == labels).sum())
+        count += len(labels)
+    return EvalResult(correct / count, loss_sum / count if count else math.nan, count)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def continuation_logprobs(
+    logits_BTV: torch.Tensor, ids_BT: torch.Tensor, start_B: torch.Tensor, end_B: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of log p(token t | tokens < t) over t in [start, end) of each row, and the count.
+
+    A causal LM's logits at position t - 1 predict token t.
+    """
+    logp_BT = torch.log_softmax(logits_BTV[:, :-1].float(), -1)
+    logp_BT = logp_BT.gather(-1, ids_BT[:, 1:, None]).squeeze(-1)  # log p of tokens 1..T-1
+    t = torch.arange(1, ids_BT.shape[1], device=ids_BT.device)
+    start_B, end_B = start_B.to(ids_BT.device), end_B.to(ids_BT.device)
+    keep_BT = (t >= start_B[:, None]) & (t < end_B[:, None])
+    return (logp_BT * keep_BT).sum(-1), keep_BT.sum(-1)
+
+
+@torch.no_grad()
+def evaluate_choices(model: nn.Module, data: TokenizedDataset, batch_size: int) -> EvalResult:
+    """Multiple choice by answer likelihood: the predicted answer is the one with the highest
+    mean log-probability per token after the prompt (normalised by tokens so that no answer
+    wins for being short); ``loss`` is the mean cross-entropy per token of the right answers.
+
+    Every (question, answer) pair is one sequence; pairs run in batches of ``batch_size``
+    sorted by length, which wastes little on padding.
+    """
+    assert data.choices is not None and data.answer_start is not None
+    model.eval()
+    device = _device_of(model)
+    pairs = [(i, j) for i, answers in enumerate(data.choices) for j in range(len(answers))]
+    prompt = [ids[:start] for ids, start in zip(data.input_ids, data.answer_start, strict=True)]
+    rows = [prompt[i] + data.choices[i][j] for i, j in pairs]
+    order = sorted(range(len(pairs)), key=lambda k: len(rows[k]))
+    sums, counts = torch.zeros(len(pairs)), torch.zeros(len(pairs))
+    for chunk in sequential_batches(len(order), batch_size):
+        ks = [order[c] for c in chunk]
+        width = max(len(rows[k]) for k in ks)
+        ids_BT = torch.full((len(ks), width), data.pad_id, dtype=torch.long)
+        mask_BT = torch.zeros_like(ids_BT)
+        for b, k in enumerate(ks):
+            ids_BT[b, : len(rows[k])] = torch.tensor(rows[k])
+            mask_BT[b, : len(rows[k])] = 1
+        ids_BT, mask_BT = ids_BT.to(device), mask_BT.to(device)
+        logits = model(input_ids=ids_BT, attention_mask=mask_BT).logits
+        start_B = torch.tensor([len(prompt[pairs[k][0]]) for k in ks])
+        end_B = torch.tensor([len(rows[k]) for k in ks])
+        s, n = continuation_logprobs(logits, ids_BT, start_B, end_B)
+        sums[ks], counts[ks] = s.cpu(), n.float().cpu()
+    right = np.zeros(len(data), dtype=bool)
+    loss_sum = tokens = 0.0
+    k = 0
+    for i, answers in enumerate(data.choices):
+        mean = sums[k : k + len(answers)] / counts[k : k + len(answers)]
+        label = int(data.labels[i])
+        right[i] = int(mean.argmax()) == label
+        loss_sum -= float(sums[k + label])
+        tokens += float(counts[k + label])
+        k += len(answers)
+    by_group = None
+    if data.groups is not None:
+        by_group = {
+            name: float(right[data.groups == g].mean())
+            for g, name in enumerate(data.group_names)
+            if (data.groups == g).any()
+        }
+    return EvalResult(float(right.mean()), loss_sum / max(tokens, 1.0), len(data), by_group)
+
+
+@torch.no_grad()
+def choice_logprobs(
+    model: nn.Module, tokenizer, prompt: str, choices: list[str], normalize: bool = False
+) -> torch.Tensor:
+    """Multiple-choice scoring by answer likelihood: log p(choice | prompt) for each choice, (C,).
+
+    Prompt and choice are tokenised apart and concatenated, so every choice is scored on the
+    same prompt tokens; all choices run as one right-padded batch through a causal LM.
+    ``normalize`` divides by the choice's token count (favours no answer for being short).
+    """
+    model.eval()
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    rows = [prompt_ids + tokenizer(c, add_special_tokens=False)["input_ids"] for c in choices]
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids_CT = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask_CT = torch.zeros_like(ids_CT)
+    for c, r in enumerate(rows):
+        ids_CT[c, : len(r)] = torch.tensor(r)
+        mask_CT[c, : len(r)] = 1
+    ids_CT, mask_CT = ids_CT.to(_device_of(model)), mask_CT.to(_device_of(model))
+    logits = model(input_ids=ids_CT, attention_mask=mask_CT).logits
+    start = torch.full((len(rows),), len(prompt_ids))
+    sums, counts = continuation_logprobs(logits, ids_CT, start, mask_CT.sum(-1))
+    return (sums / counts if normalize else sums).cpu()

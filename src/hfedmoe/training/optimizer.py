@@ -1,0 +1,134 @@
+"""AdamW that can leave some experts of a fused expert tensor completely untouched.
+
+Written by hand because no torch optimizer can restrict an update to part of a tensor: zeroing
+the gradient entries of an inactive expert still lets Adam's momentum and the weight decay move
+them (METHOD.md §7: "an expert outside E_active must not move at all"). Here each fused tensor
+keeps one step counter per expert, and a step updates only the positions of active experts:
+values, first and second moments and step counts of the others stay bit-identical.
+
+Where the experts sit in a tensor is an :class:`~hfedmoe.model.expert_axis.ExpertAxis` (row e of
+a fused weight; the rank-r slices of a LoRA on it).
+
+Parameters without an axis follow torch.optim.AdamW's formula (decoupled weight decay,
+bias-corrected moments); a parameter whose ``grad`` is None is skipped entirely.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+
+from hfedmoe.model.expert_axis import ExpertAxis
+
+
+class MaskedAdamW(torch.optim.Optimizer):
+    def __init__(
+        self,
+        params: Iterable[torch.nn.Parameter],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        expert_axes: Mapping[torch.nn.Parameter, ExpertAxis] | None = None,
+    ):
+        """``expert_axes``: the fused expert tensors whose experts may be masked, and where."""
+        defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
+        super().__init__(params, defaults)
+        self.axes = {id(p): axis for p, axis in (expert_axes or {}).items()}
+
+    @torch.no_grad()
+    def step(self, active: Mapping[torch.nn.Parameter, torch.Tensor] | None = None) -> None:  # type: ignore[override]
+        """One update; ``active[p]`` (an (E,) bool mask) restricts a parameter with an axis.
+
+        A parameter with an axis but missing from ``active`` updates all its experts.
+        """
+        active = active or {}
+        for group in self.param_groups:
+            hyper = group["lr"], *group["betas"], group["eps"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                axis = self.axes.get(id(p))
+                state = self.state[p]
+                if not state:
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                    # one step count per expert where experts can be masked, else one in all
+                    state["step"] = torch.zeros(axis.num_experts if axis else (), device=p.device)
+                if axis is None:
+                    state["step"] += 1
+                    _adamw(p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"], *hyper)
+                    continue
+                experts = active.get(p, torch.ones(axis.num_experts, dtype=torch.bool))
+                idx = axis.positions(experts.cpu())
+                if idx.numel() == 0:
+                    continue
+                state["step"][experts.to(p.device)] += 1
+                shape = [1] * p.dim()
+                shape[axis.dim] = -1  # per-position step, broadcast over the other dims
+                step = state["step"][axis.expert_of[idx].to(p.device)].view(shape)
+                idx = idx.to(p.device)
+                value, m, v = (
+                    t.index_select(axis.dim, idx)
+                    for t in (p, state["exp_avg"], state["exp_avg_sq"])
+                )
+                _adamw(value, p.grad.index_select(axis.dim, idx), m, v, step, *hyper)
+                for target, new in ((p, value), (state["exp_avg"], m), (state["exp_avg_sq"], v)):
+                    target.index_copy_(axis.dim, idx, new)
+
+
+def _adamw(p, grad, m, v, step, lr, b1, b2, eps, wd) -> None:
+    """In place: torch.optim.AdamW's update of ``p`` with moments ``m``, ``v`` at ``step``."""
+    p.mul_(1 - lr * wd)
+    m.lerp_(grad, 1 - b1)
+    v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+    bias1 = 1 - b1**step
+    bias2_sqrt = (1 - b2**step).sqrt()
+    p.sub_(lr * (m / bias1) / (v.sqrt() / bias2_sqrt + eps))
+
+
+class ExpertAdamW:
+    """AdamW for a whole MoE model: torch's fused AdamW for every parameter except the fused
+    expert tensors, whose experts :class:`MaskedAdamW` can leave untouched.
+
+    Split so that the bulk of the parameters takes torch's single-kernel path (measured 5-10x
+    faster than a Python loop on CPU); only fused expert tensors pay for masking.
+
+    A plain parameter without a gradient in a step (an expert outside E_active) is not moved,
+    and its moments are dropped: at most C_budget experts hold optimizer state at any time,
+    which is what bounds a client's memory (``hfedmoe.budget``). An expert that comes back
+    restarts its moments, as a freshly created optimizer would.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.nn.Parameter],
+        expert_axes: Mapping[torch.nn.Parameter, ExpertAxis],
+        lr: float,
+        weight_decay: float,
+    ):
+        axis_ids = {id(p) for p in expert_axes}
+        params = [p for p in params if p.requires_grad]
+        plain = [p for p in params if id(p) not in axis_ids]
+        fused = [p for p in params if id(p) in axis_ids]
+        self.plain = torch.optim.AdamW(plain, lr=lr, weight_decay=weight_decay, fused=True)
+        self.masked = (
+            MaskedAdamW(fused, lr=lr, weight_decay=weight_decay, expert_axes=expert_axes)
+            if fused
+            else None
+        )
+
+    def step(self, active: Mapping[torch.nn.Parameter, torch.Tensor] | None = None) -> None:
+        self.plain.step()
+        for group in self.plain.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    self.plain.state.pop(p, None)
+        if self.masked is not None:
+            self.masked.step(active)
+
+    def zero_grad(self) -> None:
+        self.plain.zero_grad(set_to_none=True)
+        if self.masked is not None:
+            self.masked.zero_grad(set_to_none=True)

@@ -1,0 +1,2 @@
+"""Helpers the tests share: tiny configs and models, the real CLI, device tiers, the model
+families, the budget calibration harness, a local Flower deployment and the golden metrics."""

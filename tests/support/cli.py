@@ -1,0 +1,36 @@
+"""The real ``hfedmoe`` command: in a child process, as a user runs it (:func:`run_cli`), or in
+this process through typer's test runner (:func:`invoke_cli`), which answers in milliseconds
+instead of a Python start-up and is what most bad-input checks use."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    return subprocess.run(
+        [sys.executable, "-m", "hfedmoe", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=600,
+    )
+
+
+def invoke_cli(*args: str) -> subprocess.CompletedProcess:
+    """``hfedmoe ARGS`` in this process; the result reads like :func:`run_cli`'s."""
+    from hfedmoe.cli import app
+
+    result = CliRunner().invoke(app, list(args))
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return subprocess.CompletedProcess(
+        ["hfedmoe", *args], result.exit_code, result.stdout, result.stderr
+    )

@@ -1,0 +1,77 @@
+"""Golden metrics: what a fixed seed gives, bit for bit, kept in ``tests/golden/``.
+
+A refactoring must reproduce them exactly (STYLE.md: "refactors must reproduce the same losses
+with fixed seeds"). Every registered algorithm, and HFedMoE in strict mode, runs 2 rounds on the
+tiny BERT-MoE with three device tiers (``tiers.three_tiers``); the default job
+(``configs/default.toml``) is the slow one. Timings and node ids are left out
+(``hfedmoe.results.engine_independent``).
+
+A change that is meant to change the numbers regenerates them, and says so in its commit::
+
+    .venv/bin/python -m tests.support.golden            # the tiny runs (about a minute)
+    .venv/bin/python -m tests.support.golden --default  # and the default job (about 6 minutes)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+from hfedmoe.algorithms import ALGORITHMS
+from hfedmoe.engines.embedded import run_embedded
+from hfedmoe.federation.client_app import app as client_app
+from hfedmoe.federation.server_app import app as server_app
+from hfedmoe.foundation.config import validate
+from hfedmoe.results import engine_independent
+
+from .tiers import three_tiers
+
+GOLDEN = Path(__file__).resolve().parents[1] / "golden"
+TINY_RUNS = GOLDEN / "tiny_runs.json"
+DEFAULT_JOB = GOLDEN / "default_job.json"
+
+#: case -> (algorithm, hfedmoe.mode)
+CASES: dict[str, tuple[str, str]] = {
+    **{name: (name, "backward-only") for name in sorted(ALGORITHMS)},
+    "hfedmoe-strict": ("hfedmoe", "strict"),
+}
+
+
+def run_case(tiny_bert_dir: Path, case: str, run_dir: Path) -> list[dict]:
+    """The engine-independent metrics of one golden case, run on the embedded engine."""
+    algorithm, mode = CASES[case]
+    cfg = validate(three_tiers(tiny_bert_dir, algorithm, mode))
+    run_embedded(cfg, str(run_dir), server_app, client_app)
+    return json.loads(json.dumps(engine_independent(run_dir)))  # as the file will hold them
+
+
+def expected(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def _regenerate(default: bool) -> None:
+    from .configs import save_tiny_model, tiny_bert
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tiny = save_tiny_model(Path(tmp) / "tiny-bert", tiny_bert)
+        metrics = {case: run_case(tiny, case, Path(tmp) / case) for case in CASES}
+    TINY_RUNS.write_text(json.dumps(metrics, indent=1) + "\n")
+    print(f"wrote {TINY_RUNS}")
+    if default:
+        from .cli import run_cli
+
+        with tempfile.TemporaryDirectory() as tmp:
+            config = GOLDEN.parents[1] / "configs" / "default.toml"
+            proc = run_cli("run", str(config), "-o", tmp + "/run", "--no-progress")
+            assert proc.returncode == 0, proc.stderr
+            metrics = engine_independent(Path(tmp) / "run")
+        DEFAULT_JOB.write_text(json.dumps(metrics, indent=1) + "\n")
+        print(f"wrote {DEFAULT_JOB}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--default", action="store_true", help="also the default job (slow)")
+    _regenerate(parser.parse_args().default)
