@@ -18,12 +18,12 @@ import subprocess
 import sys
 
 import torch
-from tests.support.calibration import count_step_flops
 
 from hfedmoe.budget import build_cost_model, probe_batch
 from hfedmoe.federation.workload import client_model, label_names
 from hfedmoe.foundation.config import ExperimentConfig, validate
 from hfedmoe.model.experts import ExpertModel
+from tests.support.calibration import count_step_flops
 
 MINILM = {
     "model": {"moe_layers": [3, 4, 5], "max_length": 64},

@@ -25,10 +25,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.support.localnet import CONNECTION, LocalDeployment, flwr_env, free_port, stop_matching
-
 from hfedmoe.foundation.config import load
 from hfedmoe.results import engine_independent, read_metrics
+from tests.support.localnet import CONNECTION, LocalDeployment, flwr_env, free_port, stop_matching
 
 
 def _timed(cmd: list[str], env: dict | None = None) -> float:

@@ -9,7 +9,7 @@ from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
 
 from hfedmoe.algorithms import ClientUpdate, TrainRequest
-from hfedmoe.engines.embedded import FIRST_NODE_ID, InProcessGrid
+from hfedmoe.engines.embedded import FIRST_NODE_ID, EmbeddedGrid
 from hfedmoe.federation import wire
 from hfedmoe.federation.strategy import sample_clients
 
@@ -27,7 +27,7 @@ def _echo(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"arrays": ArrayRecord(doubled)}), reply_to=msg)
 
 
-def _send(grid: InProcessGrid, node: int, tensor: torch.Tensor) -> Message:
+def _send(grid: EmbeddedGrid, node: int, tensor: torch.Tensor) -> Message:
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, SUPERLINK_NODE_ID, 1
     content = RecordDict({"arrays": ArrayRecord({"w": tensor}), "config": ConfigRecord({"r": 1})})
     return Message(content, dst_node_id=node, message_type=MessageType.TRAIN, group_id="1")
@@ -36,7 +36,7 @@ def _send(grid: InProcessGrid, node: int, tensor: torch.Tensor) -> Message:
 def test_in_process_grid_delivers_copies_and_reports_client_errors():
     seen.clear()
     calls = []
-    grid = InProcessGrid(
+    grid = EmbeddedGrid(
         echo_app,
         num_nodes=3,
         run_config={},

@@ -12,7 +12,9 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 
-def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, cwd: Path | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
     return subprocess.run(
         [sys.executable, "-m", "hfedmoe", *args],
@@ -20,7 +22,7 @@ def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
         text=True,
         env=env,
         cwd=cwd,
-        timeout=600,
+        timeout=timeout,
     )
 
 

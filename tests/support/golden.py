@@ -64,7 +64,7 @@ def _regenerate(default: bool) -> None:
 
         with tempfile.TemporaryDirectory() as tmp:
             config = GOLDEN.parents[1] / "configs" / "default.toml"
-            proc = run_cli("run", str(config), "-o", tmp + "/run", "--no-progress")
+            proc = run_cli("run", str(config), "-o", tmp + "/run", "--no-progress", timeout=3600)
             assert proc.returncode == 0, proc.stderr
             metrics = engine_independent(Path(tmp) / "run")
         DEFAULT_JOB.write_text(json.dumps(metrics, indent=1) + "\n")

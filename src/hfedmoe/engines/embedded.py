@@ -1,6 +1,6 @@
 """The embedded engine: the same ServerApp and ClientApp, in one process, without Ray.
 
-:class:`InProcessGrid` implements Flower's ``Grid`` (what a ServerApp talks to) by handing each
+:class:`EmbeddedGrid` implements Flower's ``Grid`` (what a ServerApp talks to) by handing each
 message to the ClientApp of its destination node, one client after another. Written here
 because Flower's own in-memory paths either need a SuperLink state plus a fleet of Ray actors
 (the simulation engine) or gRPC servers (the deployment engine); none runs a ClientApp in the
@@ -47,7 +47,7 @@ def _cross_wire(content: RecordDict) -> RecordDict:
     return copy
 
 
-class InProcessGrid(Grid):
+class EmbeddedGrid(Grid):
     """A Grid whose nodes are ClientApp calls in this process."""
 
     def __init__(
@@ -165,9 +165,7 @@ def run_embedded(
     nodes' replies against the round's timeout)."""
     run_config = {wire.RUN_CONFIG: cfg.to_json(), wire.RUN_DIR: str(run_dir), wire.RESUME: resume}
     run_id = 1
-    grid = InProcessGrid(
-        client_app, cfg.federation.num_clients, run_config, run_id, on_reply, clock
-    )
+    grid = EmbeddedGrid(client_app, cfg.federation.num_clients, run_config, run_id, on_reply, clock)
     TaskIdentity.task_id = 1
     TaskIdentity.run_id = run_id
     TaskIdentity.node_id = SUPERLINK_NODE_ID
