@@ -4,9 +4,11 @@ Server side: :meth:`FederatedAlgorithm.configure_client` says what one client do
 asked to do; :meth:`FederatedAlgorithm.aggregate` turns the clients' updates into the next
 global weights. Client side: :meth:`FederatedAlgorithm.train_client` runs local training.
 
-The Flower apps in ``hfedmoe.federation`` only pack and unpack these objects into messages, so an
-algorithm never knows which engine carries it. Adding an algorithm = one new module here that
-subclasses :class:`FederatedAlgorithm` and is decorated with :func:`register`.
+The Flower apps in ``hfedmoe.federation`` only pack and unpack these objects
+(``hfedmoe.algorithms.messages``) into messages, so an algorithm never knows which engine
+carries it. Adding an algorithm = one new module (a baseline goes in ``baselines/``) that
+subclasses :class:`FederatedAlgorithm`, is decorated with :func:`register` and is imported by
+``hfedmoe/algorithms/__init__.py``.
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ Context.
 
 Its device (``hfedmoe.budget``): the tier named by the node config's ``device-tier``, else the
 one the config assigns to its partition. Before the first round the server asks every node for
-its budget (a ``query.budget`` message); a train request asking for more experts per batch than the
-device can hold fails with :class:`~hfedmoe.budget.BudgetExceeded` and contributes nothing.
+its budget (a ``query.budget`` message); a train request asking for more experts per batch than
+the device can hold fails with :class:`~hfedmoe.budget.BudgetExceeded` and contributes nothing.
 """
 
 from __future__ import annotations
