@@ -353,6 +353,81 @@ def report(
 
 
 @app.command()
+def analyze(
+    path: Annotated[
+        Path | None,
+        typer.Argument(
+            help="A run directory (its model/ and config.toml) or a model directory saved by "
+            "hfedmoe; none: the model the --config builds (e.g. the upcycled shipped model)."
+        ),
+    ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(help="Experiment TOML whose data and partition to analyse on."),
+    ] = None,
+    set_: SetOpt = None,
+    output_dir: Annotated[
+        Path | None,
+        typer.Option("--output-dir", "-o", help="Where the report goes (default: PATH/analysis)."),
+    ] = None,
+    by: Annotated[
+        str, typer.Option(help="Group tokens by: auto (domains if any, else labels), group, label.")
+    ] = "auto",
+    max_examples: Annotated[
+        int, typer.Option(min=1, help="Test examples (and per client) to route.")
+    ] = 400,
+) -> None:
+    """How specialised a model's experts are: routing entropy, load balance, expert-group
+    mutual information, the clients' expert usage and the cost of removing an expert."""
+    from hfedmoe.analysis.specialisation import analyze as run_analysis
+    from hfedmoe.analysis.specialisation import summary, write_report
+
+    try:
+        if by not in ("auto", "group", "label"):
+            raise HFedMoEError(f"--by: unknown '{by}' (expected auto, group or label)")
+        cfg, model, tokenizer, out = _analysis_inputs(path, config, set_ or [], output_dir)
+        _configure_logging()
+        report = run_analysis(cfg, model, tokenizer, by=by, max_examples=max_examples)
+        paths = write_report(report, out, f"{cfg.name} ({path or 'initial model'})")
+    except HFedMoEError as exc:
+        _fail(str(exc))
+        return
+    table = Table(title=f"Specialisation: {path or cfg.name}")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    for key, value in summary(report).items():
+        table.add_row(key.replace("_", " "), f"{value:.4f}")
+    Console().print(table)
+    print(f"Report: {', '.join(str(p) for p in paths)}")
+
+
+def _analysis_inputs(
+    path: Path | None, config: Path | None, overrides: list[str], out: Path | None
+):
+    """The config, model, tokenizer and output directory of ``hfedmoe analyze``."""
+    if path is not None and not path.is_dir():
+        raise HFedMoEError(f"PATH: '{path}' is not a directory")
+    run_dir = path is not None and (path / "model").is_dir()
+    if config is None:
+        if not run_dir:
+            raise HFedMoEError("--config: needed unless PATH is a run directory (with config.toml)")
+        config = path / "config.toml"
+    cfg = config_mod.load(config, overrides)
+    _preflight(cfg)
+    if path is None:
+        from hfedmoe.federation.workload import server_workload
+
+        workload = server_workload(cfg)
+        model, tokenizer = workload.model, workload.tokenizer
+    else:
+        from hfedmoe.model import load_checkpoint
+
+        model, tokenizer = load_checkpoint(path / "model" if run_dir else path)
+    default = Path("analysis") / cfg.name if path is None else path / "analysis"
+    return cfg, model, tokenizer, out or default
+
+
+@app.command()
 def flower(
     config: ConfigArg,
     set_: SetOpt = None,

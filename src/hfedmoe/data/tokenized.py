@@ -38,6 +38,24 @@ class TokenizedDataset:
     def __len__(self) -> int:
         return len(self.input_ids)
 
+    def subset(self, idx: np.ndarray | list[int]) -> TokenizedDataset:
+        """The rows ``idx``, in that order."""
+        idx = np.asarray(idx, dtype=np.int64)
+
+        def pick(rows: list | None) -> list | None:
+            return None if rows is None else [rows[i] for i in idx]
+
+        return TokenizedDataset(
+            pick(self.input_ids),
+            self.labels[idx],
+            self.pad_id,
+            self.language_modeling,
+            pick(self.answer_start),
+            pick(self.choices),
+            None if self.groups is None else self.groups[idx],
+            self.group_names,
+        )
+
     def batch(self, idx: np.ndarray) -> dict[str, torch.Tensor]:
         """Pad the rows ``idx`` to their longest: input_ids, attention_mask (B, T), labels (B,)."""
         rows = [self.input_ids[i] for i in idx]

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from hfedmoe.data.datasets import load_dataset
 from hfedmoe.data.partition import partition_indices, partition_key
+from hfedmoe.data.text import TextDataset
 from hfedmoe.data.tokenized import TokenizedDataset, tokenize, tokenize_choices
 from hfedmoe.foundation.config import ExperimentConfig
 from hfedmoe.model import build_model, load_tokenizer
@@ -35,17 +37,22 @@ def server_workload(cfg: ExperimentConfig) -> ServerWorkload:
     model = build_model(
         cfg.model, cfg.data.task, split.train.label_names, seed=cfg.seed, pretrained=True
     )
-    test = _tokenize(cfg, split.test, tokenizer)
+    test = tokenize_for(cfg, split.test, tokenizer)
     return ServerWorkload(model, tokenizer, test, split.train.label_names)
 
 
 def client_data(cfg: ExperimentConfig, partition_id: int, num_partitions: int) -> TokenizedDataset:
     """Client ``partition_id``'s share of the training split, tokenised."""
     split = load_dataset(cfg.data, cfg.seed)
-    keys = partition_key(split.train, cfg.data)
-    parts = partition_indices(keys, num_partitions, cfg.data, cfg.seed)
+    parts = partitions(cfg, split.train, num_partitions)
     tokenizer = load_tokenizer(cfg.model)
-    return _tokenize(cfg, split.train.subset(parts[partition_id]), tokenizer)
+    return tokenize_for(cfg, split.train.subset(parts[partition_id]), tokenizer)
+
+
+def partitions(cfg: ExperimentConfig, train: TextDataset, num_partitions: int) -> list[np.ndarray]:
+    """The rows of the training split each client holds (by partition id)."""
+    keys = partition_key(train, cfg.data)
+    return partition_indices(keys, num_partitions, cfg.data, cfg.seed)
 
 
 def client_model(cfg: ExperimentConfig, label_names: tuple[str, ...]) -> PreTrainedModel:
@@ -57,7 +64,10 @@ def client_model(cfg: ExperimentConfig, label_names: tuple[str, ...]) -> PreTrai
     return build_model(cfg.model, cfg.data.task, label_names, seed=cfg.seed, pretrained=pretrained)
 
 
-def _tokenize(cfg: ExperimentConfig, data, tokenizer) -> TokenizedDataset:
+def tokenize_for(
+    cfg: ExperimentConfig, data: TextDataset, tokenizer: PreTrainedTokenizerBase
+) -> TokenizedDataset:
+    """``data`` tokenised as the experiment's task needs it."""
     if cfg.data.task == "multiple-choice":
         return tokenize_choices(data, tokenizer, cfg.model.max_length)
     lm = cfg.data.task == "language-modeling"

@@ -8,6 +8,7 @@ import torch
 # Purposes, so that two streams never coincide.
 SAMPLING, CLIENT_TRAIN, DEVICES, STRICT_HELD, RANDOM_SUBSET, FLEX_ASSIGN = 1, 2, 3, 4, 5, 6
 FAULTS = 7  # injected client faults (hfedmoe.federation.faults)
+ANALYSIS = 8  # the examples `hfedmoe analyze` looks at (hfedmoe.analysis)
 
 
 def rng_for(seed: int, *keys: int) -> np.random.Generator:

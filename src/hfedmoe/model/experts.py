@@ -239,6 +239,23 @@ class RoutingCapture:
                 out.append(probs_BTE.masked_fill(~real_BT.unsqueeze(-1), 0).amax(1))
         return torch.stack(out)
 
+    def tokens(
+        self, attention_mask: torch.Tensor | None
+    ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per MoE layer, the real (non-padding) tokens' router probabilities (N, E) (softmax
+        over all experts), top-k choices (N, E) bool, and the sample each token is of (N,)."""
+        out = []
+        for layer in self.layers:
+            record = self.records[layer.position]
+            probs_BTE, real_BT = self._per_sample(
+                torch.softmax(record.logits_NE.float(), dim=-1), attention_mask
+            )
+            chosen_BTE, _ = self._per_sample(record.chosen_NE, attention_mask)
+            B, T = real_BT.shape
+            sample_BT = torch.arange(B)[:, None].expand(B, T)
+            out.append((probs_BTE[real_BT], chosen_BTE[real_BT], sample_BT[real_BT]))
+        return out
+
     def routed(self, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """E_union: (L, E) bool, experts that top-k routing sent at least one real token to."""
         out = []

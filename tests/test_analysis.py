@@ -1,0 +1,145 @@
+"""`hfedmoe analyze`: the specialisation measures by hand, and the command on a tiny model."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import tomli_w
+import torch
+
+from hfedmoe.analysis.measures import (
+    group_shares,
+    jensen_shannon,
+    load_cv,
+    mean_pairwise_jsd,
+    normalised_entropy,
+    normalised_mutual_information,
+    removal_ratio,
+)
+from hfedmoe.analysis.routing import collect_routing, loss_without
+from hfedmoe.federation.workload import server_workload
+from hfedmoe.foundation.config import validate
+from hfedmoe.model import ExpertModel
+
+from .support.cli import invoke_cli
+from .support.configs import tiny_raw
+
+# ---- the measures, by hand ----------------------------------------------------------------
+
+
+def test_normalised_entropy_is_one_for_a_uniform_router_and_zero_for_a_sure_one():
+    assert normalised_entropy(torch.full((3, 4), 0.25)) == pytest.approx(1.0)
+    assert normalised_entropy(torch.eye(4)) == pytest.approx(0.0)
+    # half on two of four experts: log 2 / log 4
+    assert normalised_entropy(torch.tensor([[0.5, 0.5, 0.0, 0.0]])) == pytest.approx(0.5)
+
+
+def test_load_cv_by_hand():
+    assert load_cv(torch.tensor([3, 3, 3, 3])) == 0.0
+    assert load_cv(torch.tensor([2, 0])) == pytest.approx(1.0)  # std 1 over mean 1
+    assert load_cv(torch.tensor([0, 0])) == 0.0
+
+
+def test_normalised_mutual_information_by_hand():
+    assert normalised_mutual_information(torch.tensor([[5, 0], [0, 5]])) == pytest.approx(1.0)
+    assert normalised_mutual_information(torch.tensor([[1, 1], [1, 1]])) == pytest.approx(0.0)
+    assert normalised_mutual_information(torch.tensor([[3, 4]])) == 0.0  # one group
+    # joint [[1, 0], [1, 2]] / 4: p_G = (1/4, 3/4), p_E = (1/2, 1/2)
+    mi = 0.25 * math.log(0.25 / 0.125) + 0.25 * math.log(0.25 / 0.375)
+    mi += 0.5 * math.log(0.5 / 0.375)
+    h_g = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
+    h_e = math.log(2)
+    got = normalised_mutual_information(torch.tensor([[1, 0], [1, 2]]))
+    assert got == pytest.approx(mi / ((h_g + h_e) / 2))
+
+
+def test_group_shares_rows_sum_to_k():
+    # top-2: 2 tokens of group 0 go to both experts; 2 of group 1 only ... to expert 1, twice
+    shares = group_shares(torch.tensor([[2.0, 2.0], [0.0, 4.0]]), torch.tensor([2.0, 4.0]))
+    torch.testing.assert_close(shares, torch.tensor([[1.0, 1.0], [0.0, 1.0]], dtype=torch.float64))
+
+
+def test_jensen_shannon_in_bits():
+    assert jensen_shannon(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])) == pytest.approx(1)
+    assert jensen_shannon(torch.tensor([0.3, 0.7]), torch.tensor([0.3, 0.7])) == pytest.approx(0)
+    u_CLE = torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]], [[1.0, 0.0]]])  # 3 clients, 1 layer
+    assert mean_pairwise_jsd(u_CLE) == pytest.approx(2 / 3)  # pairs: 1, 0, 1
+    assert mean_pairwise_jsd(u_CLE[:1]) == 0.0
+
+
+def test_removal_ratio_by_hand():
+    assert removal_ratio(1.0, 1.6, 1.2) == pytest.approx(3.0)
+    assert removal_ratio(1.0, 1.5, 1.0) == math.inf
+    assert math.isnan(removal_ratio(1.0, 1.0, 0.9))
+
+
+# ---- routing statistics of a real (tiny) model ------------------------------------------------
+
+
+def test_routing_statistics_agree_with_the_capture(tiny_cfg, tiny_bert_dir):
+    workload = server_workload(tiny_cfg)
+    model, data = workload.model, workload.test
+    groups = np.asarray(data.labels)
+    stats = collect_routing(model, data, groups, len(workload.label_names), batch_size=16)
+    L, E = ExpertModel(model).shape
+    assert stats.load_LE.shape == (L, E) and stats.gates_LSE.shape == (L, len(data), E)
+    # every real token is assigned to top-k experts in every layer
+    assert stats.load_LE.sum(1).tolist() == [2.0 * stats.tokens] * L
+    torch.testing.assert_close(stats.joint_LGE.sum(1), stats.load_LE)
+    assert float(stats.tokens_G.sum()) == stats.tokens
+    assert float(stats.entropy_L.min()) > 0 and float(stats.entropy_L.max()) <= 1
+    torch.testing.assert_close(stats.usage().sum(-1), torch.ones(L), rtol=0, atol=1e-5)
+    # upcycled experts are copies of one FFN: removing one changes nothing (why every method
+    # ties on upcycled models); perturbed copies are not interchangeable
+    full = loss_without(model, data, None, 16)
+    assert loss_without(model, data, [0] * L, 16) == pytest.approx(full, abs=1e-5)
+    noisy = server_workload(validate(tiny_raw(tiny_bert_dir, model={"expert_noise_std": 0.5})))
+    noisy_full = loss_without(noisy.model, data, None, 16)
+    assert loss_without(noisy.model, data, [0] * L, 16) != noisy_full  # a random head: small
+
+
+# ---- the command -------------------------------------------------------------------------------
+
+
+def test_analyze_an_initial_model_and_a_finished_run(tiny_bert_dir, tmp_path):
+    config = tmp_path / "tiny.toml"
+    config.write_text(tomli_w.dumps(tiny_raw(tiny_bert_dir, federation={"rounds": 1})))
+    out = tmp_path / "initial"
+    proc = invoke_cli("analyze", "--config", str(config), "-o", str(out), "--max-examples", "20")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / "specialisation.json").read_text())
+    assert report["by"] == "label" and report["examples"] == 20
+    assert len(report["layers"]) == 2 and len(report["clients"]["usage"]) == 2
+    shares = np.asarray(report["shares"])  # (L, G, E): rows sum to top-k
+    assert shares.shape == (2, len(report["groups"]), 4)
+    np.testing.assert_allclose(shares.sum(-1), 2.0)
+    assert {r["group"] for r in report["removal"]} <= set(report["groups"])
+    assert set(report["summary"]) == {
+        "max_entropy",
+        "mean_nmi",
+        "mean_load_cv",
+        "clients_jsd",
+        "median_removal_ratio",
+    }
+    assert (out / "shares.png").stat().st_size > 1000
+    assert "| layer | top-k |" in (out / "specialisation.md").read_text()
+
+    run_dir = tmp_path / "run"
+    assert invoke_cli("run", str(config), "-o", str(run_dir), "--no-progress").returncode == 0
+    proc = invoke_cli("analyze", str(run_dir), "--max-examples", "20")
+    assert proc.returncode == 0, proc.stderr
+    assert (run_dir / "analysis" / "specialisation.json").is_file()
+
+
+def test_analyze_input_errors_are_one_line(tiny_bert_dir, tmp_path):
+    proc = invoke_cli("analyze", str(tmp_path))
+    assert proc.returncode == 2 and "--config: needed unless PATH is a run directory" in proc.stderr
+    proc = invoke_cli("analyze", str(tmp_path / "nope"))
+    assert proc.returncode == 2 and "is not a directory" in proc.stderr
+    config = tmp_path / "tiny.toml"
+    config.write_text(tomli_w.dumps(tiny_raw(tiny_bert_dir)))
+    proc = invoke_cli("analyze", "--config", str(config), "--by", "group")
+    assert proc.returncode == 2 and "--by group: this data set has no groups" in proc.stderr
