@@ -19,6 +19,7 @@ The report is ``specialisation.json`` (every number), ``specialisation.md`` (tab
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import matplotlib
@@ -44,6 +45,7 @@ from hfedmoe.federation.workload import partitions, tokenize_for
 from hfedmoe.foundation.config import ExperimentConfig
 from hfedmoe.foundation.errors import HFedMoEError
 from hfedmoe.foundation.seeding import ANALYSIS, rng_for
+from hfedmoe.results.recorder import write_atomic
 
 #: a data set with more groups than this (Rotten Tomatoes' 508 movies) is analysed by label
 MAX_GROUPS = 32
@@ -163,9 +165,12 @@ def write_report(report: dict, out_dir: Path, title: str) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     head = summary(report)
     paths = [out_dir / "specialisation.json", out_dir / "specialisation.md", out_dir / "shares.png"]
-    paths[0].write_text(json.dumps({"summary": head, **report}, indent=1) + "\n")
-    paths[1].write_text(_markdown(report, head, title))
-    _heatmaps(report, paths[2], title)
+    # each file is replaced whole (a rerun never leaves a half-written report)
+    write_atomic(paths[0], json.dumps({"summary": head, **report}, indent=1) + "\n")
+    write_atomic(paths[1], _markdown(report, head, title))
+    tmp = out_dir / ".shares.png"
+    _heatmaps(report, tmp, title)
+    os.replace(tmp, paths[2])
     return paths
 
 
