@@ -24,6 +24,7 @@ from hfedmoe.federation.workload import server_workload
 from hfedmoe.foundation.config import validate
 from hfedmoe.model import ExpertModel
 
+from .support import families
 from .support.cli import invoke_cli
 from .support.configs import tiny_raw
 
@@ -143,3 +144,22 @@ def test_analyze_input_errors_are_one_line(tiny_bert_dir, tmp_path):
     config.write_text(tomli_w.dumps(tiny_raw(tiny_bert_dir)))
     proc = invoke_cli("analyze", "--config", str(config), "--by", "group")
     assert proc.returncode == 2 and "--by group: this data set has no groups" in proc.stderr
+
+
+@pytest.mark.parametrize("family", list(families.FAMILIES))
+def test_token_routing_of_every_family_matches_its_routed_set(family):
+    """RoutingCapture.tokens: one row per real token, each choosing top-k experts, on fused,
+    per-module and encoder-decoder (Switch) models alike."""
+    model, batch = families.build(family).eval(), families.batch(family)
+    em = ExpertModel(model)
+    with torch.no_grad(), em.capture() as capture:
+        model(**batch)
+    mask = batch["attention_mask"]
+    routed_LE = capture.routed(mask)
+    for layer, (probs_NE, chosen_NE, sample_N) in zip(em.layers, capture.tokens(mask), strict=True):
+        assert probs_NE.shape == chosen_NE.shape and len(sample_N) == len(probs_NE)
+        torch.testing.assert_close(probs_NE.sum(-1), torch.ones(len(probs_NE)))
+        assert set(sample_N.tolist()) <= {0, 1}
+        assert torch.equal(chosen_NE.any(0), routed_LE[layer.position])
+        if layer.kind == "topk":
+            assert chosen_NE.sum(-1).tolist() == [layer.top_k] * len(chosen_NE)
