@@ -75,6 +75,8 @@ def test_removal_ratio_by_hand():
     assert removal_ratio(1.0, 1.6, 1.2) == pytest.approx(3.0)
     assert removal_ratio(1.0, 1.5, 1.0) == math.inf
     assert math.isnan(removal_ratio(1.0, 1.0, 0.9))
+    # copied experts differ in the last bits only: no rise, no ratio
+    assert math.isnan(removal_ratio(3.4829, 3.4829 + 3e-7, 3.4829 - 2e-7))
 
 
 # ---- routing statistics of a real (tiny) model ------------------------------------------------

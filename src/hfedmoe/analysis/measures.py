@@ -87,13 +87,18 @@ def mean_pairwise_jsd(u_CLE: torch.Tensor) -> float:
     return total / (len(pairs) * L)
 
 
-def removal_ratio(loss_full: float, loss_top: float, loss_random: float) -> float:
+def removal_ratio(
+    loss_full: float, loss_top: float, loss_random: float, tol: float = 1e-5
+) -> float:
     """(loss without the most-used expert - loss) / (loss without a random expert - loss).
 
-    inf when removing a random expert does not raise the loss at all but the top one does;
-    nan when neither does.
+    A rise within ``tol`` x the loss is float noise and counts as none (copied experts differ
+    only in the last bits). inf when removing a random expert does not raise the loss but
+    removing the top one does; nan when neither does.
     """
+    noise = tol * max(abs(loss_full), 1.0)
     top, rand = loss_top - loss_full, loss_random - loss_full
+    top, rand = (0.0 if abs(x) <= noise else x for x in (top, rand))
     if rand <= 0:
         return math.inf if top > 0 else math.nan
     return top / rand
