@@ -12,13 +12,13 @@ Removing an expert means routing as strict mode does among the other experts
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
+from hfedmoe.analysis.measures import normalised_entropy
 from hfedmoe.data.tokenized import TokenizedDataset, sequential_batches
 from hfedmoe.model.experts import ExpertModel
 from hfedmoe.training import evaluate
@@ -72,8 +72,7 @@ def collect_routing(
         for layer, (probs_NE, chosen_NE, sample_N) in enumerate(
             capture.tokens(batch["attention_mask"])
         ):
-            p = probs_NE.double()
-            entropy_L[layer] += float(-(p * p.clamp_min(1e-300).log()).sum()) / math.log(E)
+            entropy_L[layer] += normalised_entropy(probs_NE) * len(probs_NE)
             load_LE[layer] += chosen_NE.double().sum(0)
             joint_LGE[layer].index_add_(0, group_B[sample_N], chosen_NE.double())
             if layer == 0:

@@ -67,7 +67,7 @@ def analyze(
     test = split.test
     if len(test) > max_examples:
         test = test.subset(np.sort(rng.choice(len(test), max_examples, replace=False)))
-    groups_S, names = _groups(test, by)
+    by, groups_S, names = _groups(test, by)
     data = tokenize_for(cfg, test, tokenizer)
     stats = collect_routing(model, data, groups_S, len(names), batch_size)
     L, E = stats.load_LE.shape
@@ -84,7 +84,7 @@ def analyze(
     ]
     report = {
         "experts": E,
-        "by": by if by != "auto" else ("group" if names != test.label_names else "label"),
+        "by": by,
         "groups": list(names),
         "examples": len(data),
         "tokens": stats.tokens,
@@ -98,13 +98,15 @@ def analyze(
     return report
 
 
-def _groups(test, by: str) -> tuple[np.ndarray, tuple[str, ...]]:
+def _groups(test, by: str) -> tuple[str, np.ndarray, tuple[str, ...]]:
+    """What to group tokens by ("group" or "label", resolving "auto"), each sample's group id
+    and the group names."""
     has_groups = test.groups is not None and len(test.group_names) <= MAX_GROUPS
     if by == "group" and test.groups is None:
         raise HFedMoEError("--by group: this data set has no groups (domains, tasks)")
     if by == "group" or (by == "auto" and has_groups):
-        return test.groups, test.group_names
-    return test.labels, test.label_names
+        return "group", test.groups, test.group_names
+    return "label", test.labels, test.label_names
 
 
 def _clients(cfg: ExperimentConfig, model: nn.Module, tokenizer, train, batch_size: int, cap: int):

@@ -18,7 +18,6 @@ import time
 import uuid
 from collections.abc import Callable, Iterable
 
-import torch
 from flwr.app import ArrayRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import SUPERLINK_NODE_ID
@@ -30,6 +29,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from hfedmoe.federation import wire
 from hfedmoe.federation.faults import Dropout
+from hfedmoe.federation.server_app import NodeStates
 from hfedmoe.foundation.config import ExperimentConfig
 
 #: Node ids of the embedded engine's clients: FIRST_NODE_ID + partition id (deterministic, so
@@ -78,7 +78,7 @@ class EmbeddedGrid(Grid):
         self._replies: dict[str, Message] = {}
         self._seconds: dict[str, float] = {}  # message id -> how long its node took to reply
 
-    def node_states(self) -> dict[int, dict[str, dict[str, torch.Tensor]]]:
+    def node_states(self) -> NodeStates:
         """The tensors every node keeps in its Context between rounds (for a checkpoint):
         node id -> record name -> tensors."""
         return {
@@ -87,7 +87,7 @@ class EmbeddedGrid(Grid):
             if ctx.state.array_records
         }
 
-    def restore_node_states(self, states: dict[int, dict[str, dict[str, torch.Tensor]]]) -> None:
+    def restore_node_states(self, states: NodeStates) -> None:
         """Put back what :meth:`node_states` returned (resuming a run)."""
         for node, records in states.items():
             for key, tensors in records.items():

@@ -37,9 +37,8 @@ def load_held(
     with torch.no_grad():
         for expert, es in entries.items():
             if held_LE[expert]:
-                for x in es:
-                    p = params[x.state_name]
-                    p.copy_(x.put(p.detach(), weights[expert_key(x, expert)]))
+                for x in es:  # in place: no copy of a whole fused tensor per expert
+                    x.write_(params[x.state_name], weights[expert_key(x, expert)])
 
 
 def upload_weights(
