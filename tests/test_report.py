@@ -23,8 +23,9 @@ from .support.cli import invoke_cli, run_cli
 from .support.configs import tiny_raw
 
 
-def _fake_run(path, algorithm, seed, accuracies, failed=(), flops=1e9):
-    """A finished run directory with hand-made metrics: 2 clients a round, 1 step each."""
+def _fake_run(path, algorithm, seed, accuracies, failed=(), flops=1e9, personal=None):
+    """A finished run directory with hand-made metrics: 2 clients a round, 1 step each;
+    ``personal``: (mean, worst) per-client accuracy of every round."""
     path.mkdir(parents=True)
     rounds = []
     for k, acc in enumerate(accuracies):
@@ -54,6 +55,10 @@ def _fake_run(path, algorithm, seed, accuracies, failed=(), flops=1e9):
                 "clients": clients,
             }
         )
+        if personal is not None:
+            rounds[-1]["personal_accuracy_mean"], rounds[-1]["personal_accuracy_worst"] = personal[
+                k
+            ]
     (path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rounds))
     (path / "summary.json").write_text(json.dumps({"algorithm": algorithm, "seed": seed}))
     return path
@@ -74,11 +79,21 @@ def test_the_table_by_hand(tmp_path):
     assert a.failure_rate == pytest.approx((0 + 1 / 6) / 2)  # seed 1 lost 1 of 6 trainings
     assert a.bytes_per_round == pytest.approx(220.0)  # rounds 1-3: 110, 220, 330
     assert (a.failures, b.failures) == ({"budget": 1}, {})
+    assert a.personal_mean is None  # recorded before per-client evaluation: shown as "-"
     # per-expert updates over seed 0: 3 rounds x ([1,1,0,2] + [2,1,0,2]) = [9, 6, 0, 12]
     assert Run.load(a0).expert_updates().tolist() == [9, 6, 0, 12]
     assert coefficient_of_variation(np.array([9, 6, 0, 12])) == pytest.approx(
         np.std([9, 6, 0, 12]) / 6.75
     )
+
+
+def test_per_client_accuracy_is_the_last_rounds_mean_and_worst_averaged_over_seeds(tmp_path):
+    runs = [
+        _fake_run(tmp_path / "s0", "a", 0, [0.2, 0.6], personal=[(0.2, 0.1), (0.5, 0.3)]),
+        _fake_run(tmp_path / "s1", "a", 1, [0.2, 0.8], personal=[(0.2, 0.1), (0.7, 0.1)]),
+    ]
+    (row,) = summarise([Run.load(p) for p in runs], target=0.9)
+    assert row.personal_mean == pytest.approx(0.6) and row.personal_worst == pytest.approx(0.2)
 
 
 def test_the_same_method_from_two_grids_makes_two_rows(tmp_path):
@@ -137,14 +152,16 @@ def test_report_of_a_real_grid(real_grid, tmp_path):
     ]
     assert len(rows) == 2
     fedavg = rows[0].split(" | ")
-    assert fedavg[1] == "0,1" and fedavg[5] == "0.500"  # the small device fails every round
+    assert fedavg[1] == "0,1" and fedavg[6] == "0.500"  # the small device fails every round
+    mean, worst = (float(x) for x in fedavg[3].split(" / "))  # per-client accuracy
+    assert 0 <= worst <= mean <= 1
     # 2 seeds x 2 rounds, each with the small device sampled: 4 failures, all over budget
     assert "| fedavg | 4 |" in reasons and "| hfedmoe | 0 |" in reasons
     assert "| method | budget |" in reasons
-    for name in ("accuracy", "compute", "failures", "bytes", "selection"):
+    for name in ("accuracy", "personal", "compute", "failures", "bytes", "selection"):
         assert (out / f"{name}.png").stat().st_size > 1000
     page = (out / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 5 and 'id="results"' in page
+    assert page.count("data:image/png;base64,") == 6 and 'id="results"' in page
 
 
 def test_report_errors_are_one_line(tmp_path):
@@ -167,4 +184,4 @@ def test_the_html_renders_in_headless_chromium(real_grid, tmp_path):
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert dom.returncode == 0, dom.stderr[-2000:]
-    assert 'id="results"' in dom.stdout and dom.stdout.count("<img") == 5
+    assert 'id="results"' in dom.stdout and dom.stdout.count("<img") == 6

@@ -111,6 +111,11 @@ def run(
         _fail(str(exc))
         return
     _configure_logging()
+    try:
+        _build_if_needed(cfg, progress)
+    except HFedMoEError as exc:
+        _fail(str(exc))
+        return
     verb = "resume" if resume is not None else "run"
     console.print(
         f"[bold]hfedmoe[/] {verb} [cyan]{cfg.name}[/] ({cfg.algorithm}, seed {cfg.seed}) "
@@ -183,6 +188,70 @@ def _run_with_progress(
 
         run_embedded(cfg, str(run_dir), server_app, client_app, on_reply=on_reply, resume=resume)
     return json.loads((run_dir / "summary.json").read_text())
+
+
+@app.command()
+def prepare(
+    config: ConfigArg,
+    set_: SetOpt = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Build the specialised model that the config's model.construction asks for, once: it is
+    cached under $HFEDMOE_CACHE by its recipe, and every run with that recipe starts from it."""
+    try:
+        cfg = config_mod.load(config, set_ or [])
+        _preflight(cfg)
+        if cfg.model.construction == "upcycle":
+            raise HFedMoEError(
+                "model.construction: 'upcycle' builds nothing ahead; expected a specialising "
+                "construction, e.g. --set model.construction=cluster"
+            )
+        _configure_logging()
+        directory = _build_if_needed(cfg, progress)
+    except HFedMoEError as exc:
+        _fail(str(exc))
+        return
+    build = json.loads((directory / "build.json").read_text())
+    table = Table(title=f"{cfg.model.construction} model of {cfg.model.name_or_path}")
+    for column in ("MoE layer", "router accuracy", "error after drop", "after distillation", "s"):
+        table.add_column(column, justify="right")
+    for i, layer in enumerate(build["layers"]):
+        table.add_row(
+            str(i),
+            f"{layer['router_accuracy']:.3f}",
+            f"{layer['error_after_drop']:.4f}",
+            f"{layer['error_after_distillation']:.4f}",
+            f"{layer['seconds']:.0f}",
+        )
+    Console().print(table)
+    print(f"Model: {directory}  (built in {build['build_seconds']:.0f} s)")
+
+
+def _build_if_needed(cfg: config_mod.ExperimentConfig, show: bool = True) -> Path | None:
+    """Build (or find in the cache) the model a specialising construction starts from."""
+    if cfg.model.construction == "upcycle":
+        return None
+    from hfedmoe.construction import ensure_prepared, prepared_dir
+    from hfedmoe.construction.prepare import is_prepared
+
+    if is_prepared(prepared_dir(cfg)):
+        return prepared_dir(cfg)
+    console.print(f"building the {cfg.model.construction} model (once; cached by its recipe)")
+    columns = [
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+    ]
+    with Progress(*columns, console=console, disable=not show) as bar:
+        tasks: dict[str, int] = {}
+
+        def on_progress(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total)
+            bar.update(tasks[stage], completed=done)
+
+        return ensure_prepared(cfg, on_progress)
 
 
 def _configure_logging() -> None:
@@ -259,7 +328,9 @@ def compare(
         base = [*comparison.PROFILES[profile], *(set_ or [])]
         runs = comparison.plan(output_dir, _csv(methods, "methods"), _csv(seeds, "seeds", int))
         comparison.validate_grid(config, runs, base)
-        _preflight(config_mod.load(config, runs[0].overrides(base)))
+        first = config_mod.load(config, runs[0].overrides(base))
+        _preflight(first)
+        _build_if_needed(first, progress)  # once, before the cells that all start from it
     except HFedMoEError as exc:
         _fail(str(exc))
         return

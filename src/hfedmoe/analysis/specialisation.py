@@ -41,7 +41,8 @@ from hfedmoe.analysis.measures import (
 )
 from hfedmoe.analysis.routing import collect_routing, loss_without
 from hfedmoe.data.datasets import load_dataset
-from hfedmoe.federation.workload import partitions, tokenize_for
+from hfedmoe.data.tokenized import tokenize_for
+from hfedmoe.federation.workload import partitions
 from hfedmoe.foundation.config import ExperimentConfig
 from hfedmoe.foundation.errors import HFedMoEError
 from hfedmoe.foundation.seeding import ANALYSIS, rng_for

@@ -15,6 +15,7 @@ from __future__ import annotations
 import bz2
 import csv
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ from hfedmoe.data.text import Split, TextDataset
 from hfedmoe.foundation.assets import shipped_path
 from hfedmoe.foundation.config import DataConfig
 from hfedmoe.foundation.errors import HFedMoEError
+from hfedmoe.foundation.seeding import HOLDOUT, rng_for
 
 
 def read_bbc_news(root: Path) -> TextDataset:
@@ -95,25 +97,65 @@ READERS: dict[str, Callable[[Path], TextDataset]] = {
 }
 
 
-def load_dataset(cfg: DataConfig, seed: int) -> Split:
-    """Load ``cfg.dataset`` and split it into train/test with ``seed``, stratified by group
-    where the data set has groups (each task keeps its share) and by label otherwise."""
+@dataclass(frozen=True)
+class Rows:
+    """Which rows of the whole data set go where: indices into what the reader returns."""
+
+    holdout: np.ndarray  # the specialisation corpus (data.holdout_fraction; seed-independent)
+    train: np.ndarray
+    test: np.ndarray
+
+
+def read_dataset(cfg: DataConfig) -> TextDataset:
+    """The whole of ``cfg.dataset`` (from ``cfg.path`` or the installed package)."""
     path = Path(cfg.path).expanduser() if cfg.path else shipped_path(cfg.dataset)
-    full = READERS[cfg.dataset](path)
+    return READERS[cfg.dataset](path)
+
+
+def split_rows(full: TextDataset, cfg: DataConfig, seed: int) -> Rows:
+    """Hold out the specialisation corpus, then split the rest into train/test with ``seed``.
+
+    Both are stratified by group where the data set has groups (each task keeps its share) and
+    by label otherwise. The holdout is drawn with seed 0 whatever the run's seed, so one
+    specialised model serves every seed and no seed's clients or test split ever see its corpus.
+    """
+    strata = full.groups if full.groups is not None and full.choices is not None else full.labels
+    everything = np.arange(len(full))
+    holdout = np.zeros(0, dtype=np.int64)
+    if cfg.holdout_fraction > 0:
+        everything, holdout = stratified_split(
+            strata, cfg.holdout_fraction, seed=0, rng=rng_for(0, HOLDOUT)
+        )
     rng = np.random.default_rng(seed)
     if cfg.max_examples_per_group is not None:
         if full.groups is None:
             raise HFedMoEError(
                 f"data.max_examples_per_group: data set '{cfg.dataset}' has no groups"
             )
-        full = full.subset(cap_per_group(full.groups, cfg.max_examples_per_group, rng))
-    strata = full.groups if full.groups is not None and full.choices is not None else full.labels
-    train_idx, test_idx = stratified_split(strata, cfg.test_fraction, seed)
+        cap = cfg.max_examples_per_group
+        everything = everything[cap_per_group(full.groups[everything], cap, rng)]
+    train_pos, test_pos = stratified_split(strata[everything], cfg.test_fraction, seed)
+    train_idx, test_idx = everything[train_pos], everything[test_pos]
     if cfg.max_train_examples is not None and cfg.max_train_examples < len(train_idx):
         train_idx = np.sort(rng.choice(train_idx, cfg.max_train_examples, replace=False))
     if cfg.max_test_examples is not None and cfg.max_test_examples < len(test_idx):
         test_idx = np.sort(rng.choice(test_idx, cfg.max_test_examples, replace=False))
-    return Split(full.subset(train_idx), full.subset(test_idx))
+    return Rows(holdout, train_idx, test_idx)
+
+
+def load_dataset(cfg: DataConfig, seed: int) -> Split:
+    """Load ``cfg.dataset`` and split it into train/test with ``seed`` (:func:`split_rows`)."""
+    full = read_dataset(cfg)
+    rows = split_rows(full, cfg, seed)
+    return Split(full.subset(rows.train), full.subset(rows.test))
+
+
+def load_holdout(cfg: DataConfig) -> TextDataset:
+    """The specialisation corpus: the rows ``data.holdout_fraction`` keeps from every run."""
+    if cfg.holdout_fraction == 0:
+        raise HFedMoEError("data.holdout_fraction: 0 holds out no specialisation corpus")
+    full = read_dataset(cfg)
+    return full.subset(split_rows(full, cfg, seed=0).holdout)
 
 
 def cap_per_group(groups: np.ndarray, cap: int, rng: np.random.Generator) -> np.ndarray:
@@ -126,14 +168,17 @@ def cap_per_group(groups: np.ndarray, cap: int, rng: np.random.Generator) -> np.
 
 
 def stratified_split(
-    labels: np.ndarray, test_fraction: float, seed: int
+    labels: np.ndarray,
+    test_fraction: float,
+    seed: int,
+    rng: np.random.Generator | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Indices of a train/test split that keeps each class's share (rounded per class).
 
     Written by hand (eight lines) rather than through ``datasets.train_test_split``, which needs
     a ClassLabel column and returns shuffled rows instead of the indices we keep.
     """
-    rng = np.random.default_rng(seed)
+    rng = rng if rng is not None else np.random.default_rng(seed)
     train, test = [], []
     for label in np.unique(labels):
         idx = rng.permutation(np.flatnonzero(labels == label))

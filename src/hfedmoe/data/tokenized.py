@@ -10,6 +10,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from hfedmoe.data.text import TextDataset
+from hfedmoe.foundation.config import ExperimentConfig
 
 IGNORE_INDEX = -100  # label of positions that no loss is computed on (transformers' convention)
 
@@ -122,6 +123,16 @@ def tokenize_choices(
         groups=data.groups,
         group_names=data.group_names,
     )
+
+
+def tokenize_for(
+    cfg: ExperimentConfig, data: TextDataset, tokenizer: PreTrainedTokenizerBase
+) -> TokenizedDataset:
+    """``data`` tokenised as the experiment's task needs it."""
+    if cfg.data.task == "multiple-choice":
+        return tokenize_choices(data, tokenizer, cfg.model.max_length)
+    lm = cfg.data.task == "language-modeling"
+    return tokenize(data, tokenizer, cfg.model.max_length, language_modeling=lm)
 
 
 def sequential_batches(n: int, batch_size: int) -> Iterator[np.ndarray]:

@@ -121,6 +121,14 @@ class Run:
             return None
         return sorted(rows), np.stack([rows[p] for p in sorted(rows)])
 
+    def personal(self, key: str) -> np.ndarray | None:
+        """``personal_accuracy_mean`` or ``_worst`` per round (METHOD.md §10's per-client
+        view); None for runs recorded before per-client evaluation."""
+        values = [r.get(key) for r in self.rounds]
+        if any(v is None for v in values):
+            return None
+        return np.array(values, dtype=float)
+
     def rounds_to(self, target: float) -> int | None:
         hits = np.nonzero(self.accuracy >= target)[0]
         return int(hits[0]) if len(hits) else None
@@ -179,6 +187,8 @@ class Row:
     seeds: list[int]
     final_mean: float
     final_std: float
+    personal_mean: float | None  # final per-client accuracy: mean over clients, then seeds
+    personal_worst: float | None  # the worst client's, mean over seeds
     rounds_to_target: float | None
     reached: int
     compute_to_target: float | None  # FLOPs
@@ -199,12 +209,18 @@ def summarise(runs: list[Run], target: float) -> list[Row]:
         reached = [(r, k) for r, k in hits if k is not None]
         flops = [f[k] for r, k in reached if (f := r.client_flops()) is not None]
         updates = [u for r in group if (u := r.expert_updates()) is not None]
+        personal = {
+            key: [p[-1] for r in group if (p := r.personal(f"personal_accuracy_{key}")) is not None]
+            for key in ("mean", "worst")
+        }
         rows.append(
             Row(
                 algorithm=algorithm,
                 seeds=sorted(r.seed for r in group),
                 final_mean=float(finals.mean()),
                 final_std=float(finals.std(ddof=1)) if len(finals) > 1 else 0.0,
+                personal_mean=float(np.mean(personal["mean"])) if personal["mean"] else None,
+                personal_worst=float(np.mean(personal["worst"])) if personal["worst"] else None,
                 rounds_to_target=float(np.mean([k for _, k in reached])) if reached else None,
                 reached=len(reached),
                 compute_to_target=float(np.mean(flops)) if flops else None,
@@ -293,6 +309,21 @@ def plot_all(runs: list[Run], target: float) -> dict[str, plt.Figure]:
         ax.legend(fontsize=8)
         figs["compute"] = fig
 
+    if all(r.personal("personal_accuracy_mean") is not None for r in runs):
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for n, (name, group) in enumerate(groups.items()):
+            x = np.arange(len(group[0].rounds))
+            _mean_band(ax, x, [r.personal("personal_accuracy_mean") for r in group], name)
+            worst = np.mean([r.personal("personal_accuracy_worst") for r in group], axis=0)
+            ax.plot(x, worst, color=f"C{n}", linestyle=":", linewidth=1)
+        ax.set(
+            xlabel="round",
+            ylabel="accuracy on the client's own distribution",
+            title="Per-client accuracy (mean over clients; dotted: the worst client)",
+        )
+        ax.legend(fontsize=8)
+        figs["personal"] = fig
+
     figs["failures"] = _per_round(
         groups,
         Run.failure_rate_per_round,
@@ -336,6 +367,7 @@ COLUMNS = [
     "method",
     "seeds",
     "final accuracy",
+    "per-client accuracy (mean / worst)",
     "rounds to target",
     "client compute to target",
     "failure rate",
@@ -349,6 +381,7 @@ def _cells(row: Row) -> list[str]:
         row.algorithm,
         ",".join(map(str, row.seeds)),
         f"{row.final_mean:.4f} ± {row.final_std:.4f}",
+        "-" if row.personal_mean is None else f"{row.personal_mean:.4f} / {row.personal_worst:.4f}",
         "-"
         if row.rounds_to_target is None
         else f"{row.rounds_to_target:.1f} ({row.reached}/{len(row.seeds)})",

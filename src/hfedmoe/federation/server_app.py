@@ -11,6 +11,7 @@ import time
 from collections import Counter
 from typing import Protocol, runtime_checkable
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
@@ -27,6 +28,7 @@ from hfedmoe.model.state import load_shared_state, shared_state
 from hfedmoe.results import RunRecorder
 from hfedmoe.results.run_state import RunState, load_run_state, save_run_state
 from hfedmoe.training import evaluate
+from hfedmoe.training.personal import personalised
 
 log = logging.getLogger("hfedmoe")
 
@@ -112,6 +114,7 @@ def federate(
     if resume is None:
         initial = evaluate(model, workload.test, cfg.eval.batch_size, cfg.train.device)
         record = _round_record(0, initial, None, [], 0.0, time.perf_counter() - start)
+        record.update(_per_client(initial, workload, []))
         record["devices"] = strategy.device_records()
         recorder.log_round(record)
         checkpoint(0)
@@ -129,6 +132,7 @@ def federate(
         record = _round_record(
             server_round, result, train_loss, strategy.last_reports, now - round_start, now - start
         )
+        record.update(_per_client(result, workload, record["clients"]))
         if new_arrays is not None:  # what the algorithm says about this round's aggregation
             record.update(algorithm.round_metrics())
         if strategy.aggregate_rejected:
@@ -216,6 +220,25 @@ def check_federation(
             f"node config partition-id: the nodes hold partitions {sorted(by_partition)}, "
             f"expected 0..{num_clients - 1} (federation.num_clients = {num_clients})"
         )
+
+
+def _per_client(result, workload, clients: list[dict]) -> dict:
+    """Every client's accuracy and loss on its own distribution's test data (the global model;
+    ``hfedmoe.training.personal``): the list, the mean and the worst client; each sampled
+    client's row gets its own."""
+    acc_C = personalised(result.accuracy_N, workload.test_keys, workload.client_shares)
+    loss_C = personalised(result.loss_N, workload.test_keys, workload.client_shares)
+    for row in clients:
+        if row.get("partition_id") is not None:
+            row["personal_accuracy"] = float(acc_C[row["partition_id"]])
+            row["personal_loss"] = float(loss_C[row["partition_id"]])
+    finite = acc_C[np.isfinite(acc_C)]
+    return {
+        "personal_accuracy_mean": float(finite.mean()) if len(finite) else None,
+        "personal_accuracy_worst": float(finite.min()) if len(finite) else None,
+        "personal_loss_mean": float(np.nanmean(loss_C)) if len(finite) else None,
+        "personal_accuracy": [None if not np.isfinite(a) else float(a) for a in acc_C],
+    }
 
 
 def _round_record(server_round, result, train_loss, reports, round_seconds, elapsed) -> dict:

@@ -9,16 +9,19 @@ multiple choice.)
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from hfedmoe.construction import ensure_prepared
 from hfedmoe.data.datasets import load_dataset
 from hfedmoe.data.partition import partition_indices, partition_key
 from hfedmoe.data.text import TextDataset
-from hfedmoe.data.tokenized import TokenizedDataset, tokenize, tokenize_choices
+from hfedmoe.data.tokenized import TokenizedDataset, tokenize_for
 from hfedmoe.foundation.config import ExperimentConfig
 from hfedmoe.model import build_model, load_tokenizer
+from hfedmoe.training.personal import key_shares
 
 
 @dataclass(frozen=True)
@@ -29,16 +32,28 @@ class ServerWorkload:
     tokenizer: PreTrainedTokenizerBase
     test: TokenizedDataset
     label_names: tuple[str, ...]
+    test_keys: np.ndarray  # each test row's partition key (label or group)
+    client_shares: np.ndarray  # (C, K) each client's share of each key (per-client views)
 
 
 def server_workload(cfg: ExperimentConfig) -> ServerWorkload:
     split = load_dataset(cfg.data, cfg.seed)
     tokenizer = load_tokenizer(cfg.model)
     model = build_model(
-        cfg.model, cfg.data.task, split.train.label_names, seed=cfg.seed, pretrained=True
+        cfg.model,
+        cfg.data.task,
+        split.train.label_names,
+        seed=cfg.seed,
+        pretrained=True,
+        model_dir=starting_model_dir(cfg),
     )
     test = tokenize_for(cfg, split.test, tokenizer)
-    return ServerWorkload(model, tokenizer, test, split.train.label_names)
+    keys = partition_key(split.train, cfg.data)
+    test_keys = partition_key(split.test, cfg.data)
+    num_keys = int(max(keys.max(initial=0), test_keys.max(initial=0))) + 1
+    parts = partitions(cfg, split.train, cfg.federation.num_clients)
+    shares = key_shares(parts, keys, num_keys)
+    return ServerWorkload(model, tokenizer, test, split.train.label_names, test_keys, shares)
 
 
 def client_data(cfg: ExperimentConfig, partition_id: int, num_partitions: int) -> TokenizedDataset:
@@ -61,17 +76,22 @@ def client_model(cfg: ExperimentConfig, label_names: tuple[str, ...]) -> PreTrai
     builds, from the same checkpoint and seed; only the trainable tensors travel
     (``hfedmoe.model.state``)."""
     pretrained = cfg.model.lora is not None
-    return build_model(cfg.model, cfg.data.task, label_names, seed=cfg.seed, pretrained=pretrained)
+    return build_model(
+        cfg.model,
+        cfg.data.task,
+        label_names,
+        seed=cfg.seed,
+        pretrained=pretrained,
+        model_dir=starting_model_dir(cfg) if pretrained else None,
+    )
 
 
-def tokenize_for(
-    cfg: ExperimentConfig, data: TextDataset, tokenizer: PreTrainedTokenizerBase
-) -> TokenizedDataset:
-    """``data`` tokenised as the experiment's task needs it."""
-    if cfg.data.task == "multiple-choice":
-        return tokenize_choices(data, tokenizer, cfg.model.max_length)
-    lm = cfg.data.task == "language-modeling"
-    return tokenize(data, tokenizer, cfg.model.max_length, language_modeling=lm)
+def starting_model_dir(cfg: ExperimentConfig) -> Path | None:
+    """The built model a specialising ``model.construction`` starts from (built on first use
+    and cached), or None: the model comes from ``model.name_or_path`` as it is."""
+    if cfg.model.construction == "upcycle":
+        return None
+    return ensure_prepared(cfg)
 
 
 def label_names(cfg: ExperimentConfig) -> tuple[str, ...]:

@@ -58,8 +58,37 @@ class LoraConfig(Section):
     )
 
 
+class SpecialiseConfig(Section):
+    """How ``model.construction = "cluster"`` builds specialised experts from the dense parent
+    (``hfedmoe.construction``) on the specialisation corpus (``data.holdout_fraction``)."""
+
+    corpus_examples: int = Field(
+        600, gt=0, description="Rows of the specialisation corpus the build reads."
+    )
+    drop_fraction: float = Field(
+        0.5,
+        ge=0,
+        lt=1,
+        description="Drop-Upcycling: share of each expert's FFN neurons re-initialised "
+        "(0 = exact copies: routers specialise, experts stay interchangeable).",
+    )
+    router_steps: int = Field(
+        300, ge=0, description="Full-batch steps fitting each router to the domains."
+    )
+    expert_steps: int = Field(
+        300, ge=0, description="Steps distilling the dense FFN into the routed experts."
+    )
+    expert_lr: float = Field(1e-3, gt=0)
+    tokens_per_step: int = Field(2048, gt=0, description="Tokens per expert-distillation step.")
+    max_tokens: int = Field(
+        60_000, gt=0, description="Tokens kept per MoE layer (a random subset beyond this)."
+    )
+    seed: int = Field(0, ge=0, description="The build's own seed (not the run's).")
+
+
 class ModelConfig(Section):
-    """The MoE model: a dense pretrained model upcycled into experts (sparse upcycling)."""
+    """The MoE model: a dense pretrained model made into experts (sparse upcycling, or a
+    specialising construction)."""
 
     name_or_path: str = Field(
         "all-MiniLM-L6-v2",
@@ -80,6 +109,15 @@ class ModelConfig(Section):
         "(0 = identical experts, exactly the dense model at initialisation).",
     )
     max_length: int = Field(128, gt=0, description="Tokens per example after truncation.")
+    construction: Literal["upcycle", "cluster"] = Field(
+        "upcycle",
+        description="upcycle: identical expert copies; cluster: routers fitted to k-means "
+        "domains of the specialisation corpus, Drop-Upcycled experts distilled on the tokens "
+        "routed to them (built once with `hfedmoe prepare`, cached).",
+    )
+    specialise: SpecialiseConfig = Field(
+        SpecialiseConfig(), description="Options of the 'cluster' construction."
+    )
     lora: LoraConfig | None = Field(
         None, description="Train LoRA adapters on a frozen base; absent = full fine-tuning."
     )
@@ -109,6 +147,14 @@ class DataConfig(Section):
         None, description="Local copy of the data set; default: the installed package's files."
     )
     test_fraction: float = Field(0.2, gt=0, lt=1)
+    holdout_fraction: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Share of the data set (per stratum, with a fixed seed) held out before the "
+        "train/test split: never seen by clients or the test split, it is the specialisation "
+        "corpus of a constructed model.",
+    )
     partitioner: Literal["dirichlet", "iid", "natural"] = Field(
         "dirichlet",
         description="dirichlet: Dir(alpha) shares of each label (or group); iid: equal random "
@@ -351,6 +397,16 @@ class ExperimentConfig(Section):
                     f"faults.events[{i}].partition: {e.partition} is not a client (expected "
                     f"< federation.num_clients = {self.federation.num_clients})"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _corpus_for_construction(self) -> ExperimentConfig:
+        if self.model.construction != "upcycle" and self.data.holdout_fraction == 0:
+            raise ValueError(
+                f"data.holdout_fraction: model.construction '{self.model.construction}' needs a "
+                "specialisation corpus that no client sees; expected a fraction in (0, 1), "
+                "e.g. 0.2"
+            )
         return self
 
     @model_validator(mode="after")

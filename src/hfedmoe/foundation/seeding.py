@@ -9,6 +9,8 @@ import torch
 SAMPLING, CLIENT_TRAIN, DEVICES, STRICT_HELD, RANDOM_SUBSET, FLEX_ASSIGN = 1, 2, 3, 4, 5, 6
 FAULTS = 7  # injected client faults (hfedmoe.federation.faults)
 ANALYSIS = 8  # the examples `hfedmoe analyze` looks at (hfedmoe.analysis)
+HOLDOUT = 9  # the specialisation corpus held out of a data set (seed 0 always: run-independent)
+CONSTRUCTION = 10  # building a specialised model (hfedmoe.construction; its own seed)
 
 
 def rng_for(seed: int, *keys: int) -> np.random.Generator:

@@ -21,13 +21,12 @@ from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, PreTrainedT
 
 from hfedmoe.foundation.config import ModelConfig, Task
 from hfedmoe.foundation.errors import HFedMoEError
-from hfedmoe.model.factory import build_model
+from hfedmoe.model.factory import META_FILE, WEIGHTS_FILE, build_model
 from hfedmoe.model.quantize import dequantized_state, is_quantized
 from hfedmoe.model.sources import model_dir as resolve_model_dir
 
-WEIGHTS_FILE = "model.safetensors"
-META_FILE = "hfedmoe.json"
 FORMAT_VERSION = 1
+BUILD_FILE = "build.json"
 
 
 def save_checkpoint(
@@ -36,8 +35,13 @@ def save_checkpoint(
     cfg: ModelConfig,
     directory: str | Path,
     task: Task,
+    extra: dict | None = None,
 ) -> Path:
-    """Write a self-contained checkpoint; atomic: a temporary folder renamed into place."""
+    """Write a self-contained checkpoint; atomic: a temporary folder renamed into place.
+
+    ``extra`` (a built model's recipe and measures) goes to ``build.json`` and its
+    ``construction`` key into ``hfedmoe.json`` (it marks the classifier head as untrained).
+    """
     directory = Path(directory)
     if directory.exists():
         raise HFedMoEError(f"checkpoint directory '{directory}' already exists; not overwriting")
@@ -51,6 +55,9 @@ def save_checkpoint(
         model.config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         meta = {"format_version": FORMAT_VERSION, "task": task, "model": cfg.model_dump()}
+        if extra is not None:
+            meta["construction"] = extra["construction"]
+            (tmp / BUILD_FILE).write_text(json.dumps(extra, indent=2))
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
         os.replace(tmp, directory)
     except BaseException:

@@ -8,17 +8,25 @@
 
 The upcycling options of ``[model]`` (experts, top-k, layers, ...) apply to dense checkpoints;
 a native MoE checkpoint keeps its own experts. ``[model.lora]`` applies to all.
+
+A directory that hfedmoe saved (``hfedmoe.json`` beside the weights: a run's model, or a model
+built by ``hfedmoe prepare``) starts a run with its own weights: its MoE shape must match
+``[model]``, and a classifier keeps its head only when it was trained for the same labels.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import torch
+from safetensors.torch import load_model
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 from hfedmoe.foundation.config import ModelConfig, Task
 from hfedmoe.foundation.errors import ConfigError
 from hfedmoe.model.hf import SUPPORTED_MOE_FAMILIES, load_moe_model
+from hfedmoe.model.lora import add_lora
 from hfedmoe.model.sources import model_dir as resolve_model_dir
 from hfedmoe.model.upcycle import LLAMA_LIKE
 from hfedmoe.model.upcycled import build_causal_lm, build_classifier
@@ -35,6 +43,10 @@ WEIGHT_FILES = (
     "pytorch_model.bin",
     "pytorch_model.bin.index.json",
 )
+WEIGHTS_FILE = "model.safetensors"
+META_FILE = "hfedmoe.json"  # marks a directory hfedmoe saved (hfedmoe.model.checkpoint)
+#: what must agree between ``[model]`` and a saved model that starts a run
+SHAPE_KEYS = ("num_experts", "top_k", "moe_layers")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model")
 
 
@@ -98,6 +110,8 @@ def build_model(
     """The model for ``task``; ``pretrained=False`` gives the architecture with random weights."""
     directory = Path(model_dir) if model_dir else resolve_model_dir(cfg.name_or_path)
     kind = model_kind(check_model_dir(directory, task, cfg.name_or_path).model_type)
+    if pretrained and (directory / META_FILE).is_file():
+        return _from_saved(directory, cfg, task, label_names, seed)
     if kind == "native MoE":
         return load_moe_model(directory, lora=cfg.lora, pretrained=pretrained, seed=seed)
     if kind == "encoder":
@@ -105,3 +119,50 @@ def build_model(
             cfg, label_names, seed=seed, pretrained=pretrained, model_dir=directory
         )
     return build_causal_lm(cfg, seed=seed, pretrained=pretrained, model_dir=directory)
+
+
+def _from_saved(
+    directory: Path, cfg: ModelConfig, task: Task, label_names, seed: int
+) -> PreTrainedModel:
+    """A model hfedmoe saved, as the starting point of a run (see the module docstring)."""
+    meta = json.loads((directory / META_FILE).read_text())
+    saved = ModelConfig.model_validate(meta["model"])
+    for key in SHAPE_KEYS:
+        if getattr(saved, key) != getattr(cfg, key):
+            raise ConfigError(
+                f"model.{key}: {getattr(cfg, key)!r} differs from the saved model's "
+                f"{getattr(saved, key)!r} in '{directory}' (expected the same)"
+            )
+    if saved.lora is not None:
+        raise ConfigError(
+            f"model.name_or_path: '{directory}' holds LoRA adapters; a run can start from a "
+            "saved model with full weights only"
+        )
+    if meta.get("task") != task:
+        raise ConfigError(
+            f"data.task: '{task}' differs from the saved model's '{meta.get('task')}' in "
+            f"'{directory}'"
+        )
+    bare = cfg.model_copy(update={"lora": None, "construction": "upcycle"})
+    model = build_model(bare, task, label_names, seed=seed, pretrained=False, model_dir=directory)
+    fresh_head = {}
+    if task == "classification":
+        saved_labels = AutoConfig.from_pretrained(directory).id2label
+        same = [saved_labels[i] for i in range(len(saved_labels))] == list(label_names)
+        if not same or meta.get("construction") is not None:  # a built model's head is untrained
+            prefix = model.base_model_prefix + "."
+            fresh_head = {
+                n: p.detach().clone()
+                for n, p in model.state_dict().items()
+                if not n.startswith(prefix)
+            }
+    missing, unexpected = load_model(model, str(directory / WEIGHTS_FILE), strict=False)
+    if missing or unexpected:
+        raise ConfigError(
+            f"model.name_or_path: the weights in '{directory}' do not fit its config "
+            f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
+        )
+    if fresh_head:
+        with torch.no_grad():
+            model.load_state_dict(fresh_head, strict=False)
+    return add_lora(model, cfg.lora) if cfg.lora is not None else model

@@ -5,7 +5,7 @@ likelihood)."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -21,6 +21,10 @@ class EvalResult:
     loss: float
     examples: int
     by_group: dict[str, float] | None = None  # multiple choice: accuracy per task
+    # per example (for per-client views, hfedmoe.training.personal): its accuracy (0/1; a
+    # language-modelling row: the share of its tokens predicted) and its mean loss
+    accuracy_N: np.ndarray | None = field(default=None, repr=False)
+    loss_N: np.ndarray | None = field(default=None, repr=False)
 
 
 @torch.no_grad()
@@ -43,7 +47,7 @@ def evaluate(
 def _evaluate_batches(model: nn.Module, data: TokenizedDataset, batch_size: int) -> EvalResult:
     model.eval()
     device = _device_of(model)
-    correct, loss_sum, count = 0, 0.0, 0
+    hits_N, loss_N, count_N = (np.zeros(len(data)) for _ in range(3))
     shift = not getattr(model.config, "is_encoder_decoder", False)
     for idx in sequential_batches(len(data), batch_size):
         batch = to_device(data.batch(idx), device)
@@ -52,17 +56,28 @@ def _evaluate_batches(model: nn.Module, data: TokenizedDataset, batch_size: int)
             logits = model(**batch).logits
             if shift:
                 logits, labels = logits[:, :-1], labels[:, 1:]
-            logits, labels = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
             keep = labels != IGNORE_INDEX
+            row = torch.arange(len(idx), device=labels.device)[:, None].expand_as(labels)[keep]
             logits, labels = logits[keep], labels[keep]
         else:
             logits = model(
                 input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
             ).logits
-        loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
-        correct += int((logits.argmax(-1) == labels).sum())
-        count += len(labels)
-    return EvalResult(correct / count, loss_sum / count if count else math.nan, count)
+            row = torch.arange(len(idx), device=labels.device)
+        losses = nn.functional.cross_entropy(logits, labels, reduction="none")
+        hits = (logits.argmax(-1) == labels).double()
+        sums_3B = torch.zeros(3, len(idx), dtype=torch.float64, device=labels.device)
+        sums_3B.index_add_(1, row, torch.stack([hits, losses.double(), torch.ones_like(hits)]))
+        hits_N[idx], loss_N[idx], count_N[idx] = sums_3B.cpu().numpy()
+    count = count_N.sum()
+    per_row = np.maximum(count_N, 1)
+    return EvalResult(
+        float(hits_N.sum() / count),
+        float(loss_N.sum() / count) if count else math.nan,
+        int(count),
+        accuracy_N=hits_N / per_row,
+        loss_N=loss_N / per_row,
+    )
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -116,6 +131,7 @@ def evaluate_choices(model: nn.Module, data: TokenizedDataset, batch_size: int) 
         s, n = continuation_logprobs(logits, ids_BT, start_B, end_B)
         sums[ks], counts[ks] = s.cpu(), n.float().cpu()
     right = np.zeros(len(data), dtype=bool)
+    loss_N = np.zeros(len(data))
     loss_sum = tokens = 0.0
     k = 0
     for i, answers in enumerate(data.choices):
@@ -124,6 +140,7 @@ def evaluate_choices(model: nn.Module, data: TokenizedDataset, batch_size: int) 
         right[i] = int(mean.argmax()) == label
         loss_sum -= float(sums[k + label])
         tokens += float(counts[k + label])
+        loss_N[i] = -float(sums[k + label]) / max(float(counts[k + label]), 1.0)
         k += len(answers)
     by_group = None
     if data.groups is not None:
@@ -132,7 +149,14 @@ def evaluate_choices(model: nn.Module, data: TokenizedDataset, batch_size: int) 
             for g, name in enumerate(data.group_names)
             if (data.groups == g).any()
         }
-    return EvalResult(float(right.mean()), loss_sum / max(tokens, 1.0), len(data), by_group)
+    return EvalResult(
+        float(right.mean()),
+        loss_sum / max(tokens, 1.0),
+        len(data),
+        by_group,
+        accuracy_N=right.astype(np.float64),
+        loss_N=loss_N,
+    )
 
 
 @torch.no_grad()
