@@ -545,6 +545,7 @@ def flower(
     if print_only:
         return
     try:
+        _build_if_needed(cfg)  # here, with a progress bar, not inside the ServerApp
         summary = run_flower(cmd, run_dir)
     except HFedMoEError as exc:
         typer.echo(f"hfedmoe: error: {exc}", err=True)

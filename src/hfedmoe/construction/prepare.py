@@ -104,7 +104,7 @@ def ensure_prepared(cfg: ExperimentConfig, progress: Progress | None = None) -> 
     bare = cfg.model.model_copy(update={"lora": None})
     try:
         save_checkpoint(model, tokenizer, bare, directory, cfg.data.task, extra=report)
-    except HFedMoEError:
+    except (HFedMoEError, OSError):
         if not is_prepared(directory):  # not another process finishing the same build first
             raise
     return directory
