@@ -255,3 +255,22 @@ def test_prepare_command_builds_once_and_refuses_upcycle(tiny_bert_dir, cache, t
     upcycle = invoke_cli("prepare", str(config), "--set", "model.construction=upcycle")
     assert upcycle.returncode == 2
     assert "model.construction: 'upcycle' builds nothing ahead" in upcycle.stderr
+
+
+def test_a_saved_run_model_keeps_its_head_only_for_the_same_labels(tiny_bert_dir, tmp_path):
+    from hfedmoe.model import load_tokenizer, save_checkpoint
+
+    cfg = validate(tiny_raw(tiny_bert_dir))
+    labels = ("a", "b", "c")
+    trained = build_model(cfg.model, "classification", labels, seed=5)
+    with torch.no_grad():
+        trained.classifier.weight.fill_(0.5)  # a head "trained" on these labels
+    saved = save_checkpoint(
+        trained, load_tokenizer(cfg.model), cfg.model, tmp_path / "m", "classification"
+    )
+    same = build_model(cfg.model, "classification", labels, seed=0, model_dir=saved)
+    assert torch.equal(same.classifier.weight, trained.classifier.weight)
+    other = build_model(cfg.model, "classification", ("x", "y", "z"), seed=0, model_dir=saved)
+    assert not torch.equal(other.classifier.weight, trained.classifier.weight)
+    body = {n: t for n, t in trained.state_dict().items() if n.startswith("bert.")}
+    assert all(torch.equal(other.state_dict()[n], t) for n, t in body.items())

@@ -488,6 +488,7 @@ def _analysis_inputs(
     if path is None:
         from hfedmoe.federation.workload import server_workload
 
+        _build_if_needed(cfg)
         workload = server_workload(cfg)
         model, tokenizer = workload.model, workload.tokenizer
     else:
