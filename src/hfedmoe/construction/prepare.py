@@ -182,11 +182,23 @@ def build(
         "corpus_examples": len(corpus),
         "tokens": len(doc_N),
         "domain_sizes": np.bincount(domain_S.numpy(), minlength=E).tolist(),
+        **_domains_against_known(corpus, domain_S.numpy(), E),
         "layers": layers,
         "capture_seconds": captured - started,
         "build_seconds": time.perf_counter() - started,
     }
     return model, tokenizer, report
+
+
+def _domains_against_known(corpus: TextDataset, domain_S: np.ndarray, E: int) -> dict:
+    """How the unsupervised domains line up with what the data set knows (its groups, else its
+    labels): a (domain, group) table of document counts, for build.json."""
+    by = "group" if corpus.groups is not None else "label"
+    known = corpus.groups if corpus.groups is not None else corpus.labels
+    names = corpus.group_names if corpus.groups is not None else corpus.label_names
+    table = np.zeros((E, len(names)), dtype=np.int64)
+    np.add.at(table, (domain_S, known), 1)
+    return {"domains_by": by, "known_names": list(names), "domain_counts": table.tolist()}
 
 
 def _sample(corpus: TextDataset, n: int, rng: np.random.Generator) -> TextDataset:
