@@ -23,6 +23,7 @@ from hfedmoe.analysis.routing import collect_routing, loss_without
 from hfedmoe.federation.workload import server_workload
 from hfedmoe.foundation.config import validate
 from hfedmoe.model import ExpertModel
+from hfedmoe.training import evaluate
 
 from .support import families
 from .support.cli import invoke_cli
@@ -102,6 +103,18 @@ def test_routing_statistics_agree_with_the_capture(tiny_cfg, tiny_bert_dir):
     noisy = server_workload(validate(tiny_raw(tiny_bert_dir, model={"expert_noise_std": 0.5})))
     noisy_full = loss_without(noisy.model, data, None, 16)
     assert loss_without(noisy.model, data, [0] * L, 16) != noisy_full  # a random head: small
+
+
+def test_removal_scores_multiple_choice_by_its_answer_loss_alone(tiny_llama_dir):
+    raw = tiny_raw(
+        tiny_llama_dir,
+        data={"dataset": "qa_mix", "task": "multiple-choice", "max_examples_per_group": 60,
+              "max_test_examples": 12, "partitioner": "iid"},
+    )  # fmt: skip
+    raw["model"]["max_length"] = 48
+    workload = server_workload(validate(raw))
+    scored = evaluate(workload.model, workload.test, 8)  # every choice scored, and the loss
+    assert loss_without(workload.model, workload.test, None, 8) == pytest.approx(scored.loss)
 
 
 # ---- the command -------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ Removing an expert means routing as strict mode does among the other experts
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -96,6 +96,9 @@ def loss_without(
     """The loss of ``model`` on ``data`` with expert ``removed_L[l]`` of each MoE layer l never
     routed to (None: the model as it is)."""
     em = ExpertModel(model)
+    # only the loss: multiple choice is scored on the right answers' tokens alone, without
+    # scoring every other choice too (the same number, a fraction of the passes)
+    data = replace(data, choices=None)
     if removed_L is None:
         return evaluate(model, data, batch_size).loss
     allowed_LE = torch.ones(em.shape, dtype=torch.bool)
