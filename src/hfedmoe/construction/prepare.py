@@ -47,7 +47,7 @@ from hfedmoe.construction.cluster import (
 from hfedmoe.data.datasets import cap_per_group, load_holdout
 from hfedmoe.data.text import TextDataset
 from hfedmoe.data.tokenized import TokenizedDataset, sequential_batches, tokenize_for
-from hfedmoe.foundation.config import ExperimentConfig
+from hfedmoe.foundation.config import ExperimentConfig, SpecialiseConfig
 from hfedmoe.foundation.errors import ConfigError, HFedMoEError
 from hfedmoe.foundation.seeding import CONSTRUCTION, rng_for
 from hfedmoe.model import build_model, load_tokenizer, save_checkpoint
@@ -100,7 +100,8 @@ def ensure_prepared(cfg: ExperimentConfig, progress: Progress | None = None) -> 
     if is_prepared(directory):
         return directory
     log.info("building the %s model %s (once; cached)", cfg.model.construction, directory.name)
-    model, tokenizer, report = build(cfg, progress)
+    with torch.random.fork_rng(devices=[]):  # the build seeds torch; the caller's RNG stays
+        model, tokenizer, report = build(cfg, progress)
     bare = cfg.model.model_copy(update={"lora": None})
     try:
         save_checkpoint(model, tokenizer, bare, directory, cfg.data.task, extra=report)
@@ -140,43 +141,12 @@ def build(
     domain_S = torch.as_tensor(kmeans_domains(docs_SD, E, spec.seed))
     domain_N = domain_S[doc_N]
     generator = torch.Generator().manual_seed(spec.seed)
-    layers = []
-    for i, (block, x_NH) in enumerate(zip(blocks, inputs_LNH, strict=True)):
-        layer_started = time.perf_counter()
-        dense = copy.deepcopy(block.experts[0])  # upcycled copies are the dense FFN
-        with torch.no_grad():
-            target_NH = torch.cat([dense(x) for x in x_NH.split(4096)])
-        weight_EH, accuracy = fit_router(x_NH, domain_N, E, spec.router_steps)
-        with torch.no_grad():
-            block.gate.weight.copy_(weight_EH)
-        for expert in block.experts:
-            drop_neurons_(expert, spec.drop_fraction, generator)
-        before = _error(block, x_NH, target_NH)
-        done = 0
-
-        def step(i=i) -> None:
-            nonlocal done
-            done += 1
-            progress(f"layer {i + 1}/{len(blocks)}: experts", done, spec.expert_steps)
-
-        distil_experts_(
-            block,
-            x_NH,
-            target_NH,
-            spec.expert_steps,
-            spec.expert_lr,
-            spec.tokens_per_step,
-            generator,
-            step,
+    layers = [
+        _specialise_layer(
+            block, x_NH, domain_N, spec, generator, progress, f"layer {i + 1}/{len(blocks)}"
         )
-        layers.append(
-            {
-                "router_accuracy": accuracy,
-                "error_after_drop": before,
-                "error_after_distillation": _error(block, x_NH, target_NH),
-                "seconds": time.perf_counter() - layer_started,
-            }
-        )
+        for i, (block, x_NH) in enumerate(zip(blocks, inputs_LNH, strict=True))
+    ]
     report = {
         "construction": recipe(cfg),
         "corpus_examples": len(corpus),
@@ -188,6 +158,40 @@ def build(
         "build_seconds": time.perf_counter() - started,
     }
     return model, tokenizer, report
+
+
+def _specialise_layer(
+    block: nn.Module,
+    x_NH: torch.Tensor,
+    domain_N: torch.Tensor,
+    spec: SpecialiseConfig,
+    generator: torch.Generator,
+    progress: Progress,
+    stage: str,
+) -> dict:
+    """Steps 2-4 of :mod:`hfedmoe.construction.cluster` on one MoE block, in place; what they
+    reached, for build.json."""
+    started = time.perf_counter()
+    dense = copy.deepcopy(block.experts[0])  # upcycled copies are the dense FFN
+    with torch.no_grad():
+        target_NH = torch.cat([dense(x) for x in x_NH.split(4096)])
+    weight_EH, accuracy = fit_router(x_NH, domain_N, block.num_experts, spec.router_steps)
+    with torch.no_grad():
+        block.gate.weight.copy_(weight_EH)
+    for expert in block.experts:
+        drop_neurons_(expert, spec.drop_fraction, generator)
+    before = _error(block, x_NH, target_NH)
+    steps = iter(range(1, spec.expert_steps + 1))
+    distil_experts_(
+        block, x_NH, target_NH, spec.expert_steps, spec.expert_lr, spec.tokens_per_step,
+        generator, lambda: progress(f"{stage}: experts", next(steps), spec.expert_steps),
+    )  # fmt: skip
+    return {
+        "router_accuracy": accuracy,
+        "error_after_drop": before,
+        "error_after_distillation": _error(block, x_NH, target_NH),
+        "seconds": time.perf_counter() - started,
+    }
 
 
 def _domains_against_known(corpus: TextDataset, domain_S: np.ndarray, E: int) -> dict:
