@@ -272,5 +272,7 @@ def test_a_saved_run_model_keeps_its_head_only_for_the_same_labels(tiny_bert_dir
     assert torch.equal(same.classifier.weight, trained.classifier.weight)
     other = build_model(cfg.model, "classification", ("x", "y", "z"), seed=0, model_dir=saved)
     assert not torch.equal(other.classifier.weight, trained.classifier.weight)
+    fewer = build_model(cfg.model, "classification", ("x", "y"), seed=0, model_dir=saved)
+    assert fewer.classifier.weight.shape[0] == 2  # a head for these labels, the body as saved
     body = {n: t for n, t in trained.state_dict().items() if n.startswith("bert.")}
     assert all(torch.equal(other.state_dict()[n], t) for n, t in body.items())

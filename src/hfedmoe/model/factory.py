@@ -19,8 +19,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_model
+from safetensors.torch import load_file, load_model
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 from hfedmoe.foundation.config import ModelConfig, Task
@@ -145,24 +144,23 @@ def _from_saved(
         )
     bare = cfg.model_copy(update={"lora": None, "construction": "upcycle"})
     model = build_model(bare, task, label_names, seed=seed, pretrained=False, model_dir=directory)
-    fresh_head = {}
+    keep_head = True
     if task == "classification":
         saved_labels = AutoConfig.from_pretrained(directory).id2label
         same = [saved_labels[i] for i in range(len(saved_labels))] == list(label_names)
-        if not same or meta.get("construction") is not None:  # a built model's head is untrained
-            prefix = model.base_model_prefix + "."
-            fresh_head = {
-                n: p.detach().clone()
-                for n, p in model.state_dict().items()
-                if not n.startswith(prefix)
-            }
-    missing, unexpected = load_model(model, str(directory / WEIGHTS_FILE), strict=False)
+        keep_head = same and meta.get("construction") is None  # a built model's head is untrained
+    if keep_head:
+        missing, unexpected = load_model(model, str(directory / WEIGHTS_FILE), strict=False)
+    else:  # the body only; the head stays as the seed drew it (its shape may differ, too)
+        prefix = model.base_model_prefix + "."
+        body = {
+            k: v for k, v in load_file(directory / WEIGHTS_FILE).items() if k.startswith(prefix)
+        }
+        missing, unexpected = model.load_state_dict(body, strict=False)
+        missing = [k for k in missing if k.startswith(prefix)]
     if missing or unexpected:
         raise ConfigError(
             f"model.name_or_path: the weights in '{directory}' do not fit its config "
             f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
         )
-    if fresh_head:
-        with torch.no_grad():
-            model.load_state_dict(fresh_head, strict=False)
     return add_lora(model, cfg.lora) if cfg.lora is not None else model
