@@ -14,10 +14,8 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import numpy as np
-
 from hfedmoe.construction.cluster import kmeans_domains
-from hfedmoe.construction.prepare import _capture, _sample
+from hfedmoe.construction.prepare import _capture, _domains_against_known, _sample
 from hfedmoe.data.datasets import load_holdout
 from hfedmoe.data.tokenized import tokenize_for
 from hfedmoe.foundation import config
@@ -37,13 +35,12 @@ def main() -> None:
     data = tokenize_for(cfg, corpus, load_tokenizer(cfg.model))
     docs, _, _ = _capture(model, moe_blocks(model), data, spec.max_tokens, rng, lambda *a: None)
     domain = kmeans_domains(docs, cfg.model.num_experts, spec.seed)
-    known = corpus.groups if corpus.groups is not None else corpus.labels
-    names = corpus.group_names if corpus.groups is not None else corpus.label_names
+    table = _domains_against_known(corpus, domain, cfg.model.num_experts)  # as build.json
+    names = table["known_names"]
     print("| domain | " + " | ".join(names) + " | purity |")
     print("|" + "---|" * (len(names) + 2))
-    for d in range(cfg.model.num_experts):
-        counts = np.bincount(known[domain == d], minlength=len(names))
-        purity = counts.max() / max(counts.sum(), 1)
+    for d, counts in enumerate(table["domain_counts"]):
+        purity = max(counts) / max(sum(counts), 1)
         print(f"| {d} | " + " | ".join(map(str, counts)) + f" | {purity:.2f} |")
 
 

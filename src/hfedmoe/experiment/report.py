@@ -314,8 +314,9 @@ def plot_all(runs: list[Run], target: float) -> dict[str, plt.Figure]:
         for n, (name, group) in enumerate(groups.items()):
             x = np.arange(len(group[0].rounds))
             _mean_band(ax, x, [r.personal("personal_accuracy_mean") for r in group], name)
-            worst = np.mean([r.personal("personal_accuracy_worst") for r in group], axis=0)
-            ax.plot(x, worst, color=f"C{n}", linestyle=":", linewidth=1)
+            worst = [r.personal("personal_accuracy_worst") for r in group]
+            k = min(len(w) for w in worst)  # as _mean_band: the rounds every seed has
+            ax.plot(x[:k], np.mean([w[:k] for w in worst], axis=0), color=f"C{n}", linestyle=":")
         ax.set(
             xlabel="round",
             ylabel="accuracy on the client's own distribution",
