@@ -3,8 +3,15 @@
 Written by hand because no torch optimizer can restrict an update to part of a tensor: zeroing
 the gradient entries of an inactive expert still lets Adam's momentum and the weight decay move
 them (METHOD.md §7: "an expert outside E_active must not move at all"). Here each fused tensor
-keeps one step counter per expert, and a step updates only the positions of active experts:
-values, first and second moments and step counts of the others stay bit-identical.
+keeps one step counter per expert, and a step updates only the positions of active experts: the
+values of the others stay bit-identical.
+
+One semantics for every expert layout (:class:`ExpertAdamW`): an expert outside E_active on a
+step is not moved, and it holds no optimizer state afterwards (its moments and step count are
+forgotten), so at most C_budget experts hold state at any time and an expert that comes back
+starts afresh, as a new optimizer would start it. A per-module expert gets this from torch's
+AdamW by dropping its state; a fused tensor by zeroing the inactive experts' moments and step
+counts (``forget_inactive``).
 
 Where the experts sit in a tensor is an :class:`~hfedmoe.model.expert_axis.ExpertAxis` (row e of
 a fused weight; the rank-r slices of a LoRA on it).
@@ -31,25 +38,32 @@ class MaskedAdamW(torch.optim.Optimizer):
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
         expert_axes: Mapping[torch.nn.Parameter, ExpertAxis] | None = None,
+        forget_inactive: bool = False,
     ):
-        """``expert_axes``: the fused expert tensors whose experts may be masked, and where."""
+        """``expert_axes``: the fused expert tensors whose experts may be masked, and where;
+        ``forget_inactive``: a masked expert's moments and step count are reset (it holds no
+        state), else they are kept as they were."""
         defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
         super().__init__(params, defaults)
         self.axes = {id(p): axis for p, axis in (expert_axes or {}).items()}
+        self.forget_inactive = forget_inactive
 
     @torch.no_grad()
     def step(self, active: Mapping[torch.nn.Parameter, torch.Tensor] | None = None) -> None:  # type: ignore[override]
         """One update; ``active[p]`` (an (E,) bool mask) restricts a parameter with an axis.
 
-        A parameter with an axis but missing from ``active`` updates all its experts.
+        A parameter with an axis but missing from ``active`` updates all its experts; one
+        without a gradient updates none.
         """
         active = active or {}
         for group in self.param_groups:
             hyper = group["lr"], *group["betas"], group["eps"], group["weight_decay"]
             for p in group["params"]:
-                if p.grad is None:
-                    continue
                 axis = self.axes.get(id(p))
+                if p.grad is None:  # not in this step's graph: no expert of it is active
+                    if self.forget_inactive and axis is not None and self.state.get(p):
+                        _forget(self.state[p], axis, torch.ones(axis.num_experts, dtype=torch.bool))
+                    continue
                 state = self.state[p]
                 if not state:
                     state["exp_avg"] = torch.zeros_like(p)
@@ -60,8 +74,10 @@ class MaskedAdamW(torch.optim.Optimizer):
                     state["step"] += 1
                     _adamw(p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"], *hyper)
                     continue
-                experts = active.get(p, torch.ones(axis.num_experts, dtype=torch.bool))
-                idx = axis.positions(experts.cpu())
+                experts = active.get(p, torch.ones(axis.num_experts, dtype=torch.bool)).cpu()
+                if self.forget_inactive and not experts.all():
+                    _forget(state, axis, ~experts)
+                idx = axis.positions(experts)
                 if idx.numel() == 0:
                     continue
                 state["step"][experts.to(p.device)] += 1
@@ -76,6 +92,14 @@ class MaskedAdamW(torch.optim.Optimizer):
                 _adamw(value, p.grad.index_select(axis.dim, idx), m, v, step, *hyper)
                 for target, new in ((p, value), (state["exp_avg"], m), (state["exp_avg_sq"], v)):
                     target.index_copy_(axis.dim, idx, new)
+
+
+def _forget(state: dict, axis: ExpertAxis, experts_E: torch.Tensor) -> None:
+    """Reset the moments and step counts of ``experts_E`` (as if they had never been stepped)."""
+    idx = axis.positions(experts_E).to(state["exp_avg"].device)
+    for key in ("exp_avg", "exp_avg_sq"):
+        state[key].index_fill_(axis.dim, idx, 0)
+    state["step"][experts_E.to(state["step"].device)] = 0
 
 
 def _adamw(p, grad, m, v, step, lr, b1, b2, eps, wd) -> None:
@@ -95,10 +119,11 @@ class ExpertAdamW:
     Split so that the bulk of the parameters takes torch's single-kernel path (measured 5-10x
     faster than a Python loop on CPU); only fused expert tensors pay for masking.
 
-    A plain parameter without a gradient in a step (an expert outside E_active) is not moved,
-    and its moments are dropped: at most C_budget experts hold optimizer state at any time,
-    which is what bounds a client's memory (``hfedmoe.budget``). An expert that comes back
-    restarts its moments, as a freshly created optimizer would.
+    The same semantics for both layouts (METHOD.md §7): an expert outside E_active in a step
+    (a per-module expert without a gradient; a fused tensor's expert masked in ``active``) is
+    not moved, and its moments and step count are dropped: at most C_budget experts hold
+    optimizer state at any time, which is what bounds a client's memory (``hfedmoe.budget``).
+    An expert that comes back restarts its moments, as a freshly created optimizer would.
     """
 
     def __init__(
@@ -112,23 +137,29 @@ class ExpertAdamW:
         params = [p for p in params if p.requires_grad]
         plain = [p for p in params if id(p) not in axis_ids]
         fused = [p for p in params if id(p) in axis_ids]
-        self.plain = torch.optim.AdamW(plain, lr=lr, weight_decay=weight_decay, fused=True)
+        self.plain = (
+            torch.optim.AdamW(plain, lr=lr, weight_decay=weight_decay, fused=True) if plain else None
+        )
         self.masked = (
-            MaskedAdamW(fused, lr=lr, weight_decay=weight_decay, expert_axes=expert_axes)
+            MaskedAdamW(
+                fused, lr=lr, weight_decay=weight_decay, expert_axes=expert_axes,
+                forget_inactive=True,
+            )  # fmt: skip
             if fused
             else None
         )
 
     def step(self, active: Mapping[torch.nn.Parameter, torch.Tensor] | None = None) -> None:
-        self.plain.step()
-        for group in self.plain.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    self.plain.state.pop(p, None)
+        if self.plain is not None:
+            self.plain.step()
+            for group in self.plain.param_groups:
+                for p in group["params"]:
+                    if p.grad is None:
+                        self.plain.state.pop(p, None)
         if self.masked is not None:
             self.masked.step(active)
 
     def zero_grad(self) -> None:
-        self.plain.zero_grad(set_to_none=True)
-        if self.masked is not None:
-            self.masked.zero_grad(set_to_none=True)
+        for opt in (self.plain, self.masked):
+            if opt is not None:
+                opt.zero_grad(set_to_none=True)
