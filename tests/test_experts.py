@@ -13,7 +13,7 @@ from hfedmoe.foundation.assets import shipped_path
 from hfedmoe.foundation.config import LoraConfig, ModelConfig
 from hfedmoe.foundation.errors import HFedMoEError
 from hfedmoe.model import build_causal_lm, build_classifier, load_tokenizer
-from hfedmoe.model.experts import ExpertModel
+from hfedmoe.model.experts import ExpertEntry, ExpertModel
 from hfedmoe.model.hf import load_moe_model
 from hfedmoe.model.lora import add_lora
 from hfedmoe.training import to_device
@@ -377,3 +377,17 @@ def test_an_experts_lora_slice_is_its_own_weight_delta():
             for e in range(em.num_experts):
                 changed = bool(delta[e].abs().sum() > 0)
                 assert changed == (layer.position == 1 and e == 2), (wrapper.parameter_name, e)
+
+
+def test_a_contiguous_expert_part_is_a_view_and_writes_land_in_place():
+    """Reading an expert of a fused tensor copies nothing; writing one changes only its rows."""
+    fused = torch.arange(24.0).reshape(4, 3, 2)
+    row = ExpertEntry("w", dim=0, index=torch.tensor([2]))
+    part = row.take(fused)
+    assert part.data_ptr() == fused[2].data_ptr() and part.shape == (1, 3, 2)
+    scattered = ExpertEntry("w", dim=0, index=torch.tensor([0, 2]))
+    assert torch.equal(scattered.take(fused), fused[[0, 2]])
+    before = fused.clone()
+    row.write_(fused, torch.zeros(1, 3, 2))
+    assert torch.equal(fused[2], torch.zeros(3, 2))
+    assert torch.equal(fused[[0, 1, 3]], before[[0, 1, 3]])

@@ -45,7 +45,8 @@ class Fused:
 
     def __init__(self, init_ED: torch.Tensor):
         self.param = torch.nn.Parameter(init_ED.clone())
-        self.opt = ExpertAdamW([self.param], {self.param: ExpertAxis.rows(E)}, lr=LR, weight_decay=WD)
+        axes = {self.param: ExpertAxis.rows(E)}
+        self.opt = ExpertAdamW([self.param], axes, lr=LR, weight_decay=WD)
 
     def step(self, grad_ED: torch.Tensor, active_E: torch.Tensor) -> None:
         self.param.grad = grad_ED * active_E.unsqueeze(1)

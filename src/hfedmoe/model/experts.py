@@ -291,16 +291,16 @@ class ExpertEntry:
         return self.name or self.state_name
 
     def take(self, tensor: torch.Tensor) -> torch.Tensor:
-        """This expert's part of ``tensor`` (the tensor itself for a whole entry)."""
+        """This expert's part of ``tensor``: the tensor itself for a whole entry, a view of it
+        where the expert's positions are contiguous (a fused row, a LoRA's rank slice), else a
+        copy. Callers that keep or change the part clone it."""
         if self.dim is None:
             return tensor
-        return tensor.index_select(self.dim, self.index.to(tensor.device))
-
-    def put(self, tensor: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
-        """A copy of ``tensor`` with this expert's part replaced."""
-        if self.dim is None:
-            return part.clone()
-        return self.write_(tensor.clone(), part)
+        index = self.index
+        start, length = int(index[0]), len(index)
+        if int(index[-1]) - start + 1 == length and bool((index.diff() == 1).all()):
+            return tensor.narrow(self.dim, start, length)
+        return tensor.index_select(self.dim, index.to(tensor.device))
 
     def write_(self, tensor: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
         """Replace this expert's part of ``tensor`` in place; returns ``tensor``."""

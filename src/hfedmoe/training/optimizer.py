@@ -137,14 +137,10 @@ class ExpertAdamW:
         params = [p for p in params if p.requires_grad]
         plain = [p for p in params if id(p) not in axis_ids]
         fused = [p for p in params if id(p) in axis_ids]
-        self.plain = (
-            torch.optim.AdamW(plain, lr=lr, weight_decay=weight_decay, fused=True) if plain else None
-        )
+        hyper = {"lr": lr, "weight_decay": weight_decay}
+        self.plain = torch.optim.AdamW(plain, **hyper, fused=True) if plain else None
         self.masked = (
-            MaskedAdamW(
-                fused, lr=lr, weight_decay=weight_decay, expert_axes=expert_axes,
-                forget_inactive=True,
-            )  # fmt: skip
+            MaskedAdamW(fused, **hyper, expert_axes=expert_axes, forget_inactive=True)
             if fused
             else None
         )

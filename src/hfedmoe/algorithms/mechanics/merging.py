@@ -19,8 +19,12 @@ def aggregate_experts(
     w_CLE: torch.Tensor,
 ) -> Weights:
     """Each expert as sum_c w_c(e) x_c(e) over the clients with w_c(e) > 0 (they uploaded it);
-    an expert with no such client keeps its global value. ``w_CLE`` sums to 1 or 0 per expert."""
+    an expert with no such client keeps its global value. ``w_CLE`` sums to 1 or 0 per expert.
+
+    A fused tensor is copied once, on its first merged expert, and every expert is written into
+    that copy in place (not one copy of the whole tensor per expert)."""
     new = dict(global_weights)
+    copied: set[str] = set()
     for (layer, e), entries in layout.experts.items():
         w_C = w_CLE[:, layer, e]
         holders = torch.nonzero(w_C).flatten().tolist()
@@ -28,7 +32,14 @@ def aggregate_experts(
             continue
         for entry in entries:
             parts = [updates[c].weights[expert_key(entry, (layer, e))] for c in holders]
-            new[entry.state_name] = entry.put(new[entry.state_name], combine(parts, w_C[holders]))
+            merged = combine(parts, w_C[holders])
+            if entry.dim is None:
+                new[entry.state_name] = merged
+                continue
+            if entry.state_name not in copied:
+                new[entry.state_name] = new[entry.state_name].clone()
+                copied.add(entry.state_name)
+            entry.write_(new[entry.state_name], merged)
     return new
 
 
