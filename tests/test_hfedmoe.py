@@ -49,6 +49,31 @@ def test_client_trains_at_most_its_budget_and_reports_usage(setup):
     assert update.stats["importance"].shape == (L, E)
 
 
+@pytest.mark.parametrize("usage_over", ["data", "batches"])
+def test_usage_is_eq_16_over_the_clients_data_after_training(tiny_bert_dir, usage_over):
+    """METHOD.md §7: u_c(e) = (1/|D_c|) sum over all of D_c of G_e(x), after local training, in
+    eval mode (the default); "batches": over the batches drawn while training, which differs."""
+    cfg = validate(tiny_raw(tiny_bert_dir, algorithm="hfedmoe", hfedmoe={"usage_over": usage_over}))
+    task = server_workload(cfg)
+    algo = build_algorithm(cfg)
+    algo.bind(task.model)
+    data = client_data(cfg, 0, 2)
+    request = algo.configure_client(1, dict(task.model.state_dict()), client=0)
+    update = algo.train_client(task.model, data, request, np.random.default_rng(0))
+    # by hand, with the trained model: every sample's mean gate over its real tokens, averaged
+    em = ExpertModel(task.model)
+    task.model.eval()
+    batch = {k: v for k, v in data.batch(np.arange(len(data))).items() if k != "labels"}
+    with torch.no_grad(), em.capture() as capture:
+        task.model(**batch)
+    expected = capture.sample_probs(batch["attention_mask"]).mean(1)  # (L, E)
+    if usage_over == "data":
+        torch.testing.assert_close(update.stats["usage"], expected)
+        assert update.metrics["usage_seconds"] > 0
+    else:
+        assert not torch.allclose(update.stats["usage"], expected)
+
+
 def test_server_aggregates_by_eqs_17_to_21(setup):
     cfg, task, algo = setup
     em = ExpertModel(task.model)

@@ -6,6 +6,11 @@ tiny BERT-MoE with three device tiers (``tiers.three_tiers``); the default job
 (``configs/default.toml``) is the slow one. Timings and node ids are left out
 (``hfedmoe.results.engine_independent``).
 
+Bit for bit on the machine that recorded them; on another CPU, torch's SIMD kernels round
+differently in the last bits (seen here: two machines of this workplace, both x86_64, differed
+by 2e-9 relative in round 0's test loss), so :func:`same` compares floats to 1e-6 relative and
+everything else (structure, counts, names) exactly. A real change moves metrics by far more.
+
 A change that is meant to change the numbers regenerates them, and says so in its commit::
 
     .venv/bin/python -m tests.support.golden            # the tiny runs (about a minute)
@@ -49,6 +54,25 @@ def run_case(tiny_bert_dir: Path, case: str, run_dir: Path) -> list[dict]:
 
 def expected(path: Path) -> dict:
     return json.loads(path.read_text())
+
+
+def same(actual: object, golden: object, rel: float = 1e-6, path: str = "") -> str | None:
+    """None if ``actual`` matches ``golden`` (floats to ``rel``), else the first difference."""
+    if isinstance(golden, dict) and isinstance(actual, dict):
+        if set(actual) != set(golden):
+            return f"{path}: keys {sorted(set(actual) ^ set(golden))} differ"
+        diffs = (same(actual[k], golden[k], rel, f"{path}/{k}") for k in golden)
+        return next((d for d in diffs if d), None)
+    if isinstance(golden, list) and isinstance(actual, list):
+        if len(actual) != len(golden):
+            return f"{path}: {len(actual)} items, expected {len(golden)}"
+        pairs = enumerate(zip(actual, golden, strict=True))
+        diffs = (same(a, g, rel, f"{path}[{i}]") for i, (a, g) in pairs)
+        return next((d for d in diffs if d), None)
+    if isinstance(golden, float) and isinstance(actual, float):
+        ok = abs(actual - golden) <= rel * max(abs(golden), 1e-12)
+        return None if ok else f"{path}: {actual!r}, expected {golden!r}"
+    return None if actual == golden else f"{path}: {actual!r}, expected {golden!r}"
 
 
 def _regenerate(default: bool) -> None:

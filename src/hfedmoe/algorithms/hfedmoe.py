@@ -4,9 +4,11 @@ sparsity-aware aggregation. METHOD.md is the specification; equations carry its 
 Client, per batch (backward-only mode, the paper's): the forward pass routes normally; from the
 router probabilities of the batch it scores every expert, eq. (3)-(5), (10)-(11), (14), and
 updates only E_active, the top-C_budget experts of E_union by I_b, eq. (15); the others pass
-gradients on but are not updated (``ExpertModel.update_only``, ``MaskedAdamW``). Per round it
+gradients on but are not updated (``ExpertModel.update_only``, ``ExpertAdamW``). Per round it
 reports u_c(e), eq. (16), s_c(e) (its importance averaged over batches), the per-expert update
-counts and |D_c|.
+counts and |D_c|. u_c(e) is, by default, the mean gate over all of D_c after local training in
+eval mode (one extra forward pass, timed as ``usage_seconds``; METHOD.md §7); with
+``usage_over = "batches"``, over the batches drawn while training.
 
 Server: experts by eq. (17) among the clients that used AND updated them (METHOD.md §7), an
 expert nobody qualifies for keeps its value; each layer's router by eqs. (19)-(21) with
@@ -28,6 +30,8 @@ tokens only among them (``ExpertModel.restrict_routing``) and uploads as in back
 
 from __future__ import annotations
 
+import contextlib
+import time
 from collections.abc import Mapping
 from typing import ClassVar
 
@@ -52,7 +56,7 @@ from hfedmoe.algorithms.mechanics.assignment import (
     mask_of,
     own_or_mean,
 )
-from hfedmoe.algorithms.mechanics.hooks import GateUsage
+from hfedmoe.algorithms.mechanics.hooks import GateUsage, usage_over_data
 from hfedmoe.algorithms.mechanics.layout import ExpertLayout, uploaded_mask
 from hfedmoe.algorithms.mechanics.merging import aggregate_experts, fedavg_rest
 from hfedmoe.algorithms.mechanics.transfer import download, load_held, upload_weights
@@ -192,12 +196,17 @@ class HFedMoE(PartialUploads, FederatedAlgorithm):
         held = mask_of(request, em.shape)
         if held is None:  # backward-only: all weights down
             load_shared_state(model, request.weights)
-            result = train_local(model, data, self.cfg.train, rng, selector)
         else:
             load_held(model, request.weights, em.expert_entries(), held)
-            with em.restrict_routing(held):
-                result = train_local(model, data, self.cfg.train, rng, selector)
-        u_LE = selector.usage.value()  # eq. (16)
+        routing = contextlib.nullcontext() if held is None else em.restrict_routing(held)
+        with routing:
+            result = train_local(model, data, self.cfg.train, rng, selector)
+            started = time.perf_counter()
+            if self.cfg.hfedmoe.usage_over == "data":  # eq. (16) over D_c, after training
+                u_LE = usage_over_data(model, data, self.cfg.eval.batch_size, self.cfg.train.device)
+            else:  # over the batches drawn while training
+                u_LE = selector.usage.value()
+            usage_seconds = time.perf_counter() - started
         send = result.expert_updates > 0
         if self.cfg.hfedmoe.expert_used == "usage":
             send |= (u_LE >= self.cfg.hfedmoe.tau) & result.routed
@@ -206,4 +215,5 @@ class HFedMoE(PartialUploads, FederatedAlgorithm):
         update.stats["usage"] = u_LE
         update.stats["importance"] = selector.importance_sum / max(selector.batches, 1)  # s_c
         update.metrics["experts_used"] = float((u_LE >= self.cfg.hfedmoe.tau).sum())
+        update.metrics["usage_seconds"] = usage_seconds
         return update

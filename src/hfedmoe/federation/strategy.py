@@ -55,6 +55,7 @@ class ClientReport:
     experts_routed: int | None = None  # routed to in >= 1 batch (union of E_union)
     experts_updated: int | None = None  # updated in >= 1 batch (union of E_active)
     experts_used: int | None = None  # reported as used: u_c(e) >= tau (HFedMoE)
+    usage_seconds: float | None = None  # HFedMoE: the extra pass over D_c for eq. (16)
     experts_routed_per_step: float | None = None  # mean |E_union| per local batch
     max_active_per_step: int | None = None  # the most experts updated on one batch
     memory_predicted_bytes: float | None = None  # training's extra memory, cost model
@@ -79,6 +80,7 @@ def _describe(report: ClientReport, update: ClientUpdate, partition_id: int, byt
     report.experts_routed = _int_or_none(m.get("experts_routed"))
     report.experts_updated = _int_or_none(m.get("experts_updated"))
     report.experts_used = _int_or_none(m.get("experts_used"))
+    report.usage_seconds = m.get("usage_seconds")
     report.experts_routed_per_step = m.get("experts_routed_per_step")
     report.max_active_per_step = _int_or_none(m.get("max_active_per_step"))
     report.memory_predicted_bytes = m.get("memory_predicted_bytes")

@@ -272,6 +272,11 @@ class HFedMoEConfig(Section):
     router_aggregation: Literal["eq21", "fedavg"] = Field(
         "eq21", description="routers by eqs. (19)-(21), or by FedAvg (ablation)"
     )
+    usage_over: Literal["data", "batches"] = Field(
+        "data",
+        description="u_c(e) of eq. (16) over all of D_c after local training, in eval mode (one "
+        "extra forward pass; METHOD.md §7), or over the batches drawn while training",
+    )
     mode: Literal["backward-only", "strict"] = Field(
         "backward-only",
         description="backward-only: route normally, update only E_active (the paper); strict: "

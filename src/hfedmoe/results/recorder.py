@@ -157,7 +157,9 @@ def _failure_rate(rounds: list[dict]) -> float:
 
 
 #: fields of metrics.jsonl that measure the machine, not the training (they differ between runs)
-TIMING_KEYS = frozenset({"memory_measured_bytes", "round_seconds", "elapsed_seconds", "seconds"})
+TIMING_KEYS = frozenset(
+    {"memory_measured_bytes", "round_seconds", "elapsed_seconds", "seconds", "usage_seconds"}
+)
 
 
 def without(records: list[dict], drop: frozenset[str] = TIMING_KEYS) -> list[dict]:

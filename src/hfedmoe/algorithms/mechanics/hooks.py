@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from hfedmoe.algorithms.maths.sparse_aggregation import usage
 from hfedmoe.algorithms.mechanics.assignment import mask_of
 from hfedmoe.algorithms.messages import TrainRequest
-from hfedmoe.model.experts import RoutingCapture
+from hfedmoe.data.tokenized import TokenizedDataset, sequential_batches
+from hfedmoe.model.experts import ExpertModel, RoutingCapture
 from hfedmoe.training import StepHooks
+from hfedmoe.training.device import on_device, to_device
 
 
 class GateUsage:
@@ -25,6 +28,24 @@ class GateUsage:
 
     def value(self) -> torch.Tensor:
         return usage(self.gate_sum, self.samples)
+
+
+@torch.no_grad()
+def usage_over_data(
+    model: nn.Module, data: TokenizedDataset, batch_size: int, device: str = "cpu"
+) -> torch.Tensor:
+    """u_c(e), eq. (16), as METHOD.md §7 defines it: the mean of G_e(x) over every sample of the
+    client's data D_c, in eval mode (no dropout), one forward pass (no loss, no gradients)."""
+    em = ExpertModel(model)
+    total = GateUsage()
+    with on_device(model, device) as dev:
+        model.eval()
+        for idx in sequential_batches(len(data), batch_size):
+            batch = {k: v for k, v in data.batch(idx).items() if k != "labels"}
+            with em.capture() as capture:
+                model(**to_device(batch, dev))
+            total.add(capture.sample_probs(batch.get("attention_mask")))
+    return total.value()
 
 
 class AssignedExperts(StepHooks):
