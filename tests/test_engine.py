@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.clientapp import ClientApp
@@ -72,6 +73,38 @@ def test_task_and_update_survive_the_wire():
     assert torch.equal(got.stats["usage"], torch.zeros(4))
     npy_header = 128  # each array travels as a .npy file: a 128-byte header, then the data
     assert wire.payload_bytes(content) == (npy_header + 2 * 4) + (npy_header + 4 * 4)
+
+
+def test_by_reference_the_grid_hands_over_the_same_tensors():
+    """Without check_wire the embedded engine serialises nothing: the client receives the very
+    tensors the server sent (it copies them into its own model), and a by-reference record
+    refuses to cross a wire rather than arrive empty."""
+    seen.clear()
+    grid = EmbeddedGrid(echo_app, num_nodes=1, run_config={}, check_wire=False)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, SUPERLINK_NODE_ID, 1
+    sent = torch.tensor([1.0, 2.0])
+    task = TrainRequest({"w": sent})
+    content = wire.pack_request(task, 1, by_reference=True)
+    msg = Message(content, dst_node_id=FIRST_NODE_ID, message_type=MessageType.TRAIN, group_id="1")
+    (reply,) = grid.send_and_receive([msg])
+    assert seen[0][1]["w"] is sent
+    assert torch.equal(reply.content.array_records["arrays"].to_torch_state_dict()["w"], sent * 2)
+    with pytest.raises(RuntimeError, match="cannot cross the wire"):
+        content.array_records["arrays"].deflate()
+
+
+def test_by_reference_counts_the_bytes_the_wire_would_carry():
+    update = ClientUpdate(
+        {"a": torch.ones(2, 3), "n": torch.zeros((), dtype=torch.int64), "m": torch.ones(4) > 0},
+        17,
+        {"train_loss": 0.5},
+        {"usage": torch.zeros(2, 4, dtype=torch.float64)},
+    )
+    serialised = wire.pack_update(update, 3)
+    by_reference = wire.pack_update(update, 3, by_reference=True)
+    assert wire.payload_bytes(by_reference) == wire.payload_bytes(serialised)
+    got, _ = wire.unpack_update(by_reference)
+    assert got.weights["a"] is update.weights["a"] and got.stats["usage"] is update.stats["usage"]
 
 
 def test_client_sampling_is_reproducible_and_varies_by_round():

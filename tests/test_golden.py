@@ -26,3 +26,12 @@ def test_every_algorithm_has_a_golden_record():
 def test_tiny_run_reproduces_its_golden_metrics(case, tiny_bert_dir, tmp_path):
     metrics = golden.run_case(tiny_bert_dir, case, tmp_path / case)
     assert golden.same(metrics, golden.expected(golden.TINY_RUNS)[case]) is None
+
+
+@pytest.mark.parametrize("case", ["hfedmoe-strict", "flexmoe", "fedmoe"])
+def test_the_wire_changes_nothing(case, tiny_bert_dir, tmp_path):
+    """By reference (the embedded engine's default) and across Flower's wire format, every
+    message gives the same run, bit for bit: partial downloads, node memory, uploads."""
+    by_reference = golden.run_case(tiny_bert_dir, case, tmp_path / "ref")
+    across = golden.run_case(tiny_bert_dir, case, tmp_path / "wire", check_wire=True)
+    assert by_reference == across

@@ -49,7 +49,7 @@ def tiny_raw(model_dir: Path, **sections: dict) -> dict:
         "threads": 1,
         "model": {"name_or_path": str(model_dir), "num_experts": 4, "top_k": 2, "max_length": 32},
         "data": {"max_train_examples": 120, "max_test_examples": 40, "min_partition_size": 5},
-        "federation": {"num_clients": 2, "clients_per_round": 2, "rounds": 2},
+        "federation": {"num_clients": 2, "clients_per_round": 2, "rounds": 2, "check_wire": True},
         "train": {"local_steps": 2, "batch_size": 8, "lr": 1e-3, "device": TEST_DEVICE},
         "eval": {"batch_size": 40},
     }

@@ -44,10 +44,13 @@ CASES: dict[str, tuple[str, str]] = {
 }
 
 
-def run_case(tiny_bert_dir: Path, case: str, run_dir: Path) -> list[dict]:
-    """The engine-independent metrics of one golden case, run on the embedded engine."""
+def run_case(
+    tiny_bert_dir: Path, case: str, run_dir: Path, check_wire: bool = False
+) -> list[dict]:
+    """The engine-independent metrics of one golden case, run on the embedded engine (by
+    reference, its default, or with every message across Flower's wire format)."""
     algorithm, mode = CASES[case]
-    cfg = validate(three_tiers(tiny_bert_dir, algorithm, mode))
+    cfg = validate(three_tiers(tiny_bert_dir, algorithm, mode, check_wire))
     run_embedded(cfg, str(run_dir), server_app, client_app)
     return json.loads(json.dumps(engine_independent(run_dir)))  # as the file will hold them
 

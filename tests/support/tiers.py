@@ -12,12 +12,19 @@ from hfedmoe.foundation.config import validate
 from .configs import tiny_raw
 
 
-def three_tiers(tiny_bert_dir: Path, algorithm: str, mode: str = "backward-only") -> dict:
+def three_tiers(
+    tiny_bert_dir: Path, algorithm: str, mode: str = "backward-only", check_wire: bool = False
+) -> dict:
     """Three clients on three devices: small (budget 2), medium (budget 5), large (all 8)."""
     raw = tiny_raw(
         tiny_bert_dir,
         algorithm=algorithm,
-        federation={"num_clients": 3, "clients_per_round": 3, "rounds": 2},
+        federation={
+            "num_clients": 3,
+            "clients_per_round": 3,
+            "rounds": 2,
+            "check_wire": check_wire,
+        },
         hfedmoe={"mode": mode},
     )
     cfg = validate(raw)

@@ -6,9 +6,13 @@ because Flower's own in-memory paths either need a SuperLink state plus a fleet 
 (the simulation engine) or gRPC servers (the deployment engine); none runs a ClientApp in the
 calling process.
 
-Every message's content crosses a real serialisation boundary in both directions: it is deflated
-into Flower's content-addressed object tree (the objects the SuperLink stores and streams) and
-inflated back, so server and clients never share a Python object, as on the other engines.
+Messages carry their tensors by reference (``wire.TensorRecord``): server and clients share the
+process, so nothing is serialised or copied on the way (the clients copy what they receive into
+their own resident model). With ``federation.check_wire`` (the tests turn it on) every
+message's content instead crosses a real serialisation boundary in both directions: it is
+deflated into Flower's content-addressed object tree (the objects the SuperLink stores and
+streams) and inflated back, so server and clients never share a Python object, as on the other
+engines; the contract that every message survives the wire stays proven.
 """
 
 from __future__ import annotations
@@ -58,9 +62,12 @@ class EmbeddedGrid(Grid):
         run_id: int = 1,
         on_reply: ReplyCallback | None = None,
         clock: Callable[[], float] = time.perf_counter,
+        check_wire: bool = True,
     ):
-        """``clock``: seconds, for timing each node's reply against the round's timeout."""
+        """``clock``: seconds, for timing each node's reply against the round's timeout;
+        ``check_wire``: every message crosses Flower's wire format (else by reference)."""
         self._client_app = client_app
+        self._check_wire = check_wire
         self._run = Run.create_empty(run_id)
         self._run.override_config = dict(run_config)
         self._on_reply = on_reply
@@ -136,10 +143,12 @@ class EmbeddedGrid(Grid):
         if node not in self._contexts:
             reply = Message(Error(code=404, reason=f"unknown node {node}"), reply_to=msg)
         else:
-            received = Message(_cross_wire(msg.content), metadata=msg.metadata)
+            received = msg
+            if self._check_wire:
+                received = Message(_cross_wire(msg.content), metadata=msg.metadata)
             try:
                 reply = self._client_app(received, self._contexts[node])
-                if reply.has_content():
+                if reply.has_content() and self._check_wire:
                     reply = Message(_cross_wire(reply.content), metadata=reply.metadata)
             except Exception as exc:  # a failing client must not take the server down
                 reply = Message(
@@ -163,9 +172,17 @@ def run_embedded(
     """Run ``server_app`` against ``cfg.federation.num_clients`` in-process ``client_app`` nodes
     (``resume``: continue the run in ``run_dir`` from its checkpoint; ``clock``: what times the
     nodes' replies against the round's timeout)."""
-    run_config = {wire.RUN_CONFIG: cfg.to_json(), wire.RUN_DIR: str(run_dir), wire.RESUME: resume}
+    check_wire = cfg.federation.check_wire
+    run_config = {
+        wire.RUN_CONFIG: cfg.to_json(),
+        wire.RUN_DIR: str(run_dir),
+        wire.RESUME: resume,
+        wire.BY_REFERENCE: not check_wire,
+    }
     run_id = 1
-    grid = EmbeddedGrid(client_app, cfg.federation.num_clients, run_config, run_id, on_reply, clock)
+    grid = EmbeddedGrid(
+        client_app, cfg.federation.num_clients, run_config, run_id, on_reply, clock, check_wire
+    )
     TaskIdentity.task_id = 1
     TaskIdentity.run_id = run_id
     TaskIdentity.node_id = SUPERLINK_NODE_ID

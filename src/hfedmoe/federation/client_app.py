@@ -1,9 +1,12 @@
 """The Flower ClientApp: unpack the request, run the algorithm's local training, pack the reply.
 
-A client process keeps a cache of its tokenised partition, of the model architecture and of its
-cost model (all derived from the config alone), so it does not rebuild them every round. Nothing
-here is shared with the server: the client sees only what arrives in the message and in its
-Context.
+A client process keeps a cache of its tokenised partitions, of one resident model and of its
+cost model (all derived from the config alone), so it does not rebuild them every round: each
+request's weights are copied into the resident model in place (no copy of the model per client
+and round). Nothing here is shared with the server: the client sees only what arrives in the
+message and in its Context. Weights a request leaves out (a strict client's unheld experts)
+keep whatever the resident model last held; the algorithms that leave them out never route to
+them.
 
 Its device (``hfedmoe.budget``): the tier named by the node config's ``device-tier``, else the
 one the config assigns to its partition. Before the first round the server asks every node for
@@ -67,7 +70,7 @@ def train(msg: Message, context: Context) -> Message:
             f"injected fault: partition {partition_id}, round {server_round}"
         )
     data = _data(cfg_json, partition_id, num_partitions)
-    model = copy.deepcopy(_architecture(cfg_json))
+    model = _architecture(cfg_json)  # resident: the request's weights are loaded into it
     sent = request.weights
     seed_torch(cfg.seed, CLIENT_TRAIN, server_round, partition_id)  # dropout
     rng = rng_for(cfg.seed, CLIENT_TRAIN, server_round, partition_id)  # batch order
@@ -82,7 +85,8 @@ def train(msg: Message, context: Context) -> Message:
         faults.reply_late(cfg.federation.round_timeout or 0.0)  # after the deadline
     elif fault is not None:
         update = faults.corrupt(update, fault, sent)
-    return Message(wire.pack_update(update, partition_id), reply_to=msg)
+    by_reference = bool(context.run_config.get(wire.BY_REFERENCE, False))
+    return Message(wire.pack_update(update, partition_id, by_reference), reply_to=msg)
 
 
 @app.query("budget")

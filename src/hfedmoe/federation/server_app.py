@@ -13,7 +13,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from hfedmoe.algorithms import build_algorithm
@@ -59,7 +59,8 @@ def main(grid: Grid, context: Context) -> None:
         if not isinstance(grid, ResumableGrid):  # node ids and node state do not survive
             raise ConfigError("resume: only runs of the embedded engine (hfedmoe run) resume")
         resume = load_run_state(run_dir)
-    federate(grid, cfg, RunRecorder(run_dir, cfg, resume), resume=resume)
+    by_reference = bool(context.run_config.get(wire.BY_REFERENCE, False))
+    federate(grid, cfg, RunRecorder(run_dir, cfg, resume), resume=resume, by_reference=by_reference)
 
 
 def federate(
@@ -68,8 +69,12 @@ def federate(
     recorder: RunRecorder,
     timeout: float = 3600,
     resume: RunState | None = None,
+    by_reference: bool = False,
 ) -> dict:
     """Run ``cfg.federation.rounds`` rounds over ``grid``; return the run summary.
+
+    The global weights are the server model's own tensors (``wire.TensorRecord``: no copy);
+    ``by_reference``: the clients share this process and receive them by reference.
 
     After every round the run state is checkpointed (``hfedmoe.results.run_state``); with
     ``resume`` the loop continues from the checkpoint's round with the same weights, algorithm
@@ -82,7 +87,7 @@ def federate(
     model = workload.model
     algorithm = build_algorithm(cfg)
     algorithm.bind(model)
-    strategy = AlgorithmStrategy(algorithm, cfg)
+    strategy = AlgorithmStrategy(algorithm, cfg, by_reference)
     strategy.spec = algorithm.upload_spec(model)
     round_timeout = cfg.federation.round_timeout or timeout
     if resume is None:
@@ -95,7 +100,7 @@ def federate(
         if isinstance(grid, ResumableGrid):
             grid.restore_node_states(resume.nodes)
         log.info("resuming after round %d of %d", resume.round, cfg.federation.rounds)
-    arrays = ArrayRecord(shared_state(model))
+    arrays = wire.TensorRecord(shared_state(model))
 
     def checkpoint(server_round: int) -> None:
         nodes = grid.node_states() if isinstance(grid, ResumableGrid) else {}
@@ -123,9 +128,12 @@ def federate(
         messages = strategy.configure_train(server_round, arrays, ConfigRecord(), grid)
         replies = grid.send_and_receive(messages, timeout=round_timeout)
         new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
-        if new_arrays is not None:  # None: every client failed, the model stays as it was
-            arrays = new_arrays
-            load_shared_state(model, arrays.to_torch_state_dict())
+        del replies
+        aggregated = new_arrays is not None  # no: every client failed, the model stays as it was
+        if aggregated:
+            load_shared_state(model, new_arrays.to_torch_state_dict())
+            arrays = wire.TensorRecord(shared_state(model))  # the model holds the only copy
+        del new_arrays
         result = evaluate(model, workload.test, cfg.eval.batch_size, cfg.train.device)
         train_loss = float(train_metrics["train_loss"]) if train_metrics else None
         now = time.perf_counter()
@@ -133,7 +141,7 @@ def federate(
             server_round, result, train_loss, strategy.last_reports, now - round_start, now - start
         )
         record.update(_per_client(result, workload, record["clients"]))
-        if new_arrays is not None:  # what the algorithm says about this round's aggregation
+        if aggregated:  # what the algorithm says about this round's aggregation
             record.update(algorithm.round_metrics())
         if strategy.aggregate_rejected:
             record["aggregate_rejected"] = True

@@ -110,9 +110,13 @@ class AlgorithmStrategy(Strategy):
     the same seed samples, seeds and orders the same clients on every engine.
     """
 
-    def __init__(self, algorithm: FederatedAlgorithm, cfg: ExperimentConfig):
+    def __init__(
+        self, algorithm: FederatedAlgorithm, cfg: ExperimentConfig, by_reference: bool = False
+    ):
+        """``by_reference``: the clients share this process (``wire.TensorRecord``)."""
         self.algorithm = algorithm
         self.cfg = cfg
+        self.by_reference = by_reference
         self.last_reports: list[ClientReport] = []
         self._global: Weights = {}
         self._bytes_down: dict[int, int] = {}
@@ -144,10 +148,14 @@ class AlgorithmStrategy(Strategy):
         messages, self._bytes_down, self._requested = [], {}, {}
         self._sampled = sampled
         self.algorithm.configure_round(server_round, sampled)
+        packed: dict[int, ArrayRecord] = {}  # weights that several requests share, packed once
         for client in sampled:
             node = self.nodes[client]
             request = self.algorithm.configure_client(server_round, self._global, client)
-            content = wire.pack_request(request, server_round)
+            key = id(request.weights)
+            if key not in packed:
+                packed[key] = wire.tensor_record(request.weights, self.by_reference)
+            content = wire.pack_request(request, server_round, arrays=packed[key])
             self._bytes_down[node] = wire.payload_bytes(content)
             device = self.devices.get(node)
             pool = device.num_experts if device else None
@@ -206,7 +214,8 @@ class AlgorithmStrategy(Strategy):
             return None, None
         total = sum(u.num_examples for u in updates.values())
         train_loss = sum(u.metrics["train_loss"] * u.num_examples for u in updates.values()) / total
-        return ArrayRecord(new_global), MetricRecord({"train_loss": train_loss})
+        # the server's own record: it never crosses a wire, so it holds the tensors as they are
+        return wire.TensorRecord(new_global), MetricRecord({"train_loss": train_loss})
 
     def device_records(self) -> list[dict]:
         """Every node's device, in client order (the same on every engine)."""

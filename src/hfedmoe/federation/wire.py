@@ -14,14 +14,22 @@ Client -> server (the reply)::
 Before round 1, server -> client ``query.budget`` (empty) and client -> server::
 
     DEVICE   ConfigRecord  a :class:`DeviceReport`
+
+Inside one process (the embedded engine, unless ``federation.check_wire``), the ARRAYS and
+STATS records are :class:`TensorRecord`: the same messages, with the torch tensors carried by
+reference instead of serialised into Flower's arrays. Such a record refuses to cross a wire.
 """
 
 from __future__ import annotations
 
+import functools
+import io
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from hfedmoe.algorithms import ClientUpdate, TrainRequest
@@ -44,6 +52,29 @@ PARTITION_ID = "partition-id"
 RUN_CONFIG = "hfedmoe-config"  # the validated ExperimentConfig as JSON
 RUN_DIR = "run-dir"  # where the ServerApp writes results
 RESUME = "resume"  # true: continue the run in RUN_DIR from its checkpoint (embedded only)
+BY_REFERENCE = "by-reference"  # true: server and clients share a process (TensorRecord)
+
+
+class TensorRecord(ArrayRecord):
+    """An ArrayRecord that holds torch tensors by reference, for messages that stay inside one
+    process: no serialisation, no copy. Written here because Flower's ArrayRecord always
+    converts tensors into serialised arrays (two copies per message); Flower's Message and
+    RecordDict carry this subclass unchanged. Crossing a wire would lose the tensors, so
+    :meth:`deflate` refuses."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor]):
+        super().__init__()
+        self.tensors = dict(tensors)
+
+    def to_torch_state_dict(self, keep_input: bool = True) -> dict[str, torch.Tensor]:  # type: ignore[override]
+        return dict(self.tensors)
+
+    def deflate(self) -> bytes:
+        raise RuntimeError("a by-reference TensorRecord cannot cross the wire (check_wire)")
+
+
+def tensor_record(tensors: Mapping[str, torch.Tensor], by_reference: bool) -> ArrayRecord:
+    return TensorRecord(tensors) if by_reference else ArrayRecord(dict(tensors))
 
 
 def run_config(values: Mapping[str, object]) -> tuple[ExperimentConfig, Path]:
@@ -57,10 +88,13 @@ def run_config(values: Mapping[str, object]) -> tuple[ExperimentConfig, Path]:
     return ExperimentConfig.from_json(text), Path(run_dir)
 
 
-def pack_request(request: TrainRequest, server_round: int) -> RecordDict:
+def pack_request(
+    request: TrainRequest, server_round: int, by_reference: bool = False, arrays=None
+) -> RecordDict:
+    """``arrays``: the request's weights already packed (the same for many clients)."""
     return RecordDict(
         {
-            ARRAYS: ArrayRecord(request.weights),
+            ARRAYS: arrays if arrays is not None else tensor_record(request.weights, by_reference),
             CONFIG: ConfigRecord({ROUND: server_round, **request.config}),
         }
     )
@@ -72,13 +106,13 @@ def unpack_request(content: RecordDict) -> tuple[TrainRequest, int]:
     return TrainRequest(content.array_records[ARRAYS].to_torch_state_dict(), config), server_round
 
 
-def pack_update(update: ClientUpdate, partition_id: int) -> RecordDict:
+def pack_update(update: ClientUpdate, partition_id: int, by_reference: bool = False) -> RecordDict:
     metrics = {NUM_EXAMPLES: update.num_examples, PARTITION_ID: partition_id, **update.metrics}
     return RecordDict(
         {
-            ARRAYS: ArrayRecord(update.weights),
+            ARRAYS: tensor_record(update.weights, by_reference),
             METRICS: MetricRecord(metrics),
-            STATS: ArrayRecord(update.stats) if update.stats else ArrayRecord(),
+            STATS: tensor_record(update.stats, by_reference),
         }
     )
 
@@ -88,7 +122,7 @@ def unpack_update(content: RecordDict) -> tuple[ClientUpdate, int]:
     num_examples = int(metrics.pop(NUM_EXAMPLES))
     partition_id = int(metrics.pop(PARTITION_ID))
     stats_record = content.array_records.get(STATS)
-    stats = stats_record.to_torch_state_dict() if stats_record else {}
+    stats = stats_record.to_torch_state_dict() if stats_record is not None else {}
     update = ClientUpdate(
         weights=content.array_records[ARRAYS].to_torch_state_dict(),
         num_examples=num_examples,
@@ -122,7 +156,26 @@ def unpack_device(content: RecordDict) -> DeviceReport:
 
 
 def payload_bytes(content: RecordDict) -> int:
-    """Bytes of array data in a message: what dominates the wire, the same on every engine."""
-    return sum(
-        len(array.data) for record in content.array_records.values() for array in record.values()
-    )
+    """Bytes of array data in a message: what dominates the wire, the same on every engine
+    (a :class:`TensorRecord` counts what its tensors would take serialised)."""
+    total = 0
+    for record in content.array_records.values():
+        if isinstance(record, TensorRecord):
+            total += sum(_serialised_bytes(t) for t in record.tensors.values())
+        else:
+            total += sum(len(array.data) for array in record.values())
+    return total
+
+
+def _serialised_bytes(t: torch.Tensor) -> int:
+    """Flower serialises a tensor as a .npy file: its header, then its bytes."""
+    return _npy_header_bytes(tuple(t.shape), str(t.dtype)) + t.numel() * t.element_size()
+
+
+@functools.lru_cache(maxsize=4096)
+def _npy_header_bytes(shape: tuple[int, ...], dtype: str) -> int:
+    array = np.empty((0,), dtype=torch.empty(0, dtype=getattr(torch, dtype[6:])).numpy().dtype)
+    header = {"descr": np.lib.format.dtype_to_descr(array.dtype), "fortran_order": False}
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {**header, "shape": shape})
+    return buffer.tell()

@@ -206,6 +206,11 @@ class FederationConfig(Section):
         description="Reject an update whose distance from the global weights exceeds this "
         "multiple of their norm (an absurd update).",
     )
+    check_wire: bool = Field(
+        False,
+        description="Embedded engine: every message crosses Flower's wire format (serialised "
+        "and back), as on the other engines; off: tensors go by reference within the process.",
+    )
 
     @model_validator(mode="after")
     def _sample_within_population(self) -> FederationConfig:
