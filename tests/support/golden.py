@@ -44,9 +44,7 @@ CASES: dict[str, tuple[str, str]] = {
 }
 
 
-def run_case(
-    tiny_bert_dir: Path, case: str, run_dir: Path, check_wire: bool = False
-) -> list[dict]:
+def run_case(tiny_bert_dir: Path, case: str, run_dir: Path, check_wire: bool = False) -> list[dict]:
     """The engine-independent metrics of one golden case, run on the embedded engine (by
     reference, its default, or with every message across Flower's wire format)."""
     algorithm, mode = CASES[case]
