@@ -48,16 +48,24 @@ def _state(round_: int = 3) -> RunState:
         algorithm={"importance": {1001: torch.ones(2, 4)}, "examples": {"1001": 12}},
         nodes={1002: {"memory": {"router/layer.0.gate": torch.zeros(3)}}},
         devices=[{"node_id": 1001, "tier": "phone", "expert_budget": 4}],
-        rounds=[{"round": 0, "test_accuracy": 0.25}, {"round": 1, "test_accuracy": 0.5}],
+        rounds=[{"round": r, "test_accuracy": r / 4} for r in range(round_ + 1)],
         elapsed_seconds=12.5,
     )
+
+
+def _log(run_dir: Path, rounds: list[dict], tail: str = "") -> None:
+    """metrics.jsonl as the recorder appends it (before each round's checkpoint)."""
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rounds) + tail)
 
 
 def test_run_state_round_trips_through_one_file(tmp_path):
     state = _state()
     save_run_state(tmp_path, state)
-    back = load_run_state(tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == [CHECKPOINT_FILE]  # no temporary left
+    # the rounds' metrics come from metrics.jsonl; a round after the checkpoint and a line a
+    # kill cut short are what a crash left behind
+    _log(tmp_path, [*state.rounds, {"round": 4, "test_accuracy": 1.0}], tail='{"round": 5, "te')
+    back = load_run_state(tmp_path)
     assert back.round == 3 and back.elapsed_seconds == 12.5
     assert back.devices == state.devices and back.rounds == state.rounds
     assert all(torch.equal(back.weights[k], v) for k, v in state.weights.items())
@@ -105,7 +113,20 @@ def test_a_failed_write_leaves_the_previous_checkpoint_intact(tmp_path, monkeypa
         save_run_state(tmp_path, _state(round_=3))
     assert (tmp_path / CHECKPOINT_FILE).read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == [CHECKPOINT_FILE]
+    _log(tmp_path, _state(round_=2).rounds)
     assert load_run_state(tmp_path).round == 2
+
+
+def test_the_checkpoint_header_does_not_grow_with_the_rounds(tmp_path):
+    sizes = []
+    for round_ in (1, 200):
+        save_run_state(tmp_path, _state(round_))
+        with open(tmp_path / CHECKPOINT_FILE, "rb") as f:
+            sizes.append(int.from_bytes(f.read(8), "little"))  # safetensors' header length
+    assert sizes[0] == sizes[1]
+    _log(tmp_path, _state(200).rounds[:150])
+    with pytest.raises(HFedMoEError, match="lacks round 150"):
+        load_run_state(tmp_path)
 
 
 def test_a_directory_without_a_checkpoint_is_a_clear_error(tmp_path):
@@ -207,6 +228,24 @@ def test_killed_twice_mid_run_then_resumed_ends_exactly_as_uninterrupted(
     # 2: the resumed run, 50 ms after it checkpointed round 2 (inside round 3)
     _kill_when(["run", "--resume", str(run_dir)], lambda: _checkpoint_round(run_dir) >= 2, 0.05)
     assert 2 <= _checkpoint_round(run_dir) < ROUNDS
+    proc = run_cli("run", "--resume", str(run_dir), "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    _assert_same_end(run_dir, uninterrupted)
+
+
+def test_killed_before_its_first_checkpoint_then_resumed_starts_over(
+    config_file, uninterrupted, tmp_path
+):
+    """Killed before round 0's checkpoint was complete (seen: 17 s into the default job, while
+    it was being written): --resume starts the run over in its directory, cleans what the
+    interrupted write left, and ends exactly as an uninterrupted run."""
+    run_dir = tmp_path / "early"
+    _kill_when(
+        ["run", str(config_file), "-o", str(run_dir)], lambda: (run_dir / "config.toml").exists()
+    )
+    assert not (run_dir / CHECKPOINT_FILE).exists()
+    (run_dir / f".{CHECKPOINT_FILE}-interrupted").mkdir()  # a write the kill cut off
+    (run_dir / "metrics.jsonl").write_text('{"round": 0, "test_acc')  # and a record
     proc = run_cli("run", "--resume", str(run_dir), "--no-progress")
     assert proc.returncode == 0, proc.stderr
     _assert_same_end(run_dir, uninterrupted)

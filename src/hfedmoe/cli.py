@@ -133,7 +133,7 @@ def _resumable(
     run_dir: Path, config: Path | None, set_: list[str] | None, output_dir: Path | None
 ) -> tuple[config_mod.ExperimentConfig, Path]:
     """The config of the run to resume (its own config.toml: changing it would change the run)."""
-    from hfedmoe.results.run_state import code_digest, read_header
+    from hfedmoe.results.run_state import code_digest, has_checkpoint, read_header
 
     if config is not None or set_ or output_dir is not None:
         raise HFedMoEError(
@@ -145,7 +145,10 @@ def _resumable(
     if not (run_dir / "config.toml").is_file():
         raise HFedMoEError(f"--resume: '{run_dir}' has no config.toml (not a run directory)")
     cfg = config_mod.load(run_dir / "config.toml")
-    header = read_header(run_dir)  # fails early, naming the problem, if there is no checkpoint
+    if not has_checkpoint(run_dir):  # killed before round 0's checkpoint was complete
+        console.print(f"no checkpoint in '{run_dir}' yet: the run starts over there")
+        return cfg, run_dir
+    header = read_header(run_dir)  # fails early, naming the problem, if it is unusable
     if (written_by := header.get("code", "an older hfedmoe")) != code_digest():
         console.print(
             f"[yellow]warning:[/] the checkpoint was written by {written_by}, this is "

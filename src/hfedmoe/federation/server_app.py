@@ -26,7 +26,7 @@ from hfedmoe.foundation.errors import ConfigError, HFedMoEError
 from hfedmoe.model.experts import ExpertModel
 from hfedmoe.model.state import load_shared_state, shared_state
 from hfedmoe.results import RunRecorder
-from hfedmoe.results.run_state import RunState, load_run_state, save_run_state
+from hfedmoe.results.run_state import RunState, has_checkpoint, load_run_state, save_run_state
 from hfedmoe.training import evaluate
 from hfedmoe.training.personal import personalised
 
@@ -54,13 +54,18 @@ class ResumableGrid(Protocol):
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg, run_dir = wire.run_config(context.run_config)
-    resume = None
+    resume, restart = None, False
     if context.run_config.get(wire.RESUME):
         if not isinstance(grid, ResumableGrid):  # node ids and node state do not survive
             raise ConfigError("resume: only runs of the embedded engine (hfedmoe run) resume")
-        resume = load_run_state(run_dir)
+        if has_checkpoint(run_dir):
+            resume = load_run_state(run_dir)
+        else:  # killed before round 0's checkpoint was complete: start over, in place
+            log.info("no checkpoint yet in %s: the run starts over", run_dir)
+            restart = True
+    recorder = RunRecorder(run_dir, cfg, resume, restart)
     by_reference = bool(context.run_config.get(wire.BY_REFERENCE, False))
-    federate(grid, cfg, RunRecorder(run_dir, cfg, resume), resume=resume, by_reference=by_reference)
+    federate(grid, cfg, recorder, resume=resume, by_reference=by_reference)
 
 
 def federate(

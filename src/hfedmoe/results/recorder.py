@@ -11,8 +11,9 @@
       accuracy.png     test accuracy and loss vs round
       summary.json     final figures
 
-Files are written atomically (temporary file + rename) or appended line by line, so a crash
-never leaves a half-written file behind.
+Files are written atomically (temporary file + rename) or appended line by line: the metrics
+files grow by one round's lines per round (never rewritten), and a line a crash cut short is
+dropped when the run resumes (the files are then rewritten from the checkpoint's rounds).
 """
 
 from __future__ import annotations
@@ -32,7 +33,10 @@ from hfedmoe.foundation.config import ExperimentConfig
 from hfedmoe.foundation.errors import HFedMoEError
 from hfedmoe.model import save_checkpoint
 from hfedmoe.results.plots import plot_accuracy
-from hfedmoe.results.run_state import RunState
+from hfedmoe.results.run_state import METRICS_FILE, RunState
+
+ROUNDS_CSV = "metrics.csv"
+CLIENTS_CSV = "clients.csv"
 
 ROUND_COLUMNS = [
     "round",
@@ -75,6 +79,19 @@ def write_atomic(path: Path, text: str) -> None:
         raise
 
 
+def _append_csv(path: Path, rows: list[dict], columns: list[str] | None = None) -> None:
+    """Append ``rows``; a new file starts with its header (``columns``, else the first row's
+    keys), an existing one keeps its own."""
+    if path.is_file() and path.stat().st_size:
+        with path.open(newline="") as f:
+            columns = next(csv.reader(f))
+        text = to_csv(rows, columns).split("\n", 1)[1]
+    else:
+        text = to_csv(rows, columns or list(rows[0]))
+    with path.open("a") as f:
+        f.write(text)
+
+
 def to_csv(rows: list[dict], columns: list[str]) -> str:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
@@ -86,28 +103,40 @@ def to_csv(rows: list[dict], columns: list[str]) -> str:
 class RunRecorder:
     """Writes a run's results as the rounds complete."""
 
-    def __init__(self, run_dir: Path, cfg: ExperimentConfig, resume: RunState | None = None):
+    def __init__(
+        self,
+        run_dir: Path,
+        cfg: ExperimentConfig,
+        resume: RunState | None = None,
+        restart: bool = False,
+    ):
         """A new run; or, with ``resume``, the run in ``run_dir`` continued from its checkpoint:
         the metrics files are rewritten from the checkpoint's records (dropping any round the
-        crash interrupted) and temporary files a killed process left are removed."""
+        crash interrupted); or, with ``restart``, a run killed before its first checkpoint,
+        started over in its directory (what it wrote is removed). Either way, temporary files a
+        killed process left are removed."""
         self.run_dir = Path(run_dir)
         self.cfg = cfg
         self.rounds: list[dict] = []
         self.run_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(self.run_dir / "config.toml", tomli_w.dumps(cfg.model_dump(exclude_none=True)))
-        if resume is not None:
+        if resume is not None or restart:
             for leftover in self.run_dir.glob(".*-*"):  # write_atomic's and mkdtemp's names
                 if leftover.is_dir():
                     shutil.rmtree(leftover)
                 else:
                     leftover.unlink()
+            for name in (METRICS_FILE, ROUNDS_CSV, CLIENTS_CSV):
+                (self.run_dir / name).unlink(missing_ok=True)
+        if resume is not None:
             self.rounds = list(resume.rounds)
             write_atomic(self.metrics_path, "".join(json.dumps(r) + "\n" for r in self.rounds))
-            self._write_tables()
+            for record in self.rounds:
+                self._append_tables(record)
 
     @property
     def metrics_path(self) -> Path:
-        return self.run_dir / "metrics.jsonl"
+        return self.run_dir / METRICS_FILE
 
     def log_round(self, record: dict) -> None:
         self.rounds.append(record)
@@ -115,13 +144,12 @@ class RunRecorder:
             f.write(json.dumps(record) + "\n")
             f.flush()
             os.fsync(f.fileno())
-        self._write_tables()
+        self._append_tables(record)
 
-    def _write_tables(self) -> None:
-        write_atomic(self.run_dir / "metrics.csv", to_csv(self.rounds, ROUND_COLUMNS))
-        client_rows = [c for r in self.rounds for c in r["clients"]]
-        if client_rows:
-            write_atomic(self.run_dir / "clients.csv", to_csv(client_rows, list(client_rows[0])))
+    def _append_tables(self, record: dict) -> None:
+        _append_csv(self.run_dir / ROUNDS_CSV, [record], ROUND_COLUMNS)
+        if record["clients"]:
+            _append_csv(self.run_dir / CLIENTS_CSV, record["clients"])
 
     def finish(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> dict:
         if not (self.run_dir / "model").exists():  # else: written before a crash, complete

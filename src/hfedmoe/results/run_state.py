@@ -7,8 +7,14 @@
   baseline state), with its other values in the metadata;
 - ``nodes/<node>/<name>``: what each simulated node keeps between rounds (a FLEX-MoE client's
   personal routers), where the engine can see it (the embedded engine);
-- metadata: the round, the node devices, the metrics of every round so far, the elapsed
-  seconds and the code that wrote it (:func:`code_digest`).
+- metadata: the round, the node devices, the elapsed seconds and the code that wrote it
+  (:func:`code_digest`).
+
+The metrics of the rounds so far are not repeated in it (the header would grow with every
+round, and the run's writes with the square of the rounds): ``RUN_DIR/metrics.jsonl`` has them,
+appended and fsynced before the checkpoint of the same round is written, and a resume reads
+rounds 0..``round`` back from there. The weights are written as they are, without a copy,
+except tensors that share storage (tied embeddings), which safetensors cannot write twice.
 
 There is no RNG state to store: every random stream is a pure function of (seed, purpose,
 round, client) (``hfedmoe.foundation.seeding``), so round r + 1 draws the same numbers whether
@@ -37,8 +43,9 @@ from safetensors.torch import load_file, save_file
 from hfedmoe.foundation.errors import HFedMoEError
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
-FORMAT_VERSION = 1
-HEADER_KEYS = ("format_version", "round", "algorithm", "devices", "rounds", "elapsed_seconds")
+METRICS_FILE = "metrics.jsonl"
+FORMAT_VERSION = 2  # 1 kept every round's metrics in the header; still read
+HEADER_KEYS = ("format_version", "round", "algorithm", "devices", "elapsed_seconds")
 
 Weights = dict[str, torch.Tensor]
 
@@ -52,7 +59,7 @@ class RunState:
     algorithm: dict[str, Any] = field(default_factory=dict)
     nodes: dict[int, dict[str, Weights]] = field(default_factory=dict)  # node -> record -> ...
     devices: list[dict] = field(default_factory=list)
-    rounds: list[dict] = field(default_factory=list)  # the metrics records so far
+    rounds: list[dict] = field(default_factory=list)  # the metrics records (metrics.jsonl)
     elapsed_seconds: float = 0.0
 
 
@@ -112,9 +119,9 @@ def _merge(tree: dict[str, Any], rest: dict[str, Any]) -> None:
 def save_run_state(run_dir: Path, state: RunState) -> Path:
     """Write ``RUN_DIR/checkpoint.safetensors`` atomically (temporary file, fsync, rename)."""
     # weights and node records are flat name -> tensor maps whose names may hold "/"
-    weights = {f"weights/{k}": v.detach().contiguous().clone() for k, v in state.weights.items()}
+    weights = {f"weights/{k}": v for k, v in state.weights.items()}
     nodes = {
-        f"nodes/{node}/{record}/{name}": t.detach().contiguous().clone()
+        f"nodes/{node}/{record}/{name}": t
         for node, records in state.nodes.items()
         for record, tensors in records.items()
         for name, t in tensors.items()
@@ -125,7 +132,6 @@ def save_run_state(run_dir: Path, state: RunState) -> Path:
         "round": str(state.round),
         "algorithm": json.dumps(algorithm_rest),
         "devices": json.dumps(state.devices),
-        "rounds": json.dumps(state.rounds),
         "elapsed_seconds": repr(state.elapsed_seconds),
         "code": code_digest(),
     }
@@ -135,13 +141,50 @@ def save_run_state(run_dir: Path, state: RunState) -> Path:
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{CHECKPOINT_FILE}-", dir=run_dir))
     try:
         tmp = tmp_dir / CHECKPOINT_FILE
-        save_file({**weights, **algorithm, **nodes}, tmp, metadata=metadata)
+        save_file(_writable({**weights, **algorithm, **nodes}), tmp, metadata=metadata)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return path
+
+
+def _writable(tensors: Weights) -> Weights:
+    """``tensors`` as safetensors can write them, copying only what it cannot write as it is:
+    a non-contiguous tensor, or one whose storage an earlier one already uses."""
+    seen: set[int] = set()
+    out = {}
+    for name, t in tensors.items():
+        t = t.detach()
+        storage = t.untyped_storage().data_ptr()
+        if not t.is_contiguous() or (storage in seen and t.numel()):
+            t = t.contiguous().clone()
+        seen.add(storage)
+        out[name] = t
+    return out
+
+
+def read_rounds(run_dir: Path, last: int) -> list[dict]:
+    """The metrics records of rounds 0..``last`` from ``metrics.jsonl`` (a later round, or a
+    line a kill cut short, is what a crash left after the checkpoint: dropped)."""
+    path = Path(run_dir) / METRICS_FILE
+    by_round: dict[int, dict] = {}
+    lines = path.read_text().splitlines() if path.is_file() else []
+    for n, line in enumerate(lines):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if n == len(lines) - 1:
+                break  # the last line, cut short by a kill
+            raise HFedMoEError(f"--resume: '{path}' line {n + 1} is not JSON") from None
+        if record["round"] <= last:
+            by_round[record["round"]] = record
+    if missing := [r for r in range(last + 1) if r not in by_round]:
+        raise HFedMoEError(
+            f"--resume: '{path}' lacks round {missing[0]}, which the checkpoint has passed"
+        )
+    return [by_round[r] for r in range(last + 1)]
 
 
 def read_header(run_dir: Path) -> dict[str, str]:
@@ -160,7 +203,7 @@ def read_header(run_dir: Path) -> dict[str, str]:
         raise HFedMoEError(f"--resume: '{path}' is not a readable checkpoint ({exc})") from None
     if missing := [k for k in HEADER_KEYS if k not in meta]:
         raise HFedMoEError(f"--resume: '{path}' lacks '{missing[0]}' (not a checkpoint)")
-    if meta["format_version"] != str(FORMAT_VERSION):
+    if meta["format_version"] not in ("1", str(FORMAT_VERSION)):
         raise HFedMoEError(
             f"--resume: '{path}' has format version {meta['format_version']}, expected "
             f"{FORMAT_VERSION}"
@@ -168,8 +211,13 @@ def read_header(run_dir: Path) -> dict[str, str]:
     return meta
 
 
+def has_checkpoint(run_dir: Path) -> bool:
+    return (Path(run_dir) / CHECKPOINT_FILE).is_file()
+
+
 def load_run_state(run_dir: Path) -> RunState:
-    """Read the last complete round's state; a clear error if there is none."""
+    """Read the last complete round's state (and its metrics records, from ``metrics.jsonl``
+    or, in a format-1 checkpoint, from its header); a clear error if there is none."""
     meta = read_header(run_dir)
     path = Path(run_dir) / CHECKPOINT_FILE
     try:
@@ -190,7 +238,11 @@ def load_run_state(run_dir: Path) -> RunState:
             algorithm=unflatten(tensors, json.loads(meta["algorithm"]), "algorithm"),
             nodes=nodes,
             devices=json.loads(meta["devices"]),
-            rounds=json.loads(meta["rounds"]),
+            rounds=(
+                json.loads(meta["rounds"])
+                if "rounds" in meta
+                else read_rounds(run_dir, int(meta["round"]))
+            ),
             elapsed_seconds=float(meta["elapsed_seconds"]),
         )
     except (ValueError, KeyError) as exc:  # a malformed header value or tensor name
