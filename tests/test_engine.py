@@ -84,7 +84,7 @@ def test_by_reference_the_grid_hands_over_the_same_tensors():
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, SUPERLINK_NODE_ID, 1
     sent = torch.tensor([1.0, 2.0])
     task = TrainRequest({"w": sent})
-    content = wire.pack_request(task, 1, by_reference=True)
+    content = wire.pack_request(task, 1, arrays=wire.TensorRecord(task.weights))
     msg = Message(content, dst_node_id=FIRST_NODE_ID, message_type=MessageType.TRAIN, group_id="1")
     (reply,) = grid.send_and_receive([msg])
     assert seen[0][1]["w"] is sent

@@ -148,14 +148,17 @@ class AlgorithmStrategy(Strategy):
         messages, self._bytes_down, self._requested = [], {}, {}
         self._sampled = sampled
         self.algorithm.configure_round(server_round, sampled)
-        packed: dict[int, ArrayRecord] = {}  # weights that several requests share, packed once
+        # weights that several requests share (the same dict), packed once; the dict is kept
+        # beside its record so that its id cannot be reused by another client's weights
+        packed: dict[int, tuple[Weights, ArrayRecord]] = {}
         for client in sampled:
             node = self.nodes[client]
             request = self.algorithm.configure_client(server_round, self._global, client)
             key = id(request.weights)
             if key not in packed:
-                packed[key] = wire.tensor_record(request.weights, self.by_reference)
-            content = wire.pack_request(request, server_round, arrays=packed[key])
+                record = wire.tensor_record(request.weights, self.by_reference)
+                packed[key] = (request.weights, record)
+            content = wire.pack_request(request, server_round, arrays=packed[key][1])
             self._bytes_down[node] = wire.payload_bytes(content)
             device = self.devices.get(node)
             pool = device.num_experts if device else None

@@ -89,12 +89,13 @@ def run_config(values: Mapping[str, object]) -> tuple[ExperimentConfig, Path]:
 
 
 def pack_request(
-    request: TrainRequest, server_round: int, by_reference: bool = False, arrays=None
+    request: TrainRequest, server_round: int, arrays: ArrayRecord | None = None
 ) -> RecordDict:
-    """``arrays``: the request's weights already packed (the same for many clients)."""
+    """``arrays``: the request's weights already packed (by reference, or shared by many
+    clients); by default they are serialised here."""
     return RecordDict(
         {
-            ARRAYS: arrays if arrays is not None else tensor_record(request.weights, by_reference),
+            ARRAYS: arrays if arrays is not None else ArrayRecord(request.weights),
             CONFIG: ConfigRecord({ROUND: server_round, **request.config}),
         }
     )
@@ -169,13 +170,14 @@ def payload_bytes(content: RecordDict) -> int:
 
 def _serialised_bytes(t: torch.Tensor) -> int:
     """Flower serialises a tensor as a .npy file: its header, then its bytes."""
-    return _npy_header_bytes(tuple(t.shape), str(t.dtype)) + t.numel() * t.element_size()
+    return _npy_header_bytes(tuple(t.shape), t.dtype) + t.numel() * t.element_size()
 
 
 @functools.lru_cache(maxsize=4096)
-def _npy_header_bytes(shape: tuple[int, ...], dtype: str) -> int:
-    array = np.empty((0,), dtype=torch.empty(0, dtype=getattr(torch, dtype[6:])).numpy().dtype)
-    header = {"descr": np.lib.format.dtype_to_descr(array.dtype), "fortran_order": False}
+def _npy_header_bytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    descr = np.lib.format.dtype_to_descr(torch.empty(0, dtype=dtype).numpy().dtype)
     buffer = io.BytesIO()
-    np.lib.format.write_array_header_1_0(buffer, {**header, "shape": shape})
+    np.lib.format.write_array_header_1_0(
+        buffer, {"descr": descr, "fortran_order": False, "shape": shape}
+    )
     return buffer.tell()
