@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hfedmoe.algorithms import ALGORITHMS, ClientUpdate, build_algorithm
-from hfedmoe.algorithms.maths.averaging import weighted_average
+from hfedmoe.algorithms.maths.averaging import WeightedSums, accumulator_dtype, weighted_average
 from hfedmoe.foundation.config import validate
 from hfedmoe.foundation.errors import ConfigError
 
@@ -72,3 +72,38 @@ def test_registry_names_known_algorithms():
     assert "fedavg" in ALGORITHMS
     with pytest.raises(ConfigError, match="algorithm: unknown 'fedprox' \\(expected one of: "):
         build_algorithm(validate({"algorithm": "fedprox"}))
+
+
+def test_weighted_sums_fold_one_reply_at_a_time_by_hand():
+    """sum_c m_c x_c / sum_c m_c, folded as replies come: masses 1 and 3 on [1, 2] and [5, 6]
+    give [4, 5]; a zero mass adds nothing; a divisor replaces the masses' sum."""
+    sums = WeightedSums()
+    sums.add("w", torch.tensor([1.0, 2.0]), 1.0)
+    sums.add("w", torch.tensor([5.0, 6.0]), 3.0)
+    sums.add("w", torch.tensor([100.0, 100.0]), 0.0)
+    sums.add("v", torch.tensor([9.0]), 0.0)
+    assert "v" not in sums  # nobody counted: the caller keeps the global value
+    out = sums.pop("w")
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, torch.tensor([4.0, 5.0]))
+    sums.add("r", torch.tensor([2.0]), 3.0)
+    torch.testing.assert_close(sums.pop("r", divisor=2.0), torch.tensor([3.0]))  # 3 * 2 / 2
+    assert accumulator_dtype(torch.float32) == torch.float64
+    assert accumulator_dtype(torch.bfloat16) == torch.float32
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.lists(st.floats(-1e3, 1e3), min_size=3, max_size=3), min_size=1, max_size=6),
+    st.randoms(),
+)
+def test_the_fold_agrees_with_the_closed_form_in_any_order(values, rnd):
+    masses = [rnd.randint(1, 50) for _ in values]
+    xs = [torch.tensor(v) for v in values]
+    order = list(range(len(xs)))
+    rnd.shuffle(order)
+    sums = WeightedSums()
+    for i in order:
+        sums.add("x", xs[i], masses[i])
+    exact = sum(m * x.double() for m, x in zip(masses, xs, strict=True)) / sum(masses)
+    torch.testing.assert_close(sums.pop("x"), exact.float())

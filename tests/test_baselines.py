@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from hfedmoe.algorithms import ALGORITHMS, ClientUpdate, build_algorithm
-from hfedmoe.algorithms.baselines.fedmoe import router_rows
 from hfedmoe.algorithms.baselines.flexmoe import assign
 from hfedmoe.algorithms.baselines.random_subset import draw_experts
 from hfedmoe.algorithms.mechanics.assignment import ASSIGNED, STRICT
+from hfedmoe.algorithms.mechanics.merging import Merge
 from hfedmoe.algorithms.mechanics.transfer import upload_weights
 from hfedmoe.engines.embedded import run_embedded
 from hfedmoe.federation.client_app import app as client_app
@@ -54,7 +54,10 @@ def test_router_rows_follow_their_experts_holders_by_hand():
     old = torch.zeros(3, 2)
     a, b = torch.ones(3, 2), 3 * torch.ones(3, 2)
     held = torch.tensor([[True, False, False], [True, True, False]])  # (C, E)
-    rows = router_rows([a, b], held, torch.tensor([10, 30]), old)
+    merge = Merge({"router": old})
+    for x, n, held_E in zip([a, b], [10, 30], held, strict=True):  # one reply at a time
+        merge.add_rows("router", x, (n * held_E).tolist())
+    rows = merge.finish()["router"]
     torch.testing.assert_close(rows[0], torch.full((2,), 0.25 * 1 + 0.75 * 3))  # both held it
     torch.testing.assert_close(rows[1], torch.full((2,), 3.0))  # only the second client
     torch.testing.assert_close(rows[2], torch.zeros(2))  # nobody: unchanged

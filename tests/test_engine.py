@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
@@ -68,11 +70,12 @@ def test_task_and_update_survive_the_wire():
 
     update = ClientUpdate({"a": torch.ones(2)}, 17, {"train_loss": 0.5}, {"usage": torch.zeros(4)})
     content = wire.pack_update(update, partition_id=3)
+    npy_header = 128  # each array travels as a .npy file: a 128-byte header, then the data
+    assert wire.payload_bytes(content) == (npy_header + 2 * 4) + (npy_header + 4 * 4)
     got, pid = wire.unpack_update(content)
     assert (pid, got.num_examples, got.metrics) == (3, 17, {"train_loss": 0.5})
     assert torch.equal(got.stats["usage"], torch.zeros(4))
-    npy_header = 128  # each array travels as a .npy file: a 128-byte header, then the data
-    assert wire.payload_bytes(content) == (npy_header + 2 * 4) + (npy_header + 4 * 4)
+    assert wire.payload_bytes(content) == 0  # unpacking consumed the reply: no second copy
 
 
 def test_by_reference_the_grid_hands_over_the_same_tensors():
@@ -113,3 +116,35 @@ def test_client_sampling_is_reproducible_and_varies_by_round():
     assert first == sample_clients(reversed(nodes), 5, seed=0, server_round=1)
     assert len(set(first)) == 5 and set(first) <= set(nodes)
     assert first != sample_clients(nodes, 5, seed=0, server_round=2)
+
+
+def test_the_server_folds_each_reply_before_the_next_client_trains(tiny_bert_dir, tmp_path):
+    """Running aggregation: the embedded engine runs a client when its reply is read, and the
+    strategy folds the reply and lets it go, so when a client trains, no earlier reply of the
+    round is alive: the server holds one reply, not K."""
+    from hfedmoe.engines.embedded import run_embedded
+    from hfedmoe.federation.client_app import app as client_app
+    from hfedmoe.federation.server_app import app as server_app
+    from hfedmoe.foundation.config import validate
+    from hfedmoe.results import read_metrics
+
+    from .support.configs import tiny_raw
+
+    sent: list[weakref.ref] = []  # every tensor a client has replied with
+    alive_when_training: list[int] = []
+
+    def watched(msg: Message, context: Context) -> Message:
+        if msg.metadata.message_type == MessageType.TRAIN:
+            alive_when_training.append(sum(ref() is not None for ref in sent))
+        reply = client_app(msg, context)
+        if reply.has_content() and "arrays" in reply.content.array_records:
+            tensors = reply.content.array_records["arrays"].to_torch_state_dict().values()
+            sent.extend(weakref.ref(t) for t in tensors)
+        return reply
+
+    federation = {"num_clients": 3, "clients_per_round": 3, "rounds": 2, "check_wire": False}
+    cfg = validate(tiny_raw(tiny_bert_dir, algorithm="hfedmoe", federation=federation))
+    run_embedded(cfg, str(tmp_path / "run"), server_app, watched)
+    assert len(alive_when_training) == 6 and sent
+    assert alive_when_training == [0] * 6
+    assert all(r["clients_ok"] == 3 for r in read_metrics(tmp_path / "run")[1:])

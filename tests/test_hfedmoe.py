@@ -74,8 +74,15 @@ def test_usage_is_eq_16_over_the_clients_data_after_training(tiny_bert_dir, usag
         assert not torch.allclose(update.stats["usage"], expected)
 
 
-def test_server_aggregates_by_eqs_17_to_21(setup):
-    cfg, task, algo = setup
+@pytest.mark.parametrize("router_alpha", ["normalized", "as_written"])
+def test_server_aggregates_by_eqs_17_to_21(tiny_bert_dir, router_alpha):
+    """The server folds one reply at a time; the result is the closed form of eqs. (17) and
+    (19)-(21) over both clients (with eq. (20)'s alphas as written: divided by |S_global|)."""
+    raw = tiny_raw(tiny_bert_dir, algorithm="hfedmoe", hfedmoe={"router_alpha": router_alpha})
+    cfg = validate(raw)
+    task = server_workload(cfg)
+    algo = build_algorithm(cfg)
+    algo.bind(task.model)
     em = ExpertModel(task.model)
     L, E = em.shape
     glob = {k: v.clone() for k, v in task.model.state_dict().items()}
@@ -118,7 +125,7 @@ def test_server_aggregates_by_eqs_17_to_21(setup):
             )
             torch.testing.assert_close(new[entry.state_name], expected.float())
     s = torch.stack([ups[11].stats["importance"], ups[22].stats["importance"]])
-    alpha = router_weights(u, s, tau)
+    alpha = router_weights(u, s, tau, normalize=router_alpha == "normalized")
     for layer, names in em.router_entries().items():
         for name in names:
             expected = alpha[0, layer] * A[name] + alpha[1, layer] * B[name]

@@ -11,12 +11,19 @@ config (``algorithm = "fedavg"``).
 
 # importing each module registers its algorithms by name
 from hfedmoe.algorithms import ablations, hfedmoe  # noqa: F401
-from hfedmoe.algorithms.base import ALGORITHMS, FederatedAlgorithm, build_algorithm, register
+from hfedmoe.algorithms.base import (
+    ALGORITHMS,
+    Aggregation,
+    FederatedAlgorithm,
+    build_algorithm,
+    register,
+)
 from hfedmoe.algorithms.baselines import fedavg, fedmoe, flexmoe, random_subset  # noqa: F401
 from hfedmoe.algorithms.messages import ClientUpdate, TrainRequest, Weights
 
 __all__ = [
     "ALGORITHMS",
+    "Aggregation",
     "ClientUpdate",
     "FederatedAlgorithm",
     "TrainRequest",

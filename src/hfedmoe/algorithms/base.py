@@ -1,8 +1,9 @@
 """The interface every federated algorithm implements, in plain torch (no engine imports).
 
 Server side: :meth:`FederatedAlgorithm.configure_client` says what one client downloads and is
-asked to do; :meth:`FederatedAlgorithm.aggregate` turns the clients' updates into the next
-global weights. Client side: :meth:`FederatedAlgorithm.train_client` runs local training.
+asked to do; :meth:`FederatedAlgorithm.aggregation` folds the clients' updates, one at a time,
+into the next global weights (:class:`Aggregation`), so a server holds one reply, not all K.
+Client side: :meth:`FederatedAlgorithm.train_client` runs local training.
 
 The Flower apps in ``hfedmoe.federation`` only pack and unpack these objects
 (``hfedmoe.algorithms.messages``) into messages, so an algorithm never knows which engine
@@ -28,6 +29,22 @@ from hfedmoe.foundation.errors import ConfigError
 from hfedmoe.model.experts import ExpertModel
 from hfedmoe.model.state import load_shared_state
 from hfedmoe.training import TrainResult, train_local
+
+
+class Aggregation(ABC):
+    """One round's aggregation: :meth:`add` each accepted update as it arrives (the strategy
+    adds them in client order, so sums do not depend on arrival order), then :meth:`finish`.
+    Nothing of an update may be kept beyond what the algorithm needs (running sums, small
+    per-client statistics): the caller frees it after :meth:`add`."""
+
+    @abstractmethod
+    def add(self, client: int, update: ClientUpdate) -> None:
+        """Fold ``client``'s update into the round."""
+
+    @abstractmethod
+    def finish(self) -> Weights:
+        """The next global weights (after at least one :meth:`add`); updates the algorithm's
+        own state (what it remembers about clients) as well."""
 
 
 class FederatedAlgorithm(ABC):
@@ -77,10 +94,18 @@ class FederatedAlgorithm(ABC):
         return TrainRequest(global_weights, {})
 
     @abstractmethod
+    def aggregation(self, server_round: int, global_weights: Weights) -> Aggregation:
+        """A fold over this round's updates, starting from ``global_weights``."""
+
     def aggregate(
         self, server_round: int, global_weights: Weights, updates: Mapping[int, ClientUpdate]
     ) -> Weights:
-        """The next global weights from the updates of this round, keyed by client id."""
+        """The next global weights from all of a round's updates, keyed by client id: the
+        fold of :meth:`aggregation` in client order (what the strategy computes)."""
+        fold = self.aggregation(server_round, global_weights)
+        for client in sorted(updates):
+            fold.add(client, updates[client])
+        return fold.finish()
 
     # ---- client side -------------------------------------------------------------------
     def train_client(

@@ -32,20 +32,19 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Mapping
 from typing import ClassVar
 
 import numpy as np
 import torch
 from torch import nn
 
-from hfedmoe.algorithms.base import FederatedAlgorithm, register
+from hfedmoe.algorithms.base import Aggregation, FederatedAlgorithm, register
 from hfedmoe.algorithms.maths.importance import batch_importance, ib_score, select_active
 from hfedmoe.algorithms.maths.sparse_aggregation import (
-    combine,
-    expert_weights,
+    dominant,
+    global_dominant,
     qualifies,
-    router_weights,
+    router_mass,
     routing_consistency,
 )
 from hfedmoe.algorithms.mechanics.assignment import (
@@ -58,7 +57,7 @@ from hfedmoe.algorithms.mechanics.assignment import (
 )
 from hfedmoe.algorithms.mechanics.hooks import GateUsage, usage_over_data
 from hfedmoe.algorithms.mechanics.layout import ExpertLayout, uploaded_mask
-from hfedmoe.algorithms.mechanics.merging import aggregate_experts, fedavg_rest
+from hfedmoe.algorithms.mechanics.merging import Merge
 from hfedmoe.algorithms.mechanics.transfer import download, load_held, upload_weights
 from hfedmoe.algorithms.mechanics.uploads import PartialUploads
 from hfedmoe.algorithms.messages import BUDGET, ClientUpdate, TrainRequest, Weights
@@ -90,6 +89,64 @@ class ImportanceSelector(StepHooks):
         self.importance_sum = s_b if self.importance_sum is None else self.importance_sum + s_b
         self.batches += 1
         return select_active(score, routed_LE, self.budget, p.budget_scope)  # eq. (15)
+
+
+class SparsityAwareAggregation(Aggregation):
+    """The server side of one round, METHOD.md §4, folded one client at a time.
+
+    Each weight is a mass of client c alone over the sum of the masses (``mechanics.merging``):
+    an expert's, eq. (17), is |D_c| 1[c qualifies]; a layer's router's, eqs. (19)-(21), is
+    sum_{e in S_c} u_c(e) s_c(e) (eq. (20)'s alpha up to |S_global|, which normalising
+    cancels; without normalisation the sum is divided by |S_global| at the end); the shared
+    parameters' is |D_c|.
+    """
+
+    def __init__(self, algorithm: HFedMoE, global_weights: Weights):
+        self.algorithm, self.p = algorithm, algorithm.cfg.hfedmoe
+        self.merge = Merge(global_weights, algorithm.layout)
+        self.dominant: dict[int, torch.Tensor] = {}  # client -> S_c, (L, E) bool
+        self.importance: dict[int, torch.Tensor] = {}  # client -> s_c, (L, E)
+
+    def add(self, client: int, update: ClientUpdate) -> None:
+        p, layout, n = self.p, self.merge.layout, update.num_examples
+        u_LE, s_LE = update.stats["usage"], update.stats["importance"]
+        counts_LE = update.stats["expert_updates"]
+
+        # experts, eq. (17); the holder-averaging ablation: every client that updated them
+        if p.expert_aggregation == "holders":
+            counts = counts_LE > 0
+        else:
+            # "usage": an expert a client used (u >= tau, eq. (16) counts every gate value) but
+            # never routed to was not trained, so it was not uploaded and cannot count.
+            if p.expert_used == "usage_and_updated":
+                updated = counts_LE
+            else:
+                updated = uploaded_mask(layout, update.weights)
+            counts = qualifies(u_LE, p.tau, updated)
+        self.merge.add_experts(update, n * counts)
+
+        # routers, eqs. (19)-(21), per MoE layer; the FedAvg ablation: by |D_c|
+        if p.router_aggregation == "eq21":
+            mass_L = router_mass(u_LE, s_LE, p.tau).tolist()
+            for layer, names in layout.routers.items():
+                for name in names:  # a layer where nobody has a dominant expert keeps its router
+                    self.merge.add(name, update.weights[name], mass_L[layer])
+            self.merge.add_shared(update)
+        else:
+            self.merge.add_shared(update, also=layout.router_names)
+        self.dominant[client] = dominant(u_LE, p.tau)
+        self.importance[client] = s_LE
+
+    def finish(self) -> Weights:
+        S_CLE = torch.stack([self.dominant[c] for c in sorted(self.dominant)])
+        divisors = {}
+        if self.p.router_aggregation == "eq21" and self.p.router_alpha != "normalized":
+            n_global_L = global_dominant(S_CLE).tolist()  # eq. (20)'s |S_global|
+            layout = self.merge.layout
+            divisors = {n: n_global_L[layer] for layer, ns in layout.routers.items() for n in ns}
+        self.algorithm.consistency = routing_consistency(S_CLE)  # eq. (18), reported only
+        self.algorithm.importance.update(self.importance)
+        return self.merge.finish(divisors)
 
 
 @register
@@ -129,47 +186,8 @@ class HFedMoE(PartialUploads, FederatedAlgorithm):
         rng = rng_for(self.cfg.seed, STRICT_HELD, server_round, client)
         return own_or_mean(self.importance, client, rng, self.layout.shape)
 
-    def aggregate(
-        self, server_round: int, global_weights: Weights, updates: Mapping[int, ClientUpdate]
-    ) -> Weights:
-        p = self.cfg.hfedmoe
-        clients = sorted(updates)  # a fixed order: sums do not depend on reply order
-        ups = [updates[c] for c in clients]
-        n_C = torch.tensor([u.num_examples for u in ups])
-        u_CLE = torch.stack([u.stats["usage"] for u in ups])
-        s_CLE = torch.stack([u.stats["importance"] for u in ups])
-        counts = torch.stack([u.stats["expert_updates"] for u in ups])
-
-        # experts, eq. (17); the holder-averaging ablation: every client that updated them
-        if p.expert_aggregation == "holders":
-            w_CLE = expert_weights(n_C, counts > 0)
-        else:
-            # "usage": an expert a client used (u >= tau, eq. (16) counts every gate value) but
-            # never routed to was not trained, so it was not uploaded and cannot count.
-            if p.expert_used == "usage_and_updated":
-                updated = counts
-            else:
-                updated = torch.stack([uploaded_mask(self.layout, u.weights) for u in ups])
-            w_CLE = expert_weights(n_C, qualifies(u_CLE, p.tau, updated))
-        new = aggregate_experts(self.layout, global_weights, ups, w_CLE)
-
-        # routers, eqs. (19)-(21), per MoE layer; the FedAvg ablation: by |D_c|
-        if p.router_aggregation == "eq21":
-            alpha_CL = router_weights(u_CLE, s_CLE, p.tau, normalize=p.router_alpha == "normalized")
-            for layer, names in self.layout.routers.items():
-                if alpha_CL[:, layer].sum() == 0:
-                    continue  # no client has a dominant expert here: keep the previous router
-                for name in names:
-                    new[name] = combine([u.weights[name] for u in ups], alpha_CL[:, layer])
-            fedavg_routers: list[str] = []
-        else:
-            fedavg_routers = self.layout.router_names
-
-        # shared parameters: FedAvg by |D_c|
-        new = fedavg_rest(self.layout, new, global_weights, ups, also=fedavg_routers)
-        self.consistency = routing_consistency(u_CLE >= p.tau)  # eq. (18), reported only
-        self.importance.update(zip(clients, s_CLE, strict=True))
-        return new
+    def aggregation(self, server_round: int, global_weights: Weights) -> Aggregation:
+        return SparsityAwareAggregation(self, global_weights)
 
     def round_metrics(self) -> dict[str, float]:
         if not len(self.consistency):

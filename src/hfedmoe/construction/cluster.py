@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from sklearn.cluster import KMeans
 from torch import nn
 
 from hfedmoe.model.moe import ExpertFFN, GatedExpertFFN, MoEFeedForward
@@ -44,6 +43,8 @@ from hfedmoe.model.moe import ExpertFFN, GatedExpertFFN, MoEFeedForward
 def kmeans_domains(embeddings_SD: torch.Tensor, k: int, seed: int) -> np.ndarray:
     """Step 1: each document's domain in 0..k-1, by k-means on L2-normalised embeddings."""
     x = nn.functional.normalize(embeddings_SD.double(), dim=-1).numpy()
+    from sklearn.cluster import KMeans  # here: only a construction needs it (~70 MB RSS)
+
     return KMeans(k, n_init=4, random_state=seed).fit(x).labels_.astype(np.int64)
 
 

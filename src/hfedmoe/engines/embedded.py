@@ -6,6 +6,9 @@ because Flower's own in-memory paths either need a SuperLink state plus a fleet 
 (the simulation engine) or gRPC servers (the deployment engine); none runs a ClientApp in the
 calling process.
 
+Each node runs when its reply is read (``send_and_receive`` is lazy), so the server folds one
+reply before the next client trains, and holds one reply at a time.
+
 Messages carry their tensors by reference (``wire.TensorRecord``): server and clients share the
 process, so nothing is serialised or copied on the way (the clients copy what they receive into
 their own resident model). With ``federation.check_wire`` (the tests turn it on) every
@@ -129,13 +132,17 @@ class EmbeddedGrid(Grid):
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None):
         """Every node's reply, except from nodes that took longer than ``timeout`` seconds
-        (clients run one after another here; each is timed as if they ran in parallel)."""
-        ids = self.push_messages(messages)
-        seconds = {i: self._seconds.pop(i, 0.0) for i in ids}
-        late = {i for i in ids if timeout is not None and seconds[i] > timeout}
-        for i in late:
-            self._replies.pop(i, None)
-        return self.pull_messages([i for i in ids if i not in late])
+        (clients run one after another here; each is timed as if they ran in parallel).
+
+        Lazy: a node runs when the caller reads its reply, so a caller that consumes each reply
+        before reading the next (the strategy's running aggregation) holds one at a time."""
+        for msg in list(messages):
+            [i] = self.push_messages([msg])
+            seconds = self._seconds.pop(i, 0.0)
+            if timeout is not None and seconds > timeout:
+                self._replies.pop(i, None)
+                continue
+            yield from self.pull_messages([i])
 
     def _deliver(self, msg: Message) -> Message:
         start = time.perf_counter()

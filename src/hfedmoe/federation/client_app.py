@@ -16,7 +16,6 @@ the device can hold fails with :class:`~hfedmoe.budget.BudgetExceeded` and contr
 
 from __future__ import annotations
 
-import copy
 import functools
 
 import torch
@@ -130,7 +129,8 @@ def _holds_subset(cfg_json: str) -> bool:
 
 @functools.lru_cache(maxsize=2)
 def _cost_model(cfg_json: str) -> CostModel:
-    return build_cost_model(copy.deepcopy(_architecture(cfg_json)), _config(cfg_json))
+    """Measured on the resident model (one forward pass; no weight changes), not a copy."""
+    return build_cost_model(_architecture(cfg_json), _config(cfg_json))
 
 
 @functools.lru_cache(maxsize=64)

@@ -6,6 +6,7 @@ the top level as soon as the round ends, and so a run can later resume from any 
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from collections import Counter
@@ -138,8 +139,12 @@ def federate(
         if aggregated:
             load_shared_state(model, new_arrays.to_torch_state_dict())
             arrays = wire.TensorRecord(shared_state(model))  # the model holds the only copy
-        del new_arrays
+        del new_arrays, messages
+        if not by_reference:  # serialised messages live in Flower's reference cycles (a
+            gc.collect()  # RecordDict's synced views): free this round's copies now
+        eval_start = time.perf_counter()
         result = evaluate(model, workload.test, cfg.eval.batch_size, cfg.train.device)
+        eval_seconds = time.perf_counter() - eval_start
         train_loss = float(train_metrics["train_loss"]) if train_metrics else None
         now = time.perf_counter()
         record = _round_record(
@@ -150,6 +155,8 @@ def federate(
             record.update(algorithm.round_metrics())
         if strategy.aggregate_rejected:
             record["aggregate_rejected"] = True
+        record["eval_seconds"] = eval_seconds  # where the round's time went (bench/lean.py)
+        record["aggregate_seconds"] = strategy.aggregate_seconds
         recorder.log_round(record)
         checkpoint(server_round)
         log.info(

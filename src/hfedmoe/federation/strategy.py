@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -125,6 +126,7 @@ class AlgorithmStrategy(Strategy):
         self.nodes: dict[int, int] = {}  # client (partition) id -> node id
         self.spec: UploadSpec | None = None  # what clients may upload; None = anything
         self.aggregate_rejected = False  # the last round's aggregate was not finite
+        self.aggregate_seconds = 0.0  # the last round's aggregation arithmetic (fold + finish)
         self._sampled: list[int] = []
 
     def set_devices(self, devices: dict[int, wire.DeviceReport]) -> None:
@@ -176,38 +178,40 @@ class AlgorithmStrategy(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        updates: dict[int, ClientUpdate] = {}
-        reports = []
+        """Validate each reply and fold it into the algorithm's aggregation as it comes, so one
+        reply is held at a time (the embedded engine runs each client as its reply is read).
+        A grid that returns all replies at once gets them folded in client order, so the
+        float sums do not depend on arrival order."""
+        if isinstance(replies, Sequence):
+            replies = sorted(replies, key=lambda r: self._client(r.metadata.src_node_id))
+        saved = copy.deepcopy(self.algorithm.state_dict())
+        fold = None
+        self.aggregate_seconds = 0.0
+        reports, examples, loss_sum = [], 0, 0.0
         for reply in replies:
             node = reply.metadata.src_node_id
             report = self._report(server_round, node)
             reports.append(report)
-            if reply.has_error():
-                code = reply.error.code
-                failure = "budget" if code == wire.BUDGET_EXCEEDED else "error"
-                self._fail(report, failure, reply.error.reason)
-                continue
-            try:
-                update, partition_id = wire.unpack_update(reply.content)
-            except Exception as exc:  # whatever a broken client sends must not stop the server
-                self._fail(report, "malformed", f"{type(exc).__name__}: {exc}")
-                continue
-            ratio = self.cfg.federation.max_update_ratio
-            rejection = self.spec and check_update(update, self.spec, self._global, ratio)
-            if rejection:
-                self._fail(report, rejection.reason, rejection.detail)
-                continue
-            updates[self._client(node)] = update
-            _describe(report, update, partition_id, wire.payload_bytes(reply.content))
+            update = self._accept(report, reply)
+            if update is not None:
+                started = time.perf_counter()
+                if fold is None:
+                    fold = self.algorithm.aggregation(server_round, self._global)
+                fold.add(self._client(node), update)
+                self.aggregate_seconds += time.perf_counter() - started
+                examples += update.num_examples
+                loss_sum += update.metrics["train_loss"] * update.num_examples
+            del reply, update  # nothing keeps a reply alive while the next client trains
         replied = {self._client(r.node_id) for r in reports}
         for client in sorted(set(self._sampled) - replied):
             reports.append(self._report(server_round, self.nodes[client]))
             self._fail(reports[-1], "no-reply", "no reply before the round's timeout")
         self.last_reports = sorted(reports, key=lambda r: self._client(r.node_id))
-        if not updates:
+        if fold is None:
             return None, None
-        saved = copy.deepcopy(self.algorithm.state_dict())
-        new_global = self.algorithm.aggregate(server_round, self._global, updates)
+        started = time.perf_counter()
+        new_global = fold.finish()
+        self.aggregate_seconds += time.perf_counter() - started
         self.aggregate_rejected = not all(
             bool(torch.isfinite(t).all()) for t in new_global.values() if t.is_floating_point()
         )
@@ -215,10 +219,29 @@ class AlgorithmStrategy(Strategy):
             self.algorithm.load_state_dict(saved)
             log.error("round %d: the aggregate is not finite; the model stays", server_round)
             return None, None
-        total = sum(u.num_examples for u in updates.values())
-        train_loss = sum(u.metrics["train_loss"] * u.num_examples for u in updates.values()) / total
         # the server's own record: it never crosses a wire, so it holds the tensors as they are
-        return wire.TensorRecord(new_global), MetricRecord({"train_loss": train_loss})
+        return wire.TensorRecord(new_global), MetricRecord({"train_loss": loss_sum / examples})
+
+    def _accept(self, report: ClientReport, reply: Message) -> ClientUpdate | None:
+        """The reply's update if it is valid, else None with ``report`` failed and why."""
+        if reply.has_error():
+            code = reply.error.code
+            failure = "budget" if code == wire.BUDGET_EXCEEDED else "error"
+            self._fail(report, failure, reply.error.reason)
+            return None
+        bytes_up = wire.payload_bytes(reply.content)  # before unpacking consumes the reply
+        try:
+            update, partition_id = wire.unpack_update(reply.content)
+        except Exception as exc:  # whatever a broken client sends must not stop the server
+            self._fail(report, "malformed", f"{type(exc).__name__}: {exc}")
+            return None
+        ratio = self.cfg.federation.max_update_ratio
+        rejection = self.spec and check_update(update, self.spec, self._global, ratio)
+        if rejection:
+            self._fail(report, rejection.reason, rejection.detail)
+            return None
+        _describe(report, update, partition_id, bytes_up)
+        return update
 
     def device_records(self) -> list[dict]:
         """Every node's device, in client order (the same on every engine)."""

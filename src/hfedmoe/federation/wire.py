@@ -67,7 +67,11 @@ class TensorRecord(ArrayRecord):
         self.tensors = dict(tensors)
 
     def to_torch_state_dict(self, keep_input: bool = True) -> dict[str, torch.Tensor]:  # type: ignore[override]
-        return dict(self.tensors)
+        """The tensors; ``keep_input=False`` also lets go of them (a consumed reply)."""
+        tensors = dict(self.tensors)
+        if not keep_input:
+            self.tensors.clear()
+        return tensors
 
     def deflate(self) -> bytes:
         raise RuntimeError("a by-reference TensorRecord cannot cross the wire (check_wire)")
@@ -104,7 +108,11 @@ def pack_request(
 def unpack_request(content: RecordDict) -> tuple[TrainRequest, int]:
     config = dict(content.config_records[CONFIG])
     server_round = int(config.pop(ROUND))
-    return TrainRequest(content.array_records[ARRAYS].to_torch_state_dict(), config), server_round
+    record = content.array_records[ARRAYS]
+    # a serialised request is this client's own: its arrays are freed as they are converted;
+    # a by-reference one is shared by the round's clients and is left as it is
+    weights = record.to_torch_state_dict(keep_input=isinstance(record, TensorRecord))
+    return TrainRequest(weights, config), server_round
 
 
 def pack_update(update: ClientUpdate, partition_id: int, by_reference: bool = False) -> RecordDict:
@@ -119,13 +127,16 @@ def pack_update(update: ClientUpdate, partition_id: int, by_reference: bool = Fa
 
 
 def unpack_update(content: RecordDict) -> tuple[ClientUpdate, int]:
+    """The update in a reply, which it consumes: the reply's arrays are let go as they are
+    converted (Flower's RecordDict lives in a reference cycle until the garbage collector
+    runs, so a reply that kept them would keep a whole update alive after its fold)."""
     metrics = dict(content.metric_records[METRICS])
     num_examples = int(metrics.pop(NUM_EXAMPLES))
     partition_id = int(metrics.pop(PARTITION_ID))
     stats_record = content.array_records.get(STATS)
-    stats = stats_record.to_torch_state_dict() if stats_record is not None else {}
+    stats = {} if stats_record is None else stats_record.to_torch_state_dict(keep_input=False)
     update = ClientUpdate(
-        weights=content.array_records[ARRAYS].to_torch_state_dict(),
+        weights=content.array_records[ARRAYS].to_torch_state_dict(keep_input=False),
         num_examples=num_examples,
         metrics={k: float(v) for k, v in metrics.items()},
         stats=stats,

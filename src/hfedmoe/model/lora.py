@@ -13,8 +13,8 @@ optionally quantised to 4 or 8 bits (QLoRA-style, ``quantize``).
 
 from __future__ import annotations
 
-from peft import LoraConfig as PeftLoraConfig
-from peft import PeftModel, get_peft_model
+from typing import TYPE_CHECKING
+
 from torch import nn
 from transformers import PreTrainedModel
 
@@ -22,6 +22,9 @@ from hfedmoe.foundation.config import LoraConfig
 from hfedmoe.foundation.errors import ConfigError
 from hfedmoe.model.experts import ExpertModel, expert_modules
 from hfedmoe.model.quantize import quantize_base
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 
 def add_lora(model: PreTrainedModel, cfg: LoraConfig) -> PeftModel:
@@ -62,6 +65,10 @@ def add_lora(model: PreTrainedModel, cfg: LoraConfig) -> PeftModel:
             "(PEFT's target_parameters does not support dropout)"
         )
     head = [n for n in ("classifier", "score") if isinstance(getattr(model, n, None), nn.Module)]
+    # imported here: peft (and the bitsandbytes it loads) costs ~190 MB of RSS per process
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
     peft_cfg = PeftLoraConfig(
         r=cfg.rank,
         lora_alpha=cfg.alpha,

@@ -186,7 +186,15 @@ def _failure_rate(rounds: list[dict]) -> float:
 
 #: fields of metrics.jsonl that measure the machine, not the training (they differ between runs)
 TIMING_KEYS = frozenset(
-    {"memory_measured_bytes", "round_seconds", "elapsed_seconds", "seconds", "usage_seconds"}
+    {
+        "memory_measured_bytes",
+        "round_seconds",
+        "elapsed_seconds",
+        "seconds",
+        "usage_seconds",
+        "eval_seconds",
+        "aggregate_seconds",
+    }
 )
 
 

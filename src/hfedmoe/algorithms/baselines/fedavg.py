@@ -2,32 +2,33 @@
 
 Every sampled client downloads the whole model, trains every parameter that its batches reach,
 and uploads them; the server averages each parameter weighted by the clients' example counts
-|D_c|. Parameters no client uploaded (none, for FedAvg) keep their global value.
+|D_c|, one reply at a time (``mechanics.merging``). Parameters no client uploaded (none, for
+FedAvg) keep their global value.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
-from hfedmoe.algorithms.base import FederatedAlgorithm, register
-from hfedmoe.algorithms.maths.averaging import weighted_average
+from hfedmoe.algorithms.base import Aggregation, FederatedAlgorithm, register
+from hfedmoe.algorithms.mechanics.merging import Merge
 from hfedmoe.algorithms.messages import ClientUpdate, Weights
+
+
+class _Average(Aggregation):
+    def __init__(self, global_weights: Weights):
+        self.merge = Merge(global_weights)
+
+    def add(self, client: int, update: ClientUpdate) -> None:
+        for name, x in update.weights.items():
+            if name in self.merge.global_weights:
+                self.merge.add(name, x, update.num_examples)
+
+    def finish(self) -> Weights:
+        return self.merge.finish()
 
 
 @register
 class FedAvg(FederatedAlgorithm):
     name = "fedavg"
 
-    def aggregate(
-        self, server_round: int, global_weights: Weights, updates: Mapping[int, ClientUpdate]
-    ) -> Weights:
-        new = dict(global_weights)
-        clients = sorted(updates)  # a fixed order: float sums do not depend on reply order
-        for key in global_weights:
-            holders = [c for c in clients if key in updates[c].weights]
-            if holders:
-                new[key] = weighted_average(
-                    [updates[c].weights[key] for c in holders],
-                    [updates[c].num_examples for c in holders],
-                )
-        return new
+    def aggregation(self, server_round: int, global_weights: Weights) -> Aggregation:
+        return _Average(global_weights)

@@ -17,14 +17,11 @@ As METHOD.md §9 describes it, with these decisions where the paper is vague:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import numpy as np
 import torch
 from torch import nn
 
-from hfedmoe.algorithms.base import FederatedAlgorithm, register
-from hfedmoe.algorithms.maths.sparse_aggregation import combine, expert_weights
+from hfedmoe.algorithms.base import Aggregation, FederatedAlgorithm, register
 from hfedmoe.algorithms.mechanics.assignment import (
     ASSIGNED,
     STRICT,
@@ -34,7 +31,7 @@ from hfedmoe.algorithms.mechanics.assignment import (
 )
 from hfedmoe.algorithms.mechanics.hooks import AssignedExperts
 from hfedmoe.algorithms.mechanics.layout import ExpertLayout
-from hfedmoe.algorithms.mechanics.merging import aggregate_experts, fedavg_rest
+from hfedmoe.algorithms.mechanics.merging import Merge
 from hfedmoe.algorithms.mechanics.transfer import download, load_held, upload_weights
 from hfedmoe.algorithms.mechanics.uploads import PartialUploads
 from hfedmoe.algorithms.messages import BUDGET, ClientUpdate, TrainRequest, Weights
@@ -47,18 +44,35 @@ from hfedmoe.training import train_local
 RECOMMENDATION = 0.5
 
 
-def router_rows(
-    tensors_C: list[torch.Tensor], held_CE: torch.Tensor, n_C: torch.Tensor, old: torch.Tensor
-) -> torch.Tensor:
-    """Row e of a router weight (E, ...) averaged by |D_c| over the clients that held expert e;
-    a row nobody held keeps ``old``."""
-    out = old.clone()
-    for e in range(old.shape[0]):
-        holders = torch.nonzero(held_CE[:, e]).flatten().tolist()
-        if holders:
-            w = n_C[holders].to(torch.float64)
-            out[e] = combine([tensors_C[c][e] for c in holders], w / w.sum())
-    return out
+class _Modular(Aggregation):
+    """Experts by |D_c| over the clients that trained them; router row e by |D_c| over the
+    clients that held expert e (a router without one row per expert: by |D_c|); the rest by
+    |D_c|."""
+
+    def __init__(self, algorithm: FedMoE, global_weights: Weights):
+        self.algorithm = algorithm
+        self.merge = Merge(global_weights, algorithm.layout)
+        self.usage: dict[int, torch.Tensor] = {}
+        self.examples: dict[int, int] = {}
+
+    def add(self, client: int, update: ClientUpdate) -> None:
+        layout, n = self.merge.layout, update.num_examples
+        self.merge.add_experts(update, n * (update.stats["expert_updates"] > 0))
+        held_LE = update.stats["held"].bool()
+        for layer, names in layout.routers.items():
+            for name in names:
+                x = update.weights[name]
+                if x.shape[:1] == (layout.shape[1],):  # one row per expert
+                    self.merge.add_rows(name, x, (n * held_LE[layer]).tolist())
+                else:
+                    self.merge.add(name, x, n)
+        self.merge.add_shared(update)
+        self.usage[client], self.examples[client] = update.stats["usage"], n
+
+    def finish(self) -> Weights:
+        self.algorithm.usage.update(self.usage)
+        self.algorithm.examples.update(self.examples)
+        return self.merge.finish()
 
 
 @register
@@ -99,26 +113,8 @@ class FedMoE(PartialUploads, FederatedAlgorithm):
         config = {BUDGET: budget, ASSIGNED: assigned_mask(held), STRICT: 1}
         return TrainRequest(download(self.layout, global_weights, held), config)
 
-    def aggregate(
-        self, server_round: int, global_weights: Weights, updates: Mapping[int, ClientUpdate]
-    ) -> Weights:
-        clients = sorted(updates)
-        ups = [updates[c] for c in clients]
-        n_C = torch.tensor([u.num_examples for u in ups])
-        updated_CLE = torch.stack([u.stats["expert_updates"] > 0 for u in ups])
-        held_CLE = torch.stack([u.stats["held"].bool() for u in ups])
-        new = aggregate_experts(self.layout, global_weights, ups, expert_weights(n_C, updated_CLE))
-        E = self.layout.shape[1]
-        for layer, names in self.layout.routers.items():
-            for name in names:
-                tensors = [u.weights[name] for u in ups]
-                if global_weights[name].shape[:1] == (E,):  # one row per expert
-                    new[name] = router_rows(tensors, held_CLE[:, layer], n_C, global_weights[name])
-                else:
-                    new[name] = combine(tensors, n_C.to(torch.float64) / n_C.sum())
-        for c, u in zip(clients, ups, strict=True):
-            self.usage[c], self.examples[c] = u.stats["usage"], u.num_examples
-        return fedavg_rest(self.layout, new, global_weights, ups)
+    def aggregation(self, server_round: int, global_weights: Weights) -> Aggregation:
+        return _Modular(self, global_weights)
 
     def train_client(
         self,

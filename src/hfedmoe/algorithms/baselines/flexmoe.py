@@ -23,17 +23,16 @@ As METHOD.md §9 describes it, with these decisions where the paper is vague:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 
 import numpy as np
 import torch
 from torch import nn
 
-from hfedmoe.algorithms.base import FederatedAlgorithm, register
+from hfedmoe.algorithms.base import Aggregation, FederatedAlgorithm, register
 from hfedmoe.algorithms.mechanics.assignment import ASSIGNED, assigned_mask, own_or_mean
 from hfedmoe.algorithms.mechanics.hooks import AssignedExperts
 from hfedmoe.algorithms.mechanics.layout import ExpertLayout
-from hfedmoe.algorithms.mechanics.merging import aggregate_experts, fedavg_rest
+from hfedmoe.algorithms.mechanics.merging import Merge
 from hfedmoe.algorithms.mechanics.transfer import upload_weights
 from hfedmoe.algorithms.mechanics.uploads import PartialUploads, UploadSpec, partial_upload
 from hfedmoe.algorithms.messages import BUDGET, ClientUpdate, TrainRequest, Weights
@@ -67,6 +66,27 @@ def assign(fitness_CX: torch.Tensor, slots_C: list[int]) -> torch.Tensor:
         if free[c] > 0 and not out[c, x] and int(out[:, x].sum()) < cap:
             out[c, x], free[c] = True, free[c] - 1
     return out
+
+
+class _ByUsage(Aggregation):
+    """Experts weighted by u_c(e) over the clients that updated them; the shared parameters by
+    |D_c|; routers are not aggregated. Remembers each client's fitness for the next plan."""
+
+    def __init__(self, algorithm: FlexMoE, global_weights: Weights):
+        self.algorithm = algorithm
+        self.merge = Merge(global_weights, algorithm.layout)
+        self.fitness: dict[int, torch.Tensor] = {}
+
+    def add(self, client: int, update: ClientUpdate) -> None:
+        u_LE = update.stats["usage"].double()
+        updated_LE = update.stats["expert_updates"] > 0
+        self.merge.add_experts(update, torch.where(updated_LE, u_LE, 0.0))
+        self.merge.add_shared(update)  # routers stay home
+        self.fitness[client] = u_LE * math.exp(-update.metrics["train_loss"])
+
+    def finish(self) -> Weights:
+        self.algorithm.fitness.update(self.fitness)
+        return self.merge.finish()
 
 
 @register
@@ -107,20 +127,8 @@ class FlexMoE(PartialUploads, FederatedAlgorithm):
         }
         return TrainRequest(global_weights, config)
 
-    def aggregate(
-        self, server_round: int, global_weights: Weights, updates: Mapping[int, ClientUpdate]
-    ) -> Weights:
-        clients = sorted(updates)
-        ups = [updates[c] for c in clients]
-        u_CLE = torch.stack([u.stats["usage"].double() for u in ups])
-        updated_CLE = torch.stack([u.stats["expert_updates"] > 0 for u in ups])
-        mass = torch.where(updated_CLE, u_CLE, 0.0)
-        total = mass.sum(0, keepdim=True)
-        w_CLE = torch.where(total > 0, mass / total.clamp_min(1e-300), 0.0)
-        new = aggregate_experts(self.layout, global_weights, ups, w_CLE)
-        for c, u in zip(clients, ups, strict=True):
-            self.fitness[c] = u.stats["usage"].double() * math.exp(-u.metrics["train_loss"])
-        return fedavg_rest(self.layout, new, global_weights, ups)  # routers are not aggregated
+    def aggregation(self, server_round: int, global_weights: Weights) -> Aggregation:
+        return _ByUsage(self, global_weights)
 
     def train_client(
         self,

@@ -18,18 +18,15 @@ the updated experts up.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import numpy as np
 import torch
 from torch import nn
 
-from hfedmoe.algorithms.base import FederatedAlgorithm, register
-from hfedmoe.algorithms.maths.sparse_aggregation import expert_weights
+from hfedmoe.algorithms.base import Aggregation, FederatedAlgorithm, register
 from hfedmoe.algorithms.mechanics.assignment import ASSIGNED, assigned_mask
 from hfedmoe.algorithms.mechanics.hooks import AssignedExperts
 from hfedmoe.algorithms.mechanics.layout import ExpertLayout
-from hfedmoe.algorithms.mechanics.merging import aggregate_experts, fedavg_rest
+from hfedmoe.algorithms.mechanics.merging import Merge
 from hfedmoe.algorithms.mechanics.transfer import upload_weights
 from hfedmoe.algorithms.mechanics.uploads import PartialUploads
 from hfedmoe.algorithms.messages import BUDGET, ClientUpdate, TrainRequest, Weights
@@ -48,6 +45,20 @@ def draw_experts(shape: tuple[int, int], budget: int, rng: np.random.Generator) 
     return chosen.view(L, E)
 
 
+class _ByUpdaters(Aggregation):
+    """Each expert by |D_c| over the clients that updated it; routers and the rest by |D_c|."""
+
+    def __init__(self, global_weights: Weights, layout: ExpertLayout):
+        self.merge = Merge(global_weights, layout)
+
+    def add(self, client: int, update: ClientUpdate) -> None:
+        self.merge.add_experts(update, update.num_examples * (update.stats["expert_updates"] > 0))
+        self.merge.add_shared(update, also=self.merge.layout.router_names)
+
+    def finish(self) -> Weights:
+        return self.merge.finish()
+
+
 @register
 class RandomSubset(PartialUploads, FederatedAlgorithm):
     name = "random"
@@ -64,14 +75,8 @@ class RandomSubset(PartialUploads, FederatedAlgorithm):
         drawn = draw_experts(self.layout.shape, budget, rng)
         return TrainRequest(global_weights, {BUDGET: budget, ASSIGNED: assigned_mask(drawn)})
 
-    def aggregate(
-        self, server_round: int, global_weights: Weights, updates: Mapping[int, ClientUpdate]
-    ) -> Weights:
-        ups = [updates[c] for c in sorted(updates)]
-        n_C = torch.tensor([u.num_examples for u in ups])
-        updated_CLE = torch.stack([u.stats["expert_updates"] > 0 for u in ups])
-        new = aggregate_experts(self.layout, global_weights, ups, expert_weights(n_C, updated_CLE))
-        return fedavg_rest(self.layout, new, global_weights, ups, self.layout.router_names)
+    def aggregation(self, server_round: int, global_weights: Weights) -> Aggregation:
+        return _ByUpdaters(global_weights, self.layout)
 
     def train_client(
         self,

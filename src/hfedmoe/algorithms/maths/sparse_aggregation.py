@@ -51,6 +51,16 @@ def routing_consistency(S_CLE: torch.Tensor) -> torch.Tensor:
     return (S_CLE & S_global).flatten(1).sum(1) / n if n else torch.zeros(S_CLE.shape[0])
 
 
+def router_mass(u_LE: torch.Tensor, s_LE: torch.Tensor, tau: float) -> torch.Tensor:
+    """eq. (19) summed over S_c, per MoE layer: sum_{e in S_c} u_c(e) s_c(e), one client. (L,).
+
+    alpha(c) of eq. (20) is this over |S_global|, the same for every client of the round; so
+    normalised alphas are these masses over their sum, and a server can fold one client at a
+    time (``mechanics.merging``)."""
+    S_LE = dominant(u_LE, tau)
+    return torch.where(S_LE, u_LE * s_LE, 0.0).to(torch.float64).sum(-1)
+
+
 def router_weights(
     u_CLE: torch.Tensor, s_CLE: torch.Tensor, tau: float, normalize: bool = True
 ) -> torch.Tensor:
@@ -62,14 +72,16 @@ def router_weights(
     is a convex combination; a layer where no client has a dominant expert gets all zeros (the
     caller keeps its previous router).
     """
-    S_CLE = dominant(u_CLE, tau)
-    p_CLE = torch.where(S_CLE, u_CLE * s_CLE, 0.0).to(torch.float64)
-    n_global_L = S_CLE.any(0).sum(-1).clamp_min(1)
-    alpha_CL = p_CLE.sum(-1) / n_global_L
+    mass_CL = torch.stack([router_mass(u, s, tau) for u, s in zip(u_CLE, s_CLE, strict=True)])
     if normalize:
-        total_L = alpha_CL.sum(0, keepdim=True)
-        alpha_CL = torch.where(total_L > 0, alpha_CL / total_L.clamp_min(1e-300), 0.0)
-    return alpha_CL
+        total_L = mass_CL.sum(0, keepdim=True)
+        return torch.where(total_L > 0, mass_CL / total_L.clamp_min(1e-300), 0.0)
+    return mass_CL / global_dominant(dominant(u_CLE, tau))
+
+
+def global_dominant(S_CLE: torch.Tensor) -> torch.Tensor:
+    """|S_global| per MoE layer, at least 1 (eq. (20)'s divisor). (L,) float64."""
+    return S_CLE.any(0).sum(-1).clamp_min(1).to(torch.float64)
 
 
 def combine(tensors_C: list[torch.Tensor], weights_C: torch.Tensor) -> torch.Tensor:
