@@ -2,7 +2,7 @@
 of a round, on the default job.
 
     .venv/bin/python -m bench.lean                       # configs/default.toml
-    .venv/bin/python -m bench.lean --rounds 3 --per-round 2,4,8
+    .venv/bin/python -m bench.lean --rounds 10 --time-only    # the time split alone
 
 Memory: one ``hfedmoe run`` per setting, one round each, one after another; the peak resident
 set size of each whole process (``os.wait4``'s ``ru_maxrss``): K clients per round of 8 for
@@ -64,12 +64,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--per-round", default="2,4,8", help="clients per round, of 8")
     parser.add_argument("--set", action="append", default=[], dest="overrides")
+    parser.add_argument("--time-only", action="store_true", help="skip the memory runs")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-lean-"))
     hfedmoe = [sys.executable, "-m", "hfedmoe", "run", args.config, "--no-progress"]
     sets = [a for o in args.overrides for a in ("--set", o)]
 
     settings = [(8, int(k)) for k in args.per_round.split(",")] + [(200, 10)]
+    settings = [] if args.time_only else settings
     memory = {}
     for clients, per_round in settings:
         fed = [f"federation.num_clients={clients}", f"federation.clients_per_round={per_round}"]
@@ -78,8 +80,9 @@ def main() -> None:
         memory[f"{per_round} of {clients}"] = peak_rss(
             [*cmd, "-o", str(work / f"mem-{clients}-{per_round}")]
         )
-    print("| clients per round | peak RSS | wall s |")
-    print("| --- | ---: | ---: |")
+    if memory:
+        print("| clients per round | peak RSS | wall s |")
+        print("| --- | ---: | ---: |")
     for name, (gb, seconds) in memory.items():
         print(f"| {name} | {gb:.2f} GB | {seconds:.0f} |")
 

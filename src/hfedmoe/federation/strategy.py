@@ -120,6 +120,7 @@ class AlgorithmStrategy(Strategy):
         self.by_reference = by_reference
         self.last_reports: list[ClientReport] = []
         self._global: Weights = {}
+        self._global_norms: dict[str, float] = {}
         self._bytes_down: dict[int, int] = {}
         self._requested: dict[int, int | None] = {}
         self.devices: dict[int, wire.DeviceReport] = {}  # node id -> its budget query answer
@@ -142,6 +143,7 @@ class AlgorithmStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self._global = arrays.to_torch_state_dict()
+        self._global_norms: dict[str, float] = {}  # validation's cache for this round
         if not self.nodes:  # no budget query (tests): the node ids serve as client ids
             self.nodes = {n: n for n in grid.get_node_ids()}
         sampled = sample_clients(
@@ -236,7 +238,9 @@ class AlgorithmStrategy(Strategy):
             self._fail(report, "malformed", f"{type(exc).__name__}: {exc}")
             return None
         ratio = self.cfg.federation.max_update_ratio
-        rejection = self.spec and check_update(update, self.spec, self._global, ratio)
+        rejection = self.spec and check_update(
+            update, self.spec, self._global, ratio, self._global_norms
+        )
         if rejection:
             self._fail(report, rejection.reason, rejection.detail)
             return None

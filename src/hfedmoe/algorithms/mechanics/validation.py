@@ -32,9 +32,19 @@ class Rejection:
 
 
 def check_update(
-    update: ClientUpdate, spec: UploadSpec, global_weights: Weights, max_update_ratio: float
+    update: ClientUpdate,
+    spec: UploadSpec,
+    global_weights: Weights,
+    max_update_ratio: float,
+    norms: dict[str, float] | None = None,
 ) -> Rejection | None:
-    """None if ``update`` is acceptable against ``global_weights``, else why not."""
+    """None if ``update`` is acceptable against ``global_weights``, else why not.
+
+    ``norms``: a cache of the global tensors' squared norms by upload key, for the round's
+    clients to share (they are checked against the same global weights). One pass over each
+    uploaded tensor: ||w_c - w|| in float64 without a float64 copy; a non-finite value makes it
+    non-finite (the global weights are finite), which is the finite-values check.
+    """
     weights, num_examples = update.weights, update.num_examples
     refs = spec.references(global_weights)
     keys = set(weights)
@@ -42,21 +52,27 @@ def check_update(
         return Rejection("unknown-keys", f"{len(unknown)} unknown tensor(s), e.g. {unknown[0]}")
     if missing := sorted(spec.required - keys):
         return Rejection("missing-keys", f"{len(missing)} tensor(s) missing, e.g. {missing[0]}")
+    norms = {} if norms is None else norms
+    delta_sq = norm_sq = 0.0
     for key in sorted(keys):
         t, ref = weights[key], refs[key]
         if t.shape != ref.shape:
             return Rejection("shape", f"{key} is {tuple(t.shape)}, expected {tuple(ref.shape)}")
         if t.dtype != ref.dtype:
             return Rejection("dtype", f"{key} is {t.dtype}, expected {ref.dtype}")
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if not t.is_floating_point():
+            continue
+        delta = float(torch.linalg.vector_norm(t - ref, dtype=torch.float64))
+        if not math.isfinite(delta):
             return Rejection("non-finite", f"{key} holds NaN or Inf")
+        if key not in norms:
+            norms[key] = float(torch.linalg.vector_norm(ref, dtype=torch.float64)) ** 2
+        delta_sq, norm_sq = delta_sq + delta**2, norm_sq + norms[key]
     if not (isinstance(num_examples, int) and num_examples > 0):
         return Rejection("examples", f"num_examples is {num_examples!r}, expected > 0")
     if rejection := _check_stats(update, spec):
         return rejection
-    floats = [k for k in keys if refs[k].is_floating_point()]
-    delta = math.sqrt(sum(float((weights[k] - refs[k]).double().square().sum()) for k in floats))
-    norm = math.sqrt(sum(float(refs[k].double().square().sum()) for k in floats))
+    delta, norm = math.sqrt(delta_sq), math.sqrt(norm_sq)
     if delta > max_update_ratio * max(norm, 1e-12):
         return Rejection(
             "norm",
