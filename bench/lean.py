@@ -3,12 +3,14 @@ of a round, on the default job.
 
     .venv/bin/python -m bench.lean                       # configs/default.toml
     .venv/bin/python -m bench.lean --rounds 10 --time-only    # the time split alone
+    .venv/bin/python -m bench.lean --time-only --workers 2    # 1 worker x 2 threads, 2 x 1
 
 Memory: one ``hfedmoe run`` per setting, one round each, one after another; the peak resident
 set size of each whole process (``os.wait4``'s ``ru_maxrss``): K clients per round of 8 for
 every K of ``--per-round``, and 10 per round of 200 clients.
 
-Time: one run of ``--rounds`` rounds; per round, from metrics.jsonl, the round's wall time split
+Time: one run of ``--rounds`` rounds (and one with ``--workers`` worker processes, the cores
+split between them); per round, from metrics.jsonl, the round's wall time split
 into the clients' local training (``seconds``), eq. (16)'s extra pass (``usage_seconds``), the
 central evaluation (``eval_seconds``), the algorithm's aggregation (``aggregate_seconds``), and
 the rest: the engine (packing, unpacking, loading weights into the resident model, the reply's
@@ -65,6 +67,9 @@ def main() -> None:
     parser.add_argument("--per-round", default="2,4,8", help="clients per round, of 8")
     parser.add_argument("--set", action="append", default=[], dest="overrides")
     parser.add_argument("--time-only", action="store_true", help="skip the memory runs")
+    parser.add_argument(
+        "--workers", type=int, default=1, help="also time N worker processes (cores / N threads)"
+    )
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-lean-"))
     hfedmoe = [sys.executable, "-m", "hfedmoe", "run", args.config, "--no-progress"]
@@ -86,15 +91,25 @@ def main() -> None:
     for name, (gb, seconds) in memory.items():
         print(f"| {name} | {gb:.2f} GB | {seconds:.0f} |")
 
-    run_dir = work / "time"
-    peak_rss([*hfedmoe, *sets, "--set", f"federation.rounds={args.rounds}", "-o", str(run_dir)])
-    split = shares(run_dir)
-    print(f"\nmean seconds per round, {args.rounds} rounds")
+    cores = os.cpu_count() or 1
+    splits = {}
+    for workers in sorted({1, args.workers}):
+        threads = max(1, cores // workers)
+        run_dir = work / f"time-{workers}"
+        options = [f"federation.rounds={args.rounds}", f"federation.workers={workers}"]
+        options.append(f"threads={threads}")
+        peak_rss([*hfedmoe, *sets, *[a for o in options for a in ("--set", o)], "-o", str(run_dir)])
+        splits[f"{workers} worker(s) x {threads} thread(s)"] = shares(run_dir)
+    first, *others = splits
+    print(f"\nmean seconds per round, {args.rounds} rounds, {first}")
     print("| part | s / round | share |")
     print("| --- | ---: | ---: |")
-    for name, seconds in split.items():
-        print(f"| {name} | {seconds:.2f} | {seconds / split['round']:.1%} |")
-    print(json.dumps({"memory": memory, "time": split, "work": str(work)}))
+    for part, seconds in splits[first].items():
+        print(f"| {part} | {seconds:.2f} | {seconds / splits[first]['round']:.1%} |")
+    for name in others:  # clients overlap: only the round's wall time compares
+        ratio = splits[name]["round"] / splits[first]["round"]
+        print(f"{name}: {splits[name]['round']:.2f} s / round ({ratio:.2f}x)")
+    print(json.dumps({"memory": memory, "time": splits, "work": str(work)}))
 
 
 if __name__ == "__main__":

@@ -148,3 +148,35 @@ def test_the_server_folds_each_reply_before_the_next_client_trains(tiny_bert_dir
     assert len(alive_when_training) == 6 and sent
     assert alive_when_training == [0] * 6
     assert all(r["clients_ok"] == 3 for r in read_metrics(tmp_path / "run")[1:])
+
+
+@pytest.mark.parametrize("algorithm", ["flexmoe", "hfedmoe"])
+def test_worker_processes_give_the_same_run(tiny_bert_dir, tmp_path, algorithm):
+    """federation.workers = 2 trains two clients at once in spawned worker processes: the same
+    metrics as one process, bit for bit (threads = 1), with node memory (FLEX-MoE's personal
+    routers), a client that raises and one that vanishes."""
+    from hfedmoe.engines.embedded import run_embedded
+    from hfedmoe.federation.client_app import app as client_app
+    from hfedmoe.federation.server_app import app as server_app
+    from hfedmoe.foundation.config import validate
+    from hfedmoe.results import engine_independent, read_metrics
+
+    from .support.configs import tiny_raw
+
+    runs = {}
+    for workers in (1, 2):
+        federation = {"num_clients": 4, "clients_per_round": 3, "workers": workers}
+        raw = tiny_raw(tiny_bert_dir, algorithm=algorithm, federation=federation)
+        raw["faults"] = {
+            "events": [
+                {"round": 1, "partition": 2, "kind": "exception"},
+                {"round": 2, "partition": 1, "kind": "dropout"},
+            ]
+        }
+        runs[workers] = tmp_path / f"workers-{workers}"
+        run_embedded(validate(raw), str(runs[workers]), server_app, client_app)
+    assert engine_independent(runs[2]) == engine_independent(runs[1])
+    rounds = read_metrics(runs[2])[1:]
+    failures = [r["failures"] for r in rounds]
+    assert sum(r["clients_ok"] for r in rounds) > 0
+    assert {"error", "no-reply"} <= {kind for f in failures for kind in f}

@@ -23,17 +23,19 @@ from __future__ import annotations
 import contextlib
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future
 
 from flwr.app import ArrayRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid, ServerApp
-from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
-from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
+from hfedmoe.engines.nodes import call_client
+from hfedmoe.engines.workers import WorkerPool, from_plain
 from hfedmoe.federation import wire
 from hfedmoe.federation.faults import Dropout
 from hfedmoe.federation.server_app import NodeStates
@@ -44,14 +46,6 @@ from hfedmoe.foundation.config import ExperimentConfig
 FIRST_NODE_ID = 1001
 
 ReplyCallback = Callable[[Message, Message, float], None]
-
-
-def _cross_wire(content: RecordDict) -> RecordDict:
-    """A deep copy through Flower's wire format: what a remote peer would receive."""
-    contents = {oid: obj.deflate() for oid, obj in get_all_nested_objects(content).items()}
-    copy = inflate_object_from_contents(content.object_id, contents)
-    assert isinstance(copy, RecordDict)
-    return copy
 
 
 class EmbeddedGrid(Grid):
@@ -66,10 +60,14 @@ class EmbeddedGrid(Grid):
         on_reply: ReplyCallback | None = None,
         clock: Callable[[], float] = time.perf_counter,
         check_wire: bool = True,
+        pool: WorkerPool | None = None,
     ):
         """``clock``: seconds, for timing each node's reply against the round's timeout;
-        ``check_wire``: every message crosses Flower's wire format (else by reference)."""
+        ``check_wire``: every message crosses Flower's wire format (else by reference);
+        ``pool``: worker processes that run the clients, several at once (else one after
+        another in this process)."""
         self._client_app = client_app
+        self._pool = pool
         self._check_wire = check_wire
         self._run = Run.create_empty(run_id)
         self._run.override_config = dict(run_config)
@@ -136,6 +134,9 @@ class EmbeddedGrid(Grid):
 
         Lazy: a node runs when the caller reads its reply, so a caller that consumes each reply
         before reading the next (the strategy's running aggregation) holds one at a time."""
+        if self._pool is not None:
+            yield from self._in_workers(list(messages), timeout)
+            return
         for msg in list(messages):
             [i] = self.push_messages([msg])
             seconds = self._seconds.pop(i, 0.0)
@@ -144,23 +145,54 @@ class EmbeddedGrid(Grid):
                 continue
             yield from self.pull_messages([i])
 
+    def _in_workers(self, messages: list[Message], timeout: float | None):
+        """The replies in message order, with up to one message per worker in flight: a worker
+        gets the next message before the caller reads the finished reply, so it trains while
+        the server folds; replies that finish early wait (at most workers - 1 of them)."""
+        assert self._pool is not None
+        pending: deque[tuple[Message, Future | Message]] = deque()
+        queue = iter(messages)
+
+        def submit() -> None:
+            if (msg := next(queue, None)) is None:
+                return
+            msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+            node = msg.metadata.dst_node_id
+            if node not in self._contexts:
+                error = Message(Error(code=404, reason=f"unknown node {node}"), reply_to=msg)
+                pending.append((msg, error))
+            else:
+                pending.append(
+                    (msg, self._pool.submit(msg, self._contexts[node], self._check_wire))
+                )
+
+        for _ in range(self._pool.workers):
+            submit()
+        while pending:
+            msg, job = pending.popleft()
+            submit()
+            if isinstance(job, Message):
+                reply, seconds = job, 0.0
+            else:
+                what, payload, state, seconds = job.result()
+                self._pool.restore_state(self._contexts[msg.metadata.dst_node_id], state)
+                if what == "dropout":  # the node vanished: no reply will ever come
+                    continue
+                content = from_plain(payload) if what == "reply" else Error(*payload)
+                reply = Message(content, reply_to=msg)
+            reply.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+            if self._on_reply:
+                self._on_reply(msg, reply, seconds)
+            if timeout is None or seconds <= timeout:
+                yield reply
+
     def _deliver(self, msg: Message) -> Message:
         start = time.perf_counter()
         node = msg.metadata.dst_node_id
         if node not in self._contexts:
             reply = Message(Error(code=404, reason=f"unknown node {node}"), reply_to=msg)
         else:
-            received = msg
-            if self._check_wire:
-                received = Message(_cross_wire(msg.content), metadata=msg.metadata)
-            try:
-                reply = self._client_app(received, self._contexts[node])
-                if reply.has_content() and self._check_wire:
-                    reply = Message(_cross_wire(reply.content), metadata=reply.metadata)
-            except Exception as exc:  # a failing client must not take the server down
-                reply = Message(
-                    Error(code=500, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg
-                )
+            reply = call_client(self._client_app, msg, self._contexts[node], self._check_wire)
         reply.metadata.__dict__["_message_id"] = uuid.uuid4().hex
         if self._on_reply:
             self._on_reply(msg, reply, time.perf_counter() - start)
@@ -175,10 +207,13 @@ def run_embedded(
     on_reply: ReplyCallback | None = None,
     resume: bool = False,
     clock: Callable[[], float] = time.perf_counter,
+    client_app_ref: str = "hfedmoe.federation.client_app:app",
 ) -> None:
     """Run ``server_app`` against ``cfg.federation.num_clients`` in-process ``client_app`` nodes
     (``resume``: continue the run in ``run_dir`` from its checkpoint; ``clock``: what times the
-    nodes' replies against the round's timeout)."""
+    nodes' replies against the round's timeout). With ``federation.workers`` > 1 the clients
+    run in that many worker processes, each importing the ClientApp ``client_app_ref``
+    (``module:attribute``; ``client_app`` is then not called)."""
     check_wire = cfg.federation.check_wire
     run_config = {
         wire.RUN_CONFIG: cfg.to_json(),
@@ -187,8 +222,17 @@ def run_embedded(
         wire.BY_REFERENCE: not check_wire,
     }
     run_id = 1
+    workers = cfg.federation.workers
+    pool = WorkerPool(workers, client_app_ref) if workers > 1 else None
     grid = EmbeddedGrid(
-        client_app, cfg.federation.num_clients, run_config, run_id, on_reply, clock, check_wire
+        client_app,
+        cfg.federation.num_clients,
+        run_config,
+        run_id,
+        on_reply,
+        clock,
+        check_wire,
+        pool,
     )
     TaskIdentity.task_id = 1
     TaskIdentity.run_id = run_id
@@ -200,4 +244,8 @@ def run_embedded(
         state=RecordDict(),
         run_config=run_config,
     )
-    server_app(grid, context)
+    try:
+        server_app(grid, context)
+    finally:
+        if pool is not None:
+            pool.close()

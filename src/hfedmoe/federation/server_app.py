@@ -86,8 +86,8 @@ def federate(
     ``resume`` the loop continues from the checkpoint's round with the same weights, algorithm
     state, node state and devices, and ends exactly where an uninterrupted run ends.
     """
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    if cfg.threads:  # with worker processes the server's evaluation runs while they wait
+        torch.set_num_threads(cfg.threads * cfg.federation.workers)
     start = time.perf_counter() - (resume.elapsed_seconds if resume else 0.0)
     workload = server_workload(cfg)
     model = workload.model

@@ -211,6 +211,12 @@ class FederationConfig(Section):
         description="Embedded engine: every message crosses Flower's wire format (serialised "
         "and back), as on the other engines; off: tensors go by reference within the process.",
     )
+    workers: int = Field(
+        1,
+        gt=0,
+        description="Embedded engine: train the sampled clients in this many worker processes "
+        "at once, each with its own resident model (use with threads = cores / workers).",
+    )
 
     @model_validator(mode="after")
     def _sample_within_population(self) -> FederationConfig:
