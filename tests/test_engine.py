@@ -180,3 +180,44 @@ def test_worker_processes_give_the_same_run(tiny_bert_dir, tmp_path, algorithm):
     failures = [r["failures"] for r in rounds]
     assert sum(r["clients_ok"] for r in rounds) > 0
     assert {"error", "no-reply"} <= {kind for f in failures for kind in f}
+
+
+class _SlowGrid:
+    """A Flower-style grid (push, then pull what has arrived): replies come out of order on
+    successive pulls, and node 3 never answers."""
+
+    def __init__(self) -> None:
+        self.pulls = 0
+        self.sent: list[Message] = []
+
+    def push_messages(self, messages):
+        self.sent = list(messages)
+        for i, msg in enumerate(self.sent):
+            msg.metadata.__dict__["_message_id"] = f"m{i}"
+        return [m.metadata.message_id for m in self.sent]
+
+    def pull_messages(self, message_ids):
+        self.pulls += 1
+        arrives = {1: [2], 2: [0], 3: [1]}.get(self.pulls, [])  # message index per pull
+        return [
+            Message(RecordDict(), reply_to=self.sent[i])
+            for i in arrives
+            if self.sent[i].metadata.message_id in message_ids
+        ]
+
+
+def test_replies_are_handed_over_in_message_order_as_they_arrive():
+    """Flower's engines: the server polls and yields each reply once it and every reply before
+    it have arrived (so it folds in client order, holding back only what came early); at the
+    timeout what arrived follows in order, and a node that never answers is left out."""
+    from hfedmoe.federation.server_app import receive
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, SUPERLINK_NODE_ID, 1
+    grid = _SlowGrid()
+    messages = [
+        Message(RecordDict(), dst_node_id=n, message_type=MessageType.TRAIN, group_id="1")
+        for n in (10, 11, 12, 13)
+    ]
+    order = [r.metadata.reply_to_message_id for r in receive(grid, messages, 0.05, 0.01)]
+    assert order == ["m0", "m1", "m2"]
+    assert grid.pulls >= 4  # it kept polling for m3 until the timeout

@@ -49,7 +49,9 @@ ReplyCallback = Callable[[Message, Message, float], None]
 
 
 class EmbeddedGrid(Grid):
-    """A Grid whose nodes are ClientApp calls in this process."""
+    """A Grid whose nodes are ClientApp calls in this process (or its worker processes)."""
+
+    streams_replies = True  # send_and_receive runs each node as its reply is read
 
     def __init__(
         self,

@@ -10,6 +10,7 @@ import gc
 import logging
 import time
 from collections import Counter
+from collections.abc import Iterator
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -50,6 +51,47 @@ class ResumableGrid(Protocol):
     def node_states(self) -> NodeStates: ...
 
     def restore_node_states(self, states: NodeStates) -> None: ...
+
+
+@runtime_checkable
+class StreamingGrid(Protocol):
+    """A Grid whose ``send_and_receive`` yields the replies in message order as they are read,
+    running each node then (the embedded engine)."""
+
+    streams_replies: bool
+
+
+def receive(
+    grid: Grid, messages: list[Message], timeout: float | None, interval: float
+) -> Iterator[Message]:
+    """The replies to ``messages``, in message order, each as soon as it and every reply before
+    it have arrived, so the server folds them as they come (a reply that never comes holds the
+    later ones back until ``timeout``; then what arrived follows, in order).
+
+    Written here because Flower's ``Grid.send_and_receive`` returns all replies at once, after
+    polling every 3 s; this one polls every ``interval`` seconds (``federation.poll_interval``).
+    """
+    if isinstance(grid, StreamingGrid):
+        yield from grid.send_and_receive(messages, timeout=timeout)
+        return
+    ids = list(grid.push_messages(messages))
+    position = {message_id: i for i, message_id in enumerate(ids)}
+    deadline = None if timeout is None else time.monotonic() + timeout
+    waiting, arrived, next_up = set(ids), {}, 0
+    while True:
+        for reply in grid.pull_messages(sorted(waiting)):
+            i = position.get(reply.metadata.reply_to_message_id)
+            if i is not None and ids[i] in waiting:
+                waiting.discard(ids[i])
+                arrived[i] = reply
+        while next_up in arrived:
+            yield arrived.pop(next_up)
+            next_up += 1
+        if not waiting or (deadline is not None and time.monotonic() >= deadline):
+            break
+        time.sleep(interval)
+    for i in sorted(arrived):
+        yield arrived.pop(i)
 
 
 @app.main()
@@ -98,7 +140,8 @@ def federate(
     round_timeout = cfg.federation.round_timeout or timeout
     if resume is None:
         need = minimum_budget(ExpertModel(model).num_layers, algorithm.holds_subset)
-        strategy.set_devices(query_devices(grid, need, timeout, cfg.federation.num_clients))
+        fed = cfg.federation
+        strategy.set_devices(query_devices(grid, need, timeout, fed.num_clients, fed.poll_interval))
     else:
         strategy.set_devices({d.pop("node_id"): wire.DeviceReport(**d) for d in resume.devices})
         load_shared_state(model, resume.weights)
@@ -132,7 +175,7 @@ def federate(
     for server_round in range((resume.round if resume else 0) + 1, cfg.federation.rounds + 1):
         round_start = time.perf_counter()
         messages = strategy.configure_train(server_round, arrays, ConfigRecord(), grid)
-        replies = grid.send_and_receive(messages, timeout=round_timeout)
+        replies = receive(grid, list(messages), round_timeout, cfg.federation.poll_interval)
         new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
         del replies
         aggregated = new_arrays is not None  # no: every client failed, the model stays as it was
@@ -186,7 +229,7 @@ def wait_for_nodes(grid: Grid, num_nodes: int, timeout: float) -> list[int]:
 
 
 def query_devices(
-    grid: Grid, need: int, timeout: float, num_nodes: int = 0
+    grid: Grid, need: int, timeout: float, num_nodes: int = 0, interval: float = 0.5
 ) -> dict[int, wire.DeviceReport]:
     """Ask every node for its device and C_budget (before round 1), once ``num_nodes`` are
     connected; fail if one cannot train even ``need`` experts per batch (one; with strict
@@ -196,7 +239,7 @@ def query_devices(
         for node in sorted(wait_for_nodes(grid, num_nodes, timeout))
     ]
     devices = {}
-    for reply in grid.send_and_receive(messages, timeout=timeout):
+    for reply in receive(grid, messages, timeout, interval):
         node = reply.metadata.src_node_id
         if reply.has_error():
             raise HFedMoEError(f"node {node}: budget query failed: {reply.error.reason}")

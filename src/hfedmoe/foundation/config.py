@@ -211,6 +211,12 @@ class FederationConfig(Section):
         description="Embedded engine: every message crosses Flower's wire format (serialised "
         "and back), as on the other engines; off: tensors go by reference within the process.",
     )
+    poll_interval: float = Field(
+        0.5,
+        gt=0,
+        description="Seconds between the server's pulls for replies on Flower's engines "
+        "(Flower's own send_and_receive waits 3 s).",
+    )
     workers: int = Field(
         1,
         gt=0,
