@@ -96,11 +96,13 @@ def _serve(
     try:
         reply = call_client(_APP, msg, context, request["check_wire"])
     except Dropout:
-        return "dropout", None, _state_plain(context.state), time.perf_counter() - start
-    seconds = time.perf_counter() - start
+        reply = None
+    seconds, state = time.perf_counter() - start, _state_plain(context.state)
+    if reply is None:
+        return "dropout", None, state, seconds
     if reply.has_error():
-        return "error", (reply.error.code, reply.error.reason), _state_plain(context.state), seconds
-    return "reply", to_plain(reply.content), _state_plain(context.state), seconds
+        return "error", (reply.error.code, reply.error.reason), state, seconds
+    return "reply", to_plain(reply.content), state, seconds
 
 
 class WorkerPool:
