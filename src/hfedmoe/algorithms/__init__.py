@@ -6,7 +6,7 @@ config (``algorithm = "fedavg"``).
 - ``maths``: the arithmetic, as pure functions with METHOD.md's equation numbers;
 - ``mechanics``: what the budget-aware algorithms share, one job a module;
 - ``hfedmoe``, ``ablations``: the method and its four ablations;
-- ``baselines``: FedAvg, Random subset, FedMoE, FLEX-MoE.
+- ``baselines``: FedAvg, Random subset, FedMoE, FLEX-MoE, FFT-MoE.
 """
 
 # importing each module registers its algorithms by name
@@ -18,7 +18,13 @@ from hfedmoe.algorithms.base import (
     build_algorithm,
     register,
 )
-from hfedmoe.algorithms.baselines import fedavg, fedmoe, flexmoe, random_subset  # noqa: F401
+from hfedmoe.algorithms.baselines import (  # noqa: F401
+    fedavg,
+    fedmoe,
+    fftmoe,
+    flexmoe,
+    random_subset,
+)
 from hfedmoe.algorithms.messages import ClientUpdate, TrainRequest, Weights
 
 __all__ = [

@@ -23,8 +23,9 @@ from torch import nn
 
 from hfedmoe.algorithms.mechanics.uploads import UploadSpec, full_upload
 from hfedmoe.algorithms.messages import ClientUpdate, TrainRequest, Weights
+from hfedmoe.budget import CostModel, CostModels
 from hfedmoe.data.tokenized import TokenizedDataset
-from hfedmoe.foundation.config import ExperimentConfig
+from hfedmoe.foundation.config import DeviceTier, ExperimentConfig
 from hfedmoe.foundation.errors import ConfigError
 from hfedmoe.model.experts import ExpertModel
 from hfedmoe.model.state import load_shared_state
@@ -153,6 +154,18 @@ class FederatedAlgorithm(ABC):
     def round_metrics(self) -> dict[str, float]:
         """Scalars about the last aggregation, recorded in the round's metrics. Default: none."""
         return {}
+
+    # ---- the device budget (client side) -------------------------------------------------
+    def device_budget(self, costs: CostModels, tier: DeviceTier | None) -> int:
+        """What a client tells the server about its device before round 1 (the server's
+        ``budgets``): C_budget(c), the most experts per batch it can train (METHOD.md §6)."""
+        return costs.at().expert_budget(tier, self.holds_subset)
+
+    def priced(self, costs: CostModels, request: TrainRequest) -> tuple[CostModel, int]:
+        """The cost model that prices ``request`` and the experts per batch it asks for (a
+        request beyond the device's budget fails the round)."""
+        model = costs.at()
+        return model, request.requested_experts(model.num_experts)
 
     # ---- state that outlives a round (resume) ------------------------------------------
     def state_dict(self) -> dict:

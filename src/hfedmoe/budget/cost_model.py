@@ -28,6 +28,8 @@ tests/test_budget.py; docs/BUDGETS.md gives the numbers.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +37,7 @@ from torch import nn
 
 from hfedmoe.foundation.config import DeviceTier, ExperimentConfig
 from hfedmoe.foundation.errors import ConfigError, HFedMoEError
+from hfedmoe.model.adapters import routing_top_k
 from hfedmoe.model.experts import ExpertModel
 
 #: Backward's transient memory (gradients of activations, the softmax of the loss, allocator
@@ -159,6 +162,23 @@ def build_cost_model(model: nn.Module, cfg: ExperimentConfig) -> CostModel:
     )
 
 
+class CostModels:
+    """The cost models of one (resident) model, by experts routed per token: ``at(None)`` as
+    configured, ``at(k)`` with every MoE adapter routing to its top k (FFT-MoE's k(c)). Each
+    is measured once, on first use."""
+
+    def __init__(self, model: nn.Module, cfg: ExperimentConfig):
+        self.model, self.cfg = model, cfg
+        self._built: dict[int | None, CostModel] = {}
+
+    def at(self, top_k: int | None = None) -> CostModel:
+        if top_k not in self._built:
+            k = contextlib.nullcontext() if top_k is None else routing_top_k(self.model, top_k)
+            with k:
+                self._built[top_k] = build_cost_model(self.model, self.cfg)
+        return self._built[top_k]
+
+
 def probe_batch(model: nn.Module, cfg: ExperimentConfig) -> dict[str, torch.Tensor]:
     """A full batch (``batch_size`` x ``max_length`` random tokens) of the run's task."""
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -224,14 +244,19 @@ def minimum_budget(num_layers: int, strict: bool) -> int:
 
 
 def check_tiers(
-    cfg: ExperimentConfig, cost_model: CostModel, num_layers: int, strict: bool
+    cfg: ExperimentConfig,
+    cost_model: CostModel,
+    num_layers: int,
+    strict: bool,
+    budget_of: Callable[[DeviceTier], int] | None = None,
 ) -> dict[str, int]:
-    """C_budget of every configured tier; :class:`ConfigError` for a tier too small to train
+    """The budget of every configured tier (C_budget, or what ``budget_of`` says: an
+    algorithm's own measure of a device); :class:`ConfigError` for a tier too small to train
     even the minimum (:func:`minimum_budget`)."""
     need = minimum_budget(num_layers, strict)
     budgets = {}
     for i, tier in enumerate(cfg.devices.tiers):
-        budget = cost_model.expert_budget(tier, strict)
+        budget = cost_model.expert_budget(tier, strict) if budget_of is None else budget_of(tier)
         if budget < need:
             raise ConfigError(
                 f"devices.tiers[{i}] ('{tier.name}'): cannot train even {need} "

@@ -23,14 +23,8 @@ from flwr.app import ArrayRecord, Context, Error, Message
 from flwr.clientapp import ClientApp
 from transformers import PreTrainedModel
 
-from hfedmoe.algorithms import build_algorithm
-from hfedmoe.budget import (
-    BudgetExceeded,
-    CostModel,
-    assign_tiers,
-    build_cost_model,
-    check_request,
-)
+from hfedmoe.algorithms import FederatedAlgorithm, build_algorithm
+from hfedmoe.budget import BudgetExceeded, CostModels, assign_tiers, check_request
 from hfedmoe.data.tokenized import TokenizedDataset
 from hfedmoe.federation import faults, wire
 from hfedmoe.federation.workload import client_data, client_model, label_names
@@ -54,8 +48,8 @@ def train(msg: Message, context: Context) -> Message:
     request, server_round = wire.unpack_request(msg.content)
 
     tier = _tier(cfg_json, partition_id, context.node_config.get("device-tier"))
-    costs = _cost_model(cfg_json)
-    requested = request.requested_experts(costs.num_experts)
+    algorithm = _algorithm(cfg_json)
+    costs, requested = algorithm.priced(_cost_models(cfg_json), request)
     try:
         check_request(costs, tier, requested, _holds_subset(cfg_json))
     except BudgetExceeded as exc:  # the round fails for this client; the server counts it
@@ -75,7 +69,7 @@ def train(msg: Message, context: Context) -> Message:
     rng = rng_for(cfg.seed, CLIENT_TRAIN, server_round, partition_id)  # batch order
     if MEMORY in context.state.array_records:  # what this node kept from its last round
         request.memory = context.state.array_records[MEMORY].to_torch_state_dict()
-    update = build_algorithm(cfg).train_client(model, data, request, rng)
+    update = algorithm.train_client(model, data, request, rng)
     if request.memory:
         context.state[MEMORY] = ArrayRecord(request.memory)
     update.metrics["memory_predicted_bytes"] = float(costs.step_extra_bytes(requested))
@@ -94,13 +88,13 @@ def budget(msg: Message, context: Context) -> Message:
     cfg_json = str(context.run_config[wire.RUN_CONFIG])
     partition_id = int(context.node_config["partition-id"])
     tier = _tier(cfg_json, partition_id, context.node_config.get("device-tier"))
-    costs = _cost_model(cfg_json)
+    costs = _cost_models(cfg_json)
     reply = wire.DeviceReport(
         partition_id=partition_id,
         tier="" if tier is None else tier.name,
         memory_bytes=0 if tier is None else int(tier.memory),
-        expert_budget=costs.expert_budget(tier, _holds_subset(cfg_json)),
-        num_experts=costs.num_experts,
+        expert_budget=_algorithm(cfg_json).device_budget(costs, tier),
+        num_experts=costs.at().num_experts,
         num_partitions=int(context.node_config["num-partitions"]),
     )
     return Message(wire.pack_device(reply), reply_to=msg)
@@ -123,14 +117,19 @@ def _architecture(cfg_json: str) -> PreTrainedModel:
 
 
 @functools.lru_cache(maxsize=4)
+def _algorithm(cfg_json: str) -> FederatedAlgorithm:
+    """The client side of the algorithm (it keeps no state between rounds on a client)."""
+    return build_algorithm(_config(cfg_json))
+
+
 def _holds_subset(cfg_json: str) -> bool:
-    return build_algorithm(_config(cfg_json)).holds_subset
+    return _algorithm(cfg_json).holds_subset
 
 
 @functools.lru_cache(maxsize=2)
-def _cost_model(cfg_json: str) -> CostModel:
-    """Measured on the resident model (one forward pass; no weight changes), not a copy."""
-    return build_cost_model(_architecture(cfg_json), _config(cfg_json))
+def _cost_models(cfg_json: str) -> CostModels:
+    """Measured on the resident model (one forward pass each; no weight changes), not a copy."""
+    return CostModels(_architecture(cfg_json), _config(cfg_json))
 
 
 @functools.lru_cache(maxsize=64)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from hfedmoe.algorithms import build_algorithm
-from hfedmoe.budget import build_cost_model, check_tiers
+from hfedmoe.budget import CostModels, check_tiers
 from hfedmoe.federation.workload import client_model, label_names
 from hfedmoe.foundation.assets import resolve_model_dir
 from hfedmoe.foundation.config import ExperimentConfig
@@ -41,4 +41,11 @@ def check_experiment(cfg: ExperimentConfig) -> None:
     if cfg.devices.tiers:  # a device too small to train anything is a config error
         model = client_model(cfg, labels)
         num_layers = ExpertModel(model).num_layers
-        check_tiers(cfg, build_cost_model(model, cfg), num_layers, algorithm.holds_subset)
+        costs = CostModels(model, cfg)
+        check_tiers(
+            cfg,
+            costs.at(),
+            num_layers,
+            algorithm.holds_subset,
+            budget_of=lambda tier: algorithm.device_budget(costs, tier),
+        )

@@ -59,6 +59,7 @@ class ClientReport:
     usage_seconds: float | None = None  # HFedMoE: the extra pass over D_c for eq. (16)
     experts_routed_per_step: float | None = None  # mean |E_union| per local batch
     max_active_per_step: int | None = None  # the most experts updated on one batch
+    top_k: int | None = None  # experts per token, where the client's budget sets it (FFT-MoE)
     memory_predicted_bytes: float | None = None  # training's extra memory, cost model
     memory_measured_bytes: float | None = None  # peak RSS increase while training
     step_flops_predicted: float | None = None
@@ -84,6 +85,7 @@ def _describe(report: ClientReport, update: ClientUpdate, partition_id: int, byt
     report.usage_seconds = m.get("usage_seconds")
     report.experts_routed_per_step = m.get("experts_routed_per_step")
     report.max_active_per_step = _int_or_none(m.get("max_active_per_step"))
+    report.top_k = _int_or_none(m.get("top_k"))
     report.memory_predicted_bytes = m.get("memory_predicted_bytes")
     report.memory_measured_bytes = m.get("memory_measured_bytes")
     report.step_flops_predicted = m.get("step_flops_predicted")

@@ -72,10 +72,10 @@ def partitions(cfg: ExperimentConfig, train: TextDataset, num_partitions: int) -
 
 def client_model(cfg: ExperimentConfig, label_names: tuple[str, ...]) -> PreTrainedModel:
     """The client's model. Full fine-tuning: the architecture with placeholder weights, the
-    server's weights are loaded in. A frozen base (LoRA): the same pretrained base the server
-    builds, from the same checkpoint and seed; only the trainable tensors travel
-    (``hfedmoe.model.state``)."""
-    pretrained = cfg.model.lora is not None
+    server's weights are loaded in. A frozen base (LoRA, MoE adapters): the same pretrained
+    base the server builds, from the same checkpoint and seed; only the trainable tensors
+    travel (``hfedmoe.model.state``)."""
+    pretrained = cfg.model.frozen_base
     return build_model(
         cfg.model,
         cfg.data.task,

@@ -86,6 +86,28 @@ class SpecialiseConfig(Section):
     seed: int = Field(0, ge=0, description="The build's own seed (not the run's).")
 
 
+class MoEAdapterConfig(Section):
+    """Sparse MoE adapters beside the frozen FFNs of the dense parent (FFT-MoE, METHOD.md §9b
+    step 1; ``hfedmoe.model.adapters``). Set by ``algorithm = "fftmoe"`` from ``[fftmoe]``."""
+
+    experts: int = Field(16, gt=0, description="M, experts per adapter.")
+    hidden: int = Field(64, gt=0, description="Hidden size of each adapter expert.")
+    top_k: int = Field(4, gt=0, description="Experts per token (a client may use fewer).")
+    scale: float = Field(1.0, description="s, the adapter output's scale.")
+    layers: list[int] | Literal["all"] = Field(
+        "all", description="Transformer blocks that get an adapter."
+    )
+    router_init_std: float = Field(0.02, ge=0, description="Std of the routers' normal init.")
+
+    @model_validator(mode="after")
+    def _top_k_within_experts(self) -> MoEAdapterConfig:
+        if self.top_k > self.experts:
+            raise ValueError(
+                f"top_k ({self.top_k}) must be <= the adapter's experts ({self.experts})"
+            )
+        return self
+
+
 class ModelConfig(Section):
     """The MoE model: a dense pretrained model made into experts (sparse upcycling, or a
     specialising construction)."""
@@ -121,6 +143,17 @@ class ModelConfig(Section):
     lora: LoraConfig | None = Field(
         None, description="Train LoRA adapters on a frozen base; absent = full fine-tuning."
     )
+    moe_adapters: MoEAdapterConfig | None = Field(
+        None,
+        description="The dense parent, frozen, with MoE adapters beside its FFNs instead of an "
+        "MoE made from it (FFT-MoE; set by algorithm = 'fftmoe'); absent = an MoE.",
+    )
+
+    @property
+    def frozen_base(self) -> bool:
+        """Whether only adapters (and a classifier head) train: every party then builds the
+        base itself and only the trainable tensors travel (``hfedmoe.model.state``)."""
+        return self.lora is not None or self.moe_adapters is not None
 
     @model_validator(mode="after")
     def _top_k_within_experts(self) -> ModelConfig:
@@ -301,6 +334,38 @@ class HFedMoEConfig(Section):
     )
 
 
+class FFTMoEConfig(Section):
+    """FFT-MoE (METHOD.md §9b): sparse MoE adapters on the frozen dense parent, a per-client
+    top-k(c) from the device budget, a heterogeneity-aware load-balancing loss, FedAvg of the
+    adapters. Defaults are METHOD.md's decisions."""
+
+    experts: int = Field(16, gt=0, description="M, experts per adapter (the same for all).")
+    hidden: int = Field(64, gt=0, description="Hidden size of each adapter expert.")
+    k_max: int = Field(4, gt=0, description="The most experts per token a client may use.")
+    scale: float = Field(1.0, description="s, the adapter output's scale.")
+    blocks: Literal["all", "moe_layers"] = Field(
+        "all", description="Adapters in every block, or in model.moe_layers only."
+    )
+    lam: float = Field(0.01, ge=0, description="lambda of the load-balancing loss.")
+    heterogeneity: Literal["kl", "none"] = Field(
+        "kl",
+        description="lambda_c = lambda (1 + KL(P_c || uniform)), or lambda for every client",
+    )
+    aggregation: Literal["fedavg", "activated"] = Field(
+        "fedavg",
+        description="every adapter parameter by FedAvg over |D_c|, or each expert over the "
+        "clients that activated it",
+    )
+
+    @model_validator(mode="after")
+    def _k_within_experts(self) -> FFTMoEConfig:
+        if self.k_max > self.experts:
+            raise ValueError(
+                f"fftmoe.k_max ({self.k_max}) must be <= fftmoe.experts ({self.experts})"
+            )
+        return self
+
+
 #: How an injected faulty client misbehaves (``hfedmoe.federation.faults``).
 FaultKind = Literal[
     "dropout",  # never replies
@@ -404,6 +469,7 @@ class ExperimentConfig(Section):
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     hfedmoe: HFedMoEConfig = HFedMoEConfig()
+    fftmoe: FFTMoEConfig = FFTMoEConfig()
     devices: DevicesConfig = DevicesConfig()
     faults: FaultsConfig = FaultsConfig()
 
@@ -419,6 +485,27 @@ class ExperimentConfig(Section):
                     f"faults.events[{i}].partition: {e.partition} is not a client (expected "
                     f"< federation.num_clients = {self.federation.num_clients})"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _fftmoe_adapts_the_dense_parent(self) -> ExperimentConfig:
+        """FFT-MoE runs on the dense parent of the other methods' MoE, with its adapters: the
+        model section of an FFT-MoE run is that, whatever MoE the experiment builds."""
+        if self.algorithm != "fftmoe":
+            return self
+        f = self.fftmoe
+        adapters = MoEAdapterConfig(
+            experts=f.experts,
+            hidden=f.hidden,
+            top_k=f.k_max,
+            scale=f.scale,
+            layers=self.model.moe_layers if f.blocks == "moe_layers" else "all",
+            router_init_std=self.model.router_init_std,
+        )
+        if self.model.lora is not None:
+            raise ValueError("model.lora: FFT-MoE trains its own adapters; expected no LoRA")
+        model = self.model.model_copy(update={"moe_adapters": adapters, "construction": "upcycle"})
+        object.__setattr__(self, "model", model)  # frozen: set once, while validating
         return self
 
     @model_validator(mode="after")

@@ -519,7 +519,8 @@ class ExpertModel:
         Counts 2 FLOPs per weight per token for the forward pass (attention's score products
         are not counted: they depend on the sequence length). Backward: gradients with respect
         to activations cost as much as the forward pass; gradients with respect to weights cost
-        the same again, but only for trainable weights: all shared and router weights, and each
+        the same again, but only for trainable weights: the shared and router weights that are
+        not frozen (a frozen base computes none), and each
         layer's routed expert work in proportion |active_l| / E (tokens spread evenly over
         experts). Embedding lookups are not matmuls and are excluded; an output head tied to the
         embedding is a matmul and is counted.
@@ -529,15 +530,18 @@ class ExpertModel:
         groups = self.param_groups()
         sizes = dict(self.model.named_parameters())
         lookups = {id(m.weight) for m in self.model.modules() if isinstance(m, nn.Embedding)}
-        shared = sum(
-            logical_numel(sizes[n])
+        matmuls = [
+            sizes[n]
             for n in groups["shared"]
             if sizes[n].dim() >= 2 and id(sizes[n]) not in lookups
-        )
+        ]
         head = getattr(self.model, "get_output_embeddings", lambda: None)()
         if head is not None and id(head.weight) in lookups:  # an LM head tied to the embedding
-            shared += head.weight.numel()
+            matmuls.append(head.weight)
+        shared = sum(logical_numel(w) for w in matmuls)
+        shared_trained = sum(logical_numel(w) for w in matmuls if w.requires_grad)
         routers = sum(sizes[n].numel() for n in groups["routers"])
+        routers_trained = sum(sizes[n].numel() for n in groups["routers"] if sizes[n].requires_grad)
         expert_params = [
             sum(logical_numel(t) for t in layer.weight_params(0) if t.dim() >= 2)
             for layer in self.layers
@@ -548,7 +552,7 @@ class ExpertModel:
             for layer, p in zip(self.layers, expert_params, strict=True)
         )
         forward = 2.0 * (shared + routers + routed)
-        backward = forward + 2.0 * (shared + routers + trained_routed)
+        backward = forward + 2.0 * (shared_trained + routers_trained + trained_routed)
         return forward, backward
 
 

@@ -111,6 +111,11 @@ def build_model(
     kind = model_kind(check_model_dir(directory, task, cfg.name_or_path).model_type)
     if pretrained and (directory / META_FILE).is_file():
         return _from_saved(directory, cfg, task, label_names, seed)
+    if kind == "native MoE" and cfg.moe_adapters is not None:
+        raise ConfigError(
+            f"model.moe_adapters: MoE adapters (FFT-MoE) go on a dense model; '{cfg.name_or_path}' "
+            "is a native MoE (expected a BERT-family or Llama-style checkpoint)"
+        )
     if kind == "native MoE":
         return load_moe_model(directory, lora=cfg.lora, pretrained=pretrained, seed=seed)
     if kind == "encoder":

@@ -75,7 +75,8 @@ def _install(model: PreTrainedModel, layer: nn.Module, block: MoEFeedForward) ->
         layer.mlp = block
 
 
-def _decoder_layers(model: PreTrainedModel) -> nn.ModuleList:
+def transformer_blocks(model: PreTrainedModel) -> nn.ModuleList:
+    """The transformer blocks of a BERT or Llama-style model, in order."""
     if model.config.model_type == "bert":
         return model.base_model.encoder.layer
     return model.base_model.layers
@@ -102,7 +103,7 @@ def upcycle(
             f"model.name_or_path: cannot upcycle model type '{model_type}' "
             f"(expected one of: {', '.join(UPCYCLABLE)})"
         )
-    all_layers = _decoder_layers(model)
+    all_layers = transformer_blocks(model)
     for i in resolve_layers(layers, len(all_layers)):
         layer = all_layers[i]
         dense = _take_dense_ffn(model, layer)

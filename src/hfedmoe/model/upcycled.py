@@ -18,6 +18,7 @@ from transformers.utils import logging as hf_logging
 
 from hfedmoe.foundation.config import ModelConfig
 from hfedmoe.foundation.errors import HFedMoEError
+from hfedmoe.model.adapters import add_moe_adapters
 from hfedmoe.model.lora import add_lora
 from hfedmoe.model.sources import model_dir as resolve_model_dir
 from hfedmoe.model.upcycle import LLAMA_LIKE, upcycle
@@ -61,21 +62,26 @@ def build_causal_lm(
 
 
 def _upcycled(auto, directory, config, cfg: ModelConfig, seed: int, pretrained: bool):
+    """The dense model of ``directory`` made an MoE (or given MoE adapters), LoRA if asked."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if pretrained:
             model = auto.from_pretrained(directory, config=config, dtype="float32")
         else:
             model = auto.from_config(config, dtype="float32")
-        upcycle(
-            model,
-            num_experts=cfg.num_experts,
-            top_k=cfg.top_k,
-            layers=cfg.moe_layers,
-            router_init_std=cfg.router_init_std,
-            expert_noise_std=cfg.expert_noise_std,
-            generator=torch.Generator().manual_seed(seed),
-        )
+        generator = torch.Generator().manual_seed(seed)
+        if cfg.moe_adapters is not None:  # FFT-MoE: the dense parent, frozen, with adapters
+            add_moe_adapters(model, cfg.moe_adapters, cfg.moe_adapters.layers, generator)
+        else:
+            upcycle(
+                model,
+                num_experts=cfg.num_experts,
+                top_k=cfg.top_k,
+                layers=cfg.moe_layers,
+                router_init_std=cfg.router_init_std,
+                expert_noise_std=cfg.expert_noise_std,
+                generator=generator,
+            )
         if cfg.lora is not None:
             model = add_lora(model, cfg.lora)
     return model

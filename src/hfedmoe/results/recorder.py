@@ -170,6 +170,7 @@ class RunRecorder:
             "best_test_accuracy": max(r["test_accuracy"] for r in self.rounds),
             "total_bytes_down": sum(r["bytes_down"] for r in self.rounds),
             "total_bytes_up": sum(r["bytes_up"] for r in self.rounds),
+            "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "failure_rate": _failure_rate(self.rounds),
             "wall_seconds": last["elapsed_seconds"],
             "run_dir": str(self.run_dir),

@@ -33,6 +33,11 @@ class StepHooks:
         """The (L, E) experts to update on this batch; default: all routed experts (E_union)."""
         return routed_LE
 
+    def auxiliary_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """A loss added to the task loss before the backward pass (after the forward pass of
+        ``batch``); default: none. The mean loss reported is the task loss's."""
+        return None
+
 
 @dataclass(frozen=True)
 class TrainResult:
@@ -95,8 +100,9 @@ def _train_steps(
                 loss = model(**to_device(batch, device)).loss
             routed_LE = capture.routed(batch.get("attention_mask"))
             active_LE = hooks.select_experts(capture, batch, routed_LE) & routed_LE
+            auxiliary = hooks.auxiliary_loss(batch)
             with em.update_only(active_LE):
-                loss.backward()
+                (loss if auxiliary is None else loss + auxiliary).backward()
             rows = em.expert_grad_mask(active_LE)
             if cfg.max_grad_norm is not None:
                 nn.utils.clip_grad_norm_(
