@@ -15,6 +15,7 @@ import torch
 from hfedmoe.budget import (
     BudgetExceeded,
     CostModel,
+    Price,
     assign_tiers,
     build_cost_model,
     check_request,
@@ -147,10 +148,12 @@ def test_strict_mode_holds_only_its_experts():
 
 def test_a_request_beyond_the_device_is_refused_with_the_numbers():
     tier = DeviceTier(name="phone", memory=1720)
-    check_request(HAND, tier, 4)
-    check_request(HAND, None, 8)
+    check_request(Price(HAND, 4), tier)
+    check_request(Price(HAND, 8), None)
     with pytest.raises(BudgetExceeded, match=r"device 'phone' cannot train 8 experts.*budget is 4"):
-        check_request(HAND, tier, 8)
+        check_request(Price(HAND, 8), tier)
+    # holding 2 of the 8 experts frees 6 x 50 bytes: training 4 then fits 1,420 bytes
+    check_request(Price(HAND, 4, held=2), DeviceTier(name="phone", memory=1420))
 
 
 def test_a_tier_too_small_for_one_expert_is_a_config_error(tiny_bert_dir):

@@ -6,7 +6,7 @@ config (``algorithm = "fedavg"``).
 - ``maths``: the arithmetic, as pure functions with METHOD.md's equation numbers;
 - ``mechanics``: what the budget-aware algorithms share, one job a module;
 - ``hfedmoe``, ``ablations``: the method and its four ablations;
-- ``baselines``: FedAvg, Random subset, FedMoE, FLEX-MoE, FFT-MoE.
+- ``baselines``: FedAvg, Random subset, FedMoE, FLEX-MoE, FLUX, FFT-MoE.
 """
 
 # importing each module registers its algorithms by name
@@ -23,6 +23,7 @@ from hfedmoe.algorithms.baselines import (  # noqa: F401
     fedmoe,
     fftmoe,
     flexmoe,
+    flux,
     random_subset,
 )
 from hfedmoe.algorithms.messages import ClientUpdate, TrainRequest, Weights

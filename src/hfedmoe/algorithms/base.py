@@ -23,7 +23,7 @@ from torch import nn
 
 from hfedmoe.algorithms.mechanics.uploads import UploadSpec, full_upload
 from hfedmoe.algorithms.messages import ClientUpdate, TrainRequest, Weights
-from hfedmoe.budget import CostModel, CostModels
+from hfedmoe.budget import CostModels, Price
 from hfedmoe.data.tokenized import TokenizedDataset
 from hfedmoe.foundation.config import DeviceTier, ExperimentConfig
 from hfedmoe.foundation.errors import ConfigError
@@ -161,11 +161,12 @@ class FederatedAlgorithm(ABC):
         ``budgets``): C_budget(c), the most experts per batch it can train (METHOD.md §6)."""
         return costs.at().expert_budget(tier, self.holds_subset)
 
-    def priced(self, costs: CostModels, request: TrainRequest) -> tuple[CostModel, int]:
-        """The cost model that prices ``request`` and the experts per batch it asks for (a
-        request beyond the device's budget fails the round)."""
+    def priced(self, costs: CostModels, request: TrainRequest) -> Price:
+        """What ``request`` asks of the client's device (``request.device``): experts per
+        batch, experts held; a request beyond the device fails the round."""
         model = costs.at()
-        return model, request.requested_experts(model.num_experts)
+        experts = request.requested_experts(model.num_experts)
+        return Price(model, experts, experts if self.holds_subset else None)
 
     # ---- state that outlives a round (resume) ------------------------------------------
     def state_dict(self) -> dict:

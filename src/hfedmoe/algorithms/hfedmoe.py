@@ -61,7 +61,7 @@ from hfedmoe.algorithms.mechanics.merging import Merge
 from hfedmoe.algorithms.mechanics.transfer import download, load_held, upload_weights
 from hfedmoe.algorithms.mechanics.uploads import PartialUploads
 from hfedmoe.algorithms.messages import BUDGET, ClientUpdate, TrainRequest, Weights
-from hfedmoe.data.tokenized import TokenizedDataset
+from hfedmoe.data.tokenized import TokenizedDataset, padded_tokens
 from hfedmoe.foundation.config import ExperimentConfig, HFedMoEConfig
 from hfedmoe.foundation.seeding import STRICT_HELD, rng_for
 from hfedmoe.model.experts import ExpertModel, RoutingCapture
@@ -220,8 +220,10 @@ class HFedMoE(PartialUploads, FederatedAlgorithm):
         with routing:
             result = train_local(model, data, self.cfg.train, rng, selector)
             started = time.perf_counter()
+            forward_tokens = 0
             if self.cfg.hfedmoe.usage_over == "data":  # eq. (16) over D_c, after training
                 u_LE = usage_over_data(model, data, self.cfg.eval.batch_size, self.cfg.train.device)
+                forward_tokens = padded_tokens(data, self.cfg.eval.batch_size)
             else:  # over the batches drawn while training
                 u_LE = selector.usage.value()
             usage_seconds = time.perf_counter() - started
@@ -234,4 +236,5 @@ class HFedMoE(PartialUploads, FederatedAlgorithm):
         update.stats["importance"] = selector.importance_sum / max(selector.batches, 1)  # s_c
         update.metrics["experts_used"] = float((u_LE >= self.cfg.hfedmoe.tau).sum())
         update.metrics["usage_seconds"] = usage_seconds
+        update.metrics["forward_tokens"] = float(forward_tokens)
         return update

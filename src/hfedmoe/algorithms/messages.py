@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from hfedmoe.foundation.config import DeviceTier
+
 Weights = dict[str, torch.Tensor]
 Scalar = int | float | str | list[int]
 
@@ -29,6 +31,9 @@ class TrainRequest:
     #: the client node's own tensors kept between its rounds (e.g. a personal router); the
     #: client app restores it before ``train_client`` and stores what it holds afterwards
     memory: Weights = field(default_factory=dict)
+    #: the client's device (set by the client app; None = unlimited), for algorithms that size
+    #: their work to the device's memory on the client (FLUX's merged experts)
+    device: DeviceTier | None = None
 
     def requested_experts(self, pool: int) -> int:
         """How many experts per batch this request asks for, out of a ``pool`` of L x E."""

@@ -90,6 +90,12 @@ class CostModel:
         transient = int(BACKWARD_TRANSIENT * self.activation_bytes)
         return self.training_bytes(experts) + self.activation_bytes + transient
 
+    def resident(self, held: int | None = None) -> int:
+        """Bytes of the weights a client holds with ``held`` experts resident (default all; a
+        merged expert counts as one)."""
+        unheld = 0 if (held is None or self.fused) else self.num_experts - held
+        return self.resident_bytes - unheld * self.expert_resident_bytes
+
     def predict(
         self, experts: int, flops_per_second: float | None = None, held: int | None = None
     ) -> Cost:
@@ -97,8 +103,7 @@ class CostModel:
         default all)."""
         if not 0 <= experts <= self.num_experts:
             raise ValueError(f"experts must be in 0..{self.num_experts}, got {experts}")
-        unheld = 0 if (held is None or self.fused) else self.num_experts - held
-        resident = self.resident_bytes - unheld * self.expert_resident_bytes
+        resident = self.resident(held)
         fraction = experts / self.num_experts
         backward = self.backward_flops_none + fraction * (
             self.backward_flops_all - self.backward_flops_none
@@ -117,8 +122,14 @@ class CostModel:
                 best = c
         return best
 
-    def fits(self, experts: int, tier: DeviceTier, strict: bool = False) -> bool:
-        cost = self.predict(experts, tier.flops, held=experts if strict else None)
+    def fits(
+        self, experts: int, tier: DeviceTier, strict: bool = False, held: int | None = None
+    ) -> bool:
+        """Whether training ``experts`` per batch fits ``tier``, with ``held`` experts resident
+        (default: all; ``strict``: only the trained ones)."""
+        if held is None and strict:
+            held = experts
+        cost = self.predict(experts, tier.flops, held=held)
         on_time = tier.deadline_seconds is None or cost.round_seconds <= tier.deadline_seconds
         return cost.peak_bytes <= tier.memory and on_time
 
@@ -225,16 +236,26 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def check_request(
-    cost_model: CostModel, tier: DeviceTier | None, requested: int, strict: bool = False
-) -> None:
-    """Raise :class:`BudgetExceeded` if training ``requested`` experts per batch does not fit."""
-    if tier is None or cost_model.fits(requested, tier, strict):
+@dataclass(frozen=True)
+class Price:
+    """What one train request asks of a client's device: ``experts`` trained per batch with
+    ``held`` experts resident (None: all), priced by ``model``."""
+
+    model: CostModel
+    experts: int
+    held: int | None = None
+
+
+def check_request(price: Price, tier: DeviceTier | None) -> None:
+    """Raise :class:`BudgetExceeded` if ``price`` does not fit ``tier``."""
+    if tier is None or price.model.fits(price.experts, tier, held=price.held):
         return
-    limit = cost_model.expert_budget(tier, strict)
+    strict = price.held is not None and price.held == price.experts
+    limit = price.model.expert_budget(tier, strict)
     raise BudgetExceeded(
-        f"device '{tier.name}' cannot train {requested} experts per batch "
-        f"({_shortfall(cost_model, tier, requested, strict)}); its budget is {max(limit, 0)}"
+        f"device '{tier.name}' cannot train {price.experts} experts per batch "
+        f"({_shortfall(price.model, tier, price.experts, price.held)}); its budget is "
+        f"{max(limit, 0)}"
     )
 
 
@@ -261,15 +282,15 @@ def check_tiers(
             raise ConfigError(
                 f"devices.tiers[{i}] ('{tier.name}'): cannot train even {need} "
                 f"expert{'s' if need > 1 else ''} per batch of this model "
-                f"({_shortfall(cost_model, tier, need, strict)})"
+                f"({_shortfall(cost_model, tier, need, need if strict else None)})"
             )
         budgets[tier.name] = budget
     return budgets
 
 
-def _shortfall(cost_model: CostModel, tier: DeviceTier, experts: int, strict: bool) -> str:
+def _shortfall(cost_model: CostModel, tier: DeviceTier, experts: int, held: int | None) -> str:
     """What training ``experts`` per batch needs against what ``tier`` has, in words."""
-    cost = cost_model.predict(experts, tier.flops, held=experts if strict else None)
+    cost = cost_model.predict(experts, tier.flops, held=held)
     words = f"needs {_gib(cost.peak_bytes)} of {_gib(tier.memory)}"
     if cost.round_seconds is not None and tier.deadline_seconds is not None:
         words += f", {cost.round_seconds:.1f} s of a {tier.deadline_seconds:g} s deadline"

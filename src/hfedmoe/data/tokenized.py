@@ -135,6 +135,15 @@ def tokenize_for(
     return tokenize(data, tokenizer, cfg.model.max_length, language_modeling=lm)
 
 
+def padded_tokens(data: TokenizedDataset, batch_size: int) -> int:
+    """Tokens a forward pass over ``data`` in :func:`sequential_batches` runs, padding
+    included (what its FLOPs are counted on)."""
+    return sum(
+        len(idx) * max(len(data.input_ids[i]) for i in idx)
+        for idx in sequential_batches(len(data), batch_size)
+    )
+
+
 def sequential_batches(n: int, batch_size: int) -> Iterator[np.ndarray]:
     """Index batches 0..n-1 in order (evaluation)."""
     for start in range(0, n, batch_size):

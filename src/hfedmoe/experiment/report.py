@@ -10,7 +10,8 @@ Columns (METHOD.md §10):
 * final test accuracy, mean +- std over seeds (sample std; 0 for one seed);
 * rounds to the target accuracy (mean over the seeds that reach it, and how many did);
 * client compute to the target: predicted training FLOPs summed over every client-round up to
-  that round (``step_flops_predicted`` x steps; a client that failed did no training);
+  that round (``step_flops_predicted`` x steps, plus ``extra_flops_predicted``: forward passes
+  outside training; a client that failed did no training);
 * training failure rate: failed / sampled client trainings;
 * bytes per round, down + up, mean;
 * expert-utilisation balance: the coefficient of variation of the per-expert update counts
@@ -72,6 +73,7 @@ class Run:
         per_round = [
             sum(
                 (c.get("step_flops_predicted") or 0.0) * (c.get("steps") or 0)
+                + (c.get("extra_flops_predicted") or 0.0)
                 for c in r["clients"]
                 if c["status"] == "ok"
             )

@@ -48,10 +48,11 @@ def train(msg: Message, context: Context) -> Message:
     request, server_round = wire.unpack_request(msg.content)
 
     tier = _tier(cfg_json, partition_id, context.node_config.get("device-tier"))
+    request.device = tier
     algorithm = _algorithm(cfg_json)
-    costs, requested = algorithm.priced(_cost_models(cfg_json), request)
+    price = algorithm.priced(_cost_models(cfg_json), request)
     try:
-        check_request(costs, tier, requested, _holds_subset(cfg_json))
+        check_request(price, tier)
     except BudgetExceeded as exc:  # the round fails for this client; the server counts it
         return Message(Error(code=wire.BUDGET_EXCEEDED, reason=str(exc)), reply_to=msg)
 
@@ -72,8 +73,11 @@ def train(msg: Message, context: Context) -> Message:
     update = algorithm.train_client(model, data, request, rng)
     if request.memory:
         context.state[MEMORY] = ArrayRecord(request.memory)
-    update.metrics["memory_predicted_bytes"] = float(costs.step_extra_bytes(requested))
-    update.metrics["step_flops_predicted"] = costs.predict(requested).step_flops
+    update.metrics["memory_predicted_bytes"] = float(price.model.step_extra_bytes(price.experts))
+    update.metrics["step_flops_predicted"] = price.model.predict(price.experts).step_flops
+    if "forward_tokens" in update.metrics:  # forward passes besides training
+        tokens = update.metrics.pop("forward_tokens")
+        update.metrics["extra_flops_predicted"] = price.model.forward_flops * tokens
     if fault == "deadline":
         faults.reply_late(cfg.federation.round_timeout or 0.0)  # after the deadline
     elif fault is not None:
@@ -120,10 +124,6 @@ def _architecture(cfg_json: str) -> PreTrainedModel:
 def _algorithm(cfg_json: str) -> FederatedAlgorithm:
     """The client side of the algorithm (it keeps no state between rounds on a client)."""
     return build_algorithm(_config(cfg_json))
-
-
-def _holds_subset(cfg_json: str) -> bool:
-    return _algorithm(cfg_json).holds_subset
 
 
 @functools.lru_cache(maxsize=2)

@@ -63,6 +63,15 @@ class ClientReport:
     memory_predicted_bytes: float | None = None  # training's extra memory, cost model
     memory_measured_bytes: float | None = None  # peak RSS increase while training
     step_flops_predicted: float | None = None
+    # forward passes outside the training steps (HFedMoE's eq. (16) pass, FLUX's profiling
+    # and probes), by the cost model
+    extra_flops_predicted: float | None = None
+    # FLUX: bytes of the weights the client held while training (merged experts in place of
+    # the non-tuned ones), the cost model's prediction of them, and the whole model's
+    memory_held_bytes: float | None = None
+    memory_held_predicted_bytes: float | None = None
+    memory_unmerged_bytes: float | None = None
+    experts_merged: int | None = None  # FLUX: merged experts the client built
     expert_updates: list[int] | None = None  # batches each expert was updated in, L x E flat
 
     def to_dict(self) -> dict:
@@ -89,6 +98,11 @@ def _describe(report: ClientReport, update: ClientUpdate, partition_id: int, byt
     report.memory_predicted_bytes = m.get("memory_predicted_bytes")
     report.memory_measured_bytes = m.get("memory_measured_bytes")
     report.step_flops_predicted = m.get("step_flops_predicted")
+    report.extra_flops_predicted = m.get("extra_flops_predicted")
+    report.memory_held_bytes = m.get("memory_held_bytes")
+    report.memory_held_predicted_bytes = m.get("memory_held_predicted_bytes")
+    report.memory_unmerged_bytes = m.get("memory_unmerged_bytes")
+    report.experts_merged = _int_or_none(m.get("experts_merged"))
     if "expert_updates" in update.stats:
         report.expert_updates = update.stats["expert_updates"].flatten().tolist()
 

@@ -366,6 +366,33 @@ class FFTMoEConfig(Section):
         return self
 
 
+class FluxConfig(Section):
+    """FLUX (METHOD.md §9a): stale profiling, Oort-style utilities with zeroth-order estimates
+    for exploring experts, exploit/explore roles, merged frozen experts in place of the ones a
+    client does not tune. Defaults are METHOD.md's decisions."""
+
+    eps_0: float = Field(0.3, gt=0, le=1, description="Exploit share of E_i in round 1.")
+    eps_max: float = Field(0.9, gt=0, le=1, description="Exploit share from half the rounds on.")
+    sigma: float = Field(1e-3, gt=0, description="SPSA perturbation of an exploring expert.")
+    pca_components: int = Field(32, gt=0, description="PCA dimensions before clustering.")
+    kmeans_iterations: int = Field(20, gt=0)
+    profile_precision: Literal["fp32"] = Field(
+        "fp32",
+        description="Precision of the profiling pass. FLUX profiles a 4-bit model; here it is "
+        "fp32 (METHOD.md allows it and the metrics flag it): bitsandbytes' 4-bit kernels "
+        "need a GPU.",
+    )
+    train_shared: bool = Field(
+        False, description="Also train routers and shared parameters (FedAvg by |D_c|)."
+    )
+
+    @model_validator(mode="after")
+    def _eps_grows(self) -> FluxConfig:
+        if self.eps_max < self.eps_0:
+            raise ValueError(f"flux.eps_max ({self.eps_max}) must be >= flux.eps_0 ({self.eps_0})")
+        return self
+
+
 #: How an injected faulty client misbehaves (``hfedmoe.federation.faults``).
 FaultKind = Literal[
     "dropout",  # never replies
@@ -470,6 +497,7 @@ class ExperimentConfig(Section):
     eval: EvalConfig = EvalConfig()
     hfedmoe: HFedMoEConfig = HFedMoEConfig()
     fftmoe: FFTMoEConfig = FFTMoEConfig()
+    flux: FluxConfig = FluxConfig()
     devices: DevicesConfig = DevicesConfig()
     faults: FaultsConfig = FaultsConfig()
 

@@ -11,6 +11,7 @@ FAULTS = 7  # injected client faults (hfedmoe.federation.faults)
 ANALYSIS = 8  # the examples `hfedmoe analyze` looks at (hfedmoe.analysis)
 HOLDOUT = 9  # the specialisation corpus held out of a data set (seed 0 always: run-independent)
 CONSTRUCTION = 10  # building a specialised model (hfedmoe.construction; its own seed)
+FLUX_ROLES, FLUX_PROBES = 11, 12  # FLUX's explore draws (server), its SPSA directions (client)
 
 
 def rng_for(seed: int, *keys: int) -> np.random.Generator:

@@ -136,9 +136,33 @@ class MoEFeedForward(nn.Module):
         _, weights_NK, idx_NK = self.gate(x_NH)
         weights_NK = weights_NK.to(x_NH.dtype)
         out_NH = torch.zeros_like(x_NH)
+        shared = _shared_modules(self.experts)
+        if shared:  # some indices share one module (FLUX's merged experts): run it once
+            return self._forward_shared(x_NH, weights_NK, idx_NK, shared).reshape(shape)
         for e, expert in enumerate(self.experts):
             token, slot = torch.where(idx_NK == e)
             if token.numel() == 0:
                 continue
             out_NH.index_add_(0, token, expert(x_NH[token]) * weights_NK[token, slot, None])
         return out_NH.reshape(shape)
+
+    def _forward_shared(self, x_NH, weights_NK, idx_NK, groups: list[list[int]]) -> torch.Tensor:
+        """eq. (2) when several expert indices are one module: a token routed to two of them
+        is computed once, with their gate weights summed."""
+        out_NH = torch.zeros_like(x_NH)
+        for indices in groups:
+            hit_NK = torch.isin(idx_NK, torch.tensor(indices, device=idx_NK.device))
+            token = hit_NK.any(-1).nonzero().flatten()
+            if token.numel() == 0:
+                continue
+            w_N = (weights_NK * hit_NK).sum(-1)[token]
+            out_NH.index_add_(0, token, self.experts[indices[0]](x_NH[token]) * w_N[:, None])
+        return out_NH
+
+
+def _shared_modules(experts: nn.ModuleList) -> list[list[int]] | None:
+    """The expert indices of each distinct module, if some module serves several; else None."""
+    groups: dict[int, list[int]] = {}
+    for e, expert in enumerate(experts):
+        groups.setdefault(id(expert), []).append(e)
+    return list(groups.values()) if len(groups) < len(experts) else None

@@ -38,6 +38,10 @@ class StepHooks:
         ``batch``); default: none. The mean loss reported is the task loss's."""
         return None
 
+    def after_backward(self, active_LE: torch.Tensor) -> None:
+        """Called after the backward pass, before clipping and the optimizer step, while the
+        gradients of the ``active_LE`` experts are there; default: nothing."""
+
 
 @dataclass(frozen=True)
 class TrainResult:
@@ -103,6 +107,7 @@ def _train_steps(
             auxiliary = hooks.auxiliary_loss(batch)
             with em.update_only(active_LE):
                 (loss if auxiliary is None else loss + auxiliary).backward()
+            hooks.after_backward(active_LE)
             rows = em.expert_grad_mask(active_LE)
             if cfg.max_grad_norm is not None:
                 nn.utils.clip_grad_norm_(

@@ -42,7 +42,7 @@ from hfedmoe.algorithms.maths.load_balancing import balance_loss, client_weight
 from hfedmoe.algorithms.mechanics.layout import ExpertLayout
 from hfedmoe.algorithms.mechanics.merging import Merge
 from hfedmoe.algorithms.messages import ClientUpdate, TrainRequest, Weights
-from hfedmoe.budget import CostModel, CostModels
+from hfedmoe.budget import CostModel, CostModels, Price
 from hfedmoe.data.tokenized import TokenizedDataset
 from hfedmoe.foundation.config import DeviceTier
 from hfedmoe.model.adapters import routing_top_k
@@ -147,9 +147,9 @@ class FFTMoE(FederatedAlgorithm):
         fitting = [k for k in range(1, k_max + 1) if _fits_all(costs.at(k), tier)]
         return max(fitting, default=0)
 
-    def priced(self, costs: CostModels, request: TrainRequest) -> tuple[CostModel, int]:
+    def priced(self, costs: CostModels, request: TrainRequest) -> Price:
         model = costs.at(self.top_k(request))
-        return model, model.num_experts
+        return Price(model, model.num_experts)
 
     def top_k(self, request: TrainRequest) -> int:
         return int(request.config.get(TOP_K, self.cfg.fftmoe.k_max))  # type: ignore[arg-type]

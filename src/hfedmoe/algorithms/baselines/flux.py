@@ -1,0 +1,499 @@
+"""FLUX (Chen, Wan, Li, Su, Yu; arXiv 2508.19078; EuroSys 2026): federated fine-tuning of MoE
+models on small devices by tuning a few experts and merging the rest.
+
+Neither the paper's full text nor its code could be had; METHOD.md §9a specifies it from the
+abstract and secondary notes, and every choice it leaves open is an option of ``[flux]``
+(``FluxConfig``) with METHOD.md's default. Per participant i and round r, the eight steps:
+
+1. **Stale profiling** (client, :func:`profile_experts`): a forward pass of the global model
+   as received (the previous round's, hence stale) over all of D_i, in eval mode: per expert the
+   share f_e of the tokens routed to it, the samples D_i^e routed to it, and a_e, the mean
+   attention the tokens routed to it receive in the block's own attention (the column mean of
+   the attention probabilities over real queries, averaged over heads; 1 where the model
+   exposes no attention weights). FLUX profiles a 4-bit copy; here it is fp32 (METHOD.md allows
+   it on small models; ``profile_precision`` in the metrics says so): the bitsandbytes 4-bit
+   kernels need a GPU. Its time (``usage_seconds``) and FLOPs (``extra_flops_predicted``) are
+   the client's.
+2. **Utility** (FLUX's eq. (3), ``maths.flux.utility``): u_i(e) = |D_i^e| sqrt(mean g_k), g_k a
+   sample's squared gradient norm w.r.t. expert e. Decision: g_k is estimated per batch, as
+   the squared norm of the batch loss's gradient w.r.t. e (every sample of the batch shares
+   it); per-sample gradients would cost a backward pass per sample. A client's first report
+   gives u = f_e for every expert; an expert without a fresh estimate keeps its last utility
+   (the server keeps each client's table).
+3. **Roles** (server, FLUX's eq. (4), ``maths.flux.assign_roles``): E_i = the top-B_tune(i)
+   experts by utility; the best eps_t |E_i| are *exploit* experts (trained), the rest
+   *explore* experts drawn at random outside E_i (held unmerged, forward-only; their utility
+   is refreshed by SPSA: one two-sided probe per local batch, sigma = 1e-3, in eval mode,
+   the explore experts taken in turn). eps_t = min(eps_max, eps_0 + delta t), 0.3 to 0.9 at
+   half the rounds. A client the server has not heard from yet gets the mean of the others'
+   tables (before anyone reported: a seeded draw): the server assigns roles before the
+   client's first profile exists.
+4. **Merge budget** (FLUX's eq. (1), ``maths.flux.merge_budget``): B_non(i) merged experts
+   in all, from the memory the device has left once the B_tune experts are held and trained
+   (the cost model of ``hfedmoe.budget``, a merged expert costing one expert), shared among the
+   layers by b_l = (L - l + 1) / (v_l + 1e-8), at least one per layer and at most the layer's
+   non-tuned experts. A device that holds every expert merges nothing.
+5. **Clustering** (``maths.flux.cluster_experts``): per layer, the non-tuned experts into
+   B_non(l) groups by cosine k-means (k-means++, 20 iterations) on a 32-dimensional PCA of
+   their flattened weights; never across layers.
+6. **Merge** (FLUX's eq. (2), ``maths.flux.merge_weights``): W = sum (alpha_e / sum alpha)
+   W_e, alpha_e = f_e a_e. The router is kept: every index of a cluster points at its one
+   merged module, and a token routed to two of them computes it once with their gate weights
+   summed (``MoEFeedForward``). Merged experts are frozen and discarded after the round.
+7. **Local training** of the customised model (tuned + merged experts) on D_i: only exploit
+   experts are updated; routers and shared parameters are frozen (``train_shared`` trains
+   them too, FedAvg'd by |D_i|).
+8. **Upload** of the tuned (exploit, updated) experts and the utilities; the server averages
+   each expert over its tuners weighted by |D_i^e| (at least 1 for a tuner).
+
+The client really holds the merged experts in place of the originals while it trains: the
+non-tuned modules leave the model for the round (``memory_held_bytes`` counts the weights the
+customised model holds; ``memory_unmerged_bytes`` the whole model's), and the cost model
+predicts the same (``CostModel.resident``). Experts must be per-module (hfedmoe's upcycled and
+built models, Switch); fused expert tensors are not merged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import re
+import time
+import weakref
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from hfedmoe.algorithms.base import Aggregation, FederatedAlgorithm, register
+from hfedmoe.algorithms.maths.flux import (
+    assign_roles,
+    cluster_experts,
+    exploit_share,
+    merge_budget,
+    merge_weights,
+    spsa_squared_norm,
+    utility,
+)
+from hfedmoe.algorithms.mechanics.assignment import ASSIGNED, assigned_mask, own_or_mean
+from hfedmoe.algorithms.mechanics.layout import ExpertLayout, expert_key
+from hfedmoe.algorithms.mechanics.merging import Merge
+from hfedmoe.algorithms.mechanics.transfer import upload_weights
+from hfedmoe.algorithms.mechanics.uploads import UploadSpec, partial_upload
+from hfedmoe.algorithms.messages import BUDGET, ClientUpdate, TrainRequest, Weights
+from hfedmoe.budget import CostModel, CostModels, Price
+from hfedmoe.data.tokenized import TokenizedDataset, sequential_batches
+from hfedmoe.foundation.config import DeviceTier
+from hfedmoe.foundation.errors import HFedMoEError
+from hfedmoe.foundation.seeding import FLUX_PROBES, FLUX_ROLES, rng_for
+from hfedmoe.model.experts import ExpertModel, MoELayer
+from hfedmoe.model.state import load_shared_state
+from hfedmoe.training import StepHooks, train_local
+from hfedmoe.training.device import on_device, to_device
+
+EXPLORE = "explore-experts"  # request config: flat indices of the explore experts
+MERGED = "merged-budget"  # request config (client side): B_non(i)
+STATS = ("utility", "fresh", "frequency", "routed_samples")
+
+
+# ---- step 1: profiling -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Profile:
+    """What step 1 measures of one client's data, per expert (L, E)."""
+
+    frequency: torch.Tensor  # f_e: share of the real tokens routed to e
+    routed_samples: torch.Tensor  # |D_i^e|: samples with at least one token routed to e
+    attention: torch.Tensor  # a_e: mean attention received by the tokens routed to e
+    tokens: int  # tokens run forward (padded), for the FLOP count
+
+
+@torch.no_grad()
+def profile_experts(
+    model: nn.Module, data: TokenizedDataset, batch_size: int, device: str = "cpu"
+) -> Profile:
+    """Step 1 over every sample of ``data`` (eval mode, no gradients); attention weights come
+    from eager attention, switched on for the pass where the model supports it."""
+    em = ExpertModel(model)
+    L, E = em.shape
+    blocks = [_block_index(layer) for layer in em.layers]
+    count, samples, attention = (torch.zeros(L, E, dtype=torch.float64) for _ in range(3))
+    real_tokens, tokens = 0, 0
+    with on_device(model, device) as dev, _eager_attention(model) as has_attention:
+        model.eval()
+        for idx in sequential_batches(len(data), batch_size):
+            batch = {k: v for k, v in data.batch(idx).items() if k != "labels"}
+            mask_BT = batch["attention_mask"].bool()
+            with em.capture() as capture:
+                out = model(**to_device(batch, dev), output_attentions=has_attention)
+            received = _received_attention(out, mask_BT) if has_attention else None
+            for layer, (_, chosen_NE, sample_N) in zip(
+                em.layers, capture.tokens(batch["attention_mask"]), strict=True
+            ):
+                pos = layer.position
+                chosen = chosen_NE.double()
+                count[pos] += chosen.sum(0)
+                hit_BE = torch.zeros(len(idx), E, dtype=torch.float64)
+                hit_BE.index_add_(0, sample_N, chosen)
+                samples[pos] += (hit_BE > 0).double().sum(0)
+                if received is not None and blocks[pos] is not None:
+                    attention[pos] += (chosen * received[blocks[pos]][:, None]).sum(0)
+                else:
+                    attention[pos] += chosen.sum(0)  # a_e = 1
+            real_tokens += int(mask_BT.sum())
+            tokens += int(mask_BT.numel())
+    a = torch.where(count > 0, attention / count.clamp_min(1), torch.ones_like(count))
+    return Profile(count / max(real_tokens, 1), samples, a, tokens)
+
+
+def _block_index(layer: MoELayer) -> int | None:
+    """The transformer block an MoE layer sits in ("...layers.3.mlp" -> 3), if it can tell."""
+    found = re.search(r"\.(\d+)\.", f".{layer.name}.")
+    return int(found.group(1)) if found else None
+
+
+def _received_attention(out, mask_BT: torch.Tensor) -> dict[int, torch.Tensor]:
+    """Per transformer block, each real token's mean attention received: the column mean of
+    the attention probabilities over real queries, averaged over heads; (N,) real tokens."""
+    received = {}
+    q_BT1 = mask_BT.unsqueeze(-1).float()
+    for b, a_BHTT in enumerate(out.attentions or ()):
+        a_BTT = a_BHTT.float().mean(1).cpu()  # over heads
+        col_BT = (a_BTT * q_BT1).sum(1) / q_BT1.sum(1).clamp_min(1)  # over real queries
+        received[b] = col_BT[mask_BT].double()
+    return received
+
+
+@contextlib.contextmanager
+def _eager_attention(model: nn.Module) -> Iterator[bool]:
+    """Eager attention (which returns its weights) for the block; whether it is available."""
+    config = getattr(model, "config", None)
+    before = getattr(config, "_attn_implementation", None)
+    if not hasattr(model, "set_attn_implementation") or before is None:
+        yield False
+        return
+    try:
+        model.set_attn_implementation("eager")
+    except (ValueError, ImportError):
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        model.set_attn_implementation(before)
+
+
+# ---- steps 4-6: the customised model -------------------------------------------------------
+
+
+def merged_total(costs: CostModel, tier: DeviceTier | None, b_tune: int, layers: int) -> int:
+    """Step 4's B_non(i): the most merged experts the device holds besides the B_tune tuned
+    ones while training them, at least one per layer; with no device limit, every non-tuned
+    expert stays itself (nothing is merged)."""
+    rest = costs.num_experts - b_tune
+    if tier is None:
+        return rest
+    for n in range(rest, layers - 1, -1):
+        if costs.fits(b_tune, tier, held=b_tune + n):
+            return n
+    return min(layers, rest)
+
+
+def plan_merges(
+    model: nn.Module, profile: Profile, tuned_LE: torch.Tensor, b_non: int, cfg, seed: int
+) -> dict[int, list[list[int]]]:
+    """Steps 4-5: per MoE layer, the clusters of its non-tuned experts (lists of indices)."""
+    em = ExpertModel(model)
+    per_layer = merge_budget(profile.frequency, b_non)
+    plan: dict[int, list[list[int]]] = {}
+    for layer in em.layers:
+        pos = layer.position
+        rest = [e for e in range(layer.num_experts) if not tuned_LE[pos, e]]
+        if not rest:
+            continue
+        k = min(per_layer[pos], len(rest))
+        flat = torch.stack(
+            [torch.cat([p.detach().flatten() for p in layer.modular[e].values()]) for e in rest]
+        )
+        labels = cluster_experts(flat, k, cfg.pca_components, cfg.kmeans_iterations, seed)
+        clusters: dict[int, list[int]] = {}
+        for e, c in zip(rest, labels, strict=True):
+            clusters.setdefault(c, []).append(e)
+        plan[pos] = list(clusters.values())
+    return plan
+
+
+@contextlib.contextmanager
+def customised(
+    model: nn.Module, plan: dict[int, list[list[int]]], profile: Profile, train_shared: bool
+) -> Iterator[int]:
+    """Steps 6-7: the model with each cluster of two or more experts replaced by its merged
+    expert (eq. (2)) at every index of the cluster, routers and shared parameters frozen
+    (unless ``train_shared``); yields the bytes of the weights it holds. Restored on exit."""
+    em = ExpertModel(model)
+    if any(layer.fused for layer in em.layers):
+        raise HFedMoEError(
+            "algorithm: FLUX merges per-module experts; this model stores its experts as fused "
+            "tensors (expected an hfedmoe-built MoE or Switch)"
+        )
+    swapped: list[tuple[nn.ModuleList, int, nn.Module]] = []
+    expert_params = {id(p) for layer in em.layers for d in layer.modular for p in d.values()}
+    frozen = [
+        p
+        for p in model.parameters()
+        if p.requires_grad and id(p) not in expert_params and not train_shared
+    ]
+    for layer in em.layers:
+        experts = layer.block.experts
+        f, a = profile.frequency[layer.position], profile.attention[layer.position]
+        for cluster in plan.get(layer.position, []):
+            if len(cluster) < 2:
+                continue
+            w = merge_weights(f[cluster], a[cluster])
+            merged = copy.deepcopy(experts[cluster[0]])
+            with torch.no_grad():
+                for name, p in merged.named_parameters():
+                    parts = [dict(experts[e].named_parameters())[name] for e in cluster]
+                    p.copy_(sum(float(w[i]) * x for i, x in enumerate(parts)))
+                    p.requires_grad_(False)
+            for e in cluster:
+                swapped.append((experts, e, experts[e]))
+                experts[e] = merged
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        yield held_bytes(model)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+        for experts, e, original in reversed(swapped):
+            experts[e] = original
+
+
+def held_bytes(model: nn.Module) -> int:
+    """Bytes of the distinct tensors (parameters and buffers) a model holds."""
+    seen: dict[int, int] = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
+
+
+# ---- steps 2, 3 and 7: what local training measures -----------------------------------------
+
+
+class TuneAndExplore(StepHooks):
+    """Step 7's updates (exploit experts only) and step 2-3's fresh utility estimates: squared
+    gradient norms of the exploit experts after each backward pass, and one SPSA probe of an
+    explore expert per batch."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        exploit_LE: torch.Tensor,
+        explore_LE: torch.Tensor,
+        sigma: float,
+        rng: np.random.Generator,
+    ):
+        self.model, self.em = model, ExpertModel(model)
+        self.exploit_LE, self.sigma, self.rng = exploit_LE, sigma, rng
+        self.explore = [tuple(x) for x in explore_LE.nonzero().tolist()]
+        self.rng.shuffle(self.explore)
+        self.grad_sq = torch.zeros(exploit_LE.shape, dtype=torch.float64)  # sum over batches
+        self.batches = torch.zeros(exploit_LE.shape, dtype=torch.float64)
+        self.probe_tokens = 0
+        self.step = 0
+
+    def select_experts(self, capture, batch, routed_LE):
+        self.batch = batch
+        return routed_LE & self.exploit_LE
+
+    def after_backward(self, active_LE: torch.Tensor) -> None:
+        for pos, e in active_LE.nonzero().tolist():
+            params = self.em.layers[pos].modular[e].values()
+            sq = sum(float(p.grad.double().pow(2).sum()) for p in params if p.grad is not None)
+            self.grad_sq[pos, e] += sq
+            self.batches[pos, e] += 1
+        if self.explore:  # after the backward pass: the probe moves weights in place
+            self._probe(self.explore[self.step % len(self.explore)], self.batch)
+        self.step += 1
+
+    @torch.no_grad()
+    def _probe(self, expert: tuple[int, int], batch: dict[str, torch.Tensor]) -> None:
+        """Two forward passes with expert ``expert`` moved by +-sigma z, in eval mode."""
+        pos, e = expert
+        params = list(self.em.layers[pos].modular[e].values())
+        saved = [p.detach().clone() for p in params]
+        z = [torch.from_numpy(self.rng.standard_normal(p.shape)).to(p) for p in params]
+        device = params[0].device
+        was_training = self.model.training
+        self.model.eval()
+        losses = []
+        for sign in (1.0, -1.0):
+            for p, p0, dz in zip(params, saved, z, strict=True):
+                p.copy_(p0 + sign * self.sigma * dz)
+            losses.append(float(self.model(**to_device(batch, device)).loss))
+        for p, p0 in zip(params, saved, strict=True):
+            p.copy_(p0)
+        self.model.train(was_training)
+        self.grad_sq[pos, e] += spsa_squared_norm(losses[0], losses[1], self.sigma)
+        self.batches[pos, e] += 1
+        self.probe_tokens += 2 * int(batch["input_ids"].numel())
+
+
+# ---- the server: roles, aggregation ----------------------------------------------------------
+
+
+class _ByTuners(Aggregation):
+    """Step 8: each expert over the participants that tuned it, weighted by |D_i^e|; routers
+    and shared parameters by |D_i| when they train (``train_shared``). Keeps the utilities."""
+
+    def __init__(self, algorithm: Flux, global_weights: Weights):
+        self.algorithm = algorithm
+        self.merge = Merge(global_weights, algorithm.layout)
+        self.reports: dict[int, dict[str, torch.Tensor]] = {}
+
+    def add(self, client: int, update: ClientUpdate) -> None:
+        tuned_LE = update.stats["expert_updates"] > 0
+        mass_LE = update.stats["routed_samples"].double().clamp_min(1.0) * tuned_LE
+        self.merge.add_experts(update, mass_LE)
+        if self.algorithm.cfg.flux.train_shared:
+            self.merge.add_shared(update, also=self.algorithm.layout.router_names)
+        self.reports[client] = {k: update.stats[k] for k in ("utility", "fresh", "frequency")}
+
+    def finish(self) -> Weights:
+        for client, report in self.reports.items():
+            self.algorithm.remember(client, report)
+        return self.merge.finish()
+
+
+@register
+class Flux(FederatedAlgorithm):
+    name = "flux"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self._costs: weakref.WeakKeyDictionary[nn.Module, CostModels] = weakref.WeakKeyDictionary()
+
+    def bind(self, model: nn.Module) -> None:
+        self.layout = ExpertLayout.of(model)
+        self.utilities: dict[int, torch.Tensor] = {}  # client -> u_i(e), (L, E)
+
+    # ---- budgets -----------------------------------------------------------------------------
+    def device_budget(self, costs: CostModels, tier: DeviceTier | None) -> int:
+        """B_tune(i): the most experts the device can hold and train with one merged expert
+        per layer besides them."""
+        model = costs.at()
+        X, L = model.num_experts, ExpertModel(costs.model).num_layers
+        if tier is None:
+            return X
+        fitting = [b for b in range(1, X + 1) if model.fits(b, tier, held=min(b + L, X))]
+        return max(fitting, default=0)
+
+    def priced(self, costs: CostModels, request: TrainRequest) -> Price:
+        """Training the exploit experts while holding the tuned ones and B_non merged ones."""
+        model = costs.at()
+        b_tune = len(request.config.get(ASSIGNED, [])) + len(request.config.get(EXPLORE, []))
+        b_non = merged_total(model, request.device, b_tune, ExpertModel(costs.model).num_layers)
+        return Price(model, request.requested_experts(model.num_experts), b_tune + b_non)
+
+    # ---- server side -------------------------------------------------------------------------
+    def configure_client(
+        self, server_round: int, global_weights: Weights, client: int
+    ) -> TrainRequest:
+        L, E = self.layout.shape
+        rng = rng_for(self.cfg.seed, FLUX_ROLES, server_round, client)
+        table = own_or_mean(self.utilities, client, rng, (L, E))
+        eps = exploit_share(
+            server_round, self.cfg.federation.rounds, self.cfg.flux.eps_0, self.cfg.flux.eps_max
+        )
+        b_tune = self.budgets.get(client, L * E)
+        exploit, explore = assign_roles(table.flatten(), b_tune, eps, rng)
+        config = {
+            BUDGET: int(exploit.sum()),
+            ASSIGNED: assigned_mask(exploit),
+            EXPLORE: assigned_mask(explore),
+        }
+        return TrainRequest(global_weights, config)
+
+    def aggregation(self, server_round: int, global_weights: Weights) -> Aggregation:
+        return _ByTuners(self, global_weights)
+
+    def remember(self, client: int, report: dict[str, torch.Tensor]) -> None:
+        """Step 2's table: u = f_e at a client's first report, then fresh estimates over it."""
+        table = self.utilities.get(client, report["frequency"].double()).clone()
+        fresh = report["fresh"] > 0
+        table[fresh] = report["utility"].double()[fresh]
+        self.utilities[client] = table
+
+    def upload_spec(self, model: nn.Module) -> UploadSpec:
+        """Tuned experts only (and routers and shared parameters with ``train_shared``)."""
+        layout = ExpertLayout.of(model)
+        shared = frozenset(n for n, p in model.named_parameters() if n not in layout.expert_names)
+        exclude = frozenset() if self.cfg.flux.train_shared else shared
+        return partial_upload(model, exclude=exclude, stats=STATS)
+
+    # ---- client side -------------------------------------------------------------------------
+    def train_client(
+        self,
+        model: nn.Module,
+        data: TokenizedDataset,
+        request: TrainRequest,
+        rng: np.random.Generator,
+    ) -> ClientUpdate:
+        load_shared_state(model, request.weights)
+        costs = self._costs.setdefault(model, CostModels(model, self.cfg)).at()
+        em = ExpertModel(model)
+        L, E = em.shape
+        exploit = _mask(request, ASSIGNED, (L, E))
+        explore = _mask(request, EXPLORE, (L, E))
+        started = time.perf_counter()
+        profile = profile_experts(model, data, self.cfg.eval.batch_size, self.cfg.train.device)
+        b_tune = int((exploit | explore).sum())
+        b_non = merged_total(costs, request.device, b_tune, L)
+        flux = self.cfg.flux
+        seed = int(rng.integers(2**31))
+        plan = plan_merges(model, profile, exploit | explore, b_non, flux, seed)
+        profile_seconds = time.perf_counter() - started
+        unmerged = held_bytes(model)
+        probes = rng_for(self.cfg.seed, FLUX_PROBES, int(rng.integers(2**31)))
+        hooks = TuneAndExplore(model, exploit, explore, flux.sigma, probes)
+        with customised(model, plan, profile, flux.train_shared) as held:
+            result = train_local(model, data, self.cfg.train, rng, hooks)
+        tuned = result.expert_updates > 0
+        weights = upload_weights(model, tuned, em.expert_entries())
+        if not flux.train_shared:  # step 8: the tuned experts only
+            keys = {expert_key(x, ex) for ex, es in em.expert_entries().items() for x in es}
+            weights = {k: t for k, t in weights.items() if k in keys}
+        update = self._update(model, data, result, weights)
+        fresh = hooks.batches > 0
+        u = utility(profile.routed_samples, hooks.grad_sq / hooks.batches.clamp_min(1))
+        update.stats.update(
+            utility=torch.where(fresh, u, torch.zeros_like(u)).float(),
+            fresh=fresh.float(),
+            frequency=profile.frequency.float(),
+            routed_samples=profile.routed_samples.float(),
+        )
+        merged = sum(len(c) > 1 for clusters in plan.values() for c in clusters)
+        kept = sum(len(c) == 1 for clusters in plan.values() for c in clusters)
+        update.metrics.update(
+            usage_seconds=profile_seconds,
+            forward_tokens=float(profile.tokens + hooks.probe_tokens),
+            memory_held_bytes=float(held),
+            memory_unmerged_bytes=float(unmerged),
+            memory_held_predicted_bytes=float(costs.resident(b_tune + merged + kept)),
+            experts_exploit=float(exploit.sum()),
+            experts_explore=float(explore.sum()),
+            experts_merged=float(merged),
+        )
+        return update
+
+
+def _mask(request: TrainRequest, key: str, shape: tuple[int, int]) -> torch.Tensor:
+    """The (L, E) mask of the flat expert indices under ``key`` in a request."""
+    mask = torch.zeros(shape[0] * shape[1], dtype=torch.bool)
+    mask[torch.tensor(request.config.get(key, []), dtype=torch.long)] = True
+    return mask.view(shape)
