@@ -195,6 +195,7 @@ def test_the_customised_model_holds_merged_experts_and_restores(tiny_bert_dir):
         expert_bytes = sum(p.numel() * 4 for p in originals[0][0].parameters())
         assert held == before - 3 * expert_bytes  # 5 originals out, 2 merged in
         assert not any(p.requires_grad for p in em.layers[0].router.parameters())
+        assert all(p.requires_grad for p in model.classifier.parameters())  # a new head trains
     assert [list(layer.block.experts) for layer in em.layers] == originals
     assert all(p.requires_grad for p in model.parameters())
 

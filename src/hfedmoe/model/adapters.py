@@ -36,9 +36,8 @@ from transformers import PreTrainedModel
 from hfedmoe.foundation.config import MoEAdapterConfig
 from hfedmoe.foundation.errors import HFedMoEError
 from hfedmoe.model.moe import ExpertFFN, MoEFeedForward
+from hfedmoe.model.state import new_head
 from hfedmoe.model.upcycle import UPCYCLABLE, resolve_layers, transformer_blocks
-
-HEADS = ("classifier", "score")  # a classifier's new head: trained in full
 
 
 class ParallelAdapter(nn.Module):
@@ -106,10 +105,8 @@ def add_moe_adapters(
             block.output = BertOutputWithAdapter(block.output, adapter, cfg.scale)
         else:
             block.mlp = ParallelAdapter(block.mlp, adapter, cfg.scale)
-    for name in HEADS:
-        head = getattr(model, name, None)
-        if isinstance(head, nn.Module):
-            head.requires_grad_(True)
+    if (head := new_head(model)) is not None:
+        head.requires_grad_(True)
     return model
 
 

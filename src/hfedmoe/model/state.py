@@ -12,6 +12,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+HEADS = ("classifier", "score")  # where a classifier keeps its new, task-specific head
+
+
+def new_head(model: nn.Module) -> nn.Module | None:
+    """A classifier's new head (random at the start, so every method trains it in full)."""
+    for name in HEADS:
+        head = getattr(model, name, None)
+        if isinstance(head, nn.Module):
+            return head
+    return None
+
 
 def has_frozen_base(model: nn.Module) -> bool:
     return any(not p.requires_grad for p in model.parameters())

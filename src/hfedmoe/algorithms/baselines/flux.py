@@ -42,7 +42,9 @@ abstract and secondary notes, and every choice it leaves open is an option of ``
    summed (``MoEFeedForward``). Merged experts are frozen and discarded after the round.
 7. **Local training** of the customised model (tuned + merged experts) on D_i: only exploit
    experts are updated; routers and shared parameters are frozen (``train_shared`` trains
-   them too, FedAvg'd by |D_i|).
+   them too, FedAvg'd by |D_i|), except a classifier's new head: FLUX fine-tunes LLMs, which
+   have no new head; a random one that never trained would leave a classifier at chance, so
+   it trains and is FedAvg'd, as under every other method.
 8. **Upload** of the tuned (exploit, updated) experts and the utilities; the server averages
    each expert over its tuners weighted by |D_i^e| (at least 1 for a tuner).
 
@@ -89,7 +91,7 @@ from hfedmoe.foundation.config import DeviceTier
 from hfedmoe.foundation.errors import HFedMoEError
 from hfedmoe.foundation.seeding import FLUX_PROBES, FLUX_ROLES, rng_for
 from hfedmoe.model.experts import ExpertModel, MoELayer
-from hfedmoe.model.state import load_shared_state
+from hfedmoe.model.state import load_shared_state, new_head
 from hfedmoe.training import StepHooks, train_local
 from hfedmoe.training.device import on_device, to_device
 
@@ -240,11 +242,11 @@ def customised(
             "tensors (expected an hfedmoe-built MoE or Switch)"
         )
     swapped: list[tuple[nn.ModuleList, int, nn.Module]] = []
-    expert_params = {id(p) for layer in em.layers for d in layer.modular for p in d.values()}
+    keep = {id(p) for layer in em.layers for d in layer.modular for p in d.values()}
+    if (head := new_head(model)) is not None:  # a classifier's new head always trains
+        keep |= {id(p) for p in head.parameters()}
     frozen = [
-        p
-        for p in model.parameters()
-        if p.requires_grad and id(p) not in expert_params and not train_shared
+        p for p in model.parameters() if p.requires_grad and id(p) not in keep and not train_shared
     ]
     for layer in em.layers:
         experts = layer.block.experts
@@ -360,8 +362,8 @@ class _ByTuners(Aggregation):
         tuned_LE = update.stats["expert_updates"] > 0
         mass_LE = update.stats["routed_samples"].double().clamp_min(1.0) * tuned_LE
         self.merge.add_experts(update, mass_LE)
-        if self.algorithm.cfg.flux.train_shared:
-            self.merge.add_shared(update, also=self.algorithm.layout.router_names)
+        routers = self.algorithm.layout.router_names if self.algorithm.cfg.flux.train_shared else []
+        self.merge.add_shared(update, also=routers)  # a new head, and what else trained
         self.reports[client] = {k: update.stats[k] for k in ("utility", "fresh", "frequency")}
 
     def finish(self) -> Weights:
@@ -430,9 +432,16 @@ class Flux(FederatedAlgorithm):
         self.utilities[client] = table
 
     def upload_spec(self, model: nn.Module) -> UploadSpec:
-        """Tuned experts only (and routers and shared parameters with ``train_shared``)."""
+        """Tuned experts and a classifier's new head (and routers and shared parameters with
+        ``train_shared``)."""
         layout = ExpertLayout.of(model)
-        shared = frozenset(n for n, p in model.named_parameters() if n not in layout.expert_names)
+        head = new_head(model)
+        heads = {id(p) for p in head.parameters()} if head is not None else set()
+        shared = frozenset(
+            n
+            for n, p in model.named_parameters()
+            if n not in layout.expert_names and id(p) not in heads
+        )
         exclude = frozenset() if self.cfg.flux.train_shared else shared
         return partial_upload(model, exclude=exclude, stats=STATS)
 
@@ -465,9 +474,10 @@ class Flux(FederatedAlgorithm):
             result = train_local(model, data, self.cfg.train, rng, hooks)
         tuned = result.expert_updates > 0
         weights = upload_weights(model, tuned, em.expert_entries())
-        if not flux.train_shared:  # step 8: the tuned experts only
-            keys = {expert_key(x, ex) for ex, es in em.expert_entries().items() for x in es}
-            weights = {k: t for k, t in weights.items() if k in keys}
+        if not flux.train_shared:  # step 8: the tuned experts only (and a new head)
+            keep = {expert_key(x, ex) for ex, es in em.expert_entries().items() for x in es}
+            keep |= set(self.upload_spec(model).required)
+            weights = {k: t for k, t in weights.items() if k in keep}
         update = self._update(model, data, result, weights)
         fresh = hooks.batches > 0
         u = utility(profile.routed_samples, hooks.grad_sq / hooks.batches.clamp_min(1))
