@@ -16,7 +16,6 @@ from hfedmoe.algorithms.baselines.flux import (
     EXPLORE,
     Profile,
     customised,
-    held_bytes,
     merged_total,
     plan_merges,
     profile_experts,
@@ -38,6 +37,7 @@ from hfedmoe.federation.server_app import app as server_app
 from hfedmoe.federation.workload import client_data, client_model, label_names
 from hfedmoe.foundation.config import DeviceTier, validate
 from hfedmoe.model import ExpertFFN, ExpertModel, MoEFeedForward
+from hfedmoe.model.state import held_bytes
 from hfedmoe.results import read_metrics
 
 from .support.configs import tiny_raw

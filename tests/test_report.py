@@ -87,6 +87,18 @@ def test_the_table_by_hand(tmp_path):
     )
 
 
+def test_client_memory_and_compute_count_what_clients_measured_and_ran_besides_training(tmp_path):
+    run = _fake_run(tmp_path / "a0", "a", 0, [0.2, 0.9])
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    measured = zip((100, 300), (50, 10), (0.5e9, None), lines[1]["clients"], strict=True)
+    for held, peak, extra, c in measured:
+        c.update(memory_held_bytes=held, memory_measured_bytes=peak, extra_flops_predicted=extra)
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in lines))
+    (row,) = summarise([Run.load(run)], target=0.9)
+    assert row.client_memory == 310  # the larger client: 300 held + 10 while training
+    assert row.compute_to_target == pytest.approx(2.5e9)  # 2 clients x 1 step x 1e9, + 0.5e9
+
+
 def test_per_client_accuracy_is_the_last_rounds_mean_and_worst_averaged_over_seeds(tmp_path):
     runs = [
         _fake_run(tmp_path / "s0", "a", 0, [0.2, 0.6], personal=[(0.2, 0.1), (0.5, 0.3)]),

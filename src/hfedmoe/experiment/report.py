@@ -12,6 +12,8 @@ Columns (METHOD.md §10):
 * client compute to the target: predicted training FLOPs summed over every client-round up to
   that round (``step_flops_predicted`` x steps, plus ``extra_flops_predicted``: forward passes
   outside training; a client that failed did no training);
+* client memory: the largest client's, measured (weights held while training + training's
+  peak RSS increase), mean over seeds;
 * training failure rate: failed / sampled client trainings;
 * bytes per round, down + up, mean;
 * expert-utilisation balance: the coefficient of variation of the per-expert update counts
@@ -63,6 +65,19 @@ class Run:
     @property
     def accuracy(self) -> np.ndarray:
         return np.array([r["test_accuracy"] for r in self.rounds])
+
+    def client_memory(self) -> float | None:
+        """The largest memory a client used, measured: the weights it held while training plus
+        training's peak RSS increase, over every successful client-round; None for runs that
+        did not record both."""
+        ok = [c for r in self.rounds for c in r["clients"] if c["status"] == "ok"]
+        used = [
+            c["memory_held_bytes"] + c["memory_measured_bytes"]
+            for c in ok
+            if c.get("memory_held_bytes") is not None
+            and c.get("memory_measured_bytes") is not None
+        ]
+        return max(used) if used else None
 
     def client_flops(self) -> np.ndarray | None:
         """Cumulative predicted training FLOPs of all clients after each round (round 0: 0);
@@ -194,6 +209,7 @@ class Row:
     rounds_to_target: float | None
     reached: int
     compute_to_target: float | None  # FLOPs
+    client_memory: float | None  # bytes: the largest client's, measured, mean over seeds
     failure_rate: float
     bytes_per_round: float
     utilisation_cv: float | None
@@ -211,6 +227,7 @@ def summarise(runs: list[Run], target: float) -> list[Row]:
         reached = [(r, k) for r, k in hits if k is not None]
         flops = [f[k] for r, k in reached if (f := r.client_flops()) is not None]
         updates = [u for r in group if (u := r.expert_updates()) is not None]
+        memory = [m for r in group if (m := r.client_memory()) is not None]
         personal = {
             key: [p[-1] for r in group if (p := r.personal(f"personal_accuracy_{key}")) is not None]
             for key in ("mean", "worst")
@@ -226,6 +243,7 @@ def summarise(runs: list[Run], target: float) -> list[Row]:
                 rounds_to_target=float(np.mean([k for _, k in reached])) if reached else None,
                 reached=len(reached),
                 compute_to_target=float(np.mean(flops)) if flops else None,
+                client_memory=float(np.mean(memory)) if memory else None,
                 failure_rate=float(np.mean([r.failure_rate() for r in group])),
                 bytes_per_round=float(np.mean([r.bytes_per_round().mean() for r in group])),
                 utilisation_cv=(
@@ -373,6 +391,7 @@ COLUMNS = [
     "per-client accuracy (mean / worst)",
     "rounds to target",
     "client compute to target",
+    "client memory, largest (measured)",
     "failure rate",
     "bytes / round",
     "utilisation CV",
@@ -389,6 +408,7 @@ def _cells(row: Row) -> list[str]:
         if row.rounds_to_target is None
         else f"{row.rounds_to_target:.1f} ({row.reached}/{len(row.seeds)})",
         "-" if row.compute_to_target is None else f"{row.compute_to_target / 1e12:.1f} TFLOP",
+        "-" if row.client_memory is None else f"{row.client_memory / 2**20:,.0f} MiB",
         f"{row.failure_rate:.3f}",
         f"{row.bytes_per_round / 1e6:,.0f} MB",
         "-" if row.utilisation_cv is None else f"{row.utilisation_cv:.3f}",

@@ -31,6 +31,7 @@ from hfedmoe.federation.workload import client_data, client_model, label_names
 from hfedmoe.foundation.config import DeviceTier, ExperimentConfig
 from hfedmoe.foundation.errors import ConfigError
 from hfedmoe.foundation.seeding import CLIENT_TRAIN, rng_for, seed_torch
+from hfedmoe.model.state import held_bytes
 
 app = ClientApp()
 
@@ -75,6 +76,8 @@ def train(msg: Message, context: Context) -> Message:
         context.state[MEMORY] = ArrayRecord(request.memory)
     update.metrics["memory_predicted_bytes"] = float(price.model.step_extra_bytes(price.experts))
     update.metrics["step_flops_predicted"] = price.model.predict(price.experts).step_flops
+    # the weights it held while training (FLUX measures its customised model's itself)
+    update.metrics.setdefault("memory_held_bytes", float(held_bytes(model)))
     if "forward_tokens" in update.metrics:  # forward passes besides training
         tokens = update.metrics.pop("forward_tokens")
         update.metrics["extra_flops_predicted"] = price.model.forward_flops * tokens

@@ -66,8 +66,8 @@ class ClientReport:
     # forward passes outside the training steps (HFedMoE's eq. (16) pass, FLUX's profiling
     # and probes), by the cost model
     extra_flops_predicted: float | None = None
-    # FLUX: bytes of the weights the client held while training (merged experts in place of
-    # the non-tuned ones), the cost model's prediction of them, and the whole model's
+    # bytes of the weights the client held while training (FLUX: merged experts in place of
+    # the non-tuned ones, with the cost model's prediction and the whole model's)
     memory_held_bytes: float | None = None
     memory_held_predicted_bytes: float | None = None
     memory_unmerged_bytes: float | None = None

@@ -47,3 +47,13 @@ def load_shared_state(
     if unexpected := sorted(set(weights) - set(own)):
         raise KeyError(f"weights have {len(unexpected)} unknown tensors, e.g. {unexpected[:3]}")
     model.load_state_dict(weights, strict=False)
+
+
+def held_bytes(model: nn.Module) -> int:
+    """Bytes of the distinct tensors (parameters and buffers) a model holds: the weights a
+    client keeps resident (a tied tensor counts once)."""
+    seen: dict[int, int] = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())

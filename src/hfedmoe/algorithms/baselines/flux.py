@@ -91,7 +91,7 @@ from hfedmoe.foundation.config import DeviceTier
 from hfedmoe.foundation.errors import HFedMoEError
 from hfedmoe.foundation.seeding import FLUX_PROBES, FLUX_ROLES, rng_for
 from hfedmoe.model.experts import ExpertModel, MoELayer
-from hfedmoe.model.state import load_shared_state, new_head
+from hfedmoe.model.state import held_bytes, load_shared_state, new_head
 from hfedmoe.training import StepHooks, train_local
 from hfedmoe.training.device import on_device, to_device
 
@@ -273,15 +273,6 @@ def customised(
             p.requires_grad_(True)
         for experts, e, original in reversed(swapped):
             experts[e] = original
-
-
-def held_bytes(model: nn.Module) -> int:
-    """Bytes of the distinct tensors (parameters and buffers) a model holds."""
-    seen: dict[int, int] = {}
-    for t in [*model.parameters(), *model.buffers()]:
-        storage = t.untyped_storage()
-        seen[storage.data_ptr()] = storage.nbytes()
-    return sum(seen.values())
 
 
 # ---- steps 2, 3 and 7: what local training measures -----------------------------------------
