@@ -217,7 +217,7 @@ def test_b_tune_and_b_non_come_from_the_device(tiny_bert_dir):
     cfg, model, _ = _model_and_data(tiny_bert_dir)
     algo = build_algorithm(cfg)
     costs = CostModels(model, cfg)
-    c = costs.at()
+    c = costs.at(experts_only=True)  # routers and shared parameters do not train
     L, X = 2, c.num_experts
     assert algo.device_budget(costs, None) == X
     tier = DeviceTier(name="small", memory=c.predict(3, held=3 + L).peak_bytes)
@@ -253,8 +253,19 @@ def test_the_server_keeps_each_clients_utilities(tiny_bert_dir):
 # ---- a real federated run on three device tiers --------------------------------------------------
 
 
+def _flux_tiers(tiny_bert_dir) -> dict:
+    """Three clients: room to tune 2 experts (small) or 4 (medium) with one merged expert per
+    layer, or everything (large)."""
+    raw = three_tiers(tiny_bert_dir, "flux")
+    cfg = validate(raw)
+    costs = CostModels(client_model(cfg, label_names(cfg)), cfg).at(experts_only=True)
+    for tier, b in zip(raw["devices"]["tiers"], (2, 4), strict=False):
+        tier["memory"] = costs.predict(b, held=b + 2).peak_bytes
+    return raw
+
+
 def test_flux_stays_within_every_device_and_small_ones_hold_merged_experts(tiny_bert_dir, tmp_path):
-    cfg = validate(three_tiers(tiny_bert_dir, "flux"))
+    cfg = validate(_flux_tiers(tiny_bert_dir))
     run_embedded(cfg, str(tmp_path / "run"), server_app, client_app)
     records = read_metrics(tmp_path / "run")
     merged_somewhere = False
@@ -263,6 +274,7 @@ def test_flux_stays_within_every_device_and_small_ones_hold_merged_experts(tiny_
         for client in record["clients"]:
             assert client["max_active_per_step"] <= client["requested_experts"]
             assert 0 < client["requested_experts"] <= client["expert_budget"]
+            assert client["expert_budget"] == {"small": 2, "medium": 4, "large": 8}[client["tier"]]
             # the weights held while training, measured, are what the cost model predicts
             assert client["memory_held_bytes"] == client["memory_held_predicted_bytes"]
             assert client["memory_held_bytes"] <= client["memory_unmerged_bytes"]

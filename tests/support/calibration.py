@@ -12,11 +12,13 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from hfedmoe.algorithms import build_algorithm
 from hfedmoe.algorithms.maths.importance import select_active
-from hfedmoe.budget import build_cost_model
+from hfedmoe.budget import CostModels, build_cost_model
 from hfedmoe.federation.workload import client_data, client_model, label_names
 from hfedmoe.foundation.config import ExperimentConfig
 from hfedmoe.model.experts import ExpertModel
+from hfedmoe.model.state import held_bytes, shared_state
 from hfedmoe.training import StepHooks, train_local
 
 
@@ -61,4 +63,32 @@ def measure_client_memory(cfg: ExperimentConfig, experts: int, partition_id: int
         "resident_bytes": costs.resident_bytes,
         "activation_bytes": costs.activation_bytes,
         "seconds_per_step": result.seconds / result.steps,
+    }
+
+
+def measure_algorithm_client(cfg: ExperimentConfig, tier: str, partition_id: int = 0) -> dict:
+    """One client of ``cfg.algorithm`` on device ``tier`` in round 1, as a run does it: its
+    device budget, the server's request, the algorithm's own price of it (experts trained and
+    held), local training; the prediction against what the client measured. Run it in a fresh
+    process, as :func:`measure_client_memory`."""
+    algorithm = build_algorithm(cfg)
+    device = next(t for t in cfg.devices.tiers if t.name == tier)
+    model = client_model(cfg, label_names(cfg))
+    data = client_data(cfg, partition_id, cfg.federation.num_clients)
+    costs = CostModels(model, cfg)
+    server = build_algorithm(cfg)
+    server.bind(model)  # the same architecture as the server's global model
+    server.set_budgets({partition_id: algorithm.device_budget(costs, device)})
+    request = server.configure_client(1, dict(shared_state(model)), partition_id)
+    request.device = device
+    price = algorithm.priced(costs, request)
+    update = algorithm.train_client(model, data, request, np.random.default_rng(cfg.seed))
+    return {
+        "budget": server.budgets[partition_id],
+        "predicted_bytes": price.model.step_extra_bytes(price.experts),
+        "measured_bytes": update.metrics.get("memory_measured_bytes"),
+        "held_predicted_bytes": price.model.resident(price.held),
+        "held_bytes": update.metrics.get("memory_held_bytes", held_bytes(model)),
+        "unmerged_bytes": held_bytes(model),
+        "fits": price.model.fits(price.experts, device, held=price.held),
     }

@@ -39,6 +39,7 @@ from hfedmoe.foundation.config import DeviceTier, ExperimentConfig
 from hfedmoe.foundation.errors import ConfigError, HFedMoEError
 from hfedmoe.model.adapters import routing_top_k
 from hfedmoe.model.experts import ExpertModel
+from hfedmoe.model.state import experts_only as only_experts_train
 
 #: Backward's transient memory (gradients of activations, the softmax of the loss, allocator
 #: slack) as a multiple of the saved activations; measured on MiniLM-MoE and SmolLM2-MoE
@@ -174,20 +175,27 @@ def build_cost_model(model: nn.Module, cfg: ExperimentConfig) -> CostModel:
 
 
 class CostModels:
-    """The cost models of one (resident) model, by experts routed per token: ``at(None)`` as
-    configured, ``at(k)`` with every MoE adapter routing to its top k (FFT-MoE's k(c)). Each
-    is measured once, on first use."""
+    """The cost models of one (resident) model: ``at()`` as configured, ``at(k)`` with every
+    MoE adapter routing to its top k (FFT-MoE's k(c)), ``at(experts_only=True)`` with routers
+    and shared parameters frozen (FLUX). Each is measured once, on first use."""
 
     def __init__(self, model: nn.Module, cfg: ExperimentConfig):
         self.model, self.cfg = model, cfg
-        self._built: dict[int | None, CostModel] = {}
+        self._built: dict[tuple[int | None, bool], CostModel] = {}
 
-    def at(self, top_k: int | None = None) -> CostModel:
-        if top_k not in self._built:
-            k = contextlib.nullcontext() if top_k is None else routing_top_k(self.model, top_k)
-            with k:
-                self._built[top_k] = build_cost_model(self.model, self.cfg)
-        return self._built[top_k]
+    def at(self, top_k: int | None = None, experts_only: bool = False) -> CostModel:
+        key = (top_k, experts_only)
+        if key not in self._built:
+            with contextlib.ExitStack() as stack:
+                if top_k is not None:
+                    stack.enter_context(routing_top_k(self.model, top_k))
+                if experts_only:
+                    em = ExpertModel(self.model)
+                    names = {n for layer in em.layers for n in layer.expert_param_names}
+                    ids = {id(p) for n, p in self.model.named_parameters() if n in names}
+                    stack.enter_context(only_experts_train(self.model, ids))
+                self._built[key] = build_cost_model(self.model, self.cfg)
+        return self._built[key]
 
 
 def probe_batch(model: nn.Module, cfg: ExperimentConfig) -> dict[str, torch.Tensor]:

@@ -74,8 +74,7 @@ class Run:
         used = [
             c["memory_held_bytes"] + c["memory_measured_bytes"]
             for c in ok
-            if c.get("memory_held_bytes") is not None
-            and c.get("memory_measured_bytes") is not None
+            if c.get("memory_held_bytes") is not None and c.get("memory_measured_bytes") is not None
         ]
         return max(used) if used else None
 

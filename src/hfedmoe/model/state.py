@@ -9,6 +9,9 @@ into an independently quantised model.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
@@ -57,3 +60,21 @@ def held_bytes(model: nn.Module) -> int:
         storage = t.untyped_storage()
         seen[storage.data_ptr()] = storage.nbytes()
     return sum(seen.values())
+
+
+@contextlib.contextmanager
+def experts_only(model: nn.Module, expert_params: set[int]) -> Iterator[None]:
+    """Freeze every trainable parameter but the experts' (``id``s in ``expert_params``) and a
+    classifier's new head for the block: the routers and shared parameters of a method that
+    trains experts alone (FLUX)."""
+    keep = set(expert_params)
+    if (head := new_head(model)) is not None:
+        keep |= {id(p) for p in head.parameters()}
+    frozen = [p for p in model.parameters() if p.requires_grad and id(p) not in keep]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)

@@ -91,7 +91,7 @@ from hfedmoe.foundation.config import DeviceTier
 from hfedmoe.foundation.errors import HFedMoEError
 from hfedmoe.foundation.seeding import FLUX_PROBES, FLUX_ROLES, rng_for
 from hfedmoe.model.experts import ExpertModel, MoELayer
-from hfedmoe.model.state import held_bytes, load_shared_state, new_head
+from hfedmoe.model.state import experts_only, held_bytes, load_shared_state, new_head
 from hfedmoe.training import StepHooks, train_local
 from hfedmoe.training.device import on_device, to_device
 
@@ -242,37 +242,29 @@ def customised(
             "tensors (expected an hfedmoe-built MoE or Switch)"
         )
     swapped: list[tuple[nn.ModuleList, int, nn.Module]] = []
-    keep = {id(p) for layer in em.layers for d in layer.modular for p in d.values()}
-    if (head := new_head(model)) is not None:  # a classifier's new head always trains
-        keep |= {id(p) for p in head.parameters()}
-    frozen = [
-        p for p in model.parameters() if p.requires_grad and id(p) not in keep and not train_shared
-    ]
+    experts = {id(p) for layer in em.layers for d in layer.modular for p in d.values()}
     for layer in em.layers:
-        experts = layer.block.experts
+        modules = layer.block.experts
         f, a = profile.frequency[layer.position], profile.attention[layer.position]
         for cluster in plan.get(layer.position, []):
             if len(cluster) < 2:
                 continue
             w = merge_weights(f[cluster], a[cluster])
-            merged = copy.deepcopy(experts[cluster[0]])
+            merged = copy.deepcopy(modules[cluster[0]])
             with torch.no_grad():
                 for name, p in merged.named_parameters():
-                    parts = [dict(experts[e].named_parameters())[name] for e in cluster]
+                    parts = [dict(modules[e].named_parameters())[name] for e in cluster]
                     p.copy_(sum(float(w[i]) * x for i, x in enumerate(parts)))
                     p.requires_grad_(False)
             for e in cluster:
-                swapped.append((experts, e, experts[e]))
-                experts[e] = merged
-    for p in frozen:
-        p.requires_grad_(False)
+                swapped.append((modules, e, modules[e]))
+                modules[e] = merged
     try:
-        yield held_bytes(model)
+        with contextlib.nullcontext() if train_shared else experts_only(model, experts):
+            yield held_bytes(model)
     finally:
-        for p in frozen:
-            p.requires_grad_(True)
-        for experts, e, original in reversed(swapped):
-            experts[e] = original
+        for block_experts, e, original in reversed(swapped):
+            block_experts[e] = original
 
 
 # ---- steps 2, 3 and 7: what local training measures -----------------------------------------
@@ -379,7 +371,7 @@ class Flux(FederatedAlgorithm):
     def device_budget(self, costs: CostModels, tier: DeviceTier | None) -> int:
         """B_tune(i): the most experts the device can hold and train with one merged expert
         per layer besides them."""
-        model = costs.at()
+        model = costs.at(experts_only=not self.cfg.flux.train_shared)
         X, L = model.num_experts, ExpertModel(costs.model).num_layers
         if tier is None:
             return X
@@ -388,7 +380,7 @@ class Flux(FederatedAlgorithm):
 
     def priced(self, costs: CostModels, request: TrainRequest) -> Price:
         """Training the exploit experts while holding the tuned ones and B_non merged ones."""
-        model = costs.at()
+        model = costs.at(experts_only=not self.cfg.flux.train_shared)
         b_tune = len(request.config.get(ASSIGNED, [])) + len(request.config.get(EXPLORE, []))
         b_non = merged_total(model, request.device, b_tune, ExpertModel(costs.model).num_layers)
         return Price(model, request.requested_experts(model.num_experts), b_tune + b_non)
@@ -445,7 +437,9 @@ class Flux(FederatedAlgorithm):
         rng: np.random.Generator,
     ) -> ClientUpdate:
         load_shared_state(model, request.weights)
-        costs = self._costs.setdefault(model, CostModels(model, self.cfg)).at()
+        costs = self._costs.setdefault(model, CostModels(model, self.cfg)).at(
+            experts_only=not self.cfg.flux.train_shared
+        )
         em = ExpertModel(model)
         L, E = em.shape
         exploit = _mask(request, ASSIGNED, (L, E))
