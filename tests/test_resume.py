@@ -270,3 +270,19 @@ def test_resume_refuses_what_it_cannot_continue(config_file, uninterrupted, tmp_
     proc = invoke_cli("run", str(config_file), "--resume", str(uninterrupted))
     assert proc.returncode == 2 and "takes only the run directory" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_flux_resumed_mid_run_ends_exactly_as_uninterrupted(tiny_bert_dir, tmp_path):
+    """FLUX's server keeps every client's utility table between rounds: a resume restores it."""
+    raw = three_tiers(tiny_bert_dir, "flux")
+    raw["federation"]["rounds"] = 3
+    config = tmp_path / "flux.toml"
+    config.write_text(tomli_w.dumps(raw))
+    whole = tmp_path / "whole"
+    assert run_cli("run", str(config), "-o", str(whole), "--no-progress").returncode == 0
+    run_dir = tmp_path / "killed"
+    _kill_when(["run", str(config), "-o", str(run_dir)], lambda: _checkpoint_round(run_dir) >= 1)
+    assert 1 <= _checkpoint_round(run_dir) < 3
+    proc = run_cli("run", "--resume", str(run_dir), "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    _assert_same_end(run_dir, whole)

@@ -186,7 +186,8 @@ class CostModels:
     def at(self, top_k: int | None = None, experts_only: bool = False) -> CostModel:
         key = (top_k, experts_only)
         if key not in self._built:
-            with contextlib.ExitStack() as stack:
+            # the probe's forward pass must not move the RNG that seeds a client's dropout
+            with contextlib.ExitStack() as stack, torch.random.fork_rng(devices=[]):
                 if top_k is not None:
                     stack.enter_context(routing_top_k(self.model, top_k))
                 if experts_only:

@@ -414,6 +414,12 @@ class Flux(FederatedAlgorithm):
         table[fresh] = report["utility"].double()[fresh]
         self.utilities[client] = table
 
+    def state_dict(self) -> dict:
+        return {"utilities": dict(self.utilities)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.utilities = {int(k): v for k, v in state.get("utilities", {}).items()}
+
     def upload_spec(self, model: nn.Module) -> UploadSpec:
         """Tuned experts and a classifier's new head (and routers and shared parameters with
         ``train_shared``)."""
