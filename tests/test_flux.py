@@ -288,3 +288,31 @@ def test_flux_stays_within_every_device_and_small_ones_hold_merged_experts(tiny_
             assert small["bytes_up"] < small["bytes_down"]
     assert merged_somewhere
     assert math.isfinite(records[-1]["test_loss"])
+
+
+def test_a_decoder_client_profiles_attention_and_trains_with_merged_experts(tiny_llama_dir):
+    raw = tiny_raw(tiny_llama_dir, algorithm="flux", model={"max_length": 48})
+    raw["data"] = {
+        "dataset": "qa_mix",
+        "task": "multiple-choice",
+        "max_examples_per_group": 30,
+        "min_partition_size": 5,
+    }
+    cfg = validate(raw)
+    model, data = client_model(cfg, label_names(cfg)), client_data(cfg, 0, 2)
+    profile = profile_experts(model, data, batch_size=8)
+    assert (profile.attention > 0).all() and (profile.attention < 1).any()  # real weights
+    algo = build_algorithm(cfg)
+    algo.bind(model)
+    algo.set_budgets({0: 3})
+    request = algo.configure_client(1, {k: v.clone() for k, v in model.state_dict().items()}, 0)
+    small = DeviceTier(name="tiny", memory=1)  # nothing fits: one merged expert per layer
+    request.device = small
+    update = algo.train_client(model, data, request, np.random.default_rng(0))
+    assert update.metrics["experts_merged"] >= 1
+    assert update.metrics["memory_held_bytes"] < update.metrics["memory_unmerged_bytes"]
+
+
+def test_identical_experts_are_grouped_evenly():
+    same = torch.ones(5, 7)
+    assert cluster_experts(same, 2) == [0, 1, 0, 1, 0]

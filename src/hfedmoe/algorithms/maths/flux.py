@@ -7,6 +7,7 @@ Shape legend: L MoE layers, E experts per layer; ``_E`` one layer's experts.
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import torch
@@ -95,13 +96,18 @@ def cluster_experts(
         return [0] * X
     from sklearn.cluster import KMeans  # imported here: sklearn costs ~60 MB of RSS per process
     from sklearn.decomposition import PCA
+    from sklearn.exceptions import ConvergenceWarning
 
     x = weights_XP.double().numpy()
+    if np.ptp(x, axis=0).max() == 0:  # identical experts (upcycled): any grouping merges alike
+        return [i % k for i in range(X)]
     n = min(components, X, x.shape[1])
     z = PCA(n_components=n, random_state=seed).fit_transform(x)
     z = z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
     km = KMeans(n_clusters=k, init="k-means++", n_init=1, max_iter=iterations, random_state=seed)
-    labels = km.fit_predict(z)
+    with warnings.catch_warnings():  # duplicate experts leave fewer distinct clusters: fine
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        labels = km.fit_predict(z)
     # renumber in order of first appearance, so that the labels do not depend on sklearn's
     first = {int(c): i for i, c in enumerate(dict.fromkeys(labels.tolist()))}
     return [first[int(c)] for c in labels]
