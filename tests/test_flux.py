@@ -3,6 +3,7 @@ one, and a real run on three device tiers where the small devices hold merged ex
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -316,3 +317,37 @@ def test_a_decoder_client_profiles_attention_and_trains_with_merged_experts(tiny
 def test_identical_experts_are_grouped_evenly():
     same = torch.ones(5, 7)
     assert cluster_experts(same, 2) == [0, 1, 0, 1, 0]
+
+
+def test_the_customised_model_computes_what_the_hand_merged_model_does(tiny_bert_dir):
+    _, model, data = _model_and_data(tiny_bert_dir)
+    em = ExpertModel(model)
+    with torch.no_grad():  # experts that differ, as after training
+        for layer in em.layers:
+            for e, expert in enumerate(layer.block.experts):
+                expert.fc_in.weight.add_(0.05 * e)
+    profile = profile_experts(model, data, batch_size=16)
+    plan = {0: [[0], [1, 3], [2]], 1: [[0, 1, 2, 3]]}
+    hand = copy.deepcopy(model).eval()
+    hand_em = ExpertModel(hand)
+    with torch.no_grad():  # every member of a cluster gets the eq. (2) merge of its cluster
+        for pos, clusters in plan.items():
+            experts = hand_em.layers[pos].block.experts
+            for cluster in clusters:
+                w = merge_weights(profile.frequency[pos][cluster], profile.attention[pos][cluster])
+                merged = {
+                    n: sum(
+                        float(w[i]) * dict(experts[e].named_parameters())[n]
+                        for i, e in enumerate(cluster)
+                    )
+                    for n, _ in experts[cluster[0]].named_parameters()
+                }
+                for e in cluster:
+                    for n, p in experts[e].named_parameters():
+                        p.copy_(merged[n])
+    batch = {k: v for k, v in data.batch(np.arange(8)).items() if k != "labels"}
+    model.eval()
+    with customised(model, plan, profile, train_shared=False), torch.no_grad():
+        got = model(**batch).logits
+    with torch.no_grad():
+        torch.testing.assert_close(got, hand(**batch).logits)
