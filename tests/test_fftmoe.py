@@ -318,3 +318,18 @@ def test_a_client_trains_only_the_adapters_with_its_k(tiny_bert_dir):
         if name in base:
             assert torch.equal(p, base[name])  # the dense parent never moves
     assert {b.gate.top_k for b in adapters(model)} == {2}  # the resident model is restored
+
+
+def test_the_adapters_may_have_their_own_learning_rate(tiny_bert_dir):
+    moved = {}
+    for lr in (None, 1e-1):
+        cfg = validate(tiny_raw(tiny_bert_dir, algorithm="fftmoe", fftmoe={**ADAPTERS, "lr": lr}))
+        workload = server_workload(cfg)
+        model = client_model(cfg, workload.label_names)
+        start = dict(shared_state(workload.model))
+        request = build_algorithm(cfg).configure_client(1, start, 0)
+        update = build_algorithm(cfg).train_client(
+            model, client_data(cfg, 0, 2), request, np.random.default_rng(0)
+        )
+        moved[lr] = sum(float((update.weights[n] - start[n]).norm()) for n in start)
+    assert moved[1e-1] > 10 * moved[None]  # train.lr is 1e-3

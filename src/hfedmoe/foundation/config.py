@@ -356,6 +356,12 @@ class FFTMoEConfig(Section):
         description="every adapter parameter by FedAvg over |D_c|, or each expert over the "
         "clients that activated it",
     )
+    lr: float | None = Field(
+        None,
+        gt=0,
+        description="Learning rate of the adapters; null = train.lr (adapters that start at "
+        "zero usually want a larger one than full fine-tuning)",
+    )
 
     @model_validator(mode="after")
     def _k_within_experts(self) -> FFTMoEConfig:

@@ -26,6 +26,10 @@ abstract and secondary notes, and every choice it leaves open is an option of ``
 4. **Aggregation**: every adapter parameter, routers included, by FedAvg with |D_c| / sum |D|
    (``aggregation = "fedavg"``); option ``"activated"``: each expert over the clients whose
    batches were routed to it, by |D_c| (the rest still by FedAvg).
+
+Local training is the other methods' (``[train]``), with its learning rate unless ``lr`` sets
+the adapters' own: METHOD.md names none, and zero-initialised adapters move little at a full
+fine-tuning rate.
 """
 
 from __future__ import annotations
@@ -178,8 +182,9 @@ class FFTMoE(FederatedAlgorithm):
         load_shared_state(model, request.weights)
         f = self.cfg.fftmoe
         hooks = BalancedRouting(model, f.lam, f.heterogeneity == "kl")
+        train = self.cfg.train if f.lr is None else self.cfg.train.model_copy(update={"lr": f.lr})
         with routing_top_k(model, self.top_k(request)), hooks.recording():
-            result = train_local(model, data, self.cfg.train, rng, hooks)
+            result = train_local(model, data, train, rng, hooks)
         update = self._update(model, data, result)
         update.metrics["top_k"] = float(self.top_k(request))
         return update
