@@ -164,7 +164,8 @@ def test_report_of_a_real_grid(real_grid, tmp_path):
     ]
     assert len(rows) == 2
     fedavg = rows[0].split(" | ")
-    assert fedavg[1] == "0,1" and fedavg[6] == "0.500"  # the small device fails every round
+    assert fedavg[1] == "0,1" and fedavg[7] == "0.500"  # the small device fails every round
+    assert fedavg[6].endswith(" MiB")  # the largest client's memory, measured
     mean, worst = (float(x) for x in fedavg[3].split(" / "))  # per-client accuracy
     assert 0 <= worst <= mean <= 1
     # 2 seeds x 2 rounds, each with the small device sampled: 4 failures, all over budget
