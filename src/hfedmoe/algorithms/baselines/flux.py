@@ -79,7 +79,7 @@ from hfedmoe.algorithms.maths.flux import (
     spsa_squared_norm,
     utility,
 )
-from hfedmoe.algorithms.mechanics.assignment import ASSIGNED, assigned_mask, own_or_mean
+from hfedmoe.algorithms.mechanics.assignment import ASSIGNED, assigned_mask, mask_of, own_or_mean
 from hfedmoe.algorithms.mechanics.layout import ExpertLayout, expert_key
 from hfedmoe.algorithms.mechanics.merging import Merge
 from hfedmoe.algorithms.mechanics.transfer import upload_weights
@@ -494,7 +494,6 @@ class Flux(FederatedAlgorithm):
 
 
 def _mask(request: TrainRequest, key: str, shape: tuple[int, int]) -> torch.Tensor:
-    """The (L, E) mask of the flat expert indices under ``key`` in a request."""
-    mask = torch.zeros(shape[0] * shape[1], dtype=torch.bool)
-    mask[torch.tensor(request.config.get(key, []), dtype=torch.long)] = True
-    return mask.view(shape)
+    """The (L, E) mask of the experts a request lists under ``key`` (none: all False)."""
+    found = mask_of(request, shape, key)
+    return torch.zeros(shape, dtype=torch.bool) if found is None else found

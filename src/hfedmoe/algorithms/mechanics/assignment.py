@@ -33,12 +33,15 @@ def assigned_mask(mask_LE: torch.Tensor) -> list[int]:
     return mask_LE.flatten().nonzero().flatten().tolist()
 
 
-def mask_of(request: TrainRequest, shape: tuple[int, int]) -> torch.Tensor | None:
-    """The (L, E) mask of a task's ``ASSIGNED`` experts, None if it has none."""
-    if ASSIGNED not in request.config:
+def mask_of(
+    request: TrainRequest, shape: tuple[int, int], key: str = ASSIGNED
+) -> torch.Tensor | None:
+    """The (L, E) mask of the experts a task lists under ``key`` (default its ``ASSIGNED``
+    ones), None if it lists none."""
+    if key not in request.config:
         return None
     mask = torch.zeros(shape[0] * shape[1], dtype=torch.bool)
-    mask[torch.tensor(request.config[ASSIGNED], dtype=torch.long)] = True
+    mask[torch.tensor(request.config[key], dtype=torch.long)] = True
     return mask.view(shape)
 
 
