@@ -2,6 +2,7 @@
 
     .venv/bin/python -m bench.budget            # MiniLM-MoE (the default model)
     .venv/bin/python -m bench.budget --smollm2  # also SmolLM2-MoE, causal LM (slower)
+    .venv/bin/python -m bench.budget --peers    # FLUX and FFT-MoE on a small device instead
 
 For each number of experts trained per batch it prints the cost model's prediction of the
 memory training adds (gradients, optimizer state, activations; the weights are already
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 
@@ -23,7 +25,7 @@ from hfedmoe.budget import build_cost_model, probe_batch
 from hfedmoe.federation.workload import client_model, label_names
 from hfedmoe.foundation.config import ExperimentConfig, validate
 from hfedmoe.model.experts import ExpertModel
-from tests.support.calibration import count_step_flops
+from tests.support.calibration import MEASURE_SMALL_DEVICE, count_step_flops
 
 MINILM = {
     "model": {"moe_layers": [3, 4, 5], "max_length": 64},
@@ -82,11 +84,44 @@ def rows(raw: dict, label: str) -> list[str]:
     return out
 
 
+#: glibc's default heap, and one whose mmap threshold stays at its initial 128 KiB
+HEAPS = {"glibc default": {}, "mmap threshold 128 KiB": {"MALLOC_MMAP_THRESHOLD_": "131072"}}
+
+
+def peer_rows() -> None:
+    print(
+        "| method | heap | weights held MiB (predicted) | predicted extra MiB | "
+        "measured extra MiB | ratio |"
+    )
+    print("|---|---|---|---|---|---|")
+    for algorithm in ("flux", "fftmoe"):
+        for heap, env in HEAPS.items():
+            proc = subprocess.run(
+                [sys.executable, "-c", MEASURE_SMALL_DEVICE, algorithm],
+                capture_output=True,
+                text=True,
+                check=True,
+                env={**os.environ, **env},
+            )
+            m = json.loads(proc.stdout.strip().splitlines()[-1])
+            measured, predicted = m["measured_bytes"] or 0, m["predicted_bytes"]
+            print(
+                f"| {algorithm} | {heap} | {m['held_bytes'] / 2**20:,.1f} "
+                f"({m['held_predicted_bytes'] / 2**20:,.1f}) | {predicted / 2**20:,.0f} | "
+                f"{measured / 2**20:,.0f} | {measured / predicted:.2f} |",
+                flush=True,
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smollm2", action="store_true", help="also measure SmolLM2-MoE")
+    parser.add_argument("--peers", action="store_true", help="FLUX and FFT-MoE, small device")
     args = parser.parse_args()
     torch.set_num_threads(2)
+    if args.peers:
+        peer_rows()
+        return
     print(
         "| model | experts trained per batch | predicted extra MiB | measured extra MiB | "
         "ratio | predicted step GFLOP | counted step GFLOP | ratio |"

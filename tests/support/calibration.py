@@ -8,6 +8,8 @@ torch's ``FlopCounterMode`` (every matmul the step really runs); memory by
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -16,10 +18,12 @@ from hfedmoe.algorithms import build_algorithm
 from hfedmoe.algorithms.maths.importance import select_active
 from hfedmoe.budget import CostModels, build_cost_model
 from hfedmoe.federation.workload import client_data, client_model, label_names
-from hfedmoe.foundation.config import ExperimentConfig
+from hfedmoe.foundation.config import ExperimentConfig, load
 from hfedmoe.model.experts import ExpertModel
 from hfedmoe.model.state import held_bytes, shared_state
 from hfedmoe.training import StepHooks, train_local
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def count_step_flops(
@@ -64,6 +68,33 @@ def measure_client_memory(cfg: ExperimentConfig, experts: int, partition_id: int
         "activation_bytes": costs.activation_bytes,
         "seconds_per_step": result.seconds / result.steps,
     }
+
+
+#: A script for a fresh process: ``python -c MEASURE_SMALL_DEVICE ALGORITHM`` prints the JSON
+#: of :func:`measure_algorithm_client` on :func:`small_device_config`'s device.
+MEASURE_SMALL_DEVICE = """
+import json, sys, torch
+from tests.support.calibration import measure_algorithm_client, small_device_config
+torch.set_num_threads(2)
+cfg = small_device_config(sys.argv[1])
+print(json.dumps(measure_algorithm_client(cfg, cfg.devices.tiers[0].name)))
+"""
+
+
+def small_device_config(algorithm: str) -> ExperimentConfig:
+    """configs/hfedmoe.toml with ``algorithm``, 2 local steps and one device tier that fits
+    little: 4 tuned experts and one merged per layer (FLUX, whose routers and shared parameters
+    do not train), or k = 1 (FFT-MoE)."""
+    cfg = load(REPO / "configs" / "hfedmoe.toml", [f"algorithm={algorithm}", "train.local_steps=2"])
+    model = client_model(cfg, label_names(cfg))
+    costs = CostModels(model, cfg)
+    if algorithm == "flux":
+        held = 4 + ExpertModel(model).num_layers
+        cost = costs.at(experts_only=True).predict(4, held=held)
+    else:
+        cost = costs.at(1).predict(costs.at(1).num_experts)
+    tiers = [t.model_copy(update={"memory": cost.peak_bytes}) for t in cfg.devices.tiers[:1]]
+    return cfg.model_copy(update={"devices": cfg.devices.model_copy(update={"tiers": tiers})})
 
 
 def measure_algorithm_client(cfg: ExperimentConfig, tier: str, partition_id: int = 0) -> dict:
