@@ -91,13 +91,13 @@ HEAPS = {"glibc default": {}, "mmap threshold 128 KiB": {"MALLOC_MMAP_THRESHOLD_
 def peer_rows() -> None:
     print(
         "| method | heap | weights held MiB (predicted) | predicted extra MiB | "
-        "measured extra MiB | ratio |"
+        "measured extra MiB | ratio | training s |"
     )
-    print("|---|---|---|---|---|---|")
-    for algorithm in ("flux", "fftmoe"):
+    print("|---|---|---|---|---|---|---|")
+    for algorithm in ("flux", "fftmoe", "hfedmoe"):
         for heap, env in HEAPS.items():
             proc = subprocess.run(
-                [sys.executable, "-c", MEASURE_SMALL_DEVICE, algorithm],
+                [sys.executable, "-c", MEASURE_SMALL_DEVICE, algorithm, "8"],
                 capture_output=True,
                 text=True,
                 check=True,
@@ -108,7 +108,8 @@ def peer_rows() -> None:
             print(
                 f"| {algorithm} | {heap} | {m['held_bytes'] / 2**20:,.1f} "
                 f"({m['held_predicted_bytes'] / 2**20:,.1f}) | {predicted / 2**20:,.0f} | "
-                f"{measured / 2**20:,.0f} | {measured / predicted:.2f} |",
+                f"{measured / 2**20:,.0f} | {measured / predicted:.2f} | "
+                f"{m['train_seconds']:.1f} |",
                 flush=True,
             )
 

@@ -76,23 +76,26 @@ MEASURE_SMALL_DEVICE = """
 import json, sys, torch
 from tests.support.calibration import measure_algorithm_client, small_device_config
 torch.set_num_threads(2)
-cfg = small_device_config(sys.argv[1])
+cfg = small_device_config(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 2)
 print(json.dumps(measure_algorithm_client(cfg, cfg.devices.tiers[0].name)))
 """
 
 
-def small_device_config(algorithm: str) -> ExperimentConfig:
-    """configs/hfedmoe.toml with ``algorithm``, 2 local steps and one device tier that fits
+def small_device_config(algorithm: str, local_steps: int = 2) -> ExperimentConfig:
+    """configs/hfedmoe.toml with ``algorithm``, ``local_steps`` and one device tier that fits
     little: 4 tuned experts and one merged per layer (FLUX, whose routers and shared parameters
-    do not train), or k = 1 (FFT-MoE)."""
-    cfg = load(REPO / "configs" / "hfedmoe.toml", [f"algorithm={algorithm}", "train.local_steps=2"])
+    do not train), k = 1 (FFT-MoE), or C_budget = 4 (the others)."""
+    overrides = [f"algorithm={algorithm}", f"train.local_steps={local_steps}"]
+    cfg = load(REPO / "configs" / "hfedmoe.toml", overrides)
     model = client_model(cfg, label_names(cfg))
     costs = CostModels(model, cfg)
     if algorithm == "flux":
         held = 4 + ExpertModel(model).num_layers
         cost = costs.at(experts_only=True).predict(4, held=held)
-    else:
+    elif algorithm == "fftmoe":
         cost = costs.at(1).predict(costs.at(1).num_experts)
+    else:
+        cost = costs.at().predict(4)
     tiers = [t.model_copy(update={"memory": cost.peak_bytes}) for t in cfg.devices.tiers[:1]]
     return cfg.model_copy(update={"devices": cfg.devices.model_copy(update={"tiers": tiers})})
 
@@ -122,4 +125,5 @@ def measure_algorithm_client(cfg: ExperimentConfig, tier: str, partition_id: int
         "held_bytes": update.metrics.get("memory_held_bytes", held_bytes(model)),
         "unmerged_bytes": held_bytes(model),
         "fits": price.model.fits(price.experts, device, held=price.held),
+        "train_seconds": update.metrics["train_seconds"],
     }
