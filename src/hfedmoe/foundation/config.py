@@ -30,10 +30,17 @@ from pydantic import (
 from hfedmoe.foundation.errors import ConfigError
 
 #: What a run trains the model for (see ``hfedmoe.model.factory`` for which models fit which).
-Task = Literal["classification", "language-modeling", "multiple-choice"]
+Task = Literal["classification", "language-modeling", "multiple-choice", "instruction"]
 
 #: Data sets whose rows carry a natural id (``hfedmoe.data.datasets``), and what it is.
 GROUPED_DATASETS = {"rotten_tomatoes": "movie", "qa_mix": "task"}
+
+#: The shipped data sets, and the task each one is (``data.dataset = "local"``: the user's own)
+SHIPPED_TASKS = {
+    "bbc_news": "classification",
+    "rotten_tomatoes": "classification",
+    "qa_mix": "multiple-choice",
+}
 
 
 class Section(BaseModel):
@@ -166,18 +173,68 @@ class ModelConfig(Section):
         return self
 
 
+class DataColumns(Section):
+    """Which columns of a local data set (``data.dataset = "local"``) hold what; each task
+    reads only its own."""
+
+    text: str = Field("text", description="classification, language-modeling: the text.")
+    text_pair: str | None = Field(
+        None, description="classification: a second text, encoded as a pair with the first."
+    )
+    label: str = Field(
+        "label", description="classification: the class, as a name or an integer id."
+    )
+    prompt: str = Field("prompt", description="instruction: the user's turn.")
+    response: str = Field("response", description="instruction: the answer trained on.")
+    messages: str | None = Field(
+        None,
+        description="instruction: a chat column (a list of {role, content}) instead of prompt "
+        "and response; the last message is the assistant's answer trained on.",
+    )
+    question: str = Field("question", description="multiple-choice: the prompt.")
+    choices: str = Field("choices", description="multiple-choice: the candidate answers.")
+    answer: str = Field(
+        "answer", description="multiple-choice: the right answer, as an index or its text."
+    )
+    group: str | None = Field(
+        None,
+        description="Each row's natural group (a speaker, a source, a task): for "
+        "partitioner = 'natural', partition_by = 'group' and per-group test metrics.",
+    )
+
+
 class DataConfig(Section):
     """The data set, its train/test split and its non-IID partition over clients."""
 
-    dataset: Literal["bbc_news", "rotten_tomatoes", "qa_mix"] = "bbc_news"
+    dataset: Literal["bbc_news", "rotten_tomatoes", "qa_mix", "local"] = Field(
+        "bbc_news",
+        description="A shipped data set, or 'local': the user's own files at data.path (CSV, "
+        "JSON Lines, Parquet, or a directory saved with datasets' save_to_disk).",
+    )
     task: Task = Field(
         "classification",
         description="classification: predict the label; language-modeling: next-token loss "
-        "on the texts (decoders and native MoE models); multiple-choice (qa_mix): next-token "
-        "loss on the right answer, scored by answer likelihood.",
+        "on the texts (decoders and native MoE models); multiple-choice (qa_mix or local): "
+        "next-token loss on the right answer, scored by answer likelihood; instruction "
+        "(local): next-token loss on the response after the tokenizer's chat template, "
+        "evaluated by loss and perplexity.",
     )
     path: str | None = Field(
-        None, description="Local copy of the data set; default: the installed package's files."
+        None,
+        description="Local copy of a shipped data set (default: the installed package's "
+        "files), or the training data of a local one.",
+    )
+    test_path: str | None = Field(
+        None,
+        description="A local data set's test file; without one, data.test_fraction of "
+        "data.path is the test split.",
+    )
+    columns: DataColumns = DataColumns()
+    label_names: list[str] | None = Field(
+        None,
+        description="classification, local data: the class names in id order; labels outside "
+        "them are an error. Default: the data's own names (a ClassLabel column), else its "
+        "distinct labels, sorted.",
     )
     test_fraction: float = Field(0.2, gt=0, lt=1)
     holdout_fraction: float = Field(
@@ -208,17 +265,31 @@ class DataConfig(Section):
 
     @model_validator(mode="after")
     def _fits_dataset(self) -> DataConfig:
-        if (self.dataset == "qa_mix") != (self.task == "multiple-choice"):
+        local = self.dataset == "local"
+        if local and not self.path:
+            raise ValueError("data.path: a local data set needs the path of its training data")
+        if self.test_path and not local:
+            raise ValueError("data.test_path: only a local data set takes a test file")
+        if self.label_names is not None and (not local or len(set(self.label_names)) < 2):
             raise ValueError(
-                "data.task: 'multiple-choice' goes with data.dataset 'qa_mix' and only with it "
-                f"(got task '{self.task}', dataset '{self.dataset}')"
+                "data.label_names: two or more distinct names, for a local data set only"
+            )
+        shipped = SHIPPED_TASKS.get(self.dataset)
+        lm_ok = self.task == "language-modeling" and shipped == "classification"
+        if shipped is not None and self.task != shipped and not lm_ok:
+            raise ValueError(
+                f"data.task: data set '{self.dataset}' is {shipped}"
+                + (" (or language-modeling of its texts)" if shipped == "classification" else "")
+                + f", not '{self.task}'"
             )
         grouped = self.partitioner == "natural" or self.partition_by == "group"
         grouped = grouped or self.max_examples_per_group is not None
-        if grouped and self.dataset not in GROUPED_DATASETS:
+        has_groups = self.columns.group is not None if local else self.dataset in GROUPED_DATASETS
+        if grouped and not has_groups:
             raise ValueError(
                 f"data.dataset: '{self.dataset}' has no groups for a natural or per-group "
-                f"partition (grouped data sets: {', '.join(GROUPED_DATASETS)})"
+                f"partition (grouped data sets: {', '.join(GROUPED_DATASETS)}, or a local one "
+                "with data.columns.group)"
             )
         return self
 

@@ -35,6 +35,7 @@ FITS = {
     "classification": ("encoder",),
     "language-modeling": ("decoder", "native MoE"),
     "multiple-choice": ("decoder", "native MoE"),
+    "instruction": ("decoder", "native MoE"),
 }
 WEIGHT_FILES = (
     "model.safetensors",
@@ -83,9 +84,11 @@ def check_model_dir(directory: Path, task: Task, name: str) -> PretrainedConfig:
             f"data.task: '{task}' needs a {' or '.join(FITS[task])} model; "
             f"'{name}' is a {kind} ({model_type})"
         )
-    if task == "multiple-choice" and getattr(model_config, "is_encoder_decoder", False):
+    if task in ("multiple-choice", "instruction") and getattr(
+        model_config, "is_encoder_decoder", False
+    ):
         raise ConfigError(
-            f"data.task: 'multiple-choice' needs a decoder-only model; '{name}' is "
+            f"data.task: '{task}' needs a decoder-only model; '{name}' is "
             f"an encoder-decoder ({model_type})"
         )
     for what, files in (("weights", WEIGHT_FILES), ("tokenizer", TOKENIZER_FILES)):

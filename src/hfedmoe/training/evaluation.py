@@ -20,7 +20,9 @@ class EvalResult:
     accuracy: float
     loss: float
     examples: int
-    by_group: dict[str, float] | None = None  # multiple choice: accuracy per task
+    by_group: dict[str, float] | None = None  # accuracy per group (task), where data has groups
+    loss_by_group: dict[str, float] | None = None  # language modelling: loss per group
+    perplexity: float | None = None  # language modelling: exp(loss per predicted token)
     # per example (for per-client views, hfedmoe.training.personal): its accuracy (0/1; a
     # language-modelling row: the share of its tokens predicted) and its mean loss
     accuracy_N: np.ndarray | None = field(default=None, repr=False)
@@ -71,10 +73,23 @@ def _evaluate_batches(model: nn.Module, data: TokenizedDataset, batch_size: int)
         hits_N[idx], loss_N[idx], count_N[idx] = sums_3B.cpu().numpy()
     count = count_N.sum()
     per_row = np.maximum(count_N, 1)
+    by_group = loss_by_group = None
+    if data.groups is not None and data.language_modeling:  # per token of each group
+        tally = {
+            name: (hits_N[rows].sum(), loss_N[rows].sum(), count_N[rows].sum())
+            for g, name in enumerate(data.group_names)
+            if count_N[rows := data.groups == g].sum() > 0
+        }
+        by_group = {name: float(h / n) for name, (h, _, n) in tally.items()}
+        loss_by_group = {name: float(lo / n) for name, (_, lo, n) in tally.items()}
+    loss = float(loss_N.sum() / count) if count else math.nan
     return EvalResult(
         float(hits_N.sum() / count),
-        float(loss_N.sum() / count) if count else math.nan,
+        loss,
         int(count),
+        by_group,
+        loss_by_group,
+        math.exp(min(loss, 700.0)) if data.language_modeling else None,
         accuracy_N=hits_N / per_row,
         loss_N=loss_N / per_row,
     )
