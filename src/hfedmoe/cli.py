@@ -427,6 +427,28 @@ def report(
 
 
 @app.command()
+def export(
+    checkpoint: Annotated[
+        Path, typer.Argument(help="A run's model/ directory (or the run directory).")
+    ],
+    output_dir: Annotated[Path, typer.Argument(help="A new directory for the exported model.")],
+) -> None:
+    """Write a trained model as a standard Hugging Face model that from_pretrained loads
+    without hfedmoe: an upcycled decoder as Qwen2-MoE, a native MoE as itself, LoRA merged."""
+    from hfedmoe.model.export import export_model
+
+    try:
+        if not checkpoint.exists():
+            raise HFedMoEError(f"CHECKPOINT: '{checkpoint}' does not exist")
+        out = export_model(checkpoint, output_dir)
+    except HFedMoEError as exc:
+        _fail(str(exc))
+        return
+    config = json.loads((out / "config.json").read_text())
+    print(f"Exported {config.get('architectures', ['?'])[0]} to {out}")
+
+
+@app.command()
 def analyze(
     path: Annotated[
         Path | None,
