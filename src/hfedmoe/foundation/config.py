@@ -11,6 +11,7 @@ parse the same object.
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 import tomllib
@@ -563,6 +564,12 @@ class ExperimentConfig(Section):
     seed: int = Field(
         0, ge=0, description="One seed controls data, model init, sampling, training."
     )
+    plugins: list[str] = Field(
+        [],
+        description="Python modules imported before anything else, in every process that "
+        "reads the config: they register algorithms and model families of their own "
+        "(docs/EXTENDING.md).",
+    )
     algorithm: str = Field("fedavg", description="A registered algorithm (hfedmoe.algorithms).")
     threads: int | None = Field(
         None, gt=0, description="torch intra-op threads; null = torch's default."
@@ -577,6 +584,20 @@ class ExperimentConfig(Section):
     flux: FluxConfig = FluxConfig()
     devices: DevicesConfig = DevicesConfig()
     faults: FaultsConfig = FaultsConfig()
+
+    @field_validator("plugins")
+    @classmethod
+    def _import_plugins(cls, modules: list[str]) -> list[str]:
+        """Import each plugin module once (Python caches it): importing registers what it
+        defines, in this process, whichever engine started it."""
+        for module in modules:
+            try:
+                importlib.import_module(module)
+            except Exception as exc:  # any failure of a user's module is a config error
+                raise ValueError(
+                    f"cannot import '{module}' ({type(exc).__name__}: {exc})"
+                ) from None
+        return modules
 
     @model_validator(mode="after")
     def _faults_fit(self) -> ExperimentConfig:

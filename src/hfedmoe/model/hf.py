@@ -33,6 +33,14 @@ SUPPORTED_MOE_FAMILIES = {
 }
 
 
+def register_moe_family(model_type: str, auto_class: type) -> None:
+    """Make the transformers MoE architecture ``model_type`` loadable by ``model.name_or_path``,
+    through ``auto_class`` (e.g. ``AutoModelForCausalLM``). Its MoE blocks must have the layout
+    :mod:`hfedmoe.model.experts` reads (an ``experts`` child and a ``gate`` router); a plugin
+    (``plugins`` in the config) calls this (docs/EXTENDING.md)."""
+    SUPPORTED_MOE_FAMILIES[model_type] = auto_class
+
+
 def load_moe_model(
     path: str | Path, lora: LoraConfig | None = None, *, pretrained: bool = True, seed: int = 0
 ) -> PreTrainedModel:

@@ -1,0 +1,51 @@
+"""FedAvgM (Hsu et al., 2019): FedAvg with server momentum, as a plugin algorithm.
+
+The server averages the clients' weights as FedAvg does, then moves the global model along a
+momentum of those averaged steps: v <- beta v + (w - avg), w <- w - v. Select it with
+``plugins = ["examples.extending.fedavgm"]`` and ``algorithm = "fedavgm"``.
+"""
+
+from __future__ import annotations
+
+from hfedmoe.algorithms import Aggregation, ClientUpdate, FederatedAlgorithm, Weights, register
+from hfedmoe.algorithms.mechanics.merging import Merge
+
+BETA = 0.9  # server momentum
+
+
+class _AverageWithMomentum(Aggregation):
+    def __init__(self, velocity: Weights, global_weights: Weights):
+        self.velocity = velocity  # the algorithm's, updated in place
+        self.merge = Merge(global_weights)  # FedAvg's running weighted sum
+
+    def add(self, client: int, update: ClientUpdate) -> None:
+        for name, x in update.weights.items():
+            self.merge.add(name, x, update.num_examples)
+
+    def finish(self) -> Weights:
+        averaged = self.merge.finish()
+        out = {}
+        for name, w in self.merge.global_weights.items():
+            step = w - averaged[name]  # the clients' mean step, as a descent direction
+            v = self.velocity.get(name)
+            self.velocity[name] = step if v is None else BETA * v + step
+            out[name] = w - self.velocity[name]
+        return out
+
+
+@register
+class FedAvgM(FederatedAlgorithm):
+    name = "fedavgm"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.velocity: Weights = {}  # the server's momentum, per weight
+
+    def aggregation(self, server_round: int, global_weights: Weights) -> Aggregation:
+        return _AverageWithMomentum(self.velocity, global_weights)
+
+    def state_dict(self) -> dict:  # saved in checkpoints, so a resumed run continues alike
+        return {"velocity": dict(self.velocity)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.velocity = dict(state.get("velocity", {}))
