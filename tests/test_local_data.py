@@ -327,11 +327,40 @@ def test_each_example_config_runs_on_its_data(
         assert set(last["test_accuracy_by_group"]) == {"Americas", "Asia", "Europe"}
 
 
-def test_a_local_csv_runs_through_compare_from_its_config_alone(tiny_bert_dir, tmp_path):
+def _tickets_as(fmt: str, tmp_path: Path) -> dict:
+    """The support tickets example as a CSV, a JSON Lines file or a saved DatasetDict (with
+    its test split), and the data section that reads it."""
+    import datasets
+
+    if fmt == "csv":
+        return {
+            "path": str(TICKETS),
+            "test_path": str(TICKETS.with_name("support_tickets_test.csv")),
+        }
+    train, test = (
+        datasets.load_dataset("csv", data_files=str(TICKETS.with_name(name)), split="train")
+        for name in ("support_tickets.csv", "support_tickets_test.csv")
+    )
+    if fmt == "jsonl":
+        train.to_json(tmp_path / "tickets.jsonl")
+        return {"path": str(tmp_path / "tickets.jsonl"), "test_fraction": 0.25}
+    datasets.DatasetDict({"train": train, "test": test}).save_to_disk(tmp_path / "tickets")
+    return {"path": str(tmp_path / "tickets")}
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl", "saved"])
+def test_a_users_data_runs_through_run_and_compare_from_its_config_alone(
+    fmt, tiny_bert_dir, tmp_path
+):
     raw = _example("local_classification", tiny_bert_dir, [1])
     raw["federation"]["rounds"] = 1
+    raw["data"] = {k: v for k, v in raw["data"].items() if k not in ("path", "test_path")}
+    raw["data"].update(_tickets_as(fmt, tmp_path))
     config = tmp_path / "mine.toml"
     config.write_text(tomli_w.dumps(raw))
+    proc = invoke_cli("run", str(config), "-o", str(tmp_path / "run"), "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    assert len(read_metrics(tmp_path / "run")) == 2  # round 0 and 1
     proc = invoke_cli(
         "compare",
         str(config),
@@ -343,4 +372,4 @@ def test_a_local_csv_runs_through_compare_from_its_config_alone(tiny_bert_dir, t
     )
     assert proc.returncode == 0, proc.stderr
     for method in ("fedavg", "hfedmoe"):
-        assert len(read_metrics(tmp_path / "grid" / method / "seed0")) == 2  # round 0 and 1
+        assert len(read_metrics(tmp_path / "grid" / method / "seed0")) == 2
