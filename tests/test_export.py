@@ -170,15 +170,56 @@ def test_a_native_moe_exports_as_its_own_architecture(tmp_path):
     assert exported is model  # already a transformers class: saved as it is
 
 
-def test_an_encoder_classifier_is_refused_in_one_line(tiny_bert_dir, tmp_path):
-    raw = tiny_raw(tiny_bert_dir)
+#: the custom-code classifier in a new process: plain transformers with trust_remote_code
+PLAIN_CLASSIFIER = """
+import json, sys, torch
+from transformers import AutoModelForSequenceClassification
+model = AutoModelForSequenceClassification.from_pretrained(sys.argv[1], trust_remote_code=True)
+with torch.no_grad():
+    logits = model.eval()(input_ids=torch.tensor(json.loads(sys.argv[2]))).logits
+assert not any(m.startswith("hfedmoe") for m in sys.modules), "hfedmoe was imported"
+print(json.dumps({"class": type(model).__name__, "labels": model.config.id2label,
+                  "logits": logits.tolist()}))
+"""
+
+
+def test_an_encoder_classifier_exports_as_custom_code(tiny_bert_dir, tmp_path):
+    raw = tiny_raw(tiny_bert_dir, algorithm="hfedmoe")
     raw["federation"]["rounds"] = 1
     run_embedded(validate(raw), str(tmp_path / "run"), server_app, client_app)
     proc = invoke_cli("export", str(tmp_path / "run" / "model"), str(tmp_path / "out"))
+    assert proc.returncode == 0, proc.stderr
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForSequenceClassification"] == (
+        "modeling_hfedmoe_bert.HFedMoEBertForSequenceClassification"
+    )
+    assert (tmp_path / "out" / "modeling_hfedmoe_bert.py").is_file()
+    ids = [[101, 2023, 2003, 1037, 3231, 102]]
+    plain = subprocess.run(
+        [sys.executable, "-c", PLAIN_CLASSIFIER, str(tmp_path / "out"), json.dumps(ids)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,  # not the repository: hfedmoe must not be importable by accident
+    )
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    result = json.loads(plain.stdout.strip().splitlines()[-1])
+    model, _ = load_checkpoint(tmp_path / "run" / "model")
+    with torch.no_grad():
+        ours = model(input_ids=torch.tensor(ids)).logits
+    assert result["class"] == "HFedMoEBertForSequenceClassification"
+    assert list(result["labels"].values()) == [model.config.id2label[i] for i in range(5)]
+    assert torch.allclose(torch.tensor(result["logits"]), ours, atol=1e-5)
+
+
+def test_fftmoe_adapters_are_refused_in_one_line(tiny_bert_dir, tmp_path):
+    raw = tiny_raw(tiny_bert_dir, algorithm="fftmoe")
+    raw["federation"]["rounds"] = 1
+    run_embedded(validate(raw), str(tmp_path / "run"), server_app, client_app)
+    proc = invoke_cli("export", str(tmp_path / "run"), str(tmp_path / "out"))
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "hfedmoe: error: export: an upcycled 'bert' model has no standard MoE architecture "
-        "here (decoders upcycled from llama, mistral or qwen2 export as Qwen2-MoE)"
+        "hfedmoe: error: export: FFT-MoE's MoE adapters have no standard architecture"
     ]
     assert not (tmp_path / "out").exists()
 

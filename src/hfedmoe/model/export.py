@@ -5,6 +5,7 @@
 | -------------------------------------------- | ------------------------------------------ |
 | an upcycled Llama / Mistral / Qwen2 decoder  | Qwen2-MoE (``Qwen2MoeForCausalLM``)        |
 | a native MoE (Mixtral, Qwen-MoE, OLMoE, ...) | its own architecture                       |
+| an upcycled BERT-family classifier           | custom code (``auto_map``), see below      |
 | either with LoRA adapters                    | the same, adapters merged into the weights |
 
 Why Qwen2-MoE: it is the one transformers MoE decoder that expresses an upcycled model exactly.
@@ -15,10 +16,13 @@ attention is Llama's (query/key/value biases optional: a Qwen2 parent's are kept
 expert it adds is given zero width, so it adds nothing. Serving engines that know Qwen2-MoE
 (vLLM, llama.cpp via conversion, TGI) can run the result.
 
-Not exported: an upcycled encoder classifier (transformers has no BERT MoE class; issue 19),
-FFT-MoE's adapters (no standard architecture has MoE adapters beside a dense FFN), a Qwen3
-parent (its query/key norms need Qwen3-MoE, not built yet), and a Llama with an output bias
-on its attention or biases on its MLP (Qwen2-MoE has neither).
+An upcycled BERT-family classifier has no transformers class: it is exported with Hugging
+Face's convention for custom architectures, a standalone modeling file beside the weights
+(``hfedmoe.model.remote``) named in ``auto_map``, loaded with ``trust_remote_code=True``.
+
+Not exported: FFT-MoE's adapters (no standard architecture has MoE adapters beside a dense
+FFN), a Qwen3 parent (its query/key norms need Qwen3-MoE, not built yet), and a Llama with an
+output bias on its attention or biases on its MLP (Qwen2-MoE has neither).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from hfedmoe.foundation.errors import HFedMoEError
+from hfedmoe.model.adapters import BertOutputWithAdapter, ParallelAdapter
 from hfedmoe.model.checkpoint import load_checkpoint
 from hfedmoe.model.moe import GatedExpertFFN, MoEFeedForward
 from hfedmoe.model.upcycle import LLAMA_LIKE, transformer_blocks
@@ -67,11 +72,13 @@ def standard_model(model: PreTrainedModel) -> PreTrainedModel:
     if hasattr(model, "merge_and_unload"):  # LoRA: fold the adapters into the weights
         model = model.merge_and_unload()
     blocks = [m for m in model.modules() if isinstance(m, MoEFeedForward)]
-    if any(getattr(m, "moe_adapters", None) is not None for m in model.modules()):
+    if any(isinstance(m, (ParallelAdapter, BertOutputWithAdapter)) for m in model.modules()):
         raise HFedMoEError("export: FFT-MoE's MoE adapters have no standard architecture")
     if not blocks:  # a native MoE (or a dense model): already a transformers class
         return model
     model_type = model.config.model_type
+    if model_type == "bert":
+        return to_remote_bert(model)
     if model_type not in LLAMA_LIKE or model_type == "qwen3":
         raise HFedMoEError(
             f"export: an upcycled '{model_type}' model has no standard MoE architecture here "
@@ -159,6 +166,34 @@ def to_qwen2_moe(model: PreTrainedModel) -> PreTrainedModel:
     meta = [n for n, t in [*exported.named_parameters(), *exported.named_buffers()] if t.is_meta]
     assert not meta, f"export left tensors unset: {meta}"
     exported.generation_config = model.generation_config
+    return exported.eval()
+
+
+def to_remote_bert(model: PreTrainedModel) -> PreTrainedModel:
+    """An upcycled BERT classifier as the standalone class shipped with the export
+    (``hfedmoe.model.remote.modeling_hfedmoe_bert``), registered for the Auto classes so that
+    ``save_pretrained`` copies its modeling file and writes ``auto_map``."""
+    from hfedmoe.model.remote import modeling_hfedmoe_bert as remote
+
+    layers = transformer_blocks(model)
+    moe = [i for i, layer in enumerate(layers) if isinstance(layer.intermediate, MoEFeedForward)]
+    first = layers[moe[0]].intermediate
+    settings = model.config.to_dict()
+    for key in ("model_type", "architectures", "auto_map", "transformers_version"):
+        settings.pop(key, None)
+    config = remote.HFedMoEBertConfig(
+        moe_layers=moe,
+        num_experts=first.num_experts,
+        num_experts_per_tok=first.top_k,
+        **settings,
+    )
+    remote.HFedMoEBertConfig.register_for_auto_class()
+    remote.HFedMoEBertForSequenceClassification.register_for_auto_class(
+        "AutoModelForSequenceClassification"
+    )
+    with torch.device("meta"):
+        exported = remote.HFedMoEBertForSequenceClassification(config)
+    exported.load_state_dict(model.state_dict(), strict=True, assign=True)
     return exported.eval()
 
 
