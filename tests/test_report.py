@@ -156,7 +156,9 @@ def test_report_of_a_real_grid(real_grid, tmp_path):
     proc = invoke_cli("report", str(real_grid), "-o", str(out), "--target", "0.25")
     assert proc.returncode == 0, proc.stderr
     md = (out / "report.md").read_text()
-    results, reasons = md.split("Failed client trainings by reason")
+    results, rest = md.split("Paired by seed")
+    paired, rest = rest.split("Client memory per device tier")
+    memory, reasons = rest.split("Failed client trainings by reason")
     rows = [
         line
         for line in results.splitlines()
@@ -164,8 +166,16 @@ def test_report_of_a_real_grid(real_grid, tmp_path):
     ]
     assert len(rows) == 2
     fedavg = rows[0].split(" | ")
-    assert fedavg[1] == "0,1" and fedavg[7] == "0.500"  # the small device fails every round
-    assert fedavg[6].endswith(" MiB")  # the largest client's memory, measured
+    assert fedavg[1] == "0,1" and fedavg[8] == "0.500"  # the small device fails every round
+    assert fedavg[7].endswith(" MiB")  # the largest client's memory, measured
+    # against HFedMoE, seed by seed: both seeds paired, a verdict from the interval
+    (against,) = [line.split(" | ") for line in paired.splitlines() if line.startswith("| fedavg")]
+    assert against[1] == "0,1" and against[3] in ("ahead", "tied", "behind")
+    # memory per tier (the two assigned tiers): fedavg's small device never trained
+    header = next(line for line in memory.splitlines() if line.startswith("| method"))
+    assert header.split(" | ")[1:] == ["large", "small |"]
+    fedavg_memory = next(line for line in memory.splitlines() if line.startswith("| fedavg"))
+    assert fedavg_memory.split(" | ")[1].endswith(" MiB") and fedavg_memory.endswith("| - |")
     mean, worst = (float(x) for x in fedavg[3].split(" / "))  # per-client accuracy
     assert 0 <= worst <= mean <= 1
     # 2 seeds x 2 rounds, each with the small device sampled: 4 failures, all over budget
@@ -198,3 +208,38 @@ def test_the_html_renders_in_headless_chromium(real_grid, tmp_path):
     )  # fmt: skip
     assert dom.returncode == 0, dom.stderr[-2000:]
     assert 'id="results"' in dom.stdout and dom.stdout.count("<img") == 6
+
+
+def test_device_time_and_memory_per_tier_by_hand(tmp_path):
+    from hfedmoe.experiment.report import memory_tier_table, paired_table
+
+    def run(name, seed, accuracy, mib):
+        path = tmp_path / name / f"seed{seed}"
+        path.mkdir(parents=True)
+        clients = [
+            {"status": "ok", "tier": tier, "steps": 2, "step_flops_predicted": 1e9,
+             "memory_held_bytes": held * 2**20, "memory_measured_bytes": 100 * 2**20}
+            for tier, held in (("phone", mib), ("laptop", 2 * mib))
+        ]  # fmt: skip
+        counts = {"clients_ok": 2, "clients_failed": 0, "bytes_down": 1, "bytes_up": 1}
+        rounds = [
+            {"round": 0, "test_accuracy": 0.1, "clients": [], **counts},
+            {"round": 1, "test_accuracy": accuracy, "clients": clients, **counts},
+        ]
+        (path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rounds))
+        (path / "summary.json").write_text(json.dumps({"algorithm": name, "seed": seed}))
+        tiers = [{"name": "phone", "memory": "1GiB", "flops": 1e9},
+                 {"name": "laptop", "memory": "4GiB", "flops": 4e9}]  # fmt: skip
+        (path / "config.toml").write_text(tomli_w.dumps({"devices": {"tiers": tiers}}))
+        return Run.load(path)
+
+    runs = [run("hfedmoe", 0, 0.9, 200), run("hfedmoe", 1, 0.8, 300), run("fedavg", 0, 0.7, 400)]
+    row = summarise(runs, 0.75)[0]
+    # round 1: the phone needs 2 x 1e9 / 1e9 = 2 s, the laptop 2 x 1e9 / 4e9 = 0.5 s -> 2 s
+    assert row.device_seconds_to_target == pytest.approx(2.0)
+    header, cells = memory_tier_table(runs)
+    assert header == ["method", "laptop", "phone"]
+    # hfedmoe: laptop (400 + 100, 600 + 100) -> 600 MiB; phone (300, 400) -> 350 MiB
+    assert cells == [["hfedmoe", "600 MiB", "350 MiB"], ["fedavg", "900 MiB", "500 MiB"]]
+    header, cells = paired_table(runs)
+    assert cells == [["fedavg", "0", "-0.2000", "n/a", "-", "-"]]  # one seed in common

@@ -27,9 +27,10 @@ import html
 import io
 import json
 import math
+import tomllib
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import matplotlib
@@ -39,6 +40,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.ticker import MaxNLocator
 
+from hfedmoe.experiment.paired import device_seconds_to, paired_difference
 from hfedmoe.foundation.errors import HFedMoEError
 
 
@@ -51,6 +53,7 @@ class Run:
     seed: int
     rounds: list[dict]  # metrics.jsonl, round 0 first
     label: str = ""  # the row it belongs to (default: its algorithm)
+    tier_flops: dict[str, float | None] = field(default_factory=dict)  # config's device tiers
 
     @classmethod
     def load(cls, path: Path) -> Run:
@@ -60,7 +63,16 @@ class Run:
         summary = json.loads(summary_path.read_text())
         lines = (path / "metrics.jsonl").read_text().splitlines()
         rounds = [json.loads(line) for line in lines if line.strip()]
-        return cls(path, summary["algorithm"], int(summary["seed"]), rounds, summary["algorithm"])
+        config = path / "config.toml"
+        tiers = (
+            tomllib.loads(config.read_text()).get("devices", {}).get("tiers", [])
+            if (config.is_file())
+            else []
+        )
+        flops = {t.get("name", ""): t.get("flops") for t in tiers}
+        return cls(
+            path, summary["algorithm"], int(summary["seed"]), rounds, summary["algorithm"], flops
+        )
 
     @property
     def accuracy(self) -> np.ndarray:
@@ -77,6 +89,23 @@ class Run:
             if c.get("memory_held_bytes") is not None and c.get("memory_measured_bytes") is not None
         ]
         return max(used) if used else None
+
+    def memory_by_tier(self) -> dict[str, float]:
+        """Per device tier, the largest memory a client of that tier used (weights held plus
+        training's measured peak), over every successful client-round."""
+        out: dict[str, float] = {}
+        for r in self.rounds:
+            for c in r["clients"]:
+                held, peak = c.get("memory_held_bytes"), c.get("memory_measured_bytes")
+                if c["status"] == "ok" and held is not None and peak is not None:
+                    tier = c.get("tier") or "-"
+                    out[tier] = max(out.get(tier, 0.0), held + peak)
+        return out
+
+    def device_seconds_to(self, target: float) -> float | None:
+        """Time to ``target`` on the devices: the slowest client's predicted time, summed over
+        rounds (:func:`hfedmoe.experiment.paired.device_seconds_to`)."""
+        return device_seconds_to(self.rounds, target, self.tier_flops)
 
     def client_flops(self) -> np.ndarray | None:
         """Cumulative predicted training FLOPs of all clients after each round (round 0: 0);
@@ -208,6 +237,7 @@ class Row:
     rounds_to_target: float | None
     reached: int
     compute_to_target: float | None  # FLOPs
+    device_seconds_to_target: float | None  # the slowest client's time per round, summed
     client_memory: float | None  # bytes: the largest client's, measured, mean over seeds
     failure_rate: float
     bytes_per_round: float
@@ -242,6 +272,15 @@ def summarise(runs: list[Run], target: float) -> list[Row]:
                 rounds_to_target=float(np.mean([k for _, k in reached])) if reached else None,
                 reached=len(reached),
                 compute_to_target=float(np.mean(flops)) if flops else None,
+                device_seconds_to_target=(
+                    float(np.mean(times))
+                    if (
+                        times := [
+                            t for r, _ in reached if (t := r.device_seconds_to(target)) is not None
+                        ]
+                    )
+                    else None
+                ),
                 client_memory=float(np.mean(memory)) if memory else None,
                 failure_rate=float(np.mean([r.failure_rate() for r in group])),
                 bytes_per_round=float(np.mean([r.bytes_per_round().mean() for r in group])),
@@ -254,6 +293,71 @@ def summarise(runs: list[Run], target: float) -> list[Row]:
             )
         )
     return rows
+
+
+#: the method the paired table compares every other with, when the report has it
+REFERENCE = "hfedmoe"
+
+
+def paired_table(
+    runs: list[Run], reference: str | None = None
+) -> tuple[list[str], list[list[str]]]:
+    """Every method against ``reference`` (default: HFedMoE, else the first method), seed by
+    seed: the mean difference of final accuracy and of the final mean per-client accuracy, each
+    with its 95% interval and the verdict it supports (:mod:`hfedmoe.experiment.paired`)."""
+    labels = list(dict.fromkeys(r.label for r in runs))
+    if reference is None:
+        reference = REFERENCE if REFERENCE in labels else labels[0]
+
+    def final(label: str, value) -> dict[int, float]:
+        return {r.seed: v for r in runs if r.label == label and (v := value(r)) is not None}
+
+    def accuracy(r: Run) -> float:
+        return float(r.accuracy[-1])
+
+    def personal(r: Run) -> float | None:
+        p = r.personal("personal_accuracy_mean")
+        return None if p is None else float(p[-1])
+
+    header = [
+        "method",
+        "paired seeds",
+        f"final accuracy - {reference} (95% CI)",
+        "verdict",
+        f"per-client mean - {reference} (95% CI)",
+        "verdict",
+    ]
+    rows = []
+    for label in labels:
+        if label == reference:
+            continue
+        cells = [label]
+        for value in (accuracy, personal):
+            d = paired_difference(final(label, value), final(reference, value))
+            if value is accuracy:
+                cells.append(",".join(map(str, d.seeds)) or "-")
+            if not d.seeds:
+                cells += ["-", "-"]
+            elif math.isnan(d.low):
+                cells += [f"{d.mean:+.4f}", d.verdict]
+            else:
+                cells += [f"{d.mean:+.4f} [{d.low:+.4f}, {d.high:+.4f}]", d.verdict]
+        rows.append(cells)
+    return header, rows
+
+
+def memory_tier_table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
+    """Per method and device tier, the largest client memory measured (mean over seeds)."""
+    tiers = sorted({t for r in runs for t in r.memory_by_tier()})
+    rows = []
+    for label in dict.fromkeys(r.label for r in runs):
+        per_seed = [r.memory_by_tier() for r in runs if r.label == label]
+        cells = [label]
+        for tier in tiers:
+            values = [m[tier] for m in per_seed if tier in m]
+            cells.append(f"{np.mean(values) / 2**20:,.0f} MiB" if values else "-")
+        rows.append(cells)
+    return ["method", *tiers], rows
 
 
 def _sum_counts(counts: Iterable[dict[str, int]]) -> dict[str, int]:
@@ -407,6 +511,7 @@ def _cells(row: Row) -> list[str]:
         if row.rounds_to_target is None
         else f"{row.rounds_to_target:.1f} ({row.reached}/{len(row.seeds)})",
         "-" if row.compute_to_target is None else f"{row.compute_to_target / 1e12:.1f} TFLOP",
+        "-" if row.device_seconds_to_target is None else f"{row.device_seconds_to_target:,.0f} s",
         "-" if row.client_memory is None else f"{row.client_memory / 2**20:,.0f} MiB",
         f"{row.failure_rate:.3f}",
         f"{row.bytes_per_round / 1e6:,.0f} MB",
@@ -444,6 +549,23 @@ def write_report(run_dirs: list[Path], out_dir: Path, target: float, title: str 
     md = [f"# {title}", "", f"Target accuracy: {target:g}.", ""]
     results = [_cells(r) for r in rows]
     md += [*_md_table(COLUMNS, results), ""]
+    extra_html = ""
+    if len({r.label for r in runs}) > 1:
+        header, cells = paired_table(runs)
+        md += ["Paired by seed (same partitions, tiers and initial weights):", ""]
+        md += [*_md_table(header, cells), ""]
+        extra_html += (
+            "<h2>Paired by seed</h2><p>Mean of the per-seed differences with a 95% t-interval; "
+            "the verdict follows the interval (ahead: above 0, behind: below, tied: holds 0)."
+            "</p>" + _html_table("paired", header, cells)
+        )
+    header, cells = memory_tier_table(runs)
+    if len(header) > 1:
+        md += ["Client memory per device tier, largest measured (mean over seeds):", ""]
+        md += [*_md_table(header, cells), ""]
+        extra_html += "<h2>Client memory per device tier</h2>" + _html_table(
+            "memory", header, cells
+        )
     reasons, reason_cells = failure_reasons_table(rows)
     reasons_html = ""
     if reasons:
@@ -476,8 +598,10 @@ figure {{ margin: 1.5rem 0; }} img {{ max-width: 100%; }}
 </style></head><body>
 <h1>{html.escape(title)}</h1>
 <p>Target accuracy: {target:g}. Mean ± sample std over seeds; compute is predicted training
-FLOPs of all clients up to the round that reaches the target.</p>
+FLOPs of all clients up to the round that reaches the target; device time sums, over those
+rounds, the slowest participating client's predicted time on its tier's FLOP/s.</p>
 {_html_table("results", COLUMNS, results)}
+{extra_html}
 {reasons_html}
 {"".join(html_figs)}
 <h2>Runs</h2><ul>{sources}</ul>
