@@ -243,3 +243,29 @@ def test_device_time_and_memory_per_tier_by_hand(tmp_path):
     assert cells == [["hfedmoe", "600 MiB", "350 MiB"], ["fedavg", "900 MiB", "500 MiB"]]
     header, cells = paired_table(runs)
     assert cells == [["fedavg", "0", "-0.2000", "n/a", "-", "-"]]  # one seed in common
+
+
+def test_the_why_table_averages_what_hfedmoe_recorded(tmp_path):
+    from hfedmoe.experiment.report import why_table
+
+    def run(name, seed, overlaps, excluded):
+        path = tmp_path / name / f"seed{seed}"
+        path.mkdir(parents=True)
+        clients = [{"status": "ok", "active_usage_overlap": o} for o in overlaps]
+        rounds = [
+            {"round": 0, "test_accuracy": 0.1, "clients": []},
+            {"round": 1, "test_accuracy": 0.5, "clients": clients,
+             "eq17_excluded_share": excluded},
+        ]  # fmt: skip
+        (path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rounds))
+        (path / "summary.json").write_text(json.dumps({"algorithm": name, "seed": seed}))
+        return Run.load(path)
+
+    runs = [
+        run("hfedmoe", 0, [1.0, 0.5], 0.2),
+        run("hfedmoe", 1, [0.0, None], 0.4),
+        run("fedavg", 0, [None], None),
+    ]
+    header, rows = why_table(runs)
+    assert header[0] == "method" and len(header) == 5
+    assert rows == [["hfedmoe", "0.500", "0.300", "-", "-"]]  # no row for fedavg

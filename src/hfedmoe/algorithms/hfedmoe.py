@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from hfedmoe.algorithms.base import Aggregation, FederatedAlgorithm, register
+from hfedmoe.algorithms.maths.diagnostics import excluded_updates, usage_overlap, weight_distance
 from hfedmoe.algorithms.maths.importance import batch_importance, ib_score, select_active
 from hfedmoe.algorithms.maths.sparse_aggregation import (
     dominant,
@@ -106,6 +107,11 @@ class SparsityAwareAggregation(Aggregation):
         self.merge = Merge(global_weights, algorithm.layout)
         self.dominant: dict[int, torch.Tensor] = {}  # client -> S_c, (L, E) bool
         self.importance: dict[int, torch.Tensor] = {}  # client -> s_c, (L, E)
+        # the "why" of METHOD.md §4, measured (maths.diagnostics): expert updates eq. (17)
+        # leaves out against all of them; each client's router mass and |D_c|
+        self.excluded, self.updates = 0, 0
+        self.router_mass: dict[int, torch.Tensor] = {}  # client -> (L,)
+        self.examples: dict[int, int] = {}
 
     def add(self, client: int, update: ClientUpdate) -> None:
         p, layout, n = self.p, self.merge.layout, update.num_examples
@@ -123,7 +129,11 @@ class SparsityAwareAggregation(Aggregation):
             else:
                 updated = uploaded_mask(layout, update.weights)
             counts = qualifies(u_LE, p.tau, updated)
+            excluded, updates = excluded_updates(counts, counts_LE)
+            self.excluded, self.updates = self.excluded + excluded, self.updates + updates
         self.merge.add_experts(update, n * counts)
+        self.router_mass[client] = router_mass(u_LE, s_LE, p.tau)
+        self.examples[client] = n
 
         # routers, eqs. (19)-(21), per MoE layer; the FedAvg ablation: by |D_c|
         if p.router_aggregation == "eq21":
@@ -146,6 +156,15 @@ class SparsityAwareAggregation(Aggregation):
             divisors = {n: n_global_L[layer] for layer, ns in layout.routers.items() for n in ns}
         self.algorithm.consistency = routing_consistency(S_CLE)  # eq. (18), reported only
         self.algorithm.importance.update(self.importance)
+        clients = sorted(self.router_mass)
+        mass_CL = torch.stack([self.router_mass[c] for c in clients])
+        examples_C = torch.tensor([float(self.examples[c]) for c in clients])
+        eq21 = self.p.router_aggregation == "eq21"
+        distances = [weight_distance(m, examples_C) if eq21 else 0.0 for m in mass_CL.T]
+        self.algorithm.diagnostics = {
+            "eq17_excluded_share": self.excluded / self.updates if self.updates else 0.0,
+            "router_weight_tv_mean": float(np.nanmean(distances)) if distances else 0.0,
+        }
         return self.merge.finish(divisors)
 
 
@@ -168,6 +187,7 @@ class HFedMoE(PartialUploads, FederatedAlgorithm):
     def bind(self, model: nn.Module) -> None:
         self.layout = ExpertLayout.of(model)
         self.consistency = torch.zeros(0)
+        self.diagnostics: dict[str, float] = {}
         self.importance: dict[int, torch.Tensor] = {}  # client -> its last reported s_c, (L, E)
 
     # ---- server ------------------------------------------------------------------------
@@ -192,7 +212,7 @@ class HFedMoE(PartialUploads, FederatedAlgorithm):
     def round_metrics(self) -> dict[str, float]:
         if not len(self.consistency):
             return {}
-        return {"routing_consistency_mean": float(self.consistency.mean())}
+        return {"routing_consistency_mean": float(self.consistency.mean()), **self.diagnostics}
 
     def state_dict(self) -> dict:
         return {"importance": {c: s.clone() for c, s in self.importance.items()}}
@@ -237,4 +257,5 @@ class HFedMoE(PartialUploads, FederatedAlgorithm):
         update.metrics["experts_used"] = float((u_LE >= self.cfg.hfedmoe.tau).sum())
         update.metrics["usage_seconds"] = usage_seconds
         update.metrics["forward_tokens"] = float(forward_tokens)
+        update.metrics["active_usage_overlap"] = usage_overlap(u_LE, result.expert_updates)
         return update

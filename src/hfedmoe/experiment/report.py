@@ -346,6 +346,41 @@ def paired_table(
     return header, rows
 
 
+#: the "why" HFedMoE records each round (hfedmoe.algorithms.maths.diagnostics)
+WHY = {
+    "active_usage_overlap": "updated experts among the most used (eq. 15 vs 16)",
+    "eq17_excluded_share": "expert updates eq. (17) leaves out",
+    "router_weight_tv_mean": "router weights vs FedAvg's (TV distance, eq. 21)",
+    "routing_consistency_mean": "routing consistency (eq. 18)",
+}
+
+
+def why_table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
+    """For methods that record them (HFedMoE and its ablations), each "why" measure averaged
+    over rounds (clients, for the per-client overlap) and seeds; no rows for the others."""
+    rows = []
+    for label in dict.fromkeys(r.label for r in runs):
+        group = [r for r in runs if r.label == label]
+        cells, found = [label], False
+        for key in WHY:
+            values = [
+                v
+                for r in group
+                for record in r.rounds[1:]
+                for v in (
+                    [c.get(key) for c in record["clients"]]
+                    if key == "active_usage_overlap"
+                    else [record.get(key)]
+                )
+                if v is not None
+            ]
+            found |= bool(values)
+            cells.append(f"{np.mean(values):.3f}" if values else "-")
+        if found:
+            rows.append(cells)
+    return ["method", *WHY.values()], rows
+
+
 def memory_tier_table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
     """Per method and device tier, the largest client memory measured (mean over seeds)."""
     tiers = sorted({t for r in runs for t in r.memory_by_tier()})
@@ -559,6 +594,11 @@ def write_report(run_dirs: list[Path], out_dir: Path, target: float, title: str 
             "the verdict follows the interval (ahead: above 0, behind: below, tied: holds 0)."
             "</p>" + _html_table("paired", header, cells)
         )
+    header, cells = why_table(runs)
+    if cells:
+        md += ["Why, measured (mean over rounds and seeds):", ""]
+        md += [*_md_table(header, cells), ""]
+        extra_html += "<h2>Why, measured</h2>" + _html_table("why", header, cells)
     header, cells = memory_tier_table(runs)
     if len(header) > 1:
         md += ["Client memory per device tier, largest measured (mean over seeds):", ""]

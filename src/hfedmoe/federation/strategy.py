@@ -72,6 +72,8 @@ class ClientReport:
     memory_held_predicted_bytes: float | None = None
     memory_unmerged_bytes: float | None = None
     experts_merged: int | None = None  # FLUX: merged experts the client built
+    # HFedMoE: the share of the experts it updated that are among its most-used by eq. (16)
+    active_usage_overlap: float | None = None
     expert_updates: list[int] | None = None  # batches each expert was updated in, L x E flat
 
     def to_dict(self) -> dict:
@@ -103,6 +105,8 @@ def _describe(report: ClientReport, update: ClientUpdate, partition_id: int, byt
     report.memory_held_predicted_bytes = m.get("memory_held_predicted_bytes")
     report.memory_unmerged_bytes = m.get("memory_unmerged_bytes")
     report.experts_merged = _int_or_none(m.get("experts_merged"))
+    overlap = m.get("active_usage_overlap")
+    report.active_usage_overlap = None if overlap is None or overlap != overlap else overlap
     if "expert_updates" in update.stats:
         report.expert_updates = update.stats["expert_updates"].flatten().tolist()
 
