@@ -19,8 +19,11 @@ from hfedmoe.analysis.measures import (
     normalised_mutual_information,
     removal_ratio,
 )
-from hfedmoe.analysis.routing import collect_routing, loss_without
-from hfedmoe.federation.workload import server_workload
+from hfedmoe.analysis.routing import collect_routing, loss_with, loss_without
+from hfedmoe.analysis.selection import last_updates, random_like, removable, selection_cost
+from hfedmoe.data.datasets import load_dataset
+from hfedmoe.data.tokenized import tokenize_for
+from hfedmoe.federation.workload import partitions, server_workload
 from hfedmoe.foundation.config import validate
 from hfedmoe.model import ExpertModel
 from hfedmoe.training import evaluate
@@ -117,6 +120,56 @@ def test_removal_scores_multiple_choice_by_its_answer_loss_alone(tiny_llama_dir)
     assert loss_without(workload.model, workload.test, None, 8) == pytest.approx(scored.loss)
 
 
+# ---- does a selection hit the experts that matter (issue 18's "why") ----------------------
+
+
+def test_a_clients_last_updates_by_hand():
+    rounds = [
+        {"round": 0, "clients": []},
+        {"round": 1, "clients": [{"partition_id": 0, "expert_updates": [1, 0, 0, 2]},
+                                 {"partition_id": 1, "expert_updates": None}]},
+        {"round": 2, "clients": [{"partition_id": 0, "expert_updates": [0, 3, 0, 0]}]},
+    ]  # fmt: skip
+    last = last_updates(rounds, (2, 2))
+    assert set(last) == {0}  # client 1 recorded no updates
+    assert last[0].tolist() == [[False, True], [False, False]]  # its last round, not its first
+
+
+def test_only_layers_with_an_expert_left_are_removed_and_random_draws_match_the_count():
+    updated = torch.tensor([[True, True, True], [True, False, True], [False, False, False]])
+    removed = removable(updated)
+    assert removed.tolist() == [[False] * 3, [True, False, True], [False] * 3]
+    drawn = random_like(removed, np.random.default_rng(0))
+    assert drawn.sum(1).tolist() == [0, 2, 0]
+
+
+def test_selection_cost_removes_what_each_client_updated(tiny_bert_dir):
+    cfg = validate(tiny_raw(tiny_bert_dir, model={"expert_noise_std": 0.5}))
+    workload = server_workload(cfg)
+    L, E = ExpertModel(workload.model).shape
+    part, whole = [1, 0, 0, 0] * L, [1] * (L * E)
+    rounds = [{"round": 1, "clients": [{"partition_id": 0, "expert_updates": part},
+                                       {"partition_id": 1, "expert_updates": whole}]}]  # fmt: skip
+    rows = selection_cost(
+        cfg, workload.model, workload.tokenizer, rounds, (L, E), np.random.default_rng(0), cap=8
+    )
+    assert [r["partition"] for r in rows] == [0]  # client 1 updated every expert: no removal
+    row = rows[0]
+    assert row["experts_removed"] == L and row["examples"] == 8
+    allowed = torch.tensor(part).reshape(L, E) == 0
+    train = load_dataset(cfg.data, cfg.seed).train  # client 0's first 8 training examples
+    data = tokenize_for(cfg, train.subset(partitions(cfg, train, 2)[0][:8]), workload.tokenizer)
+    assert row["loss"] == pytest.approx(loss_with(workload.model, data, None, 32))
+    assert row["loss_without_selected"] == pytest.approx(
+        loss_with(workload.model, data, allowed, 32)
+    )
+    assert row["loss_without_selected"] != pytest.approx(row["loss"])  # the removal took effect
+    assert row["ratio"] == pytest.approx(
+        removal_ratio(row["loss"], row["loss_without_selected"], row["loss_without_random"]),
+        nan_ok=True,
+    )
+
+
 # ---- the command -------------------------------------------------------------------------------
 
 
@@ -147,7 +200,9 @@ def test_analyze_an_initial_model_and_a_finished_run(tiny_bert_dir, tmp_path):
     assert invoke_cli("run", str(config), "-o", str(run_dir), "--no-progress").returncode == 0
     proc = invoke_cli("analyze", str(run_dir), "--max-examples", "20")
     assert proc.returncode == 0, proc.stderr
-    assert (run_dir / "analysis" / "specialisation.json").is_file()
+    report = json.loads((run_dir / "analysis" / "specialisation.json").read_text())
+    assert isinstance(report["selection"], list)  # a run's analysis measures its selections
+    assert "median_selection_ratio" in report["summary"]
 
 
 def test_analyze_input_errors_are_one_line(tiny_bert_dir, tmp_path):

@@ -4,6 +4,7 @@ page that a headless browser renders."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 
@@ -267,5 +268,18 @@ def test_the_why_table_averages_what_hfedmoe_recorded(tmp_path):
         run("fedavg", 0, [None], None),
     ]
     header, rows = why_table(runs)
-    assert header[0] == "method" and len(header) == 5
-    assert rows == [["hfedmoe", "0.500", "0.300", "-", "-"]]  # no row for fedavg
+    assert header[0] == "method" and len(header) == 6
+    assert rows == [["hfedmoe", "0.500", "0.300", "-", "-", "-"]]  # no row for fedavg
+
+    # `hfedmoe analyze RUN` measured the selections: a row for every analysed method
+    for r, ratios in ((runs[0], [3.0, None]), (runs[1], [1.0, math.inf]), (runs[2], [0.5])):
+        (r.path / "analysis").mkdir()
+        selection = [{"ratio": x} for x in ratios]
+        (r.path / "analysis" / "specialisation.json").write_text(
+            json.dumps({"selection": selection})
+        )
+    header, rows = why_table(runs)
+    assert rows == [
+        ["hfedmoe", "0.500", "0.300", "-", "-", "2.00 (2)"],  # median of 3.0 and 1.0
+        ["fedavg", "-", "-", "-", "-", "0.50 (1)"],
+    ]

@@ -483,7 +483,15 @@ def analyze(
             raise HFedMoEError(f"--by: unknown '{by}' (expected auto, group or label)")
         cfg, model, tokenizer, out = _analysis_inputs(path, config, set_ or [], output_dir)
         _configure_logging()
-        report = run_analysis(cfg, model, tokenizer, by=by, max_examples=max_examples)
+        metrics = path / "metrics.jsonl" if path is not None else None
+        rounds = (
+            [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+            if metrics is not None and metrics.is_file()
+            else None
+        )
+        report = run_analysis(
+            cfg, model, tokenizer, by=by, max_examples=max_examples, rounds=rounds
+        )
         paths = write_report(report, out, f"{cfg.name} ({path or 'initial model'})")
     except HFedMoEError as exc:
         _fail(str(exc))

@@ -95,13 +95,22 @@ def loss_without(
 ) -> float:
     """The loss of ``model`` on ``data`` with expert ``removed_L[l]`` of each MoE layer l never
     routed to (None: the model as it is)."""
-    em = ExpertModel(model)
+    if removed_L is None:
+        return loss_with(model, data, None, batch_size)
+    allowed_LE = torch.ones(ExpertModel(model).shape, dtype=torch.bool)
+    allowed_LE[torch.arange(len(removed_L)), torch.as_tensor(removed_L)] = False
+    return loss_with(model, data, allowed_LE, batch_size)
+
+
+def loss_with(
+    model: nn.Module, data: TokenizedDataset, allowed_LE: torch.Tensor | None, batch_size: int
+) -> float:
+    """The loss of ``model`` on ``data`` when tokens may be routed only to the experts
+    ``allowed_LE`` marks (None: every expert)."""
     # only the loss: multiple choice is scored on the right answers' tokens alone, without
     # scoring every other choice too (the same number, a fraction of the passes)
     data = replace(data, choices=None)
-    if removed_L is None:
+    if allowed_LE is None:
         return evaluate(model, data, batch_size).loss
-    allowed_LE = torch.ones(em.shape, dtype=torch.bool)
-    allowed_LE[torch.arange(em.num_layers), torch.as_tensor(removed_L)] = False
-    with em.restrict_routing(allowed_LE):
+    with ExpertModel(model).restrict_routing(allowed_LE):
         return evaluate(model, data, batch_size).loss

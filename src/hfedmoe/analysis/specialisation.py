@@ -10,7 +10,9 @@ else its labels):
   probabilities over its data, eval mode) and the mean pairwise Jensen-Shannon divergence;
 - per group: the loss with its most-used expert of every layer removed, against removing a
   random other expert (the mean over ``draws`` draws): experts that are interchangeable give a
-  ratio near 1.
+  ratio near 1;
+- for a finished run (its metrics.jsonl records): per client, the loss cost of removing the
+  experts it last updated against as many random ones (:mod:`hfedmoe.analysis.selection`).
 
 The report is ``specialisation.json`` (every number), ``specialisation.md`` (tables) and
 ``shares.png`` (the heatmaps).
@@ -40,6 +42,7 @@ from hfedmoe.analysis.measures import (
     removal_ratio,
 )
 from hfedmoe.analysis.routing import collect_routing, loss_without
+from hfedmoe.analysis.selection import selection_cost
 from hfedmoe.data.datasets import load_dataset
 from hfedmoe.data.tokenized import tokenize_for
 from hfedmoe.federation.workload import partitions
@@ -61,8 +64,10 @@ def analyze(
     removal_examples: int = 64,
     draws: int = 3,
     batch_size: int = 32,
+    rounds: list[dict] | None = None,
 ) -> dict:
-    """The specialisation report of ``model`` on ``cfg``'s data (see the module docstring)."""
+    """The specialisation report of ``model`` on ``cfg``'s data (see the module docstring);
+    ``rounds``: a finished run's metrics.jsonl records, for the selection measure."""
     split = load_dataset(cfg.data, cfg.seed)
     rng = rng_for(cfg.seed, ANALYSIS)
     test = split.test
@@ -96,6 +101,10 @@ def analyze(
             model, data, groups_S, names, shares_LGE, removal_examples, draws, batch_size, rng
         ),
     }
+    if rounds is not None:
+        report["selection"] = selection_cost(
+            cfg, model, tokenizer, rounds, (L, E), rng, removal_examples, draws, batch_size
+        )
     return report
 
 
@@ -154,13 +163,17 @@ def _removal(model, data, groups_S, names, shares_LGE, cap, draws, batch_size, r
 def summary(report: dict) -> dict:
     """The headline numbers (the targets of docs/SPECIALISATION.md)."""
     ratios = [r["ratio"] for r in report["removal"] if np.isfinite(r["ratio"])]
-    return {
+    head = {
         "max_entropy": max(x["entropy"] for x in report["layers"]),
         "mean_nmi": float(np.mean([x["nmi"] for x in report["layers"]])),
         "mean_load_cv": float(np.mean([x["load_cv"] for x in report["layers"]])),
         "clients_jsd": report["clients"]["mean_pairwise_jsd"],
         "median_removal_ratio": float(np.median(ratios)) if ratios else float("nan"),
     }
+    if "selection" in report:
+        chosen = [r["ratio"] for r in report["selection"] if np.isfinite(r["ratio"])]
+        head["median_selection_ratio"] = float(np.median(chosen)) if chosen else float("nan")
+    return head
 
 
 def write_report(report: dict, out_dir: Path, title: str) -> list[Path]:
@@ -205,6 +218,21 @@ def _markdown(report: dict, head: dict, title: str) -> str:
             f"| {r['group']} | {r['examples']} | {r['loss']:.4f} | {r['loss_without_top']:.4f} "
             f"| {r['loss_without_random']:.4f} | {r['ratio']:.2f} |"
         )
+    if "selection" in report:
+        lines += [
+            "",
+            "Each client's loss without the experts it last updated, against as many random ones:",
+            "",
+            "| client | examples | experts removed | loss | without its selection "
+            "| without random ones | ratio |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for r in report["selection"]:
+            lines.append(
+                f"| {r['partition']} | {r['examples']} | {r['experts_removed']} | "
+                f"{r['loss']:.4f} | {r['loss_without_selected']:.4f} | "
+                f"{r['loss_without_random']:.4f} | {r['ratio']:.2f} |"
+            )
     return "\n".join(lines) + "\n"
 
 

@@ -355,13 +355,30 @@ WHY = {
 }
 
 
+#: the column of ``hfedmoe analyze RUN``'s selection measure (hfedmoe.analysis.selection)
+SELECTION = "loss rise, its selection removed / random ones (median)"
+
+
+def selection_ratios(run: Run) -> list[float]:
+    """Per client, the removal ratio of ``hfedmoe analyze`` on this run (analysis/
+    specialisation.json, when it was run), finite ones only."""
+    path = run.path / "analysis" / "specialisation.json"
+    if not path.is_file():
+        return []
+    rows = json.loads(path.read_text()).get("selection") or []
+    return [r["ratio"] for r in rows if r["ratio"] is not None and math.isfinite(r["ratio"])]
+
+
 def why_table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
     """For methods that record them (HFedMoE and its ablations), each "why" measure averaged
-    over rounds (clients, for the per-client overlap) and seeds; no rows for the others."""
+    over rounds (clients, for the per-client overlap) and seeds; and for every method whose
+    runs were analysed, the median over clients and seeds of the selection's removal ratio.
+    No rows for methods with neither."""
     rows = []
     for label in dict.fromkeys(r.label for r in runs):
         group = [r for r in runs if r.label == label]
-        cells, found = [label], False
+        ratios = [x for r in group for x in selection_ratios(r)]
+        cells, found = [label], bool(ratios)
         for key in WHY:
             values = [
                 v
@@ -376,9 +393,10 @@ def why_table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
             ]
             found |= bool(values)
             cells.append(f"{np.mean(values):.3f}" if values else "-")
+        cells.append(f"{np.median(ratios):.2f} ({len(ratios)})" if ratios else "-")
         if found:
             rows.append(cells)
-    return ["method", *WHY.values()], rows
+    return ["method", *WHY.values(), SELECTION], rows
 
 
 def memory_tier_table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
