@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from hfedmoe.experiment.paired import (
+    device_seconds,
     device_seconds_to,
     paired_difference,
     slowest_client_seconds,
@@ -87,3 +89,6 @@ def test_time_to_accuracy_sums_the_slowest_clients_until_the_target():
     assert device_seconds_to(rounds, 0.8, SPEEDS) == pytest.approx(12.0)
     assert device_seconds_to(rounds, 0.1, SPEEDS) == 0.0  # reached before any training
     assert device_seconds_to(rounds, 0.99, SPEEDS) is None  # never reached
+    np.testing.assert_allclose(device_seconds(rounds, SPEEDS), [0.0, 2.0, 12.0, 14.0])
+    rounds[3]["clients"] = [_client("mystery")]
+    assert device_seconds(rounds, SPEEDS) is None  # one unknown device: no time line

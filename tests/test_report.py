@@ -17,6 +17,7 @@ from hfedmoe.experiment.report import (
     coefficient_of_variation,
     find_runs,
     label_runs,
+    plot_all,
     summarise,
 )
 
@@ -238,6 +239,8 @@ def test_device_time_and_memory_per_tier_by_hand(tmp_path):
     row = summarise(runs, 0.75)[0]
     # round 1: the phone needs 2 x 1e9 / 1e9 = 2 s, the laptop 2 x 1e9 / 4e9 = 0.5 s -> 2 s
     assert row.device_seconds_to_target == pytest.approx(2.0)
+    np.testing.assert_allclose(runs[0].device_seconds(), [0.0, 2.0])  # the device-time plot's x
+    assert "device_time" in plot_all(runs, 0.75)
     header, cells = memory_tier_table(runs)
     assert header == ["method", "laptop", "phone"]
     # hfedmoe: laptop (400 + 100, 600 + 100) -> 600 MiB; phone (300, 400) -> 350 MiB

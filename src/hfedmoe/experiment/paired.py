@@ -70,6 +70,20 @@ def slowest_client_seconds(
     return max(times, default=0.0)
 
 
+def device_seconds(
+    rounds: list[dict], flops_per_second: Mapping[str, float | None]
+) -> np.ndarray | None:
+    """Cumulative time on the devices after each round (round 0: 0): the slowest participating
+    client's time (:func:`slowest_client_seconds`) summed; None if a time is unknown."""
+    per_round = [0.0]
+    for record in rounds[1:]:
+        seconds = slowest_client_seconds(record["clients"], flops_per_second)
+        if seconds is None:
+            return None
+        per_round.append(seconds)
+    return np.cumsum(per_round)
+
+
 def device_seconds_to(
     rounds: list[dict], accuracy_target: float, flops_per_second: Mapping[str, float | None]
 ) -> float | None:

@@ -40,7 +40,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.ticker import MaxNLocator
 
-from hfedmoe.experiment.paired import device_seconds_to, paired_difference
+from hfedmoe.experiment.paired import device_seconds, device_seconds_to, paired_difference
 from hfedmoe.foundation.errors import HFedMoEError
 
 
@@ -106,6 +106,11 @@ class Run:
         """Time to ``target`` on the devices: the slowest client's predicted time, summed over
         rounds (:func:`hfedmoe.experiment.paired.device_seconds_to`)."""
         return device_seconds_to(self.rounds, target, self.tier_flops)
+
+    def device_seconds(self) -> np.ndarray | None:
+        """Cumulative time on the devices after each round (round 0: 0), or None where a
+        client's tier declares no FLOP/s (:func:`hfedmoe.experiment.paired.device_seconds`)."""
+        return device_seconds(self.rounds, self.tier_flops)
 
     def client_flops(self) -> np.ndarray | None:
         """Cumulative predicted training FLOPs of all clients after each round (round 0: 0);
@@ -484,6 +489,20 @@ def plot_all(runs: list[Run], target: float) -> dict[str, plt.Figure]:
         )
         ax.legend(fontsize=8)
         figs["compute"] = fig
+
+    if all(r.device_seconds() is not None for r in runs):
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for n, (name, group) in enumerate(groups.items()):
+            for i, r in enumerate(group):
+                ax.plot(r.device_seconds(), r.accuracy, color=f"C{n}", label=None if i else name)
+        ax.axhline(target, color="grey", linestyle=":", linewidth=1, label=f"target {target:g}")
+        ax.set(
+            xlabel="time on the devices (s): each round's slowest client's FLOPs / its FLOP/s",
+            ylabel="test accuracy",
+            title="Accuracy against time on the devices",
+        )
+        ax.legend(fontsize=8)
+        figs["device_time"] = fig
 
     if all(r.personal("personal_accuracy_mean") is not None for r in runs):
         fig, ax = plt.subplots(figsize=(7, 4))
