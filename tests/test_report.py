@@ -108,6 +108,18 @@ def test_per_client_accuracy_is_the_last_rounds_mean_and_worst_averaged_over_see
     ]
     (row,) = summarise([Run.load(p) for p in runs], target=0.9)
     assert row.personal_mean == pytest.approx(0.6) and row.personal_worst == pytest.approx(0.2)
+    assert row.personal_spread is None  # no per-client list recorded: mean and worst only
+
+
+def test_the_per_client_spread_is_the_std_over_clients_averaged_over_seeds(tmp_path):
+    paths = [_fake_run(tmp_path / f"s{s}", "a", s, [0.2, 0.6], personal=[(0.2, 0.1)] * 2)
+             for s in (0, 1)]  # fmt: skip
+    for path, accuracies in zip(paths, ([0.5, 0.7], [0.2, 0.6, 0.4]), strict=True):
+        rounds = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+        rounds[-1]["personal_accuracy"] = accuracies  # std 0.1, then sqrt(0.08 / 3)
+        (path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rounds))
+    (row,) = summarise([Run.load(p) for p in paths], target=0.9)
+    assert row.personal_spread == pytest.approx((0.1 + (0.08 / 3) ** 0.5) / 2)
 
 
 def test_the_same_method_from_two_grids_makes_two_rows(tmp_path):
@@ -178,8 +190,8 @@ def test_report_of_a_real_grid(real_grid, tmp_path):
     assert header.split(" | ")[1:] == ["large", "small |"]
     fedavg_memory = next(line for line in memory.splitlines() if line.startswith("| fedavg"))
     assert fedavg_memory.split(" | ")[1].endswith(" MiB") and fedavg_memory.endswith("| - |")
-    mean, worst = (float(x) for x in fedavg[3].split(" / "))  # per-client accuracy
-    assert 0 <= worst <= mean <= 1
+    mean, worst, spread = (float(x) for x in fedavg[3].split(" / "))  # per-client accuracy
+    assert 0 <= worst <= mean <= 1 and 0 <= spread <= 0.5
     # 2 seeds x 2 rounds, each with the small device sampled: 4 failures, all over budget
     assert "| fedavg | 4 |" in reasons and "| hfedmoe | 0 |" in reasons
     assert "| method | budget |" in reasons

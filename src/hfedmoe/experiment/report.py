@@ -239,6 +239,7 @@ class Row:
     final_std: float
     personal_mean: float | None  # final per-client accuracy: mean over clients, then seeds
     personal_worst: float | None  # the worst client's, mean over seeds
+    personal_spread: float | None  # the final per-client accuracies' std over clients, mean
     rounds_to_target: float | None
     reached: int
     compute_to_target: float | None  # FLOPs
@@ -266,6 +267,7 @@ def summarise(runs: list[Run], target: float) -> list[Row]:
             key: [p[-1] for r in group if (p := r.personal(f"personal_accuracy_{key}")) is not None]
             for key in ("mean", "worst")
         }
+        spreads = [float(np.std(p)) for r in group if (p := r.rounds[-1].get("personal_accuracy"))]
         rows.append(
             Row(
                 algorithm=algorithm,
@@ -274,6 +276,7 @@ def summarise(runs: list[Run], target: float) -> list[Row]:
                 final_std=float(finals.std(ddof=1)) if len(finals) > 1 else 0.0,
                 personal_mean=float(np.mean(personal["mean"])) if personal["mean"] else None,
                 personal_worst=float(np.mean(personal["worst"])) if personal["worst"] else None,
+                personal_spread=float(np.mean(spreads)) if spreads else None,
                 rounds_to_target=float(np.mean([k for _, k in reached])) if reached else None,
                 reached=len(reached),
                 compute_to_target=float(np.mean(flops)) if flops else None,
@@ -563,7 +566,7 @@ COLUMNS = [
     "method",
     "seeds",
     "final accuracy",
-    "per-client accuracy (mean / worst)",
+    "per-client accuracy (mean / worst / std over clients)",
     "rounds to target",
     "client compute to target",
     "client memory, largest (measured)",
@@ -573,12 +576,19 @@ COLUMNS = [
 ]
 
 
+def _personal_cell(row: Row) -> str:
+    if row.personal_mean is None:
+        return "-"
+    cell = f"{row.personal_mean:.4f} / {row.personal_worst:.4f}"
+    return cell if row.personal_spread is None else f"{cell} / {row.personal_spread:.4f}"
+
+
 def _cells(row: Row) -> list[str]:
     return [
         row.algorithm,
         ",".join(map(str, row.seeds)),
         f"{row.final_mean:.4f} ± {row.final_std:.4f}",
-        "-" if row.personal_mean is None else f"{row.personal_mean:.4f} / {row.personal_worst:.4f}",
+        _personal_cell(row),
         "-"
         if row.rounds_to_target is None
         else f"{row.rounds_to_target:.1f} ({row.reached}/{len(row.seeds)})",
