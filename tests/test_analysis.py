@@ -203,6 +203,12 @@ def test_analyze_an_initial_model_and_a_finished_run(tiny_bert_dir, tmp_path):
     report = json.loads((run_dir / "analysis" / "specialisation.json").read_text())
     assert isinstance(report["selection"], list)  # a run's analysis measures its selections
     assert "median_selection_ratio" in report["summary"]
+    alone = json.loads((run_dir / "analysis" / "selection.json").read_text())
+    assert alone["selection"] == report["selection"]  # where the comparison report reads it
+    (run_dir / "analysis" / "selection.json").unlink()
+    proc = invoke_cli("analyze", str(run_dir), "--selection-only")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((run_dir / "analysis" / "selection.json").read_text()) == alone
 
 
 def test_analyze_input_errors_are_one_line(tiny_bert_dir, tmp_path):
@@ -214,6 +220,8 @@ def test_analyze_input_errors_are_one_line(tiny_bert_dir, tmp_path):
     config.write_text(tomli_w.dumps(tiny_raw(tiny_bert_dir)))
     proc = invoke_cli("analyze", "--config", str(config), "--by", "group")
     assert proc.returncode == 2 and "--by group: this data set has no groups" in proc.stderr
+    proc = invoke_cli("analyze", "--config", str(config), "--selection-only")
+    assert proc.returncode == 2 and "--selection-only: PATH must be a finished run" in proc.stderr
 
 
 @pytest.mark.parametrize("family", list(families.FAMILIES))

@@ -290,9 +290,7 @@ def test_the_why_table_averages_what_hfedmoe_recorded(tmp_path):
     for r, ratios in ((runs[0], [3.0, None]), (runs[1], [1.0, math.inf]), (runs[2], [0.5])):
         (r.path / "analysis").mkdir()
         selection = [{"ratio": x} for x in ratios]
-        (r.path / "analysis" / "specialisation.json").write_text(
-            json.dumps({"selection": selection})
-        )
+        (r.path / "analysis" / "selection.json").write_text(json.dumps({"selection": selection}))
     header, rows = why_table(runs)
     assert rows == [
         ["hfedmoe", "0.500", "0.300", "-", "-", "2.00 (2)"],  # median of 3.0 and 1.0

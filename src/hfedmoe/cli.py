@@ -472,34 +472,56 @@ def analyze(
     max_examples: Annotated[
         int, typer.Option(min=1, help="Test examples (and per client) to route.")
     ] = 400,
+    selection_only: Annotated[
+        bool,
+        typer.Option(
+            "--selection-only",
+            help="A finished run: only the loss cost of removing each client's selected experts.",
+        ),
+    ] = False,
 ) -> None:
     """How specialised a model's experts are: routing entropy, load balance, expert-group
-    mutual information, the clients' expert usage and the cost of removing an expert."""
+    mutual information, the clients' expert usage and the cost of removing an expert; for a
+    finished run, also whether each client's selection hit the experts its data needs."""
+    from hfedmoe.analysis.selection import median_ratio, selection_cost, write_selection
     from hfedmoe.analysis.specialisation import analyze as run_analysis
     from hfedmoe.analysis.specialisation import summary, write_report
+    from hfedmoe.foundation.seeding import ANALYSIS, rng_for
+    from hfedmoe.model import ExpertModel
 
     try:
         if by not in ("auto", "group", "label"):
             raise HFedMoEError(f"--by: unknown '{by}' (expected auto, group or label)")
-        cfg, model, tokenizer, out = _analysis_inputs(path, config, set_ or [], output_dir)
-        _configure_logging()
         metrics = path / "metrics.jsonl" if path is not None else None
         rounds = (
             [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
             if metrics is not None and metrics.is_file()
             else None
         )
-        report = run_analysis(
-            cfg, model, tokenizer, by=by, max_examples=max_examples, rounds=rounds
-        )
-        paths = write_report(report, out, f"{cfg.name} ({path or 'initial model'})")
+        if selection_only and rounds is None:
+            raise HFedMoEError("--selection-only: PATH must be a finished run (with metrics.jsonl)")
+        cfg, model, tokenizer, out = _analysis_inputs(path, config, set_ or [], output_dir)
+        _configure_logging()
+        if selection_only:
+            shape = ExpertModel(model).shape
+            rows = selection_cost(cfg, model, tokenizer, rounds, shape, rng_for(cfg.seed, ANALYSIS))
+            head, paths = (
+                {"median_selection_ratio": median_ratio(rows)},
+                [write_selection(rows, out)],
+            )
+        else:
+            report = run_analysis(
+                cfg, model, tokenizer, by=by, max_examples=max_examples, rounds=rounds
+            )
+            head = summary(report)
+            paths = write_report(report, out, f"{cfg.name} ({path or 'initial model'})")
     except HFedMoEError as exc:
         _fail(str(exc))
         return
     table = Table(title=f"Specialisation: {path or cfg.name}")
     table.add_column("measure")
     table.add_column("value", justify="right")
-    for key, value in summary(report).items():
+    for key, value in head.items():
         table.add_row(key.replace("_", " "), f"{value:.4f}")
     Console().print(table)
     print(f"Report: {', '.join(str(p) for p in paths)}")

@@ -18,6 +18,9 @@ Shape legend: L MoE layers, E experts per layer.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import torch
 from torch import nn
@@ -29,6 +32,10 @@ from hfedmoe.data.datasets import load_dataset
 from hfedmoe.data.tokenized import tokenize_for
 from hfedmoe.federation.workload import partitions
 from hfedmoe.foundation.config import ExperimentConfig
+from hfedmoe.results.recorder import write_atomic
+
+#: where ``hfedmoe analyze RUN`` writes the measure, in RUN/analysis/; the report reads it
+FILENAME = "selection.json"
 
 
 def last_updates(rounds: list[dict], shape: tuple[int, int]) -> dict[int, torch.Tensor]:
@@ -105,3 +112,18 @@ def selection_cost(
             }
         )
     return out
+
+
+def median_ratio(rows: list[dict]) -> float:
+    """The median over clients of the finite ratios (NaN if none)."""
+    finite = [r["ratio"] for r in rows if np.isfinite(r["ratio"])]
+    return float(np.median(finite)) if finite else float("nan")
+
+
+def write_selection(rows: list[dict], out_dir: Path) -> Path:
+    """``out_dir``/selection.json: every client's row and the median ratio, replaced whole."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / FILENAME
+    body = {"median_ratio": median_ratio(rows), "selection": rows}
+    write_atomic(path, json.dumps(body, indent=1) + "\n")
+    return path

@@ -42,7 +42,7 @@ from hfedmoe.analysis.measures import (
     removal_ratio,
 )
 from hfedmoe.analysis.routing import collect_routing, loss_without
-from hfedmoe.analysis.selection import selection_cost
+from hfedmoe.analysis.selection import median_ratio, selection_cost, write_selection
 from hfedmoe.data.datasets import load_dataset
 from hfedmoe.data.tokenized import tokenize_for
 from hfedmoe.federation.workload import partitions
@@ -171,8 +171,7 @@ def summary(report: dict) -> dict:
         "median_removal_ratio": float(np.median(ratios)) if ratios else float("nan"),
     }
     if "selection" in report:
-        chosen = [r["ratio"] for r in report["selection"] if np.isfinite(r["ratio"])]
-        head["median_selection_ratio"] = float(np.median(chosen)) if chosen else float("nan")
+        head["median_selection_ratio"] = median_ratio(report["selection"])
     return head
 
 
@@ -187,6 +186,8 @@ def write_report(report: dict, out_dir: Path, title: str) -> list[Path]:
     tmp = out_dir / ".shares.png"
     _heatmaps(report, tmp, title)
     os.replace(tmp, paths[2])
+    if "selection" in report:  # also alone, where `analyze RUN --selection-only` writes it
+        paths.append(write_selection(report["selection"], out_dir))
     return paths
 
 

@@ -369,8 +369,8 @@ SELECTION = "loss rise, its selection removed / random ones (median)"
 
 def selection_ratios(run: Run) -> list[float]:
     """Per client, the removal ratio of ``hfedmoe analyze`` on this run (analysis/
-    specialisation.json, when it was run), finite ones only."""
-    path = run.path / "analysis" / "specialisation.json"
+    selection.json, when it was run), finite ones only."""
+    path = run.path / "analysis" / "selection.json"
     if not path.is_file():
         return []
     rows = json.loads(path.read_text()).get("selection") or []
