@@ -296,3 +296,11 @@ def test_the_why_table_averages_what_hfedmoe_recorded(tmp_path):
         ["hfedmoe", "0.500", "0.300", "-", "-", "2.00 (2)"],  # median of 3.0 and 1.0
         ["fedavg", "-", "-", "-", "-", "0.50 (1)"],
     ]
+
+
+def test_every_column_of_the_table_has_a_header(tmp_path):
+    from hfedmoe.experiment.report import COLUMNS, _cells
+
+    (row,) = summarise([Run.load(_fake_run(tmp_path / "a", "a", 0, [0.2, 0.9]))], target=0.5)
+    assert len(_cells(row)) == len(COLUMNS)
+    assert COLUMNS[5:7] == ["client compute to target", "time to target on the devices"]

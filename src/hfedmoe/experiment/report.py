@@ -569,6 +569,7 @@ COLUMNS = [
     "per-client accuracy (mean / worst / std over clients)",
     "rounds to target",
     "client compute to target",
+    "time to target on the devices",
     "client memory, largest (measured)",
     "failure rate",
     "bytes / round",
