@@ -6,7 +6,11 @@
 #   bash experiments/verdict.sh bbc-ablations
 #   bash experiments/verdict.sh report       # reports of whatever has finished
 #   SEEDS=0,1,2,3,4 bash experiments/verdict.sh bbc
+#   SEEDS=1 SET=threads=1 bash experiments/verdict.sh bbc &    # two seeds at once on 2 cores,
+#   SEEDS=2 SET=threads=1 bash experiments/verdict.sh bbc &    # one thread each
 #
+# A seed's methods must all run with the same threads (float sums differ in the last bits
+# otherwise); different seeds may differ. docs/RESULTS.md says which seed ran how.
 # `hfedmoe compare` skips finished runs and resumes interrupted ones, so rerunning a command
 # continues where it stopped. Each selection-based run is then analysed (`hfedmoe analyze`):
 # the loss cost of removing the experts each client last updated, the report's "Why" column.
@@ -17,6 +21,7 @@ export HF_HUB_OFFLINE=1 FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 TOKENIZER
 H=.venv/bin/hfedmoe
 OUT=${OUT:-runs/verdict}
 SEEDS=${SEEDS:-0,1,2}
+SET=${SET:+--set $SET}  # one extra KEY=VALUE for every run, e.g. threads=1
 MAIN=hfedmoe,fftmoe,random,fedmoe,flexmoe,fedavg,flux
 ABLATIONS=hfedmoe-holder-avg,hfedmoe-fedavg-routers,hfedmoe-rank-s,hfedmoe-lambda1
 SELECTING=(hfedmoe random fedmoe flexmoe hfedmoe-holder-avg hfedmoe-fedavg-routers
@@ -45,11 +50,13 @@ report() {  # report GRID NAME TARGET METHODS...: GRID/NAME from the methods' fi
 
 case "${1:-}" in
 bbc)
-    $H compare configs/bbc_topics.toml --methods "$MAIN" --seeds "$SEEDS" -o "$OUT/bbc-topics"
+    # shellcheck disable=SC2086  # SET is empty or two words
+    $H compare configs/bbc_topics.toml --methods "$MAIN" --seeds "$SEEDS" $SET -o "$OUT/bbc-topics"
     analyse "$OUT/bbc-topics"
     ;;
 bbc-ablations)
-    $H compare configs/bbc_topics.toml --methods "hfedmoe,$ABLATIONS" --seeds "$SEEDS" \
+    # shellcheck disable=SC2086
+    $H compare configs/bbc_topics.toml --methods "hfedmoe,$ABLATIONS" --seeds "$SEEDS" $SET \
         -o "$OUT/bbc-topics"
     analyse "$OUT/bbc-topics"
     ;;

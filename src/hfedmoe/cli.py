@@ -339,7 +339,7 @@ def compare(
         return
     with contextlib.ExitStack() as held:
         try:
-            held.enter_context(comparison.locked(output_dir))
+            held.enter_context(comparison.locked(output_dir, sorted({r.seed for r in runs})))
         except HFedMoEError as exc:
             _fail(str(exc))
         failed = _run_grid(config, runs, base, fresh, progress, output_dir)

@@ -65,20 +65,24 @@ def plan(out_dir: Path, methods: list[str], seeds: list[int]) -> list[Cell]:
 
 
 @contextlib.contextmanager
-def locked(out_dir: Path) -> Iterator[None]:
-    """Hold the grid directory's lock (``OUT/.compare.lock``) for the block, or fail at once if
-    another process holds it. The lock is the kernel's (flock): it ends with the process, so a
-    killed ``compare`` leaves nothing stale behind."""
+def locked(out_dir: Path, seeds: list[int]) -> Iterator[None]:
+    """Hold the grid's lock of each of ``seeds`` (``OUT/.compare-seed<k>.lock``) for the block,
+    or fail at once if another process holds one: two ``compare`` processes may share a grid
+    directory when their seeds differ (each seed's runs are separate directories), never a
+    seed. The locks are the kernel's (flock): they end with the process, so a killed
+    ``compare`` leaves nothing stale behind."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / ".compare.lock", "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise HFedMoEError(
-                f"-o {out_dir}: another `hfedmoe compare` is running on this grid "
-                "(wait for it, or choose another directory)"
-            ) from None
-        yield  # closing the file releases the lock
+    with contextlib.ExitStack() as held:
+        for seed in sorted(set(seeds)):
+            handle = held.enter_context(open(out_dir / f".compare-seed{seed}.lock", "a"))
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise HFedMoEError(
+                    f"-o {out_dir}: another `hfedmoe compare` is running seed {seed} of this "
+                    "grid (wait for it, or choose other seeds or another directory)"
+                ) from None
+        yield  # closing the files releases the locks
 
 
 def validate_grid(config: Path, runs: list[Cell], base: list[str]) -> None:
