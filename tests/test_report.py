@@ -258,7 +258,8 @@ def test_device_time_and_memory_per_tier_by_hand(tmp_path):
     # hfedmoe: laptop (400 + 100, 600 + 100) -> 600 MiB; phone (300, 400) -> 350 MiB
     assert cells == [["hfedmoe", "600 MiB", "350 MiB"], ["fedavg", "900 MiB", "500 MiB"]]
     header, cells = paired_table(runs)
-    assert cells == [["fedavg", "0", "-0.2000", "n/a", "-", "-"]]  # one seed in common
+    # one seed in common; the last rounds' mean is round 1's alone (round 0 never counts)
+    assert cells == [["fedavg", "0", "-0.2000", "n/a", "-0.2000", "n/a", "-", "-"]]
 
 
 def test_the_why_table_averages_what_hfedmoe_recorded(tmp_path):
@@ -304,3 +305,22 @@ def test_every_column_of_the_table_has_a_header(tmp_path):
     (row,) = summarise([Run.load(_fake_run(tmp_path / "a", "a", 0, [0.2, 0.9]))], target=0.5)
     assert len(_cells(row)) == len(COLUMNS)
     assert COLUMNS[5:7] == ["client compute to target", "time to target on the devices"]
+
+
+def test_the_paired_last_rounds_mean_by_hand(tmp_path):
+    from hfedmoe.experiment.report import paired_table
+
+    def run(name, seed, accuracies):
+        return Run.load(_fake_run(tmp_path / name / f"s{seed}", name, seed, accuracies))
+
+    runs = [
+        run("hfedmoe", 0, [0.1, 0.5, 0.6, 0.7, 0.8]),  # last 3: 0.7
+        run("hfedmoe", 1, [0.1, 0.5, 0.6, 0.6, 0.6]),  # 0.6
+        run("random", 0, [0.1, 0.9, 0.6, 0.6, 0.6]),  # 0.6: -0.1
+        run("random", 1, [0.1, 0.9, 0.5, 0.5, 0.5]),  # 0.5: -0.1
+    ]
+    header, cells = paired_table(runs)
+    assert header[4].startswith("last 3 rounds' mean accuracy - hfedmoe")
+    # differences -0.1 and -0.1: sd 0, so the interval is the point and the verdict "behind"
+    assert cells[0][4] == "-0.1000 [-0.1000, -0.1000]" and cells[0][5] == "behind"
+    assert cells[0][2].startswith("-0.1500")  # final: -0.2 and -0.1
