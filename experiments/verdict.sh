@@ -24,7 +24,7 @@ SEEDS=${SEEDS:-0,1,2}
 SET=${SET:+--set $SET}  # one extra KEY=VALUE for every run, e.g. threads=1
 MAIN=hfedmoe,fftmoe,random,fedmoe,flexmoe,fedavg,flux
 ABLATIONS=hfedmoe-holder-avg,hfedmoe-fedavg-routers,hfedmoe-rank-s,hfedmoe-lambda1
-SELECTING=(hfedmoe random fedmoe flexmoe hfedmoe-holder-avg hfedmoe-fedavg-routers
+SELECTING=(hfedmoe random fedmoe flexmoe flux hfedmoe-holder-avg hfedmoe-fedavg-routers
     hfedmoe-rank-s hfedmoe-lambda1)
 
 analyse() {  # the selection measure of every finished run that selects experts per client
