@@ -20,7 +20,13 @@ from hfedmoe.analysis.measures import (
     removal_ratio,
 )
 from hfedmoe.analysis.routing import collect_routing, loss_with, loss_without
-from hfedmoe.analysis.selection import last_updates, random_like, removable, selection_cost
+from hfedmoe.analysis.selection import (
+    last_updates,
+    pooled_ratio,
+    random_like,
+    removable,
+    selection_cost,
+)
 from hfedmoe.data.datasets import load_dataset
 from hfedmoe.data.tokenized import tokenize_for
 from hfedmoe.federation.workload import partitions, server_workload
@@ -143,6 +149,16 @@ def test_only_layers_with_an_expert_left_are_removed_and_random_draws_match_the_
     assert drawn.sum(1).tolist() == [0, 2, 0]
 
 
+def test_the_pooled_ratio_sums_the_rises_over_clients():
+    rows = [
+        {"loss": 1.0, "loss_without_selected": 1.5, "loss_without_random": 1.1},
+        {"loss": 2.0, "loss_without_selected": 2.1, "loss_without_random": 1.9},  # ratio -1
+    ]
+    assert math.isnan(pooled_ratio(rows))  # random removals: +0.1 and -0.1, no rise in all
+    rows[1]["loss_without_random"] = 2.3  # rises: selected 0.5 + 0.1, random 0.1 + 0.3
+    assert pooled_ratio(rows) == pytest.approx(1.5)
+
+
 def test_selection_cost_removes_what_each_client_updated(tiny_bert_dir):
     cfg = validate(tiny_raw(tiny_bert_dir, model={"expert_noise_std": 0.5}))
     workload = server_workload(cfg)
@@ -202,7 +218,7 @@ def test_analyze_an_initial_model_and_a_finished_run(tiny_bert_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr
     report = json.loads((run_dir / "analysis" / "specialisation.json").read_text())
     assert isinstance(report["selection"], list)  # a run's analysis measures its selections
-    assert "median_selection_ratio" in report["summary"]
+    assert "pooled_selection_ratio" in report["summary"]
     alone = json.loads((run_dir / "analysis" / "selection.json").read_text())
     assert alone["selection"] == report["selection"]  # where the comparison report reads it
     (run_dir / "analysis" / "selection.json").unlink()

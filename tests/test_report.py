@@ -4,7 +4,6 @@ page that a headless browser renders."""
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import subprocess
 
@@ -290,14 +289,14 @@ def test_the_why_table_averages_what_hfedmoe_recorded(tmp_path):
     assert rows == [["hfedmoe", "0.500", "0.300", "-", "-", "-"]]  # no row for fedavg
 
     # `hfedmoe analyze RUN` measured the selections: a row for every analysed method
-    for r, ratios in ((runs[0], [3.0, None]), (runs[1], [1.0, math.inf]), (runs[2], [0.5])):
+    for r, (selected, random) in zip(runs, [(3.0, 1.0), (1.0, 1.0), (0.5, 1.0)], strict=True):
         (r.path / "analysis").mkdir()
-        selection = [{"ratio": x} for x in ratios]
-        (r.path / "analysis" / "selection.json").write_text(json.dumps({"selection": selection}))
+        body = {"rise_selected": selected, "rise_random": random}
+        (r.path / "analysis" / "selection.json").write_text(json.dumps(body))
     header, rows = why_table(runs)
     assert rows == [
-        ["hfedmoe", "0.500", "0.300", "-", "-", "2.00 (2)"],  # median of 3.0 and 1.0
-        ["fedavg", "-", "-", "-", "-", "0.50 (1)"],
+        ["hfedmoe", "0.500", "0.300", "-", "-", "2.00 (2 runs)"],  # (3 + 1) / (1 + 1)
+        ["fedavg", "-", "-", "-", "-", "0.50 (1 runs)"],
     ]
 
 

@@ -483,7 +483,7 @@ def analyze(
     """How specialised a model's experts are: routing entropy, load balance, expert-group
     mutual information, the clients' expert usage and the cost of removing an expert; for a
     finished run, also whether each client's selection hit the experts its data needs."""
-    from hfedmoe.analysis.selection import median_ratio, selection_cost, write_selection
+    from hfedmoe.analysis.selection import pooled_ratio, selection_cost, write_selection
     from hfedmoe.analysis.specialisation import analyze as run_analysis
     from hfedmoe.analysis.specialisation import summary, write_report
     from hfedmoe.foundation.seeding import ANALYSIS, rng_for
@@ -506,7 +506,7 @@ def analyze(
             shape = ExpertModel(model).shape
             rows = selection_cost(cfg, model, tokenizer, rounds, shape, rng_for(cfg.seed, ANALYSIS))
             head, paths = (
-                {"median_selection_ratio": median_ratio(rows)},
+                {"pooled_selection_ratio": pooled_ratio(rows)},
                 [write_selection(rows, out)],
             )
         else:

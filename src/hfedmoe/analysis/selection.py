@@ -5,8 +5,9 @@ For every client of a finished run whose last training updated some but not all 
 layer: its loss on its own data (the first ``cap`` examples of its partition, eval mode) with
 the experts it updated in that round removed from routing, against removing as many experts
 drawn at random in each layer (the mean over ``draws`` draws). The ratio of the two loss rises
-(:func:`hfedmoe.analysis.measures.removal_ratio`) is above 1 when the method trained experts
-the client's data depends on more than a random choice of the same size would have.
+(per client, :func:`hfedmoe.analysis.measures.removal_ratio`; summed over clients,
+:func:`pooled_ratio`) is above 1 when the method trained experts the client's data depends on
+more than a random choice of the same size would have.
 
 The model is the run's final global model, not the one each selection was made on (the round
 before it): the experts' roles move little in a round, but the measure is an estimate. A layer
@@ -114,16 +115,32 @@ def selection_cost(
     return out
 
 
-def median_ratio(rows: list[dict]) -> float:
-    """The median over clients of the finite ratios (NaN if none)."""
-    finite = [r["ratio"] for r in rows if np.isfinite(r["ratio"])]
-    return float(np.median(finite)) if finite else float("nan")
+def rises(rows: list[dict]) -> tuple[float, float]:
+    """The loss rises summed over clients: without their selections, without random ones."""
+    selected = sum(r["loss_without_selected"] - r["loss"] for r in rows)
+    return float(selected), float(sum(r["loss_without_random"] - r["loss"] for r in rows))
+
+
+def pooled_ratio(rows: list[dict]) -> float:
+    """Sum over clients of the loss rise without each client's selection, over the same sum
+    without random experts: 1 for a selection no better than chance. Per-client ratios are
+    fragile (a random removal may barely move one client's loss); the pooled one is not. NaN
+    when random removals do not raise the loss in all."""
+    selected, random = rises(rows)
+    return selected / random if random > 0 else float("nan")
 
 
 def write_selection(rows: list[dict], out_dir: Path) -> Path:
-    """``out_dir``/selection.json: every client's row and the median ratio, replaced whole."""
+    """``out_dir``/selection.json: every client's row, the summed rises and the pooled ratio,
+    replaced whole."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / FILENAME
-    body = {"median_ratio": median_ratio(rows), "selection": rows}
+    selected, random = rises(rows)
+    body = {
+        "pooled_ratio": pooled_ratio(rows),
+        "rise_selected": selected,
+        "rise_random": random,
+        "selection": rows,
+    }
     write_atomic(path, json.dumps(body, indent=1) + "\n")
     return path

@@ -42,7 +42,7 @@ from hfedmoe.analysis.measures import (
     removal_ratio,
 )
 from hfedmoe.analysis.routing import collect_routing, loss_without
-from hfedmoe.analysis.selection import median_ratio, selection_cost, write_selection
+from hfedmoe.analysis.selection import pooled_ratio, selection_cost, write_selection
 from hfedmoe.data.datasets import load_dataset
 from hfedmoe.data.tokenized import tokenize_for
 from hfedmoe.federation.workload import partitions
@@ -171,7 +171,7 @@ def summary(report: dict) -> dict:
         "median_removal_ratio": float(np.median(ratios)) if ratios else float("nan"),
     }
     if "selection" in report:
-        head["median_selection_ratio"] = median_ratio(report["selection"])
+        head["pooled_selection_ratio"] = pooled_ratio(report["selection"])
     return head
 
 

@@ -374,29 +374,30 @@ WHY = {
 
 
 #: the column of ``hfedmoe analyze RUN``'s selection measure (hfedmoe.analysis.selection)
-SELECTION = "loss rise, its selection removed / random ones (median)"
+SELECTION = "loss rise, each client's selection removed / random ones (pooled)"
 
 
-def selection_ratios(run: Run) -> list[float]:
-    """Per client, the removal ratio of ``hfedmoe analyze`` on this run (analysis/
-    selection.json, when it was run), finite ones only."""
+def selection_rises(run: Run) -> tuple[float, float] | None:
+    """The loss rises summed over the run's clients, without their selections and without as
+    many random experts (``hfedmoe analyze RUN``'s analysis/selection.json), or None where the
+    run was not analysed."""
     path = run.path / "analysis" / "selection.json"
     if not path.is_file():
-        return []
-    rows = json.loads(path.read_text()).get("selection") or []
-    return [r["ratio"] for r in rows if r["ratio"] is not None and math.isfinite(r["ratio"])]
+        return None
+    body = json.loads(path.read_text())
+    return body["rise_selected"], body["rise_random"]
 
 
 def why_table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
     """For methods that record them (HFedMoE and its ablations), each "why" measure averaged
     over rounds (clients, for the per-client overlap) and seeds; and for every method whose
-    runs were analysed, the median over clients and seeds of the selection's removal ratio.
-    No rows for methods with neither."""
+    runs were analysed, the selection's loss rise over a random one's, pooled over clients and
+    seeds. No rows for methods with neither."""
     rows = []
     for label in dict.fromkeys(r.label for r in runs):
         group = [r for r in runs if r.label == label]
-        ratios = [x for r in group for x in selection_ratios(r)]
-        cells, found = [label], bool(ratios)
+        rises = [x for r in group if (x := selection_rises(r)) is not None]
+        cells, found = [label], bool(rises)
         for key in WHY:
             values = [
                 v
@@ -411,7 +412,8 @@ def why_table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
             ]
             found |= bool(values)
             cells.append(f"{np.mean(values):.3f}" if values else "-")
-        cells.append(f"{np.median(ratios):.2f} ({len(ratios)})" if ratios else "-")
+        selected, random = (sum(x) for x in zip(*rises, strict=True)) if rises else (0.0, 0.0)
+        cells.append(f"{selected / random:.2f} ({len(rises)} runs)" if random > 0 else "-")
         if found:
             rows.append(cells)
     return ["method", *WHY.values(), SELECTION], rows
