@@ -296,7 +296,7 @@ def test_the_why_table_averages_what_hfedmoe_recorded(tmp_path):
     header, rows = why_table(runs)
     assert rows == [
         ["hfedmoe", "0.500", "0.300", "-", "-", "2.00 (2 runs)"],  # (3 + 1) / (1 + 1)
-        ["fedavg", "-", "-", "-", "-", "0.50 (1 runs)"],
+        ["fedavg", "-", "-", "-", "-", "0.50 (1 run)"],
     ]
 
 

@@ -413,7 +413,8 @@ def why_table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
             found |= bool(values)
             cells.append(f"{np.mean(values):.3f}" if values else "-")
         selected, random = (sum(x) for x in zip(*rises, strict=True)) if rises else (0.0, 0.0)
-        cells.append(f"{selected / random:.2f} ({len(rises)} runs)" if random > 0 else "-")
+        runs_word = "run" if len(rises) == 1 else "runs"
+        cells.append(f"{selected / random:.2f} ({len(rises)} {runs_word})" if random > 0 else "-")
         if found:
             rows.append(cells)
     return ["method", *WHY.values(), SELECTION], rows
