@@ -166,14 +166,16 @@ def test_selection_cost_removes_what_each_client_updated(tiny_bert_dir):
     part, whole = [1, 0, 0, 0] * L, [1] * (L * E)
     rounds = [{"round": 1, "clients": [{"partition_id": 0, "expert_updates": part},
                                        {"partition_id": 1, "expert_updates": whole}]}]  # fmt: skip
+    train = load_dataset(cfg.data, cfg.seed).train
     rows = selection_cost(
-        cfg, workload.model, workload.tokenizer, rounds, (L, E), np.random.default_rng(0), cap=8
-    )
+        cfg, workload.model, workload.tokenizer, train, rounds, (L, E), np.random.default_rng(0),
+        cap=8,
+    )  # fmt: skip
     assert [r["partition"] for r in rows] == [0]  # client 1 updated every expert: no removal
     row = rows[0]
     assert row["experts_removed"] == L and row["examples"] == 8
     allowed = torch.tensor(part).reshape(L, E) == 0
-    train = load_dataset(cfg.data, cfg.seed).train  # client 0's first 8 training examples
+    # client 0's first 8 training examples
     data = tokenize_for(cfg, train.subset(partitions(cfg, train, 2)[0][:8]), workload.tokenizer)
     assert row["loss"] == pytest.approx(loss_with(workload.model, data, None, 32))
     assert row["loss_without_selected"] == pytest.approx(

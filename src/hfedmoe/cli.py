@@ -486,25 +486,25 @@ def analyze(
     from hfedmoe.analysis.selection import pooled_ratio, selection_cost, write_selection
     from hfedmoe.analysis.specialisation import analyze as run_analysis
     from hfedmoe.analysis.specialisation import summary, write_report
+    from hfedmoe.data.datasets import load_dataset
+    from hfedmoe.experiment.report import Run
     from hfedmoe.foundation.seeding import ANALYSIS, rng_for
     from hfedmoe.model import ExpertModel
 
     try:
         if by not in ("auto", "group", "label"):
             raise HFedMoEError(f"--by: unknown '{by}' (expected auto, group or label)")
-        metrics = path / "metrics.jsonl" if path is not None else None
-        rounds = (
-            [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-            if metrics is not None and metrics.is_file()
-            else None
-        )
-        if selection_only and rounds is None:
-            raise HFedMoEError("--selection-only: PATH must be a finished run (with metrics.jsonl)")
+        finished = path is not None and (path / "summary.json").is_file()
+        if selection_only and not finished:
+            raise HFedMoEError("--selection-only: PATH must be a finished run (with summary.json)")
+        rounds = Run.load(path).rounds if finished else None
         cfg, model, tokenizer, out = _analysis_inputs(path, config, set_ or [], output_dir)
         _configure_logging()
         if selection_only:
+            train = load_dataset(cfg.data, cfg.seed).train
             shape = ExpertModel(model).shape
-            rows = selection_cost(cfg, model, tokenizer, rounds, shape, rng_for(cfg.seed, ANALYSIS))
+            rng = rng_for(cfg.seed, ANALYSIS)
+            rows = selection_cost(cfg, model, tokenizer, train, rounds, shape, rng)
             head, paths = (
                 {"pooled_selection_ratio": pooled_ratio(rows)},
                 [write_selection(rows, out)],

@@ -29,7 +29,7 @@ from transformers import PreTrainedTokenizerBase
 
 from hfedmoe.analysis.measures import removal_ratio
 from hfedmoe.analysis.routing import loss_with
-from hfedmoe.data.datasets import load_dataset
+from hfedmoe.data.text import TextDataset
 from hfedmoe.data.tokenized import tokenize_for
 from hfedmoe.federation.workload import partitions
 from hfedmoe.foundation.config import ExperimentConfig
@@ -70,6 +70,7 @@ def selection_cost(
     cfg: ExperimentConfig,
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
+    train: TextDataset,
     rounds: list[dict],
     shape: tuple[int, int],
     rng: np.random.Generator,
@@ -78,11 +79,11 @@ def selection_cost(
     batch_size: int = 32,
 ) -> list[dict]:
     """Per client that a removal applies to: its loss, without the experts it updated, without
-    as many random ones, and the ratio of the rises (see the module docstring)."""
+    as many random ones, and the ratio of the rises (see the module docstring). ``train``: the
+    experiment's training split, which its partition divides."""
     updated = last_updates(rounds, shape)
     if not updated:
         return []
-    train = load_dataset(cfg.data, cfg.seed).train
     rows_by_client = partitions(cfg, train, cfg.federation.num_clients)
     out = []
     for pid in sorted(updated):

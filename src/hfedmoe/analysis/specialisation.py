@@ -103,8 +103,9 @@ def analyze(
     }
     if rounds is not None:
         report["selection"] = selection_cost(
-            cfg, model, tokenizer, rounds, (L, E), rng, removal_examples, draws, batch_size
-        )
+            cfg, model, tokenizer, split.train, rounds, (L, E), rng, removal_examples, draws,
+            batch_size,
+        )  # fmt: skip
     return report
 
 

@@ -479,6 +479,22 @@ def _per_round(groups: dict[str, list[Run]], value, **axes) -> plt.Figure:
     return fig
 
 
+def _accuracy_against(
+    groups: dict[str, list[Run]], x, target: float | None = None, **axes
+) -> plt.Figure:
+    """Each run's accuracy per round against ``x(run)`` (a cumulative cost per round), a colour
+    per row; with a dotted line at ``target`` if one is given."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for n, (name, group) in enumerate(groups.items()):
+        for i, r in enumerate(group):
+            ax.plot(x(r), r.accuracy, color=f"C{n}", label=None if i else name)
+    if target is not None:
+        ax.axhline(target, color="grey", linestyle=":", linewidth=1, label=f"target {target:g}")
+    ax.set(ylabel="test accuracy", **axes)
+    ax.legend(fontsize=8)
+    return fig
+
+
 def plot_all(runs: list[Run], target: float) -> dict[str, plt.Figure]:
     """The report's figures by name."""
     groups = _by_algorithm(runs)
@@ -493,32 +509,21 @@ def plot_all(runs: list[Run], target: float) -> dict[str, plt.Figure]:
     figs["accuracy"] = fig
 
     if all(r.client_flops() is not None for r in runs):
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for n, (name, group) in enumerate(groups.items()):
-            for i, r in enumerate(group):
-                flops = r.client_flops()
-                ax.plot(flops / 1e12, r.accuracy, color=f"C{n}", label=None if i else name)
-        ax.set(
+        figs["compute"] = _accuracy_against(
+            groups,
+            lambda r: r.client_flops() / 1e12,
             xlabel="cumulative client training compute (TFLOP, predicted)",
-            ylabel="test accuracy",
             title="Accuracy against client compute",
         )
-        ax.legend(fontsize=8)
-        figs["compute"] = fig
 
     if all(r.device_seconds() is not None for r in runs):
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for n, (name, group) in enumerate(groups.items()):
-            for i, r in enumerate(group):
-                ax.plot(r.device_seconds(), r.accuracy, color=f"C{n}", label=None if i else name)
-        ax.axhline(target, color="grey", linestyle=":", linewidth=1, label=f"target {target:g}")
-        ax.set(
+        figs["device_time"] = _accuracy_against(
+            groups,
+            Run.device_seconds,
+            target,
             xlabel="time on the devices (s): each round's slowest client's FLOPs / its FLOP/s",
-            ylabel="test accuracy",
             title="Accuracy against time on the devices",
         )
-        ax.legend(fontsize=8)
-        figs["device_time"] = fig
 
     if all(r.personal("personal_accuracy_mean") is not None for r in runs):
         fig, ax = plt.subplots(figsize=(7, 4))
