@@ -2,9 +2,12 @@
 # Issue 18's comparison (docs/RESULTS.md, "The verdict"): every method on identical partitions,
 # device tiers, initial weights and rounds per seed, then the report with paired statistics.
 #
-#   bash experiments/verdict.sh bbc          # the topic-skewed encoder setting, main methods
+#   bash experiments/verdict.sh bbc          # (d) topic-skewed encoder, the main methods
 #   bash experiments/verdict.sh bbc-ablations
+#   bash experiments/verdict.sh qa           # (e) task-skewed decoder; then qa-ablations
+#   bash experiments/verdict.sh upcycled     # (a) again, eq. (16) over D_c; then upcycled-ablations
 #   bash experiments/verdict.sh report       # reports of whatever has finished
+#   bash experiments/verdict.sh figures      # copy the reports' key plots into docs/figures
 #   SEEDS=0,1,2,3,4 bash experiments/verdict.sh bbc
 #   SEEDS=1 SET=threads=1 bash experiments/verdict.sh bbc &    # two seeds at once on 2 cores,
 #   SEEDS=2 SET=threads=1 bash experiments/verdict.sh bbc &    # one thread each
@@ -21,11 +24,17 @@ export HF_HUB_OFFLINE=1 FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 TOKENIZER
 H=.venv/bin/hfedmoe
 OUT=${OUT:-runs/verdict}
 SEEDS=${SEEDS:-0,1,2}
-SET=${SET:+--set $SET}  # one extra KEY=VALUE for every run, e.g. threads=1
+EXTRA=()  # SET: space-separated KEY=VALUE overrides for every run, e.g. SET=threads=1
+for kv in ${SET:-}; do EXTRA+=(--set "$kv"); done
 MAIN=hfedmoe,fftmoe,random,fedmoe,flexmoe,fedavg,flux
 ABLATIONS=hfedmoe-holder-avg,hfedmoe-fedavg-routers,hfedmoe-rank-s,hfedmoe-lambda1
 SELECTING=(hfedmoe random fedmoe flexmoe flux hfedmoe-holder-avg hfedmoe-fedavg-routers
     hfedmoe-rank-s hfedmoe-lambda1)
+# The decoder grid's one cut (docs/RESULTS.md, (e)): 250 questions per task instead of 1,000
+# (each client holds ~125 instead of ~500). Eq. (16)'s and FLUX's passes over each client's
+# data cost more than its training there; this cuts them about 4x. The built model is the same
+# (the corpus is the held-out fifth, which this does not change).
+QA=(--set data.max_examples_per_group=250)
 
 analyse() {  # the selection measure of every finished run that selects experts per client
     local grid=$1
@@ -38,6 +47,13 @@ analyse() {  # the selection measure of every finished run that selects experts 
     done
 }
 
+grid() {  # grid CONFIG DIR METHODS [ARGS...]: run, then analyse
+    local config=$1 dir=$2 methods=$3
+    shift 3
+    $H compare "$config" --methods "$methods" --seeds "$SEEDS" "$@" "${EXTRA[@]}" -o "$OUT/$dir"
+    analyse "$OUT/$dir"
+}
+
 report() {  # report GRID NAME TARGET METHODS...: GRID/NAME from the methods' finished runs
     local grid=$1 name=$2 target=$3
     shift 3
@@ -45,29 +61,38 @@ report() {  # report GRID NAME TARGET METHODS...: GRID/NAME from the methods' fi
     for method in "$@"; do
         if [[ -d $grid/$method ]]; then dirs+=("$grid/$method"); fi
     done
-    $H report "${dirs[@]}" -o "$grid/$name" --target "$target"
+    if ((${#dirs[@]})); then $H report "${dirs[@]}" -o "$grid/$name" --target "$target"; fi
 }
 
 case "${1:-}" in
-bbc)
-    # shellcheck disable=SC2086  # SET is empty or two words
-    $H compare configs/bbc_topics.toml --methods "$MAIN" --seeds "$SEEDS" $SET -o "$OUT/bbc-topics"
-    analyse "$OUT/bbc-topics"
-    ;;
-bbc-ablations)
-    # shellcheck disable=SC2086
-    $H compare configs/bbc_topics.toml --methods "hfedmoe,$ABLATIONS" --seeds "$SEEDS" $SET \
-        -o "$OUT/bbc-topics"
-    analyse "$OUT/bbc-topics"
-    ;;
+bbc) grid configs/bbc_topics.toml bbc-topics "$MAIN" ;;
+bbc-ablations) grid configs/bbc_topics.toml bbc-topics "hfedmoe,$ABLATIONS" ;;
+qa) grid configs/qa_domains.toml qa-domains "$MAIN" "${QA[@]}" ;;
+qa-ablations) grid configs/qa_domains.toml qa-domains "hfedmoe,$ABLATIONS" "${QA[@]}" ;;
+upcycled) grid configs/hfedmoe.toml upcycled "$MAIN" ;;
+upcycled-ablations) grid configs/hfedmoe.toml upcycled "hfedmoe,$ABLATIONS" ;;
 report)
     IFS=, read -ra main <<<"$MAIN"
     IFS=, read -ra ablations <<<"$ABLATIONS"
-    report "$OUT/bbc-topics" report 0.9 "${main[@]}"
-    report "$OUT/bbc-topics" report-ablations 0.9 hfedmoe "${ablations[@]}"
+    for spec in bbc-topics:0.9 qa-domains:0.45 upcycled:0.9; do
+        dir=$OUT/${spec%:*} target=${spec#*:}
+        if [[ -d $dir ]]; then
+            report "$dir" report "$target" "${main[@]}"
+            report "$dir" report-ablations "$target" hfedmoe "${ablations[@]}"
+        fi
+    done
+    ;;
+figures)  # the plots docs/RESULTS.md shows, from the reports above
+    mkdir -p docs/figures
+    for dir in bbc-topics qa-domains upcycled; do
+        for plot in accuracy device_time personal; do
+            src=$OUT/$dir/report/$plot.png
+            if [[ -f $src ]]; then cp "$src" "docs/figures/$dir-$plot.png"; fi
+        done
+    done
     ;;
 *)
-    echo "usage: $0 bbc|bbc-ablations|report" >&2
+    echo "usage: $0 bbc|bbc-ablations|qa|qa-ablations|upcycled|upcycled-ablations|report|figures" >&2
     exit 2
     ;;
 esac
