@@ -31,10 +31,11 @@ ABLATIONS = {
     "hfedmoe-holder-avg": ("expert_aggregation", "holders"),
     "hfedmoe-fedavg-routers": ("router_aggregation", "fedavg"),
 }
+VARIANTS = {"hfedmoe-batch-usage": ("usage_over", "batches")}  # named variants, variants.py
 
 
 def test_every_method_of_the_comparison_is_registered():
-    assert {"fedavg", "hfedmoe", *BASELINES, *ABLATIONS} <= set(ALGORITHMS)
+    assert {"fedavg", "hfedmoe", *BASELINES, *ABLATIONS, *VARIANTS} <= set(ALGORITHMS)
 
 
 # ---- Random subset ----------------------------------------------------------------------
@@ -142,8 +143,8 @@ def test_a_flexmoe_client_trains_its_own_router_and_never_uploads_it(tiny_bert_d
 # ---- the ablations ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("name", "setting"), ABLATIONS.items())
-def test_an_ablation_is_hfedmoe_with_one_setting_fixed(tiny_bert_dir, name, setting):
+@pytest.mark.parametrize(("name", "setting"), [*ABLATIONS.items(), *VARIANTS.items()])
+def test_an_ablation_or_variant_is_hfedmoe_with_one_setting_fixed(tiny_bert_dir, name, setting):
     cfg = validate(tiny_raw(tiny_bert_dir, algorithm=name))
     algo = build_algorithm(cfg)
     key, value = setting

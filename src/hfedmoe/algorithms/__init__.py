@@ -5,12 +5,13 @@ config (``algorithm = "fedavg"``).
 - ``base``: the interface every algorithm implements, and the registry;
 - ``maths``: the arithmetic, as pure functions with METHOD.md's equation numbers;
 - ``mechanics``: what the budget-aware algorithms share, one job a module;
-- ``hfedmoe``, ``ablations``: the method and its four ablations;
+- ``hfedmoe``, ``ablations``, ``variants``: the method, its four ablations and its named
+  variants;
 - ``baselines``: FedAvg, Random subset, FedMoE, FLEX-MoE, FLUX, FFT-MoE.
 """
 
 # importing each module registers its algorithms by name
-from hfedmoe.algorithms import ablations, hfedmoe  # noqa: F401
+from hfedmoe.algorithms import ablations, hfedmoe, variants  # noqa: F401
 from hfedmoe.algorithms.base import (
     ALGORITHMS,
     Aggregation,
