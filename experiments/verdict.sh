@@ -3,7 +3,7 @@
 # device tiers, initial weights and rounds per seed, then the report with paired statistics.
 #
 #   bash experiments/verdict.sh bbc          # (d) topic-skewed encoder, the main methods
-#   bash experiments/verdict.sh bbc-ablations
+#   bash experiments/verdict.sh bbc-ablations   # HFedMoE's four ablations and its named variant
 #   bash experiments/verdict.sh qa           # (e) task-skewed decoder; then qa-ablations
 #   bash experiments/verdict.sh upcycled     # (a) again, eq. (16) over D_c; then upcycled-ablations
 #   bash experiments/verdict.sh report       # reports of whatever has finished
@@ -28,8 +28,9 @@ EXTRA=()  # SET: space-separated KEY=VALUE overrides for every run, e.g. SET=thr
 for kv in ${SET:-}; do EXTRA+=(--set "$kv"); done
 MAIN=hfedmoe,fftmoe,random,fedmoe,flexmoe,fedavg,flux
 ABLATIONS=hfedmoe-holder-avg,hfedmoe-fedavg-routers,hfedmoe-rank-s,hfedmoe-lambda1
+VARIANTS=hfedmoe-batch-usage  # beside the paper's method, never in its place
 SELECTING=(hfedmoe random fedmoe flexmoe flux hfedmoe-holder-avg hfedmoe-fedavg-routers
-    hfedmoe-rank-s hfedmoe-lambda1)
+    hfedmoe-rank-s hfedmoe-lambda1 hfedmoe-batch-usage)
 # The decoder grid's one cut (docs/RESULTS.md, (e)): 250 questions per task instead of 1,000
 # (each client holds ~125 instead of ~500). Eq. (16)'s and FLUX's passes over each client's
 # data cost more than its training there; this cuts them about 4x. The built model is the same
@@ -66,14 +67,14 @@ report() {  # report GRID NAME TARGET METHODS...: GRID/NAME from the methods' fi
 
 case "${1:-}" in
 bbc) grid configs/bbc_topics.toml bbc-topics "$MAIN" ;;
-bbc-ablations) grid configs/bbc_topics.toml bbc-topics "hfedmoe,$ABLATIONS" ;;
+bbc-ablations) grid configs/bbc_topics.toml bbc-topics "hfedmoe,$ABLATIONS,$VARIANTS" ;;
 qa) grid configs/qa_domains.toml qa-domains "$MAIN" "${QA[@]}" ;;
-qa-ablations) grid configs/qa_domains.toml qa-domains "hfedmoe,$ABLATIONS" "${QA[@]}" ;;
+qa-ablations) grid configs/qa_domains.toml qa-domains "hfedmoe,$ABLATIONS,$VARIANTS" "${QA[@]}" ;;
 upcycled) grid configs/hfedmoe.toml upcycled "$MAIN" ;;
-upcycled-ablations) grid configs/hfedmoe.toml upcycled "hfedmoe,$ABLATIONS" ;;
+upcycled-ablations) grid configs/hfedmoe.toml upcycled "hfedmoe,$ABLATIONS,$VARIANTS" ;;
 report)
     IFS=, read -ra main <<<"$MAIN"
-    IFS=, read -ra ablations <<<"$ABLATIONS"
+    IFS=, read -ra ablations <<<"$ABLATIONS,$VARIANTS"
     for spec in bbc-topics:0.9 qa-domains:0.45 upcycled:0.9; do
         dir=$OUT/${spec%:*} target=${spec#*:}
         if [[ -d $dir ]]; then
