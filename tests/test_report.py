@@ -170,7 +170,8 @@ def test_report_of_a_real_grid(real_grid, tmp_path):
     assert proc.returncode == 0, proc.stderr
     md = (out / "report.md").read_text()
     results, rest = md.split("Paired by seed")
-    paired, rest = rest.split("Client memory per device tier")
+    paired, rest = rest.split("Per seed:")
+    per_seed, rest = rest.split("Client memory per device tier")
     memory, reasons = rest.split("Failed client trainings by reason")
     rows = [
         line
@@ -184,6 +185,10 @@ def test_report_of_a_real_grid(real_grid, tmp_path):
     # against HFedMoE, seed by seed: both seeds paired, a verdict from the interval
     (against,) = [line.split(" | ") for line in paired.splitlines() if line.startswith("| fedavg")]
     assert against[1] == "0,1" and against[3] in ("ahead", "tied", "behind")
+    (seeds,) = [line.split(" | ") for line in per_seed.splitlines() if line.startswith("| fedavg")]
+    # seed by seed, final (last rounds' mean): the two finals average to the table's mean
+    finals = [float(cell.split(" (")[0]) for cell in seeds[1:]]
+    assert np.mean(finals) == pytest.approx(float(fedavg[2].split(" ± ")[0]), abs=1e-4)
     # memory per tier (the two assigned tiers): fedavg's small device never trained
     header = next(line for line in memory.splitlines() if line.startswith("| method"))
     assert header.split(" | ")[1:] == ["large", "small |"]
@@ -221,7 +226,7 @@ def test_the_html_renders_in_headless_chromium(real_grid, tmp_path):
     )  # fmt: skip
     assert dom.returncode == 0, dom.stderr[-2000:]
     assert 'id="results"' in dom.stdout and dom.stdout.count("<img") == 6
-    for table in ("Paired by seed", "Why, measured", "Client memory per device tier"):
+    for table in ("Paired by seed", "Per seed", "Why, measured", "Client memory per device tier"):
         assert f"<h2>{table}</h2>" in dom.stdout  # issue 18's tables, as the browser built them
 
 
@@ -325,3 +330,26 @@ def test_the_paired_last_rounds_mean_by_hand(tmp_path):
     # differences -0.1 and -0.1: sd 0, so the interval is the point and the verdict "behind"
     assert cells[0][4] == "-0.1000 [-0.1000, -0.1000]" and cells[0][5] == "behind"
     assert cells[0][2].startswith("-0.1500")  # final: -0.2 and -0.1
+
+
+def test_the_per_seed_table_by_hand(tmp_path):
+    from hfedmoe.experiment.report import per_seed_table
+
+    def run(name, seed, accuracies):
+        return Run.load(_fake_run(tmp_path / name / f"s{seed}", name, seed, accuracies))
+
+    runs = [
+        run("hfedmoe", 0, [0.1, 0.5, 0.6, 0.7, 0.8]),  # last 3 rounds: 0.6, 0.7, 0.8
+        run("hfedmoe", 1, [0.1, 0.5, 0.6, 0.6, 0.6]),
+        run("random", 1, [0.1, 0.9, 0.5, 0.5, 0.2]),  # no seed 0
+    ]
+    header, cells = per_seed_table(runs)
+    assert header == [
+        "method",
+        "seed 0: final (last 3 rounds' mean)",
+        "seed 1: final (last 3 rounds' mean)",
+    ]
+    assert cells == [
+        ["hfedmoe", "0.8000 (0.7000)", "0.6000 (0.6000)"],
+        ["random", "-", "0.2000 (0.4000)"],
+    ]

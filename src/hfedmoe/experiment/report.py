@@ -309,6 +309,12 @@ REFERENCE = "hfedmoe"
 LAST_ROUNDS = 3
 
 
+def last_rounds(run: Run) -> float:
+    """The mean test accuracy of the last LAST_ROUNDS rounds: a round's accuracy moves by
+    several points when 4 of 8 skewed clients are sampled, this is the steadier end point."""
+    return float(run.accuracy[1:][-LAST_ROUNDS:].mean())
+
+
 def paired_table(
     runs: list[Run], reference: str | None = None
 ) -> tuple[list[str], list[list[str]]]:
@@ -329,11 +335,6 @@ def paired_table(
     def personal(r: Run) -> float | None:
         p = r.personal("personal_accuracy_mean")
         return None if p is None else float(p[-1])
-
-    def last_rounds(r: Run) -> float:
-        # a round's accuracy moves by several points when 4 of 8 skewed clients are sampled;
-        # the mean of the last LAST_ROUNDS rounds is the steadier end point
-        return float(r.accuracy[1:][-LAST_ROUNDS:].mean())
 
     header = [
         "method",
@@ -360,6 +361,22 @@ def paired_table(
                 cells += [f"{d.mean:+.4f}", d.verdict]
             else:
                 cells += [f"{d.mean:+.4f} [{d.low:+.4f}, {d.high:+.4f}]", d.verdict]
+        rows.append(cells)
+    return header, rows
+
+
+def per_seed_table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
+    """Each method's final accuracy seed by seed, with the mean of its last rounds in
+    brackets: the numbers the mean, the std and the paired intervals are made of."""
+    seeds = sorted({r.seed for r in runs})
+    header = ["method", *(f"seed {s}: final (last {LAST_ROUNDS} rounds' mean)" for s in seeds)]
+    rows = []
+    for label, group in _by_algorithm(runs).items():
+        by_seed = {r.seed: r for r in group}
+        cells = [label]
+        for s in seeds:
+            r = by_seed.get(s)
+            cells.append("-" if r is None else f"{r.accuracy[-1]:.4f} ({last_rounds(r):.4f})")
         rows.append(cells)
     return header, rows
 
@@ -660,6 +677,10 @@ def write_report(run_dirs: list[Path], out_dir: Path, target: float, title: str 
             "the verdict follows the interval (ahead: above 0, behind: below, tied: holds 0)."
             "</p>" + _html_table("paired", header, cells)
         )
+    if len({r.seed for r in runs}) > 1:
+        header, cells = per_seed_table(runs)
+        md += ["Per seed:", "", *_md_table(header, cells), ""]
+        extra_html += "<h2>Per seed</h2>" + _html_table("per-seed", header, cells)
     header, cells = why_table(runs)
     if cells:
         md += ["Why, measured (mean over rounds and seeds):", ""]
