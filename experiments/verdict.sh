@@ -37,10 +37,12 @@ SELECTING=(hfedmoe random fedmoe flexmoe flux hfedmoe-holder-avg hfedmoe-fedavg-
 # (the corpus is the held-out fifth, which this does not change).
 QA=(--set data.max_examples_per_group=250)
 
-analyse() {  # the selection measure of every finished run that selects experts per client
-    local grid=$1
+analyse() {  # the selection measure of this call's finished runs that select experts per client
+    local grid=$1 seeds
+    IFS=, read -ra seeds <<<"$SEEDS"  # only these: two calls with other seeds run at once
     for method in "${SELECTING[@]}"; do
-        for run in "$grid/$method"/seed*; do
+        for seed in "${seeds[@]}"; do
+            local run=$grid/$method/seed$seed
             if [[ -f $run/summary.json && ! -f $run/analysis/selection.json ]]; then
                 $H analyze "$run" --selection-only >/dev/null
             fi
