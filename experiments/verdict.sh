@@ -9,6 +9,7 @@
 #   bash experiments/verdict.sh report       # reports of whatever has finished
 #   bash experiments/verdict.sh figures      # copy the reports' key plots into docs/figures
 #   SEEDS=0,1,2,3,4 bash experiments/verdict.sh bbc
+#   SEEDS=3 METHODS=hfedmoe,flexmoe,flux,random bash experiments/verdict.sh bbc   # some methods
 #   SEEDS=1 SET=threads=1 bash experiments/verdict.sh bbc &    # two seeds at once on 2 cores,
 #   SEEDS=2 SET=threads=1 bash experiments/verdict.sh bbc &    # one thread each
 #
@@ -50,8 +51,8 @@ analyse() {  # the selection measure of this call's finished runs that select ex
     done
 }
 
-grid() {  # grid CONFIG DIR METHODS [ARGS...]: run, then analyse
-    local config=$1 dir=$2 methods=$3
+grid() {  # grid CONFIG DIR METHODS [ARGS...]: run (METHODS, if set, in place of the grid's), analyse
+    local config=$1 dir=$2 methods=${METHODS:-$3}
     shift 3
     $H compare "$config" --methods "$methods" --seeds "$SEEDS" "$@" "${EXTRA[@]}" -o "$OUT/$dir"
     analyse "$OUT/$dir"
