@@ -65,6 +65,20 @@ def test_the_norm_bound_is_relative_to_the_global_weights_by_hand():
     assert rejection.reason == "norm" and "2.6 x their norm (limit 2.5)" in rejection.detail
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_norms_do_not_overflow(dtype):
+    """||w|| = ||(300, 400) x 100,000 rows|| = 500 x sqrt(1e5) = 158,114, beyond float16's
+    65,504, so the norms are taken in float32: adding (0, 100) to every row moves w by
+    100 x sqrt(1e5), 0.2 x its norm."""
+    w = {"a": torch.tensor([300.0, 400.0], dtype=dtype).repeat(100_000, 1)}
+    spec = UploadSpec(frozenset({"a"}))
+    moved = {"a": w["a"] + torch.tensor([0.0, 100.0], dtype=dtype)}
+    update = ClientUpdate(moved, 10, metrics={"train_loss": 1.0})
+    assert check_update(update, spec, w, 0.21) is None
+    rejection = check_update(update, spec, w, 0.19)
+    assert rejection.reason == "norm" and "0.2 x their norm" in rejection.detail
+
+
 def test_the_statistics_aggregation_reads_are_checked():
     """A partial upload: expert (0, 1) is tensor "b"; the reply must carry (1, 2) statistics."""
     spec = UploadSpec(

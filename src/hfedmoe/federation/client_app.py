@@ -27,7 +27,7 @@ from hfedmoe.algorithms import FederatedAlgorithm, build_algorithm
 from hfedmoe.budget import BudgetExceeded, CostModels, assign_tiers, check_request
 from hfedmoe.data.tokenized import TokenizedDataset
 from hfedmoe.federation import faults, wire
-from hfedmoe.federation.workload import client_data, client_model, label_names
+from hfedmoe.federation.workload import ClientSource, client_model, client_source, label_names
 from hfedmoe.foundation.config import DeviceTier, ExperimentConfig
 from hfedmoe.foundation.errors import ConfigError
 from hfedmoe.foundation.seeding import CLIENT_TRAIN, rng_for, seed_torch
@@ -114,7 +114,12 @@ def _config(text: str) -> ExperimentConfig:
 
 @functools.lru_cache(maxsize=64)
 def _data(cfg_json: str, partition_id: int, num_partitions: int) -> TokenizedDataset:
-    return client_data(_config(cfg_json), partition_id, num_partitions)
+    return _source(cfg_json, num_partitions).partition(_config(cfg_json), partition_id)
+
+
+@functools.lru_cache(maxsize=2)
+def _source(cfg_json: str, num_partitions: int) -> ClientSource:
+    return client_source(_config(cfg_json), num_partitions)
 
 
 @functools.lru_cache(maxsize=2)
