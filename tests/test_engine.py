@@ -221,3 +221,28 @@ def test_replies_are_handed_over_in_message_order_as_they_arrive():
     order = [r.metadata.reply_to_message_id for r in receive(grid, messages, 0.05, 0.01)]
     assert order == ["m0", "m1", "m2"]
     assert grid.pulls >= 4  # it kept polling for m3 until the timeout
+
+
+def test_a_client_process_reads_and_partitions_the_split_once(tiny_bert_dir, monkeypatch):
+    """Every partition a client process trains is cut from one read of the split (it re-read
+    and repartitioned it for each), and is the partition a fresh process would build."""
+    import numpy as np
+
+    from hfedmoe.federation import client_app, workload
+    from hfedmoe.foundation.config import validate
+
+    from .support.configs import tiny_raw
+
+    cfg = validate(tiny_raw(tiny_bert_dir, federation={"num_clients": 3}))
+    reads = []
+    read = workload.load_dataset
+    monkeypatch.setattr(workload, "load_dataset", lambda *a: reads.append(a) or read(*a))
+    client_app._source.cache_clear()
+    client_app._data.cache_clear()
+    cached = [client_app._data(cfg.to_json(), pid, 3) for pid in range(3)]
+    assert len(reads) == 1
+    for pid, data in enumerate(cached):
+        fresh = workload.client_data(cfg, pid, 3)
+        assert len(data) == len(fresh) > 0
+        pairs = zip(data.input_ids, fresh.input_ids, strict=True)
+        assert all(np.array_equal(a, b) for a, b in pairs)
