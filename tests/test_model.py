@@ -3,6 +3,7 @@ checkpoints round-trip."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -25,8 +26,9 @@ from hfedmoe.model import (
     moe_blocks,
     save_checkpoint,
 )
+from hfedmoe.model.experts import lean_forward
 from hfedmoe.model.sources import model_dir
-from hfedmoe.training import choice_logprobs, continuation_logprobs, evaluate
+from hfedmoe.training import choice_logprobs, continuation_logprobs, evaluate, evaluation
 
 from .support.configs import TEST_DEVICE
 
@@ -251,6 +253,58 @@ def test_continuation_logprobs_by_hand():
     )
     expected = [math.log(0.75) + math.log(0.9), math.log(0.5)]
     assert sums.tolist() == pytest.approx(expected) and counts.tolist() == [2, 1]
+
+
+def test_continuation_logprobs_from_the_answers_positions_only():
+    """Logits kept from the position before the earliest answer on give the same sums, bit for
+    bit, as logits at every position."""
+    torch.manual_seed(0)
+    logits_BTV = torch.randn(2, 6, 5)
+    ids_BT = torch.randint(0, 5, (2, 6))
+    start_B, end_B = torch.tensor([3, 4]), torch.tensor([6, 5])
+    full = continuation_logprobs(logits_BTV, ids_BT, start_B, end_B)
+    kept = continuation_logprobs(logits_BTV[:, 2:], ids_BT, start_B, end_B)  # K = 6 - 3 + 1
+    assert torch.equal(full[0], kept[0]) and torch.equal(full[1], kept[1])
+
+
+def test_multiple_choice_evaluation_asks_for_the_answers_logits_only(tiny_llama_dir, monkeypatch):
+    """The model computes logits from the position before each batch's earliest answer on, and
+    the result is the one every position's logits give, bit for bit."""
+    cfg = ModelConfig(name_or_path=str(tiny_llama_dir), num_experts=2, top_k=1)
+    model = build_causal_lm(cfg, seed=0).eval()
+    data = TextDataset(
+        ["the answer is", "pick a colour from these", "is it"],
+        np.array([0, 2, 1]),
+        ("A", "B", "C"),
+        choices=[(" yes", " no thanks"), (" red", " green", " dark blue"), (" a", " b")],
+    )
+    tokenized = tokenize_choices(data, load_tokenizer(cfg), max_length=32)
+    kept: list[tuple[int, int]] = []
+    forward = model.forward
+
+    @functools.wraps(forward)  # keeps its signature: what lean_forward reads
+    def spy(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        kept.append((kwargs["input_ids"].shape[1], out.logits.shape[1]))
+        return out
+
+    monkeypatch.setattr(model, "forward", spy)
+    lean = evaluate(model, tokenized, 8)
+    assert all(k < width for width, k in kept)
+    monkeypatch.setattr(evaluation, "lean_forward", lambda *args, **kwargs: {})
+    full = evaluate(model, tokenized, 8)
+    assert (lean.accuracy, lean.loss) == (full.accuracy, full.loss)
+    assert np.array_equal(lean.loss_N, full.loss_N)
+
+
+def test_a_pass_that_reads_only_the_routers_computes_no_vocabulary(tiny_llama_dir, tiny_bert_dir):
+    """A causal LM is asked for one position's logits and no cache; an encoder for nothing it
+    does not take."""
+    llama = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    assert lean_forward(llama) == {"logits_to_keep": 1, "use_cache": False}
+    bert = BertForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2)
+    assert "logits_to_keep" not in lean_forward(bert)
+    bert(input_ids=torch.tensor([[1, 2, 3]]), **lean_forward(bert))  # it takes them
 
 
 def test_multiple_choice_evaluation_picks_the_likeliest_answer_per_token(tiny_llama_dir):

@@ -20,7 +20,7 @@ from torch import nn
 
 from hfedmoe.analysis.measures import normalised_entropy
 from hfedmoe.data.tokenized import TokenizedDataset, sequential_batches
-from hfedmoe.model.experts import ExpertModel
+from hfedmoe.model.experts import ExpertModel, lean_forward
 from hfedmoe.training import evaluate
 
 
@@ -64,10 +64,11 @@ def collect_routing(
     joint_LGE = torch.zeros(L, num_groups, E, dtype=torch.float64)
     tokens_G = torch.zeros(num_groups, dtype=torch.float64)
     gates, tokens = [], 0
+    lean = lean_forward(model)  # the routers are read, the logits are not
     for idx in sequential_batches(len(data), batch_size):
-        batch = data.batch(idx)
+        batch = {k: v for k, v in data.batch(idx).items() if k != "labels"}
         with em.capture() as capture:
-            model(**batch)
+            model(**batch, **lean)
         group_B = torch.as_tensor(groups_S[idx], dtype=torch.long)
         for layer, (probs_NE, chosen_NE, sample_N) in enumerate(
             capture.tokens(batch["attention_mask"])

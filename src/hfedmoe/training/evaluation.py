@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from hfedmoe.data.tokenized import IGNORE_INDEX, TokenizedDataset, sequential_batches
+from hfedmoe.model.experts import lean_forward
 from hfedmoe.training.device import on_device, to_device
 
 
@@ -100,15 +101,22 @@ def _device_of(model: nn.Module) -> torch.device:
 
 
 def continuation_logprobs(
-    logits_BTV: torch.Tensor, ids_BT: torch.Tensor, start_B: torch.Tensor, end_B: torch.Tensor
+    logits_BKV: torch.Tensor, ids_BT: torch.Tensor, start_B: torch.Tensor, end_B: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of log p(token t | tokens < t) over t in [start, end) of each row, and the count.
 
-    A causal LM's logits at position t - 1 predict token t.
+    A causal LM's logits at position t - 1 predict token t. ``logits_BKV`` holds the logits of
+    the last K positions (K = T: all of them; fewer: ``logits_to_keep``), enough when every
+    start >= T - K + 1.
     """
-    logp_BT = torch.log_softmax(logits_BTV[:, :-1].float(), -1)
-    logp_BT = logp_BT.gather(-1, ids_BT[:, 1:, None]).squeeze(-1)  # log p of tokens 1..T-1
-    t = torch.arange(1, ids_BT.shape[1], device=ids_BT.device)
+    T, K = ids_BT.shape[1], logits_BKV.shape[1]
+    logp_BK = torch.log_softmax(logits_BKV[:, :-1].float(), -1)
+    logp_BK = logp_BK.gather(-1, ids_BT[:, T - K + 1 :, None]).squeeze(-1)
+    # log p of tokens 1..T-1, zero where no logits were kept: the sum below then adds the same
+    # numbers in the same order whatever K is (the positions not kept lie before every start)
+    logp_BT = logp_BK.new_zeros(ids_BT.shape[0], T - 1)
+    logp_BT[:, T - K :] = logp_BK
+    t = torch.arange(1, T, device=ids_BT.device)
     start_B, end_B = start_B.to(ids_BT.device), end_B.to(ids_BT.device)
     keep_BT = (t >= start_B[:, None]) & (t < end_B[:, None])
     return (logp_BT * keep_BT).sum(-1), keep_BT.sum(-1)
@@ -140,8 +148,10 @@ def evaluate_choices(model: nn.Module, data: TokenizedDataset, batch_size: int) 
             ids_BT[b, : len(rows[k])] = torch.tensor(rows[k])
             mask_BT[b, : len(rows[k])] = 1
         ids_BT, mask_BT = ids_BT.to(device), mask_BT.to(device)
-        logits = model(input_ids=ids_BT, attention_mask=mask_BT).logits
         start_B = torch.tensor([len(prompt[pairs[k][0]]) for k in ks])
+        # only the answers' logits: from the position before the earliest answer on
+        lean = lean_forward(model, logits_to_keep=width - int(start_B.min()) + 1)
+        logits = model(input_ids=ids_BT, attention_mask=mask_BT, **lean).logits
         end_B = torch.tensor([len(rows[k]) for k in ks])
         s, n = continuation_logprobs(logits, ids_BT, start_B, end_B)
         sums[ks], counts[ks] = s.cpu(), n.float().cpu()

@@ -90,7 +90,7 @@ from hfedmoe.data.tokenized import TokenizedDataset, sequential_batches
 from hfedmoe.foundation.config import DeviceTier
 from hfedmoe.foundation.errors import HFedMoEError
 from hfedmoe.foundation.seeding import FLUX_PROBES, FLUX_ROLES, rng_for
-from hfedmoe.model.experts import ExpertModel, MoELayer
+from hfedmoe.model.experts import ExpertModel, MoELayer, lean_forward
 from hfedmoe.model.state import experts_only, held_bytes, load_shared_state, new_head
 from hfedmoe.training import StepHooks, train_local
 from hfedmoe.training.device import on_device, to_device
@@ -124,13 +124,14 @@ def profile_experts(
     blocks = [_block_index(layer) for layer in em.layers]
     count, samples, attention = (torch.zeros(L, E, dtype=torch.float64) for _ in range(3))
     real_tokens, tokens = 0, 0
+    lean = lean_forward(model)  # routers and attention are read, the logits are not
     with on_device(model, device) as dev, _eager_attention(model) as has_attention:
         model.eval()
         for idx in sequential_batches(len(data), batch_size):
             batch = {k: v for k, v in data.batch(idx).items() if k != "labels"}
             mask_BT = batch["attention_mask"].bool()
             with em.capture() as capture:
-                out = model(**to_device(batch, dev), output_attentions=has_attention)
+                out = model(**to_device(batch, dev), output_attentions=has_attention, **lean)
             received = _received_attention(out, mask_BT) if has_attention else None
             for layer, (_, chosen_NE, sample_N) in zip(
                 em.layers, capture.tokens(batch["attention_mask"]), strict=True

@@ -9,7 +9,7 @@ from hfedmoe.algorithms.maths.sparse_aggregation import usage
 from hfedmoe.algorithms.mechanics.assignment import mask_of
 from hfedmoe.algorithms.messages import TrainRequest
 from hfedmoe.data.tokenized import TokenizedDataset, sequential_batches
-from hfedmoe.model.experts import ExpertModel, RoutingCapture
+from hfedmoe.model.experts import ExpertModel, RoutingCapture, lean_forward
 from hfedmoe.training import StepHooks
 from hfedmoe.training.device import on_device, to_device
 
@@ -38,12 +38,13 @@ def usage_over_data(
     client's data D_c, in eval mode (no dropout), one forward pass (no loss, no gradients)."""
     em = ExpertModel(model)
     total = GateUsage()
+    lean = lean_forward(model)  # the routers are read, the logits are not
     with on_device(model, device) as dev:
         model.eval()
         for idx in sequential_batches(len(data), batch_size):
             batch = {k: v for k, v in data.batch(idx).items() if k != "labels"}
             with em.capture() as capture:
-                model(**to_device(batch, dev))
+                model(**to_device(batch, dev), **lean)
             total.add(capture.sample_probs(batch.get("attention_mask")))
     return total.value()
 
