@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from hfedmoe.algorithms import ClientUpdate
+from hfedmoe.algorithms.mechanics import validation
 from hfedmoe.algorithms.mechanics.uploads import UploadSpec
 from hfedmoe.algorithms.mechanics.validation import check_update
 from hfedmoe.engines.embedded import run_embedded
@@ -77,6 +78,35 @@ def test_half_precision_norms_do_not_overflow(dtype):
     assert check_update(update, spec, w, 0.21) is None
     rejection = check_update(update, spec, w, 0.19)
     assert rejection.reason == "norm" and "0.2 x their norm" in rejection.detail
+
+
+def test_the_distance_is_taken_a_slice_at_a_time(monkeypatch):
+    """Slices of 3 elements: the same distance as the whole difference's norm, and a NaN or an
+    infinity in any slice, even the last and shortest, makes it non-finite."""
+    monkeypatch.setattr(validation, "DISTANCE_CHUNK", 3)
+    torch.manual_seed(0)
+    ref = torch.randn(4, 2)  # 8 elements: slices of 3, 3 and 2
+    t = ref + torch.randn(4, 2)
+    assert validation._distance(t, ref) == pytest.approx(float((t - ref).norm()), rel=1e-6)
+    for bad in (math.nan, math.inf, -math.inf):
+        t[3, 1] = bad
+        assert not math.isfinite(validation._distance(t, ref))
+
+
+@pytest.mark.parametrize(
+    ("values", "finite"),
+    [
+        ([1.0, -2.0, 3.0], True),
+        ([1.0, math.nan], False),
+        ([math.inf, 1.0], False),
+        ([-math.inf, 1.0], False),
+        ([math.inf, -math.inf], False),  # their sum is NaN
+        ([3e38, 3e38, -1e38], True),  # finite values whose float32 sum overflows
+    ],
+)
+def test_all_finite_answers_as_the_elementwise_check(values, finite):
+    t = torch.tensor(values, dtype=torch.float32)
+    assert validation.all_finite(t) is finite is bool(torch.isfinite(t).all())
 
 
 def test_the_statistics_aggregation_reads_are_checked():

@@ -16,14 +16,13 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from hfedmoe.algorithms import ClientUpdate, FederatedAlgorithm, Weights
 from hfedmoe.algorithms.mechanics.uploads import UploadSpec
-from hfedmoe.algorithms.mechanics.validation import check_update
+from hfedmoe.algorithms.mechanics.validation import all_finite, check_update
 from hfedmoe.federation import wire
 from hfedmoe.foundation.config import ExperimentConfig
 from hfedmoe.foundation.seeding import SAMPLING, rng_for
@@ -235,7 +234,7 @@ class AlgorithmStrategy(Strategy):
         new_global = fold.finish()
         self.aggregate_seconds += time.perf_counter() - started
         self.aggregate_rejected = not all(
-            bool(torch.isfinite(t).all()) for t in new_global.values() if t.is_floating_point()
+            all_finite(t) for t in new_global.values() if t.is_floating_point()
         )
         if self.aggregate_rejected:  # defence in depth: validated updates should never do this
             self.algorithm.load_state_dict(saved)
