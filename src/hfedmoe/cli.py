@@ -9,9 +9,11 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import multiprocessing
 import os
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -230,6 +232,18 @@ def prepare(
     print(f"Model: {directory}  (built in {build['build_seconds']:.0f} s)")
 
 
+def _check_grid(config: Path, runs: list[Cell], base: list[str], progress: bool) -> list[bool]:
+    """Every cell's config, the first cell's preflight, and the model they all start from;
+    whether each cell can resume from its checkpoint."""
+    from hfedmoe.experiment import comparison
+
+    comparison.validate_grid(config, runs, base)
+    first = config_mod.load(config, runs[0].overrides(base))
+    _preflight(first)
+    _build_if_needed(first, progress)  # once, before the cells that all start from it
+    return [comparison.resumable(config, run, base) for run in runs]
+
+
 def _build_if_needed(cfg: config_mod.ExperimentConfig, show: bool = True) -> Path | None:
     """Build (or find in the cache) the model a specialising construction starts from."""
     if cfg.model.construction == "upcycle":
@@ -330,10 +344,10 @@ def compare(
             raise HFedMoEError(f"--profile: unknown '{profile}' (expected one of: {known})")
         base = [*comparison.PROFILES[profile], *(set_ or [])]
         runs = comparison.plan(output_dir, _csv(methods, "methods"), _csv(seeds, "seeds", int))
-        comparison.validate_grid(config, runs, base)
-        first = config_mod.load(config, runs[0].overrides(base))
-        _preflight(first)
-        _build_if_needed(first, progress)  # once, before the cells that all start from it
+        # in a child process: the checks build the model and its cost models, and this process
+        # waits on the grid for hours (it held 2 GB through an (e) grid when it ran them itself)
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as child:
+            resumable = child.submit(_check_grid, config, runs, base, progress).result()
     except HFedMoEError as exc:
         _fail(str(exc))
         return
@@ -342,7 +356,8 @@ def compare(
             held.enter_context(comparison.locked(output_dir, sorted({r.seed for r in runs})))
         except HFedMoEError as exc:
             _fail(str(exc))
-        failed = _run_grid(config, runs, base, fresh, progress, output_dir)
+        resume = {run: ok and not fresh for run, ok in zip(runs, resumable, strict=True)}
+        failed = _run_grid(config, runs, base, resume, progress, output_dir)
     table = Table(title=f"Grid: {output_dir}")
     for column in ("method", "seed", "final acc", "best acc", "failure rate", "wall s"):
         table.add_column(column, justify="right" if column != "method" else "left")
@@ -366,18 +381,18 @@ def _run_grid(
     config: Path,
     runs: list[Cell],
     base: list[str],
-    fresh: bool,
+    resume: dict[Cell, bool],
     progress: bool,
     output_dir: Path,
 ) -> list[Cell]:
-    """Run the grid's unfinished cells in order; the cells that failed."""
+    """Run the grid's unfinished cells in order (``resume``: from their checkpoints); the
+    cells that failed."""
     from hfedmoe.experiment import comparison
 
     todo = [r for r in runs if not r.done]
-    resume = {r: not fresh and comparison.resumable(config, r, base) for r in todo}
     console.print(
         f"[bold]hfedmoe[/] compare: {len(runs)} runs, {len(runs) - len(todo)} already "
-        f"finished, {sum(resume.values())} to resume -> {output_dir}"
+        f"finished, {sum(resume[r] for r in todo)} to resume -> {output_dir}"
     )
     failed = []
     columns = [
