@@ -3,10 +3,12 @@ against measured memory and counted FLOPs, and budgets in a real federated run."
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
 import sys
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -184,6 +186,25 @@ def test_step_flops_match_what_torch_counts():
         active[torch.randperm(L * E, generator=gen)[:c]] = True
         counted = count_step_flops(model, batch, active.view(L, E))
         assert counted == pytest.approx(costs.predict(c).step_flops, rel=0.08)
+
+
+def _graph_tensors() -> int:
+    """Tensors alive with an autograd history (activations a graph still holds)."""
+    gc.collect()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # isinstance on some lazy modules' objects warns
+        return sum(isinstance(o, torch.Tensor) and o.grad_fn is not None for o in gc.get_objects())
+
+
+def test_measuring_a_model_leaves_nothing_of_its_probe_alive(tiny_bert_dir):
+    """The probe's forward pass is measured with autograd's saved-tensor hooks; once the cost
+    model is built, no tensor of that pass is alive (a saved output kept as it is would hold
+    its own graph node: a cycle no collector frees, the whole pass resident for good)."""
+    cfg = validate(tiny_raw(tiny_bert_dir))
+    model = client_model(cfg, label_names(cfg))
+    before = _graph_tensors()
+    costs = build_cost_model(model, cfg)
+    assert costs.activation_bytes > 0 and _graph_tensors() == before
 
 
 MEASURE = """
