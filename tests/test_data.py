@@ -4,15 +4,23 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from hfedmoe.data import TextDataset, load_dataset, partition_indices
 from hfedmoe.data.datasets import stratified_split
 from hfedmoe.data.multiple_choice import parse_options
 from hfedmoe.data.partition import partition_key
-from hfedmoe.data.tokenized import IGNORE_INDEX, shuffled_batches, tokenize_choices
+from hfedmoe.data.tokenized import (
+    IGNORE_INDEX,
+    encode_heads,
+    shuffled_batches,
+    tokenize_choices,
+)
 from hfedmoe.foundation.assets import shipped_path
-from hfedmoe.foundation.config import DataConfig
+from hfedmoe.foundation.config import DataConfig, ModelConfig
 from hfedmoe.foundation.errors import HFedMoEError
+from hfedmoe.model import load_tokenizer
 
 
 def test_bbc_news_is_read_with_sorted_class_names():
@@ -178,3 +186,78 @@ def test_choices_are_tokenised_as_prompt_then_answer_with_the_prompt_cut_from_it
     labels = tok.batch(np.array([0, 1]))["labels"]
     assert labels[0].tolist() == [IGNORE_INDEX] * 6 + ids[0]  # loss on the answer only
     assert labels[1].tolist() == [IGNORE_INDEX] * 3 + ids[1] + [IGNORE_INDEX] * 4  # padding
+
+
+# ---- long texts are tokenised from their heads ----------------------------------------------
+
+_PIECES = [
+    "the",
+    "news",
+    "café",
+    "e\u0301",
+    "中文",
+    "😀",
+    "don't",
+    "3.14",
+    ",",
+    "...",
+    "[SEP]",
+    "x" * 40,
+    " ",
+    "  ",
+    "\n",
+    "\t ",
+    "\u00a0",
+]
+
+
+@pytest.fixture(scope="module")
+def shipped_tokenizers():
+    """WordPiece (MiniLM) and byte-level BPE (SmolLM2)."""
+    names = ("all-MiniLM-L6-v2", "SmolLM2-135M-Instruct")
+    return [load_tokenizer(ModelConfig(name_or_path=n)) for n in names]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    words=st.lists(st.sampled_from(_PIECES), min_size=0, max_size=400),
+    glue=st.lists(st.sampled_from([" ", "", "  ", "\n"]), min_size=400, max_size=400),
+    max_length=st.sampled_from([4, 8, 16, 33]),
+)
+def test_long_texts_tokenised_from_their_heads_give_the_whole_texts_ids(
+    shipped_tokenizers, words, glue, max_length
+):
+    """Whatever the text (words, whitespace runs, accents, CJK, emoji, special-token strings,
+    one long word), the ids are those of tokenising it whole and truncating."""
+    text = "".join(w + g for w, g in zip(words, glue, strict=False))
+    texts = [text, text[: len(text) // 2], "short"]
+    for tokenizer in shipped_tokenizers:
+        whole = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+        assert encode_heads(tokenizer, texts, max_length) == [list(r) for r in whole]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "a " + "x" * 150,  # a word the cut goes through: WordPiece reads over 100 letters as [UNK]
+        "one two " + "ab" * 100,
+        "x" * 500,  # no whitespace to cut at
+        "word   " * 40,  # runs of whitespace
+        "中文" * 200,  # no whitespace between words
+    ],
+)
+def test_a_word_the_cut_goes_through_never_reaches_the_ids(shipped_tokenizers, text):
+    for tokenizer in shipped_tokenizers:
+        whole = tokenizer([text], truncation=True, max_length=8)["input_ids"]
+        assert encode_heads(tokenizer, [text], 8) == [list(whole[0])]
+
+
+def test_a_tokenizer_that_keeps_the_tail_reads_texts_whole(shipped_tokenizers):
+    tokenizer = shipped_tokenizers[0]
+    tokenizer.truncation_side = "left"
+    try:
+        text = "first words " + "middle " * 300 + "last words"
+        whole = tokenizer([text], truncation=True, max_length=8)["input_ids"]
+        assert encode_heads(tokenizer, [text], 8) == [list(whole[0])]
+    finally:
+        tokenizer.truncation_side = "right"
