@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -186,6 +187,10 @@ def test_choices_are_tokenised_as_prompt_then_answer_with_the_prompt_cut_from_it
     labels = tok.batch(np.array([0, 1]))["labels"]
     assert labels[0].tolist() == [IGNORE_INDEX] * 6 + ids[0]  # loss on the answer only
     assert labels[1].tolist() == [IGNORE_INDEX] * 3 + ids[1] + [IGNORE_INDEX] * 4  # padding
+    inputs, batch = tok.inputs(np.array([0, 1])), tok.batch(np.array([0, 1]))
+    assert inputs.keys() == {"input_ids", "attention_mask"}  # what router-only passes feed
+    assert all(torch.equal(inputs[k], batch[k]) for k in inputs)
+    assert batch["attention_mask"][1].tolist() == [1] * 4 + [0] * 4
 
 
 # ---- long texts are tokenised from their heads ----------------------------------------------

@@ -63,7 +63,7 @@ def test_usage_is_eq_16_over_the_clients_data_after_training(tiny_bert_dir, usag
     # by hand, with the trained model: every sample's mean gate over its real tokens, averaged
     em = ExpertModel(task.model)
     task.model.eval()
-    batch = {k: v for k, v in data.batch(np.arange(len(data))).items() if k != "labels"}
+    batch = data.inputs(np.arange(len(data)))
     with torch.no_grad(), em.capture() as capture:
         task.model(**batch)
     expected = capture.sample_probs(batch["attention_mask"]).mean(1)  # (L, E)

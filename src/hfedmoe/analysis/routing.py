@@ -66,7 +66,7 @@ def collect_routing(
     gates, tokens = [], 0
     lean = lean_forward(model)  # the routers are read, the logits are not
     for idx in sequential_batches(len(data), batch_size):
-        batch = {k: v for k, v in data.batch(idx).items() if k != "labels"}
+        batch = data.inputs(idx)
         with em.capture() as capture:
             model(**batch, **lean)
         group_B = torch.as_tensor(groups_S[idx], dtype=torch.long)

@@ -59,8 +59,9 @@ class TokenizedDataset:
             self.group_names,
         )
 
-    def batch(self, idx: np.ndarray) -> dict[str, torch.Tensor]:
-        """Pad the rows ``idx`` to their longest: input_ids, attention_mask (B, T), labels (B,)."""
+    def inputs(self, idx: np.ndarray) -> dict[str, torch.Tensor]:
+        """The rows ``idx`` padded to their longest: input_ids, attention_mask (B, T); what a
+        pass that reads the routers but computes no loss feeds the model."""
         rows = [self.input_ids[i] for i in idx]
         width = max(len(r) for r in rows)
         ids_BT = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
@@ -68,6 +69,12 @@ class TokenizedDataset:
         for b, r in enumerate(rows):
             ids_BT[b, : len(r)] = torch.tensor(r)
             mask_BT[b, : len(r)] = 1
+        return {"input_ids": ids_BT, "attention_mask": mask_BT}
+
+    def batch(self, idx: np.ndarray) -> dict[str, torch.Tensor]:
+        """``inputs(idx)`` and the labels: (B, T) next tokens for language modeling, else (B,)."""
+        batch = self.inputs(idx)
+        ids_BT, mask_BT = batch["input_ids"], batch["attention_mask"]
         if self.language_modeling:
             labels = ids_BT.masked_fill(mask_BT == 0, IGNORE_INDEX)
             if self.answer_start is not None:  # no loss on the prompt
@@ -75,7 +82,7 @@ class TokenizedDataset:
                     labels[b, : self.answer_start[i]] = IGNORE_INDEX
         else:
             labels = torch.as_tensor(self.labels[idx], dtype=torch.long)
-        return {"input_ids": ids_BT, "attention_mask": mask_BT, "labels": labels}
+        return batch | {"labels": labels}
 
 
 def tokenize(

@@ -128,7 +128,7 @@ def profile_experts(
     with on_device(model, device) as dev, _eager_attention(model) as has_attention:
         model.eval()
         for idx in sequential_batches(len(data), batch_size):
-            batch = {k: v for k, v in data.batch(idx).items() if k != "labels"}
+            batch = data.inputs(idx)
             mask_BT = batch["attention_mask"].bool()
             with em.capture() as capture:
                 out = model(**to_device(batch, dev), output_attentions=has_attention, **lean)

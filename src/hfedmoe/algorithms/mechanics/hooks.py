@@ -42,7 +42,7 @@ def usage_over_data(
     with on_device(model, device) as dev:
         model.eval()
         for idx in sequential_batches(len(data), batch_size):
-            batch = {k: v for k, v in data.batch(idx).items() if k != "labels"}
+            batch = data.inputs(idx)
             with em.capture() as capture:
                 model(**to_device(batch, dev), **lean)
             total.add(capture.sample_probs(batch.get("attention_mask")))
