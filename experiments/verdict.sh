@@ -78,7 +78,9 @@ upcycled-ablations) grid configs/hfedmoe.toml upcycled "hfedmoe,$ABLATIONS,$VARI
 report)
     IFS=, read -ra main <<<"$MAIN"
     IFS=, read -ra ablations <<<"$ABLATIONS,$VARIANTS"
-    for spec in bbc-topics:0.9 qa-domains:0.45 upcycled:0.9; do
+    # The targets: (e)'s 0.49 is about 5 points (one question in twenty) above its round 0
+    # (0.430-0.445), fixed after seed 0's final accuracies and before any paired result.
+    for spec in bbc-topics:0.9 qa-domains:0.49 upcycled:0.9; do
         dir=$OUT/${spec%:*} target=${spec#*:}
         if [[ -d $dir ]]; then
             report "$dir" report "$target" "${main[@]}"
