@@ -22,6 +22,7 @@ from hfedmoe.analysis.measures import (
 from hfedmoe.analysis.routing import collect_routing, loss_with, loss_without
 from hfedmoe.analysis.selection import (
     last_updates,
+    losses_without,
     pooled_ratio,
     random_like,
     removable,
@@ -32,6 +33,7 @@ from hfedmoe.data.tokenized import tokenize_for
 from hfedmoe.federation.workload import partitions, server_workload
 from hfedmoe.foundation.config import validate
 from hfedmoe.model import ExpertModel
+from hfedmoe.model.prefix import BlockPrefix, blocks_before_first_moe
 from hfedmoe.training import evaluate
 
 from .support import families
@@ -186,6 +188,71 @@ def test_selection_cost_removes_what_each_client_updated(tiny_bert_dir):
         removal_ratio(row["loss"], row["loss_without_selected"], row["loss_without_random"]),
         nan_ok=True,
     )
+
+
+def _raw(model_dir, **model) -> dict:
+    """A tiny config on the model; a decoder's on multiple-choice questions (40 test ones)."""
+    raw = tiny_raw(model_dir, model=model)
+    if "llama" in model_dir.name:
+        raw["data"] |= {"dataset": "qa_mix", "task": "multiple-choice", "partitioner": "iid",
+                        "max_examples_per_group": 60}  # fmt: skip
+        raw["model"]["max_length"] = 48
+    return raw
+
+
+@pytest.mark.parametrize("model_dir", ["tiny_llama_dir", "tiny_bert_dir"])
+def test_losses_without_replay_the_blocks_before_the_first_moe_block_bit_for_bit(
+    model_dir, request
+):
+    """The passes after the first reuse what the blocks before the first MoE block returned
+    (those blocks do not run again), and give the same losses as passes run whole."""
+    model_dir = request.getfixturevalue(model_dir)
+    workload = server_workload(validate(_raw(model_dir, expert_noise_std=0.5, moe_layers=[1])))
+    model, data = workload.model, workload.test
+    blocks = blocks_before_first_moe(model)
+    assert len(blocks) == 1  # block 0; block 1 is the MoE block
+    L, E = ExpertModel(model).shape
+    removals = [torch.eye(E, dtype=torch.bool)[[e]].expand(L, E) for e in range(E)]
+    calls = []
+    blocks[0].register_forward_hook(lambda *_: calls.append(1))
+    submodule = next(iter(blocks[0].children()))
+    inner = []
+    submodule.register_forward_hook(lambda *_: inner.append(1))
+    losses = losses_without(model, data, removals, batch_size=16)  # 3 batches of 40
+    assert len(inner) == 3  # the prefix's insides ran in the recorded pass only
+    assert len(calls) == 3 * (1 + E)  # the block is still called; its stand-in answers
+    whole = [loss_with(model, data, None, 16)] + [loss_with(model, data, ~r, 16) for r in removals]
+    assert losses == whole  # bit for bit
+    assert len(set(losses)) > 1  # the removals took effect
+
+
+def test_a_model_whose_first_block_is_an_moe_block_has_no_prefix(tiny_bert_dir):
+    model = server_workload(validate(tiny_raw(tiny_bert_dir))).model
+    assert ExpertModel(model).layers[0].name.split(".")[-2] == "0"  # every layer is MoE
+    prefix = BlockPrefix(model)
+    assert prefix.blocks == []
+    with prefix.recording(), prefix.replaying():
+        pass  # plain passes
+
+
+def test_a_replayed_pass_must_cover_the_recorded_batches(tiny_llama_dir):
+    workload = server_workload(validate(_raw(tiny_llama_dir, moe_layers=[2])))
+    model, data = workload.model, workload.test
+    prefix = BlockPrefix(model)
+    with prefix.recording():
+        loss_with(model, data, None, 16)  # 3 batches: 16, 16, 8
+    with pytest.raises(RuntimeError, match="replayed 1 of 3 recorded batches"), prefix.replaying():
+        loss_with(model, data.subset(range(16)), None, 16)
+    with pytest.raises(RuntimeError, match=r"batch 0 has shape \(8, "), prefix.replaying():
+        loss_with(model, data, None, 8)
+    with prefix.recording():
+        loss_with(model, data.subset(range(16)), None, 16)
+    with (
+        pytest.raises(RuntimeError, match="more batches than the one recorded"),
+        prefix.replaying(),
+    ):
+        loss_with(model, data, None, 16)
+    assert "forward" not in blocks_before_first_moe(model)[0].__dict__  # the blocks restored
 
 
 # ---- the command -------------------------------------------------------------------------------

@@ -30,9 +30,10 @@ from transformers import PreTrainedTokenizerBase
 from hfedmoe.analysis.measures import removal_ratio
 from hfedmoe.analysis.routing import loss_with
 from hfedmoe.data.text import TextDataset
-from hfedmoe.data.tokenized import tokenize_for
+from hfedmoe.data.tokenized import TokenizedDataset, tokenize_for
 from hfedmoe.federation.workload import partitions
 from hfedmoe.foundation.config import ExperimentConfig
+from hfedmoe.model.prefix import BlockPrefix
 from hfedmoe.results.recorder import write_atomic
 
 #: where ``hfedmoe analyze RUN`` writes the measure, in RUN/analysis/; the report reads it
@@ -92,16 +93,9 @@ def selection_cost(
         if not removed_LE.any() or len(rows) == 0:
             continue
         data = tokenize_for(cfg, train.subset(rows), tokenizer)
-        full = loss_with(model, data, None, batch_size)
-        selected = loss_with(model, data, ~removed_LE, batch_size)
-        random = float(
-            np.mean(
-                [
-                    loss_with(model, data, ~random_like(removed_LE, rng), batch_size)
-                    for _ in range(draws)
-                ]
-            )
-        )
+        removals = [removed_LE] + [random_like(removed_LE, rng) for _ in range(draws)]
+        full, selected, *random_D = losses_without(model, data, removals, batch_size)
+        random = float(np.mean(random_D))
         out.append(
             {
                 "partition": pid,
@@ -114,6 +108,20 @@ def selection_cost(
             }
         )
     return out
+
+
+def losses_without(
+    model: nn.Module, data: TokenizedDataset, removals: list[torch.Tensor], batch_size: int
+) -> list[float]:
+    """The loss on ``data`` as the model is, then without each removal's (L, E) experts. The
+    blocks before the first MoE block run in the first pass only (:class:`BlockPrefix`)."""
+    prefix = BlockPrefix(model)
+    with prefix.recording():
+        losses = [loss_with(model, data, None, batch_size)]
+    for removed_LE in removals:
+        with prefix.replaying():
+            losses.append(loss_with(model, data, ~removed_LE, batch_size))
+    return losses
 
 
 def rises(rows: list[dict]) -> tuple[float, float]:
