@@ -498,6 +498,8 @@ def analyze(
     """How specialised a model's experts are: routing entropy, load balance, expert-group
     mutual information, the clients' expert usage and the cost of removing an expert; for a
     finished run, also whether each client's selection hit the experts its data needs."""
+    import torch
+
     from hfedmoe.analysis.selection import pooled_ratio, selection_cost, write_selection
     from hfedmoe.analysis.specialisation import analyze as run_analysis
     from hfedmoe.analysis.specialisation import summary, write_report
@@ -514,6 +516,8 @@ def analyze(
             raise HFedMoEError("--selection-only: PATH must be a finished run (with summary.json)")
         rounds = Run.load(path).rounds if finished else None
         cfg, model, tokenizer, out = _analysis_inputs(path, config, set_ or [], output_dir)
+        if cfg.threads:  # as the run did (two runs side by side: one thread each)
+            torch.set_num_threads(cfg.threads)
         _configure_logging()
         if selection_only:
             train = load_dataset(cfg.data, cfg.seed).train
