@@ -18,7 +18,7 @@ from hfedmoe.federation.client_app import app as client_app
 from hfedmoe.federation.server_app import app as server_app
 from hfedmoe.federation.workload import server_workload
 from hfedmoe.foundation.config import validate
-from hfedmoe.model import ExpertModel
+from hfedmoe.model import ExpertModel, load_checkpoint
 from hfedmoe.results import read_metrics
 
 from .support.configs import tiny_raw
@@ -222,3 +222,22 @@ def test_budget_aware_baselines_stay_within_every_budget(tiny_bert_dir, tmp_path
         if name == "fedmoe":  # a sub-MoE: the download shrinks with the device
             by_tier = {c["tier"]: c["bytes_down"] for c in record["clients"]}
             assert by_tier["small"] < by_tier["medium"] < by_tier["large"]
+
+
+# ---- the frozen-experts control ------------------------------------------------------------
+
+
+def test_frozen_experts_trains_everything_but_the_experts(tiny_bert_dir, tmp_path):
+    cfg = validate(three_tiers(tiny_bert_dir, "frozen-experts"))
+    run_embedded(cfg, str(tmp_path / "run"), server_app, client_app)
+    for record in read_metrics(tmp_path / "run")[1:]:
+        assert record["clients_ok"] == 3 and record["clients_failed"] == 0  # every tier fits
+        assert [c["experts_updated"] for c in record["clients"]] == [0, 0, 0]
+    initial = server_workload(cfg).model  # the same seed: the run's initial weights
+    before = initial.state_dict()
+    after = load_checkpoint(tmp_path / "run" / "model")[0].state_dict()
+    layers = ExpertModel(initial).layers
+    experts = [n for layer in layers for n in layer.expert_param_names]
+    routers = [n for layer in layers for n in layer.router_params]
+    assert experts and all(torch.equal(after[n], before[n]) for n in experts)
+    assert all(not torch.equal(after[n], before[n]) for n in routers)  # the rest trains

@@ -7,11 +7,12 @@ config (``algorithm = "fedavg"``).
 - ``mechanics``: what the budget-aware algorithms share, one job a module;
 - ``hfedmoe``, ``ablations``, ``variants``: the method, its four ablations and its named
   variants;
-- ``baselines``: FedAvg, Random subset, FedMoE, FLEX-MoE, FLUX, FFT-MoE.
+- ``baselines``: FedAvg, Random subset, FedMoE, FLEX-MoE, FLUX, FFT-MoE;
+- ``controls``: runs that measure a setting beside the methods (``frozen-experts``).
 """
 
 # importing each module registers its algorithms by name
-from hfedmoe.algorithms import ablations, hfedmoe, variants  # noqa: F401
+from hfedmoe.algorithms import ablations, controls, hfedmoe, variants  # noqa: F401
 from hfedmoe.algorithms.base import (
     ALGORITHMS,
     Aggregation,
