@@ -5,6 +5,7 @@
 #   bash experiments/verdict.sh bbc          # (d) topic-skewed encoder, the main methods
 #   bash experiments/verdict.sh bbc-ablations   # HFedMoE's four ablations and its named variant
 #   bash experiments/verdict.sh qa           # (e) task-skewed decoder; then qa-ablations
+#   bash experiments/verdict.sh qa-control   # (e)'s frozen-experts control; bbc-control: (d)'s
 #   bash experiments/verdict.sh upcycled     # (a) again, eq. (16) over D_c; then upcycled-ablations
 #   bash experiments/verdict.sh report       # reports of whatever has finished
 #   bash experiments/verdict.sh figures      # copy the reports' key plots into docs/figures
@@ -30,6 +31,7 @@ for kv in ${SET:-}; do EXTRA+=(--set "$kv"); done
 MAIN=hfedmoe,fftmoe,random,fedmoe,flexmoe,fedavg,flux
 ABLATIONS=hfedmoe-holder-avg,hfedmoe-fedavg-routers,hfedmoe-rank-s,hfedmoe-lambda1
 VARIANTS=hfedmoe-batch-usage  # beside the paper's method, never in its place
+CONTROLS=frozen-experts  # what training experts adds at all (algorithms/controls.py)
 SELECTING=(hfedmoe random fedmoe flexmoe flux hfedmoe-holder-avg hfedmoe-fedavg-routers
     hfedmoe-rank-s hfedmoe-lambda1 hfedmoe-batch-usage)
 # The decoder grid's one cut (docs/RESULTS.md, (e)): 250 questions per task instead of 1,000
@@ -73,10 +75,12 @@ bbc) grid configs/bbc_topics.toml bbc-topics "$MAIN" ;;
 bbc-ablations) grid configs/bbc_topics.toml bbc-topics "hfedmoe,$ABLATIONS,$VARIANTS" ;;
 qa) grid configs/qa_domains.toml qa-domains "$MAIN" "${QA[@]}" ;;
 qa-ablations) grid configs/qa_domains.toml qa-domains "hfedmoe,$ABLATIONS,$VARIANTS" "${QA[@]}" ;;
+qa-control) grid configs/qa_domains.toml qa-domains "$CONTROLS" "${QA[@]}" ;;
+bbc-control) grid configs/bbc_topics.toml bbc-topics "$CONTROLS" ;;
 upcycled) grid configs/hfedmoe.toml upcycled "$MAIN" ;;
 upcycled-ablations) grid configs/hfedmoe.toml upcycled "hfedmoe,$ABLATIONS,$VARIANTS" ;;
 report)
-    IFS=, read -ra main <<<"$MAIN"
+    IFS=, read -ra main <<<"$MAIN,$CONTROLS"  # a control's row, where it ran
     IFS=, read -ra ablations <<<"$ABLATIONS,$VARIANTS"
     # The targets: (e)'s 0.49 is about 5 points (one question in twenty) above its round 0
     # (0.430-0.445), fixed after seed 0's final accuracies and before any paired result.
@@ -98,7 +102,7 @@ figures)  # the plots docs/RESULTS.md shows, from the reports above
     done
     ;;
 *)
-    echo "usage: $0 bbc|bbc-ablations|qa|qa-ablations|upcycled|upcycled-ablations|report|figures" >&2
+    echo "usage: $0 bbc|bbc-ablations|bbc-control|qa|qa-ablations|qa-control|upcycled|upcycled-ablations|report|figures" >&2
     exit 2
     ;;
 esac
