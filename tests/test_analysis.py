@@ -19,10 +19,9 @@ from hfedmoe.analysis.measures import (
     normalised_mutual_information,
     removal_ratio,
 )
-from hfedmoe.analysis.routing import collect_routing, loss_with, loss_without
+from hfedmoe.analysis.routing import collect_routing, loss_with, loss_without, losses_without
 from hfedmoe.analysis.selection import (
     last_updates,
-    losses_without,
     pooled_ratio,
     random_like,
     removable,

@@ -21,6 +21,7 @@ from torch import nn
 from hfedmoe.analysis.measures import normalised_entropy
 from hfedmoe.data.tokenized import TokenizedDataset, sequential_batches
 from hfedmoe.model.experts import ExpertModel, lean_forward
+from hfedmoe.model.prefix import BlockPrefix
 from hfedmoe.training import evaluate
 
 
@@ -98,9 +99,28 @@ def loss_without(
     routed to (None: the model as it is)."""
     if removed_L is None:
         return loss_with(model, data, None, batch_size)
-    allowed_LE = torch.ones(ExpertModel(model).shape, dtype=torch.bool)
-    allowed_LE[torch.arange(len(removed_L)), torch.as_tensor(removed_L)] = False
-    return loss_with(model, data, allowed_LE, batch_size)
+    return loss_with(model, data, ~removal_mask(ExpertModel(model).shape, removed_L), batch_size)
+
+
+def removal_mask(shape: tuple[int, int], removed_L: list[int]) -> torch.Tensor:
+    """(L, E) bool: expert ``removed_L[l]`` of each MoE layer l."""
+    removed_LE = torch.zeros(shape, dtype=torch.bool)
+    removed_LE[torch.arange(len(removed_L)), torch.as_tensor(removed_L)] = True
+    return removed_LE
+
+
+def losses_without(
+    model: nn.Module, data: TokenizedDataset, removals: list[torch.Tensor], batch_size: int
+) -> list[float]:
+    """The loss on ``data`` as the model is, then without each removal's (L, E) experts. The
+    blocks before the first MoE block run in the first pass only (:class:`BlockPrefix`)."""
+    prefix = BlockPrefix(model)
+    with prefix.recording():
+        losses = [loss_with(model, data, None, batch_size)]
+    for removed_LE in removals:
+        with prefix.replaying():
+            losses.append(loss_with(model, data, ~removed_LE, batch_size))
+    return losses
 
 
 def loss_with(

@@ -28,12 +28,11 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from hfedmoe.analysis.measures import removal_ratio
-from hfedmoe.analysis.routing import loss_with
+from hfedmoe.analysis.routing import losses_without
 from hfedmoe.data.text import TextDataset
-from hfedmoe.data.tokenized import TokenizedDataset, tokenize_for
+from hfedmoe.data.tokenized import tokenize_for
 from hfedmoe.federation.workload import partitions
 from hfedmoe.foundation.config import ExperimentConfig
-from hfedmoe.model.prefix import BlockPrefix
 from hfedmoe.results.recorder import write_atomic
 
 #: where ``hfedmoe analyze RUN`` writes the measure, in RUN/analysis/; the report reads it
@@ -108,20 +107,6 @@ def selection_cost(
             }
         )
     return out
-
-
-def losses_without(
-    model: nn.Module, data: TokenizedDataset, removals: list[torch.Tensor], batch_size: int
-) -> list[float]:
-    """The loss on ``data`` as the model is, then without each removal's (L, E) experts. The
-    blocks before the first MoE block run in the first pass only (:class:`BlockPrefix`)."""
-    prefix = BlockPrefix(model)
-    with prefix.recording():
-        losses = [loss_with(model, data, None, batch_size)]
-    for removed_LE in removals:
-        with prefix.replaying():
-            losses.append(loss_with(model, data, ~removed_LE, batch_size))
-    return losses
 
 
 def rises(rows: list[dict]) -> tuple[float, float]:

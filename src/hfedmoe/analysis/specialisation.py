@@ -41,7 +41,7 @@ from hfedmoe.analysis.measures import (
     normalised_mutual_information,
     removal_ratio,
 )
-from hfedmoe.analysis.routing import collect_routing, loss_without
+from hfedmoe.analysis.routing import collect_routing, losses_without, removal_mask
 from hfedmoe.analysis.selection import pooled_ratio, selection_cost, write_selection
 from hfedmoe.data.datasets import load_dataset
 from hfedmoe.data.tokenized import tokenize_for
@@ -141,12 +141,11 @@ def _removal(model, data, groups_S, names, shares_LGE, cap, draws, batch_size, r
             continue
         part = data.subset(rows)
         top_L = [int(shares_LGE[layer, g].argmax()) for layer in range(L)]
-        full = loss_without(model, part, None, batch_size)
-        top = loss_without(model, part, top_L, batch_size)
-        random = []
-        for _ in range(draws):
-            other = [int(rng.choice([e for e in range(E) if e != t])) for t in top_L]
-            random.append(loss_without(model, part, other, batch_size))
+        others = [
+            [int(rng.choice([e for e in range(E) if e != t])) for t in top_L] for _ in range(draws)
+        ]
+        removals = [removal_mask((L, E), r) for r in (top_L, *others)]
+        full, top, *random = losses_without(model, part, removals, batch_size)
         rand = float(np.mean(random))
         out.append(
             {
