@@ -25,12 +25,11 @@ export HF_HUB_OFFLINE=1 FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 TOKENIZER
 
 H=.venv/bin/hfedmoe
 OUT=${OUT:-runs/verdict}
-SEEDS_GIVEN=${SEEDS:-}
-SEEDS=${SEEDS:-0,1,2}
 # (e)'s seeds are 0, 1 and 4: flwr-datasets cannot draw seeds 2 and 3's Dirichlet(0.1) split of
 # its questions over 8 clients with at least data.min_partition_size each (it stops after 10
 # draws), so (e) takes the next seed that partitions, chosen before any of its runs.
-QA_SEEDS=0,1,4
+case ${1:-} in qa*) SEEDS=${SEEDS:-0,1,4} ;; esac
+SEEDS=${SEEDS:-0,1,2}
 EXTRA=()  # SET: space-separated KEY=VALUE overrides for every run, e.g. SET=threads=1
 for kv in ${SET:-}; do EXTRA+=(--set "$kv"); done
 MAIN=hfedmoe,fftmoe,random,fedmoe,flexmoe,fedavg,flux
@@ -78,14 +77,9 @@ report() {  # report GRID NAME TARGET METHODS...: GRID/NAME from the methods' fi
 case "${1:-}" in
 bbc) grid configs/bbc_topics.toml bbc-topics "$MAIN" ;;
 bbc-ablations) grid configs/bbc_topics.toml bbc-topics "hfedmoe,$ABLATIONS,$VARIANTS" ;;
-qa | qa-ablations | qa-control)
-    SEEDS=${SEEDS_GIVEN:-$QA_SEEDS}
-    case $1 in
-    qa) grid configs/qa_domains.toml qa-domains "$MAIN" "${QA[@]}" ;;
-    qa-ablations) grid configs/qa_domains.toml qa-domains "hfedmoe,$ABLATIONS,$VARIANTS" "${QA[@]}" ;;
-    qa-control) grid configs/qa_domains.toml qa-domains "$CONTROLS" "${QA[@]}" ;;
-    esac
-    ;;
+qa) grid configs/qa_domains.toml qa-domains "$MAIN" "${QA[@]}" ;;
+qa-ablations) grid configs/qa_domains.toml qa-domains "hfedmoe,$ABLATIONS,$VARIANTS" "${QA[@]}" ;;
+qa-control) grid configs/qa_domains.toml qa-domains "$CONTROLS" "${QA[@]}" ;;
 bbc-control) grid configs/bbc_topics.toml bbc-topics "$CONTROLS" ;;
 upcycled) grid configs/hfedmoe.toml upcycled "$MAIN" ;;
 upcycled-ablations) grid configs/hfedmoe.toml upcycled "hfedmoe,$ABLATIONS,$VARIANTS" ;;
