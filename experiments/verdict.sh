@@ -13,6 +13,8 @@
 #   SEEDS=3 METHODS=hfedmoe,flexmoe,flux,random bash experiments/verdict.sh bbc   # some methods
 #   SEEDS=1 SET=threads=1 bash experiments/verdict.sh bbc &    # two seeds at once on 2 cores,
 #   SEEDS=2 SET=threads=1 bash experiments/verdict.sh bbc &    # one thread each
+#   SEEDS=4 SET=threads=1 METHODS=hfedmoe,fftmoe,random bash experiments/verdict.sh qa &   # or a
+#   SEEDS=4 SET=threads=1 METHODS=fedmoe,flexmoe,fedavg,flux bash experiments/verdict.sh qa &  # seed split
 #
 # A seed's methods must all run with the same threads (float sums differ in the last bits
 # otherwise); different seeds may differ. docs/RESULTS.md says which seed ran how.
@@ -44,10 +46,12 @@ SELECTING=(hfedmoe random fedmoe flexmoe flux hfedmoe-holder-avg hfedmoe-fedavg-
 # (the corpus is the held-out fifth, which this does not change).
 QA=(--set data.max_examples_per_group=250)
 
-analyse() {  # the selection measure of this call's finished runs that select experts per client
-    local grid=$1 seeds
-    IFS=, read -ra seeds <<<"$SEEDS"  # only these: two calls with other seeds run at once
-    for method in "${SELECTING[@]}"; do
+analyse() {  # analyse GRID METHODS: the selection measure of this call's finished runs that
+    local grid=$1 seeds methods  # select experts per client (only this call's methods and seeds:
+    IFS=, read -ra seeds <<<"$SEEDS"  # two calls with other cells run at once)
+    IFS=, read -ra methods <<<"$2"
+    for method in "${methods[@]}"; do
+        [[ " ${SELECTING[*]} " == *" $method "* ]] || continue
         for seed in "${seeds[@]}"; do
             local run=$grid/$method/seed$seed
             if [[ -f $run/summary.json && ! -f $run/analysis/selection.json ]]; then
@@ -61,7 +65,7 @@ grid() {  # grid CONFIG DIR METHODS [ARGS...]: run (METHODS, if set, in place of
     local config=$1 dir=$2 methods=${METHODS:-$3}
     shift 3
     $H compare "$config" --methods "$methods" --seeds "$SEEDS" "$@" "${EXTRA[@]}" -o "$OUT/$dir"
-    analyse "$OUT/$dir"
+    analyse "$OUT/$dir" "$methods"
 }
 
 report() {  # report GRID NAME TARGET METHODS...: GRID/NAME from the methods' finished runs

@@ -124,22 +124,21 @@ def test_bad_grid_input_fails_before_anything_runs(tiny_bert_dir, tmp_path):
         assert not out.exists()
 
 
-def test_a_seed_being_run_cannot_be_run_twice_but_another_seed_can(tiny_bert_dir, tmp_path):
+def test_a_cell_being_run_cannot_be_run_twice_but_another_cell_can(tiny_bert_dir, tmp_path):
     config, out = _config(tmp_path, tiny_bert_dir), tmp_path / "grid"
-    with comparison.locked(out, [0]):  # as a first `compare` of seed 0 holds it
-        proc = invoke_cli("compare", str(config), "--methods", "fedavg", "-o", str(out))
+    with comparison.locked(out, comparison.plan(out, ["fedavg"], [0])):  # a first `compare`
+        proc = invoke_cli("compare", str(config), "--methods", "random,fedavg", "-o", str(out))
         assert proc.returncode == 2
         assert proc.stderr.strip().splitlines()[-1] == (
-            f"hfedmoe: error: -o {out}: another `hfedmoe compare` is running seed 0 of this "
-            "grid (wait for it, or choose other seeds or another directory)"
+            f"hfedmoe: error: -o {out}: another `hfedmoe compare` is running fedavg seed 0 of "
+            "this grid (wait for it, or choose other methods, seeds or another directory)"
         )
-        assert not (out / "fedavg").exists()
+        assert not (out / "fedavg").exists() and not (out / "random").exists()
         proc = invoke_cli(
-            "compare", str(config), "--methods", "fedavg", "--seeds", "1", "-o", str(out),
-            "--no-progress",
-        )  # fmt: skip
-        assert proc.returncode == 0, proc.stderr  # seed 1 is free while seed 0 runs
-        assert (out / "fedavg" / "seed1" / "summary.json").is_file()
+            "compare", str(config), "--methods", "random", "-o", str(out), "--no-progress"
+        )
+        assert proc.returncode == 0, proc.stderr  # seed 0's other methods are free
+        assert (out / "random" / "seed0" / "summary.json").is_file()
     proc = invoke_cli(
         "compare", str(config), "--methods", "fedavg", "-o", str(out), "--no-progress"
     )

@@ -353,7 +353,7 @@ def compare(
         return
     with contextlib.ExitStack() as held:
         try:
-            held.enter_context(comparison.locked(output_dir, sorted({r.seed for r in runs})))
+            held.enter_context(comparison.locked(output_dir, runs))
         except HFedMoEError as exc:
             _fail(str(exc))
         resume = {run: ok and not fresh for run, ok in zip(runs, resumable, strict=True)}

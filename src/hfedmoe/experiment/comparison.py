@@ -10,8 +10,8 @@ is finished and is not repeated. An unfinished one continues from its last check
 same code; otherwise, or with ``--fresh``, it is moved aside to ``<dir>.incomplete-<n>``
 (never deleted) and started again. Each run is a child process (the real CLI), so one run's
 memory is returned before the next starts and a crash stops only that run. One ``compare`` at a
-time works on a grid directory (:func:`locked`): two would run the same unfinished cell into one
-directory.
+time works on a cell (:func:`locked`): two would run the same unfinished cell into one directory;
+two with no cell in common (other seeds, or other methods of a seed) may share a grid.
 """
 
 from __future__ import annotations
@@ -65,22 +65,25 @@ def plan(out_dir: Path, methods: list[str], seeds: list[int]) -> list[Cell]:
 
 
 @contextlib.contextmanager
-def locked(out_dir: Path, seeds: list[int]) -> Iterator[None]:
-    """Hold the grid's lock of each of ``seeds`` (``OUT/.compare-seed<k>.lock``) for the block,
+def locked(out_dir: Path, runs: list[Cell]) -> Iterator[None]:
+    """Hold the lock of each of ``runs`` (``OUT/.compare-<method>-seed<k>.lock``) for the block,
     or fail at once if another process holds one: two ``compare`` processes may share a grid
-    directory when their seeds differ (each seed's runs are separate directories), never a
-    seed. The locks are the kernel's (flock): they end with the process, so a killed
-    ``compare`` leaves nothing stale behind."""
+    directory when they share no cell (each cell is its own directory, and nothing else is
+    written per grid), so a seed's methods can be split over two cores. The locks are the
+    kernel's (flock): they end with the process, so a killed ``compare`` leaves nothing stale
+    behind."""
     out_dir.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as held:
-        for seed in sorted(set(seeds)):
-            handle = held.enter_context(open(out_dir / f".compare-seed{seed}.lock", "a"))
+        for run in sorted(set(runs), key=lambda r: (r.seed, r.method)):
+            name = f".compare-{run.method}-seed{run.seed}.lock"
+            handle = held.enter_context(open(out_dir / name, "a"))
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise HFedMoEError(
-                    f"-o {out_dir}: another `hfedmoe compare` is running seed {seed} of this "
-                    "grid (wait for it, or choose other seeds or another directory)"
+                    f"-o {out_dir}: another `hfedmoe compare` is running {run.method} seed "
+                    f"{run.seed} of this grid (wait for it, or choose other methods, seeds or "
+                    "another directory)"
                 ) from None
         yield  # closing the files releases the locks
 
