@@ -28,13 +28,25 @@ def test_a_difference_whose_interval_holds_zero_is_a_tie():
 
 
 def test_the_verdict_follows_the_interval_not_the_mean():
-    assert paired_difference({0: 0.9, 1: 0.8, 2: 0.7}, {0: 0.8, 1: 0.7, 2: 0.6}).verdict == "ahead"
+    ahead = paired_difference({0: 0.9, 1: 0.8, 2: 0.7}, {0: 0.8, 1: 0.72, 2: 0.58})
+    assert ahead.verdict == "ahead"  # d = 0.1, 0.08, 0.12: half-width 0.0497
     # d = -0.2, -0.1, -0.15: mean -0.15, sem 0.05 / sqrt(3), half-width 0.1242
     behind = paired_difference({0: 0.5, 1: 0.6, 2: 0.55}, {0: 0.7, 1: 0.7, 2: 0.7})
     assert (behind.low, behind.high) == pytest.approx((-0.2742, -0.0258), abs=1e-4)
     assert behind.verdict == "behind"
-    # a larger mean difference over two seeds that disagree is still a tie
-    assert paired_difference({0: 0.9, 1: 0.5}, {0: 0.5, 1: 0.6}).verdict == "tied"
+    # a larger mean difference over three seeds that disagree is still a tie
+    assert paired_difference({0: 0.9, 1: 0.5, 2: 0.6}, {0: 0.5, 1: 0.6, 2: 0.6}).verdict == "tied"
+
+
+def test_no_verdict_from_two_seeds_or_from_differences_without_spread():
+    # two seeds: the interval is printed (t(0.975, 1) = 12.706) but decides nothing
+    two = paired_difference({0: 0.9, 1: 0.8}, {0: 0.8, 1: 0.75})
+    assert (two.low, two.high) == pytest.approx((0.075 - 12.7062 * 0.025, 0.075 + 0.3177), abs=1e-3)
+    assert two.verdict == "n/a"
+    # one test question (0.005) ahead on every seed: a zero-width interval, not a win
+    steps = paired_difference({0: 0.485, 1: 0.5, 2: 0.47}, {0: 0.48, 1: 0.495, 2: 0.465})
+    assert steps.high - steps.low == pytest.approx(0, abs=1e-9)
+    assert steps.verdict == "n/a"
 
 
 def test_only_seeds_both_methods_ran_are_paired():
@@ -53,7 +65,7 @@ def test_swapping_the_methods_mirrors_the_interval(xs, ys):
     a, b = paired_difference(x, y), paired_difference(y, x)
     assert a.mean == pytest.approx(-b.mean, abs=1e-12)
     assert a.low == pytest.approx(-b.high, abs=1e-9) and a.high == pytest.approx(-b.low, abs=1e-9)
-    assert {a.verdict, b.verdict} in ({"tied"}, {"ahead", "behind"})
+    assert {a.verdict, b.verdict} in ({"tied"}, {"ahead", "behind"}, {"n/a"})
 
 
 SPEEDS = {"phone": 1e9, "laptop": 1e10, "mystery": None}

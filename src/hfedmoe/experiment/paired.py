@@ -4,7 +4,9 @@ Seeds share partitions, device tiers and initial weights across methods (``hfedm
 so two methods are compared seed by seed: the per-seed differences d_s = x_s - y_s, their mean
 and a 95% Student-t interval, mean(d) +- t_{0.975, n-1} sd(d) / sqrt(n). The verdict follows
 the interval, not the means: *ahead* if it lies above 0, *behind* if below, *tied* if it holds
-0 (or with fewer than two seeds, *n/a*).
+0. It is *n/a* with fewer than :data:`MIN_SEEDS` paired seeds, or when the differences have no
+spread: accuracies move in steps of one test example, so two or three seeds can differ by the
+same step by chance, and their zero-width interval would call one question a win.
 """
 
 from __future__ import annotations
@@ -15,6 +17,10 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import stats
+
+#: The fewest paired seeds that give a verdict (issue 18's grid runs at least 3 per cell): one
+#: degree of freedom (two seeds) makes the t-interval 12.7 standard errors wide either way.
+MIN_SEEDS = 3
 
 
 @dataclass(frozen=True)
@@ -28,7 +34,7 @@ class PairedDifference:
 
     @property
     def verdict(self) -> str:
-        if len(self.seeds) < 2:
+        if len(self.seeds) < MIN_SEEDS or math.isclose(self.low, self.high, abs_tol=1e-9):
             return "n/a"
         if self.low > 0:
             return "ahead"

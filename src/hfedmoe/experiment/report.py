@@ -674,7 +674,8 @@ def write_report(run_dirs: list[Path], out_dir: Path, target: float, title: str 
         md += [*_md_table(header, cells), ""]
         extra_html += (
             "<h2>Paired by seed</h2><p>Mean of the per-seed differences with a 95% t-interval; "
-            "the verdict follows the interval (ahead: above 0, behind: below, tied: holds 0)."
+            "the verdict follows the interval (ahead: above 0, behind: below, tied: holds 0; "
+            "n/a: fewer than 3 paired seeds, or differences with no spread)."
             "</p>" + _html_table("paired", header, cells)
         )
     if len({r.seed for r in runs}) > 1:
