@@ -149,14 +149,16 @@ class Run:
         return np.array([r["bytes_down"] + r["bytes_up"] for r in self.rounds[1:]])
 
     def expert_updates(self) -> np.ndarray | None:
-        """Per-expert update counts summed over every client of every round, flat (L x E)."""
+        """Per-expert update counts summed over every client of every round, flat (L x E);
+        None if no expert was updated (a frozen-experts control: no utilisation to balance)."""
         rows = [
             c["expert_updates"]
             for r in self.rounds
             for c in r["clients"]
             if c.get("expert_updates")
         ]
-        return np.sum(rows, axis=0) if rows else None
+        total = np.sum(rows, axis=0) if rows else None
+        return total if total is not None and total.any() else None
 
     def selection_matrix(self) -> tuple[list[int], np.ndarray] | None:
         """(partition, expert) update counts over the run, with the partition ids of the rows:
