@@ -46,9 +46,11 @@ SELECTING=(hfedmoe random fedmoe flexmoe flux hfedmoe-holder-avg hfedmoe-fedavg-
 # (the corpus is the held-out fifth, which this does not change).
 QA=(--set data.max_examples_per_group=250)
 
-analyse() {  # analyse GRID METHODS: the selection measure of this call's finished runs that
-    local grid=$1 seeds methods  # select experts per client (only this call's methods and seeds:
-    IFS=, read -ra seeds <<<"$SEEDS"  # two calls with other cells run at once)
+# analyse GRID METHODS: the selection measure of this call's finished runs that select experts
+# per client; only this call's methods and seeds, since two calls with other cells run at once.
+analyse() {
+    local grid=$1 seeds methods
+    IFS=, read -ra seeds <<<"$SEEDS"
     IFS=, read -ra methods <<<"$2"
     for method in "${methods[@]}"; do
         [[ " ${SELECTING[*]} " == *" $method "* ]] || continue

@@ -19,7 +19,7 @@ from hfedmoe.analysis.measures import (
     normalised_mutual_information,
     removal_ratio,
 )
-from hfedmoe.analysis.routing import collect_routing, loss_with, loss_without, losses_without
+from hfedmoe.analysis.routing import collect_routing, loss_with, losses_without, removal_mask
 from hfedmoe.analysis.selection import (
     last_updates,
     pooled_ratio,
@@ -108,11 +108,12 @@ def test_routing_statistics_agree_with_the_capture(tiny_cfg, tiny_bert_dir):
     torch.testing.assert_close(stats.usage().sum(-1), torch.ones(L), rtol=0, atol=1e-5)
     # upcycled experts are copies of one FFN: removing one changes nothing (why every method
     # ties on upcycled models); perturbed copies are not interchangeable
-    full = loss_without(model, data, None, 16)
-    assert loss_without(model, data, [0] * L, 16) == pytest.approx(full, abs=1e-5)
+    first = [removal_mask((L, E), [0] * L)]  # expert 0 of every MoE layer
+    full, without = losses_without(model, data, first, 16)
+    assert without == pytest.approx(full, abs=1e-5)
     noisy = server_workload(validate(tiny_raw(tiny_bert_dir, model={"expert_noise_std": 0.5})))
-    noisy_full = loss_without(noisy.model, data, None, 16)
-    assert loss_without(noisy.model, data, [0] * L, 16) != noisy_full  # a random head: small
+    noisy_full, noisy_without = losses_without(noisy.model, data, first, 16)
+    assert noisy_without != noisy_full  # a random head: small
 
 
 def test_removal_scores_multiple_choice_by_its_answer_loss_alone(tiny_llama_dir):
@@ -124,7 +125,7 @@ def test_removal_scores_multiple_choice_by_its_answer_loss_alone(tiny_llama_dir)
     raw["model"]["max_length"] = 48
     workload = server_workload(validate(raw))
     scored = evaluate(workload.model, workload.test, 8)  # every choice scored, and the loss
-    assert loss_without(workload.model, workload.test, None, 8) == pytest.approx(scored.loss)
+    assert loss_with(workload.model, workload.test, None, 8) == pytest.approx(scored.loss)
 
 
 # ---- does a selection hit the experts that matter (issue 18's "why") ----------------------

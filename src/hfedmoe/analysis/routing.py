@@ -92,16 +92,6 @@ def collect_routing(
     )
 
 
-def loss_without(
-    model: nn.Module, data: TokenizedDataset, removed_L: list[int] | None, batch_size: int
-) -> float:
-    """The loss of ``model`` on ``data`` with expert ``removed_L[l]`` of each MoE layer l never
-    routed to (None: the model as it is)."""
-    if removed_L is None:
-        return loss_with(model, data, None, batch_size)
-    return loss_with(model, data, ~removal_mask(ExpertModel(model).shape, removed_L), batch_size)
-
-
 def removal_mask(shape: tuple[int, int], removed_L: list[int]) -> torch.Tensor:
     """(L, E) bool: expert ``removed_L[l]`` of each MoE layer l."""
     removed_LE = torch.zeros(shape, dtype=torch.bool)

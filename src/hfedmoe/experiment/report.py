@@ -40,7 +40,12 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.ticker import MaxNLocator
 
-from hfedmoe.experiment.paired import device_seconds, device_seconds_to, paired_difference
+from hfedmoe.experiment.paired import (
+    MIN_SEEDS,
+    device_seconds,
+    device_seconds_to,
+    paired_difference,
+)
 from hfedmoe.foundation.errors import HFedMoEError
 
 
@@ -157,8 +162,10 @@ class Run:
             for c in r["clients"]
             if c.get("expert_updates")
         ]
-        total = np.sum(rows, axis=0) if rows else None
-        return total if total is not None and total.any() else None
+        if not rows:
+            return None
+        total = np.sum(rows, axis=0)
+        return total if total.any() else None
 
     def selection_matrix(self) -> tuple[list[int], np.ndarray] | None:
         """(partition, expert) update counts over the run, with the partition ids of the rows:
@@ -677,7 +684,7 @@ def write_report(run_dirs: list[Path], out_dir: Path, target: float, title: str 
         extra_html += (
             "<h2>Paired by seed</h2><p>Mean of the per-seed differences with a 95% t-interval; "
             "the verdict follows the interval (ahead: above 0, behind: below, tied: holds 0; "
-            "n/a: fewer than 3 paired seeds, or differences with no spread)."
+            f"n/a: fewer than {MIN_SEEDS} paired seeds, or differences with no spread)."
             "</p>" + _html_table("paired", header, cells)
         )
     if len({r.seed for r in runs}) > 1:
