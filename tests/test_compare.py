@@ -9,9 +9,10 @@ import json
 import tomli_w
 
 from hfedmoe.experiment import comparison
+from hfedmoe.foundation.errors import HFedMoEError
 from hfedmoe.results import read_metrics, run_state
 
-from .support.cli import invoke_cli
+from .support.cli import invoke_cli, kill_when
 from .support.configs import tiny_raw
 
 
@@ -60,40 +61,64 @@ def test_an_unfinished_run_is_set_aside_and_redone(tiny_bert_dir, tmp_path):
 
 def test_an_interrupted_run_resumes_from_its_checkpoint(tiny_bert_dir, tmp_path, monkeypatch):
     config, out = _config(tmp_path, tiny_bert_dir), tmp_path / "grid"
-    base = ["federation.rounds=2"]
+    base = ["federation.rounds=3"]
     args = ["compare", str(config), "--methods", "fedavg", "--set", base[0], "-o", str(out)]
-    assert invoke_cli(*args, "--no-progress").returncode == 0
-    run_dir = out / "fedavg" / "seed0"
-    rounds = (run_dir / "metrics.jsonl").read_text()
-    (run_dir / "summary.json").unlink()  # as if killed after the last checkpoint
-
-    proc = invoke_cli(*args, "--no-progress")
-    assert proc.returncode == 0, proc.stderr
-    assert "0 already finished, 1 to resume" in proc.stderr
-    assert (run_dir / "summary.json").is_file()
-    # Rounds are not redone (a rerun would write new timings), and nothing is set aside.
-    assert (run_dir / "metrics.jsonl").read_text() == rounds
-    assert not list(out.glob("fedavg/*.incomplete-*"))
+    cell, kept = _interrupted(config, out, base)
+    before = (cell.run_dir / "metrics.jsonl").read_text().splitlines()[:kept]
 
     # Only a checkpoint written by this same code is resumed: other code need not continue
     # the run the way an uninterrupted one would.
-    (run_dir / "summary.json").unlink()
-    cell = comparison.Cell("fedavg", 0, run_dir)
     assert comparison.resumable(config, cell, base)
     monkeypatch.setattr(run_state, "code_digest", lambda: "0.0.0+other")
     assert not comparison.resumable(config, cell, base)
     monkeypatch.undo()
 
-    # --fresh starts it over; so does a run whose checkpoint is gone. Both are kept aside.
-    proc = invoke_cli(*args, "--fresh", "--no-progress")
-    assert "0 already finished, 0 to resume" in proc.stderr
-    (run_dir / "summary.json").unlink()
-    (run_dir / "checkpoint.safetensors").unlink()
+    proc = invoke_cli(*args, "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    assert "0 already finished, 1 to resume" in proc.stderr
+    assert cell.done
+    # Finished rounds are not redone (a rerun would write new timings), nothing is set aside,
+    # and the finished run keeps no checkpoint.
+    after = (cell.run_dir / "metrics.jsonl").read_text().splitlines()
+    assert len(after) == 4 and after[:kept] == before
+    assert not list(out.glob("fedavg/*.incomplete-*"))
+    assert not (cell.run_dir / run_state.CHECKPOINT_FILE).exists()
+
+    # An unfinished run without a checkpoint (here: its summary lost) starts over; so does an
+    # interrupted one with --fresh. Both are kept aside.
+    rounds = (cell.run_dir / "metrics.jsonl").read_text()
+    (cell.run_dir / "summary.json").unlink()
     assert not comparison.resumable(config, cell, base)
-    assert invoke_cli(*args, "--no-progress").returncode == 0
-    aside = sorted(p.name for p in out.glob("fedavg/seed0.incomplete-*"))
-    assert aside == ["seed0.incomplete-1", "seed0.incomplete-2"]
+    proc = invoke_cli(*args, "--no-progress")
+    assert "0 already finished, 0 to resume" in proc.stderr and cell.done
     assert (out / "fedavg" / "seed0.incomplete-1" / "metrics.jsonl").read_text() == rounds
+
+    other = tmp_path / "other"
+    cell, _ = _interrupted(config, other, base)
+    proc = invoke_cli(*args[:-1], str(other), "--fresh", "--no-progress")
+    assert "0 already finished, 0 to resume" in proc.stderr and cell.done
+    assert [p.name for p in other.glob("fedavg/seed0.incomplete-*")] == ["seed0.incomplete-1"]
+
+
+def _interrupted(config, out, base: list[str]) -> tuple[comparison.Cell, int]:
+    """fedavg's seed-0 cell of the grid in ``out``, started as compare starts it and killed
+    once round 1's checkpoint is written; and how many rounds' records a resume keeps."""
+    cell = comparison.Cell("fedavg", 0, out / "fedavg" / "seed0")
+    sets = [arg for item in cell.overrides(base) for arg in ("--set", item)]
+    kill_when(
+        ["run", str(config), *sets, "-o", str(cell.run_dir), "--no-progress"],
+        lambda: _checkpoint_round(cell.run_dir) >= 1,
+    )
+    kept = _checkpoint_round(cell.run_dir) + 1  # rounds 0..r; a later round's lines are redone
+    assert 2 <= kept < 4 and not cell.done
+    return cell, kept
+
+
+def _checkpoint_round(run_dir) -> int:
+    try:
+        return run_state.load_run_state(run_dir).round
+    except HFedMoEError:
+        return -1
 
 
 def test_an_unfinished_run_of_another_experiment_is_set_aside(tiny_bert_dir, tmp_path):

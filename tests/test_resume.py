@@ -4,12 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -32,7 +26,7 @@ from hfedmoe.results.run_state import (
     save_run_state,
 )
 
-from .support.cli import invoke_cli, run_cli
+from .support.cli import invoke_cli, kill_when, run_cli
 from .support.tiers import three_tiers
 
 ROUNDS = 4
@@ -180,29 +174,6 @@ def _checkpoint_round(run_dir: Path) -> int:
         return -1
 
 
-def _kill_when(args: list[str], moment: Callable[[], bool], delay: float = 0.0) -> None:
-    """Start the CLI, SIGKILL it once ``moment()`` holds (polled every 10 ms) plus ``delay``."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "hfedmoe", *args],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 300
-        while not moment():
-            assert proc.poll() is None, "the run ended before the moment to kill it"
-            assert time.monotonic() < deadline, "the moment to kill never came"
-            time.sleep(0.01)
-        time.sleep(delay)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL
-
-
 def _assert_same_end(run_dir: Path, uninterrupted: Path) -> None:
     assert without(read_metrics(run_dir)) == without(read_metrics(uninterrupted))
     ours = load_file(run_dir / "model" / "model.safetensors")
@@ -216,6 +187,7 @@ def _assert_same_end(run_dir: Path, uninterrupted: Path) -> None:
         k: v for k, v in expected.items() if k not in skip
     }
     assert not [p.name for p in run_dir.iterdir() if p.name.startswith(".")]  # no temporaries
+    assert not (run_dir / CHECKPOINT_FILE).exists()  # finished: nothing resumes it
 
 
 def test_killed_twice_mid_run_then_resumed_ends_exactly_as_uninterrupted(
@@ -223,10 +195,10 @@ def test_killed_twice_mid_run_then_resumed_ends_exactly_as_uninterrupted(
 ):
     run_dir = tmp_path / "killed"
     # 1: the moment round 1's metrics are written (its checkpoint may or may not be on disk yet)
-    _kill_when(["run", str(config_file), "-o", str(run_dir)], lambda: _records(run_dir) >= 2)
+    kill_when(["run", str(config_file), "-o", str(run_dir)], lambda: _records(run_dir) >= 2)
     assert _checkpoint_round(run_dir) in (0, 1)
     # 2: the resumed run, 50 ms after it checkpointed round 2 (inside round 3)
-    _kill_when(["run", "--resume", str(run_dir)], lambda: _checkpoint_round(run_dir) >= 2, 0.05)
+    kill_when(["run", "--resume", str(run_dir)], lambda: _checkpoint_round(run_dir) >= 2, 0.05)
     assert 2 <= _checkpoint_round(run_dir) < ROUNDS
     proc = run_cli("run", "--resume", str(run_dir), "--no-progress")
     assert proc.returncode == 0, proc.stderr
@@ -240,7 +212,7 @@ def test_killed_before_its_first_checkpoint_then_resumed_starts_over(
     it was being written): --resume starts the run over in its directory, cleans what the
     interrupted write left, and ends exactly as an uninterrupted run."""
     run_dir = tmp_path / "early"
-    _kill_when(
+    kill_when(
         ["run", str(config_file), "-o", str(run_dir)], lambda: (run_dir / "config.toml").exists()
     )
     assert not (run_dir / CHECKPOINT_FILE).exists()
@@ -253,7 +225,7 @@ def test_killed_before_its_first_checkpoint_then_resumed_starts_over(
 
 def test_killed_while_saving_the_final_model_then_resumed(config_file, uninterrupted, tmp_path):
     run_dir = tmp_path / "final"
-    _kill_when(
+    kill_when(
         ["run", str(config_file), "-o", str(run_dir)], lambda: _checkpoint_round(run_dir) == ROUNDS
     )
     assert not (run_dir / "summary.json").exists()
@@ -281,7 +253,7 @@ def test_flux_resumed_mid_run_ends_exactly_as_uninterrupted(tiny_bert_dir, tmp_p
     whole = tmp_path / "whole"
     assert run_cli("run", str(config), "-o", str(whole), "--no-progress").returncode == 0
     run_dir = tmp_path / "killed"
-    _kill_when(["run", str(config), "-o", str(run_dir)], lambda: _checkpoint_round(run_dir) >= 1)
+    kill_when(["run", str(config), "-o", str(run_dir)], lambda: _checkpoint_round(run_dir) >= 1)
     assert 1 <= _checkpoint_round(run_dir) < 3
     proc = run_cli("run", "--resume", str(run_dir), "--no-progress")
     assert proc.returncode == 0, proc.stderr

@@ -5,8 +5,11 @@ instead of a Python start-up and is what most bad-input checks use."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from typer.testing import CliRunner
@@ -36,3 +39,27 @@ def invoke_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(
         ["hfedmoe", *args], result.exit_code, result.stdout, result.stderr
     )
+
+
+def kill_when(args: list[str], moment: Callable[[], bool], delay: float = 0.0) -> None:
+    """Start ``hfedmoe ARGS``, SIGKILL it once ``moment()`` holds (polled every 10 ms) plus
+    ``delay``: a crash at a chosen point of a real run."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hfedmoe", *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not moment():
+            assert proc.poll() is None, "the run ended before the moment to kill it"
+            assert time.monotonic() < deadline, "the moment to kill never came"
+            time.sleep(0.01)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL

@@ -10,6 +10,12 @@
       model/           the final global model (safetensors + what is needed to reload it)
       accuracy.png     test accuracy and loss vs round
       summary.json     final figures
+      checkpoint.safetensors  while the run is unfinished: where it resumes from
+
+Once summary.json is written the run is finished and its checkpoint goes: nothing resumes a
+finished run, ``model/`` and the metrics hold its results, and the checkpoint repeats the
+model's weights (905 MB for a specialised SmolLM2-MoE run; a user's model may be a hundred times
+larger). A crash between the two leaves the checkpoint, which is harmless.
 
 Files are written atomically (temporary file + rename) or appended line by line: the metrics
 files grow by one round's lines per round (never rewritten), and a line a crash cut short is
@@ -33,7 +39,7 @@ from hfedmoe.foundation.config import ExperimentConfig
 from hfedmoe.foundation.errors import HFedMoEError
 from hfedmoe.model import save_checkpoint
 from hfedmoe.results.plots import plot_accuracy
-from hfedmoe.results.run_state import METRICS_FILE, RunState
+from hfedmoe.results.run_state import CHECKPOINT_FILE, METRICS_FILE, RunState
 
 ROUNDS_CSV = "metrics.csv"
 CLIENTS_CSV = "clients.csv"
@@ -176,6 +182,7 @@ class RunRecorder:
             "run_dir": str(self.run_dir),
         }
         write_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2))
+        (self.run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)  # finished: see the docstring
         return summary
 
 
