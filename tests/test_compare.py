@@ -9,10 +9,9 @@ import json
 import tomli_w
 
 from hfedmoe.experiment import comparison
-from hfedmoe.foundation.errors import HFedMoEError
 from hfedmoe.results import read_metrics, run_state
 
-from .support.cli import invoke_cli, kill_when
+from .support.cli import checkpoint_round, invoke_cli, kill_when
 from .support.configs import tiny_raw
 
 
@@ -107,18 +106,11 @@ def _interrupted(config, out, base: list[str]) -> tuple[comparison.Cell, int]:
     sets = [arg for item in cell.overrides(base) for arg in ("--set", item)]
     kill_when(
         ["run", str(config), *sets, "-o", str(cell.run_dir), "--no-progress"],
-        lambda: _checkpoint_round(cell.run_dir) >= 1,
+        lambda: checkpoint_round(cell.run_dir) >= 1,
     )
-    kept = _checkpoint_round(cell.run_dir) + 1  # rounds 0..r; a later round's lines are redone
+    kept = checkpoint_round(cell.run_dir) + 1  # rounds 0..r; a later round's lines are redone
     assert 2 <= kept < 4 and not cell.done
     return cell, kept
-
-
-def _checkpoint_round(run_dir) -> int:
-    try:
-        return run_state.load_run_state(run_dir).round
-    except HFedMoEError:
-        return -1
 
 
 def test_an_unfinished_run_of_another_experiment_is_set_aside(tiny_bert_dir, tmp_path):

@@ -91,8 +91,8 @@ def test_the_table_by_hand(tmp_path):
 def test_a_run_that_updates_no_expert_has_no_utilisation_balance(tmp_path):
     run = _fake_run(tmp_path / "frozen", "frozen-experts", 0, [0.2, 0.5])
     metrics = run / "metrics.jsonl"
-    metrics.write_text(metrics.read_text().replace("[1, 1, 0, 2]", "[0, 0, 0, 0]"))
-    metrics.write_text(metrics.read_text().replace("[2, 1, 0, 2]", "[0, 0, 0, 0]"))
+    text = metrics.read_text().replace("[1, 1, 0, 2]", "[0, 0, 0, 0]")
+    metrics.write_text(text.replace("[2, 1, 0, 2]", "[0, 0, 0, 0]"))
     assert Run.load(run).expert_updates() is None
     (row,) = summarise([Run.load(run)], target=0.9)
     assert row.utilisation_cv is None  # shown as "-", not nan

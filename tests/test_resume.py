@@ -26,7 +26,7 @@ from hfedmoe.results.run_state import (
     save_run_state,
 )
 
-from .support.cli import invoke_cli, kill_when, run_cli
+from .support.cli import checkpoint_round, invoke_cli, kill_when, run_cli
 from .support.tiers import three_tiers
 
 ROUNDS = 4
@@ -167,13 +167,6 @@ def _records(run_dir: Path) -> int:
     return len(path.read_text().splitlines()) if path.is_file() else 0
 
 
-def _checkpoint_round(run_dir: Path) -> int:
-    try:
-        return load_run_state(run_dir).round
-    except HFedMoEError:
-        return -1
-
-
 def _assert_same_end(run_dir: Path, uninterrupted: Path) -> None:
     assert without(read_metrics(run_dir)) == without(read_metrics(uninterrupted))
     ours = load_file(run_dir / "model" / "model.safetensors")
@@ -196,10 +189,10 @@ def test_killed_twice_mid_run_then_resumed_ends_exactly_as_uninterrupted(
     run_dir = tmp_path / "killed"
     # 1: the moment round 1's metrics are written (its checkpoint may or may not be on disk yet)
     kill_when(["run", str(config_file), "-o", str(run_dir)], lambda: _records(run_dir) >= 2)
-    assert _checkpoint_round(run_dir) in (0, 1)
+    assert checkpoint_round(run_dir) in (0, 1)
     # 2: the resumed run, 50 ms after it checkpointed round 2 (inside round 3)
-    kill_when(["run", "--resume", str(run_dir)], lambda: _checkpoint_round(run_dir) >= 2, 0.05)
-    assert 2 <= _checkpoint_round(run_dir) < ROUNDS
+    kill_when(["run", "--resume", str(run_dir)], lambda: checkpoint_round(run_dir) >= 2, 0.05)
+    assert 2 <= checkpoint_round(run_dir) < ROUNDS
     proc = run_cli("run", "--resume", str(run_dir), "--no-progress")
     assert proc.returncode == 0, proc.stderr
     _assert_same_end(run_dir, uninterrupted)
@@ -226,7 +219,7 @@ def test_killed_before_its_first_checkpoint_then_resumed_starts_over(
 def test_killed_while_saving_the_final_model_then_resumed(config_file, uninterrupted, tmp_path):
     run_dir = tmp_path / "final"
     kill_when(
-        ["run", str(config_file), "-o", str(run_dir)], lambda: _checkpoint_round(run_dir) == ROUNDS
+        ["run", str(config_file), "-o", str(run_dir)], lambda: checkpoint_round(run_dir) == ROUNDS
     )
     assert not (run_dir / "summary.json").exists()
     proc = run_cli("run", "--resume", str(run_dir), "--no-progress")
@@ -253,8 +246,8 @@ def test_flux_resumed_mid_run_ends_exactly_as_uninterrupted(tiny_bert_dir, tmp_p
     whole = tmp_path / "whole"
     assert run_cli("run", str(config), "-o", str(whole), "--no-progress").returncode == 0
     run_dir = tmp_path / "killed"
-    kill_when(["run", str(config), "-o", str(run_dir)], lambda: _checkpoint_round(run_dir) >= 1)
-    assert 1 <= _checkpoint_round(run_dir) < 3
+    kill_when(["run", str(config), "-o", str(run_dir)], lambda: checkpoint_round(run_dir) >= 1)
+    assert 1 <= checkpoint_round(run_dir) < 3
     proc = run_cli("run", "--resume", str(run_dir), "--no-progress")
     assert proc.returncode == 0, proc.stderr
     _assert_same_end(run_dir, whole)

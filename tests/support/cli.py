@@ -14,16 +14,22 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
+from hfedmoe.foundation.errors import HFedMoEError
+from hfedmoe.results.run_state import load_run_state
+
+
+def _cli_env() -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+
 
 def run_cli(
     *args: str, cwd: Path | None = None, timeout: float = 600
 ) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
     return subprocess.run(
         [sys.executable, "-m", "hfedmoe", *args],
         capture_output=True,
         text=True,
-        env=env,
+        env=_cli_env(),
         cwd=cwd,
         timeout=timeout,
     )
@@ -44,10 +50,9 @@ def invoke_cli(*args: str) -> subprocess.CompletedProcess:
 def kill_when(args: list[str], moment: Callable[[], bool], delay: float = 0.0) -> None:
     """Start ``hfedmoe ARGS``, SIGKILL it once ``moment()`` holds (polled every 10 ms) plus
     ``delay``: a crash at a chosen point of a real run."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "hfedmoe", *args],
-        env=env,
+        env=_cli_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -63,3 +68,11 @@ def kill_when(args: list[str], moment: Callable[[], bool], delay: float = 0.0) -
         proc.kill()
         proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
+
+
+def checkpoint_round(run_dir: Path) -> int:
+    """The round of ``run_dir``'s checkpoint; -1 while there is none that loads."""
+    try:
+        return load_run_state(run_dir).round
+    except HFedMoEError:
+        return -1
