@@ -14,6 +14,7 @@ from hfedmoe.federation.workload import server_workload
 from hfedmoe.foundation.config import load
 from hfedmoe.model import load_checkpoint
 from hfedmoe.results import read_metrics, without
+from hfedmoe.results.run_state import code_digest
 from hfedmoe.training import evaluate
 
 from .support.cli import run_cli
@@ -125,6 +126,9 @@ def test_summary_matches_the_last_round(finished_run):
     last = read_metrics(finished_run)[-1]
     assert summary["final_test_accuracy"] == last["test_accuracy"]
     assert summary["rounds"] == 2
+    assert summary["code"] == code_digest()  # what produced it, to rerun it by
+    assert summary["machine"]["torch"] == torch.__version__
+    assert summary["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
 
 
 def test_setting_b_rotten_tomatoes_by_movie(tiny_bert_dir, tmp_path):

@@ -9,7 +9,7 @@
       clients.csv      one row per (round, sampled client)
       model/           the final global model (safetensors + what is needed to reload it)
       accuracy.png     test accuracy and loss vs round
-      summary.json     final figures
+      summary.json     final figures, and the code and machine that produced them
       checkpoint.safetensors  while the run is unfinished: where it resumes from
 
 Once summary.json is written the run is finished and its checkpoint goes: nothing resumes a
@@ -28,18 +28,20 @@ import csv
 import io
 import json
 import os
+import platform
 import shutil
 import tempfile
 from pathlib import Path
 
 import tomli_w
+import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from hfedmoe.foundation.config import ExperimentConfig
 from hfedmoe.foundation.errors import HFedMoEError
 from hfedmoe.model import save_checkpoint
 from hfedmoe.results.plots import plot_accuracy
-from hfedmoe.results.run_state import CHECKPOINT_FILE, METRICS_FILE, RunState
+from hfedmoe.results.run_state import CHECKPOINT_FILE, METRICS_FILE, RunState, code_digest
 
 ROUNDS_CSV = "metrics.csv"
 CLIENTS_CSV = "clients.csv"
@@ -180,10 +182,40 @@ class RunRecorder:
             "failure_rate": _failure_rate(self.rounds),
             "wall_seconds": last["elapsed_seconds"],
             "run_dir": str(self.run_dir),
+            "code": code_digest(),
+            "machine": machine(self.cfg.train.device),
         }
         write_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2))
         (self.run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)  # finished: see the docstring
         return summary
+
+
+def machine(device: str = "cpu") -> dict[str, str]:
+    """What a run's numbers depend on besides its config and code. A seed reproduces bit for
+    bit on one machine, not across machines: torch picks its float kernels by the CPU's vector
+    width (``cpu_capability``), and a different last bit in round 1 can move the final accuracy
+    of a seed by points (docs/RESULTS.md, (d))."""
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu": _cpu_name(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": str(torch.get_num_threads()),
+    }
+    if device.startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return info
+
+
+def _cpu_name() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo), else what :mod:`platform` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _failure_rate(rounds: list[dict]) -> float:
