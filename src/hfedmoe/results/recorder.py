@@ -183,24 +183,25 @@ class RunRecorder:
             "wall_seconds": last["elapsed_seconds"],
             "run_dir": str(self.run_dir),
             "code": code_digest(),
-            "machine": machine(self.cfg.train.device),
+            "machine": machine(self.cfg.train.device, self.cfg.threads),
         }
         write_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2))
         (self.run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)  # finished: see the docstring
         return summary
 
 
-def machine(device: str = "cpu") -> dict[str, str]:
+def machine(device: str = "cpu", threads: int | None = None) -> dict[str, str]:
     """What a run's numbers depend on besides its config and code. A seed reproduces bit for
-    bit on one machine, not across machines: torch picks its float kernels by the CPU's vector
-    width (``cpu_capability``), and a different last bit in round 1 can move the final accuracy
-    of a seed by points (docs/RESULTS.md, (d))."""
+    bit on one machine, not across machines: torch picks its float kernels by the CPU
+    (``cpu_capability``), and a different last bit in an early round can move a seed's final
+    accuracy by points (docs/RESULTS.md, (d)). ``threads``: the config's, a client's torch
+    threads; None, torch's default (the server sets threads x workers for itself)."""
     info = {
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cpu": _cpu_name(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "threads": str(torch.get_num_threads()),
+        "threads": str(threads or torch.get_num_threads()),
     }
     if device.startswith("cuda") and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(torch.device(device))
