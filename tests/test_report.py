@@ -310,9 +310,20 @@ def test_the_why_table_averages_what_hfedmoe_recorded(tmp_path):
         (r.path / "analysis" / "selection.json").write_text(json.dumps(body))
     header, rows = why_table(runs)
     assert rows == [
-        ["hfedmoe", "0.500", "0.300", "-", "-", "2.00 (2 runs)"],  # (3 + 1) / (1 + 1)
+        # (3 + 1) / (1 + 1), and the runs' own ratios 3 / 1 and 1 / 1
+        ["hfedmoe", "0.500", "0.300", "-", "-", "2.00 (2 runs; per run 1.00 to 3.00)"],
         ["fedavg", "-", "-", "-", "-", "0.50 (1 run)"],
     ]
+
+
+def test_a_run_whose_random_removal_lowered_the_loss_has_no_ratio_of_its_own():
+    from hfedmoe.experiment.report import selection_cell
+
+    assert selection_cell([]) == "-"
+    assert selection_cell([(1.0, -0.5)]) == "-"  # pooled random rise below 0
+    # pooled (2 + 1 + 3) / (1 - 0.5 + 1.5) = 3.00; the second run has no ratio of its own
+    cell = selection_cell([(2.0, 1.0), (1.0, -0.5), (3.0, 1.5)])
+    assert cell == "3.00 (3 runs; per run 2.00 to 2.00; 1 undefined)"
 
 
 def test_every_column_of_the_table_has_a_header(tmp_path):

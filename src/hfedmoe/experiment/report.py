@@ -400,7 +400,7 @@ WHY = {
 
 
 #: the column of ``hfedmoe analyze RUN``'s selection measure (hfedmoe.analysis.selection)
-SELECTION = "loss rise, each client's selection removed / random ones (pooled)"
+SELECTION = "loss rise, each client's selection removed / random ones (pooled; per-run range)"
 
 
 def selection_rises(run: Run) -> tuple[float, float] | None:
@@ -438,12 +438,29 @@ def why_table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
             ]
             found |= bool(values)
             cells.append(f"{np.mean(values):.3f}" if values else "-")
-        selected, random = (sum(x) for x in zip(*rises, strict=True)) if rises else (0.0, 0.0)
-        runs_word = "run" if len(rises) == 1 else "runs"
-        cells.append(f"{selected / random:.2f} ({len(rises)} {runs_word})" if random > 0 else "-")
+        cells.append(selection_cell(rises))
         if found:
             rows.append(cells)
     return ["method", *WHY.values(), SELECTION], rows
+
+
+def selection_cell(rises: list[tuple[float, float]]) -> str:
+    """The selection-removal ratio pooled over runs (summed rises), with the range of the
+    per-run ratios beside it: one run's ratio moves a lot between seeds, and the pooled number
+    alone hides that. A run whose random removal did not raise the loss has no ratio and is
+    counted as undefined."""
+    selected, random = (sum(x) for x in zip(*rises, strict=True)) if rises else (0.0, 0.0)
+    if random <= 0:
+        return "-"
+    if len(rises) == 1:
+        return f"{selected / random:.2f} (1 run)"
+    ratios = [s / r for s, r in rises if r > 0]
+    notes = [f"{len(rises)} runs"]
+    if ratios:
+        notes.append(f"per run {min(ratios):.2f} to {max(ratios):.2f}")
+    if len(ratios) < len(rises):
+        notes.append(f"{len(rises) - len(ratios)} undefined")
+    return f"{selected / random:.2f} ({'; '.join(notes)})"
 
 
 def memory_tier_table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
