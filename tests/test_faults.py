@@ -13,14 +13,14 @@ from safetensors.torch import load_file
 
 from hfedmoe.algorithms import ClientUpdate
 from hfedmoe.algorithms.mechanics import validation
-from hfedmoe.algorithms.mechanics.uploads import UploadSpec
-from hfedmoe.algorithms.mechanics.validation import check_update
+from hfedmoe.algorithms.mechanics.uploads import EXPERT_UPDATES, Statistic, UploadSpec
+from hfedmoe.algorithms.mechanics.validation import Expectation, check_update
 from hfedmoe.engines.embedded import run_embedded
 from hfedmoe.federation import faults
 from hfedmoe.federation.client_app import app as client_app
 from hfedmoe.federation.faults import corrupt, planned_fault
 from hfedmoe.federation.server_app import app as server_app
-from hfedmoe.foundation.config import FAULT_KINDS, validate
+from hfedmoe.foundation.config import ATTACK_KINDS, FAULT_KINDS, validate
 from hfedmoe.results import read_metrics
 
 from .support.configs import tiny_raw
@@ -34,8 +34,16 @@ SPEC = UploadSpec(frozenset({"a", "b"}))
 
 
 def _check(weights, num_examples=10, ratio=10.0, spec=SPEC, stats=None, loss=1.0):
-    update = ClientUpdate(weights, num_examples, metrics={"train_loss": loss}, stats=stats or {})
-    return check_update(update, spec, GLOBAL, ratio)
+    metrics = {"train_loss": loss, "steps": 1}
+    update = ClientUpdate(weights, num_examples, metrics=metrics, stats=stats or {})
+    return check_update(
+        update, spec, GLOBAL, Expectation(steps=1, max_update_ratio=ratio)
+    ).rejection
+
+
+def _counts(shape):
+    """The per-expert update counts of an (L, E) pool, as the specs declare them."""
+    return {"expert_updates": Statistic(EXPERT_UPDATES.range, shape=shape)}
 
 
 def test_a_sound_update_is_accepted():
@@ -74,9 +82,9 @@ def test_half_precision_norms_do_not_overflow(dtype):
     w = {"a": torch.tensor([300.0, 400.0], dtype=dtype).repeat(100_000, 1)}
     spec = UploadSpec(frozenset({"a"}))
     moved = {"a": w["a"] + torch.tensor([0.0, 100.0], dtype=dtype)}
-    update = ClientUpdate(moved, 10, metrics={"train_loss": 1.0})
-    assert check_update(update, spec, w, 0.21) is None
-    rejection = check_update(update, spec, w, 0.19)
+    update = ClientUpdate(moved, 10, metrics={"train_loss": 1.0, "steps": 1})
+    assert check_update(update, spec, w, Expectation(1, max_update_ratio=0.21)).rejection is None
+    rejection = check_update(update, spec, w, Expectation(1, max_update_ratio=0.19)).rejection
     assert rejection.reason == "norm" and "0.2 x their norm" in rejection.detail
 
 
@@ -111,17 +119,15 @@ def test_all_finite_answers_as_the_elementwise_check(values, finite):
 
 def test_the_statistics_aggregation_reads_are_checked():
     """A partial upload: expert (0, 1) is tensor "b"; the reply must carry (1, 2) statistics."""
-    spec = UploadSpec(
-        frozenset({"a"}), {"b": ("b", None)}, {(0, 1): ["b"]}, {"expert_updates": (1, 2)}
-    )
+    spec = UploadSpec(frozenset({"a"}), {"b": ("b", None)}, {(0, 1): ["b"]}, _counts((1, 2)))
     sound = {"a": GLOBAL["a"], "b": GLOBAL["b"]}
-    counts = torch.tensor([[0, 3]])
+    counts = torch.tensor([[0, 1]])
     assert _check(sound, spec=spec, stats={"expert_updates": counts}) is None
     cases = [
         ({}, 1.0, "stats", "'expert_updates' is missing"),
         ({"expert_updates": torch.zeros(2)}, 1.0, "stats", "is (2,), expected (1, 2)"),
         ({"expert_updates": torch.tensor([[0.0, math.nan]])}, 1.0, "stats", "NaN or Inf"),
-        ({"expert_updates": counts}, math.inf, "stats", "train_loss is inf"),
+        ({"expert_updates": counts}, math.inf, "metrics", "train_loss is inf"),
     ]
     for stats, loss, reason, detail in cases:
         rejection = _check(sound, spec=spec, stats=stats, loss=loss)
@@ -138,7 +144,7 @@ def test_an_expert_comes_whole_or_not_at_all():
         frozenset({"a"}),
         {"b": ("b", None), "step": ("step", None)},
         {(0, 0): ["b", "step"]},
-        {"expert_updates": (1, 1)},
+        _counts((1, 1)),
     )
     stats = {"expert_updates": torch.zeros(1, 1)}
     whole = {"a": GLOBAL["a"], "b": GLOBAL["b"], "step": GLOBAL["step"]}
@@ -191,7 +197,7 @@ def test_fault_config_errors_name_the_field(tiny_bert_dir):
     raw["faults"] = {"kinds": ["meltdown"]}
     with pytest.raises(ConfigError, match=r"faults.kinds.0"):
         validate(raw)
-    assert set(FAULT_KINDS) == {"dropout", "exception", "deadline", *UPDATE_FAULTS}
+    assert set(FAULT_KINDS) == {"dropout", "exception", "deadline", *UPDATE_FAULTS, *ATTACK_KINDS}
 
 
 # --- real runs on the embedded engine ----------------------------------------------------------

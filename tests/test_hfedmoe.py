@@ -79,6 +79,7 @@ def test_server_aggregates_by_eqs_17_to_21(tiny_bert_dir, router_alpha):
     """The server folds one reply at a time; the result is the closed form of eqs. (17) and
     (19)-(21) over both clients (with eq. (20)'s alphas as written: divided by |S_global|)."""
     raw = tiny_raw(tiny_bert_dir, algorithm="hfedmoe", hfedmoe={"router_alpha": router_alpha})
+    raw["federation"]["max_client_share"] = 1.0  # the closed form, uncapped (test_defences.py)
     cfg = validate(raw)
     task = server_workload(cfg)
     algo = build_algorithm(cfg)

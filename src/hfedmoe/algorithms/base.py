@@ -21,13 +21,15 @@ from typing import ClassVar
 import numpy as np
 from torch import nn
 
-from hfedmoe.algorithms.mechanics.uploads import UploadSpec, full_upload
+from hfedmoe.algorithms.maths.bounds import adamw_update_bound
+from hfedmoe.algorithms.mechanics.layout import ExpertLayout
+from hfedmoe.algorithms.mechanics.merging import Merge, MergePolicy
+from hfedmoe.algorithms.mechanics.uploads import Range, UploadSpec, full_upload
 from hfedmoe.algorithms.messages import ClientUpdate, TrainRequest, Weights
 from hfedmoe.budget import CostModels, Price
 from hfedmoe.data.tokenized import TokenizedDataset
-from hfedmoe.foundation.config import DeviceTier, ExperimentConfig
+from hfedmoe.foundation.config import DeviceTier, ExperimentConfig, TrainConfig
 from hfedmoe.foundation.errors import ConfigError
-from hfedmoe.model.experts import ExpertModel
 from hfedmoe.model.state import load_shared_state
 from hfedmoe.training import TrainResult, train_local
 
@@ -47,6 +49,15 @@ class Aggregation(ABC):
         """The next global weights (after at least one :meth:`add`); updates the algorithm's
         own state (what it remembers about clients) as well."""
 
+    def defence_counts(self) -> dict[str, int]:
+        """What the defences of its :class:`Merge` folds did this round (shares capped, keys
+        too sparse for the robust aggregator), summed over the folds it holds."""
+        total: dict[str, int] = {}
+        for merge in (v for v in vars(self).values() if isinstance(v, Merge)):
+            for key, n in merge.counts.items():
+                total[key] = total.get(key, 0) + n
+        return total
+
 
 class FederatedAlgorithm(ABC):
     """Base class: FedAvg-style download of all weights and upload of trainable ones.
@@ -56,6 +67,8 @@ class FederatedAlgorithm(ABC):
     """
 
     name: ClassVar[str]
+    #: the metrics its clients report besides ``uploads.BASE_METRICS``, with their ranges
+    METRICS: ClassVar[dict[str, Range]] = {}
 
     def __init__(self, cfg: ExperimentConfig):
         self.cfg = cfg
@@ -73,10 +86,32 @@ class FederatedAlgorithm(ABC):
 
     # ---- server side -------------------------------------------------------------------
     def upload_spec(self, model: nn.Module) -> UploadSpec:
-        """What a client may upload (the server rejects anything else). Default: every
-        trainable tensor, required."""
-        trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-        return full_upload(trainable, ExpertModel(model).shape)
+        """What a client may send (the server rejects anything else). Default: every
+        trainable tensor, required; the base metrics and :attr:`METRICS`."""
+        return full_upload(model).declare(self.METRICS)
+
+    def train_settings(self) -> TrainConfig:
+        """The local training its clients run (``[train]``, unless the algorithm trains
+        otherwise)."""
+        return self.cfg.train
+
+    def update_bound(self, numel: int, weight_norm: float) -> float:
+        """The furthest a client's training can move ``numel`` weights whose global norm is
+        ``weight_norm`` (``maths.bounds``): AdamW at :meth:`train_settings`' rate, weight decay
+        and steps. An algorithm that trains otherwise says how far it can go."""
+        t = self.train_settings()
+        return adamw_update_bound(t.lr, t.weight_decay, t.local_steps, numel, weight_norm)
+
+    def merge(self, global_weights: Weights, layout: ExpertLayout | None = None) -> Merge:
+        """A running weighted mean of one round's replies (``mechanics.merging``) under the
+        config's share cap and robust aggregator (``[federation]``)."""
+        fed = self.cfg.federation
+        policy = MergePolicy(
+            max_client_share=fed.max_client_share if fed.defences else 1.0,
+            robust=None if fed.robust == "none" else fed.robust,
+            trim_fraction=fed.trim_fraction,
+        )
+        return Merge(global_weights, layout, policy)
 
     def bind(self, model: nn.Module) -> None:
         """Called once on the server with the initial global model, before round 1, so an

@@ -58,9 +58,14 @@ from hfedmoe.algorithms.mechanics.assignment import (
 )
 from hfedmoe.algorithms.mechanics.hooks import GateUsage, usage_over_data
 from hfedmoe.algorithms.mechanics.layout import ExpertLayout, uploaded_mask
-from hfedmoe.algorithms.mechanics.merging import Merge
 from hfedmoe.algorithms.mechanics.transfer import download, load_held, upload_weights
-from hfedmoe.algorithms.mechanics.uploads import PartialUploads
+from hfedmoe.algorithms.mechanics.uploads import (
+    EXPERTS,
+    IMPORTANCE,
+    USAGE,
+    PartialUploads,
+    Range,
+)
 from hfedmoe.algorithms.messages import BUDGET, ClientUpdate, TrainRequest, Weights
 from hfedmoe.data.tokenized import TokenizedDataset, padded_tokens
 from hfedmoe.foundation.config import ExperimentConfig, HFedMoEConfig
@@ -104,7 +109,7 @@ class SparsityAwareAggregation(Aggregation):
 
     def __init__(self, algorithm: HFedMoE, global_weights: Weights):
         self.algorithm, self.p = algorithm, algorithm.cfg.hfedmoe
-        self.merge = Merge(global_weights, algorithm.layout)
+        self.merge = algorithm.merge(global_weights, algorithm.layout)
         self.dominant: dict[int, torch.Tensor] = {}  # client -> S_c, (L, E) bool
         self.importance: dict[int, torch.Tensor] = {}  # client -> s_c, (L, E)
         # the "why" of METHOD.md §4, measured (maths.diagnostics): expert updates eq. (17)
@@ -140,7 +145,7 @@ class SparsityAwareAggregation(Aggregation):
             mass_L = router_mass(u_LE, s_LE, p.tau).tolist()
             for layer, names in layout.routers.items():
                 for name in names:  # a layer where nobody has a dominant expert keeps its router
-                    self.merge.add(name, update.weights[name], mass_L[layer])
+                    self.merge.add(name, update.weights[name], mass_L[layer], examples=n)
             self.merge.add_shared(update)
         else:
             self.merge.add_shared(update, also=layout.router_names)
@@ -171,7 +176,12 @@ class SparsityAwareAggregation(Aggregation):
 @register
 class HFedMoE(PartialUploads, FederatedAlgorithm):
     name = "hfedmoe"
-    STATS = ("usage", "importance")  # what aggregate() reads from each reply
+    STATS: ClassVar = {"usage": USAGE, "importance": IMPORTANCE}  # what aggregate() reads
+    METRICS: ClassVar = {
+        "experts_used": Range(0, EXPERTS, integer=True),
+        "usage_seconds": Range(),
+        "active_usage_overlap": Range(0, 1),
+    }
     #: ``[hfedmoe]`` settings this algorithm fixes (the ablations, ``ablations.py``)
     forced: ClassVar[dict[str, object]] = {}
 
@@ -257,5 +267,7 @@ class HFedMoE(PartialUploads, FederatedAlgorithm):
         update.metrics["experts_used"] = float((u_LE >= self.cfg.hfedmoe.tau).sum())
         update.metrics["usage_seconds"] = usage_seconds
         update.metrics["forward_tokens"] = float(forward_tokens)
-        update.metrics["active_usage_overlap"] = usage_overlap(u_LE, result.expert_updates)
+        overlap = usage_overlap(u_LE, result.expert_updates)
+        if overlap == overlap:  # undefined (NaN) when it updated no expert: not reported
+            update.metrics["active_usage_overlap"] = overlap
         return update

@@ -24,11 +24,12 @@ from flwr.clientapp import ClientApp
 from transformers import PreTrainedModel
 
 from hfedmoe.algorithms import FederatedAlgorithm, build_algorithm
+from hfedmoe.algorithms.mechanics.uploads import UploadSpec
 from hfedmoe.budget import BudgetExceeded, CostModels, assign_tiers, check_request
 from hfedmoe.data.tokenized import TokenizedDataset
 from hfedmoe.federation import faults, wire
 from hfedmoe.federation.workload import ClientSource, client_model, client_source, label_names
-from hfedmoe.foundation.config import DeviceTier, ExperimentConfig
+from hfedmoe.foundation.config import ATTACK_KINDS, DeviceTier, ExperimentConfig
 from hfedmoe.foundation.errors import ConfigError
 from hfedmoe.foundation.seeding import CLIENT_TRAIN, rng_for, seed_torch
 from hfedmoe.model.state import held_bytes
@@ -83,6 +84,10 @@ def train(msg: Message, context: Context) -> Message:
         update.metrics["extra_flops_predicted"] = price.model.forward_flops * tokens
     if fault == "deadline":
         faults.reply_late(cfg.federation.round_timeout or 0.0)  # after the deadline
+    elif fault in ATTACK_KINDS:
+        spec = _spec(cfg_json)
+        refs = faults.references(update, spec, sent)
+        update = faults.attack(update, fault, refs, spec, cfg, server_round, partition_id)
     elif fault is not None:
         update = faults.corrupt(update, fault, sent)
     by_reference = bool(context.run_config.get(wire.BY_REFERENCE, False))
@@ -103,6 +108,7 @@ def budget(msg: Message, context: Context) -> Message:
         expert_budget=_algorithm(cfg_json).device_budget(costs, tier),
         num_experts=costs.at().num_experts,
         num_partitions=int(context.node_config["num-partitions"]),
+        num_examples=len(_data(cfg_json, partition_id, int(context.node_config["num-partitions"]))),
     )
     return Message(wire.pack_device(reply), reply_to=msg)
 
@@ -132,6 +138,12 @@ def _architecture(cfg_json: str) -> PreTrainedModel:
 def _algorithm(cfg_json: str) -> FederatedAlgorithm:
     """The client side of the algorithm (it keeps no state between rounds on a client)."""
     return build_algorithm(_config(cfg_json))
+
+
+@functools.lru_cache(maxsize=2)
+def _spec(cfg_json: str) -> UploadSpec:
+    """What this client may send (an attacker reads the declared ranges to stay within them)."""
+    return _algorithm(cfg_json).upload_spec(_architecture(cfg_json))
 
 
 @functools.lru_cache(maxsize=2)

@@ -11,6 +11,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -138,12 +139,24 @@ def federate(
     strategy = AlgorithmStrategy(algorithm, cfg, by_reference)
     strategy.spec = algorithm.upload_spec(model)
     round_timeout = cfg.federation.round_timeout or timeout
+    excluded: list[dict] = []
     if resume is None:
-        need = minimum_budget(ExpertModel(model).num_layers, algorithm.holds_subset)
+        em = ExpertModel(model)
+        need = minimum_budget(em.num_layers, algorithm.holds_subset)
         fed = cfg.federation
-        strategy.set_devices(query_devices(grid, need, timeout, fed.num_clients, fed.poll_interval))
+        devices, excluded = query_devices(
+            grid,
+            Admission(
+                need, em.num_layers * em.num_experts, fed.num_clients, workload.partition_sizes
+            ),
+            timeout,
+            fed.clients_per_round,
+            fed.poll_interval,
+        )
+        strategy.set_devices(devices, workload.partition_sizes)
     else:
-        strategy.set_devices({d.pop("node_id"): wire.DeviceReport(**d) for d in resume.devices})
+        devices = {d.pop("node_id"): wire.DeviceReport(**d) for d in resume.devices}
+        strategy.set_devices(devices, workload.partition_sizes)
         load_shared_state(model, resume.weights)
         algorithm.load_state_dict(resume.algorithm)
         if isinstance(grid, ResumableGrid):
@@ -170,6 +183,8 @@ def federate(
         record = _round_record(0, initial, None, [], 0.0, time.perf_counter() - start)
         record.update(_per_client(initial, workload, []))
         record["devices"] = strategy.device_records()
+        if excluded:
+            record["excluded"] = excluded
         recorder.log_round(record)
         checkpoint(0)
     for server_round in range((resume.round if resume else 0) + 1, cfg.federation.rounds + 1):
@@ -188,11 +203,13 @@ def federate(
         eval_start = time.perf_counter()
         result = evaluate(model, workload.test, cfg.eval.batch_size, cfg.train.device)
         eval_seconds = time.perf_counter() - eval_start
-        train_loss = float(train_metrics["train_loss"]) if train_metrics else None
+        train = dict(train_metrics) if train_metrics else {}
+        train_loss = float(train.pop("train_loss")) if train else None
         now = time.perf_counter()
         record = _round_record(
             server_round, result, train_loss, strategy.last_reports, now - round_start, now - start
         )
+        record.update(train)  # what the defences did: groups clipped, shares capped
         record.update(_per_client(result, workload, record["clients"]))
         if aggregated:  # what the algorithm says about this round's aggregation
             record.update(algorithm.round_metrics())
@@ -228,61 +245,100 @@ def wait_for_nodes(grid: Grid, num_nodes: int, timeout: float) -> list[int]:
     return nodes
 
 
+@dataclass(frozen=True)
+class Admission:
+    """What a node's answer to the budget query must say to take part: it can train ``need``
+    experts per batch of a model of ``num_experts`` (L x E), holds a partition of
+    0..``num_clients``-1 and, where the server made the partitions, declares that partition's
+    size (``known_examples``)."""
+
+    need: int
+    num_experts: int
+    num_clients: int
+    known_examples: tuple[int, ...] | None = None
+
+    def refuse(self, d: wire.DeviceReport) -> str | None:
+        """Why a node that answered ``d`` cannot take part, or None."""
+        if d.num_experts != self.num_experts:
+            return f"reports {d.num_experts} experts; the model has {self.num_experts}"
+        if d.num_partitions not in (0, self.num_clients):
+            return (
+                f"node config num-partitions is {d.num_partitions}, expected "
+                f"federation.num_clients = {self.num_clients}"
+            )
+        if d.partition_id >= self.num_clients:
+            return f"partition {d.partition_id} is not a client (expected < {self.num_clients})"
+        if d.expert_budget < self.need:
+            return (
+                f"device tier '{d.tier}' ({d.memory_bytes / 2**30:.2f} GiB) cannot train even "
+                f"{self.need} expert(s) per batch of this model"
+            )
+        known = self.known_examples[d.partition_id] if self.known_examples else None
+        if known is not None and d.num_examples not in (0, known):
+            return f"declares {d.num_examples} examples; its partition has {known}"
+        if known is None and d.num_examples <= 0:
+            return "declares no training examples"
+        return None
+
+
 def query_devices(
-    grid: Grid, need: int, timeout: float, num_nodes: int = 0, interval: float = 0.5
-) -> dict[int, wire.DeviceReport]:
-    """Ask every node for its device and C_budget (before round 1), once ``num_nodes`` are
-    connected; fail if one cannot train even ``need`` experts per batch (one; with strict
-    routing one per MoE layer)."""
+    grid: Grid,
+    admission: Admission,
+    timeout: float,
+    min_nodes: int = 1,
+    interval: float = 0.5,
+) -> tuple[dict[int, wire.DeviceReport], list[dict]]:
+    """Ask every node for its device, C_budget and |D_c| (before round 1), once
+    ``admission.num_clients`` are connected. A node whose answer is an error, malformed, late,
+    or refused by ``admission`` (or that claims another node's partition) is left out of the run
+    with a reason; the run goes on if at least ``min_nodes`` remain. Returns the admitted
+    devices by node id and the left-out nodes (``node_id``, ``reason``)."""
     messages = [
         Message(RecordDict(), dst_node_id=node, message_type=wire.BUDGET_QUERY, group_id="0")
-        for node in sorted(wait_for_nodes(grid, num_nodes, timeout))
+        for node in sorted(wait_for_nodes(grid, admission.num_clients, timeout))
     ]
-    devices = {}
+    devices: dict[int, wire.DeviceReport] = {}
+    refused: dict[int, str] = {}
     for reply in receive(grid, messages, timeout, interval):
         node = reply.metadata.src_node_id
-        if reply.has_error():
-            raise HFedMoEError(f"node {node}: budget query failed: {reply.error.reason}")
+        if node in devices or node in refused:
+            continue
         try:
-            devices[node] = wire.unpack_device(reply.content)
-        except ValueError as exc:
-            raise HFedMoEError(f"node {node}: {exc}") from None
-    check_federation(devices, [m.metadata.dst_node_id for m in messages], num_nodes or None)
-    for node, d in sorted(devices.items()):
-        if d.expert_budget < need:
-            raise ConfigError(
-                f"node {node} (device tier '{d.tier}', {d.memory_bytes / 2**30:.2f} GiB): "
-                f"cannot train even {need} expert(s) per batch of this model"
-            )
-    budgets = {n: d.expert_budget for n, d in devices.items()}
-    log.info("device budgets (node: C_budget): %s", budgets)
-    return devices
-
-
-def check_federation(
-    devices: dict[int, wire.DeviceReport], queried: list[int], num_clients: int | None
-) -> None:
-    """Every queried node answered, and the nodes' partitions are exactly 0..num_clients-1,
-    each once, all told the same number of partitions; else one error naming the problem."""
-    if missing := sorted(set(queried) - set(devices)):
-        raise HFedMoEError(f"node(s) {missing} did not answer the budget query in time")
-    if num_clients is None:
-        return
+            if reply.has_error():
+                raise ValueError(f"budget query failed: {reply.error.reason}")
+            device = wire.unpack_device(reply.content)
+        except Exception as exc:  # an untrusted answer: whatever it holds, the node is left out
+            refused[node] = str(exc) if isinstance(exc, ValueError) else f"malformed: {exc!r}"
+            continue
+        if reason := admission.refuse(device):
+            refused[node] = reason
+        else:
+            devices[node] = device
+    for message in messages:
+        node = message.metadata.dst_node_id
+        if node not in devices and node not in refused:
+            refused[node] = "no answer to the budget query in time"
     by_partition: dict[int, list[int]] = {}
     for node, d in devices.items():
         by_partition.setdefault(d.partition_id, []).append(node)
-        if d.num_partitions not in (0, num_clients):
-            raise ConfigError(
-                f"node {node}: node config num-partitions is {d.num_partitions}, expected "
-                f"federation.num_clients = {num_clients}"
-            )
-    if twice := {p: n for p, n in by_partition.items() if len(n) > 1}:
-        raise ConfigError(f"node config partition-id: nodes share a partition: {twice}")
-    if sorted(by_partition) != list(range(num_clients)):
-        raise ConfigError(
-            f"node config partition-id: the nodes hold partitions {sorted(by_partition)}, "
-            f"expected 0..{num_clients - 1} (federation.num_clients = {num_clients})"
+    for partition, nodes in by_partition.items():
+        if len(nodes) > 1:  # nobody can tell which one holds it: neither takes part
+            for node in nodes:
+                refused[node] = f"nodes {nodes} all claim partition {partition}"
+                del devices[node]
+    excluded = [{"node_id": n, "reason": r} for n, r in sorted(refused.items())]
+    for row in excluded:
+        log.warning("node %d is left out of the run: %s", row["node_id"], row["reason"])
+    if len(devices) < min_nodes:
+        reasons = "; ".join(f"node {row['node_id']}: {row['reason']}" for row in excluded)
+        raise HFedMoEError(
+            f"federation.clients_per_round: {min_nodes} nodes needed, {len(devices)} can take "
+            f"part ({reasons})"
         )
+    log.info(
+        "device budgets (node: C_budget): %s", {n: d.expert_budget for n, d in devices.items()}
+    )
+    return devices, excluded
 
 
 def _per_client(result, workload, clients: list[dict]) -> dict:

@@ -2,19 +2,23 @@
 
 It samples clients, turns the algorithm's per-client tasks into messages, and turns the
 replies back into updates for the algorithm's aggregation; it does no arithmetic itself.
-Every reply is checked first (``hfedmoe.algorithms.mechanics.validation``): an error, a malformed or
-rejected update, or no reply at all makes that client a failure with a reason, and only the
-accepted updates are aggregated. Per-client outcomes of the last round are kept in
-:attr:`AlgorithmStrategy.last_reports`.
+Every reply is checked whole before anything reads it (``wire.unpack_update`` for its shape,
+``hfedmoe.algorithms.mechanics.validation`` for its content, against what the server asked and
+knows): an error, a malformed or rejected reply, or no reply at all makes that client a failure
+with a reason, nothing a reply holds can raise out of :meth:`AlgorithmStrategy.aggregate_train`,
+and only the accepted updates are aggregated. With ``federation.defences`` a client's weight is
+the number of examples the server knows it holds, not the number it reports. Per-client
+outcomes of the last round are kept in :attr:`AlgorithmStrategy.last_reports`.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import time
-from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
 from flwr.serverapp import Grid
@@ -22,7 +26,7 @@ from flwr.serverapp.strategy import Strategy
 
 from hfedmoe.algorithms import ClientUpdate, FederatedAlgorithm, Weights
 from hfedmoe.algorithms.mechanics.uploads import UploadSpec
-from hfedmoe.algorithms.mechanics.validation import all_finite, check_update
+from hfedmoe.algorithms.mechanics.validation import Expectation, all_finite, check_update
 from hfedmoe.federation import wire
 from hfedmoe.foundation.config import ExperimentConfig
 from hfedmoe.foundation.seeding import SAMPLING, rng_for
@@ -74,9 +78,15 @@ class ClientReport:
     # HFedMoE: the share of the experts it updated that are among its most-used by eq. (16)
     active_usage_overlap: float | None = None
     expert_updates: list[int] | None = None  # batches each expert was updated in, L x E flat
+    clipped: int = 0  # groups pulled back to the update bound (federation.update_bound = clip)
+    bound_ratio: float | None = None  # its groups' largest distance over their update bound
+    #: the algorithm's other declared metrics (a plugin's, FLUX's expert roles), as reported
+    metrics: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        row = asdict(self)
+        metrics = row.pop("metrics")
+        return {**row, **metrics}
 
 
 def _describe(report: ClientReport, update: ClientUpdate, partition_id: int, bytes_up: int) -> None:
@@ -104,10 +114,11 @@ def _describe(report: ClientReport, update: ClientUpdate, partition_id: int, byt
     report.memory_held_predicted_bytes = m.get("memory_held_predicted_bytes")
     report.memory_unmerged_bytes = m.get("memory_unmerged_bytes")
     report.experts_merged = _int_or_none(m.get("experts_merged"))
-    overlap = m.get("active_usage_overlap")
-    report.active_usage_overlap = None if overlap is None or overlap != overlap else overlap
+    report.active_usage_overlap = m.get("active_usage_overlap")
     if "expert_updates" in update.stats:
-        report.expert_updates = update.stats["expert_updates"].flatten().tolist()
+        report.expert_updates = update.stats["expert_updates"].long().flatten().tolist()
+    known = {f.name for f in dataclasses.fields(ClientReport)} | {"train_seconds"}
+    report.metrics = {k: v for k, v in sorted(m.items()) if k not in known}
 
 
 def _int_or_none(x: float | None) -> int | None:
@@ -145,15 +156,30 @@ class AlgorithmStrategy(Strategy):
         self.devices: dict[int, wire.DeviceReport] = {}  # node id -> its budget query answer
         self.nodes: dict[int, int] = {}  # client (partition) id -> node id
         self.spec: UploadSpec | None = None  # what clients may upload; None = anything
+        #: client -> the |D_c| its replies must state (known or declared before round 1) and
+        #: the weight its data carries (that, capped by max_examples_per_client)
+        self.examples: dict[int, int] = {}
+        self.weights: dict[int, int] = {}
         self.aggregate_rejected = False  # the last round's aggregate was not finite
         self.aggregate_seconds = 0.0  # the last round's aggregation arithmetic (fold + finish)
         self._sampled: list[int] = []
+        self._configs: dict[int, Mapping[str, object]] = {}  # node -> its request's config
+        self._cache: dict = {}  # what this round's replies are checked against (validation)
 
-    def set_devices(self, devices: dict[int, wire.DeviceReport]) -> None:
-        """The nodes' answers to the budget query, by node id; they name each node's client."""
+    def set_devices(
+        self, devices: dict[int, wire.DeviceReport], known_examples: Sequence[int] | None = None
+    ) -> None:
+        """The nodes' answers to the budget query, by node id; they name each node's client and
+        its |D_c|: ``known_examples[partition]`` where the server made the partitions, else
+        what the node declared."""
         self.devices = dict(devices)
         self.nodes = {d.partition_id: node for node, d in self.devices.items()}
         self.algorithm.set_budgets({d.partition_id: d.expert_budget for d in devices.values()})
+        cap = self.cfg.federation.max_examples_per_client
+        for d in devices.values():
+            n = known_examples[d.partition_id] if known_examples else d.num_examples
+            self.examples[d.partition_id] = n
+            self.weights[d.partition_id] = n if cap is None else min(n, cap)
 
     def summary(self) -> None:
         """Flower calls this to describe the strategy; ours is described by the config."""
@@ -162,13 +188,13 @@ class AlgorithmStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self._global = arrays.to_torch_state_dict()
-        self._global_norms: dict[str, float] = {}  # validation's cache for this round
+        self._cache = {}  # validation's norms of this round's global weights
         if not self.nodes:  # no budget query (tests): the node ids serve as client ids
             self.nodes = {n: n for n in grid.get_node_ids()}
         sampled = sample_clients(
             self.nodes, self.cfg.federation.clients_per_round, self.cfg.seed, server_round
         )
-        messages, self._bytes_down, self._requested = [], {}, {}
+        messages, self._bytes_down, self._requested, self._configs = [], {}, {}, {}
         self._sampled = sampled
         self.algorithm.configure_round(server_round, sampled)
         # weights that several requests share (the same dict), packed once; the dict is kept
@@ -183,6 +209,7 @@ class AlgorithmStrategy(Strategy):
                 packed[key] = (request.weights, record)
             content = wire.pack_request(request, server_round, arrays=packed[key][1])
             self._bytes_down[node] = wire.payload_bytes(content)
+            self._configs[node] = request.config
             device = self.devices.get(node)
             pool = device.num_experts if device else None
             self._requested[node] = request.requested_experts(pool) if pool else None
@@ -208,13 +235,17 @@ class AlgorithmStrategy(Strategy):
         saved = copy.deepcopy(self.algorithm.state_dict())
         fold = None
         self.aggregate_seconds = 0.0
-        reports, examples, loss_sum = [], 0, 0.0
+        reports, examples, loss_sum, clipped = [], 0, 0.0, 0
         for reply in replies:
             node = reply.metadata.src_node_id
+            if node not in self._bytes_down or node in {r.node_id for r in reports}:
+                log.warning("round %d: a reply from node %d was not asked for", server_round, node)
+                continue  # no message of this round went to it, or it answered already
             report = self._report(server_round, node)
             reports.append(report)
             update = self._accept(report, reply)
             if update is not None:
+                clipped += report.clipped
                 started = time.perf_counter()
                 if fold is None:
                     fold = self.algorithm.aggregation(server_round, self._global)
@@ -241,30 +272,58 @@ class AlgorithmStrategy(Strategy):
             log.error("round %d: the aggregate is not finite; the model stays", server_round)
             return None, None
         # the server's own record: it never crosses a wire, so it holds the tensors as they are
-        return wire.TensorRecord(new_global), MetricRecord({"train_loss": loss_sum / examples})
+        metrics = {"train_loss": loss_sum / examples, "clipped": clipped}
+        return wire.TensorRecord(new_global), MetricRecord({**metrics, **fold.defence_counts()})
 
     def _accept(self, report: ClientReport, reply: Message) -> ClientUpdate | None:
-        """The reply's update if it is valid, else None with ``report`` failed and why."""
+        """The reply's update if it is valid, else None with ``report`` failed and why. Nothing
+        in a reply raises out of here: whatever a broken or hostile client sends is a failure."""
+        try:
+            return self._checked(report, reply)
+        except Exception as exc:
+            self._fail(report, "malformed", f"{type(exc).__name__}: {exc}")
+            return None
+
+    def _checked(self, report: ClientReport, reply: Message) -> ClientUpdate | None:
         if reply.has_error():
             code = reply.error.code
             failure = "budget" if code == wire.BUDGET_EXCEEDED else "error"
-            self._fail(report, failure, reply.error.reason)
+            self._fail(report, failure, str(reply.error.reason))
             return None
         bytes_up = wire.payload_bytes(reply.content)  # before unpacking consumes the reply
-        try:
-            update, partition_id = wire.unpack_update(reply.content)
-        except Exception as exc:  # whatever a broken client sends must not stop the server
-            self._fail(report, "malformed", f"{type(exc).__name__}: {exc}")
+        update, partition_id = wire.unpack_update(reply.content)
+        client = self._client(report.node_id)
+        if self.devices and partition_id != client:
+            self._fail(report, "partition", f"the reply is partition {partition_id}'s")
             return None
-        ratio = self.cfg.federation.max_update_ratio
-        rejection = self.spec and check_update(
-            update, self.spec, self._global, ratio, self._global_norms
-        )
-        if rejection:
-            self._fail(report, rejection.reason, rejection.detail)
-            return None
+        if self.spec is not None:
+            verdict = check_update(
+                update, self.spec, self._global, self._expectation(report.node_id), self._cache
+            )
+            if verdict.update is None:
+                assert verdict.rejection is not None
+                self._fail(report, verdict.rejection.reason, verdict.rejection.detail)
+                return None
+            update, report.clipped = verdict.update, verdict.clipped
+            report.bound_ratio = verdict.bound_ratio
+        weight = self.weights.get(client) if self.cfg.federation.defences else None
+        if weight is not None and weight != update.num_examples:  # max_examples_per_client
+            update = dataclasses.replace(update, num_examples=weight)
         _describe(report, update, partition_id, bytes_up)
         return update
+
+    def _expectation(self, node: int) -> Expectation:
+        """What the server asked of ``node`` this round and knows about it."""
+        fed = self.cfg.federation
+        defended = fed.defences
+        return Expectation(
+            steps=self.algorithm.train_settings().local_steps,
+            examples=self.examples.get(self._client(node)) if defended else None,
+            config=self._configs.get(node, {}),
+            bound=self.algorithm.update_bound if defended else None,
+            clip=fed.update_bound == "clip",
+            max_update_ratio=fed.max_update_ratio,
+        )
 
     def device_records(self) -> list[dict]:
         """Every node's device, in client order (the same on every engine)."""

@@ -22,6 +22,7 @@ reference instead of serialised into Flower's arrays. Such a record refuses to c
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import io
 from collections.abc import Mapping
@@ -129,19 +130,35 @@ def pack_update(update: ClientUpdate, partition_id: int, by_reference: bool = Fa
 def unpack_update(content: RecordDict) -> tuple[ClientUpdate, int]:
     """The update in a reply, which it consumes: the reply's arrays are let go as they are
     converted (Flower's RecordDict lives in a reference cycle until the garbage collector
-    runs, so a reply that kept them would keep a whole update alive after its fold)."""
-    metrics = dict(content.metric_records[METRICS])
-    num_examples = int(metrics.pop(NUM_EXAMPLES))
-    partition_id = int(metrics.pop(PARTITION_ID))
+    runs, so a reply that kept them would keep a whole update alive after its fold).
+
+    Only the reply's shape is checked here (its records, |D_c| and partition id are integers);
+    the metrics are passed on as they came, for ``validation`` to check against what the
+    algorithm declares. A ValueError says what is wrong."""
+    if extra := sorted(set(content) - {ARRAYS, METRICS, STATS}):
+        raise ValueError(f"the reply holds a record '{extra[0]}' no reply has")
+    arrays = content.array_records.get(ARRAYS)
+    metrics_record = content.metric_records.get(METRICS)
+    if arrays is None or metrics_record is None:
+        raise ValueError(f"the reply lacks its '{ARRAYS}' or '{METRICS}' record")
+    metrics = dict(metrics_record)
+    num_examples = _integer(metrics.pop(NUM_EXAMPLES, None), NUM_EXAMPLES)
+    partition_id = _integer(metrics.pop(PARTITION_ID, None), PARTITION_ID)
     stats_record = content.array_records.get(STATS)
     stats = {} if stats_record is None else stats_record.to_torch_state_dict(keep_input=False)
     update = ClientUpdate(
-        weights=content.array_records[ARRAYS].to_torch_state_dict(keep_input=False),
+        weights=arrays.to_torch_state_dict(keep_input=False),
         num_examples=num_examples,
-        metrics={k: float(v) for k, v in metrics.items()},
+        metrics=metrics,
         stats=stats,
     )
     return update, partition_id
+
+
+def _integer(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} is {value!r}, expected an integer")
+    return value
 
 
 @dataclass(frozen=True)
@@ -154,6 +171,18 @@ class DeviceReport:
     expert_budget: int  # C_budget(c); -1 = cannot even hold the model
     num_experts: int  # L x E
     num_partitions: int = 0  # as the node was told (node config); 0 = not reported
+    num_examples: int = 0  # |D_c|, the size of its training data; 0 = not reported
+
+
+#: the least each DeviceReport field may be (its type is its annotation's)
+_DEVICE_MINIMA = {
+    "partition_id": 0,
+    "memory_bytes": 0,
+    "expert_budget": -1,
+    "num_experts": 1,
+    "num_partitions": 0,
+    "num_examples": 0,
+}
 
 
 def pack_device(report: DeviceReport) -> RecordDict:
@@ -161,9 +190,27 @@ def pack_device(report: DeviceReport) -> RecordDict:
 
 
 def unpack_device(content: RecordDict) -> DeviceReport:
+    """The node's :class:`DeviceReport`, every field checked: a ValueError names what is
+    wrong (a node's answer is untrusted input like any reply)."""
+    record = content.config_records.get(DEVICE) if isinstance(content, RecordDict) else None
+    if record is None or set(content) != {DEVICE}:
+        raise ValueError(f"malformed budget reply: expected one '{DEVICE}' record")
+    values = dict(record)
+    fields = {f.name for f in dataclasses.fields(DeviceReport)}
+    if unknown := sorted(set(values) - fields):
+        raise ValueError(f"malformed budget reply: unknown field '{unknown[0]}'")
+    for name, value in values.items():
+        if name == "tier":
+            if not isinstance(value, str) or len(value) > 100:
+                raise ValueError(f"malformed budget reply: tier is {value!r}, expected a name")
+        elif isinstance(value, bool) or not isinstance(value, int) or value < _DEVICE_MINIMA[name]:
+            raise ValueError(
+                f"malformed budget reply: {name} is {value!r}, expected an integer >= "
+                f"{_DEVICE_MINIMA[name]}"
+            )
     try:
-        return DeviceReport(**dict(content.config_records[DEVICE]))
-    except (KeyError, TypeError) as exc:
+        return DeviceReport(**values)
+    except TypeError as exc:  # a required field missing
         raise ValueError(f"malformed budget reply ({exc})") from None
 
 

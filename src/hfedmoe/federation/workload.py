@@ -34,6 +34,7 @@ class ServerWorkload:
     label_names: tuple[str, ...]
     test_keys: np.ndarray  # each test row's partition key (label or group)
     client_shares: np.ndarray  # (C, K) each client's share of each key (per-client views)
+    partition_sizes: tuple[int, ...]  # |D_c| of every client, as the server partitioned the data
 
 
 def server_workload(cfg: ExperimentConfig) -> ServerWorkload:
@@ -53,7 +54,9 @@ def server_workload(cfg: ExperimentConfig) -> ServerWorkload:
     num_keys = int(max(keys.max(initial=0), test_keys.max(initial=0))) + 1
     parts = partitions(cfg, split.train, cfg.federation.num_clients)
     shares = key_shares(parts, keys, num_keys)
-    return ServerWorkload(model, tokenizer, test, split.train.label_names, test_keys, shares)
+    sizes = tuple(len(p) for p in parts)
+    names = split.train.label_names
+    return ServerWorkload(model, tokenizer, test, names, test_keys, shares, sizes)
 
 
 @dataclass(frozen=True)

@@ -309,7 +309,44 @@ class FederationConfig(Section):
         10.0,
         gt=0,
         description="Reject an update whose distance from the global weights exceeds this "
-        "multiple of their norm (an absurd update).",
+        "multiple of their norm (an absurd update, whatever the optimizer).",
+    )
+    defences: bool = Field(
+        True,
+        description="Bound what one client can do to the aggregate: the weight of its data is "
+        "the size the server knows, its reported statistics can buy it at most "
+        "max_client_share of any group, and no group moves further than the optimizer can "
+        "move it (update_bound). false: trust what clients report (to measure attacks).",
+    )
+    max_examples_per_client: int | None = Field(
+        None,
+        gt=0,
+        description="The most examples any client's weight counts (a deployment's nodes declare "
+        "their own sizes); null = no cap.",
+    )
+    max_client_share: float = Field(
+        0.5,
+        ge=0.5,
+        le=1,
+        description="The largest share of a group's aggregation weight a client's reported "
+        "statistics can buy it (beyond its share of the group's examples); 1 = no cap.",
+    )
+    update_bound: Literal["reject", "clip"] = Field(
+        "reject",
+        description="A group (expert, router, shared parameters) moved further than the "
+        "optimizer's steps can move it: reject the reply, or pull the group back to the bound.",
+    )
+    robust: Literal["none", "median", "trimmed-mean"] = Field(
+        "none",
+        description="Aggregate each group by the coordinate-wise median or trimmed mean of the "
+        "round's replies (holds every reply of the round; groups with fewer than 3 replies fall "
+        "back to the weighted mean).",
+    )
+    trim_fraction: float = Field(
+        0.25,
+        gt=0,
+        lt=0.5,
+        description="robust = trimmed-mean: the share of values dropped at each end.",
     )
     check_wire: bool = Field(
         False,
@@ -483,8 +520,17 @@ FaultKind = Literal[
     "unknown-key",
     "missing-key",
     "norm",  # an update far too large
+    # attacks (persistent with faults.attackers): what a hostile client sends
+    "inflate-examples",  # claims 10^12 examples
+    "sign-flip",  # its update negated: w_global - delta
+    "scale-update",  # its update times faults.scale
+    "noise",  # its weights plus Gaussian noise at each tensor's own scale
+    "inflate-stats",  # every statistic at the edge of its declared range
+    "inf-metric",  # a metric that is infinite
 ]
 FAULT_KINDS: tuple[str, ...] = FaultKind.__args__  # type: ignore[attr-defined]
+#: the attacks, which faults.rate draws only where faults.kinds lists them
+ATTACK_KINDS = FAULT_KINDS[FAULT_KINDS.index("inflate-examples") :]
 
 
 class FaultEvent(Section):
@@ -502,7 +548,9 @@ class FaultsConfig(Section):
         0.0, ge=0, le=1, description="Probability that a sampled client misbehaves in a round."
     )
     kinds: list[FaultKind] = Field(
-        default_factory=lambda: [k for k in FAULT_KINDS if k != "deadline"],
+        default_factory=lambda: [
+            k for k in FAULT_KINDS if k != "deadline" and k not in ATTACK_KINDS
+        ],
         min_length=1,
         description="What a faulty client does, drawn uniformly (deadline needs "
         "federation.round_timeout).",
@@ -510,6 +558,14 @@ class FaultsConfig(Section):
     events: list[FaultEvent] = Field(
         default_factory=list, description="Faults at fixed (round, partition), besides rate."
     )
+    attackers: list[int] = Field(
+        default_factory=list,
+        description="Clients (partition ids) that do faults.attack whenever they are sampled.",
+    )
+    attack: FaultKind | None = Field(
+        None, description="What the attackers do (any fault kind; dropout: they take no part)."
+    )
+    scale: float = Field(10.0, gt=0, description="The factor of a scale-update attack.")
 
 
 class DeviceTier(Section):
@@ -605,12 +661,31 @@ class ExperimentConfig(Section):
         kinds |= {e.kind for e in self.faults.events}
         if "deadline" in kinds and self.federation.round_timeout is None:
             raise ValueError("faults: a 'deadline' fault needs federation.round_timeout")
+        if bool(self.faults.attackers) != (self.faults.attack is not None):
+            raise ValueError("faults: attackers and attack go together (both set, or neither)")
+        for i, p in enumerate(self.faults.attackers):
+            if p >= self.federation.num_clients:
+                raise ValueError(
+                    f"faults.attackers[{i}]: {p} is not a client (expected < "
+                    f"federation.num_clients = {self.federation.num_clients})"
+                )
+        if self.faults.attack == "deadline" and self.federation.round_timeout is None:
+            raise ValueError("faults: a 'deadline' attack needs federation.round_timeout")
         for i, e in enumerate(self.faults.events):
             if e.partition >= self.federation.num_clients:
                 raise ValueError(
                     f"faults.events[{i}].partition: {e.partition} is not a client (expected "
                     f"< federation.num_clients = {self.federation.num_clients})"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _robust_needs_a_mean(self) -> ExperimentConfig:
+        if self.federation.robust != "none" and self.hfedmoe.router_alpha == "as_written":
+            raise ValueError(
+                "federation.robust: eq. (20) as written (hfedmoe.router_alpha) is a sum over "
+                "|S_global|, not a mean a robust statistic can replace; expected 'normalized'"
+            )
         return self
 
     @model_validator(mode="after")

@@ -14,8 +14,8 @@ from hfedmoe.algorithms.messages import ClientUpdate, Weights
 
 
 class _Average(Aggregation):
-    def __init__(self, global_weights: Weights):
-        self.merge = Merge(global_weights)
+    def __init__(self, merge: Merge):
+        self.merge = merge
 
     def add(self, client: int, update: ClientUpdate) -> None:
         for name, x in update.weights.items():
@@ -31,4 +31,4 @@ class FedAvg(FederatedAlgorithm):
     name = "fedavg"
 
     def aggregation(self, server_round: int, global_weights: Weights) -> Aggregation:
-        return _Average(global_weights)
+        return _Average(self.merge(global_weights))

@@ -17,6 +17,8 @@ As METHOD.md §9 describes it, with these decisions where the paper is vague:
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import numpy as np
 import torch
 from torch import nn
@@ -31,9 +33,8 @@ from hfedmoe.algorithms.mechanics.assignment import (
 )
 from hfedmoe.algorithms.mechanics.hooks import AssignedExperts
 from hfedmoe.algorithms.mechanics.layout import ExpertLayout
-from hfedmoe.algorithms.mechanics.merging import Merge
 from hfedmoe.algorithms.mechanics.transfer import download, load_held, upload_weights
-from hfedmoe.algorithms.mechanics.uploads import PartialUploads
+from hfedmoe.algorithms.mechanics.uploads import HELD, USAGE, PartialUploads
 from hfedmoe.algorithms.messages import BUDGET, ClientUpdate, TrainRequest, Weights
 from hfedmoe.data.tokenized import TokenizedDataset
 from hfedmoe.foundation.seeding import STRICT_HELD, rng_for
@@ -51,7 +52,7 @@ class _Modular(Aggregation):
 
     def __init__(self, algorithm: FedMoE, global_weights: Weights):
         self.algorithm = algorithm
-        self.merge = Merge(global_weights, algorithm.layout)
+        self.merge = algorithm.merge(global_weights, algorithm.layout)
         self.usage: dict[int, torch.Tensor] = {}
         self.examples: dict[int, int] = {}
 
@@ -78,7 +79,7 @@ class _Modular(Aggregation):
 @register
 class FedMoE(PartialUploads, FederatedAlgorithm):
     name = "fedmoe"
-    STATS = ("usage", "held")  # what aggregate() reads from each reply
+    STATS: ClassVar = {"usage": USAGE, "held": HELD}  # what aggregate() reads from each reply
 
     def bind(self, model: nn.Module) -> None:
         self.layout = ExpertLayout.of(model)

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -45,10 +46,11 @@ from hfedmoe.algorithms.base import Aggregation, FederatedAlgorithm, register
 from hfedmoe.algorithms.maths.load_balancing import balance_loss, client_weight
 from hfedmoe.algorithms.mechanics.layout import ExpertLayout
 from hfedmoe.algorithms.mechanics.merging import Merge
+from hfedmoe.algorithms.mechanics.uploads import EXPERTS, Range
 from hfedmoe.algorithms.messages import ClientUpdate, TrainRequest, Weights
 from hfedmoe.budget import CostModel, CostModels, Price
 from hfedmoe.data.tokenized import TokenizedDataset
-from hfedmoe.foundation.config import DeviceTier
+from hfedmoe.foundation.config import DeviceTier, TrainConfig
 from hfedmoe.model.adapters import routing_top_k
 from hfedmoe.model.experts import ExpertModel
 from hfedmoe.model.state import load_shared_state
@@ -117,8 +119,8 @@ class _FedAvgAdapters(Aggregation):
     """Every adapter parameter (and a classifier head) by |D_c|; with ``activated``, each
     expert over the clients whose batches were routed to it."""
 
-    def __init__(self, global_weights: Weights, layout: ExpertLayout, activated: bool):
-        self.merge = Merge(global_weights, layout)
+    def __init__(self, merge: Merge, activated: bool):
+        self.merge = merge
         self.activated = activated
 
     def add(self, client: int, update: ClientUpdate) -> None:
@@ -137,6 +139,7 @@ class _FedAvgAdapters(Aggregation):
 @register
 class FFTMoE(FederatedAlgorithm):
     name = "fftmoe"
+    METRICS: ClassVar = {"top_k": Range(1, EXPERTS, integer=True)}
 
     def bind(self, model: nn.Module) -> None:
         self.layout = ExpertLayout.of(model)
@@ -155,6 +158,11 @@ class FFTMoE(FederatedAlgorithm):
         model = costs.at(self.top_k(request))
         return Price(model, model.num_experts)
 
+    def train_settings(self) -> TrainConfig:
+        """``[train]``, at the adapters' own rate where ``fftmoe.lr`` sets one."""
+        lr = self.cfg.fftmoe.lr
+        return self.cfg.train if lr is None else self.cfg.train.model_copy(update={"lr": lr})
+
     def top_k(self, request: TrainRequest) -> int:
         return int(request.config.get(TOP_K, self.cfg.fftmoe.k_max))  # type: ignore[arg-type]
 
@@ -167,9 +175,8 @@ class FFTMoE(FederatedAlgorithm):
         return TrainRequest(global_weights, {TOP_K: k})
 
     def aggregation(self, server_round: int, global_weights: Weights) -> Aggregation:
-        return _FedAvgAdapters(
-            global_weights, self.layout, self.cfg.fftmoe.aggregation == "activated"
-        )
+        activated = self.cfg.fftmoe.aggregation == "activated"
+        return _FedAvgAdapters(self.merge(global_weights, self.layout), activated)
 
     # ---- client side ---------------------------------------------------------------------
     def train_client(
@@ -182,9 +189,8 @@ class FFTMoE(FederatedAlgorithm):
         load_shared_state(model, request.weights)
         f = self.cfg.fftmoe
         hooks = BalancedRouting(model, f.lam, f.heterogeneity == "kl")
-        train = self.cfg.train if f.lr is None else self.cfg.train.model_copy(update={"lr": f.lr})
         with routing_top_k(model, self.top_k(request)), hooks.recording():
-            result = train_local(model, data, train, rng, hooks)
+            result = train_local(model, data, self.train_settings(), rng, hooks)
         update = self._update(model, data, result)
         update.metrics["top_k"] = float(self.top_k(request))
         return update

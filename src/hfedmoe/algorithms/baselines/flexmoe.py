@@ -23,6 +23,7 @@ As METHOD.md §9 describes it, with these decisions where the paper is vague:
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -32,9 +33,8 @@ from hfedmoe.algorithms.base import Aggregation, FederatedAlgorithm, register
 from hfedmoe.algorithms.mechanics.assignment import ASSIGNED, assigned_mask, own_or_mean
 from hfedmoe.algorithms.mechanics.hooks import AssignedExperts
 from hfedmoe.algorithms.mechanics.layout import ExpertLayout
-from hfedmoe.algorithms.mechanics.merging import Merge
 from hfedmoe.algorithms.mechanics.transfer import upload_weights
-from hfedmoe.algorithms.mechanics.uploads import PartialUploads, UploadSpec, partial_upload
+from hfedmoe.algorithms.mechanics.uploads import USAGE, PartialUploads, UploadSpec, partial_upload
 from hfedmoe.algorithms.messages import BUDGET, ClientUpdate, TrainRequest, Weights
 from hfedmoe.data.tokenized import TokenizedDataset
 from hfedmoe.foundation.seeding import FLEX_ASSIGN, rng_for
@@ -74,13 +74,13 @@ class _ByUsage(Aggregation):
 
     def __init__(self, algorithm: FlexMoE, global_weights: Weights):
         self.algorithm = algorithm
-        self.merge = Merge(global_weights, algorithm.layout)
+        self.merge = algorithm.merge(global_weights, algorithm.layout)
         self.fitness: dict[int, torch.Tensor] = {}
 
     def add(self, client: int, update: ClientUpdate) -> None:
         u_LE = update.stats["usage"].double()
         updated_LE = update.stats["expert_updates"] > 0
-        self.merge.add_experts(update, torch.where(updated_LE, u_LE, 0.0))
+        self.merge.add_experts(update, torch.where(updated_LE, u_LE, 0.0))  # not capped (merging)
         self.merge.add_shared(update)  # routers stay home
         self.fitness[client] = u_LE * math.exp(-update.metrics["train_loss"])
 
@@ -92,7 +92,7 @@ class _ByUsage(Aggregation):
 @register
 class FlexMoE(PartialUploads, FederatedAlgorithm):
     name = "flexmoe"
-    STATS = ("usage",)  # what aggregate() reads from each reply
+    STATS: ClassVar = {"usage": USAGE}  # what aggregate() reads from each reply
 
     def bind(self, model: nn.Module) -> None:
         self.layout = ExpertLayout.of(model)
@@ -158,7 +158,7 @@ class FlexMoE(PartialUploads, FederatedAlgorithm):
     def upload_spec(self, model: nn.Module) -> UploadSpec:
         """Routers stay home: a client must not upload them."""
         routers = frozenset(ExpertLayout.of(model).router_names)
-        return partial_upload(model, exclude=routers, stats=self.STATS)
+        return partial_upload(model, exclude=routers, stats=self.STATS).declare(self.METRICS)
 
     def state_dict(self) -> dict:
         return {"fitness": dict(self.fitness)}

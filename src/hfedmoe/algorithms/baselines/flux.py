@@ -64,6 +64,7 @@ import time
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -81,9 +82,15 @@ from hfedmoe.algorithms.maths.flux import (
 )
 from hfedmoe.algorithms.mechanics.assignment import ASSIGNED, assigned_mask, mask_of, own_or_mean
 from hfedmoe.algorithms.mechanics.layout import ExpertLayout, expert_key
-from hfedmoe.algorithms.mechanics.merging import Merge
 from hfedmoe.algorithms.mechanics.transfer import upload_weights
-from hfedmoe.algorithms.mechanics.uploads import UploadSpec, partial_upload
+from hfedmoe.algorithms.mechanics.uploads import (
+    EXAMPLES,
+    EXPERTS,
+    Range,
+    Statistic,
+    UploadSpec,
+    partial_upload,
+)
 from hfedmoe.algorithms.messages import BUDGET, ClientUpdate, TrainRequest, Weights
 from hfedmoe.budget import CostModel, CostModels, Price
 from hfedmoe.data.tokenized import TokenizedDataset, sequential_batches
@@ -97,7 +104,13 @@ from hfedmoe.training.device import on_device, to_device
 
 EXPLORE = "explore-experts"  # request config: flat indices of the explore experts
 MERGED = "merged-budget"  # request config (client side): B_non(i)
-STATS = ("utility", "fresh", "frequency", "routed_samples")
+#: what each reply carries per expert: u_i(e) and whether it is fresh, f_e and |D_i^e|
+STATS = {
+    "utility": Statistic(Range()),
+    "fresh": Statistic(Range(0, 1, integer=True)),
+    "frequency": Statistic(Range(0, 1)),
+    "routed_samples": Statistic(Range(0, EXAMPLES, integer=True)),
+}
 
 
 # ---- step 1: profiling -------------------------------------------------------------------
@@ -339,13 +352,13 @@ class _ByTuners(Aggregation):
 
     def __init__(self, algorithm: Flux, global_weights: Weights):
         self.algorithm = algorithm
-        self.merge = Merge(global_weights, algorithm.layout)
+        self.merge = algorithm.merge(global_weights, algorithm.layout)
         self.reports: dict[int, dict[str, torch.Tensor]] = {}
 
     def add(self, client: int, update: ClientUpdate) -> None:
         tuned_LE = update.stats["expert_updates"] > 0
         mass_LE = update.stats["routed_samples"].double().clamp_min(1.0) * tuned_LE
-        self.merge.add_experts(update, mass_LE)
+        self.merge.add_experts(update, mass_LE)  # |D_i^e| <= |D_i|: not capped (merging)
         routers = self.algorithm.layout.router_names if self.algorithm.cfg.flux.train_shared else []
         self.merge.add_shared(update, also=routers)  # a new head, and what else trained
         self.reports[client] = {k: update.stats[k] for k in ("utility", "fresh", "frequency")}
@@ -359,6 +372,14 @@ class _ByTuners(Aggregation):
 @register
 class Flux(FederatedAlgorithm):
     name = "flux"
+    METRICS: ClassVar = {
+        "usage_seconds": Range(),
+        "memory_unmerged_bytes": Range(),
+        "memory_held_predicted_bytes": Range(),
+        "experts_exploit": Range(0, EXPERTS, integer=True),
+        "experts_explore": Range(0, EXPERTS, integer=True),
+        "experts_merged": Range(0, EXPERTS, integer=True),
+    }
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -433,7 +454,7 @@ class Flux(FederatedAlgorithm):
             if n not in layout.expert_names and id(p) not in heads
         )
         exclude = frozenset() if self.cfg.flux.train_shared else shared
-        return partial_upload(model, exclude=exclude, stats=STATS)
+        return partial_upload(model, exclude=exclude, stats=STATS).declare(self.METRICS)
 
     # ---- client side -------------------------------------------------------------------------
     def train_client(

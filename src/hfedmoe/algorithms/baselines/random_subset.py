@@ -48,8 +48,8 @@ def draw_experts(shape: tuple[int, int], budget: int, rng: np.random.Generator) 
 class _ByUpdaters(Aggregation):
     """Each expert by |D_c| over the clients that updated it; routers and the rest by |D_c|."""
 
-    def __init__(self, global_weights: Weights, layout: ExpertLayout):
-        self.merge = Merge(global_weights, layout)
+    def __init__(self, merge: Merge):
+        self.merge = merge
 
     def add(self, client: int, update: ClientUpdate) -> None:
         self.merge.add_experts(update, update.num_examples * (update.stats["expert_updates"] > 0))
@@ -76,7 +76,7 @@ class RandomSubset(PartialUploads, FederatedAlgorithm):
         return TrainRequest(global_weights, {BUDGET: budget, ASSIGNED: assigned_mask(drawn)})
 
     def aggregation(self, server_round: int, global_weights: Weights) -> Aggregation:
-        return _ByUpdaters(global_weights, self.layout)
+        return _ByUpdaters(self.merge(global_weights, self.layout))
 
     def train_client(
         self,

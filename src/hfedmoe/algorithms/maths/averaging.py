@@ -59,6 +59,15 @@ class WeightedSums:
             acc.add_(x, alpha=mass)  # in the accumulator's precision: x is widened elementwise
             self._mass[key] += mass
 
+    def reweigh(self, key: str, x: torch.Tensor, old: float, new: float) -> None:
+        """Change the mass of a reply already added as ``old`` x ``x`` to ``new`` (a share
+        cap, ``mechanics.merging``): the sum gains (new - old) x, the masses new - old."""
+        self._sum[key].add_(x, alpha=new - old)
+        self._mass[key] += new - old
+
+    def mass(self, key: str) -> float:
+        return self._mass[key]
+
     def pop(self, key: str, divisor: float | None = None) -> torch.Tensor:
         """``key``'s sum over ``divisor`` (default: the sum of its masses, a weighted mean), in
         the dtype of what was added; the accumulator is freed."""

@@ -1,25 +1,56 @@
-"""What the server accepts from a client: a check of every update before aggregation.
+"""What the server accepts from a client: one check of the whole reply before anything reads it.
 
 A reply that fails any check is rejected with a reason (recorded per round in metrics.jsonl as
-``failures``) and never reaches the algorithm, so one faulty or malicious client cannot corrupt
-the global model. An algorithm states what its clients may upload
-(:class:`~hfedmoe.algorithms.mechanics.uploads.UploadSpec`).
+``failures``) and never reaches the algorithm, so one faulty or hostile client cannot stop a
+run or corrupt the global model. An algorithm declares what its clients may send
+(:class:`~hfedmoe.algorithms.mechanics.uploads.UploadSpec`); the server knows, per reply, what
+it asked for (:class:`Expectation`).
 
-Checks, in order: unknown keys, missing keys, shapes, dtypes, finite values, example count; the
-statistics the algorithm aggregates with (present, of the model's (L, E) shape, finite) and a
-finite training loss; every expert the client says it updated is uploaded; and the size of the
-update: ``||w_c - w|| <= max_update_ratio * ||w||`` over the uploaded tensors.
+Checks, in order, each a reason:
+
+* ``unknown-keys`` / ``missing-keys`` / ``shape`` / ``dtype`` / ``non-finite``: the tensors;
+* ``examples``: |D_c| is a positive integer, and the one the server knows for this client
+  (the partition it assigned, or the size the node declared before round 1), where it knows it;
+* ``metrics``: every metric declared, of a number type, finite and in its declared range
+  (steps within the request's), the required ones present;
+* ``stats``: every declared statistic present, of the model's (L, E) shape, finite, in its
+  range (counts within the steps asked for; u_c(e) in [0, 1] with each layer summing to 1),
+  nonzero only on the experts the request assigned; nothing undeclared;
+* ``missing-keys``: every expert it says it updated is uploaded, whole;
+* ``norm``: ``||w_c - w|| <= federation.max_update_ratio * ||w||`` over the whole upload (a
+  sanity bound that holds whatever optimizer a plugin uses);
+* ``bound``: each aggregation group (every expert, every router, the shared parameters) moved
+  no further than the algorithm's optimizer can move it in the steps asked for
+  (``maths.bounds``); with ``federation.update_bound = "clip"`` the group is pulled back to
+  its bound instead and the reply is accepted (counted as clipped).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 import torch
 
-from hfedmoe.algorithms.mechanics.uploads import UploadSpec
+from hfedmoe.algorithms.mechanics.assignment import ASSIGNED
+from hfedmoe.algorithms.mechanics.uploads import (
+    EXAMPLES,
+    EXPERTS,
+    REQUIRED_METRICS,
+    STEPS,
+    Range,
+    Statistic,
+    UploadSpec,
+)
 from hfedmoe.algorithms.messages import ClientUpdate, Weights
+
+#: A group's update bound: (number of coordinates, norm of the global values) -> the most an
+#: honest client can move them (``FederatedAlgorithm.update_bound``)
+UpdateBound = Callable[[int, float], float]
+
+#: How far a layer's usage may sum from 1 (float32 means of softmaxes over thousands of tokens)
+SUM_TOLERANCE = 1e-3
 
 
 @dataclass(frozen=True)
@@ -31,56 +62,283 @@ class Rejection:
         return f"{self.reason}: {self.detail}"
 
 
+@dataclass(frozen=True)
+class Expectation:
+    """What the server knows about a reply before reading it.
+
+    ``examples``: the client's |D_c| as the server knows it (None: whatever the reply says);
+    ``steps``: the local optimizer steps the request asks for; ``config``: the request's config
+    (the experts it assigned); ``bound``: the per-group update bound (None: not bounded);
+    ``clip``: pull a group beyond its bound back to it instead of rejecting the reply;
+    ``max_update_ratio``: the whole-upload sanity bound.
+    """
+
+    steps: int
+    examples: int | None = None
+    config: Mapping[str, object] = field(default_factory=dict)
+    bound: UpdateBound | None = None
+    clip: bool = False
+    max_update_ratio: float = 10.0
+
+
+@dataclass
+class Verdict:
+    """The checked reply: the update to aggregate (its weights clipped where asked) or why not,
+    how many groups were clipped, and how close it came to the update bound (the largest of its
+    groups' distance over bound: below 1 for every honest client)."""
+
+    update: ClientUpdate | None
+    rejection: Rejection | None = None
+    clipped: int = 0
+    bound_ratio: float | None = None
+
+
 def check_update(
     update: ClientUpdate,
     spec: UploadSpec,
     global_weights: Weights,
-    max_update_ratio: float,
-    norms: dict[str, float] | None = None,
-) -> Rejection | None:
-    """None if ``update`` is acceptable against ``global_weights``, else why not.
+    expect: Expectation,
+    cache: dict | None = None,
+) -> Verdict:
+    """The update to aggregate, or why ``update`` is not acceptable against ``global_weights``.
 
-    ``norms``: a cache of the global tensors' squared norms by upload key, for the round's
-    clients to share (they are checked against the same global weights). One pass over each
-    uploaded tensor: ||w_c - w|| (:func:`_distance`), summed over tensors in float64; a
-    non-finite value makes it non-finite (the global weights are finite), which is the
-    finite-values check.
+    ``cache``: a dict the round's replies share (the global tensors' norms). One pass over each
+    uploaded tensor (:func:`_distance` per group part); a non-finite value makes its distance
+    non-finite (the global weights are finite), which is the finite-values check.
     """
-    weights, num_examples = update.weights, update.num_examples
+    cache = {} if cache is None else cache
+    try:
+        rejection = _check_tensors(update, spec, global_weights)
+        rejection = rejection or _check_examples(update, expect)
+        rejection = rejection or _check_metrics(update, spec, expect)
+        rejection = rejection or _check_stats(update, spec, expect)
+        if rejection:
+            return Verdict(None, rejection)
+        return _check_movement(update, spec, global_weights, expect, cache)
+    except (TypeError, ValueError, RuntimeError, IndexError, OverflowError) as exc:
+        # whatever a reply holds must not stop the server: an unforeseen malformation too
+        return Verdict(None, Rejection("malformed", f"{type(exc).__name__}: {exc}"))
+
+
+def _limits(update: ClientUpdate, expect: Expectation, spec: UploadSpec) -> dict[str, float]:
+    return {STEPS: expect.steps, EXAMPLES: update.num_examples, EXPERTS: spec.pool}
+
+
+def _check_tensors(update: ClientUpdate, spec: UploadSpec, global_weights: Weights):
     refs = spec.references(global_weights)
-    keys = set(weights)
+    keys = set(update.weights)
     if unknown := sorted(keys - set(refs)):
         return Rejection("unknown-keys", f"{len(unknown)} unknown tensor(s), e.g. {unknown[0]}")
     if missing := sorted(spec.required - keys):
         return Rejection("missing-keys", f"{len(missing)} tensor(s) missing, e.g. {missing[0]}")
-    norms = {} if norms is None else norms
-    delta_sq = norm_sq = 0.0
     for key in sorted(keys):
-        t, ref = weights[key], refs[key]
+        t, ref = update.weights[key], refs[key]
+        if not isinstance(t, torch.Tensor):
+            return Rejection("dtype", f"{key} is a {type(t).__name__}, expected a tensor")
         if t.shape != ref.shape:
             return Rejection("shape", f"{key} is {tuple(t.shape)}, expected {tuple(ref.shape)}")
         if t.dtype != ref.dtype:
             return Rejection("dtype", f"{key} is {t.dtype}, expected {ref.dtype}")
-        if not t.is_floating_point():
-            continue
-        delta = _distance(t, ref)
-        if not math.isfinite(delta):
-            return Rejection("non-finite", f"{key} holds NaN or Inf")
-        if key not in norms:
-            norms[key] = _norm(ref) ** 2
-        delta_sq, norm_sq = delta_sq + delta**2, norm_sq + norms[key]
-    if not (isinstance(num_examples, int) and num_examples > 0):
-        return Rejection("examples", f"num_examples is {num_examples!r}, expected > 0")
-    if rejection := _check_stats(update, spec):
-        return rejection
-    delta, norm = math.sqrt(delta_sq), math.sqrt(norm_sq)
-    if delta > max_update_ratio * max(norm, 1e-12):
+    return None
+
+
+def _check_examples(update: ClientUpdate, expect: Expectation) -> Rejection | None:
+    n = update.num_examples
+    if not (isinstance(n, int) and not isinstance(n, bool) and n > 0):
+        return Rejection("examples", f"num_examples is {n!r}, expected an integer > 0")
+    if expect.examples is not None and n != expect.examples:
         return Rejection(
-            "norm",
-            f"the update moves the weights by {delta:.3g}, {delta / max(norm, 1e-12):.3g} x "
-            f"their norm (limit {max_update_ratio:g})",
+            "examples", f"num_examples is {n}, expected {expect.examples} (the client's data)"
         )
     return None
+
+
+def _check_metrics(update: ClientUpdate, spec: UploadSpec, expect: Expectation) -> Rejection | None:
+    limits = _limits(update, expect, spec)
+    if undeclared := sorted(set(update.metrics) - set(spec.metrics)):
+        return Rejection("metrics", f"'{undeclared[0]}' is not a metric this algorithm reports")
+    if missing := sorted(REQUIRED_METRICS - set(update.metrics)):
+        return Rejection("metrics", f"'{missing[0]}' is missing")
+    for name in sorted(update.metrics):
+        value, allowed = update.metrics[name], spec.metrics[name]
+        if not _within(value, allowed, limits):
+            return Rejection("metrics", f"{name} is {value!r}, expected {allowed.describe(limits)}")
+        update.metrics[name] = float(value)  # checked: a finite int or float
+    return None
+
+
+def _within(value: object, allowed: Range, limits: Mapping[str, float]) -> bool:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    if not math.isfinite(value):
+        return False
+    if allowed.integer and value != int(value):
+        return False
+    return allowed.low <= value <= allowed.limit(limits)
+
+
+def _check_stats(update: ClientUpdate, spec: UploadSpec, expect: Expectation):
+    limits = _limits(update, expect, spec)
+    if undeclared := sorted(set(update.stats) - set(spec.stats)):
+        return Rejection("stats", f"'{undeclared[0]}' is not a statistic this algorithm reports")
+    for name, declared in spec.stats.items():
+        t = update.stats.get(name)
+        if t is None:
+            return Rejection("stats", f"the statistic '{name}' is missing")
+        if rejection := _check_statistic(name, t, declared, limits, expect.config):
+            return rejection
+    updated = update.stats["expert_updates"] if "expert_updates" in spec.stats else None
+    for (layer, e), keys in spec.expert_keys.items():
+        sent = sum(k in update.weights for k in keys)
+        if 0 < sent < len(keys):
+            return Rejection("missing-keys", f"expert ({layer}, {e}) was uploaded in part")
+        if not sent and updated is not None and updated[layer, e] > 0:
+            return Rejection("missing-keys", f"expert ({layer}, {e}) was updated but not uploaded")
+    return None
+
+
+def _check_statistic(
+    name: str,
+    t: object,
+    declared: Statistic,
+    limits: Mapping[str, float],
+    config: Mapping[str, object],
+) -> Rejection | None:
+    if not isinstance(t, torch.Tensor) or t.is_complex():
+        return Rejection("stats", f"'{name}' is not a real tensor")
+    if tuple(t.shape) != declared.shape:
+        return Rejection("stats", f"'{name}' is {tuple(t.shape)}, expected {declared.shape}")
+    values = t.detach().double()
+    if not bool(torch.isfinite(values).all()):
+        return Rejection("stats", f"'{name}' holds NaN or Inf")
+    allowed = declared.range
+    low, high = float(values.min()), float(values.max())
+    integral = not allowed.integer or bool((values == values.round()).all())
+    if low < allowed.low or high > allowed.limit(limits) or not integral:
+        found = f"({low:g} to {high:g})"
+        return Rejection(
+            "stats", f"'{name}' holds values outside {allowed.describe(limits)} {found}"
+        )
+    if declared.layer_sum is not None:
+        sums = values.sum(-1)
+        off = float((sums - declared.layer_sum).abs().max())
+        if off > SUM_TOLERANCE:
+            return Rejection(
+                "stats",
+                f"a layer of '{name}' sums to {float(sums[0]):.4g}, expected "
+                f"{declared.layer_sum:g} (a mean of softmaxes)",
+            )
+    if declared.assigned is not None and ASSIGNED in config:
+        assigned = torch.zeros(values.numel(), dtype=torch.bool)
+        assigned[torch.tensor(config[ASSIGNED], dtype=torch.long)] = True
+        nonzero = values.flatten() != 0
+        wrong = nonzero != assigned if declared.assigned == "equal" else nonzero & ~assigned
+        if bool(wrong.any()):
+            return Rejection("stats", f"'{name}' does not match the experts the request assigned")
+    return None
+
+
+def _check_movement(
+    update: ClientUpdate,
+    spec: UploadSpec,
+    global_weights: Weights,
+    expect: Expectation,
+    cache: dict,
+) -> Verdict:
+    """The size checks: the whole upload against ``max_update_ratio`` x the weights' norm,
+    then each group against its bound (rejected, or clipped with ``expect.clip``)."""
+    refs = spec.references(global_weights)
+    norms: dict = cache.setdefault("norms", {})
+    delta_sq = norm_sq = 0.0
+    moved: dict[str, tuple[float, float, int]] = {}  # group -> (||delta||^2, ||w||^2, numel)
+    for group, parts in _groups(spec, update.weights):
+        g_delta = g_norm = 0.0
+        numel = 0
+        for key, entry in parts:
+            t, ref = update.weights[key], refs[key]
+            if not t.is_floating_point():
+                continue
+            if entry is not None:
+                t, ref = entry.take(t), entry.take(ref)
+            d = _distance(t, ref)
+            if not math.isfinite(d):
+                return Verdict(None, Rejection("non-finite", f"{key} holds NaN or Inf"))
+            part = (key, id(entry))
+            if part not in norms:
+                norms[part] = _norm(ref) ** 2
+            g_delta, g_norm, numel = g_delta + d * d, g_norm + norms[part], numel + t.numel()
+        moved[group] = (g_delta, g_norm, numel)
+        delta_sq, norm_sq = delta_sq + g_delta, norm_sq + g_norm
+    delta, norm = math.sqrt(delta_sq), math.sqrt(norm_sq)
+    if delta > expect.max_update_ratio * max(norm, 1e-12):
+        return Verdict(
+            None,
+            Rejection(
+                "norm",
+                f"the update moves the weights by {delta:.3g}, {delta / max(norm, 1e-12):.3g} x "
+                f"their norm (limit {expect.max_update_ratio:g})",
+            ),
+        )
+    if expect.bound is None:
+        return Verdict(update)
+    over, ratio = {}, 0.0
+    for group, (g_delta, g_norm, numel) in moved.items():
+        bound = expect.bound(numel, math.sqrt(g_norm))
+        ratio = max(ratio, math.sqrt(g_delta) / bound)
+        if math.sqrt(g_delta) > bound:
+            over[group] = bound / math.sqrt(g_delta)
+    if not over:
+        return Verdict(update, bound_ratio=ratio)
+    if not expect.clip:
+        group, scale = min(over.items(), key=lambda gs: gs[1])
+        return Verdict(
+            None,
+            Rejection(
+                "bound",
+                f"{len(over)} group(s) moved beyond what {expect.steps} optimizer steps can "
+                f"move them; {group} by {1 / scale:.3g} x its bound",
+            ),
+        )
+    return Verdict(_clipped(update, spec, refs, over), clipped=len(over), bound_ratio=ratio)
+
+
+def _groups(spec: UploadSpec, weights: Weights):
+    """The spec's groups as this reply fills them (the uploaded parts of each); an uploaded
+    tensor no group names is bounded with the others in one group of its own (``other``)."""
+    covered = set()
+    for group, parts in spec.groups.items():
+        covered.update(key for key, _ in parts)
+        present = [(key, entry) for key, entry in parts if key in weights]
+        if present:
+            yield group, present
+    if rest := [(key, None) for key in sorted(weights) if key not in covered]:
+        yield "other", rest
+
+
+def _clipped(
+    update: ClientUpdate, spec: UploadSpec, refs: Weights, scales: Mapping[str, float]
+) -> ClientUpdate:
+    """``update`` with each group in ``scales`` pulled towards the global values: w + s (w_c - w)
+    (a copy of each tensor it changes; the reply's own tensors are not written)."""
+    weights = dict(update.weights)
+    copied: set[str] = set()
+    for group, parts in _groups(spec, update.weights):
+        if group not in scales:
+            continue
+        for key, entry in parts:
+            if not weights[key].is_floating_point():
+                continue
+            if key not in copied:
+                weights[key] = weights[key].clone()
+                copied.add(key)
+            if entry is None:
+                ref = refs[key]
+                weights[key].sub_(ref).mul_(scales[group]).add_(ref)
+            else:
+                ref = entry.take(refs[key])
+                part = entry.take(weights[key])
+                entry.write_(weights[key], ref + scales[group] * (part - ref))
+    return ClientUpdate(weights, update.num_examples, update.metrics, update.stats)
 
 
 #: elements per slice of :func:`_distance` (4 MB of float32: the buffer stays in cache)
@@ -120,25 +378,3 @@ def _norm(t: torch.Tensor) -> float:
     upcast, as their sum of squares overflows float16."""
     wide = t.dtype if t.element_size() >= 4 else torch.float32
     return float(torch.linalg.vector_norm(t, dtype=wide))
-
-
-def _check_stats(update: ClientUpdate, spec: UploadSpec) -> Rejection | None:
-    for name, shape in spec.stats.items():
-        t = update.stats.get(name)
-        if t is None:
-            return Rejection("stats", f"the statistic '{name}' is missing")
-        if tuple(t.shape) != shape:
-            return Rejection("stats", f"'{name}' is {tuple(t.shape)}, expected {shape}")
-        if not bool(torch.isfinite(t.double()).all()):
-            return Rejection("stats", f"'{name}' holds NaN or Inf")
-    loss = update.metrics.get("train_loss")
-    if not (isinstance(loss, float) and math.isfinite(loss)):
-        return Rejection("stats", f"train_loss is {loss!r}, expected a finite number")
-    updated = update.stats.get("expert_updates")
-    for (layer, e), keys in spec.expert_keys.items():
-        sent = sum(k in update.weights for k in keys)
-        if 0 < sent < len(keys):
-            return Rejection("missing-keys", f"expert ({layer}, {e}) was uploaded in part")
-        if not sent and updated is not None and updated[layer, e] > 0:
-            return Rejection("missing-keys", f"expert ({layer}, {e}) was updated but not uploaded")
-    return None

@@ -1,0 +1,102 @@
+"""The tables of docs/RESULTS.md's "Hostile clients" from the runs of experiments/attacks.sh.
+
+For each setting and number of attackers: every attack's final test accuracy minus that of the
+same seed's run in which the attackers took no part (same defences), mean over the seeds with a
+95% t-interval, defences off and on; what the server did with the attackers' replies (failures
+by reason, clipped groups, capped shares), and whether the pre-registered target holds (a mean
+of at least -0.02 with the defences on, 1 attacker of 8).
+
+    .venv/bin/python experiments/attacks_table.py runs/attacks
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+from hfedmoe.experiment.paired import paired_difference
+from hfedmoe.results import read_metrics
+
+KINDS = ["inflate-examples", "sign-flip", "scale-update", "noise", "inflate-stats", "inf-metric"]
+TARGET = -0.02
+
+
+def final_accuracy(cell: Path) -> dict[int, float]:
+    """seed -> final test accuracy of every finished run under ``cell`` (METHOD/seedK)."""
+    out = {}
+    for summary in sorted(cell.glob("*/seed*/summary.json")):
+        seed = int(summary.parent.name.removeprefix("seed"))
+        out[seed] = json.loads(summary.read_text())["final_test_accuracy"]
+    return out
+
+
+def handled(cell: Path) -> str:
+    """What the server did with the attackers' replies, summed over the cell's finished runs."""
+    failures: Counter = Counter()
+    clipped = capped = 0
+    for summary in sorted(cell.glob("*/seed*/summary.json")):
+        for record in read_metrics(summary.parent)[1:]:
+            failures.update(record.get("failures", {}))
+            clipped += record.get("clipped", 0)
+            capped += record.get("share_capped", 0)
+    parts = [f"{reason} {n}" for reason, n in sorted(failures.items())]
+    parts += [f"clipped {clipped}"] if clipped else []
+    parts += [f"shares capped {capped}"] if capped else []
+    return ", ".join(parts) or "all accepted"
+
+
+def _cell(diff) -> str:
+    if not diff.seeds:
+        return "-"
+    if diff.low != diff.low:  # one seed: no interval
+        return f"{diff.mean:+.3f} (1 seed)"
+    return f"{diff.mean:+.3f} [{diff.low:+.3f}, {diff.high:+.3f}] ({len(diff.seeds)})"
+
+
+def table(root: Path, setting: str, n: str) -> list[str]:
+    base = root / setting / n
+    absent = {d: final_accuracy(base / f"dropout-{d}") for d in ("on", "off")}
+    if not any(absent.values()):
+        return []
+    lines = [
+        f"### {setting}, {n.replace('of', ' of ')} attacking",
+        "",
+        "| attack | defences off | defences on | what the server did (on) |",
+        "| --- | --- | --- | --- |",
+    ]
+    same = absent["on"] == absent["off"]
+    mean_absent = sum(absent["on"].values()) / max(len(absent["on"]), 1)
+    misses = []
+    for kind in KINDS:
+        diffs = {
+            d: paired_difference(final_accuracy(base / f"{kind}-{d}"), absent[d])
+            for d in ("on", "off")
+        }
+        lines.append(
+            f"| {kind} | {_cell(diffs['off'])} | {_cell(diffs['on'])} | "
+            f"{handled(base / f'{kind}-on')} |"
+        )
+        if diffs["on"].seeds and diffs["on"].mean < TARGET:
+            misses.append(kind)
+    lines += [
+        "",
+        f"Absent attackers: final accuracy {mean_absent:.3f} (mean over seeds "
+        f"{sorted(absent['on'])}); the absent runs with the defences on and off are "
+        f"{'identical' if same else 'NOT identical'}.",
+    ]
+    if n == "1of8":
+        verdict = "misses it: " + ", ".join(misses) if misses else "holds for every attack run"
+        lines.append(f"Target (mean >= {TARGET} with the defences on): {verdict}.")
+    return [*lines, ""]
+
+
+def main(root: Path) -> None:
+    for setting in ("default", "d"):
+        for n in ("1of8", "2of8"):
+            print("\n".join(table(root, setting, n)))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1] if len(sys.argv) > 1 else "runs/attacks"))

@@ -1,0 +1,72 @@
+"""How far local training can move a group of weights, and how much of a group's aggregate one
+client may carry: the bounds the server holds every client to (``mechanics.validation``,
+``mechanics.merging``). Pure functions over numbers.
+
+**Update bound.** A client trains with AdamW (``hfedmoe.training.optimizer``) at a learning rate
+``lr``, weight decay ``wd`` and ``T`` optimizer steps that the server itself sets. One AdamW step
+moves a coordinate by ``lr (m_hat / (sqrt(v_hat) + eps) + wd w)``; by Cauchy-Schwarz over the
+moments' exponential weights, ``|m_hat| <= rho_t sqrt(v_hat)`` whatever the gradients were
+(:func:`adamw_ratio_bound`: rho_1 = 1, rho_5 = 1.011, rho_20 = 1.156 for betas (0.9, 0.999)).
+So after T steps,
+elementwise ``|w_T - w_0| <= lr sum_t rho_t + (1 - (1 - lr wd)^T) |w_0|``, and over a group of n
+coordinates (:func:`adamw_update_bound`)::
+
+    ||w_T - w_0|| <= lr sqrt(n) sum_{t<=T} rho_t + (1 - (1 - lr wd)^T) ||w_0||
+
+An honest client never exceeds it, in any round, with any data: it needs no calibration (round 1
+is bounded like every other) and no history that attackers could poison. A sign flip of the
+weights (2 ||w||), Gaussian noise at the weights' own scale (about ||w||) or an update scaled by
+10 exceed it by far. An expert moved in fewer than T steps is held to the same T-step bound.
+"""
+
+from __future__ import annotations
+
+import math
+
+#: torch's AdamW defaults, which ``hfedmoe.training.optimizer`` uses
+ADAMW_BETAS = (0.9, 0.999)
+
+#: relative slack on the update bound for float32 rounding of the step itself
+ROUNDING = 1e-3
+
+
+def adamw_ratio_bound(step: int, betas: tuple[float, float] = ADAMW_BETAS) -> float:
+    """rho_t, the largest |m_hat_t| / sqrt(v_hat_t) any gradient sequence can give at ``step``.
+
+    m_hat_t = sum_i a_i g_i and v_hat_t = sum_i b_i g_i^2 with a_i = (1 - b1) b1^(t-i) /
+    (1 - b1^t) and b_i = (1 - b2) b2^(t-i) / (1 - b2^t), so by Cauchy-Schwarz
+    |m_hat_t| <= sqrt(sum_i a_i^2 / b_i) sqrt(v_hat_t), with equality for g_i proportional to
+    a_i / b_i: the bound is tight.
+    """
+    b1, b2 = betas
+    bias1, bias2 = 1 - b1**step, 1 - b2**step
+    total = 0.0
+    for age in range(step):  # age = t - i
+        a = (1 - b1) * b1**age / bias1
+        b = (1 - b2) * b2**age / bias2
+        total += a * a / b
+    return math.sqrt(total)
+
+
+def adamw_update_bound(
+    lr: float,
+    weight_decay: float,
+    steps: int,
+    numel: int,
+    weight_norm: float,
+    betas: tuple[float, float] = ADAMW_BETAS,
+) -> float:
+    """The most ``steps`` AdamW steps can move ``numel`` coordinates whose norm is
+    ``weight_norm`` (the module docstring's bound, with :data:`ROUNDING` slack)."""
+    adam = lr * math.sqrt(numel) * sum(adamw_ratio_bound(t, betas) for t in range(1, steps + 1))
+    decay = 1 - (1 - lr * weight_decay) ** steps
+    return (adam + decay * weight_norm) * (1 + ROUNDING)
+
+
+def capped_mass(mass: float, others: float, share: float) -> float:
+    """The mass a client keeps so that its share of a weighted mean is at most ``share``:
+    m' = min(m, share x others / (1 - share)), so m' / (m' + others) <= share; ``others`` is
+    the other clients' total. A sole contributor (others = 0) or a share of 1 keeps its mass."""
+    if others <= 0 or share >= 1:
+        return mass
+    return min(mass, share * others / (1 - share))

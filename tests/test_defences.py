@@ -1,0 +1,305 @@
+"""Bounded influence: what one client can do to the aggregate, by hand and in real runs.
+
+The update bound is AdamW's own step size (``maths.bounds``), the share cap limits what
+reported statistics can buy (``mechanics.merging``), the robust aggregators are coordinate-wise
+(``maths.robust``), a client's weight is the size the server knows, and each attack of
+``[faults]`` does what it should with the defences on and off.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file
+
+from hfedmoe.algorithms import ClientUpdate
+from hfedmoe.algorithms.maths.bounds import adamw_ratio_bound, adamw_update_bound, capped_mass
+from hfedmoe.algorithms.maths.robust import coordinate_median, trim_count, trimmed_mean
+from hfedmoe.algorithms.mechanics.merging import Merge, MergePolicy
+from hfedmoe.algorithms.mechanics.uploads import UploadSpec
+from hfedmoe.algorithms.mechanics.validation import Expectation, check_update
+from hfedmoe.engines.embedded import run_embedded
+from hfedmoe.federation import wire
+from hfedmoe.federation.client_app import app as client_app
+from hfedmoe.federation.server_app import Admission
+from hfedmoe.federation.server_app import app as server_app
+from hfedmoe.foundation.config import validate
+from hfedmoe.foundation.errors import ConfigError
+from hfedmoe.results import read_metrics
+
+from .support.configs import tiny_raw
+
+# --- the update bound: how far AdamW can move a weight -----------------------------------------
+
+
+def test_adams_ratio_is_one_on_its_first_step_and_grows_slowly_by_hand():
+    # t = 2: a = (0.1 x 0.9, 0.1) / 0.19, b = (0.001 x 0.999, 0.001) / 0.001999;
+    # sum a^2 / b = 0.224377 / 0.499750 + 0.277008 / 0.500250 = 1.002735
+    assert adamw_ratio_bound(1) == pytest.approx(1.0, abs=1e-12)
+    assert adamw_ratio_bound(2) == pytest.approx(math.sqrt(1.002735), rel=1e-6)
+    assert 1 < adamw_ratio_bound(5) < adamw_ratio_bound(20) < 1.2
+
+
+def test_the_update_bound_by_hand():
+    # lr 0.1, 4 coordinates, one step, no decay: 0.1 x sqrt(4) x 1, with 0.1% rounding slack
+    assert adamw_update_bound(0.1, 0.0, 1, 4, 123.0) == pytest.approx(0.2 * 1.001)
+    # decay 0.5 at lr 0.1 over 2 steps shrinks w by 1 - 0.95^2 = 0.0975 of ||w|| = 10
+    adam = 0.1 * 2 * (1 + adamw_ratio_bound(2))
+    assert adamw_update_bound(0.1, 0.5, 2, 4, 10.0) == pytest.approx((adam + 0.975) * 1.001)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    steps=st.integers(1, 6),
+    lr=st.floats(1e-5, 1e-1),
+    wd=st.floats(0, 0.1),
+    seed=st.integers(0, 2**31 - 1),
+    spread=st.floats(1e-3, 1e3),
+)
+def test_torch_adamw_never_moves_a_weight_beyond_the_bound(steps, lr, wd, seed, spread):
+    """Whatever the gradients (any scale, any sign pattern), torch's AdamW with the default
+    betas moves every coordinate by at most lr sum_t rho_t + (1 - (1 - lr wd)^T) |w_0|."""
+    g = torch.Generator().manual_seed(seed)
+    w0 = torch.randn(64, generator=g, dtype=torch.float64)
+    p = torch.nn.Parameter(w0.clone())
+    opt = torch.optim.AdamW([p], lr=lr, weight_decay=wd, eps=1e-8)
+    for _ in range(steps):
+        p.grad = torch.randn(64, generator=g, dtype=torch.float64) * spread ** torch.rand(
+            64, generator=g, dtype=torch.float64
+        )
+        opt.step()
+    moved = (p.detach() - w0).abs()
+    adam = lr * sum(adamw_ratio_bound(t) for t in range(1, steps + 1))
+    limit = adam + (1 - (1 - lr * wd) ** steps) * w0.abs()
+    assert bool((moved <= limit * (1 + 1e-9)).all())
+
+
+def test_the_bound_is_reached_by_the_gradients_cauchy_schwarz_names():
+    """The bound is tight: gradients g_i proportional to a_i / b_i (two steps) move the weight
+    by exactly lr (rho_1 + rho_2)."""
+    b1, b2 = 0.9, 0.999
+    p = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))
+    opt = torch.optim.AdamW([p], lr=1.0, weight_decay=0.0, eps=0.0)
+    # at step 2, a = ((1 - b1) b1, 1 - b1) / (1 - b1^2), b = ((1 - b2) b2, 1 - b2) / (1 - b2^2)
+    ratios = [((1 - b1) * b1) / ((1 - b2) * b2), (1 - b1) / (1 - b2)]  # g_1, g_2 up to scale
+    for grad in ratios:
+        p.grad = torch.tensor([grad], dtype=torch.float64)
+        opt.step()
+    assert float(-p) == pytest.approx(adamw_ratio_bound(1) + adamw_ratio_bound(2), rel=1e-9)
+
+
+GLOBAL = {"a": torch.tensor([3.0, 4.0]), "b": torch.tensor([[0.0, 0.0]])}
+SPEC = UploadSpec(frozenset({"a", "b"}), groups={"a": [("a", None)], "b": [("b", None)]})
+
+
+def _verdict(weights, clip=False, bound=lambda numel, norm: 0.1 * math.sqrt(numel)):
+    update = ClientUpdate(weights, 5, metrics={"train_loss": 1.0, "steps": 1})
+    return check_update(update, SPEC, GLOBAL, Expectation(1, bound=bound, clip=clip))
+
+
+def test_each_group_is_bounded_on_its_own():
+    # group b (2 coordinates) may move 0.1 x sqrt(2) = 0.141; it moves (0.1, 0.1) = 0.1414...
+    inside = _verdict({"a": GLOBAL["a"], "b": torch.tensor([[0.099, 0.099]])})
+    assert inside.rejection is None and inside.clipped == 0
+    outside = _verdict({"a": GLOBAL["a"], "b": torch.tensor([[0.3, 0.4]])})  # moves 0.5
+    assert outside.rejection.reason == "bound"
+    assert "1 group(s)" in outside.rejection.detail and "b by 3.54 x" in outside.rejection.detail
+    # the whole upload moves 0.5, 0.1 x its norm: within max_update_ratio, yet rejected
+
+
+def test_clipping_pulls_a_group_back_to_its_bound_and_counts_it():
+    sent = {"a": GLOBAL["a"], "b": torch.tensor([[0.3, 0.4]])}
+    verdict = _verdict(sent, clip=True)
+    assert verdict.rejection is None and verdict.clipped == 1
+    b = verdict.update.weights["b"]
+    assert float(b.norm()) == pytest.approx(0.1 * math.sqrt(2), rel=1e-6)
+    assert torch.allclose(b / b.norm(), torch.tensor([[0.6, 0.8]]))  # the same direction
+    assert torch.equal(sent["b"], torch.tensor([[0.3, 0.4]]))  # the reply is not written
+    assert verdict.update.weights["a"] is sent["a"]  # a group within its bound is untouched
+
+
+# --- what a client's weight may be ---------------------------------------------------------
+
+
+def test_a_reply_must_state_the_examples_the_server_knows():
+    update = ClientUpdate(dict(GLOBAL), 10**12, metrics={"train_loss": 1.0, "steps": 1})
+    rejection = check_update(update, SPEC, GLOBAL, Expectation(1, examples=40)).rejection
+    assert rejection.reason == "examples" and "expected 40" in rejection.detail
+    update.num_examples = 40
+    assert check_update(update, SPEC, GLOBAL, Expectation(1, examples=40)).rejection is None
+
+
+def test_the_share_cap_by_hand():
+    # m' / (m' + others) <= share: 3 against 1 at share 1/2 keeps 1; a sole client keeps all
+    assert capped_mass(3.0, 1.0, 0.5) == 1.0
+    assert capped_mass(3.0, 0.0, 0.5) == 3.0
+    assert capped_mass(0.5, 1.0, 0.5) == 0.5
+    assert capped_mass(9.0, 1.0, 0.9) == pytest.approx(9.0)
+
+
+def _merge(masses, examples, values, policy, reported=True):
+    merge = Merge({"r": torch.tensor([0.0])}, policy=policy)
+    for m, n, x in zip(masses, examples, values, strict=True):
+        merge.add("r", torch.tensor([x]), m, examples=n if reported else None)
+    return float(merge.finish()["r"]), merge.counts
+
+
+def test_reported_statistics_buy_a_client_at_most_the_cap():
+    """Masses 6, 1, 1 (values 1, 0, 0), equal data: uncapped, the first client holds 6/8; with
+    a cap of 1/2 its mass becomes 2 (2 / (2 + 2)), so the mean is 1/2."""
+    cap = MergePolicy(max_client_share=0.5)
+    assert _merge([6, 1, 1], [10, 10, 10], [1, 0, 0], MergePolicy())[0] == 0.75
+    value, counts = _merge([6, 1, 1], [10, 10, 10], [1, 0, 0], cap)
+    assert value == pytest.approx(0.5) and counts["share_capped"] == 1
+    # its own data (30 of 50) entitles it to 0.6: mass 0.6 x 2 / 0.4 = 3, the mean 3/5
+    assert _merge([6, 1, 1], [30, 10, 10], [1, 0, 0], cap)[0] == pytest.approx(0.6)
+    # masses of |D_c| x yes-or-no are the data shares: never capped
+    assert _merge([6, 1, 1], [10, 10, 10], [1, 0, 0], cap, reported=False)[0] == 0.75
+    # a sole contributor is its key's whole weight, as before
+    assert _merge([6], [10], [1], cap)[0] == 1.0
+
+
+def test_the_robust_aggregators_by_hand():
+    x = torch.tensor([[1.0, -5.0], [2.0, 0.0], [100.0, 1.0], [3.0, 2.0]])
+    assert torch.equal(coordinate_median(x), torch.tensor([2.5, 0.5], dtype=torch.float64))
+    assert trim_count(4, 0.25) == 1 and trim_count(3, 0.25) == 0 and trim_count(10, 0.45) == 4
+    # drop the largest and smallest of each column: (2, 3) and (0, 1)
+    assert torch.equal(trimmed_mean(x, 0.25), torch.tensor([2.5, 0.5], dtype=torch.float64))
+
+
+def test_a_robust_merge_outvotes_one_extreme_reply_and_falls_back_when_sparse():
+    policy = MergePolicy(robust="median")
+    merge = Merge({"w": torch.zeros(1), "e": torch.zeros(1)}, policy=policy)
+    for x, n in ((1.0, 10), (2.0, 10), (1000.0, 10**6)):
+        merge.add("w", torch.tensor([x]), n)
+    for x in (1.0, 3.0):  # an expert with two holders: the weighted mean
+        merge.add("e", torch.tensor([x]), 10)
+    out = merge.finish()
+    assert float(out["w"]) == 2.0 and float(out["e"]) == 2.0
+    assert merge.counts == {"share_capped": 0, "robust_fallback": 1}
+
+
+def test_robust_aggregation_rejects_eq_20_as_written(tiny_bert_dir):
+    raw = tiny_raw(tiny_bert_dir, algorithm="hfedmoe", hfedmoe={"router_alpha": "as_written"})
+    raw["federation"]["robust"] = "median"
+    with pytest.raises(ConfigError, match=r"federation\.robust"):
+        validate(raw)
+
+
+# --- who takes part: the budget query --------------------------------------------------------
+
+
+def _device(**changes) -> wire.DeviceReport:
+    values = {"partition_id": 1, "tier": "phone", "memory_bytes": 2**30, "expert_budget": 4}
+    values |= {"num_experts": 24, "num_partitions": 8, "num_examples": 50}
+    return wire.DeviceReport(**{**values, **changes})
+
+
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [
+        ({}, None),
+        ({"num_experts": 12}, "reports 12 experts; the model has 24"),
+        ({"num_partitions": 4}, "num-partitions is 4"),
+        ({"partition_id": 8}, "partition 8 is not a client"),
+        ({"expert_budget": 0}, "cannot train even 1 expert(s)"),
+        ({"num_examples": 5000}, "declares 5000 examples; its partition has 50"),
+    ],
+)
+def test_a_node_is_left_out_for_what_its_budget_reply_says(changes, reason):
+    admission = Admission(1, 24, 8, known_examples=(70, 50, 30, 1, 1, 1, 1, 1))
+    refused = admission.refuse(_device(**changes))
+    assert refused is None if reason is None else reason in refused
+
+
+def test_without_known_sizes_a_node_must_declare_its_own():
+    admission = Admission(1, 24, 8)
+    assert admission.refuse(_device(num_examples=0)) == "declares no training examples"
+    assert admission.refuse(_device(num_examples=7)) is None
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        {"partition_id": "1"},
+        {"partition_id": True},
+        {"expert_budget": -2},
+        {"tier": 7},
+        {"surprise": 1},
+    ],
+)
+def test_a_malformed_budget_reply_names_the_field(record):
+    from flwr.app import ConfigRecord, RecordDict
+
+    values = {**asdict(_device()), **record}
+    with pytest.raises(ValueError, match="malformed budget reply"):
+        wire.unpack_device(RecordDict({wire.DEVICE: ConfigRecord(values)}))
+
+
+# --- attacks in real runs ----------------------------------------------------------------------
+
+
+def _attacked(tiny_bert_dir, tmp_path, attack, algorithm="fedavg", defences=True):
+    """One round of 3 clients, client 1 attacking: its metrics and final weights."""
+    raw = tiny_raw(
+        tiny_bert_dir,
+        algorithm=algorithm,
+        federation={"num_clients": 3, "clients_per_round": 3, "rounds": 1, "defences": defences},
+    )
+    raw["faults"] = {"attackers": [1], "attack": attack}
+    run_dir = tmp_path / f"{algorithm}-{attack}-{defences}"
+    run_embedded(validate(raw), str(run_dir), server_app, client_app)
+    return read_metrics(run_dir), load_file(run_dir / "model" / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def absent(tiny_bert_dir, tmp_path_factory):
+    """The run in which the attacker simply takes no part."""
+    return _attacked(tiny_bert_dir, tmp_path_factory.mktemp("absent"), "dropout")
+
+
+@pytest.mark.parametrize(
+    ("attack", "reason"),
+    [
+        ("inflate-examples", "examples"),
+        ("scale-update", "bound"),
+        ("noise", "bound"),
+        ("inf-metric", "metrics"),
+    ],
+)
+def test_with_defences_an_attack_has_no_more_effect_than_an_absent_client(
+    tiny_bert_dir, tmp_path, absent, attack, reason
+):
+    metrics, model = _attacked(tiny_bert_dir, tmp_path, attack)
+    attacker = next(c for c in metrics[1]["clients"] if c["partition_id"] == 1)
+    assert (attacker["status"], attacker["failure"]) == ("failed", reason)
+    absent_model = absent[1]
+    assert all(torch.equal(model[k], absent_model[k]) for k in model)
+
+
+@pytest.mark.parametrize("attack", ["inflate-examples", "scale-update", "noise"])
+def test_without_defences_the_same_attacks_reach_the_model(tiny_bert_dir, tmp_path, absent, attack):
+    metrics, model = _attacked(tiny_bert_dir, tmp_path, attack, defences=False)
+    assert metrics[1]["clients_ok"] == 3
+    absent_model = absent[1]
+    assert any(not torch.equal(model[k], absent_model[k]) for k in model)
+
+
+def test_a_sign_flip_is_within_the_bound_and_accepted(tiny_bert_dir, tmp_path):
+    """Its update is an honest one negated: as large as an honest one, so no size bound can
+    tell (a robust aggregator or the number of honest clients is what limits it)."""
+    metrics, _ = _attacked(tiny_bert_dir, tmp_path, "sign-flip")
+    assert metrics[1]["clients_ok"] == 3 and metrics[1]["clipped"] == 0
+
+
+def test_inflated_statistics_pass_validation_and_the_share_cap_holds_them(tiny_bert_dir, tmp_path):
+    """HFedMoE: u_c spread evenly (each layer sums to 1) and s_c = 1 everywhere make its
+    router mass the largest possible, which the share cap limits to 1/2 per router."""
+    metrics, _ = _attacked(tiny_bert_dir, tmp_path, "inflate-stats", algorithm="hfedmoe")
+    assert metrics[1]["clients_ok"] == 3
+    assert metrics[1]["share_capped"] > 0

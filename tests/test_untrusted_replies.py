@@ -1,0 +1,262 @@
+"""Every reply is untrusted: whatever a client sends, the strategy never raises, and the global
+model is exactly what the valid replies alone give (a property over hypothesis-generated
+replies through the real strategy, serialised into Flower's wire format)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.supercore.task_identity import TaskIdentity
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from hfedmoe.algorithms import build_algorithm
+from hfedmoe.federation import wire
+from hfedmoe.federation.strategy import AlgorithmStrategy
+from hfedmoe.federation.workload import server_workload
+from hfedmoe.foundation.config import validate
+from hfedmoe.model.state import shared_state
+
+from .support.configs import tiny_raw
+
+CLIENTS = 4
+SIZES = (12, 30, 7, 21)  # |D_c| the server knows for clients 0..3
+
+#: what one client's reply can be: sound, or broken in one way
+CORRUPTIONS = [
+    "metric-inf",
+    "metric-nan",
+    "metric-huge",
+    "metric-negative",
+    "metric-list",
+    "metric-undeclared",
+    "metric-missing",
+    "examples-other",
+    "examples-float",
+    "partition-other",
+    "tensor-missing",
+    "tensor-extra",
+    "tensor-shape",
+    "tensor-nan",
+    "tensor-scaled",
+    "stat-missing",
+    "stat-extra",
+    "stat-shape",
+    "stat-range",
+    "stat-nan",
+    "record-extra",
+    "record-missing",
+    "error-reply",
+]
+
+
+class _Setup:
+    """A tiny model's server side, built once per algorithm."""
+
+    def __init__(self, tiny_bert_dir, algorithm: str):
+        raw = tiny_raw(
+            tiny_bert_dir,
+            algorithm=algorithm,
+            federation={"num_clients": CLIENTS, "clients_per_round": CLIENTS},
+        )
+        self.cfg = validate(raw)
+        self.model = server_workload(self.cfg).model
+        self.glob = {k: v.clone() for k, v in shared_state(self.model).items()}
+
+    def strategy(self) -> AlgorithmStrategy:
+        algorithm = build_algorithm(self.cfg)
+        algorithm.bind(self.model)
+        strategy = AlgorithmStrategy(algorithm, self.cfg)
+        strategy.spec = algorithm.upload_spec(self.model)
+        devices = {
+            100 + c: wire.DeviceReport(c, "", 0, 24, 24, CLIENTS, SIZES[c]) for c in range(CLIENTS)
+        }
+        strategy.set_devices(devices, SIZES)
+        return strategy
+
+
+@pytest.fixture(scope="module", params=["fedavg", "hfedmoe"])
+def setup(request, tiny_bert_dir):
+    # Flower stamps every Message with its task: the run's, as the embedded engine sets it
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
+    return _Setup(tiny_bert_dir, request.param)
+
+
+def _messages(strategy: AlgorithmStrategy, setup: _Setup) -> list[Message]:
+    """Round 1's train messages, with the ids a grid gives them (replies refer to them)."""
+    messages = list(
+        strategy.configure_train(1, wire.TensorRecord(setup.glob), ConfigRecord(), None)
+    )
+    for i, message in enumerate(messages):
+        message.metadata.__dict__["_message_id"] = f"m{i}"
+    return messages
+
+
+def _sound(strategy: AlgorithmStrategy, message: Message, client: int) -> dict:
+    """A valid reply's parts for ``client``: every required tensor moved a little, the experts
+    it says it updated, statistics and metrics in range."""
+    spec = strategy.spec
+    g = torch.Generator().manual_seed(client)
+    refs = spec.references(strategy._global)
+    L_E = spec.stats["expert_updates"].shape
+    counts = torch.randint(0, 3, L_E, generator=g)
+    weights = {k: refs[k] + 1e-6 * torch.randn(refs[k].shape, generator=g) for k in spec.required}
+    for (layer, e), keys in spec.expert_keys.items():
+        if counts[layer, e] > 0:
+            weights.update(
+                {k: refs[k] + 1e-6 * torch.randn(refs[k].shape, generator=g) for k in keys}
+            )
+    stats = {"expert_updates": counts}
+    if "usage" in spec.stats:
+        stats["usage"] = torch.softmax(torch.randn(L_E, generator=g), -1)
+        stats["importance"] = torch.rand(L_E, generator=g)
+    steps = strategy.cfg.train.local_steps
+    metrics = {"train_loss": 1.0 + client, "steps": float(steps)}
+    return {
+        "weights": weights,
+        "stats": stats,
+        "metrics": metrics,
+        "n": SIZES[client],
+        "partition": client,
+        "request": message,
+    }
+
+
+def _reply(parts: dict, corruption: str | None) -> Message:
+    """The reply a client sends: ``parts`` as the wire carries them, broken by ``corruption``."""
+    w, s, m = dict(parts["weights"]), dict(parts["stats"]), dict(parts["metrics"])
+    n, partition = parts["n"], parts["partition"]
+    records: dict = {}
+    first = min(w)
+    match corruption:
+        case "error-reply":
+            return Message(Error(code=1, reason="boom"), reply_to=parts["request"])
+        case "metric-inf":
+            m["steps"] = math.inf
+        case "metric-nan":
+            m["train_loss"] = math.nan
+        case "metric-huge":
+            m["steps"] = 1e300
+        case "metric-negative":
+            m["train_loss"] = -1.0
+        case "metric-list":
+            m["steps"] = [1, 2]
+        case "metric-undeclared":
+            m["secret"] = 1.0
+        case "metric-missing":
+            del m["train_loss"]
+        case "examples-other":
+            n = 10**12
+        case "examples-float":
+            n = float(n)
+        case "partition-other":
+            partition = (partition + 1) % CLIENTS
+        case "tensor-missing":
+            del w[first]
+        case "tensor-extra":
+            w["injected.weight"] = torch.zeros(3)
+        case "tensor-shape":
+            w[first] = w[first].flatten()[:-1]
+        case "tensor-nan":
+            w[first] = w[first].clone()
+            w[first].view(-1)[0] = math.nan
+        case "tensor-scaled":  # far beyond what local training can move the weights
+            w = {k: t * 3 for k, t in w.items()}
+        case "stat-missing":
+            del s["expert_updates"]
+        case "stat-extra":
+            s["injected"] = torch.zeros(2)
+        case "stat-shape":
+            s["expert_updates"] = s["expert_updates"].flatten()
+        case "stat-range":
+            s["expert_updates"] = s["expert_updates"] - 5
+        case "stat-nan":
+            s["expert_updates"] = torch.full(s["expert_updates"].shape, math.nan)
+        case "record-extra":
+            records["extra"] = ConfigRecord({"x": 1})
+        case "record-missing":
+            return Message(RecordDict({wire.ARRAYS: ArrayRecord(w)}), reply_to=parts["request"])
+    metrics = {wire.NUM_EXAMPLES: n, wire.PARTITION_ID: partition, **m}
+    content = RecordDict(
+        {
+            wire.ARRAYS: ArrayRecord(w),
+            wire.METRICS: MetricRecord(metrics),
+            wire.STATS: ArrayRecord(s),
+            **records,
+        }
+    )
+    return Message(content, reply_to=parts["request"])
+
+
+def _aggregate(setup: _Setup, corruptions: list[str | None]):
+    """The strategy's round-1 aggregate of the clients' replies (None: sound), with every
+    client's reports."""
+    strategy = setup.strategy()
+    messages = list(
+        strategy.configure_train(1, wire.TensorRecord(setup.glob), ConfigRecord(), None)
+    )
+    replies = []
+    for message, corruption in zip(messages, corruptions, strict=True):
+        client = strategy._client(message.metadata.dst_node_id)
+        replies.append(_reply(_sound(strategy, message, client), corruption))
+    arrays, _ = strategy.aggregate_train(1, replies)
+    return arrays, strategy.last_reports
+
+
+@given(st.lists(st.one_of(st.none(), st.sampled_from(CORRUPTIONS)), min_size=4, max_size=4))
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+def test_no_reply_stops_the_round_and_only_valid_replies_reach_the_model(setup, corruptions):
+    arrays, reports = _aggregate(setup, corruptions)
+    assert [r.status for r in reports] == ["ok" if c is None else "failed" for c in corruptions]
+    for report, corruption in zip(reports, corruptions, strict=True):
+        if corruption is not None:
+            assert report.failure and report.error, corruption
+    if all(c is not None for c in corruptions):
+        assert arrays is None  # nobody valid: the model stays
+        return
+    # the same round with the broken clients silent
+    valid_only = _aggregate_silent(setup, [c is None for c in corruptions])
+    mine = arrays.to_torch_state_dict()
+    assert mine.keys() == valid_only.keys()
+    assert all(torch.equal(mine[k], valid_only[k]) for k in mine)
+
+
+def _aggregate_silent(setup: _Setup, answers: list[bool]):
+    strategy = setup.strategy()
+    messages = list(
+        strategy.configure_train(1, wire.TensorRecord(setup.glob), ConfigRecord(), None)
+    )
+    replies = []
+    for message, answer in zip(messages, answers, strict=True):
+        if answer:
+            client = strategy._client(message.metadata.dst_node_id)
+            replies.append(_reply(_sound(strategy, message, client), None))
+    arrays, _ = strategy.aggregate_train(1, replies)
+    return arrays.to_torch_state_dict()
+
+
+@pytest.mark.parametrize("corruption", CORRUPTIONS)
+def test_each_broken_reply_is_a_failure_with_its_reason(setup, corruption):
+    _, reports = _aggregate(setup, [corruption, None, None, None])
+    expected = {
+        "error-reply": "error",
+        "examples-other": "examples",
+        "partition-other": "partition",
+        "tensor-missing": "missing-keys",
+        "tensor-extra": "unknown-keys",
+        "tensor-shape": "shape",
+        "tensor-nan": "non-finite",
+        "tensor-scaled": "bound",
+    }
+    prefix = corruption.split("-")[0]
+    reason = expected.get(
+        corruption, {"metric": "metrics", "stat": "stats"}.get(prefix, "malformed")
+    )
+    assert (reports[0].status, reports[0].failure) == ("failed", reason), reports[0].error
+    assert [r.status for r in reports[1:]] == ["ok"] * 3
