@@ -1,7 +1,8 @@
 """A Flower deployment on this machine: a SuperLink and N SuperNodes as separate processes on
 127.0.0.1, with TLS (a CA and a server certificate made here) and SuperNode authentication
 (an ECDSA key pair per SuperNode, registered before it starts). Each SuperNode gets its own
-``--node-config``: partition id, number of partitions and device tier.
+``--node-config``: partition id, number of partitions and device tier. Optionally a reverse
+proxy sits between the SuperNodes and the SuperLink, as in docs/DEPLOYMENT.md.
 
 Used by the integration tests and the engine benchmark, and a quick way to try a deployment;
 docs/DEPLOYMENT.md gives the same steps as shell commands for real machines. Every process
@@ -64,6 +65,7 @@ class Processes:
         self.files: list[IO] = []
 
     def start(self, name: str, *args: str, **env: str) -> subprocess.Popen:
+        """Start ``args`` (a program of this Python's bin directory, or an absolute path)."""
         log = (self.logs / f"{name}.log").open("w")
         self.files.append(log)
         proc = subprocess.Popen(
@@ -148,9 +150,17 @@ def stop_matching(marker: str) -> None:
     stop_pids(lambda: matching(marker))
 
 
+def private(path: Path, data: bytes) -> None:
+    """Write a private key readable by its owner only."""
+    path.touch(mode=0o600)
+    path.chmod(0o600)
+    path.write_bytes(data)
+
+
 def make_certificates(directory: Path) -> tuple[Path, Path, Path]:
     """A CA and a server certificate for 127.0.0.1/localhost signed by it (what `openssl req`
-    would make; docs/DEPLOYMENT.md shows the openssl commands)."""
+    would make; docs/DEPLOYMENT.md shows the openssl commands). The CA's key is never written:
+    as in the guide, it stays off the server."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import rsa
@@ -193,10 +203,11 @@ def make_certificates(directory: Path) -> tuple[Path, Path, Path]:
     paths = directory / "ca.crt", directory / "server.pem", directory / "server.key"
     paths[0].write_bytes(ca.public_bytes(pem))
     paths[1].write_bytes(cert.public_bytes(pem))
-    paths[2].write_bytes(
+    private(
+        paths[2],
         key.private_bytes(
             pem, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
-        )
+        ),
     )
     return paths
 
@@ -207,12 +218,10 @@ def make_node_key(directory: Path, name: str) -> tuple[Path, Path]:
     from cryptography.hazmat.primitives.asymmetric import ec
 
     key = ec.generate_private_key(ec.SECP384R1())
-    private, public = directory / name, directory / f"{name}.pub"
-    private.write_bytes(
-        key.private_bytes(s.Encoding.PEM, s.PrivateFormat.OpenSSH, s.NoEncryption())
-    )
+    secret, public = directory / name, directory / f"{name}.pub"
+    private(secret, key.private_bytes(s.Encoding.PEM, s.PrivateFormat.OpenSSH, s.NoEncryption()))
     public.write_bytes(key.public_key().public_bytes(s.Encoding.OpenSSH, s.PublicFormat.OpenSSH))
-    return private, public
+    return secret, public
 
 
 def wait_until(what: str, check: Callable[[], bool], timeout: float = 120) -> None:
@@ -237,13 +246,13 @@ def flwr_json(env: dict[str, str], *args: str) -> dict:
         return {"error": out.stdout + out.stderr}
 
 
-def healthy(ca: Path, port: int) -> bool:
+def healthy(ca: Path, port: int, host: str = "127.0.0.1") -> bool:
     import ssl
     import urllib.request
 
     try:
         context = ssl.create_default_context(cafile=str(ca))
-        with urllib.request.urlopen(f"https://127.0.0.1:{port}/health", context=context) as r:
+        with urllib.request.urlopen(f"https://{host}:{port}/health", context=context) as r:
             return r.status == 200
     except OSError:
         return False
@@ -252,11 +261,21 @@ def healthy(ca: Path, port: int) -> bool:
 class LocalDeployment:
     """``with LocalDeployment(workdir, ["phone", "laptop"]) as d:`` a SuperLink and one
     SuperNode per tier (partition i gets tier i; None = no tier), online; ``d.env`` runs the
-    ``flwr`` CLI against it (connection :data:`CONNECTION`)."""
+    ``flwr`` CLI against it (connection :data:`CONNECTION`, the SuperLink's loopback address).
 
-    def __init__(self, workdir: Path, tiers: list[str | None]):
+    ``proxy(d)``, if given, runs once the SuperLink is up: it starts a reverse proxy (with
+    ``d.processes``, so that it stops with the rest) and returns the address the SuperNodes
+    then dial instead of the SuperLink's."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        tiers: list[str | None],
+        proxy: Callable[[LocalDeployment], str] | None = None,
+    ):
         self.workdir = Path(workdir)
         self.tiers = tiers
+        self.proxy = proxy
         self.home = self.workdir / "flwr-home"
         self.env = flwr_env(self.home)
         self.processes = Processes(self.env, self.workdir)
@@ -276,7 +295,7 @@ class LocalDeployment:
     def start(self) -> None:
         (certs := self.workdir / "certs").mkdir(parents=True, exist_ok=True)
         self.home.mkdir(parents=True, exist_ok=True)
-        self.ca, server_cert, server_key = make_certificates(certs)
+        self.ca, self.server_cert, self.server_key = make_certificates(certs)
         address = f"127.0.0.1:{self.port}"
         connection = {"address": address, "root-certificates": str(self.ca)}
         (self.home / "config.toml").write_text(
@@ -286,8 +305,8 @@ class LocalDeployment:
             "superlink",
             "flower-superlink",
             "--ssl-ca-certfile", str(self.ca),
-            "--ssl-certfile", str(server_cert),
-            "--ssl-keyfile", str(server_key),
+            "--ssl-certfile", str(self.server_cert),
+            "--ssl-keyfile", str(self.server_key),
             "--enable-supernode-auth",
             "--host", "127.0.0.1",
             "--port", str(self.port),
@@ -295,6 +314,7 @@ class LocalDeployment:
             "--disable-runtime-dependency-installation",
         )  # fmt: skip
         wait_until("the SuperLink", lambda: healthy(self.ca, self.port))
+        self.fleet_address = self.proxy(self) if self.proxy else address
         for pid, tier in enumerate(self.tiers):
             private, public = make_node_key(self.workdir, f"node{pid}")
             registered = flwr_json(self.env, "supernode", "register", str(public), CONNECTION)
@@ -312,7 +332,7 @@ class LocalDeployment:
         return self.processes.start(
             name,
             "flower-supernode",
-            "--superlink", f"127.0.0.1:{self.port}",
+            "--superlink", self.fleet_address,
             "--root-certificates", str(self.ca),
             "--auth-supernode-private-key", str(private_key),
             "--node-config", node_config,
