@@ -247,7 +247,7 @@ class AlgorithmStrategy(Strategy):
         """The reply's update if it is valid, else None with ``report`` failed and why."""
         if reply.has_error():
             code = reply.error.code
-            failure = "budget" if code == wire.BUDGET_EXCEEDED else "error"
+            failure = wire.FAILURES.get(code, "error")
             self._fail(report, failure, reply.error.reason)
             return None
         bytes_up = wire.payload_bytes(reply.content)  # before unpacking consumes the reply

@@ -303,7 +303,12 @@ class FederationConfig(Section):
     clients_per_round: int = Field(4, gt=0)
     rounds: int = Field(10, gt=0)
     round_timeout: float | None = Field(
-        None, gt=0, description="Seconds the server waits for replies; null = for all of them."
+        None,
+        gt=0,
+        description="Seconds the server waits for each client's reply; null = for all of them. "
+        "On the embedded engine a client in the server's own process cannot be stopped, so a "
+        "set timeout runs the clients in worker processes (federation.workers of them, even "
+        "1), where a client still running at the timeout is stopped.",
     )
     max_update_ratio: float = Field(
         10.0,
@@ -483,6 +488,8 @@ FaultKind = Literal[
     "unknown-key",
     "missing-key",
     "norm",  # an update far too large
+    "hang",  # never returns (needs federation.round_timeout)
+    "crash",  # its process dies at once (needs federation.round_timeout)
 ]
 FAULT_KINDS: tuple[str, ...] = FaultKind.__args__  # type: ignore[attr-defined]
 
@@ -502,9 +509,9 @@ class FaultsConfig(Section):
         0.0, ge=0, le=1, description="Probability that a sampled client misbehaves in a round."
     )
     kinds: list[FaultKind] = Field(
-        default_factory=lambda: [k for k in FAULT_KINDS if k != "deadline"],
+        default_factory=lambda: [k for k in FAULT_KINDS if k not in ("deadline", "hang", "crash")],
         min_length=1,
-        description="What a faulty client does, drawn uniformly (deadline needs "
+        description="What a faulty client does, drawn uniformly (deadline, hang and crash need "
         "federation.round_timeout).",
     )
     events: list[FaultEvent] = Field(
@@ -605,6 +612,11 @@ class ExperimentConfig(Section):
         kinds |= {e.kind for e in self.faults.events}
         if "deadline" in kinds and self.federation.round_timeout is None:
             raise ValueError("faults: a 'deadline' fault needs federation.round_timeout")
+        if kinds & {"hang", "crash"} and self.federation.round_timeout is None:
+            raise ValueError(
+                "faults: a 'hang' or 'crash' fault needs federation.round_timeout (which runs "
+                "the clients in worker processes, where they can be stopped or die alone)"
+            )
         for i, e in enumerate(self.faults.events):
             if e.partition >= self.federation.num_clients:
                 raise ValueError(
