@@ -246,3 +246,50 @@ def test_a_client_process_reads_and_partitions_the_split_once(tiny_bert_dir, mon
         assert len(data) == len(fresh) > 0
         pairs = zip(data.input_ids, fresh.input_ids, strict=True)
         assert all(np.array_equal(a, b) for a, b in pairs)
+
+
+def _probe(**config) -> Message:
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, SUPERLINK_NODE_ID, 1
+    content = RecordDict({"config": ConfigRecord(config)})
+    msg = Message(content, dst_node_id=FIRST_NODE_ID, message_type=MessageType.TRAIN, group_id="1")
+    msg.metadata.__dict__["_message_id"] = f"probe-{sorted(config.items())}"
+    return msg
+
+
+def test_a_worker_that_hangs_or_dies_is_replaced_by_a_fresh_process():
+    """The worker pool: a message still running at its deadline is stopped ("timeout", after
+    the timeout and not later), one whose worker process exits is "died"; either way the node
+    state does not come back, and the next message on that slot runs in a new process."""
+    import time
+
+    from hfedmoe.engines.workers import WorkerPool
+
+    from .support.guards import time_limit
+
+    context = Context(
+        run_id=1, node_id=FIRST_NODE_ID, node_config={}, state=RecordDict(), run_config={}
+    )
+    pool = WorkerPool(1, "tests.support.probe_app:app")
+
+    def run(timeout: float = 2.0, **config):
+        started = time.monotonic()
+        outcome = pool.result(pool.submit(_probe(**config), context, False, timeout))
+        return outcome, time.monotonic() - started
+
+    def pid_after(outcome) -> int:
+        what, payload, state, _ = outcome
+        assert what == "reply" and state is not None, outcome
+        return payload["metrics"][1]["pid"]
+
+    try:
+        with time_limit(300):
+            first, _ = run()
+            (what, _, state, _), waited = run(sleep=3600)
+            assert what == "timeout" and state is None and 2.0 <= waited < 3.5
+            second, _ = run()
+            (what, reason, state, _), _ = run(exit=3)
+            assert what == "died" and state is None and "exit code 3" in reason
+            third, _ = run()
+    finally:
+        pool.close()
+    assert len({pid_after(first), pid_after(second), pid_after(third)}) == 3

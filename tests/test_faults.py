@@ -4,7 +4,6 @@ with a reason, aggregates the rest, and never lets a bad update into the global 
 from __future__ import annotations
 
 import math
-import time
 from collections import Counter
 
 import pytest
@@ -16,7 +15,6 @@ from hfedmoe.algorithms.mechanics import validation
 from hfedmoe.algorithms.mechanics.uploads import EXPERT_UPDATES, Statistic, UploadSpec
 from hfedmoe.algorithms.mechanics.validation import Expectation, check_update
 from hfedmoe.engines.embedded import run_embedded
-from hfedmoe.federation import faults
 from hfedmoe.federation.client_app import app as client_app
 from hfedmoe.federation.faults import corrupt, planned_fault
 from hfedmoe.federation.server_app import app as server_app
@@ -24,6 +22,7 @@ from hfedmoe.foundation.config import ATTACK_KINDS, FAULT_KINDS, validate
 from hfedmoe.results import read_metrics
 
 from .support.configs import tiny_raw
+from .support.guards import time_limit
 
 UPDATE_FAULTS = ["nan", "inf", "shape", "dtype", "unknown-key", "missing-key", "norm"]
 
@@ -191,29 +190,44 @@ def test_fault_config_errors_name_the_field(tiny_bert_dir):
     raw["faults"] = {"events": [{"round": 1, "partition": 0, "kind": "deadline"}]}
     with pytest.raises(ConfigError, match=r"needs federation\.round_timeout"):
         validate(raw)
+    for kind in ("hang", "crash"):  # only a worker process can be stopped, or die alone
+        raw["faults"] = {"events": [{"round": 1, "partition": 0, "kind": kind}]}
+        with pytest.raises(ConfigError, match=r"'crash' fault needs federation\.round_timeout"):
+            validate(raw)
+    assert not {"deadline", "hang", "crash"} & set(validate(tiny_raw(tiny_bert_dir)).faults.kinds)
     raw["faults"] = {"events": [{"round": 1, "partition": 9, "kind": "nan"}]}
     with pytest.raises(ConfigError, match=r"faults.events\[0\].partition: 9 is not a client"):
         validate(raw)
     raw["faults"] = {"kinds": ["meltdown"]}
     with pytest.raises(ConfigError, match=r"faults.kinds.0"):
         validate(raw)
-    assert set(FAULT_KINDS) == {"dropout", "exception", "deadline", *UPDATE_FAULTS, *ATTACK_KINDS}
+    assert set(FAULT_KINDS) == {
+        "dropout",
+        "exception",
+        "deadline",
+        "hang",
+        "crash",
+        *UPDATE_FAULTS,
+        *ATTACK_KINDS,
+    }
 
 
 # --- real runs on the embedded engine ----------------------------------------------------------
 
 
-def _run(
-    tiny_bert_dir, tmp_path, name: str, algorithm: str, events: list[dict], clock=None, **federation
-):
+def _run(tiny_bert_dir, tmp_path, name: str, algorithm: str, events: list[dict], **federation):
     raw = tiny_raw(tiny_bert_dir, algorithm=algorithm, federation={"rounds": 2, **federation})
     if "num_clients" in federation:  # enough data for every client's partition
         raw["data"]["max_train_examples"] = 30 * federation["num_clients"]
     raw["faults"] = {"events": events}
     run_dir = tmp_path / name
-    options = {} if clock is None else {"clock": clock}
-    run_embedded(validate(raw), str(run_dir), server_app, client_app, **options)
+    with time_limit(600):  # a run that hangs fails instead
+        run_embedded(validate(raw), str(run_dir), server_app, client_app)
     return read_metrics(run_dir), load_file(run_dir / "model" / "model.safetensors")
+
+
+def _same_model(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 BAD = [*UPDATE_FAULTS, "exception"]  # what client 1 + i does in round 1
@@ -263,34 +277,51 @@ def test_a_round_in_which_every_client_fails_leaves_the_model_and_the_run_goes_o
     assert second["clients_ok"] == 2 and second["failures"] == {}
 
 
-class SkippingClock:
-    """Real time, plus the waits it was asked to skip: a 20 s deadline fault takes no time."""
-
-    def __init__(self) -> None:
-        self.skipped = 0.0
-
-    def now(self) -> float:
-        return time.perf_counter() + self.skipped
-
-    def sleep(self, seconds: float) -> None:
-        self.skipped += seconds
+#: federation.round_timeout of the run whose clients hang: about twice what a tiny client takes
+#: on a fresh worker here (5 s: its first message builds the cost models, model and data)
+TIMEOUT = 10.0
 
 
-def test_a_reply_after_the_deadline_is_not_waited_for(tiny_bert_dir, tmp_path, monkeypatch):
-    clock = SkippingClock()
-    monkeypatch.setattr(faults, "reply_late", clock.sleep)
-    events = [{"round": 1, "partition": 1, "kind": "deadline"}]
+def test_clients_that_hang_or_reply_late_are_stopped_at_the_timeout(tiny_bert_dir, tmp_path):
+    """With a round timeout the clients run in a worker process, even with federation.workers
+    = 1 (in the server's process a hung client would hang the run). In round 1 client 1
+    replies after the timeout and client 2 never returns: each is waited for no longer than
+    the timeout, its worker killed and replaced, and counted as no-reply; client 0's round
+    goes on, round 2 is normal on a new worker, and the run ends as the run (in the server's
+    process) in which both dropped out."""
+    late = [
+        {"round": 1, "partition": 1, "kind": "deadline"},
+        {"round": 1, "partition": 2, "kind": "hang"},
+    ]
+    federation = {"num_clients": 3, "clients_per_round": 3}
     metrics, model = _run(
-        tiny_bert_dir, tmp_path, "late", "fedavg", events, clock.now, round_timeout=20.0
+        tiny_bert_dir, tmp_path, "late", "fedavg", late, round_timeout=TIMEOUT, **federation
     )
-    assert clock.skipped == 20.0  # the client did reply late ...
-    assert metrics[1]["failures"] == {"no-reply": 1}  # ... and was not waited for
-    _, dropped = _run(
-        tiny_bert_dir,
-        tmp_path,
-        "gone",
-        "fedavg",
-        [{"round": 1, "partition": 1, "kind": "dropout"}],
-        round_timeout=20.0,
-    )
-    assert all(torch.equal(model[k], dropped[k]) for k in model)
+    gone = [{**event, "kind": "dropout"} for event in late]
+    dropped, dropped_model = _run(tiny_bert_dir, tmp_path, "gone", "fedavg", gone, **federation)
+    assert metrics[1]["failures"] == {"no-reply": 2} and metrics[1]["clients_ok"] == 1
+    # two clients stopped one after the other, with the start of a new worker between them
+    assert 2 * TIMEOUT <= metrics[1]["round_seconds"] < 2 * TIMEOUT + 60
+    assert metrics[2]["failures"] == {} and metrics[2]["clients_ok"] == 3
+    assert [r["test_loss"] for r in metrics] == [r["test_loss"] for r in dropped]
+    assert _same_model(model, dropped_model)
+
+
+def test_a_client_whose_worker_dies_fails_alone_and_its_node_keeps_its_state(
+    tiny_bert_dir, tmp_path
+):
+    """Client 1's worker process is SIGKILLed in round 2 (the ``crash`` fault), beside another
+    worker: it fails as worker-died, the round goes on with client 0, a new worker serves
+    round 3, and the run ends as the one in which it dropped out: FLEX-MoE's personal router,
+    which client 1 keeps in its node state from round 1 to round 3, survived the lost message."""
+    crash = [{"round": 2, "partition": 1, "kind": "crash"}]
+    federation = {"rounds": 3, "workers": 2, "round_timeout": 600.0}
+    metrics, model = _run(tiny_bert_dir, tmp_path, "crash", "flexmoe", crash, **federation)
+    gone = [{**crash[0], "kind": "dropout"}]
+    dropped, dropped_model = _run(tiny_bert_dir, tmp_path, "gone", "flexmoe", gone, rounds=3)
+    assert [r["failures"] for r in metrics[1:]] == [{}, {"worker-died": 1}, {}]
+    assert [r["clients_ok"] for r in metrics[1:]] == [2, 1, 2]
+    failed = next(c for c in metrics[2]["clients"] if c["status"] == "failed")
+    assert "SIGKILL" in failed["error"]
+    assert [r["test_loss"] for r in metrics] == [r["test_loss"] for r in dropped]
+    assert _same_model(model, dropped_model)

@@ -1,2 +1,3 @@
 """Helpers the tests share: tiny configs and models, the real CLI, device tiers, the model
-families, the budget calibration harness, a local Flower deployment and the golden metrics."""
+families, the budget calibration harness, a local Flower deployment, the golden metrics, a
+ClientApp that probes the worker pool and a time limit for tests of what must not hang."""

@@ -9,6 +9,11 @@ calling process.
 Each node runs when its reply is read (``send_and_receive`` is lazy), so the server folds one
 reply before the next client trains, and holds one reply at a time.
 
+A client in this process cannot be pre-empted: one that hangs hangs the run, and a late reply
+is dropped only once it arrives. ``federation.round_timeout`` is therefore enforced in worker
+processes (``hfedmoe.engines.workers``): a set timeout runs the clients there, one worker or
+``federation.workers`` of them, and a client still running at its deadline is stopped.
+
 Messages carry their tensors by reference (``wire.TensorRecord``): server and clients share the
 process, so nothing is serialised or copied on the way (the clients copy what they receive into
 their own resident model). With ``federation.check_wire`` (the tests turn it on) every
@@ -25,7 +30,6 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future
 
 from flwr.app import ArrayRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
@@ -35,7 +39,7 @@ from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 from hfedmoe.engines.nodes import call_client
-from hfedmoe.engines.workers import WorkerPool, from_plain
+from hfedmoe.engines.workers import Job, WorkerPool, from_plain
 from hfedmoe.federation import wire
 from hfedmoe.federation.faults import Dropout
 from hfedmoe.federation.server_app import NodeStates
@@ -60,21 +64,18 @@ class EmbeddedGrid(Grid):
         run_config: dict,
         run_id: int = 1,
         on_reply: ReplyCallback | None = None,
-        clock: Callable[[], float] = time.perf_counter,
         check_wire: bool = True,
         pool: WorkerPool | None = None,
     ):
-        """``clock``: seconds, for timing each node's reply against the round's timeout;
-        ``check_wire``: every message crosses Flower's wire format (else by reference);
-        ``pool``: worker processes that run the clients, several at once (else one after
-        another in this process)."""
+        """``check_wire``: every message crosses Flower's wire format (else by reference);
+        ``pool``: worker processes that run the clients, several at once, each stopped at its
+        timeout (else one after another in this process, where none can be stopped)."""
         self._client_app = client_app
         self._pool = pool
         self._check_wire = check_wire
         self._run = Run.create_empty(run_id)
         self._run.override_config = dict(run_config)
         self._on_reply = on_reply
-        self._clock = clock
         self._contexts = {
             FIRST_NODE_ID + pid: Context(
                 run_id=run_id,
@@ -121,10 +122,10 @@ class EmbeddedGrid(Grid):
         for msg in messages:
             msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
             ids.append(msg.metadata.message_id)
-            start = self._clock()
+            start = time.perf_counter()
             with contextlib.suppress(Dropout):  # the node vanished: no reply will ever come
                 self._replies[msg.metadata.message_id] = self._deliver(msg)
-            self._seconds[msg.metadata.message_id] = self._clock() - start
+            self._seconds[msg.metadata.message_id] = time.perf_counter() - start
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
@@ -132,7 +133,9 @@ class EmbeddedGrid(Grid):
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None):
         """Every node's reply, except from nodes that took longer than ``timeout`` seconds
-        (clients run one after another here; each is timed as if they ran in parallel).
+        (each node is timed on its own, as if they all ran in parallel). In worker processes a
+        node still running at its timeout is stopped; in this process it cannot be, and its
+        late reply is dropped when it comes.
 
         Lazy: a node runs when the caller reads its reply, so a caller that consumes each reply
         before reading the next (the strategy's running aggregation) holds one at a time."""
@@ -150,9 +153,10 @@ class EmbeddedGrid(Grid):
     def _in_workers(self, messages: list[Message], timeout: float | None):
         """The replies in message order, with up to one message per worker in flight: a worker
         gets the next message before the caller reads the finished reply, so it trains while
-        the server folds; replies that finish early wait (at most workers - 1 of them)."""
+        the server folds; replies that finish early wait (at most workers - 1 of them). Each
+        client is stopped ``timeout`` seconds after its worker starts it."""
         assert self._pool is not None
-        pending: deque[tuple[Message, Future | Message]] = deque()
+        pending: deque[tuple[Message, Job | Message]] = deque()
         queue = iter(messages)
 
         def submit() -> None:
@@ -164,29 +168,40 @@ class EmbeddedGrid(Grid):
                 error = Message(Error(code=404, reason=f"unknown node {node}"), reply_to=msg)
                 pending.append((msg, error))
             else:
-                pending.append(
-                    (msg, self._pool.submit(msg, self._contexts[node], self._check_wire))
-                )
+                context = self._contexts[node]
+                pending.append((msg, self._pool.submit(msg, context, self._check_wire, timeout)))
 
         for _ in range(self._pool.workers):
             submit()
         while pending:
             msg, job = pending.popleft()
-            submit()
-            if isinstance(job, Message):
-                reply, seconds = job, 0.0
-            else:
-                what, payload, state, seconds = job.result()
-                self._pool.restore_state(self._contexts[msg.metadata.dst_node_id], state)
-                if what == "dropout":  # the node vanished: no reply will ever come
-                    continue
-                content = from_plain(payload) if what == "reply" else Error(*payload)
-                reply = Message(content, reply_to=msg)
+            reply, seconds = (job, 0.0) if isinstance(job, Message) else self._answer(msg, job)
+            submit()  # the worker that answered is free
+            if reply is None:  # the node vanished or was stopped: no reply will ever come
+                continue
             reply.metadata.__dict__["_message_id"] = uuid.uuid4().hex
             if self._on_reply:
                 self._on_reply(msg, reply, seconds)
             if timeout is None or seconds <= timeout:
                 yield reply
+
+    def _answer(self, msg: Message, job: Job) -> tuple[Message | None, float]:
+        """The reply a worker's outcome makes (None: none), and how long the client took. A
+        worker that died answers a Flower error reply (``wire.WORKER_DIED``); the node keeps
+        its state unless the worker finished the message."""
+        assert self._pool is not None
+        what, payload, state, seconds = self._pool.result(job)
+        if state is not None:
+            self._pool.restore_state(self._contexts[msg.metadata.dst_node_id], state)
+        if what in ("dropout", "timeout"):
+            return None, seconds
+        if what == "reply":
+            content = from_plain(payload)
+        elif what == "died":
+            content = Error(code=wire.WORKER_DIED, reason=str(payload))
+        else:
+            content = Error(*payload)
+        return Message(content, reply_to=msg), seconds
 
     def _deliver(self, msg: Message) -> Message:
         start = time.perf_counter()
@@ -208,14 +223,14 @@ def run_embedded(
     client_app: ClientApp,
     on_reply: ReplyCallback | None = None,
     resume: bool = False,
-    clock: Callable[[], float] = time.perf_counter,
     client_app_ref: str = "hfedmoe.federation.client_app:app",
 ) -> None:
     """Run ``server_app`` against ``cfg.federation.num_clients`` in-process ``client_app`` nodes
-    (``resume``: continue the run in ``run_dir`` from its checkpoint; ``clock``: what times the
-    nodes' replies against the round's timeout). With ``federation.workers`` > 1 the clients
-    run in that many worker processes, each importing the ClientApp ``client_app_ref``
-    (``module:attribute``; ``client_app`` is then not called)."""
+    (``resume``: continue the run in ``run_dir`` from its checkpoint). With
+    ``federation.workers`` > 1, or a ``federation.round_timeout`` (only a worker process can be
+    stopped at its timeout), the clients run in ``federation.workers`` worker processes, each
+    importing the ClientApp ``client_app_ref`` (``module:attribute``; ``client_app`` is then
+    not called)."""
     check_wire = cfg.federation.check_wire
     run_config = {
         wire.RUN_CONFIG: cfg.to_json(),
@@ -224,18 +239,10 @@ def run_embedded(
         wire.BY_REFERENCE: not check_wire,
     }
     run_id = 1
-    workers = cfg.federation.workers
-    pool = WorkerPool(workers, client_app_ref) if workers > 1 else None
-    grid = EmbeddedGrid(
-        client_app,
-        cfg.federation.num_clients,
-        run_config,
-        run_id,
-        on_reply,
-        clock,
-        check_wire,
-        pool,
-    )
+    fed = cfg.federation
+    in_workers = fed.workers > 1 or fed.round_timeout is not None
+    pool = WorkerPool(fed.workers, client_app_ref) if in_workers else None
+    grid = EmbeddedGrid(client_app, fed.num_clients, run_config, run_id, on_reply, check_wire, pool)
     TaskIdentity.task_id = 1
     TaskIdentity.run_id = run_id
     TaskIdentity.node_id = SUPERLINK_NODE_ID

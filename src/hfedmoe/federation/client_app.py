@@ -65,6 +65,10 @@ def train(msg: Message, context: Context) -> Message:
         raise faults.InjectedFault(
             f"injected fault: partition {partition_id}, round {server_round}"
         )
+    if fault == "hang":
+        faults.hang()
+    if fault == "crash":
+        faults.crash()
     data = _data(cfg_json, partition_id, num_partitions)
     model = _architecture(cfg_json)  # resident: the request's weights are loaded into it
     sent = request.weights

@@ -10,6 +10,10 @@ run and its resumption inject the same faults. What it does
   other engines the client app's process dies);
 * ``exception``: raises during training (an error reply);
 * ``deadline``: replies, but after ``federation.round_timeout``;
+* ``hang``: never returns (:func:`hang`); ``crash``: its process dies at once (:func:`crash`),
+  as when the OS kills it for memory. Both need ``federation.round_timeout``, which on the
+  embedded engine runs the clients in worker processes: one that hangs is stopped at the
+  timeout, and one that dies takes only its worker with it;
 * ``nan`` / ``inf`` / ``shape`` / ``dtype`` / ``unknown-key`` / ``missing-key`` / ``norm``: a
   corrupted update, which the server must reject (``hfedmoe.algorithms.mechanics.validation``);
 * attacks (:func:`attack`), what a hostile client sends to steer the model: ``inflate-examples``
@@ -25,6 +29,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import signal
 import time
 
 import torch
@@ -56,10 +62,21 @@ class InjectedFault(RuntimeError):
 def reply_late(seconds: float) -> None:
     """The ``deadline`` fault: hold the reply back ``seconds`` (``federation.round_timeout``).
 
-    A real wait, so that an engine's own clock sees a late reply; tests replace it (and the
-    embedded engine's clock) by a clock that skips the wait.
+    A real wait, so that an engine sees a late reply (the embedded engine stops the client at
+    its deadline).
     """
     time.sleep(seconds)
+
+
+def hang() -> None:
+    """The ``hang`` fault: the client never returns (until its process is stopped)."""
+    while True:
+        time.sleep(3600)
+
+
+def crash() -> None:
+    """The ``crash`` fault: the client's process dies at once, as when the OS kills it."""
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def planned_fault(cfg: ExperimentConfig, server_round: int, partition_id: int) -> str | None:

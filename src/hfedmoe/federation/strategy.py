@@ -287,7 +287,7 @@ class AlgorithmStrategy(Strategy):
     def _checked(self, report: ClientReport, reply: Message) -> ClientUpdate | None:
         if reply.has_error():
             code = reply.error.code
-            failure = "budget" if code == wire.BUDGET_EXCEEDED else "error"
+            failure = wire.FAILURES.get(code, "error")
             self._fail(report, failure, str(reply.error.reason))
             return None
         bytes_up = wire.payload_bytes(reply.content)  # before unpacking consumes the reply

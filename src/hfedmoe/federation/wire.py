@@ -44,6 +44,8 @@ STATS = "stats"
 DEVICE = "device"
 BUDGET_QUERY = "query.budget"  # message type of the budget query
 BUDGET_EXCEEDED = 4001  # error code of a reply from a client asked beyond its device
+WORKER_DIED = 4002  # error code of the embedded engine's reply for a client whose process died
+FAILURES = {BUDGET_EXCEEDED: "budget", WORKER_DIED: "worker-died"}  # error code -> failure
 
 ROUND = "server-round"
 NUM_EXAMPLES = "num-examples"

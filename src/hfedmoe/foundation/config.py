@@ -303,7 +303,12 @@ class FederationConfig(Section):
     clients_per_round: int = Field(4, gt=0)
     rounds: int = Field(10, gt=0)
     round_timeout: float | None = Field(
-        None, gt=0, description="Seconds the server waits for replies; null = for all of them."
+        None,
+        gt=0,
+        description="Seconds the server waits for each client's reply; null = for all of them. "
+        "On the embedded engine a client in the server's own process cannot be stopped, so a "
+        "set timeout runs the clients in worker processes (federation.workers of them, even "
+        "1), where a client still running at the timeout is stopped.",
     )
     max_update_ratio: float = Field(
         10.0,
@@ -520,6 +525,8 @@ FaultKind = Literal[
     "unknown-key",
     "missing-key",
     "norm",  # an update far too large
+    "hang",  # never returns (needs federation.round_timeout)
+    "crash",  # its process dies at once (needs federation.round_timeout)
     # attacks (persistent with faults.attackers): what a hostile client sends
     "inflate-examples",  # claims 10^12 examples
     "sign-flip",  # its update negated: w_global - delta
@@ -549,10 +556,10 @@ class FaultsConfig(Section):
     )
     kinds: list[FaultKind] = Field(
         default_factory=lambda: [
-            k for k in FAULT_KINDS if k != "deadline" and k not in ATTACK_KINDS
+            k for k in FAULT_KINDS if k not in ("deadline", "hang", "crash", *ATTACK_KINDS)
         ],
         min_length=1,
-        description="What a faulty client does, drawn uniformly (deadline needs "
+        description="What a faulty client does, drawn uniformly (deadline, hang and crash need "
         "federation.round_timeout).",
     )
     events: list[FaultEvent] = Field(
@@ -659,6 +666,7 @@ class ExperimentConfig(Section):
     def _faults_fit(self) -> ExperimentConfig:
         kinds = set(self.faults.kinds if self.faults.rate > 0 else [])
         kinds |= {e.kind for e in self.faults.events}
+        kinds |= {self.faults.attack} if self.faults.attack else set()
         if "deadline" in kinds and self.federation.round_timeout is None:
             raise ValueError("faults: a 'deadline' fault needs federation.round_timeout")
         if bool(self.faults.attackers) != (self.faults.attack is not None):
@@ -669,8 +677,11 @@ class ExperimentConfig(Section):
                     f"faults.attackers[{i}]: {p} is not a client (expected < "
                     f"federation.num_clients = {self.federation.num_clients})"
                 )
-        if self.faults.attack == "deadline" and self.federation.round_timeout is None:
-            raise ValueError("faults: a 'deadline' attack needs federation.round_timeout")
+        if kinds & {"hang", "crash"} and self.federation.round_timeout is None:
+            raise ValueError(
+                "faults: a 'hang' or 'crash' fault needs federation.round_timeout (which runs "
+                "the clients in worker processes, where they can be stopped or die alone)"
+            )
         for i, e in enumerate(self.faults.events):
             if e.partition >= self.federation.num_clients:
                 raise ValueError(
