@@ -56,6 +56,28 @@ def test_unknown_key_in_file(tmp_path):
     _assert_one_line_error(invoke_cli("run", str(path)), "train.local_stepz: unknown key")
 
 
+def test_a_binary_config_file(tmp_path):
+    path = tmp_path / "x.toml"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff")
+    proc = invoke_cli("run", str(path), "-o", str(tmp_path / "r"))
+    _assert_one_line_error(proc, f"config file '{path}' is not UTF-8 text (byte 0)")
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["x/../../outside", "a/b", "a\\b", "..", ".hidden", "nul\x00", "tab\there", "", "x" * 101],
+)
+def test_a_name_that_would_leave_or_hide_the_run_folder(name, tmp_path, monkeypatch):
+    """``name`` names the run's folder (runs/<time>-<name>): it may not leave runs/ or hide."""
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "x.toml"
+    path.write_text(tomli_w.dumps({"name": name}))
+    proc = invoke_cli("run", str(path))
+    _assert_one_line_error(proc, "name: expected 1-100 letters, digits, '.', '_' or '-', not ")
+    assert list(tmp_path.iterdir()) == [path]
+
+
 def test_existing_results_are_never_overwritten(tiny_bert_dir, tmp_path):
     run_dir = tmp_path / "done"
     run_dir.mkdir()

@@ -51,6 +51,12 @@ def test_bad_values_name_the_key(raw, fragment):
     assert "\n" not in str(err.value)
 
 
+def test_a_name_is_a_folder_name_that_stays_where_it_is_put():
+    assert validate({"name": "bbc-topics_v2.1"}).name == "bbc-topics_v2.1"
+    with pytest.raises(ConfigError, match=r"^name: expected 1-100 letters.*\(got 'a/b'\)$"):
+        validate({"name": "a/b"})
+
+
 def test_overrides_parse_toml_literals():
     raw: dict = {}
     apply_override(raw, "federation.rounds=3")

@@ -39,6 +39,10 @@ def _write_csv(path: Path, header: str, *rows: str) -> Path:
     return path
 
 
+def _jsonl(*rows: dict) -> str:
+    return "".join(json.dumps(r) + "\n" for r in rows)
+
+
 # --- reading: every format gives the same rows ------------------------------------------
 
 
@@ -245,13 +249,49 @@ def test_instruction_data_needs_a_chat_template():
             "data.columns.messages: ",
         ),
         ("t.xlsx", "whatever", {}, "is not a CSV, TSV, JSON Lines or Parquet file"),
+        (
+            "q.jsonl",
+            _jsonl({"question": "Sky?", "choices": ["a", "b"], "answer": 0}, {"answer": 1}),
+            {"task": "multiple-choice"},
+            "data.columns.question: '{path}' row 2: 'question' is None, not a question",
+        ),
+        (
+            "q.jsonl",
+            _jsonl({"question": "Sky?", "answer": 1}, {"question": "Sea?", "choices": ["a", "b"]}),
+            {"task": "multiple-choice"},
+            "data.columns.choices: '{path}' row 1: None is not a list of 2+ non-empty answers",
+        ),
+        (
+            "q.jsonl",
+            _jsonl({"question": "Sky?", "choices": ["blue", " "], "answer": 0}),
+            {"task": "multiple-choice"},
+            "data.columns.choices: '{path}' row 1: ['blue', ' '] is not a list of 2+ non-empty",
+        ),
+        (
+            "q.jsonl",
+            _jsonl({"question": "Sky?", "choices": ["blue", "red"], "answer": 2}),
+            {"task": "multiple-choice"},
+            "data.columns.answer: '{path}' row 1: 2 is neither one of the choices nor their index",
+        ),
     ],
 )
 def test_bad_local_data(name, content, data, fragment, tiny_bert_dir, tiny_llama_dir, tmp_path):
     path = tmp_path / name
     if content is not None:
         path.write_text(content)
-    model = tiny_llama_dir if data.get("task") == "instruction" else tiny_bert_dir
+    decoder = data.get("task") in ("instruction", "multiple-choice")
+    _assert_refused(
+        data,
+        path,
+        fragment.format(path=path),
+        tiny_llama_dir if decoder else tiny_bert_dir,
+        tmp_path,
+    )
+
+
+def _assert_refused(data: dict, path: Path, fragment: str, model: Path, tmp_path: Path) -> None:
+    """A run of ``data`` at ``path`` stops with one line holding ``fragment``, exit status 2,
+    before its run directory exists."""
     raw = tiny_raw(model)
     raw["data"] = {"dataset": "local", "path": str(path), **data}
     cfg = tmp_path / "bad.toml"
@@ -259,8 +299,72 @@ def test_bad_local_data(name, content, data, fragment, tiny_bert_dir, tiny_llama
     proc = invoke_cli("run", str(cfg), "-o", str(tmp_path / "r"))
     assert proc.returncode == 2, (proc.stdout, proc.stderr)
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and fragment in lines[0], proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("hfedmoe: error: "), proc.stderr
+    assert fragment in lines[0], proc.stderr
     assert not (tmp_path / "r").exists()
+
+
+def _saved(tmp_path: Path, labels: tuple[int, ...] = (0, 1) * 4) -> Path:
+    """Texts with a ClassLabel column of ``labels`` (ham, spam), saved with ``save_to_disk``."""
+    import datasets
+
+    texts = [f"text {i}" for i in range(len(labels))]
+    table = datasets.Dataset.from_dict({"text": texts, "label": list(labels)})
+    table = table.cast_column("label", datasets.ClassLabel(names=["ham", "spam"]))
+    table.save_to_disk(tmp_path / "saved")
+    return tmp_path / "saved"
+
+
+def _arrow(saved: Path) -> Path:
+    return next(saved.glob("*.arrow"))
+
+
+def _cut(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize(
+    ("damage", "fragment"),
+    [
+        (
+            lambda s: _arrow(s).unlink(),
+            "No such file or directory: '{saved}/data-00000-of-00001.arrow'",
+        ),
+        (lambda s: _cut(_arrow(s)), "'{saved}/data-00000-of-00001.arrow' is cut short"),
+        (
+            lambda s: (s / "state.json").write_text("{not json"),
+            "'{saved}/state.json' is not readable JSON",
+        ),
+        (
+            lambda s: (s / "dataset_info.json").write_bytes(b"\xff\xfe"),
+            "'{saved}/dataset_info.json' is not readable JSON",
+        ),
+        (
+            lambda s: (s / "state.json").unlink(),
+            "'{saved}' is not a data set saved with save_to_disk",
+        ),
+    ],
+    ids=[
+        "arrow file missing",
+        "arrow file cut",
+        "state.json broken",
+        "dataset_info.json binary",
+        "no state.json",
+    ],
+)
+def test_a_damaged_saved_data_set(damage, fragment, tiny_bert_dir, tmp_path):
+    saved = _saved(tmp_path)
+    damage(saved)
+    _assert_refused({}, saved, fragment.format(saved=saved), tiny_bert_dir, tmp_path)
+
+
+def test_an_unlabelled_classlabel_row_is_refused_not_read_as_the_last_class(
+    tiny_bert_dir, tmp_path
+):
+    """Hugging Face marks a row without a label -1; Python's indexing would make it 'spam'."""
+    saved = _saved(tmp_path, labels=(0, 1, 0, 1, -1, 1, 0, 1))
+    fragment = f"data.columns.label: '{saved}' row 5: 'label' is -1, not a class of its ClassLabel"
+    _assert_refused({}, saved, fragment, tiny_bert_dir, tmp_path)
 
 
 def test_a_local_data_set_must_name_its_file():

@@ -14,8 +14,9 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 import hfedmoe
+from hfedmoe.foundation.config import ExperimentConfig
 from hfedmoe.foundation.errors import HFedMoEError
-from hfedmoe.results import read_metrics, without
+from hfedmoe.results import RunRecorder, read_metrics, without
 from hfedmoe.results.run_state import (
     CHECKPOINT_FILE,
     RunState,
@@ -26,7 +27,13 @@ from hfedmoe.results.run_state import (
     save_run_state,
 )
 
-from .support.cli import checkpoint_round, invoke_cli, kill_when, run_cli
+from .support.cli import (
+    checkpoint_round,
+    invoke_cli,
+    kill_at_call,
+    kill_when,
+    run_to_the_end,
+)
 from .support.tiers import three_tiers
 
 ROUNDS = 4
@@ -103,7 +110,7 @@ def test_a_failed_write_leaves_the_previous_checkpoint_intact(tmp_path, monkeypa
         raise OSError("disk full")
 
     monkeypatch.setattr("hfedmoe.results.run_state.save_file", crash)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(HFedMoEError, match=r"cannot write '.*checkpoint\.safetensors': disk full"):
         save_run_state(tmp_path, _state(round_=3))
     assert (tmp_path / CHECKPOINT_FILE).read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == [CHECKPOINT_FILE]
@@ -140,6 +147,33 @@ def test_a_checkpoint_names_the_code_that_wrote_it(tmp_path):
     assert code_digest().startswith(f"{hfedmoe.__version__}+")
 
 
+def _record(round_: int) -> dict:
+    """A metrics record as the ServerApp logs it: round 0 has no clients."""
+    clients = [{"node_id": 7 + i, "status": "ok", "train_loss": round_ / 2} for i in range(2)]
+    return {"round": round_, "test_accuracy": round_ / 10, "clients": clients if round_ else []}
+
+
+def test_a_resume_rewrites_each_metrics_file_as_its_rounds_wrote_it(tmp_path):
+    """A resume replaces metrics.jsonl, metrics.csv and clients.csv whole, each by what the
+    checkpoint's rounds had written, byte for byte: a round after the checkpoint, and a line a
+    kill cut short, are gone."""
+    cfg, names = ExperimentConfig(), ("metrics.jsonl", "metrics.csv", "clients.csv")
+    whole = RunRecorder(tmp_path / "whole", cfg)
+    for r in range(3):
+        whole.log_round(_record(r))
+    crashed = RunRecorder(tmp_path / "crashed", cfg)
+    for r in range(4):
+        crashed.log_round(_record(r))
+    with (crashed.run_dir / "metrics.jsonl").open("a") as f:
+        f.write('{"round": 4, "te')
+    state = RunState(round=2, weights={}, rounds=[_record(r) for r in range(3)])
+    RunRecorder(crashed.run_dir, cfg, resume=state)
+    for name in names:
+        assert (crashed.run_dir / name).read_bytes() == (whole.run_dir / name).read_bytes()
+    RunRecorder(crashed.run_dir, cfg, resume=RunState(round=0, weights={}, rounds=[_record(0)]))
+    assert not (crashed.run_dir / "clients.csv").exists()  # round 0 has no client rows
+
+
 # --- real SIGKILLs of a real run ---------------------------------------------------------------
 
 
@@ -156,10 +190,7 @@ def config_file(tiny_bert_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def uninterrupted(config_file, tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("resume") / "whole"
-    proc = run_cli("run", str(config_file), "-o", str(run_dir), "--no-progress")
-    assert proc.returncode == 0, proc.stderr
-    return run_dir
+    return run_to_the_end(tmp_path_factory.mktemp("resume") / "whole", str(config_file))
 
 
 def _records(run_dir: Path) -> int:
@@ -193,9 +224,24 @@ def test_killed_twice_mid_run_then_resumed_ends_exactly_as_uninterrupted(
     # 2: the resumed run, 50 ms after it checkpointed round 2 (inside round 3)
     kill_when(["run", "--resume", str(run_dir)], lambda: checkpoint_round(run_dir) >= 2, 0.05)
     assert 2 <= checkpoint_round(run_dir) < ROUNDS
-    proc = run_cli("run", "--resume", str(run_dir), "--no-progress")
-    assert proc.returncode == 0, proc.stderr
-    _assert_same_end(run_dir, uninterrupted)
+    _assert_same_end(run_to_the_end(run_dir), uninterrupted)
+
+
+def test_killed_at_each_step_of_its_resume_then_resumed_ends_exactly_as_uninterrupted(
+    config_file, uninterrupted, tmp_path
+):
+    """A resume replaces config.toml, metrics.jsonl, metrics.csv and clients.csv one after the
+    other, each whole and atomically: killed before any of these steps, the run can still be
+    resumed from the same checkpoint, and it ends exactly as an uninterrupted run."""
+    run_dir = tmp_path / "killed"
+    kill_when(["run", str(config_file), "-o", str(run_dir)], lambda: checkpoint_round(run_dir) >= 1)
+    checkpointed = checkpoint_round(run_dir)
+    assert 1 <= checkpointed < ROUNDS
+    for step in (1, 2, 3, 4):  # the resume's four replacements
+        resume = ["run", "--resume", str(run_dir)]
+        kill_at_call(resume, "hfedmoe.results.recorder:write_atomic", step)
+        assert checkpoint_round(run_dir) == checkpointed  # it and its rounds' metrics still load
+    _assert_same_end(run_to_the_end(run_dir), uninterrupted)
 
 
 def test_killed_before_its_first_checkpoint_then_resumed_starts_over(
@@ -211,9 +257,7 @@ def test_killed_before_its_first_checkpoint_then_resumed_starts_over(
     assert not (run_dir / CHECKPOINT_FILE).exists()
     (run_dir / f".{CHECKPOINT_FILE}-interrupted").mkdir()  # a write the kill cut off
     (run_dir / "metrics.jsonl").write_text('{"round": 0, "test_acc')  # and a record
-    proc = run_cli("run", "--resume", str(run_dir), "--no-progress")
-    assert proc.returncode == 0, proc.stderr
-    _assert_same_end(run_dir, uninterrupted)
+    _assert_same_end(run_to_the_end(run_dir), uninterrupted)
 
 
 def test_killed_while_saving_the_final_model_then_resumed(config_file, uninterrupted, tmp_path):
@@ -222,9 +266,7 @@ def test_killed_while_saving_the_final_model_then_resumed(config_file, uninterru
         ["run", str(config_file), "-o", str(run_dir)], lambda: checkpoint_round(run_dir) == ROUNDS
     )
     assert not (run_dir / "summary.json").exists()
-    proc = run_cli("run", "--resume", str(run_dir), "--no-progress")
-    assert proc.returncode == 0, proc.stderr
-    _assert_same_end(run_dir, uninterrupted)
+    _assert_same_end(run_to_the_end(run_dir), uninterrupted)
 
 
 def test_resume_refuses_what_it_cannot_continue(config_file, uninterrupted, tmp_path):
@@ -243,11 +285,8 @@ def test_flux_resumed_mid_run_ends_exactly_as_uninterrupted(tiny_bert_dir, tmp_p
     raw["federation"]["rounds"] = 3
     config = tmp_path / "flux.toml"
     config.write_text(tomli_w.dumps(raw))
-    whole = tmp_path / "whole"
-    assert run_cli("run", str(config), "-o", str(whole), "--no-progress").returncode == 0
+    whole = run_to_the_end(tmp_path / "whole", str(config))
     run_dir = tmp_path / "killed"
     kill_when(["run", str(config), "-o", str(run_dir)], lambda: checkpoint_round(run_dir) >= 1)
     assert 1 <= checkpoint_round(run_dir) < 3
-    proc = run_cli("run", "--resume", str(run_dir), "--no-progress")
-    assert proc.returncode == 0, proc.stderr
-    _assert_same_end(run_dir, whole)
+    _assert_same_end(run_to_the_end(run_dir), whole)

@@ -11,6 +11,7 @@ import json
 import logging
 import multiprocessing
 import os
+import subprocess
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -37,7 +38,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 from hfedmoe.foundation import config as config_mod  # noqa: E402
-from hfedmoe.foundation.errors import HFedMoEError  # noqa: E402
+from hfedmoe.foundation.errors import HFedMoEError, WriteError  # noqa: E402
 
 if TYPE_CHECKING:
     from hfedmoe.experiment.comparison import Cell
@@ -126,9 +127,17 @@ def run(
     try:
         summary = _run_with_progress(cfg, run_dir, progress, resume=resume is not None)
     except HFedMoEError as exc:
-        _fail(str(exc))
+        _fail(f"{exc}{_resume_hint(exc, run_dir)}")
         return
     _print_summary(summary, run_dir)
+
+
+def _resume_hint(exc: HFedMoEError, run_dir: Path) -> str:
+    """After a failed write (a full disk), how the run goes on once the cause is gone: a run
+    directory with its config.toml resumes (one without it holds nothing: run it again)."""
+    if not isinstance(exc, WriteError) or not (run_dir / "config.toml").is_file():
+        return ""
+    return f"; once that is fixed, `hfedmoe run --resume {run_dir}` continues the run"
 
 
 def _resumable(
@@ -406,7 +415,10 @@ def _run_grid(
         task = bar.add_task("grid", total=len(todo))
         for run in todo:
             bar.update(task, description=f"{run.method} seed {run.seed}")
-            proc = comparison.execute(config, run, base, resume[run])
+            try:
+                proc = comparison.execute(config, run, base, resume[run])
+            except WriteError as exc:  # the grid's own folders: fails the cell like its run
+                proc = subprocess.CompletedProcess([], 2, "", f"hfedmoe: error: {exc}")
             if proc.returncode != 0:
                 failed.append(run)
                 last = (proc.stderr.strip().splitlines() or ["no output"])[-1]

@@ -47,6 +47,17 @@ def invoke_cli(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+def run_to_the_end(
+    run_dir: Path, *args: str, cli: Callable[..., subprocess.CompletedProcess] = run_cli
+) -> Path:
+    """``hfedmoe run ARGS -o RUN_DIR`` (``--resume RUN_DIR`` without ARGS), which must end
+    well; RUN_DIR."""
+    where = ["-o", str(run_dir)] if args else ["--resume", str(run_dir)]
+    proc = cli("run", *args, *where, "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    return run_dir
+
+
 def kill_when(args: list[str], moment: Callable[[], bool], delay: float = 0.0) -> None:
     """Start ``hfedmoe ARGS``, SIGKILL it once ``moment()`` holds (polled every 10 ms) plus
     ``delay``: a crash at a chosen point of a real run."""
@@ -68,6 +79,39 @@ def kill_when(args: list[str], moment: Callable[[], bool], delay: float = 0.0) -
         proc.kill()
         proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
+
+
+#: ``hfedmoe ARGS`` in a child that SIGKILLs itself as it calls MODULE:FUNCTION for the Nth time
+_KILLED_AT_CALL = """
+import importlib, os, signal, sys
+from hfedmoe.cli import main
+(module, name), nth = sys.argv[1].split(":"), int(sys.argv[2])
+owner = importlib.import_module(module)
+real, calls = getattr(owner, name), 0
+def counted(*args, **kwargs):
+    global calls
+    calls += 1
+    if calls == nth:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(*args, **kwargs)
+setattr(owner, name, counted)
+sys.argv = ["hfedmoe", *sys.argv[3:]]
+main()
+"""
+
+
+def kill_at_call(args: list[str], target: str, nth: int) -> None:
+    """Run ``hfedmoe ARGS`` and SIGKILL it as it calls ``target`` (``module:function``, the name
+    the caller looks up) for the ``nth`` time, before that call runs: a crash at an exact step
+    of a real run, where :func:`kill_when` would have to catch a moment milliseconds long."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _KILLED_AT_CALL, target, str(nth), *args],
+        capture_output=True,
+        text=True,
+        env=_cli_env(),
+        timeout=300,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
 
 
 def checkpoint_round(run_dir: Path) -> int:

@@ -33,7 +33,7 @@ from hfedmoe.data.text import TextDataset
 from hfedmoe.data.tokenized import tokenize_for
 from hfedmoe.federation.workload import partitions
 from hfedmoe.foundation.config import ExperimentConfig
-from hfedmoe.results.recorder import write_atomic
+from hfedmoe.foundation.files import write_atomic
 
 #: where ``hfedmoe analyze RUN`` writes the measure, in RUN/analysis/; the report reads it
 FILENAME = "selection.json"

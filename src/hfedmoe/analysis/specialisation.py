@@ -48,8 +48,8 @@ from hfedmoe.data.tokenized import tokenize_for
 from hfedmoe.federation.workload import partitions
 from hfedmoe.foundation.config import ExperimentConfig
 from hfedmoe.foundation.errors import HFedMoEError
+from hfedmoe.foundation.files import write_atomic
 from hfedmoe.foundation.seeding import ANALYSIS, rng_for
-from hfedmoe.results.recorder import write_atomic
 
 #: a data set with more groups than this (Rotten Tomatoes' 508 movies) is analysed by label
 MAX_GROUPS = 32

@@ -47,12 +47,7 @@ def read_table(path: Path, field: str = "data.path", split: str = TRAIN_SPLIT) -
     if not path.exists():
         raise HFedMoEError(f"{field}: '{path}' does not exist")
     if path.is_dir():
-        try:
-            table = datasets.load_from_disk(str(path))
-        except FileNotFoundError:
-            raise HFedMoEError(
-                f"{field}: directory '{path}' is not a data set saved with save_to_disk"
-            ) from None
+        table = load_saved(path, field)
         if isinstance(table, datasets.DatasetDict):
             if split not in table:
                 raise HFedMoEError(
@@ -86,11 +81,55 @@ def saved_test_split(path: Path) -> Any | None:
 
     if not path.is_dir():
         return None
-    saved = datasets.load_from_disk(str(path))
+    saved = load_saved(path, "data.path")
     if not isinstance(saved, datasets.DatasetDict):
         return None
     name = next((s for s in TEST_SPLITS if s in saved), None)
     return None if name is None else _nonempty(saved[name], path, "data.path")
+
+
+#: what ``save_to_disk`` writes at the top of its folder: one of these, or it is no saved data set
+SAVED_MARKERS = ("state.json", "dataset_dict.json")
+#: how every complete Arrow stream ends (``datasets`` saves its tables as Arrow streams): a file
+#: cut short lacks it, and pyarrow would read it without a word, as fewer rows
+ARROW_END = b"\xff\xff\xff\xff\x00\x00\x00\x00"
+
+
+def load_saved(path: Path, field: str) -> Any:
+    """The ``Dataset`` or ``DatasetDict`` saved at ``path``; a folder that is none, or one whose
+    files are damaged (a missing or cut Arrow file, broken JSON), is one error naming the file."""
+    import datasets
+
+    if not any((path / marker).is_file() for marker in SAVED_MARKERS):
+        raise HFedMoEError(
+            f"{field}: directory '{path}' is not a data set saved with save_to_disk (it has no "
+            f"{' or '.join(SAVED_MARKERS)})"
+        )
+    reason = _damaged_file(path)
+    if reason is None:
+        try:
+            return datasets.load_from_disk(str(path))
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+            reason = str(exc).splitlines()[0]  # what datasets and pyarrow say of other damage
+    raise HFedMoEError(f"{field}: saved data set '{path}' cannot be read: {reason}")
+
+
+def _damaged_file(path: Path) -> str | None:
+    """Which JSON or Arrow file of the saved data set at ``path`` is damaged, and how; None if
+    none is (``datasets`` may still find a file missing)."""
+    import json
+
+    for file in sorted(path.rglob("*.json")):
+        try:
+            json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # unreadable, not UTF-8, or not JSON
+            return f"'{file}' is not readable JSON"
+    for file in sorted(path.rglob("*.arrow")):
+        with file.open("rb") as f:
+            f.seek(max(0, file.stat().st_size - len(ARROW_END)))
+            if f.read() != ARROW_END:
+                return f"'{file}' is cut short (it lacks the end of its Arrow stream)"
+    return None
 
 
 def _nonempty(table: Any, path: Path, field: str) -> Any:
@@ -182,7 +221,7 @@ def _labels(
     if own is not None and fixed is None:
         fixed = own
     if own is not None:  # ids into the column's names, mapped to ``fixed``
-        values = [own[v] for v in values]
+        values = [_class_name(own, v, name, n, src) for n, v in enumerate(values)]
     if fixed is None:
         if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
             fixed = [str(i) for i in range(max(values) + 1)]
@@ -204,6 +243,19 @@ def _labels(
     if len(names) < 2:
         raise src.error("data.columns.label", f"one class only ({names[0]!r})")
     return labels, names
+
+
+def _class_name(names: Sequence[str], value: Any, column: str, row: int, src: Source) -> str:
+    """The name of a ClassLabel id; -1 (Hugging Face's "no label") or any other id outside the
+    names is an error, not the last class Python's negative indexing would give."""
+    if not (isinstance(value, int) and 0 <= value < len(names)):
+        raise src.error(
+            "data.columns.label",
+            f"'{column}' is {value!r}, not a class of its ClassLabel (0-{len(names) - 1}; "
+            "-1 means unlabelled)",
+            row,
+        )
+    return names[value]
 
 
 def _ids(
@@ -257,16 +309,22 @@ def _multiple_choice(
 ) -> TextDataset:
     """Prompts with their candidate answers; each answer is a continuation of its prompt,
     starting with a space (as qa_mix's)."""
-    prompts = [q.strip() for q in _column(table, columns.question, "data.columns.question", src)]
+    questions = _column(table, columns.question, "data.columns.question", src)
     all_choices = _column(table, columns.choices, "data.columns.choices", src)
     answers = _column(table, columns.answer, "data.columns.answer", src)
-    choices, labels = [], []
-    for n, (prompt, options, answer) in enumerate(zip(prompts, all_choices, answers, strict=True)):
-        if not prompt:
-            raise src.error("data.columns.question", "an empty question", n)
-        if not (isinstance(options, list) and len(options) >= 2):
-            raise src.error("data.columns.choices", f"{options!r} is not a list of 2+ answers", n)
-        texts = [" ".join(str(o).split()) for o in options]
+    prompts, choices, labels = [], [], []
+    for n, (question, options, answer) in enumerate(
+        zip(questions, all_choices, answers, strict=True)
+    ):
+        if not isinstance(question, str) or not question.strip():
+            raise src.error(
+                "data.columns.question", f"'{columns.question}' is {question!r}, not a question", n
+            )
+        texts = [" ".join(str(o).split()) for o in options] if isinstance(options, list) else []
+        if len(texts) < 2 or not all(texts) or None in options:  # str(None) would be 'None'
+            raise src.error(
+                "data.columns.choices", f"{options!r} is not a list of 2+ non-empty answers", n
+            )
         said = " ".join(str(answer).split())
         if isinstance(answer, int) and not isinstance(answer, bool):
             right = answer if 0 <= answer < len(texts) else None
@@ -276,8 +334,11 @@ def _multiple_choice(
             right = int(said) if said.isdigit() and int(said) < len(texts) else None
         if right is None:
             raise src.error(
-                "data.columns.answer", f"{answer!r} is neither an index nor one of the choices", n
+                "data.columns.answer",
+                f"{answer!r} is neither one of the choices nor their index (0-{len(texts) - 1})",
+                n,
             )
+        prompts.append(question.strip())
         choices.append(tuple(" " + t for t in texts))
         labels.append(right)
     width = max(len(c) for c in choices)

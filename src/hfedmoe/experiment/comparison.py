@@ -27,6 +27,7 @@ from pathlib import Path
 
 from hfedmoe.foundation import config as config_mod
 from hfedmoe.foundation.errors import HFedMoEError
+from hfedmoe.foundation.files import writing
 
 #: Named reductions of an experiment, as --set overrides. "quick" is the smoke-test size.
 PROFILES: dict[str, list[str]] = {
@@ -72,11 +73,13 @@ def locked(out_dir: Path, runs: list[Cell]) -> Iterator[None]:
     written per grid), so a seed's methods can be split over two cores. The locks are the
     kernel's (flock): they end with the process, so a killed ``compare`` leaves nothing stale
     behind."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with writing(out_dir):
+        out_dir.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as held:
         for run in sorted(set(runs), key=lambda r: (r.seed, r.method)):
-            name = f".compare-{run.method}-seed{run.seed}.lock"
-            handle = held.enter_context(open(out_dir / name, "a"))
+            path = out_dir / f".compare-{run.method}-seed{run.seed}.lock"
+            with writing(path):
+                handle = held.enter_context(open(path, "a"))
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -103,7 +106,8 @@ def set_aside(run_dir: Path) -> Path | None:
     n = 1
     while (target := run_dir.with_name(f"{run_dir.name}.incomplete-{n}")).exists():
         n += 1
-    run_dir.rename(target)
+    with writing(target):
+        run_dir.rename(target)
     return target
 
 
@@ -125,13 +129,15 @@ def resumable(config: Path, run: Cell, base: list[str]) -> bool:
 
 def execute(config: Path, run: Cell, base: list[str], resume: bool) -> subprocess.CompletedProcess:
     """Run one cell of the grid with the real CLI in a child process: continue it from its
-    checkpoint (``resume``), or set aside what is there and start it."""
+    checkpoint (``resume``), or set aside what is there and start it. A grid folder it cannot
+    write is a ``WriteError``."""
     cmd = [sys.executable, "-m", "hfedmoe", "run"]
     if resume:
         cmd += ["--resume", str(run.run_dir), "--no-progress"]
     else:
         set_aside(run.run_dir)
-        run.run_dir.parent.mkdir(parents=True, exist_ok=True)
+        with writing(run.run_dir.parent):
+            run.run_dir.parent.mkdir(parents=True, exist_ok=True)
         cmd += [str(config), "--no-progress"]
         for item in run.overrides(base):
             cmd += ["--set", item]

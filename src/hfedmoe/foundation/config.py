@@ -29,6 +29,7 @@ from pydantic import (
 )
 
 from hfedmoe.foundation.errors import ConfigError
+from hfedmoe.foundation.files import cause
 
 #: What a run trains the model for (see ``hfedmoe.model.factory`` for which models fit which).
 Task = Literal["classification", "language-modeling", "multiple-choice", "instruction"]
@@ -620,10 +621,17 @@ class DevicesConfig(Section):
         return self
 
 
+#: what an experiment's name may be: it names the run's folder (``runs/<time>-<name>``), so
+#: nothing that leaves that folder or hides it (``/``, ``\``, ``..``, a leading dot, controls)
+RUN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")
+
+
 class ExperimentConfig(Section):
     """One experiment: everything a run needs, validated."""
 
-    name: str = "default"
+    name: str = Field(
+        "default", description="Names the run's folder: 1-100 letters, digits, '.', '_', '-'."
+    )
     seed: int = Field(
         0, ge=0, description="One seed controls data, model init, sampling, training."
     )
@@ -647,6 +655,16 @@ class ExperimentConfig(Section):
     flux: FluxConfig = FluxConfig()
     devices: DevicesConfig = DevicesConfig()
     faults: FaultsConfig = FaultsConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _a_folder_name(cls, name: str) -> str:
+        if not RUN_NAME.fullmatch(name):
+            raise ValueError(
+                "expected 1-100 letters, digits, '.', '_' or '-', not starting with '.' (it "
+                "names the run's folder)"
+            )
+        return name
 
     @field_validator("plugins")
     @classmethod
@@ -775,7 +793,13 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Exper
     if not path.is_file():
         raise ConfigError(f"config file '{path}' does not exist")
     try:
-        raw = tomllib.loads(path.read_text())
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"config file '{path}' is not UTF-8 text (byte {exc.start}); expected a TOML file"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"config file '{path}' cannot be read: {cause(exc)}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file '{path}' is not valid TOML: {exc}") from None
     for item in overrides:

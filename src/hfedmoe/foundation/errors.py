@@ -7,3 +7,9 @@ class HFedMoEError(Exception):
 
 class ConfigError(HFedMoEError):
     """A config value is missing, unknown or out of range. The message names the key."""
+
+
+class WriteError(HFedMoEError):
+    """A file could not be written (a full disk, a permission, a read-only folder): nothing
+    already written is lost, and once the cause is gone a run resumes. The message names the
+    file and the cause."""

@@ -17,9 +17,12 @@ finished run, ``model/`` and the metrics hold its results, and the checkpoint re
 model's weights (905 MB for a specialised SmolLM2-MoE run; a user's model may be a hundred times
 larger). A crash between the two leaves the checkpoint, which is harmless.
 
-Files are written atomically (temporary file + rename) or appended line by line: the metrics
-files grow by one round's lines per round (never rewritten), and a line a crash cut short is
-dropped when the run resumes (the files are then rewritten from the checkpoint's rounds).
+Files are written atomically (temporary file + rename) or appended line by line
+(``hfedmoe.foundation.files``): the metrics files grow by one round's lines per round, and a
+line a crash cut short is dropped when the run resumes. A resume replaces each metrics file
+whole, atomically, by the checkpoint's rounds (never removing one first), so a run killed
+during its resume resumes again. A write that fails (a full disk, a permission) stops the run
+with one line naming the file; what is on disk is then what a kill at that moment leaves.
 """
 
 from __future__ import annotations
@@ -27,18 +30,18 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import platform
 import shutil
-import tempfile
 from pathlib import Path
 
 import tomli_w
 import torch
+from safetensors import SafetensorError
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from hfedmoe.foundation.config import ExperimentConfig
 from hfedmoe.foundation.errors import HFedMoEError
+from hfedmoe.foundation.files import append_text, write_atomic, writing
 from hfedmoe.model import save_checkpoint
 from hfedmoe.results.plots import plot_accuracy
 from hfedmoe.results.run_state import CHECKPOINT_FILE, METRICS_FILE, RunState, code_digest
@@ -70,21 +73,9 @@ def prepare_run_dir(path: Path) -> Path:
         raise HFedMoEError(
             f"--output-dir: '{path}' already exists and is not empty; not overwriting"
         )
-    path.mkdir(parents=True, exist_ok=True)
+    with writing(path):
+        path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _append_csv(path: Path, rows: list[dict], columns: list[str] | None = None) -> None:
@@ -96,8 +87,7 @@ def _append_csv(path: Path, rows: list[dict], columns: list[str] | None = None) 
         text = to_csv(rows, columns).split("\n", 1)[1]
     else:
         text = to_csv(rows, columns or list(rows[0]))
-    with path.open("a") as f:
-        f.write(text)
+    append_text(path, text)
 
 
 def to_csv(rows: list[dict], columns: list[str]) -> str:
@@ -125,22 +115,31 @@ class RunRecorder:
         killed process left are removed."""
         self.run_dir = Path(run_dir)
         self.cfg = cfg
-        self.rounds: list[dict] = []
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.rounds = list(resume.rounds) if resume is not None else []
+        with writing(self.run_dir):
+            self.run_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(self.run_dir / "config.toml", tomli_w.dumps(cfg.model_dump(exclude_none=True)))
         if resume is not None or restart:
-            for leftover in self.run_dir.glob(".*-*"):  # write_atomic's and mkdtemp's names
-                if leftover.is_dir():
-                    shutil.rmtree(leftover)
-                else:
-                    leftover.unlink()
-            for name in (METRICS_FILE, ROUNDS_CSV, CLIENTS_CSV):
-                (self.run_dir / name).unlink(missing_ok=True)
-        if resume is not None:
-            self.rounds = list(resume.rounds)
-            write_atomic(self.metrics_path, "".join(json.dumps(r) + "\n" for r in self.rounds))
-            for record in self.rounds:
-                self._append_tables(record)
+            _remove_leftovers(self.run_dir)
+            self._rewrite_metrics()
+
+    def _rewrite_metrics(self) -> None:
+        """Replace each metrics file by what ``self.rounds`` gives, one atomic replacement a
+        file (a file with no rows goes): a kill between two leaves each file old or new, and
+        the old metrics.jsonl still holds every round the checkpoint has passed."""
+        clients = [c for r in self.rounds for c in r["clients"]]
+        tables = {
+            METRICS_FILE: "".join(json.dumps(r) + "\n" for r in self.rounds),
+            ROUNDS_CSV: to_csv(self.rounds, ROUND_COLUMNS) if self.rounds else "",
+            CLIENTS_CSV: to_csv(clients, list(clients[0])) if clients else "",
+        }
+        for name, text in tables.items():
+            path = self.run_dir / name
+            if text:
+                write_atomic(path, text)
+            else:
+                with writing(path):
+                    path.unlink(missing_ok=True)
 
     @property
     def metrics_path(self) -> Path:
@@ -148,10 +147,7 @@ class RunRecorder:
 
     def log_round(self, record: dict) -> None:
         self.rounds.append(record)
-        with self.metrics_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        append_text(self.metrics_path, json.dumps(record) + "\n")
         self._append_tables(record)
 
     def _append_tables(self, record: dict) -> None:
@@ -160,13 +156,12 @@ class RunRecorder:
             _append_csv(self.run_dir / CLIENTS_CSV, record["clients"])
 
     def finish(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> dict:
-        if not (self.run_dir / "model").exists():  # else: written before a crash, complete
-            save_checkpoint(
-                model, tokenizer, self.cfg.model, self.run_dir / "model", self.cfg.data.task
-            )
-        plot_accuracy(
-            self.rounds, self.run_dir / "accuracy.png", f"{self.cfg.name} ({self.cfg.algorithm})"
-        )
+        model_dir, plot = self.run_dir / "model", self.run_dir / "accuracy.png"
+        if not model_dir.exists():  # else: written before a crash, complete
+            with writing(model_dir, SafetensorError):
+                save_checkpoint(model, tokenizer, self.cfg.model, model_dir, self.cfg.data.task)
+        with writing(plot):
+            plot_accuracy(self.rounds, plot, f"{self.cfg.name} ({self.cfg.algorithm})")
         last = self.rounds[-1]
         summary = {
             "name": self.cfg.name,
@@ -186,8 +181,20 @@ class RunRecorder:
             "machine": machine(self.cfg.train.device, self.cfg.threads),
         }
         write_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2))
-        (self.run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)  # finished: see the docstring
+        with writing(self.run_dir / CHECKPOINT_FILE):  # finished: see the module's docstring
+            (self.run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
         return summary
+
+
+def _remove_leftovers(run_dir: Path) -> None:
+    """Remove the temporary files and folders a killed write left (write_atomic's and
+    mkdtemp's names: ``.<name>-<random>``)."""
+    for leftover in run_dir.glob(".*-*"):
+        with writing(leftover):
+            if leftover.is_dir():
+                shutil.rmtree(leftover)
+            else:
+                leftover.unlink()
 
 
 def machine(device: str = "cpu", threads: int | None = None) -> dict[str, str]:

@@ -41,6 +41,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from hfedmoe.foundation.errors import HFedMoEError
+from hfedmoe.foundation.files import writing
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
 METRICS_FILE = "metrics.jsonl"
@@ -117,7 +118,8 @@ def _merge(tree: dict[str, Any], rest: dict[str, Any]) -> None:
 
 
 def save_run_state(run_dir: Path, state: RunState) -> Path:
-    """Write ``RUN_DIR/checkpoint.safetensors`` atomically (temporary file, fsync, rename)."""
+    """Write ``RUN_DIR/checkpoint.safetensors`` atomically (temporary file, fsync, rename); a
+    failed write (a full disk) leaves the previous one and raises ``WriteError`` naming it."""
     # weights and node records are flat name -> tensor maps whose names may hold "/"
     weights = {f"weights/{k}": v for k, v in state.weights.items()}
     nodes = {
@@ -136,17 +138,18 @@ def save_run_state(run_dir: Path, state: RunState) -> Path:
         "code": code_digest(),
     }
     path = Path(run_dir) / CHECKPOINT_FILE
-    # A private directory, not a temporary file: safetensors (>= 0.7) itself writes through a
-    # ".tmpXXXXXX" file beside its target, which a kill would otherwise leave in the run dir.
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{CHECKPOINT_FILE}-", dir=run_dir))
-    try:
-        tmp = tmp_dir / CHECKPOINT_FILE
-        save_file(_writable({**weights, **algorithm, **nodes}), tmp, metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+    with writing(path, SafetensorError):
+        # A private directory, not a temporary file: safetensors (>= 0.7) itself writes through
+        # a ".tmpXXXXXX" file beside its target, which a kill would otherwise leave in the run dir.
+        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{CHECKPOINT_FILE}-", dir=run_dir))
+        try:
+            tmp = tmp_dir / CHECKPOINT_FILE
+            save_file(_writable({**weights, **algorithm, **nodes}), tmp, metadata=metadata)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
     return path
 
 
