@@ -126,12 +126,39 @@ def _sound(strategy: AlgorithmStrategy, message: Message, client: int) -> dict:
     }
 
 
-def _reply(parts: dict, corruption: str | None) -> Message:
+#: values steps (at most local_steps = 2) and expert counts (at most L x E) may not take, and no
+#: undeclared metric may take at all: drawn at random by hypothesis
+INVALID_VALUES = st.one_of(
+    st.floats(max_value=-1e-6),
+    st.floats(min_value=1e9),
+    st.sampled_from([math.nan, math.inf, -math.inf]),
+    st.lists(st.floats(allow_nan=True), max_size=3),
+    st.lists(st.integers(-(2**63), 2**63 - 1), min_size=1, max_size=3),
+)
+
+#: a corruption: one of CORRUPTIONS, or (metric name, a value it may not take), or a factor a
+#: whole upload is scaled by (beyond what local training can move it)
+CORRUPTION = st.one_of(
+    st.none(),
+    st.sampled_from(CORRUPTIONS),
+    st.tuples(st.sampled_from(["steps", "experts_updated", "secret"]), INVALID_VALUES),
+    st.floats(min_value=1.5, max_value=1e6),
+)
+
+
+def _reply(parts: dict, corruption) -> Message:
     """The reply a client sends: ``parts`` as the wire carries them, broken by ``corruption``."""
     w, s, m = dict(parts["weights"]), dict(parts["stats"]), dict(parts["metrics"])
     n, partition = parts["n"], parts["partition"]
     records: dict = {}
     first = min(w)
+    if isinstance(corruption, tuple):  # a metric's random invalid value
+        name, value = corruption
+        m[name] = value
+        corruption = None
+    elif isinstance(corruption, float):  # the whole upload scaled
+        w = {k: t * corruption for k, t in w.items()}
+        corruption = None
     match corruption:
         case "error-reply":
             return Message(Error(code=1, reason="boom"), reply_to=parts["request"])
@@ -207,7 +234,7 @@ def _aggregate(setup: _Setup, corruptions: list[str | None]):
     return arrays, strategy.last_reports
 
 
-@given(st.lists(st.one_of(st.none(), st.sampled_from(CORRUPTIONS)), min_size=4, max_size=4))
+@given(st.lists(CORRUPTION, min_size=4, max_size=4))
 @settings(
     max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )

@@ -14,9 +14,9 @@ BETA = 0.9  # server momentum
 
 
 class _AverageWithMomentum(Aggregation):
-    def __init__(self, velocity: Weights, global_weights: Weights):
+    def __init__(self, velocity: Weights, merge: Merge):
         self.velocity = velocity  # the algorithm's, updated in place
-        self.merge = Merge(global_weights)  # FedAvg's running weighted sum
+        self.merge = merge  # FedAvg's running weighted sum, under the config's defences
 
     def add(self, client: int, update: ClientUpdate) -> None:
         for name, x in update.weights.items():
@@ -42,7 +42,7 @@ class FedAvgM(FederatedAlgorithm):
         self.velocity: Weights = {}  # the server's momentum, per weight
 
     def aggregation(self, server_round: int, global_weights: Weights) -> Aggregation:
-        return _AverageWithMomentum(self.velocity, global_weights)
+        return _AverageWithMomentum(self.velocity, self.merge(global_weights))
 
     def state_dict(self) -> dict:  # saved in checkpoints, so a resumed run continues alike
         return {"velocity": dict(self.velocity)}

@@ -13,8 +13,10 @@ coordinates (:func:`adamw_update_bound`)::
 
     ||w_T - w_0|| <= lr sqrt(n) sum_{t<=T} rho_t + (1 - (1 - lr wd)^T) ||w_0||
 
-An honest client never exceeds it, in any round, with any data: it needs no calibration (round 1
-is bounded like every other) and no history that attackers could poison. A sign flip of the
+Each step also rounds every weight to its dtype, by at most u |w| (u the unit roundoff, 2^-24
+for float32): T u (||w_0|| + the rest) more. An honest client never exceeds the sum, in any
+round, with any data: it needs no calibration (round 1 is bounded like every other) and no
+history that attackers could poison. A sign flip of the
 weights (2 ||w||), Gaussian noise at the weights' own scale (about ||w||) or an update scaled by
 10 exceed it by far. An expert moved in fewer than T steps is held to the same T-step bound.
 """
@@ -26,8 +28,11 @@ import math
 #: torch's AdamW defaults, which ``hfedmoe.training.optimizer`` uses
 ADAMW_BETAS = (0.9, 0.999)
 
-#: relative slack on the update bound for float32 rounding of the step itself
+#: relative slack on the update bound for the rounding of the step itself (lr m / sqrt(v))
 ROUNDING = 1e-3
+
+#: the unit roundoff of float32, the weights' dtype while training
+FLOAT32_ROUNDOFF = 2.0**-24
 
 
 def adamw_ratio_bound(step: int, betas: tuple[float, float] = ADAMW_BETAS) -> float:
@@ -55,12 +60,15 @@ def adamw_update_bound(
     numel: int,
     weight_norm: float,
     betas: tuple[float, float] = ADAMW_BETAS,
+    roundoff: float = FLOAT32_ROUNDOFF,
 ) -> float:
     """The most ``steps`` AdamW steps can move ``numel`` coordinates whose norm is
-    ``weight_norm`` (the module docstring's bound, with :data:`ROUNDING` slack)."""
+    ``weight_norm`` (the module docstring's bound, with :data:`ROUNDING` slack; ``roundoff``:
+    the unit roundoff of the weights' dtype)."""
     adam = lr * math.sqrt(numel) * sum(adamw_ratio_bound(t, betas) for t in range(1, steps + 1))
     decay = 1 - (1 - lr * weight_decay) ** steps
-    return (adam + decay * weight_norm) * (1 + ROUNDING)
+    moved = adam + decay * weight_norm
+    return (moved + steps * roundoff * (weight_norm + moved)) * (1 + ROUNDING)
 
 
 def capped_mass(mass: float, others: float, share: float) -> float:
