@@ -19,6 +19,16 @@ round, with any data: it needs no calibration (round 1 is bounded like every oth
 history that attackers could poison. A sign flip of the
 weights (2 ||w||), Gaussian noise at the weights' own scale (about ||w||) or an update scaled by
 10 exceed it by far. An expert moved in fewer than T steps is held to the same T-step bound.
+
+With differential privacy, each client's update is also clipped to a norm C that sets the
+sensitivity. The two compose in that order: a group beyond this bound is proof of a faulty or
+hostile client, so its reply is rejected (or the group pulled back to the bound) first; the
+accepted update is then clipped to C, which is chosen far below this bound and so is what
+binds for honest clients. A rejected client contributes nothing, a case add/remove neighbouring
+in client-level DP already covers.
+
+**Share cap.** :func:`capped_mass` is the mass a client may keep so that its share of a
+weighted mean stays at a cap (``mechanics.merging`` applies it).
 """
 
 from __future__ import annotations
