@@ -12,6 +12,8 @@
 #   PARTS=2 PART=0 bash experiments/attacks.sh d 1 &   # two processes on 2 cores, one thread
 #   PARTS=2 PART=1 bash experiments/attacks.sh d 1 &   # each: every other cell
 #   SEEDS=0 KINDS=sign-flip DEFENCES=on bash experiments/attacks.sh default 1   # one cell
+#   KINDS=dropout,sign-flip DEFENCES=median bash experiments/attacks.sh default 1
+#                                                # the defences plus federation.robust = median
 #
 # Decided before any run (docs/RESULTS.md): seeds 0-4, one thread per run; the end point is
 # the final round's test accuracy, attacked minus absent, mean over the seeds with a 95%
@@ -54,11 +56,15 @@ for seed in "${seeds[@]}"; do
     for kind in "${kinds[@]}"; do
         for d in "${defences[@]}"; do
             if ((cell++ % PARTS == PART)); then
-                on=$([[ $d == on ]] && echo true || echo false)
+                case $d in  # on: the defaults; off: trust every report; median: on, robust
+                    on) defended=(--set federation.defences=true) ;;
+                    off) defended=(--set federation.defences=false) ;;
+                    median) defended=(--set federation.defences=true --set federation.robust=median) ;;
+                    *) echo "DEFENCES: on, off or median, not '$d'" >&2; exit 2 ;;
+                esac
                 $H compare "$config" --methods "$method" --seeds "$seed" --no-progress \
                     --set "faults.attackers=$attackers" --set "faults.attack=$kind" \
-                    --set "federation.defences=$on" --set threads=1 \
-                    -o "$OUT/$setting/${n}of8/$kind-$d"
+                    "${defended[@]}" --set threads=1 -o "$OUT/$setting/${n}of8/$kind-$d"
             fi
         done
     done

@@ -36,7 +36,10 @@ def handled(cell: Path) -> str:
     """What the server did with the attackers' replies, summed over the cell's finished runs."""
     failures: Counter = Counter()
     clipped = capped = 0
-    for summary in sorted(cell.glob("*/seed*/summary.json")):
+    summaries = sorted(cell.glob("*/seed*/summary.json"))
+    if not summaries:
+        return "-"
+    for summary in summaries:
         for record in read_metrics(summary.parent)[1:]:
             failures.update(record.get("failures", {}))
             clipped += record.get("clipped", 0)
@@ -60,11 +63,13 @@ def table(root: Path, setting: str, n: str) -> list[str]:
     absent = {d: final_accuracy(base / f"dropout-{d}") for d in ("on", "off")}
     if not any(absent.values()):
         return []
+    robust = final_accuracy(base / "dropout-median")
     lines = [
         f"### {setting}, {n.replace('of', ' of ')} attacking",
         "",
-        "| attack | defences off | defences on | what the server did (on) |",
-        "| --- | --- | --- | --- |",
+        "| attack | defences off | defences on | what the server did (on) |"
+        + (" on, with the median |" if robust else ""),
+        "| --- | --- | --- | --- |" + (" --- |" if robust else ""),
     ]
     same = absent["on"] == absent["off"]
     mean_absent = sum(absent["on"].values()) / max(len(absent["on"]), 1)
@@ -74,9 +79,10 @@ def table(root: Path, setting: str, n: str) -> list[str]:
             d: paired_difference(final_accuracy(base / f"{kind}-{d}"), absent[d])
             for d in ("on", "off")
         }
+        median = paired_difference(final_accuracy(base / f"{kind}-median"), robust)
         lines.append(
             f"| {kind} | {_cell(diffs['off'])} | {_cell(diffs['on'])} | "
-            f"{handled(base / f'{kind}-on')} |"
+            f"{handled(base / f'{kind}-on')} |" + (f" {_cell(median)} |" if robust else "")
         )
         if diffs["on"].seeds and diffs["on"].mean < TARGET:
             misses.append(kind)
@@ -86,6 +92,9 @@ def table(root: Path, setting: str, n: str) -> list[str]:
         f"{sorted(absent['on'])}); the absent runs with the defences on and off are "
         f"{'identical' if same else 'NOT identical'}.",
     ]
+    if robust:
+        vs = paired_difference(robust, absent["on"])
+        lines.append(f"The median against the weighted mean, attackers absent: {_cell(vs)}.")
     if n == "1of8":
         verdict = "misses it: " + ", ".join(misses) if misses else "holds for every attack run"
         lines.append(f"Target (mean >= {TARGET} with the defences on): {verdict}.")
