@@ -27,7 +27,8 @@ export HF_HUB_OFFLINE=1 FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 TOKENIZER
 H=.venv/bin/hfedmoe
 OUT=${OUT:-runs/attacks}
 SEEDS=${SEEDS:-0,1,2,3,4}
-KINDS=${KINDS:-dropout,inflate-examples,sign-flip,scale-update,noise,inflate-stats,inf-metric}
+# none: every client honest (the attackers' own honest participation, for comparison)
+KINDS=${KINDS:-dropout,none,inflate-examples,sign-flip,scale-update,noise,inflate-stats,inf-metric}
 DEFENCES=${DEFENCES:-on,off}
 PARTS=${PARTS:-1}  # PARTS=2 PART=0|1: this process runs every other cell
 PART=${PART:-0}
@@ -62,9 +63,14 @@ for seed in "${seeds[@]}"; do
                     median) defended=(--set federation.defences=true --set federation.robust=median) ;;
                     *) echo "DEFENCES: on, off or median, not '$d'" >&2; exit 2 ;;
                 esac
+                if [[ $kind == none ]]; then  # no attacker: the same clients, all honest
+                    attack=(--set "faults.attackers=[]")
+                else
+                    attack=(--set "faults.attackers=$attackers" --set "faults.attack=$kind")
+                fi
                 $H compare "$config" --methods "$method" --seeds "$seed" --no-progress \
-                    --set "faults.attackers=$attackers" --set "faults.attack=$kind" \
-                    "${defended[@]}" --set threads=1 -o "$OUT/$setting/${n}of8/$kind-$d"
+                    "${attack[@]}" "${defended[@]}" --set threads=1 \
+                    -o "$OUT/$setting/${n}of8/$kind-$d"
             fi
         done
     done

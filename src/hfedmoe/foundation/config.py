@@ -571,7 +571,9 @@ class FaultsConfig(Section):
         description="Clients (partition ids) that do faults.attack whenever they are sampled.",
     )
     attack: FaultKind | None = Field(
-        None, description="What the attackers do (any fault kind; dropout: they take no part)."
+        None,
+        description="What the attackers do (any fault kind; dropout: they take no part); "
+        "without attackers, nothing.",
     )
     scale: float = Field(10.0, gt=0, description="The factor of a scale-update attack.")
 
@@ -687,8 +689,8 @@ class ExperimentConfig(Section):
         kinds |= {self.faults.attack} if self.faults.attack else set()
         if "deadline" in kinds and self.federation.round_timeout is None:
             raise ValueError("faults: a 'deadline' fault needs federation.round_timeout")
-        if bool(self.faults.attackers) != (self.faults.attack is not None):
-            raise ValueError("faults: attackers and attack go together (both set, or neither)")
+        if self.faults.attackers and self.faults.attack is None:
+            raise ValueError("faults.attack: the attackers need an attack (e.g. 'sign-flip')")
         for i, p in enumerate(self.faults.attackers):
             if p >= self.federation.num_clients:
                 raise ValueError(
