@@ -32,7 +32,7 @@ from hfedmoe.data.text import Split, TextDataset
 from hfedmoe.foundation.assets import shipped_path
 from hfedmoe.foundation.config import DataColumns, DataConfig
 from hfedmoe.foundation.errors import HFedMoEError
-from hfedmoe.foundation.seeding import HOLDOUT, rng_for
+from hfedmoe.foundation.seeding import HOLDOUT, VALIDATION, rng_for
 
 
 def bbc_news_table(root: Path) -> Dataset:
@@ -110,8 +110,9 @@ class Rows:
     """Which rows of the whole data set go where: indices into what the reader returns."""
 
     holdout: np.ndarray  # the specialisation corpus (data.holdout_fraction; seed-independent)
-    train: np.ndarray
+    train: np.ndarray  # what the clients' partitions are cut from
     test: np.ndarray  # into the test file's rows, where the data set has one
+    validation: np.ndarray  # held out of the training rows (data.validation_fraction)
 
 
 def read_dataset(cfg: DataConfig) -> TextDataset:
@@ -149,19 +150,24 @@ def read_test_file(cfg: DataConfig, train: TextDataset) -> TextDataset | None:
 def split_rows(
     full: TextDataset, cfg: DataConfig, seed: int, test_file: TextDataset | None = None
 ) -> Rows:
-    """Hold out the specialisation corpus, then split the rest into train/test with ``seed``
-    (with a ``test_file``, all of the rest trains and the test rows index ``test_file``).
+    """Hold out the specialisation corpus, split the rest into train/test with ``seed`` (with a
+    ``test_file``, all of the rest trains and the test rows index ``test_file``), then hold the
+    validation split out of the training rows.
 
-    Both are stratified by group where the data set has groups (each task keeps its share) and
-    by label otherwise. The holdout is drawn with seed 0 whatever the run's seed, so one
+    All three are stratified by group where the data set has groups (each task keeps its share)
+    and by label otherwise. The holdout is drawn with seed 0 whatever the run's seed, so one
     specialised model serves every seed and no seed's clients or test split ever see its corpus.
+    The validation split is drawn last, from a stream of its own, out of the training rows as
+    the caps leave them: the holdout, the test split and every other draw are those of a run
+    without one, and the validation rows and the training rows together are that run's
+    training rows.
     """
     strata = full.groups if full.groups is not None and full.choices is not None else full.labels
     everything = np.arange(len(full))
     holdout = np.zeros(0, dtype=np.int64)
     if cfg.holdout_fraction > 0:
-        everything, holdout = stratified_split(
-            strata, cfg.holdout_fraction, seed=0, rng=rng_for(0, HOLDOUT)
+        everything, holdout = hold_out(
+            everything, strata, cfg.holdout_fraction, rng_for(0, HOLDOUT)
         )
     rng = np.random.default_rng(seed)
     if cfg.max_examples_per_group is not None:
@@ -172,25 +178,46 @@ def split_rows(
         cap = cfg.max_examples_per_group
         everything = everything[cap_per_group(full.groups[everything], cap, rng)]
     if test_file is None:
-        train_pos, test_pos = stratified_split(strata[everything], cfg.test_fraction, seed)
-        train_idx, test_idx = everything[train_pos], everything[test_pos]
+        train_idx, test_idx = hold_out(everything, strata, cfg.test_fraction, seed)
     else:
         train_idx, test_idx = everything, np.arange(len(test_file))
     if cfg.max_train_examples is not None and cfg.max_train_examples < len(train_idx):
         train_idx = np.sort(rng.choice(train_idx, cfg.max_train_examples, replace=False))
     if cfg.max_test_examples is not None and cfg.max_test_examples < len(test_idx):
         test_idx = np.sort(rng.choice(test_idx, cfg.max_test_examples, replace=False))
-    return Rows(holdout, train_idx, test_idx)
+    train_idx, validation = hold_out_validation(train_idx, strata, cfg, seed)
+    return Rows(holdout=holdout, train=train_idx, test=test_idx, validation=validation)
+
+
+def hold_out_validation(
+    train: np.ndarray, strata: np.ndarray, cfg: DataConfig, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The training rows left to the clients and the validation rows: ``data.validation_fraction``
+    of each stratum of ``train`` (none where the fraction is 0; a stratum whose share rounds to
+    no row has none). A fraction that holds out no row at all is an error rather than a run
+    that silently has no validation metrics."""
+    if cfg.validation_fraction == 0:
+        return train, np.zeros(0, dtype=np.int64)
+    train, validation = hold_out(train, strata, cfg.validation_fraction, rng_for(seed, VALIDATION))
+    if len(validation) == 0:
+        raise HFedMoEError(
+            f"data.validation_fraction: {cfg.validation_fraction} of the {len(train)} training "
+            "rows holds out none (each stratum's share rounds to 0); expected a larger fraction, "
+            "or 0 for no validation split"
+        )
+    return train, validation
 
 
 def load_dataset(cfg: DataConfig, seed: int) -> Split:
-    """Load ``cfg.dataset`` and split it into train/test with ``seed`` (:func:`split_rows`), or
-    take a local data set's own test file."""
+    """Load ``cfg.dataset`` and split it into train/test (and validation, with
+    ``data.validation_fraction``) with ``seed`` (:func:`split_rows`), or take a local data set's
+    own test file."""
     full = read_dataset(cfg)
     test_file = read_test_file(cfg, full)
     rows = split_rows(full, cfg, seed, test_file)
     test = full if test_file is None else test_file
-    return Split(full.subset(rows.train), test.subset(rows.test))
+    validation = full.subset(rows.validation) if len(rows.validation) else None
+    return Split(full.subset(rows.train), test.subset(rows.test), validation)
 
 
 def load_holdout(cfg: DataConfig) -> TextDataset:
@@ -210,18 +237,26 @@ def cap_per_group(groups: np.ndarray, cap: int, rng: np.random.Generator) -> np.
     return np.sort(np.concatenate(keep))
 
 
+def hold_out(
+    rows: np.ndarray, strata: np.ndarray, fraction: float, seed: int | np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """``rows`` (indices into the data set, whose strata are ``strata``) split into those kept and
+    those held out: ``fraction`` of each stratum (:func:`stratified_split`). The one way the
+    specialisation corpus, the test split and the validation split are drawn."""
+    kept, held = stratified_split(strata[rows], fraction, seed)
+    return rows[kept], rows[held]
+
+
 def stratified_split(
-    labels: np.ndarray,
-    test_fraction: float,
-    seed: int,
-    rng: np.random.Generator | None = None,
+    labels: np.ndarray, test_fraction: float, seed: int | np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
     """Indices of a train/test split that keeps each class's share (rounded per class).
+    ``seed``: an int, or a generator to draw from (a stream of :mod:`hfedmoe.foundation.seeding`).
 
     Written by hand (eight lines) rather than through ``datasets.train_test_split``, which needs
     a ClassLabel column and returns shuffled rows instead of the indices we keep.
     """
-    rng = rng if rng is not None else np.random.default_rng(seed)
+    rng = np.random.default_rng(seed)  # a generator is used as it is
     train, test = [], []
     for label in np.unique(labels):
         idx = rng.permutation(np.flatnonzero(labels == label))

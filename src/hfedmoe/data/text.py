@@ -53,5 +53,9 @@ class TextDataset:
 
 @dataclass(frozen=True)
 class Split:
+    """A run's data: what the clients' partitions are cut from, the test split and, with
+    ``data.validation_fraction``, the validation split (rows held out of training; else None)."""
+
     train: TextDataset
     test: TextDataset
+    validation: TextDataset | None = None

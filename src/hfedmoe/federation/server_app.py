@@ -23,14 +23,14 @@ from hfedmoe.algorithms import build_algorithm
 from hfedmoe.budget import minimum_budget
 from hfedmoe.federation import wire
 from hfedmoe.federation.strategy import AlgorithmStrategy
-from hfedmoe.federation.workload import server_workload
+from hfedmoe.federation.workload import ServerWorkload, server_workload
 from hfedmoe.foundation.config import ExperimentConfig
 from hfedmoe.foundation.errors import ConfigError, HFedMoEError
 from hfedmoe.model.experts import ExpertModel
 from hfedmoe.model.state import load_shared_state, shared_state
 from hfedmoe.results import RunRecorder
 from hfedmoe.results.run_state import RunState, has_checkpoint, load_run_state, save_run_state
-from hfedmoe.training import evaluate
+from hfedmoe.training import EvalResult, evaluate
 from hfedmoe.training.personal import personalised
 
 log = logging.getLogger("hfedmoe")
@@ -180,7 +180,9 @@ def federate(
 
     if resume is None:
         initial = evaluate(model, workload.test, cfg.eval.batch_size, cfg.train.device)
-        record = _round_record(0, initial, None, [], 0.0, time.perf_counter() - start)
+        validation = _validate(model, workload, cfg)
+        elapsed = time.perf_counter() - start
+        record = _round_record(0, initial, None, [], 0.0, elapsed, validation)
         record.update(_per_client(initial, workload, []))
         record["devices"] = strategy.device_records()
         if excluded:
@@ -203,11 +205,14 @@ def federate(
         eval_start = time.perf_counter()
         result = evaluate(model, workload.test, cfg.eval.batch_size, cfg.train.device)
         eval_seconds = time.perf_counter() - eval_start
+        validation = _validate(model, workload, cfg)
+        validation_seconds = time.perf_counter() - eval_start - eval_seconds
         train = dict(train_metrics) if train_metrics else {}
         train_loss = float(train.pop("train_loss")) if train else None
         now = time.perf_counter()
+        reports = strategy.last_reports
         record = _round_record(
-            server_round, result, train_loss, strategy.last_reports, now - round_start, now - start
+            server_round, result, train_loss, reports, now - round_start, now - start, validation
         )
         record.update(train)  # what the defences did: groups clipped, shares capped
         record.update(_per_client(result, workload, record["clients"]))
@@ -216,6 +221,8 @@ def federate(
         if strategy.aggregate_rejected:
             record["aggregate_rejected"] = True
         record["eval_seconds"] = eval_seconds  # where the round's time went (bench/lean.py)
+        if validation is not None:
+            record["validation_seconds"] = validation_seconds
         record["aggregate_seconds"] = strategy.aggregate_seconds
         recorder.log_round(record)
         checkpoint(server_round)
@@ -360,15 +367,37 @@ def _per_client(result, workload, clients: list[dict]) -> dict:
     }
 
 
-def _round_record(server_round, result, train_loss, reports, round_seconds, elapsed) -> dict:
+def _validate(
+    model: torch.nn.Module, workload: ServerWorkload, cfg: ExperimentConfig
+) -> EvalResult | None:
+    """The global model on the validation split; None for a run without one."""
+    if workload.validation is None:
+        return None
+    return evaluate(model, workload.validation, cfg.eval.batch_size, cfg.train.device)
+
+
+def _evaluation(split: str, result: EvalResult) -> dict:
+    """``result`` as a round record's keys for ``split`` (test, validation): accuracy and loss,
+    and the per-group metrics and perplexity where the task gives them."""
+    return {
+        f"{split}_accuracy": result.accuracy,
+        f"{split}_loss": result.loss,
+        **({f"{split}_accuracy_by_group": result.by_group} if result.by_group else {}),
+        **({f"{split}_loss_by_group": result.loss_by_group} if result.loss_by_group else {}),
+        **({f"{split}_perplexity": result.perplexity} if result.perplexity is not None else {}),
+    }
+
+
+def _round_record(
+    server_round, result, train_loss, reports, round_seconds, elapsed, validation=None
+) -> dict:
+    """A round's line of metrics.jsonl; ``validation``: the validation split's result, whose
+    keys follow the test split's (a run without one has none of them)."""
     ok = [r for r in reports if r.status == "ok"]
     return {
         "round": server_round,
-        "test_accuracy": result.accuracy,
-        "test_loss": result.loss,
-        **({"test_accuracy_by_group": result.by_group} if result.by_group else {}),
-        **({"test_loss_by_group": result.loss_by_group} if result.loss_by_group else {}),
-        **({"test_perplexity": result.perplexity} if result.perplexity is not None else {}),
+        **_evaluation("test", result),
+        **({} if validation is None else _evaluation("validation", validation)),
         "train_loss": train_loss,
         "clients_ok": len(ok),
         "clients_failed": len(reports) - len(ok),

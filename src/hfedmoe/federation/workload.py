@@ -1,7 +1,8 @@
 """The workload of an experiment: the model and the data each party builds from the config.
 
-Both the server (global model, test split) and each client (its partition) call these; a
-client never receives data from the server, it rebuilds its own partition from the seed.
+Both the server (global model, test and validation splits) and each client (its partition)
+call these; a client never receives data from the server, it rebuilds its own partition from
+the seed (out of the training rows the validation split leaves, as the server does).
 (``data.task`` in the config says what the model learns: classification, language modelling or
 multiple choice.)
 """
@@ -26,7 +27,8 @@ from hfedmoe.training.personal import key_shares
 
 @dataclass(frozen=True)
 class ServerWorkload:
-    """What the server holds: the global model, the tokenizer and the test split."""
+    """What the server holds: the global model, the tokenizer, the test split and, with
+    ``data.validation_fraction``, the validation split."""
 
     model: PreTrainedModel  # the initial global model (pretrained base, upcycled)
     tokenizer: PreTrainedTokenizerBase
@@ -35,6 +37,7 @@ class ServerWorkload:
     test_keys: np.ndarray  # each test row's partition key (label or group)
     client_shares: np.ndarray  # (C, K) each client's share of each key (per-client views)
     partition_sizes: tuple[int, ...]  # |D_c| of every client, as the server partitioned the data
+    validation: TokenizedDataset | None = None  # rows no client trains on; None without
 
 
 def server_workload(cfg: ExperimentConfig) -> ServerWorkload:
@@ -56,7 +59,10 @@ def server_workload(cfg: ExperimentConfig) -> ServerWorkload:
     shares = key_shares(parts, keys, num_keys)
     sizes = tuple(len(p) for p in parts)
     names = split.train.label_names
-    return ServerWorkload(model, tokenizer, test, names, test_keys, shares, sizes)
+    validation = (
+        None if split.validation is None else tokenize_for(cfg, split.validation, tokenizer)
+    )
+    return ServerWorkload(model, tokenizer, test, names, test_keys, shares, sizes, validation)
 
 
 @dataclass(frozen=True)

@@ -206,7 +206,8 @@ class DataColumns(Section):
 
 
 class DataConfig(Section):
-    """The data set, its train/test split and its non-IID partition over clients."""
+    """The data set, its train/test (and validation) split and its non-IID partition over
+    clients."""
 
     dataset: Literal["bbc_news", "rotten_tomatoes", "qa_mix", "local"] = Field(
         "bbc_news",
@@ -246,6 +247,18 @@ class DataConfig(Section):
         description="Share of the data set (per stratum, with a fixed seed) held out before the "
         "train/test split: never seen by clients or the test split, it is the specialisation "
         "corpus of a constructed model.",
+    )
+    validation_fraction: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Share of the training split (per stratum: task, else label; drawn with "
+        "the seed) held out before it is partitioned among clients: the validation split, on "
+        "which the server evaluates the global model every round beside the test split "
+        "(validation_* metrics), so hyperparameters are tuned without the test split. A "
+        "fraction of the training rows as the test split and the caps leave them: the test "
+        "split and the specialisation corpus are those of a run without one; only the "
+        "clients' rows shrink. 0: no validation split.",
     )
     partitioner: Literal["dirichlet", "iid", "natural"] = Field(
         "dirichlet",

@@ -12,6 +12,7 @@ ANALYSIS = 8  # the examples `hfedmoe analyze` looks at (hfedmoe.analysis)
 HOLDOUT = 9  # the specialisation corpus held out of a data set (seed 0 always: run-independent)
 CONSTRUCTION = 10  # building a specialised model (hfedmoe.construction; its own seed)
 FLUX_ROLES, FLUX_PROBES = 11, 12  # FLUX's explore draws (server), its SPSA directions (client)
+VALIDATION = 13  # the validation split held out of a run's training rows (hfedmoe.data)
 
 
 def rng_for(seed: int, *keys: int) -> np.random.Generator:

@@ -5,7 +5,7 @@
     RUN_DIR/
       config.toml      the resolved, validated config of the run
       metrics.jsonl    one JSON object per round (round 0 = the initial model)
-      metrics.csv      the same, one row per round (scalars only)
+      metrics.csv      the same, one row per round (scalars only; :func:`round_columns`)
       clients.csv      one row per (round, sampled client)
       model/           the final global model (safetensors + what is needed to reload it)
       accuracy.png     test accuracy and loss vs round
@@ -65,6 +65,18 @@ ROUND_COLUMNS = [
     "round_seconds",
     "elapsed_seconds",
 ]
+#: metrics.csv's columns for the validation split, after the test split's, in runs with one
+VALIDATION_COLUMNS = ["validation_accuracy", "validation_loss"]
+
+
+def round_columns(cfg: ExperimentConfig) -> list[str]:
+    """metrics.csv's columns: :data:`ROUND_COLUMNS`, with :data:`VALIDATION_COLUMNS` after the
+    test metrics where the run holds out a validation split (a run without one keeps the
+    columns runs always had)."""
+    if cfg.data.validation_fraction == 0:
+        return ROUND_COLUMNS
+    at = ROUND_COLUMNS.index("test_loss") + 1
+    return [*ROUND_COLUMNS[:at], *VALIDATION_COLUMNS, *ROUND_COLUMNS[at:]]
 
 
 def prepare_run_dir(path: Path) -> Path:
@@ -116,6 +128,7 @@ class RunRecorder:
         self.run_dir = Path(run_dir)
         self.cfg = cfg
         self.rounds = list(resume.rounds) if resume is not None else []
+        self.round_columns = round_columns(cfg)
         with writing(self.run_dir):
             self.run_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(self.run_dir / "config.toml", tomli_w.dumps(cfg.model_dump(exclude_none=True)))
@@ -130,7 +143,7 @@ class RunRecorder:
         clients = [c for r in self.rounds for c in r["clients"]]
         tables = {
             METRICS_FILE: "".join(json.dumps(r) + "\n" for r in self.rounds),
-            ROUNDS_CSV: to_csv(self.rounds, ROUND_COLUMNS) if self.rounds else "",
+            ROUNDS_CSV: to_csv(self.rounds, self.round_columns) if self.rounds else "",
             CLIENTS_CSV: to_csv(clients, list(clients[0])) if clients else "",
         }
         for name, text in tables.items():
@@ -151,7 +164,7 @@ class RunRecorder:
         self._append_tables(record)
 
     def _append_tables(self, record: dict) -> None:
-        _append_csv(self.run_dir / ROUNDS_CSV, [record], ROUND_COLUMNS)
+        _append_csv(self.run_dir / ROUNDS_CSV, [record], self.round_columns)
         if record["clients"]:
             _append_csv(self.run_dir / CLIENTS_CSV, record["clients"])
 
@@ -171,6 +184,7 @@ class RunRecorder:
             "final_test_accuracy": last["test_accuracy"],
             "final_test_loss": last["test_loss"],
             "best_test_accuracy": max(r["test_accuracy"] for r in self.rounds),
+            **_validation_summary(self.rounds),
             "total_bytes_down": sum(r["bytes_down"] for r in self.rounds),
             "total_bytes_up": sum(r["bytes_up"] for r in self.rounds),
             "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
@@ -226,6 +240,22 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def _validation_summary(rounds: list[dict]) -> dict:
+    """summary.json's validation figures, for a run with a validation split (none without):
+    the final accuracy and loss, the best accuracy and the first round that reached it (the
+    round a tuning on the validation split would pick, whose test metrics are in its record)."""
+    if "validation_accuracy" not in rounds[-1]:
+        return {}
+    accuracy = [r["validation_accuracy"] for r in rounds]
+    best = max(range(len(rounds)), key=accuracy.__getitem__)  # the first of equals
+    return {
+        "final_validation_accuracy": accuracy[-1],
+        "final_validation_loss": rounds[-1]["validation_loss"],
+        "best_validation_accuracy": accuracy[best],
+        "best_validation_round": rounds[best]["round"],
+    }
+
+
 def _failure_rate(rounds: list[dict]) -> float:
     """Failed client trainings / sampled client trainings, over the run."""
     sampled = sum(r["clients_ok"] + r["clients_failed"] for r in rounds)
@@ -241,6 +271,7 @@ TIMING_KEYS = frozenset(
         "seconds",
         "usage_seconds",
         "eval_seconds",
+        "validation_seconds",
         "aggregate_seconds",
     }
 )
