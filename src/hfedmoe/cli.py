@@ -341,11 +341,19 @@ def compare(
             "--fresh", help="Start interrupted runs over (set aside) instead of resuming them."
         ),
     ] = False,
+    tuned: Annotated[
+        Path | None,
+        typer.Option(
+            help="A finished `hfedmoe tune` directory: each method runs with its tuned values "
+            "(never on the tuning seeds)."
+        ),
+    ] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Run every method x seed of one experiment on identical partitions, budgets and initial
     weights; finished runs are not repeated, interrupted ones continue from their checkpoint."""
     from hfedmoe.experiment import comparison
+    from hfedmoe.experiment.tuning import Tuned
 
     try:
         if profile not in comparison.PROFILES:
@@ -353,6 +361,8 @@ def compare(
             raise HFedMoEError(f"--profile: unknown '{profile}' (expected one of: {known})")
         base = [*comparison.PROFILES[profile], *(set_ or [])]
         runs = comparison.plan(output_dir, _csv(methods, "methods"), _csv(seeds, "seeds", int))
+        if tuned is not None:
+            runs = Tuned.read(tuned).cells(runs, base)
         # in a child process: the checks build the model and its cost models, and this process
         # waits on the grid for hours (it held 2 GB through an (e) grid when it ran them itself)
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as child:
@@ -386,6 +396,76 @@ def compare(
         _fail(f"{len(failed)} of {len(runs)} runs failed (rerun the same command to retry)")
 
 
+@app.command()
+def tune(
+    config: ConfigArg,
+    methods: Annotated[
+        str, typer.Option(help="Comma-separated algorithms, e.g. fedavg,hfedmoe,random.")
+    ],
+    grid: Annotated[
+        list[str],
+        typer.Option(
+            help="KEY=[VALUES] to try, e.g. lr=[1e-5,3e-5,1e-4] (lr: each method's own "
+            "rate); repeatable."
+        ),
+    ],
+    seeds: Annotated[
+        str, typer.Option(help="Tuning seeds, e.g. 100,101: never to be reported.")
+    ] = "100",
+    end_point: Annotated[
+        str, typer.Option(help="final or last3: the validation accuracy each point is judged by.")
+    ] = "final",
+    output_dir: Annotated[
+        Path, typer.Option("--output-dir", "-o", help="Tuning directory (tuned.json, runs).")
+    ] = Path("runs/tune"),
+    set_: SetOpt = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Tune every method over the same grid on validation data (data.validation_fraction) and
+    tuning seeds; `compare --tuned DIR` then runs each method with its chosen values."""
+    from hfedmoe.experiment import comparison, tuning
+
+    try:
+        if end_point not in tuning.END_POINTS:
+            known = ", ".join(tuning.END_POINTS)
+            raise HFedMoEError(f"--end-point: unknown '{end_point}' (expected one of: {known})")
+        base = list(set_ or [])
+        if config_mod.load(config, base).data.validation_fraction == 0:
+            raise HFedMoEError(
+                "tune: data.validation_fraction is 0; tuning needs a validation split (e.g. "
+                "--set data.validation_fraction=0.1)"
+            )
+        keys = tuning.parse_grid(grid)
+        tuning_seeds = _csv(seeds, "seeds", int)
+        runs = tuning.plan(output_dir, _csv(methods, "methods"), keys, tuning_seeds)
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as child:
+            resumable = child.submit(_check_grid, config, runs, base, progress).result()
+    except HFedMoEError as exc:
+        _fail(str(exc))
+        return
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(comparison.locked(output_dir, runs))
+        except HFedMoEError as exc:
+            _fail(str(exc))
+        resume = dict(zip(runs, resumable, strict=True))
+        failed = _run_grid(config, runs, base, resume, progress, output_dir)
+    if failed:
+        _fail(f"{len(failed)} of {len(runs)} runs failed (rerun the same command to retry)")
+    try:
+        choices, trials = tuning.choose(runs, end_point)
+        path = tuning.write_choice(output_dir, choices, trials, tuning_seeds, end_point, keys)
+    except HFedMoEError as exc:
+        _fail(str(exc))
+        return
+    table = Table(title=f"Tuned on validation ({end_point}): {path}")
+    for column in ("method", "values", "validation"):
+        table.add_column(column)
+    for choice in choices.values():
+        table.add_row(choice.method, ", ".join(choice.sets), f"{choice.score:.4f}")
+    Console().print(table)
+
+
 def _run_grid(
     config: Path,
     runs: list[Cell],
@@ -414,7 +494,8 @@ def _run_grid(
     with Progress(*columns, console=console, disable=not progress) as bar:
         task = bar.add_task("grid", total=len(todo))
         for run in todo:
-            bar.update(task, description=f"{run.method} seed {run.seed}")
+            name = " ".join([run.method, *run.sets])
+            bar.update(task, description=f"{name} seed {run.seed}")
             try:
                 proc = comparison.execute(config, run, base, resume[run])
             except WriteError as exc:  # the grid's own folders: fails the cell like its run
@@ -423,7 +504,7 @@ def _run_grid(
                 failed.append(run)
                 last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
                 how = " (resumed; --fresh starts it over)" if resume[run] else ""
-                console.print(f"[red]failed[/] {run.method} seed {run.seed}{how}: {last}")
+                console.print(f"[red]failed[/] {name} seed {run.seed}{how}: {last}")
             bar.update(task, advance=1)
     return failed
 

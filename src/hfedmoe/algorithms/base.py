@@ -69,6 +69,11 @@ class FederatedAlgorithm(ABC):
     name: ClassVar[str]
     #: the metrics its clients report besides ``uploads.BASE_METRICS``, with their ranges
     METRICS: ClassVar[dict[str, Range]] = {}
+    #: the config key of its learning rate (what ``hfedmoe tune``'s ``lr`` sets)
+    RATE_KEY: ClassVar[str] = "train.lr"
+    #: the config section of its own parameters, if any (``[hfedmoe]``; a tuning grid's keys
+    #: there vary only its runs)
+    SECTION: ClassVar[str | None] = None
 
     def __init__(self, cfg: ExperimentConfig):
         self.cfg = cfg

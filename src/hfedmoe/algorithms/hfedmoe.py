@@ -176,6 +176,7 @@ class SparsityAwareAggregation(Aggregation):
 @register
 class HFedMoE(PartialUploads, FederatedAlgorithm):
     name = "hfedmoe"
+    SECTION = "hfedmoe"
     STATS: ClassVar = {"usage": USAGE, "importance": IMPORTANCE}  # what aggregate() reads
     METRICS: ClassVar = {
         "experts_used": Range(0, EXPERTS, integer=True),

@@ -43,18 +43,20 @@ PROFILES: dict[str, list[str]] = {
 
 @dataclass(frozen=True)
 class Cell:
-    """One run of the grid: ``method`` with ``seed``, in ``run_dir``."""
+    """One run of the grid: ``method`` with ``seed``, in ``run_dir``; ``sets``: its own
+    ``--set`` items after the grid's (a tuning grid's point, a method's tuned values)."""
 
     method: str
     seed: int
     run_dir: Path
+    sets: tuple[str, ...] = ()
 
     @property
     def done(self) -> bool:
         return (self.run_dir / "summary.json").is_file()
 
     def overrides(self, base: list[str]) -> list[str]:
-        return [*base, f"algorithm={self.method}", f"seed={self.seed}"]
+        return [*base, *self.sets, f"algorithm={self.method}", f"seed={self.seed}"]
 
     def summary(self) -> dict:
         return json.loads((self.run_dir / "summary.json").read_text())
@@ -76,17 +78,17 @@ def locked(out_dir: Path, runs: list[Cell]) -> Iterator[None]:
     with writing(out_dir):
         out_dir.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as held:
-        for run in sorted(set(runs), key=lambda r: (r.seed, r.method)):
-            path = out_dir / f".compare-{run.method}-seed{run.seed}.lock"
+        for run in sorted(set(runs), key=lambda r: (r.seed, r.method, r.sets)):
+            cell = run.run_dir.relative_to(out_dir).as_posix().replace("/", "-")
+            path = out_dir / f".compare-{cell}.lock"
             with writing(path):
                 handle = held.enter_context(open(path, "a"))
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise HFedMoEError(
-                    f"-o {out_dir}: another `hfedmoe compare` is running {run.method} seed "
-                    f"{run.seed} of this grid (wait for it, or choose other methods, seeds or "
-                    "another directory)"
+                    f"-o {out_dir}: another `hfedmoe compare` is running {cell} of this grid "
+                    "(wait for it, or choose other methods, seeds or another directory)"
                 ) from None
         yield  # closing the files releases the locks
 

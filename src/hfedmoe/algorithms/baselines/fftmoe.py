@@ -140,6 +140,8 @@ class _FedAvgAdapters(Aggregation):
 class FFTMoE(FederatedAlgorithm):
     name = "fftmoe"
     METRICS: ClassVar = {"top_k": Range(1, EXPERTS, integer=True)}
+    RATE_KEY = "fftmoe.lr"  # the adapters' own rate (train_settings)
+    SECTION = "fftmoe"
 
     def bind(self, model: nn.Module) -> None:
         self.layout = ExpertLayout.of(model)

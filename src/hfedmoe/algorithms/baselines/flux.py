@@ -372,6 +372,7 @@ class _ByTuners(Aggregation):
 @register
 class Flux(FederatedAlgorithm):
     name = "flux"
+    SECTION = "flux"
     METRICS: ClassVar = {
         "usage_seconds": Range(),
         "memory_unmerged_bytes": Range(),
