@@ -95,9 +95,10 @@ upcycled-ablations) grid configs/hfedmoe.toml upcycled "hfedmoe,$ABLATIONS,$VARI
 report)
     IFS=, read -ra main <<<"$MAIN,$CONTROLS"  # a control's row, where it ran
     IFS=, read -ra ablations <<<"$ABLATIONS,$VARIANTS"
-    # The targets: (e)'s 0.49 is about 5 points (one question in twenty) above its round 0
-    # (0.405-0.445 over its seeds), fixed after seed 0's final accuracies and before any
-    # paired result.
+    # The targets are the configs' [report] targets, which compare records with each grid (a
+    # report refuses another once a run has finished): (e)'s 0.49 is about 5 points (one
+    # question in twenty) above its round 0 (0.405-0.445 over its seeds), fixed after seed 0's
+    # final accuracies and before any paired result.
     for spec in bbc-topics:0.9 qa-domains:0.49 upcycled:0.9; do
         dir=$OUT/${spec%:*} target=${spec#*:}
         if [[ -d $dir ]]; then

@@ -6,9 +6,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import tomli_w
 
-from hfedmoe.experiment import comparison
+from hfedmoe.experiment import comparison, protocol
+from hfedmoe.foundation import config as config_mod
+from hfedmoe.foundation.config import ReportConfig
+from hfedmoe.foundation.errors import HFedMoEError
 from hfedmoe.results import read_metrics, run_state
 
 from .support.cli import checkpoint_round, invoke_cli, kill_when
@@ -36,6 +40,9 @@ def test_grid_runs_every_cell_once_on_shared_seeds(tiny_bert_dir, tmp_path):
         starts = [read_metrics(cells[(m, seed)])[0] for m in ("fedavg", "random")]
         assert starts[0]["test_loss"] == starts[1]["test_loss"]
         assert starts[0]["devices"] == starts[1]["devices"]
+
+    # the experiment's [report] (the defaults here) was recorded before any run finished
+    assert protocol.read(out) == protocol.Record(ReportConfig(), recorded_after_runs=0)
 
     stamps = {k: (d / "summary.json").stat().st_mtime_ns for k, d in cells.items()}
     again = invoke_cli(*args, "-o", str(out), "--no-progress")
@@ -160,3 +167,75 @@ def test_a_cell_being_run_cannot_be_run_twice_but_another_cell_can(tiny_bert_dir
         "compare", str(config), "--methods", "fedavg", "-o", str(out), "--no-progress"
     )
     assert proc.returncode == 0, proc.stderr  # the lock ends with its holder
+
+
+def _finished(cell_dir, accuracy=0.5):
+    """A cell that a `compare` finished (only what compare's table reads)."""
+    cell_dir.mkdir(parents=True)
+    summary = {"final_test_accuracy": accuracy, "best_test_accuracy": accuracy,
+               "failure_rate": 0.0, "wall_seconds": 1.0}  # fmt: skip
+    (cell_dir / "summary.json").write_text(json.dumps(summary))
+
+
+def test_the_end_point_is_recorded_before_results_and_kept_after(tmp_path):
+    grid = tmp_path / "grid"
+    final, later = ReportConfig(target=0.9), ReportConfig(primary="last-rounds", target=0.9)
+    assert protocol.fix(grid, final) == protocol.Record(final)  # recorded before any run
+    assert protocol.read(grid) == protocol.Record(final)
+    # no result yet: another choice replaces it, nothing was seen to choose by
+    assert protocol.fix(grid, later) == protocol.Record(later)
+    protocol.fix(grid, final)
+    _finished(grid / "random" / "seed0.incomplete-1")  # set aside: not a result of the grid
+    assert protocol.finished_runs(grid) == 0
+    _finished(grid / "fedavg" / "seed0")
+    assert protocol.finished_runs(grid) == 1
+    assert protocol.fix(grid, final) == protocol.Record(final)  # the same choice goes on
+    with pytest.raises(HFedMoEError) as refused:
+        protocol.fix(grid, later)
+    assert str(refused.value) == (
+        f"{grid}: the grid's end point was recorded before its results (primary 'final', "
+        "target 0.9, reference 'hfedmoe'); primary 'last-rounds', target 0.9, reference "
+        "'hfedmoe' is asked for after 1 of its runs finished (keep [report] as recorded, or "
+        "pass --change-end-point, which the report will state)"
+    )
+    assert protocol.read(grid) == protocol.Record(final)
+    changed = protocol.fix(grid, later, change=True)  # asked for: kept, with what it replaced
+    assert changed == protocol.Record(later, 0, (protocol.Replaced(final, 1),))
+    assert protocol.read(grid) == changed
+
+
+def test_a_grid_from_before_records_is_recorded_as_such(tmp_path):
+    grid = tmp_path / "grid"
+    for seed in (0, 1):
+        _finished(grid / "fedavg" / f"seed{seed}")
+    record = protocol.fix(grid, ReportConfig())
+    assert record.recorded_after_runs == 2  # the report says: not in advance
+    resolved = protocol.resolve({grid: record}, {})
+    assert resolved.notes == [
+        f"{grid}: the end point was recorded after 2 of its runs had finished, not in advance."
+    ]
+    with pytest.raises(HFedMoEError, match="was recorded after 2 of its runs had finished \\("):
+        protocol.fix(grid, ReportConfig(target=0.5))
+
+
+def test_the_report_section_does_not_make_a_checkpoint_another_experiments():
+    a = config_mod.validate({"report": {"target": 0.9}})
+    assert comparison.same_runs(a, config_mod.validate({"report": {"primary": "per-client"}}))
+    assert not comparison.same_runs(a, config_mod.validate({"train": {"lr": 0.5}}))
+
+
+def test_compare_refuses_another_end_point_once_a_run_finished(tiny_bert_dir, tmp_path):
+    config, out = _config(tmp_path, tiny_bert_dir), tmp_path / "grid"
+    protocol.fix(out, ReportConfig(target=0.9))
+    _finished(out / "fedavg" / "seed0")
+    args = ["compare", str(config), "--methods", "fedavg", "-o", str(out), "--no-progress"]
+    proc = invoke_cli(*args)  # the config declares no target
+    assert proc.returncode == 2
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith(f"hfedmoe: error: {out}: the grid's end point was recorded before ")
+    assert "primary 'final', target none, reference 'hfedmoe' is asked for after 1" in line
+    assert protocol.read(out).protocol.target == 0.9
+    proc = invoke_cli(*args, "--change-end-point")  # nothing left to run: the cell is done
+    assert proc.returncode == 0, proc.stderr
+    record = protocol.read(out)
+    assert record.protocol == ReportConfig() and record.replaced[0].after_runs == 1

@@ -42,6 +42,9 @@ def test_default_toml_is_the_documented_job():
         ({"model": {"moe_layers": [1, 1]}}, "must not repeat"),
         ({"model": {"moe_layers": "some"}}, "model.moe_layers"),
         ({"data": {"test_fraction": 1.5}}, "data.test_fraction"),
+        ({"report": {"primary": "best"}}, "report.primary: Input should be 'final', "),
+        ({"report": {"target": 1.5}}, "report.target: Input should be less than or equal to 1"),
+        ({"report": {"targets": 0.9}}, "report.targets: unknown key"),
     ],
 )
 def test_bad_values_name_the_key(raw, fragment):

@@ -3,6 +3,7 @@ page that a headless browser renders."""
 
 from __future__ import annotations
 
+import html
 import json
 import shutil
 import subprocess
@@ -11,11 +12,14 @@ import numpy as np
 import pytest
 import tomli_w
 
+from hfedmoe.experiment.paired import ToTarget
 from hfedmoe.experiment.report import (
     Run,
     coefficient_of_variation,
+    compare_with,
     find_runs,
     label_runs,
+    paired_table,
     plot_all,
     summarise,
 )
@@ -37,6 +41,7 @@ def _fake_run(path, algorithm, seed, accuracies, failed=(), flops=1e9, personal=
                 clients.append(
                     {
                         "status": "failed" if bad else "ok",
+                        "failure": "budget" if bad else "",
                         "partition_id": node - 1,
                         "steps": 0 if bad else 1,
                         "step_flops_predicted": None if bad else flops,
@@ -74,9 +79,11 @@ def test_the_table_by_hand(tmp_path):
     assert a.final_mean == pytest.approx(0.8) and a.final_std == pytest.approx(
         np.std([0.9, 0.7], ddof=1)
     )
-    assert (a.rounds_to_target, a.reached) == (2.0, 1)  # only seed 0 reaches 0.8, at round 2
-    assert a.compute_to_target == pytest.approx(4e9)  # 2 rounds x 2 clients x 1 step x 1e9
-    assert b.rounds_to_target == 1.0 and b.compute_to_target == pytest.approx(2e9)
+    # only seed 0 reaches 0.8, at round 2: half the seeds, so the median is its round
+    assert a.rounds_to_target == ToTarget(2.0, 1, 2)
+    assert a.compute_to_target.median == pytest.approx(4e9)  # 2 rounds x 2 clients x 1e9
+    assert b.rounds_to_target == ToTarget(1.0, 1, 1)
+    assert b.compute_to_target.median == pytest.approx(2e9)
     assert a.failure_rate == pytest.approx((0 + 1 / 6) / 2)  # seed 1 lost 1 of 6 trainings
     assert a.bytes_per_round == pytest.approx(220.0)  # rounds 1-3: 110, 220, 330
     assert (a.failures, b.failures) == ({"budget": 1}, {})
@@ -107,7 +114,7 @@ def test_client_memory_and_compute_count_what_clients_measured_and_ran_besides_t
     (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in lines))
     (row,) = summarise([Run.load(run)], target=0.9)
     assert row.client_memory == 310  # the larger client: 300 held + 10 while training
-    assert row.compute_to_target == pytest.approx(2.5e9)  # 2 clients x 1 step x 1e9, + 0.5e9
+    assert row.compute_to_target.median == pytest.approx(2.5e9)  # 2 x 1 step x 1e9, + 0.5e9
 
 
 def test_per_client_accuracy_is_the_last_rounds_mean_and_worst_averaged_over_seeds(tmp_path):
@@ -160,6 +167,7 @@ def real_grid(tiny_bert_dir, tmp_path_factory):
     FedAvg: a real grid to report on."""
     tmp = tmp_path_factory.mktemp("grid")
     raw = tiny_raw(tiny_bert_dir, federation={"rounds": 2})
+    raw["report"] = {"target": 0.25}  # declared before the runs; compare records it
     from .support.tiers import three_tiers
 
     raw["devices"] = three_tiers(tiny_bert_dir, "hfedmoe")["devices"]
@@ -179,6 +187,8 @@ def test_report_of_a_real_grid(real_grid, tmp_path):
     proc = invoke_cli("report", str(real_grid), "-o", str(out), "--target", "0.25")
     assert proc.returncode == 0, proc.stderr
     md = (out / "report.md").read_text()
+    assert "Primary end point: final accuracy" in md and "Target accuracy: 0.25." in md
+    assert "not recorded in advance" not in md and "Warning" not in md  # compare recorded it
     results, rest = md.split("Paired by seed")
     paired, rest = rest.split("Per seed:")
     per_seed, rest = rest.split("Client memory per device tier")
@@ -194,7 +204,9 @@ def test_report_of_a_real_grid(real_grid, tmp_path):
     assert fedavg[7].endswith(" MiB")  # the largest client's memory, measured
     # against HFedMoE, seed by seed: both seeds paired, an interval, no verdict from two seeds
     (against,) = [line.split(" | ") for line in paired.splitlines() if line.startswith("| fedavg")]
-    assert against[1] == "0,1" and "[" in against[2] and against[3] == "n/a"
+    assert against[1] == "0,1" and "[" in against[2] and against[5] == "n/a"
+    assert against[4] == "-"  # two seeds: not in Holm's family
+    assert "| final accuracy (primary) |" in results and "(secondary)" in results
     (seeds,) = [line.split(" | ") for line in per_seed.splitlines() if line.startswith("| fedavg")]
     # seed by seed, final (last rounds' mean): the two finals average to the table's mean
     finals = [float(cell.split(" (")[0]) for cell in seeds[1:]]
@@ -241,7 +253,7 @@ def test_the_html_renders_in_headless_chromium(real_grid, tmp_path):
 
 
 def test_device_time_and_memory_per_tier_by_hand(tmp_path):
-    from hfedmoe.experiment.report import memory_tier_table, paired_table
+    from hfedmoe.experiment.report import memory_tier_table
 
     def run(name, seed, accuracy, mib):
         path = tmp_path / name / f"seed{seed}"
@@ -265,17 +277,19 @@ def test_device_time_and_memory_per_tier_by_hand(tmp_path):
 
     runs = [run("hfedmoe", 0, 0.9, 200), run("hfedmoe", 1, 0.8, 300), run("fedavg", 0, 0.7, 400)]
     row = summarise(runs, 0.75)[0]
-    # round 1: the phone needs 2 x 1e9 / 1e9 = 2 s, the laptop 2 x 1e9 / 4e9 = 0.5 s -> 2 s
-    assert row.device_seconds_to_target == pytest.approx(2.0)
+    # round 1: the phone needs 2 x 1e9 / 1e9 = 2 s, the laptop 2 x 1e9 / 4e9 = 0.5 s -> 2 s;
+    # seed 1 (0.8) reaches 0.75 too
+    assert row.device_seconds_to_target == ToTarget(2.0, 2, 2)
     np.testing.assert_allclose(runs[0].device_seconds(), [0.0, 2.0])  # the device-time plot's x
     assert "device_time" in plot_all(runs, 0.75)
     header, cells = memory_tier_table(runs)
     assert header == ["method", "laptop", "phone"]
     # hfedmoe: laptop (400 + 100, 600 + 100) -> 600 MiB; phone (300, 400) -> 350 MiB
     assert cells == [["hfedmoe", "600 MiB", "350 MiB"], ["fedavg", "900 MiB", "500 MiB"]]
-    header, cells = paired_table(runs)
-    # one seed in common; the last rounds' mean is round 1's alone (round 0 never counts)
-    assert cells == [["fedavg", "0", "-0.2000", "n/a", "-0.2000", "n/a", "-", "-"]]
+    header, cells = paired_table(compare_with(runs, "final", "hfedmoe"), "final", "hfedmoe")
+    # one seed in common: no p, no verdict, no spread to size a detectable difference; the
+    # last rounds' mean (secondary) is round 1's alone (round 0 never counts)
+    assert cells == [["fedavg", "0", "-0.2000", "-", "-", "n/a", "-", "-0.2000", "-"]]
 
 
 def test_the_why_table_averages_what_hfedmoe_recorded(tmp_path):
@@ -334,9 +348,16 @@ def test_every_column_of_the_table_has_a_header(tmp_path):
     assert COLUMNS[5:7] == ["client compute to target", "time to target on the devices"]
 
 
-def test_the_paired_last_rounds_mean_by_hand(tmp_path):
-    from hfedmoe.experiment.report import paired_table
+def test_every_end_point_a_config_may_name_primary_is_one_the_report_computes():
+    from typing import get_args
 
+    from hfedmoe.experiment.report import END_POINTS
+    from hfedmoe.foundation.config import PrimaryEndPoint
+
+    assert tuple(END_POINTS) == get_args(PrimaryEndPoint)
+
+
+def test_the_paired_last_rounds_mean_by_hand(tmp_path):
     def run(name, seed, accuracies):
         return Run.load(_fake_run(tmp_path / name / f"s{seed}", name, seed, accuracies))
 
@@ -346,11 +367,14 @@ def test_the_paired_last_rounds_mean_by_hand(tmp_path):
         run("random", 0, [0.1, 0.9, 0.6, 0.6, 0.6]),  # 0.6: -0.1
         run("random", 1, [0.1, 0.9, 0.5, 0.5, 0.5]),  # 0.5: -0.1
     ]
-    header, cells = paired_table(runs)
-    assert header[4].startswith("last 3 rounds' mean accuracy - hfedmoe")
+    header, cells = paired_table(
+        compare_with(runs, "last-rounds", "hfedmoe"), "last-rounds", "hfedmoe"
+    )
+    assert header[2].startswith("primary: last 3 rounds' mean accuracy - hfedmoe")
     # differences -0.1 and -0.1: sd 0, so the interval is the point, which decides nothing
-    assert cells[0][4] == "-0.1000 [-0.1000, -0.1000]" and cells[0][5] == "n/a"
-    assert cells[0][2].startswith("-0.1500")  # final: -0.2 and -0.1
+    assert cells[0][2] == "-0.1000 [-0.1000, -0.1000]" and cells[0][5] == "n/a"
+    assert header[7].startswith("secondary: final accuracy - hfedmoe")
+    assert cells[0][7].startswith("-0.1500")  # final: -0.2 and -0.1
 
 
 def test_the_per_seed_table_by_hand(tmp_path):
@@ -374,3 +398,177 @@ def test_the_per_seed_table_by_hand(tmp_path):
         ["hfedmoe", "0.8000 (0.7000)", "0.6000 (0.6000)"],
         ["random", "-", "0.2000 (0.4000)"],
     ]
+
+
+def _timed_run(path, seed, accuracies, failed=None, round_timeout=None):
+    """A run of method "a" on one device tier ("phone", 1 GFLOP/s) whose trained client needs
+    2 s a round (2 steps x 1 GFLOP); ``failed``: round -> the failure of a second client."""
+    path.mkdir(parents=True)
+    rounds = []
+    for k, acc in enumerate(accuracies):
+        clients = []
+        if k:
+            clients.append({"status": "ok", "tier": "phone", "steps": 2,
+                            "step_flops_predicted": 1e9})  # fmt: skip
+            if k in (failed or {}):
+                clients.append({"status": "failed", "failure": failed[k], "tier": "phone"})
+        counts = {"clients_ok": 1, "clients_failed": len(clients) - 1 if k else 0}
+        rounds.append({"round": k, "test_accuracy": acc, "clients": clients,
+                       "bytes_down": 1, "bytes_up": 1, **counts})  # fmt: skip
+    (path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rounds))
+    (path / "summary.json").write_text(json.dumps({"algorithm": "a", "seed": seed}))
+    federation = {} if round_timeout is None else {"round_timeout": round_timeout}
+    tiers = [{"name": "phone", "memory": "1GiB", "flops": 1e9}]
+    (path / "config.toml").write_text(
+        tomli_w.dumps({"devices": {"tiers": tiers}, "federation": federation})
+    )
+    return Run.load(path)
+
+
+def test_time_to_target_counts_every_seed_and_a_failed_clients_time(tmp_path):
+    from hfedmoe.experiment.report import _cells
+
+    def seeds(timeout):
+        where = tmp_path / f"timeout-{timeout}"
+        return [
+            # reaches 0.8 at round 2: 2 + 2 s; the client refused over budget spends nothing
+            _timed_run(where / "s0", 0, [0.1, 0.5, 0.9, 0.9], {1: "budget"}, timeout),
+            # reaches it at round 1, where a client raised: the server waited the timeout for it
+            _timed_run(where / "s1", 1, [0.1, 0.9, 0.9, 0.9], {1: "error"}, timeout),
+            _timed_run(where / "s2", 2, [0.1, 0.5, 0.5, 0.5], None, timeout),  # never reaches it
+        ]
+
+    (row,) = summarise(seeds(30.0), 0.8)
+    # the median of (4 s, 30 s, never): the 2nd smallest, 30 s; averaging the seeds that
+    # reached it, and counting the failed client as nothing, would say (4 + 2) / 2 = 3 s
+    assert row.device_seconds_to_target == ToTarget(30.0, 2, 3)
+    assert row.rounds_to_target == ToTarget(2.0, 2, 3)  # rounds 2, 1 and never
+    cells = _cells(row)
+    assert cells[4:7] == ["2 (2 of 3)", "0.0 TFLOP (2 of 3)", "30 s (2 of 3)"]
+    # without a round timeout, what the client that raised spent is not recorded: no time,
+    # rather than one that leaves it out
+    (row,) = summarise(seeds(None), 0.8)
+    assert row.device_seconds_to_target is None and _cells(row)[6] == "-"
+    # fewer than half reach a target: not reached, whatever the one that did took
+    runs = [Run.load(tmp_path / "timeout-30.0" / f"s{s}") for s in (0, 1, 2)]
+    (row,) = summarise(runs[1:], 0.8)  # 1 of 2 reaches it: half, so its time is the median
+    assert _cells(row)[6] == "30 s (1 of 2)"
+    (row,) = summarise([runs[2], runs[1], runs[2]], 0.8)  # 1 of 3: fewer than half
+    assert _cells(row)[6] == "not reached (1 of 3)"
+
+
+def test_the_verdicts_are_corrected_over_the_settings_comparisons(tmp_path):
+    from hfedmoe.experiment.paired import holm
+
+    finals = {
+        "hfedmoe": [0.40, 0.50, 0.60],
+        "b": [0.70, 0.78, 0.92],  # +0.30, +0.28, +0.32: p 0.0015
+        "c": [0.50, 0.56, 0.72],  # +0.10, +0.06, +0.12: p 0.034, below 0.05 alone
+        "d": [0.30, 0.52, 0.50],  # -0.10, +0.02, -0.10: p 0.27
+    }
+    runs = [
+        Run.load(_fake_run(tmp_path / m / f"seed{s}", m, s, [0.1, acc]))
+        for m, accs in finals.items()
+        for s, acc in enumerate(accs)
+    ]
+    comparisons = compare_with(runs, "final", "hfedmoe")
+    raw = [c.differences["final"].p for c in comparisons]
+    assert raw == pytest.approx([0.00148, 0.03391, 0.27239], abs=1e-5)
+    # Holm: 0.00148 x 3, 0.03391 x 2, max(0.0678, 0.27239 x 1)
+    assert [c.p_adjusted for c in comparisons] == pytest.approx(holm(raw))
+    assert holm(raw) == pytest.approx([0.00443, 0.06782, 0.27239], abs=1e-5)
+    header, cells = paired_table(comparisons, "final", "hfedmoe")
+    assert header[3:6] == ["p (paired t)", "p, Holm over 3", "verdict"]
+    assert [row[3:6] for row in cells] == [
+        ["0.001", "0.004", "ahead"],
+        ["0.034", "0.068", "tied"],  # its interval holds no 0, but three were compared
+        ["0.272", "0.272", "tied"],
+    ]
+    assert header[7:] == [
+        "secondary: last 3 rounds' mean accuracy - hfedmoe (95% CI)",
+        "secondary: per-client mean accuracy - hfedmoe (95% CI)",
+    ]
+
+
+def _grid(tmp_path, record: dict | None):
+    """A grid of two methods x two seeds, finished, with ``record`` as its [report] section
+    recorded before the runs (None: a grid from before records)."""
+    from hfedmoe.experiment import protocol
+    from hfedmoe.foundation.config import ReportConfig
+
+    grid = tmp_path / "grid"
+    if record is not None:
+        protocol.fix(grid, ReportConfig(**record))
+    for method, acc in (("hfedmoe", 0.8), ("fedavg", 0.6)):
+        for seed in (0, 1):
+            _fake_run(grid / method / f"seed{seed}", method, seed, [0.2, acc + seed / 10])
+    return grid
+
+
+def test_a_recorded_end_point_cannot_change_after_the_results_unless_asked(tmp_path):
+    grid, out = _grid(tmp_path, {"target": 0.8}), tmp_path / "out"
+    assert invoke_cli("report", str(grid), "-o", str(out)).returncode == 0
+    md = (out / "report.md").read_text()
+    assert "Target accuracy: 0.8." in md and "Warning" not in md
+    assert invoke_cli("report", str(grid), "-o", str(out), "--target", "0.8").returncode == 0
+
+    for option in (["--target", "0.7"], ["--primary", "last-rounds"]):
+        proc = invoke_cli("report", str(grid), "-o", str(tmp_path / "refused"), *option)
+        assert proc.returncode == 2 and not (tmp_path / "refused").exists()
+        (line,) = proc.stderr.strip().splitlines()
+        assert line.startswith(
+            f"hfedmoe: error: {grid}: the grid's end point was recorded before its results "
+            "(primary 'final', target 0.8, reference 'hfedmoe'); "
+        )
+        assert line.endswith(
+            "is asked for after 4 of its runs finished (keep --primary and --target as "
+            "recorded, or pass --change-end-point, which the report will state)"
+        )
+
+    proc = invoke_cli("report", str(grid), "-o", str(out), "--target", "0.7",
+                      "--primary", "last-rounds", "--change-end-point")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    warning = (
+        f"The end point was changed after the results (--change-end-point): {grid} recorded "
+        "primary 'final', target 0.8, reference 'hfedmoe' before its results; this report uses "
+        "primary 'last-rounds', target 0.7, reference 'hfedmoe'."
+    )
+    md = (out / "report.md").read_text()
+    assert md.split("\n")[2] == f"**Warning: {warning}**"  # under the title
+    assert "Primary end point: last 3 rounds' mean accuracy" in md
+    page = (out / "report.html").read_text()
+    assert f'<p class="warning"><strong>Warning: {html.escape(warning)}' in page
+
+    # a change made by `compare --change-end-point` is stated the same way
+    from hfedmoe.experiment import protocol
+    from hfedmoe.foundation.config import ReportConfig
+
+    protocol.fix(grid, ReportConfig(target=0.6), change=True)
+    assert invoke_cli("report", str(grid), "-o", str(out)).returncode == 0
+    assert (out / "report.md").read_text().split("\n")[2] == (
+        "**Warning: The end point was changed after the results (--change-end-point): "
+        f"{grid} recorded primary 'final', target 0.8, reference 'hfedmoe', replaced by "
+        "primary 'final', target 0.6, reference 'hfedmoe' after 4 of its runs had finished.**"
+    )
+
+    proc = invoke_cli("report", str(grid), "-o", str(out), "--primary", "best")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().endswith(
+        "--primary: unknown 'best' (expected one of: final, last-rounds, per-client)"
+    )
+
+
+def test_a_grid_without_a_record_gets_the_defaults_and_says_so(tmp_path):
+    grid, out = _grid(tmp_path, None), tmp_path / "out"
+    proc = invoke_cli("report", str(grid / "hfedmoe"), str(grid / "fedavg"), "-o", str(out),
+                      "--target", "0.65")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    md = (out / "report.md").read_text()
+    assert f"The end point was not recorded in advance for {grid} (no protocol.json)" in md
+    assert "Primary end point: final accuracy" in md and "Target accuracy: 0.65." in md
+    assert "**Warning" not in md
+    # no target at all: the costs to the target stay empty, and the report says none was set
+    assert invoke_cli("report", str(grid), "-o", str(out)).returncode == 0
+    md = (out / "report.md").read_text()
+    assert "Target accuracy: none declared." in md
+    assert "| hfedmoe | 0,1 | 0.8500 ± 0.0707 | - | - | - | - |" in md

@@ -86,7 +86,7 @@ def test_the_choice_reads_validation_and_never_test(tmp_path):
     choices, trials = tuning.choose(cells, "final")
     assert choices["fedavg"] == tuning.Choice("fedavg", fast, pytest.approx(0.71))
     assert len(trials) == 4 and {t["validation"] for t in trials} == {0.65, 0.70, 0.72}
-    assert tuning.choose(cells, "last3")[0]["fedavg"].sets == slow
+    assert tuning.choose(cells, "last-rounds")[0]["fedavg"].sets == slow
 
 
 def test_a_tie_goes_to_the_first_point_in_grid_order(tmp_path):

@@ -16,7 +16,7 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, get_args
 
 import typer
 from rich.console import Console
@@ -63,6 +63,14 @@ SetOpt = Annotated[
     list[str] | None,
     typer.Option(
         "--set", help="Override a setting: KEY=VALUE, e.g. federation.rounds=3. Repeatable."
+    ),
+]
+ChangeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--change-end-point",
+        help="Allow a primary end point, target or reference other than the one recorded with "
+        "the grid after its runs finished (the report states the change).",
     ),
 ]
 
@@ -241,16 +249,19 @@ def prepare(
     print(f"Model: {directory}  (built in {build['build_seconds']:.0f} s)")
 
 
-def _check_grid(config: Path, runs: list[Cell], base: list[str], progress: bool) -> list[bool]:
+def _check_grid(
+    config: Path, runs: list[Cell], base: list[str], progress: bool
+) -> tuple[list[bool], config_mod.ReportConfig]:
     """Every cell's config, the first cell's preflight, and the model they all start from;
-    whether each cell can resume from its checkpoint."""
+    whether each cell can resume from its checkpoint, and the experiment's [report] section
+    (the same in every cell: the cells differ in algorithm and seed only)."""
     from hfedmoe.experiment import comparison
 
     comparison.validate_grid(config, runs, base)
     first = config_mod.load(config, runs[0].overrides(base))
     _preflight(first)
     _build_if_needed(first, progress)  # once, before the cells that all start from it
-    return [comparison.resumable(config, run, base) for run in runs]
+    return [comparison.resumable(config, run, base) for run in runs], first.report
 
 
 def _build_if_needed(cfg: config_mod.ExperimentConfig, show: bool = True) -> Path | None:
@@ -349,10 +360,13 @@ def compare(
         ),
     ] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    change_end_point: ChangeOpt = False,
 ) -> None:
     """Run every method x seed of one experiment on identical partitions, budgets and initial
-    weights; finished runs are not repeated, interrupted ones continue from their checkpoint."""
-    from hfedmoe.experiment import comparison
+    weights; finished runs are not repeated, interrupted ones continue from their checkpoint.
+    The experiment's [report] section (primary end point, target, reference) is recorded with
+    the grid before the first run, and cannot change once a run has finished."""
+    from hfedmoe.experiment import comparison, protocol
     from hfedmoe.experiment.tuning import Tuned
 
     try:
@@ -366,7 +380,8 @@ def compare(
         # in a child process: the checks build the model and its cost models, and this process
         # waits on the grid for hours (it held 2 GB through an (e) grid when it ran them itself)
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as child:
-            resumable = child.submit(_check_grid, config, runs, base, progress).result()
+            resumable, wanted = child.submit(_check_grid, config, runs, base, progress).result()
+        protocol.fix(output_dir, wanted, change_end_point)
     except HFedMoEError as exc:
         _fail(str(exc))
         return
@@ -413,8 +428,12 @@ def tune(
         str, typer.Option(help="Tuning seeds, e.g. 100,101: never to be reported.")
     ] = "100",
     end_point: Annotated[
-        str, typer.Option(help="final or last3: the validation accuracy each point is judged by.")
-    ] = "final",
+        str | None,
+        typer.Option(
+            help="final or last-rounds: the validation accuracy each point is judged by "
+            "(default: the config's [report] primary end point)."
+        ),
+    ] = None,
     output_dir: Annotated[
         Path, typer.Option("--output-dir", "-o", help="Tuning directory (tuned.json, runs).")
     ] = Path("runs/tune"),
@@ -426,11 +445,16 @@ def tune(
     from hfedmoe.experiment import comparison, tuning
 
     try:
+        base = list(set_ or [])
+        cfg = config_mod.load(config, base)
+        end_point = end_point or cfg.report.primary
         if end_point not in tuning.END_POINTS:
             known = ", ".join(tuning.END_POINTS)
-            raise HFedMoEError(f"--end-point: unknown '{end_point}' (expected one of: {known})")
-        base = list(set_ or [])
-        if config_mod.load(config, base).data.validation_fraction == 0:
+            raise HFedMoEError(
+                f"--end-point: '{end_point}' cannot be judged on validation data (expected one "
+                f"of: {known})"
+            )
+        if cfg.data.validation_fraction == 0:
             raise HFedMoEError(
                 "tune: data.validation_fraction is 0; tuning needs a validation split (e.g. "
                 "--set data.validation_fraction=0.1)"
@@ -439,7 +463,7 @@ def tune(
         tuning_seeds = _csv(seeds, "seeds", int)
         runs = tuning.plan(output_dir, _csv(methods, "methods"), keys, tuning_seeds)
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as child:
-            resumable = child.submit(_check_grid, config, runs, base, progress).result()
+            resumable, _ = child.submit(_check_grid, config, runs, base, progress).result()
     except HFedMoEError as exc:
         _fail(str(exc))
         return
@@ -517,17 +541,38 @@ def report(
     output_dir: Annotated[
         Path, typer.Option("--output-dir", "-o", help="Where report.html and report.md go.")
     ] = Path("report"),
-    target: Annotated[float, typer.Option(help="Target test accuracy.")] = 0.9,
+    target: Annotated[
+        float | None,
+        typer.Option(help="Target test accuracy (default: the grid's recorded [report] target)."),
+    ] = None,
+    primary: Annotated[
+        str | None,
+        typer.Option(
+            help="The end point verdicts follow: final, last-rounds or per-client (default: "
+            "the grid's recorded [report] primary)."
+        ),
+    ] = None,
     title: Annotated[str, typer.Option(help="Report title.")] = "",
+    change_end_point: ChangeOpt = False,
 ) -> None:
-    """Write an HTML and a Markdown report (table and plots) comparing finished runs."""
+    """Write an HTML and a Markdown report (table and plots) comparing finished runs. Verdicts
+    follow the primary end point recorded with each grid; another is refused unless asked."""
     from hfedmoe.experiment.report import find_runs, write_report
 
     try:
-        if not 0 < target <= 1:
+        if target is not None and not 0 < target <= 1:
             raise HFedMoEError(f"--target: expected a fraction in (0, 1], got {target}")
+        if primary is not None and primary not in get_args(config_mod.PrimaryEndPoint):
+            known = ", ".join(get_args(config_mod.PrimaryEndPoint))
+            raise HFedMoEError(f"--primary: unknown '{primary}' (expected one of: {known})")
         runs = find_runs(run_dirs)
-        path = write_report(runs, output_dir, target, title)
+        path = write_report(
+            runs,
+            output_dir,
+            {"primary": primary, "target": target},
+            title,
+            change=change_end_point,
+        )
     except HFedMoEError as exc:
         _fail(str(exc))
         return

@@ -11,7 +11,9 @@ same code; otherwise, or with ``--fresh``, it is moved aside to ``<dir>.incomple
 (never deleted) and started again. Each run is a child process (the real CLI), so one run's
 memory is returned before the next starts and a crash stops only that run. One ``compare`` at a
 time works on a cell (:func:`locked`): two would run the same unfinished cell into one directory;
-two with no cell in common (other seeds, or other methods of a seed) may share a grid.
+two with no cell in common (other seeds, or other methods of a seed) may share a grid. The grid's
+primary end point, target and reference are recorded before the first run
+(:mod:`hfedmoe.experiment.protocol`).
 """
 
 from __future__ import annotations
@@ -71,8 +73,9 @@ def plan(out_dir: Path, methods: list[str], seeds: list[int]) -> list[Cell]:
 def locked(out_dir: Path, runs: list[Cell]) -> Iterator[None]:
     """Hold the lock of each of ``runs`` (``OUT/.compare-<method>-seed<k>.lock``) for the block,
     or fail at once if another process holds one: two ``compare`` processes may share a grid
-    directory when they share no cell (each cell is its own directory, and nothing else is
-    written per grid), so a seed's methods can be split over two cores. The locks are the
+    directory when they share no cell (each cell is its own directory; the one file per grid,
+    ``protocol.json``, is written whole, and only where it is missing, before any result, or
+    with ``--change-end-point``), so a seed's methods can be split over two cores. The locks are the
     kernel's (flock): they end with the process, so a killed ``compare`` leaves nothing stale
     behind."""
     with writing(out_dir):
@@ -122,11 +125,18 @@ def resumable(config: Path, run: Cell, base: list[str]) -> bool:
     if run.done or not saved.is_file():
         return False
     try:
-        if config_mod.load(saved) != config_mod.load(config, run.overrides(base)):
+        if not same_runs(config_mod.load(saved), config_mod.load(config, run.overrides(base))):
             return False
         return read_header(run.run_dir).get("code") == code_digest()
     except HFedMoEError:
         return False
+
+
+def same_runs(a: config_mod.ExperimentConfig, b: config_mod.ExperimentConfig) -> bool:
+    """Whether two configs run the same experiment: ``[report]`` only says how the results are
+    read (:mod:`hfedmoe.experiment.protocol` guards its changes), so it does not make a
+    checkpoint another experiment's."""
+    return a.model_copy(update={"report": b.report}) == b
 
 
 def execute(config: Path, run: Cell, base: list[str], resume: bool) -> subprocess.CompletedProcess:

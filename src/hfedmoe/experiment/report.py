@@ -5,13 +5,22 @@ one row) and writes ``OUT/report.html`` (self-contained: plots embedded) and ``O
 (plots beside it as PNG files). Everything is computed from each run's metrics.jsonl and
 summary.json, so a report can be rebuilt at any time from the run directories alone.
 
+What it decides on is fixed before the results (:mod:`hfedmoe.experiment.protocol`): one
+primary end point, whose paired comparisons with the reference method give the verdicts (Holm
+over the setting's comparisons, :mod:`hfedmoe.experiment.paired`); every other end point is
+shown as secondary, without a verdict.
+
 Columns (METHOD.md §10):
 
 * final test accuracy, mean +- std over seeds (sample std; 0 for one seed);
-* rounds to the target accuracy (mean over the seeds that reach it, and how many did);
-* client compute to the target: predicted training FLOPs summed over every client-round up to
-  that round (``step_flops_predicted`` x steps, plus ``extra_flops_predicted``: forward passes
-  outside training; a client that failed did no training);
+* rounds, client compute and time on the devices to the target accuracy: the median over all
+  seeds, a seed that never reached the target counted as slower than every one that did
+  (:func:`~hfedmoe.experiment.paired.censored_median`), with how many reached it;
+* client compute: predicted training FLOPs summed over every client-round up to that round
+  (``step_flops_predicted`` x steps, plus ``extra_flops_predicted``: forward passes outside
+  training; a client that failed did no training);
+* time on the devices: each round's slowest sampled client's predicted time, a failed
+  client's included (:func:`~hfedmoe.experiment.paired.client_seconds`), summed;
 * client memory: the largest client's, measured (weights held while training + training's
   peak RSS increase), mean over seeds;
 * training failure rate: failed / sampled client trainings;
@@ -29,7 +38,7 @@ import json
 import math
 import tomllib
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -40,12 +49,20 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.ticker import MaxNLocator
 
+from hfedmoe.experiment import protocol
 from hfedmoe.experiment.paired import (
+    ALPHA,
     MIN_SEEDS,
+    POWER,
+    PairedDifference,
+    ToTarget,
+    detectable_difference,
     device_seconds,
-    device_seconds_to,
+    holm,
     paired_difference,
+    to_target,
 )
+from hfedmoe.foundation.config import ReportConfig
 from hfedmoe.foundation.errors import HFedMoEError
 
 
@@ -59,6 +76,7 @@ class Run:
     rounds: list[dict]  # metrics.jsonl, round 0 first
     label: str = ""  # the row it belongs to (default: its algorithm)
     tier_flops: dict[str, float | None] = field(default_factory=dict)  # config's device tiers
+    round_timeout: float | None = None  # config's federation.round_timeout
 
     @classmethod
     def load(cls, path: Path) -> Run:
@@ -69,15 +87,25 @@ class Run:
         lines = (path / "metrics.jsonl").read_text().splitlines()
         rounds = [json.loads(line) for line in lines if line.strip()]
         config = path / "config.toml"
-        tiers = (
-            tomllib.loads(config.read_text()).get("devices", {}).get("tiers", [])
-            if (config.is_file())
-            else []
-        )
-        flops = {t.get("name", ""): t.get("flops") for t in tiers}
+        raw = tomllib.loads(config.read_text()) if config.is_file() else {}
+        flops = {t.get("name", ""): t.get("flops") for t in raw.get("devices", {}).get("tiers", [])}
         return cls(
-            path, summary["algorithm"], int(summary["seed"]), rounds, summary["algorithm"], flops
+            path,
+            summary["algorithm"],
+            int(summary["seed"]),
+            rounds,
+            summary["algorithm"],
+            flops,
+            raw.get("federation", {}).get("round_timeout"),
         )
+
+    @property
+    def grid(self) -> Path | None:
+        """The ``compare`` grid the run belongs to (``GRID/<algorithm>/seed<k>``), else None."""
+        path = self.path.absolute()
+        if path.name == f"seed{self.seed}" and path.parent.name == self.algorithm:
+            return path.parent.parent
+        return None
 
     @property
     def accuracy(self) -> np.ndarray:
@@ -107,15 +135,11 @@ class Run:
                     out[tier] = max(out.get(tier, 0.0), held + peak)
         return out
 
-    def device_seconds_to(self, target: float) -> float | None:
-        """Time to ``target`` on the devices: the slowest client's predicted time, summed over
-        rounds (:func:`hfedmoe.experiment.paired.device_seconds_to`)."""
-        return device_seconds_to(self.rounds, target, self.tier_flops)
-
     def device_seconds(self) -> np.ndarray | None:
-        """Cumulative time on the devices after each round (round 0: 0), or None where a
-        client's tier declares no FLOP/s (:func:`hfedmoe.experiment.paired.device_seconds`)."""
-        return device_seconds(self.rounds, self.tier_flops)
+        """Cumulative time on the devices after each round (round 0: 0), or None where a time
+        is unknown: a client's tier declares no FLOP/s, or a client failed without a round
+        timeout to bound it (:func:`hfedmoe.experiment.paired.device_seconds`)."""
+        return device_seconds(self.rounds, self.tier_flops, self.round_timeout)
 
     def client_flops(self) -> np.ndarray | None:
         """Cumulative predicted training FLOPs of all clients after each round (round 0: 0);
@@ -228,10 +252,9 @@ def label_runs(runs: list[Run]) -> list[Run]:
 
 
 def _experiment_label(run: Run, full: bool = False) -> str:
-    path = run.path.absolute()
-    if path.name == f"seed{run.seed}" and path.parent.name == run.algorithm:
-        grid = path.parent.parent
+    if (grid := run.grid) is not None:
         return f"{grid if full else grid.name}/{run.algorithm}"
+    path = run.path.absolute()
     return str(path) if full else path.name
 
 
@@ -249,10 +272,10 @@ class Row:
     personal_mean: float | None  # final per-client accuracy: mean over clients, then seeds
     personal_worst: float | None  # the worst client's, mean over seeds
     personal_spread: float | None  # the final per-client accuracies' std over clients, mean
-    rounds_to_target: float | None
-    reached: int
-    compute_to_target: float | None  # FLOPs
-    device_seconds_to_target: float | None  # the slowest client's time per round, summed
+    # to the target, over all seeds (None: no target, or some seed's cost is unknown)
+    rounds_to_target: ToTarget | None
+    compute_to_target: ToTarget | None  # FLOPs
+    device_seconds_to_target: ToTarget | None  # the slowest client's time per round, summed
     client_memory: float | None  # bytes: the largest client's, measured, mean over seeds
     failure_rate: float
     bytes_per_round: float
@@ -260,16 +283,36 @@ class Row:
     failures: dict[str, int]  # failed client trainings by reason, summed over seeds
 
 
-def summarise(runs: list[Run], target: float) -> list[Row]:
-    """One row per algorithm, in the order algorithms first appear."""
+def cost_to_target(
+    group: list[Run], target: float | None, cost: Callable[[Run], np.ndarray | None]
+) -> ToTarget | None:
+    """A cumulative cost per round (``cost(run)``, round 0 first) at the round each seed first
+    reaches ``target``, summarised over all seeds (:func:`hfedmoe.experiment.paired.to_target`:
+    a seed that never reaches it counts). None without a target, or where a seed's cost is
+    unknown: a median over the other seeds would again leave one out."""
+    if target is None:
+        return None
+    costs = [cost(r) for r in group]
+    if any(c is None for c in costs):
+        return None
+    reached = [r.rounds_to(target) for r in group]
+    return to_target(
+        [None if k is None else float(c[k]) for k, c in zip(reached, costs, strict=True)]
+    )
+
+
+def _rounds(run: Run) -> np.ndarray:
+    return np.arange(len(run.rounds), dtype=float)
+
+
+def summarise(runs: list[Run], target: float | None) -> list[Row]:
+    """One row per algorithm, in the order algorithms first appear; the to-target columns are
+    empty without a ``target``."""
     order = list(dict.fromkeys(r.label for r in runs))
     rows = []
     for algorithm in order:
         group = [r for r in runs if r.label == algorithm]
         finals = np.array([r.accuracy[-1] for r in group])
-        hits = [(r, r.rounds_to(target)) for r in group]
-        reached = [(r, k) for r, k in hits if k is not None]
-        flops = [f[k] for r, k in reached if (f := r.client_flops()) is not None]
         updates = [u for r in group if (u := r.expert_updates()) is not None]
         memory = [m for r in group if (m := r.client_memory()) is not None]
         personal = {
@@ -286,18 +329,9 @@ def summarise(runs: list[Run], target: float) -> list[Row]:
                 personal_mean=float(np.mean(personal["mean"])) if personal["mean"] else None,
                 personal_worst=float(np.mean(personal["worst"])) if personal["worst"] else None,
                 personal_spread=float(np.mean(spreads)) if spreads else None,
-                rounds_to_target=float(np.mean([k for _, k in reached])) if reached else None,
-                reached=len(reached),
-                compute_to_target=float(np.mean(flops)) if flops else None,
-                device_seconds_to_target=(
-                    float(np.mean(times))
-                    if (
-                        times := [
-                            t for r, _ in reached if (t := r.device_seconds_to(target)) is not None
-                        ]
-                    )
-                    else None
-                ),
+                rounds_to_target=cost_to_target(group, target, _rounds),
+                compute_to_target=cost_to_target(group, target, Run.client_flops),
+                device_seconds_to_target=cost_to_target(group, target, Run.device_seconds),
                 client_memory=float(np.mean(memory)) if memory else None,
                 failure_rate=float(np.mean([r.failure_rate() for r in group])),
                 bytes_per_round=float(np.mean([r.bytes_per_round().mean() for r in group])),
@@ -312,8 +346,6 @@ def summarise(runs: list[Run], target: float) -> list[Row]:
     return rows
 
 
-#: the method the paired table compares every other with, when the report has it
-REFERENCE = "hfedmoe"
 #: the paired table's steadier end point: the mean test accuracy of the last rounds
 LAST_ROUNDS = 3
 
@@ -324,54 +356,154 @@ def last_rounds(run: Run) -> float:
     return float(run.accuracy[1:][-LAST_ROUNDS:].mean())
 
 
-def paired_table(
-    runs: list[Run], reference: str | None = None
-) -> tuple[list[str], list[list[str]]]:
-    """Every method against ``reference`` (default: HFedMoE, else the first method), seed by
-    seed: the mean difference of final accuracy, of the last rounds' mean accuracy and of the
-    final mean per-client accuracy, each with its 95% interval and the verdict it supports
-    (:mod:`hfedmoe.experiment.paired`)."""
-    labels = list(dict.fromkeys(r.label for r in runs))
-    if reference is None:
-        reference = REFERENCE if REFERENCE in labels else labels[0]
+def final_accuracy(run: Run) -> float:
+    return float(run.accuracy[-1])
 
-    def final(label: str, value) -> dict[int, float]:
+
+def final_personal(run: Run) -> float | None:
+    """The final round's mean per-client accuracy; None for runs recorded before it."""
+    p = run.personal("personal_accuracy_mean")
+    return None if p is None else float(p[-1])
+
+
+@dataclass(frozen=True)
+class EndPoint:
+    """An accuracy end point of a run: one number per seed, compared seed by seed."""
+
+    label: str
+    value: Callable[[Run], float | None]
+
+
+#: The end points the paired table compares, by the names ``[report] primary`` takes
+#: (:data:`hfedmoe.foundation.config.PrimaryEndPoint`, which the config validates against).
+END_POINTS: dict[str, EndPoint] = {
+    "final": EndPoint("final accuracy", final_accuracy),
+    "last-rounds": EndPoint(f"last {LAST_ROUNDS} rounds' mean accuracy", last_rounds),
+    "per-client": EndPoint("per-client mean accuracy", final_personal),
+}
+
+
+def reference_row(runs: list[Run], reference: str) -> str:
+    """The row every other is compared with: the first whose algorithm is ``reference`` (a row
+    of one of several grids is ``GRID/<algorithm>``), else the first row."""
+    labels = list(dict.fromkeys(r.label for r in runs))
+    return next((r.label for r in runs if r.algorithm == reference), labels[0])
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One method against the reference, seed by seed, on every end point; ``p_adjusted``: the
+    primary end point's p-value after Holm's correction over the setting's comparisons."""
+
+    label: str
+    differences: dict[str, PairedDifference]
+    p_adjusted: float
+
+
+def compare_with(runs: list[Run], primary: str, reference: str) -> list[Comparison]:
+    """Every other row against ``reference`` (a row label), on every end point; the primary's
+    p-values corrected together (:func:`hfedmoe.experiment.paired.holm`)."""
+
+    def per_seed(label: str, value: Callable[[Run], float | None]) -> dict[int, float]:
         return {r.seed: v for r in runs if r.label == label and (v := value(r)) is not None}
 
-    def accuracy(r: Run) -> float:
-        return float(r.accuracy[-1])
+    labels = [label for label in dict.fromkeys(r.label for r in runs) if label != reference]
+    differences = [
+        {
+            name: paired_difference(per_seed(label, e.value), per_seed(reference, e.value))
+            for name, e in END_POINTS.items()
+        }
+        for label in labels
+    ]
+    adjusted = holm([d[primary].p if d[primary].testable else math.nan for d in differences])
+    return [
+        Comparison(label, d, p) for label, d, p in zip(labels, differences, adjusted, strict=True)
+    ]
 
-    def personal(r: Run) -> float | None:
-        p = r.personal("personal_accuracy_mean")
-        return None if p is None else float(p[-1])
 
+def family_size(comparisons: list[Comparison], primary: str) -> int:
+    """How many comparisons Holm's correction counts: those with a test (enough seeds, some
+    spread); the rest decide nothing either way."""
+    return sum(c.differences[primary].testable for c in comparisons)
+
+
+def _difference_cell(d: PairedDifference) -> str:
+    if not d.seeds:
+        return "-"
+    if math.isnan(d.low):
+        return f"{d.mean:+.4f}"
+    return f"{d.mean:+.4f} [{d.low:+.4f}, {d.high:+.4f}]"
+
+
+def _p_cell(p: float) -> str:
+    if math.isnan(p):
+        return "-"
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def _detectable(d: PairedDifference) -> float:
+    return detectable_difference(d.sd, len(d.seeds))
+
+
+def paired_table(
+    comparisons: list[Comparison], primary: str, reference: str
+) -> tuple[list[str], list[list[str]]]:
+    """The comparisons as a table: the primary end point's difference with its 95% interval,
+    its p-value, the Holm-adjusted p-value, the verdict they support, and the smallest
+    difference the seeds could detect; then every secondary end point's difference and
+    interval, without a verdict (:mod:`hfedmoe.experiment.paired`)."""
+    secondary = [name for name in END_POINTS if name != primary]
     header = [
         "method",
         "paired seeds",
-        f"final accuracy - {reference} (95% CI)",
+        f"primary: {END_POINTS[primary].label} - {reference} (95% CI)",
+        "p (paired t)",
+        f"p, Holm over {family_size(comparisons, primary)}",
         "verdict",
-        f"last {LAST_ROUNDS} rounds' mean accuracy - {reference} (95% CI)",
-        "verdict",
-        f"per-client mean - {reference} (95% CI)",
-        "verdict",
+        f"detectable difference (power {POWER:g})",
+        *(f"secondary: {END_POINTS[name].label} - {reference} (95% CI)" for name in secondary),
     ]
     rows = []
-    for label in labels:
-        if label == reference:
-            continue
-        cells = [label]
-        for value in (accuracy, last_rounds, personal):
-            d = paired_difference(final(label, value), final(reference, value))
-            if value is accuracy:
-                cells.append(",".join(map(str, d.seeds)) or "-")
-            if not d.seeds:
-                cells += ["-", "-"]
-            elif math.isnan(d.low):
-                cells += [f"{d.mean:+.4f}", d.verdict]
-            else:
-                cells += [f"{d.mean:+.4f} [{d.low:+.4f}, {d.high:+.4f}]", d.verdict]
-        rows.append(cells)
+    for c in comparisons:
+        d = c.differences[primary]
+        detectable = _detectable(d)
+        rows.append(
+            [
+                c.label,
+                ",".join(map(str, d.seeds)) or "-",
+                _difference_cell(d),
+                _p_cell(d.p),
+                _p_cell(c.p_adjusted),
+                d.verdict(c.p_adjusted),
+                "-" if math.isnan(detectable) else f"{detectable:.4f}",
+                *(_difference_cell(c.differences[name]) for name in secondary),
+            ]
+        )
     return header, rows
+
+
+def power_sentence(comparisons: list[Comparison], primary: str) -> str:
+    """What difference the seeds could detect: the smallest true difference of the primary end
+    point a two-sided paired t-test at ALPHA finds with probability POWER, from each
+    comparison's spread of per-seed differences (before Holm's correction, which only raises
+    it); empty where no comparison has a spread to compute it from."""
+    found = [
+        (len(c.differences[primary].seeds), x)
+        for c in comparisons
+        if not math.isnan(x := _detectable(c.differences[primary]))
+    ]
+    if not found:
+        return ""
+    seeds = sorted({n for n, _ in found})
+    values = [x for _, x in found]
+    span = f"{min(values):.4f}" if len(values) == 1 else f"{min(values):.4f} to {max(values):.4f}"
+    return (
+        f"With {'/'.join(map(str, seeds))} paired seeds, a two-sided paired t-test at {ALPHA:g} "
+        f"detects a true difference in {END_POINTS[primary].label} of {span} with probability "
+        f"{POWER:g} (median {np.median(values):.4f}; from each comparison's standard deviation "
+        "of the per-seed differences, before Holm's correction, which only raises it): a tie "
+        "does not rule out a smaller difference."
+    )
 
 
 def per_seed_table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
@@ -538,15 +670,16 @@ def _accuracy_against(
     return fig
 
 
-def plot_all(runs: list[Run], target: float) -> dict[str, plt.Figure]:
-    """The report's figures by name."""
+def plot_all(runs: list[Run], target: float | None) -> dict[str, plt.Figure]:
+    """The report's figures by name (the target, where there is one, as a dotted line)."""
     groups = _by_algorithm(runs)
     figs: dict[str, plt.Figure] = {}
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, group in groups.items():
         _mean_band(ax, np.arange(len(group[0].rounds)), [r.accuracy for r in group], name)
-    ax.axhline(target, color="grey", linestyle=":", linewidth=1, label=f"target {target:g}")
+    if target is not None:
+        ax.axhline(target, color="grey", linestyle=":", linewidth=1, label=f"target {target:g}")
     ax.set(xlabel="round", ylabel="test accuracy", title="Accuracy per round (mean, min-max band)")
     ax.legend(fontsize=8)
     figs["accuracy"] = fig
@@ -637,6 +770,26 @@ COLUMNS = [
     "utilisation CV",
 ]
 
+#: the results table's columns that show an end point: by its name in END_POINTS, or "" for the
+#: costs to the target, which are always secondary (censored: never tested)
+COLUMN_END_POINTS = {
+    "final accuracy": "final",
+    "per-client accuracy (mean / worst / std over clients)": "per-client",
+    "rounds to target": "",
+    "client compute to target": "",
+    "time to target on the devices": "",
+}
+
+
+def results_columns(primary: str) -> list[str]:
+    """COLUMNS, each end point's column marked primary or secondary."""
+    return [
+        f"{c} ({'primary' if COLUMN_END_POINTS[c] == primary else 'secondary'})"
+        if c in COLUMN_END_POINTS
+        else c
+        for c in COLUMNS
+    ]
+
 
 def _personal_cell(row: Row) -> str:
     if row.personal_mean is None:
@@ -645,17 +798,24 @@ def _personal_cell(row: Row) -> str:
     return cell if row.personal_spread is None else f"{cell} / {row.personal_spread:.4f}"
 
 
+def _to_target_cell(cost: ToTarget | None, unit: Callable[[float], str]) -> str:
+    """The median cost with the share of seeds that reached the target ("-": no target, or a
+    seed's cost unknown)."""
+    if cost is None:
+        return "-"
+    share = f"{cost.reached} of {cost.seeds}"
+    return f"not reached ({share})" if cost.median is None else f"{unit(cost.median)} ({share})"
+
+
 def _cells(row: Row) -> list[str]:
     return [
         row.algorithm,
         ",".join(map(str, row.seeds)),
         f"{row.final_mean:.4f} ± {row.final_std:.4f}",
         _personal_cell(row),
-        "-"
-        if row.rounds_to_target is None
-        else f"{row.rounds_to_target:.1f} ({row.reached}/{len(row.seeds)})",
-        "-" if row.compute_to_target is None else f"{row.compute_to_target / 1e12:.1f} TFLOP",
-        "-" if row.device_seconds_to_target is None else f"{row.device_seconds_to_target:,.0f} s",
+        _to_target_cell(row.rounds_to_target, lambda k: f"{k:.0f}"),
+        _to_target_cell(row.compute_to_target, lambda f: f"{f / 1e12:.1f} TFLOP"),
+        _to_target_cell(row.device_seconds_to_target, lambda t: f"{t:,.0f} s"),
         "-" if row.client_memory is None else f"{row.client_memory / 2**20:,.0f} MiB",
         f"{row.failure_rate:.3f}",
         f"{row.bytes_per_round / 1e6:,.0f} MB",
@@ -679,30 +839,109 @@ def _html_table(table_id: str, header: list[str], rows: list[list[str]]) -> str:
     return f'<table id="{table_id}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
 
-def write_report(run_dirs: list[Path], out_dir: Path, target: float, title: str = "") -> Path:
-    """Write report.html, report.md and the PNGs into ``out_dir``; return the HTML path."""
+#: how the costs to the target are summarised, as the report says it under the table
+TO_TARGET_NOTE = (
+    "Rounds, client compute and time to target: the median over all seeds, a seed that never "
+    "reached the target counted as slower than every seed that did (censored at its total "
+    "cost); 'not reached' when fewer than half of the seeds reached it; (k of n): the seeds "
+    "that reached it. Compute is the predicted training FLOPs of all clients up to the round "
+    "that reaches the target."
+)
+#: what a round's time on the devices counts (hfedmoe.experiment.paired.client_seconds)
+DEVICE_TIME_NOTE = (
+    "Time on the devices: each round's slowest sampled client's predicted time (its FLOPs "
+    "over its tier's FLOP/s), summed over rounds; a failed client counts too. A client "
+    "refused over its budget (a device asked beyond its memory or deadline) spends nothing: "
+    "its device refuses the request before training. Any other failed client (it raised, "
+    "died, replied late or not at all, or sent a reply the server rejected) counts the round "
+    "timeout, the longest the server waits for it; without a round timeout the time it spent "
+    "is not recorded and the run has no device time (-)."
+)
+
+
+def protocol_sentence(used: ReportConfig, reference: str) -> str:
+    """The first thing the report says: what its verdicts follow."""
+    target = "none declared" if used.target is None else f"{used.target:g}"
+    return (
+        f"Primary end point: {END_POINTS[used.primary].label} ([report] primary = "
+        f"'{used.primary}'); the verdicts follow it alone, and every other end point is "
+        f"secondary: described, not tested. Target accuracy: {target}. Reference: {reference}."
+    )
+
+
+def paired_sentence(primary: str, comparisons: int) -> str:
+    """How the paired table's verdicts are reached, above it."""
+    return (
+        "Mean of the per-seed differences (same partitions, tiers and initial weights) with a "
+        f"95% t-interval. The verdict follows the primary end point ({END_POINTS[primary].label}):"
+        f" ahead or behind where the two-sided paired t-test's p-value, adjusted by Holm's "
+        f"procedure over the {comparisons} comparisons with the reference, is below {ALPHA:g} "
+        f"and the interval agrees; tied otherwise; n/a with fewer than {MIN_SEEDS} paired "
+        "seeds or differences with no spread (those are not counted in the correction). "
+        "Secondary end points have no verdict."
+    )
+
+
+def resolve_protocol(
+    runs: list[Run], requested: Mapping[str, object], change: bool
+) -> protocol.Resolved:
+    """The protocol the report follows: each grid's record (a run outside a grid counts as
+    unrecorded), checked against the report's options (:func:`protocol.resolve`)."""
+    records: dict[Path, protocol.Record | None] = {}
+    for r in runs:
+        where = r.grid or r.path.absolute()
+        if where not in records:
+            records[where] = protocol.read(where) if r.grid is not None else None
+    return protocol.resolve(records, requested, change)
+
+
+def write_report(
+    run_dirs: list[Path],
+    out_dir: Path,
+    requested: Mapping[str, object] | None = None,
+    title: str = "",
+    change: bool = False,
+) -> Path:
+    """Write report.html, report.md and the PNGs into ``out_dir``; return the HTML path.
+    ``requested``: the report's ``primary`` and ``target`` (None: as recorded with the grids);
+    one that differs from a grid's record is refused unless ``change``, and then stated at the
+    top of the report."""
     runs = label_runs([Run.load(Path(p)) for p in run_dirs])
     if not runs:
         raise HFedMoEError("report: no run directories given")
-    rows = summarise(runs, target)
-    figs = plot_all(runs, target)
+    resolved = resolve_protocol(runs, requested or {}, change)
+    used = resolved.protocol
+    reference = reference_row(runs, used.reference)
+    warnings = list(resolved.warnings)
+    if not any(r.label == reference and r.algorithm == used.reference for r in runs):
+        warnings.append(
+            f"The reference '{used.reference}' is not among the runs: every method is compared "
+            f"with {reference} instead."
+        )
+    rows = summarise(runs, used.target)
+    figs = plot_all(runs, used.target)
     out_dir.mkdir(parents=True, exist_ok=True)
     title = title or f"hfedmoe comparison ({len(runs)} runs)"
     sources = "".join(f"<li><code>{html.escape(str(r.path))}</code></li>" for r in runs)
+    opening = [protocol_sentence(used, reference), *resolved.notes]
 
-    md = [f"# {title}", "", f"Target accuracy: {target:g}.", ""]
+    md = [f"# {title}", "", *(f"**Warning: {w}**\n" for w in warnings)]
+    md += [*(f"{line}\n" for line in opening)]
     results = [_cells(r) for r in rows]
-    md += [*_md_table(COLUMNS, results), ""]
+    columns = results_columns(used.primary)
+    md += [*_md_table(columns, results), "", TO_TARGET_NOTE, "", DEVICE_TIME_NOTE, ""]
     extra_html = ""
     if len({r.label for r in runs}) > 1:
-        header, cells = paired_table(runs)
-        md += ["Paired by seed (same partitions, tiers and initial weights):", ""]
-        md += [*_md_table(header, cells), ""]
+        comparisons = compare_with(runs, used.primary, reference)
+        header, cells = paired_table(comparisons, used.primary, reference)
+        explained = paired_sentence(used.primary, family_size(comparisons, used.primary))
+        power = power_sentence(comparisons, used.primary)
+        md += ["Paired by seed:", "", explained, "", *_md_table(header, cells), ""]
+        md += [power, ""] if power else []
         extra_html += (
-            "<h2>Paired by seed</h2><p>Mean of the per-seed differences with a 95% t-interval; "
-            "the verdict follows the interval (ahead: above 0, behind: below, tied: holds 0; "
-            f"n/a: fewer than {MIN_SEEDS} paired seeds, or differences with no spread)."
-            "</p>" + _html_table("paired", header, cells)
+            f"<h2>Paired by seed</h2><p>{html.escape(explained)}</p>"
+            + _html_table("paired", header, cells)
+            + (f"<p>{html.escape(power)}</p>" if power else "")
         )
     if len({r.seed for r in runs}) > 1:
         header, cells = per_seed_table(runs)
@@ -741,6 +980,11 @@ def write_report(run_dirs: list[Path], out_dir: Path, target: float, title: str 
     md += ["", "Runs:", *[f"- `{r.path}`" for r in runs], ""]
     (out_dir / "report.md").write_text("\n".join(md))
 
+    warnings_html = "".join(
+        f'<p class="warning"><strong>Warning: {html.escape(w)}</strong></p>' for w in warnings
+    )
+    opening_html = "".join(f"<p>{html.escape(line)}</p>" for line in opening)
+    notes_html = f"<p>{html.escape(TO_TARGET_NOTE)}</p><p>{html.escape(DEVICE_TIME_NOTE)}</p>"
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>
@@ -749,12 +993,14 @@ table {{ border-collapse: collapse; margin: 1rem 0; }}
 th, td {{ border: 1px solid #ccc; padding: 0.3rem 0.6rem; text-align: right; }}
 th:first-child, td:first-child {{ text-align: left; }}
 figure {{ margin: 1.5rem 0; }} img {{ max-width: 100%; }}
+.warning {{ border: 2px solid #b00; background: #fee; padding: 0.5rem 0.8rem; }}
 </style></head><body>
 <h1>{html.escape(title)}</h1>
-<p>Target accuracy: {target:g}. Mean ± sample std over seeds; compute is predicted training
-FLOPs of all clients up to the round that reaches the target; device time sums, over those
-rounds, the slowest participating client's predicted time on its tier's FLOP/s.</p>
-{_html_table("results", COLUMNS, results)}
+{warnings_html}
+{opening_html}
+<p>Mean ± sample std over seeds.</p>
+{_html_table("results", columns, results)}
+{notes_html}
 {extra_html}
 {reasons_html}
 {"".join(html_figs)}

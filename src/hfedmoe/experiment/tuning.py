@@ -33,10 +33,11 @@ RATE = "lr"
 
 TUNED_FILE = "tuned.json"
 
-#: how the validation end point reads a run's rounds (the report's primary end points)
+#: how the validation end point reads a run's rounds: the report's primary end points
+#: (``[report] primary``; ``experiment.report``) on the validation split
 END_POINTS = {
     "final": lambda accuracies: accuracies[-1],
-    "last3": lambda accuracies: sum(accuracies[-3:]) / len(accuracies[-3:]),
+    "last-rounds": lambda accuracies: sum(accuracies[-3:]) / len(accuracies[-3:]),
 }
 
 

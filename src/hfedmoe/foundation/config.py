@@ -636,6 +636,41 @@ class DevicesConfig(Section):
         return self
 
 
+#: The end points the comparison report can take as its primary one (hfedmoe.experiment.report):
+#: the final round's test accuracy, the mean of the last rounds' (steadier when a few skewed
+#: clients are sampled a round) and the final per-client accuracy (the mean client's, each on
+#: its own distribution). Time to a target is not one: a seed that never reaches the target has
+#: no time to pair, so it is reported as a censored median, never tested.
+PrimaryEndPoint = Literal["final", "last-rounds", "per-client"]
+
+
+class ReportConfig(Section):
+    """What the comparison report decides on, declared before any result exists: ``hfedmoe
+    compare`` records it with the grid (``protocol.json``), and once a run of the grid has
+    finished a report or compare that chooses otherwise is refused unless asked with
+    ``--change-end-point`` (then the report says so). A verdict follows the primary end point
+    alone; every other end point is shown as secondary."""
+
+    primary: PrimaryEndPoint = Field(
+        "final",
+        description="The end point the verdicts follow: final (final-round test accuracy), "
+        "last-rounds (the mean of the last 3 rounds') or per-client (the final mean "
+        "per-client accuracy).",
+    )
+    target: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="Test accuracy for rounds, compute and device time to target; null = none "
+        "declared (those columns stay empty).",
+    )
+    reference: str = Field(
+        "hfedmoe",
+        min_length=1,
+        description="The method every other is compared with, seed by seed.",
+    )
+
+
 #: what an experiment's name may be: it names the run's folder (``runs/<time>-<name>``), so
 #: nothing that leaves that folder or hides it (``/``, ``\``, ``..``, a leading dot, controls)
 RUN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")
@@ -670,6 +705,7 @@ class ExperimentConfig(Section):
     flux: FluxConfig = FluxConfig()
     devices: DevicesConfig = DevicesConfig()
     faults: FaultsConfig = FaultsConfig()
+    report: ReportConfig = ReportConfig()
 
     @field_validator("name")
     @classmethod
