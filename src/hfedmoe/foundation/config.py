@@ -431,6 +431,12 @@ class HFedMoEConfig(Section):
     router_alpha: Literal["normalized", "as_written"] = Field(
         "normalized", description="alpha(c) of eq. (21) normalised to sum to 1, or as written"
     )
+    router_alpha_scope: Literal["per_layer", "all_layers"] = Field(
+        "per_layer",
+        description="alpha(c) of eqs. (19)-(20) with S_c and S_global taken per MoE layer, so "
+        "each layer's router has its own client weights, or over all layers: one alpha(c) per "
+        "client for every router (the text's reading; METHOD.md §7)",
+    )
     expert_aggregation: Literal["eq17", "holders"] = Field(
         "eq17", description="experts by eq. (17), or averaged over all who updated them (ablation)"
     )
