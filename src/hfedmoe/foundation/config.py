@@ -390,6 +390,12 @@ class TrainConfig(Section):
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(0.01, ge=0)
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip norm; null = no clipping.")
+    inactive_expert_state: Literal["drop", "keep"] = Field(
+        "drop",
+        description="An expert inactive in a local step (every method; METHOD.md §7): its Adam "
+        "moments and step count are dropped and restart when it is next active (at most the "
+        "step's experts hold state, as the cost model counts), or kept frozen and resumed",
+    )
     device: str = Field(
         "cpu",
         description="Where local training and the server's evaluation run: cpu, cuda, cuda:N, "
