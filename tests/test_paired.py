@@ -91,6 +91,13 @@ def test_a_round_takes_as_long_as_its_slowest_client_on_its_own_device():
     assert slowest_client_seconds([_client("mystery")], SPEEDS) is None  # no FLOP/s known
 
 
+def test_a_pass_that_overlaps_aggregation_takes_none_of_the_rounds_time():
+    """FLUX's stale profiling (METHOD.md §9a) runs while the server aggregates: its FLOPs are
+    the client's compute but not the round's time. (2 x 1e9 + 1e9) / 1e9 = 3 s, not 8 s."""
+    client = {**_client("phone", extra=1e9), "overlapped_flops_predicted": 5e9}
+    assert slowest_client_seconds([client], SPEEDS) == pytest.approx(3.0)
+
+
 def test_time_to_accuracy_sums_the_slowest_clients_until_the_target():
     rounds = [
         {"round": 0, "test_accuracy": 0.2, "clients": []},

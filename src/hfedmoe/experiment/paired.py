@@ -62,8 +62,10 @@ def slowest_client_seconds(
     clients: list[dict], flops_per_second: Mapping[str, float | None]
 ) -> float | None:
     """A round's time on the devices: the slowest successful client's predicted work (local
-    steps x step FLOPs, plus any extra pass such as eq. (16) or FLUX's profiling) over its
-    tier's FLOP/s. None if some client's tier has no FLOP/s or no FLOPs were recorded."""
+    steps x step FLOPs, plus any extra pass on the round's critical path such as eq. (16) or
+    FLUX's profiling at a first participation) over its tier's FLOP/s. A pass that overlaps the
+    server's aggregation (``overlapped_flops_predicted``, FLUX's stale profiling, METHOD.md
+    §9a) is left out. None if some client's tier has no FLOP/s or no FLOPs were recorded."""
     times = []
     for c in clients:
         if c.get("status") != "ok":

@@ -11,7 +11,8 @@ Columns (METHOD.md §10):
 * rounds to the target accuracy (mean over the seeds that reach it, and how many did);
 * client compute to the target: predicted training FLOPs summed over every client-round up to
   that round (``step_flops_predicted`` x steps, plus ``extra_flops_predicted``: forward passes
-  outside training; a client that failed did no training);
+  outside training, and ``overlapped_flops_predicted``: those that overlap the server's
+  aggregation, FLUX's stale profiling; a client that failed did no training);
 * client memory: the largest client's, measured (weights held while training + training's
   peak RSS increase), mean over seeds;
 * training failure rate: failed / sampled client trainings;
@@ -127,6 +128,7 @@ class Run:
             sum(
                 (c.get("step_flops_predicted") or 0.0) * (c.get("steps") or 0)
                 + (c.get("extra_flops_predicted") or 0.0)
+                + (c.get("overlapped_flops_predicted") or 0.0)  # off the critical path, but spent
                 for c in r["clients"]
                 if c["status"] == "ok"
             )

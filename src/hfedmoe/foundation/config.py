@@ -518,6 +518,27 @@ class FluxConfig(Section):
     train_shared: bool = Field(
         False, description="Also train routers and shared parameters (FedAvg by |D_c|)."
     )
+    first_roles: Literal["profile", "draw"] = Field(
+        "profile",
+        description="Roles of a client the server has no utilities for (round 1, or a first "
+        "participation): by eq. (4) on its own f_e, profiled on the global model it receives "
+        "(METHOD.md §9a: round 1 ranks by u = f_e), or the mean of the other clients' tables "
+        "and, before anyone has reported, a seeded draw.",
+    )
+    spsa_batches: Literal["routed", "all"] = Field(
+        "routed",
+        description="Which batches probe an exploring expert: only those that routed a token to "
+        "it (the next such explore expert in turn), or every batch, the next in turn, whose "
+        "probe of an expert no token reached counts an exact zero.",
+    )
+    profiling: Literal["stale", "current"] = Field(
+        "stale",
+        description="stale (METHOD.md §9a): a client uses the profile of the global model it "
+        "received at its previous participation, and the pass over the model it receives now, "
+        "kept for the next one, overlaps the server's aggregation: its FLOPs count as the "
+        "client's compute, not as the round's time (overlapped_flops_predicted); current: it "
+        "profiles the model it receives, on the round's critical path (extra_flops_predicted).",
+    )
 
     @model_validator(mode="after")
     def _eps_grows(self) -> FluxConfig:

@@ -240,6 +240,7 @@ TIMING_KEYS = frozenset(
         "elapsed_seconds",
         "seconds",
         "usage_seconds",
+        "overlapped_seconds",
         "eval_seconds",
         "aggregate_seconds",
     }
