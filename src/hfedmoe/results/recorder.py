@@ -242,6 +242,7 @@ TIMING_KEYS = frozenset(
         "usage_seconds",
         "overlapped_seconds",
         "eval_seconds",
+        "personal_eval_seconds",
         "aggregate_seconds",
     }
 )
