@@ -140,6 +140,75 @@ def test_a_flexmoe_client_trains_its_own_router_and_never_uploads_it(tiny_bert_d
         assert not torch.equal(after, before) and (after - before).abs().max() < 0.1
 
 
+def test_a_flexmoe_clients_personal_model_is_the_global_one_with_its_own_routers(tiny_bert_dir):
+    """The state a node keeps (its routers) turns the global weights into its personal model;
+    a node that keeps nothing yet has the global model (no tensor replaced), and an algorithm
+    without personal models says so (None)."""
+    from hfedmoe.algorithms.baselines.flexmoe import ROUTER_MEMORY
+    from hfedmoe.model.state import shared_state
+
+    cfg = validate(tiny_raw(tiny_bert_dir, algorithm="flexmoe"))
+    model = server_workload(cfg).model
+    algo = build_algorithm(cfg)
+    algo.bind(model)
+    glob = shared_state(model)
+    routers = algo.layout.router_names
+    memory = {ROUTER_MEMORY + n: torch.full_like(glob[n], 0.5) for n in routers}
+    mine = algo.personal_weights(glob, memory)
+    assert set(mine) == set(routers)
+    assert all(torch.equal(mine[n], memory[ROUTER_MEMORY + n]) for n in routers)
+    assert algo.personal_weights(glob, {}) == {}
+    hfedmoe = build_algorithm(validate(tiny_raw(tiny_bert_dir, algorithm="hfedmoe")))
+    assert hfedmoe.personal_weights(glob, memory) is None
+
+
+def test_flexmoe_records_each_clients_personal_model_beside_the_global_one(
+    tiny_bert_dir, tmp_path, monkeypatch
+):
+    """Beside the global model's per-client accuracy, the server records each client's personal
+    model's (the final global weights with the routers its node keeps) on its own
+    distribution's test data: what evaluating that model on the whole test split, reweighted
+    to the client (``hfedmoe.training.personal``), gives. Before anyone trains they are the
+    global model's."""
+    import hfedmoe.engines.embedded as embedded
+    from hfedmoe.federation import wire
+    from hfedmoe.model.state import shared_state, swapped_in
+    from hfedmoe.training import evaluate
+    from hfedmoe.training.personal import personalised
+
+    grids = []
+
+    class KeptGrid(embedded.EmbeddedGrid):  # to read the nodes' state after the run
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            grids.append(self)
+
+    monkeypatch.setattr(embedded, "EmbeddedGrid", KeptGrid)
+    cfg = validate(three_tiers(tiny_bert_dir, "flexmoe"))
+    run_embedded(cfg, str(tmp_path / "run"), server_app, client_app)
+    records = read_metrics(tmp_path / "run")
+    assert records[0]["personal_model_accuracy"] == records[0]["personal_accuracy"]
+    last = records[-1]
+    final, _ = load_checkpoint(tmp_path / "run" / "model")
+    workload = server_workload(cfg)
+    algo = build_algorithm(cfg)
+    algo.bind(final)
+    states = grids[0].node_states()
+    rows = {row["partition_id"]: row for row in last["clients"]}
+    for client in range(cfg.federation.num_clients):
+        memory = states[embedded.FIRST_NODE_ID + client][wire.MEMORY]
+        mine = algo.personal_weights(shared_state(final), memory)
+        assert set(mine) == set(algo.layout.router_names)
+        with swapped_in(final, mine):
+            result = evaluate(final, workload.test, cfg.eval.batch_size)
+        keys, shares = workload.test_keys, workload.client_shares
+        acc = personalised(result.accuracy_N, keys, shares)[client]
+        loss = personalised(result.loss_N, keys, shares)[client]
+        assert last["personal_model_accuracy"][client] == pytest.approx(acc, abs=1e-9)
+        assert rows[client]["personal_model_loss"] == pytest.approx(loss, rel=1e-5)
+        assert rows[client]["personal_model_loss"] != rows[client]["personal_loss"]
+
+
 # ---- the ablations ----------------------------------------------------------------------
 
 

@@ -14,12 +14,16 @@ from hypothesis import strategies as st
 
 from hfedmoe.algorithms import build_algorithm
 from hfedmoe.algorithms.baselines.flux import (
+    EXPLOIT_SHARE,
     EXPLORE,
+    TUNE,
     Profile,
+    TuneAndExplore,
     customised,
     merged_total,
     plan_merges,
     profile_experts,
+    profile_roles,
 )
 from hfedmoe.algorithms.maths.flux import (
     assign_roles,
@@ -31,7 +35,10 @@ from hfedmoe.algorithms.maths.flux import (
     utility,
 )
 from hfedmoe.algorithms.mechanics.assignment import ASSIGNED
+from hfedmoe.algorithms.mechanics.transfer import upload_weights
+from hfedmoe.algorithms.messages import BUDGET, ClientUpdate
 from hfedmoe.budget import CostModels
+from hfedmoe.data.tokenized import padded_tokens
 from hfedmoe.engines.embedded import run_embedded
 from hfedmoe.federation.client_app import app as client_app
 from hfedmoe.federation.server_app import app as server_app
@@ -251,6 +258,196 @@ def test_the_server_keeps_each_clients_utilities(tiny_bert_dir):
     assert 0 in request.config[ASSIGNED]  # the best expert of client 7 is exploited
 
 
+# ---- round 1: roles by f_e (METHOD.md §9a step 2) ---------------------------------------------
+
+#: f_e of a client, (L=2, E=4); flat order by f_e: 0 (0.5), 6 (0.35), 1 (0.3), 7 (0.25), 4, 5, 2, 3
+F_LE = torch.tensor([[0.5, 0.3, 0.1, 0.1], [0.2, 0.2, 0.35, 0.25]])
+
+
+def _flux_algorithm(tiny_bert_dir, **flux):
+    raw = tiny_raw(tiny_bert_dir, algorithm="flux", flux={"eps_0": 0.5, "eps_max": 0.5, **flux})
+    cfg = validate(raw)
+    model = client_model(cfg, label_names(cfg))
+    algo = build_algorithm(cfg)
+    algo.bind(model)
+    algo.set_budgets({3: 4})
+    return cfg, model, algo
+
+
+def test_a_client_without_utilities_is_assigned_by_its_own_frequencies_by_hand(tiny_bert_dir):
+    """|E_i| = 4, eps = 0.5: E_i = the top 4 by f_e = flat {0, 6, 1, 7}; its best 2, {0, 6},
+    are exploited; 2 explore experts are drawn from the 4 outside E_i, {2, 3, 4, 5}."""
+    _, _, algo = _flux_algorithm(tiny_bert_dir)
+    config = algo.configure_client(1, {}, 3).config
+    assert ASSIGNED not in config and EXPLORE not in config  # the client ranks its own f_e
+    assert (config[TUNE], config[EXPLOIT_SHARE], config[BUDGET]) == (4, 0.5, 2)
+    exploit, explore = profile_roles(config, F_LE)
+    assert exploit.flatten().nonzero().flatten().tolist() == [0, 6]
+    assert int(explore.sum()) == 2 and set(explore.flatten().nonzero().flatten().tolist()) <= {
+        2,
+        3,
+        4,
+        5,
+    }
+    _, _, drawn = _flux_algorithm(tiny_bert_dir, first_roles="draw")
+    assert ASSIGNED in drawn.configure_client(1, {}, 3).config  # before: a seeded draw
+
+
+def test_the_server_merges_only_the_exploit_experts_a_clients_own_frequencies_give(tiny_bert_dir):
+    """A first-round client that updated (0, 0) and (0, 1): eq. (4) on the f_e it reports
+    exploits (0, 0) and (1, 2) only, so (0, 1) keeps its global value; its table starts at f_e."""
+    _, model, algo = _flux_algorithm(tiny_bert_dir)
+    em = ExpertModel(model)
+    glob = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    updated = torch.zeros(2, 4, dtype=torch.long)
+    updated[0, 0] = updated[0, 1] = 1
+    zeros = torch.zeros(2, 4)
+    update = ClientUpdate(
+        weights=upload_weights(model, updated > 0, em.expert_entries()),
+        num_examples=10,
+        stats={
+            "expert_updates": updated,
+            "routed_samples": torch.ones(2, 4),
+            "utility": zeros,
+            "fresh": zeros,
+            "frequency": F_LE,
+        },
+    )
+    new = algo.aggregate(1, glob, {3: update})
+    for expert, moved in (((0, 0), True), ((0, 1), False)):
+        for entry in em.expert_entries()[expert]:
+            want = glob[entry.state_name] + (1.0 if moved else 0.0)
+            torch.testing.assert_close(new[entry.state_name], want)
+    torch.testing.assert_close(algo.utilities[3], F_LE.double())  # round 1: u = f_e
+
+
+def _client_round(cfg, model, data, algo, weights, memory, server_round=1):
+    request = algo.configure_client(server_round, weights, 3)
+    request.memory = memory
+    return request, algo.train_client(model, data, request, np.random.default_rng(0))
+
+
+def _flip_first_router(weights):
+    """The same weights with layer 0's router reversed, so that the routing changes."""
+    name = next(n for n in weights if "router" in n or "gate" in n)
+    return {**weights, name: -weights[name]}
+
+
+@pytest.mark.parametrize("profiling", ["stale", "current"])
+def test_stale_profiling_uses_the_previous_model_and_overlaps_the_new_pass(
+    tiny_bert_dir, profiling
+):
+    """Two participations, the second with other weights. stale (METHOD.md §9a): the first
+    ranks, merges and reports with the profile of the model it receives (nothing older exists),
+    on the critical path; the second with that same profile, while the pass over its new model
+    is kept for next time and counted as overlapping aggregation. current: each with its own,
+    charged on the critical path. |E_i| = 1: no explore experts, so no probes."""
+    cfg, model, algo = _flux_algorithm(tiny_bert_dir, profiling=profiling)
+    algo.set_budgets({3: 1})
+    data = client_data(cfg, 0, 2)
+    first = {k: v.clone() for k, v in model.state_dict().items()}
+    second = _flip_first_router(first)
+    profiles = []
+    for weights in (first, second):
+        load = model.load_state_dict(weights)
+        assert not load.missing_keys
+        profiles.append(profile_experts(model, data, cfg.eval.batch_size))
+    assert not torch.equal(profiles[0].frequency, profiles[1].frequency)
+    tokens = padded_tokens(data, cfg.eval.batch_size)
+    memory: dict = {}
+    request, update = _client_round(cfg, model, data, algo, first, memory)
+    exploit, _ = profile_roles(request.config, update.stats["frequency"])
+    assert ((update.stats["expert_updates"] > 0) <= exploit).all()  # its roles by its own f_e
+    torch.testing.assert_close(update.stats["frequency"], profiles[0].frequency.float())
+    assert update.metrics["forward_tokens"] == tokens and "overlapped_tokens" not in update.metrics
+    algo.remember(3, update.stats)
+    _, update = _client_round(cfg, model, data, algo, second, memory, server_round=2)
+    if profiling == "stale":
+        torch.testing.assert_close(update.stats["frequency"], profiles[0].frequency.float())
+        torch.testing.assert_close(memory["profile/frequency"], profiles[1].frequency)
+        assert update.metrics["forward_tokens"] == 0  # nothing besides training on the path
+        assert update.metrics["overlapped_tokens"] == tokens
+        assert update.metrics["overlapped_seconds"] > 0
+    else:
+        torch.testing.assert_close(update.stats["frequency"], profiles[1].frequency.float())
+        assert not memory
+        assert update.metrics["forward_tokens"] == tokens
+        assert "overlapped_tokens" not in update.metrics
+
+
+def test_train_shared_trains_uploads_and_averages_the_routers(tiny_bert_dir):
+    """``train_shared``: the routers (and shared parameters) train, travel and are FedAvg'd by
+    |D_i| (one client: its own values)."""
+    cfg, model, algo = _flux_algorithm(tiny_bert_dir, train_shared=True)
+    glob = {k: v.clone() for k, v in model.state_dict().items()}
+    request = algo.configure_client(1, glob, 3)
+    update = algo.train_client(model, client_data(cfg, 0, 2), request, np.random.default_rng(0))
+    routers = algo.layout.router_names
+    assert set(routers) <= algo.upload_spec(model).required <= set(update.weights)
+    assert all(not torch.equal(update.weights[n], glob[n]) for n in routers)
+    new = algo.aggregate(1, glob, {3: update})
+    for name in routers:
+        torch.testing.assert_close(new[name], update.weights[name])
+
+
+# ---- SPSA only from routed batches ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(("spsa_batches", "mean"), [("routed", 4.0), ("all", 2.0)])
+def test_an_spsa_estimate_counts_only_batches_routed_to_the_expert_by_hand(
+    tiny_bert_dir, spsa_batches, mean
+):
+    """One explore expert, (1, 2), and two batches: the first routed a token to it (its probe
+    estimates 4), the second none (a probe would compare two equal losses: 0). Counting only
+    routed batches, the estimate is the first batch's alone, 4; counting every batch, the
+    zero drags it to (4 + 0) / 2 = 2."""
+    _, model, _ = _model_and_data(tiny_bert_dir)
+    explore = torch.zeros(2, 4, dtype=torch.bool)
+    explore[1, 2] = True
+    hooks = TuneAndExplore(
+        model,
+        torch.zeros(2, 4, dtype=torch.bool),
+        explore,
+        1e-3,
+        np.random.default_rng(0),
+        every_batch=spsa_batches == "all",
+    )
+    estimates = iter([4.0, 0.0])
+    hooks._probe = lambda expert, batch: next(estimates)
+    batch = {"input_ids": torch.zeros(2, 5, dtype=torch.long)}
+    for routed_to_it in (True, False):
+        routed = torch.zeros(2, 4, dtype=torch.bool)
+        routed[1, 2] = routed_to_it
+        routed[0, 0] = True  # something else was routed
+        hooks.select_experts(None, batch, routed)
+        hooks.after_backward(torch.zeros(2, 4, dtype=torch.bool))
+    assert float(hooks.grad_sq[1, 2] / hooks.batches[1, 2]) == pytest.approx(mean)
+    assert hooks.probe_tokens == 2 * 10 * int(hooks.batches[1, 2])  # +-sigma: two passes each
+
+
+def test_a_probe_of_an_expert_no_token_reached_is_an_exact_zero(tiny_bert_dir):
+    """Why such a batch must not count: moving an expert no token was routed to leaves both
+    losses equal, so the SPSA estimate is 0 whatever the expert's gradient. (Expert (1, 1) is
+    kept from every token by routing among the others; without that, the same probe is not 0.)"""
+    _, model, data = _model_and_data(tiny_bert_dir)
+    em = ExpertModel(model)
+    batch = data.batch(np.arange(4))
+    explore = torch.zeros(2, 4, dtype=torch.bool)
+    explore[1, 1] = True
+    hooks = TuneAndExplore(
+        model, torch.zeros_like(explore), explore, 1e-3, np.random.default_rng(0)
+    )
+    with em.restrict_routing(~explore):
+        with torch.no_grad(), em.capture() as capture:
+            model.eval()(**batch)
+        assert not capture.routed(batch["attention_mask"])[1, 1]
+        assert hooks._probe((1, 1), batch) == 0.0
+    assert hooks._probe((1, 1), batch) > 0.0
+
+
 # ---- a real federated run on three device tiers --------------------------------------------------
 
 
@@ -282,8 +479,13 @@ def test_flux_stays_within_every_device_and_small_ones_hold_merged_experts(tiny_
             if client["experts_merged"]:
                 merged_somewhere = True
                 assert client["memory_held_bytes"] < client["memory_unmerged_bytes"]
-            assert client["extra_flops_predicted"] > 0  # profiling is the client's compute
-            assert client["usage_seconds"] > 0
+            assert client["usage_seconds"] > 0  # clustering and merging, at least
+            if record["round"] == 1:  # a first participation profiles on the critical path
+                assert client["extra_flops_predicted"] > 0
+                assert "overlapped_flops_predicted" not in client
+            else:  # stale profiling: this round's pass overlaps aggregation (METHOD.md §9a)
+                assert client["overlapped_flops_predicted"] > 0
+                assert client["overlapped_seconds"] > 0
         if record["round"] == 1:  # only tuned experts travel up
             small = next(c for c in record["clients"] if c["tier"] == "small")
             assert small["bytes_up"] < small["bytes_down"]

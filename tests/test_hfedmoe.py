@@ -74,11 +74,16 @@ def test_usage_is_eq_16_over_the_clients_data_after_training(tiny_bert_dir, usag
         assert not torch.allclose(update.stats["usage"], expected)
 
 
-@pytest.mark.parametrize("router_alpha", ["normalized", "as_written"])
-def test_server_aggregates_by_eqs_17_to_21(tiny_bert_dir, router_alpha):
+@pytest.mark.parametrize(
+    ("router_alpha", "scope"),
+    [("normalized", "per_layer"), ("as_written", "per_layer"), ("as_written", "all_layers")],
+)
+def test_server_aggregates_by_eqs_17_to_21(tiny_bert_dir, router_alpha, scope):
     """The server folds one reply at a time; the result is the closed form of eqs. (17) and
-    (19)-(21) over both clients (with eq. (20)'s alphas as written: divided by |S_global|)."""
-    raw = tiny_raw(tiny_bert_dir, algorithm="hfedmoe", hfedmoe={"router_alpha": router_alpha})
+    (19)-(21) over both clients (with eq. (20)'s alphas as written: divided by |S_global|; per
+    layer or over all layers)."""
+    options = {"router_alpha": router_alpha, "router_alpha_scope": scope}
+    raw = tiny_raw(tiny_bert_dir, algorithm="hfedmoe", hfedmoe=options)
     raw["federation"]["max_client_share"] = 1.0  # the closed form, uncapped (test_defences.py)
     cfg = validate(raw)
     task = server_workload(cfg)
@@ -126,7 +131,7 @@ def test_server_aggregates_by_eqs_17_to_21(tiny_bert_dir, router_alpha):
             )
             torch.testing.assert_close(new[entry.state_name], expected.float())
     s = torch.stack([ups[11].stats["importance"], ups[22].stats["importance"]])
-    alpha = router_weights(u, s, tau, normalize=router_alpha == "normalized")
+    alpha = router_weights(u, s, tau, normalize=router_alpha == "normalized", scope=scope)
     for layer, names in em.router_entries().items():
         for name in names:
             expected = alpha[0, layer] * A[name] + alpha[1, layer] * B[name]

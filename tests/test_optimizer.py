@@ -22,9 +22,9 @@ LR, WD = 0.1, 0.1
 class Modular:
     """E experts as E parameters; an inactive expert gets no gradient (``grad = None``)."""
 
-    def __init__(self, init_ED: torch.Tensor):
+    def __init__(self, init_ED: torch.Tensor, forget: bool = True):
         self.params = [torch.nn.Parameter(row.clone()) for row in init_ED]
-        self.opt = ExpertAdamW(self.params, {}, lr=LR, weight_decay=WD)
+        self.opt = ExpertAdamW(self.params, {}, lr=LR, weight_decay=WD, forget_inactive=forget)
 
     def step(self, grad_ED: torch.Tensor, active_E: torch.Tensor) -> None:
         for e, p in enumerate(self.params):
@@ -43,10 +43,10 @@ class Fused:
     """E experts as rows of one (E, D) parameter; inactive rows' gradients are zeroed and the
     mask goes to the optimizer (what ``ExpertModel.expert_grad_mask`` does)."""
 
-    def __init__(self, init_ED: torch.Tensor):
+    def __init__(self, init_ED: torch.Tensor, forget: bool = True):
         self.param = torch.nn.Parameter(init_ED.clone())
         axes = {self.param: ExpertAxis.rows(E)}
-        self.opt = ExpertAdamW([self.param], axes, lr=LR, weight_decay=WD)
+        self.opt = ExpertAdamW([self.param], axes, lr=LR, weight_decay=WD, forget_inactive=forget)
 
     def step(self, grad_ED: torch.Tensor, active_E: torch.Tensor) -> None:
         self.param.grad = grad_ED * active_E.unsqueeze(1)
@@ -125,3 +125,31 @@ def test_an_expert_that_comes_back_starts_afresh():
         value = opt.values()[0].clone()
         opt.step(g, every)
         torch.testing.assert_close(opt.values()[0], value * (1 - LR * WD) - LR * 0.5 / (0.5 + 1e-8))
+
+
+def test_an_expert_that_comes_back_resumes_its_kept_moments_by_hand():
+    """``inactive_expert_state = "keep"`` (METHOD.md §7's other option): expert 0 steps with
+    g = 0.5, sits out a step (not moved, its state kept), then steps with g = -0.5 as AdamW's
+    second step from the kept moments:
+
+        m = 0.9 (0.1 * 0.5) + 0.1 (-0.5) = -0.005,   m_hat = -0.005 / (1 - 0.9^2)
+        v = 0.999 (0.001 * 0.25) + 0.001 * 0.25 = 0.00049975,  v_hat = v / (1 - 0.999^2) = 0.25
+        p <- p (1 - lr wd) - lr m_hat / (sqrt(v_hat) + eps)
+
+    where dropping the moments would give a first step, p (1 - lr wd) + lr."""
+    for layout in LAYOUTS:
+        opt = layout(torch.ones(E, D), forget=False)
+        g = torch.full((E, D), 0.5)
+        every = torch.ones(E, dtype=torch.bool)
+        opt.step(g, every)
+        paused = opt.values()[0].clone()
+        opt.step(g, torch.tensor([False, True, True, True]))  # expert 0 sits out
+        assert torch.equal(opt.values()[0], paused)  # not moved
+        assert 0 in opt.experts_with_state()  # but its moments are kept
+        opt.step(-g, every)
+        m_hat = (0.9 * 0.1 * 0.5 + 0.1 * -0.5) / (1 - 0.9**2)
+        v_hat = (0.999 * 0.001 * 0.25 + 0.001 * 0.25) / (1 - 0.999**2)
+        want = paused * (1 - LR * WD) - LR * m_hat / (v_hat**0.5 + 1e-8)
+        torch.testing.assert_close(opt.values()[0], want, atol=1e-6, rtol=0)
+        dropped = paused * (1 - LR * WD) + LR * 0.5 / (0.5 + 1e-8)
+        assert not torch.allclose(opt.values()[0], dropped, atol=1e-3)

@@ -170,6 +170,13 @@ def test_a_failed_client_counts_the_round_timeout_unless_it_was_refused_before_t
     assert slowest_client_seconds([refused], SPEEDS, round_timeout=30.0) == 0.0
 
 
+def test_a_pass_that_overlaps_aggregation_takes_none_of_the_rounds_time():
+    """FLUX's stale profiling (METHOD.md §9a) runs while the server aggregates: its FLOPs are
+    the client's compute but not the round's time. (2 x 1e9 + 1e9) / 1e9 = 3 s, not 8 s."""
+    client = {**_client("phone", extra=1e9), "overlapped_flops_predicted": 5e9}
+    assert slowest_client_seconds([client], SPEEDS) == pytest.approx(3.0)
+
+
 def test_time_on_the_devices_sums_the_slowest_clients():
     rounds = [
         {"round": 0, "test_accuracy": 0.2, "clients": []},

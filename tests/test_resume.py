@@ -280,7 +280,8 @@ def test_resume_refuses_what_it_cannot_continue(config_file, uninterrupted, tmp_
 
 
 def test_flux_resumed_mid_run_ends_exactly_as_uninterrupted(tiny_bert_dir, tmp_path):
-    """FLUX's server keeps every client's utility table between rounds: a resume restores it."""
+    """FLUX's server keeps every client's utility table between rounds, and each node its stale
+    profile (node memory): a resume restores both."""
     raw = three_tiers(tiny_bert_dir, "flux")
     raw["federation"]["rounds"] = 3
     config = tmp_path / "flux.toml"

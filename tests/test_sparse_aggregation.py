@@ -64,6 +64,29 @@ def test_eq19_20_router_weights():
     close(router_weights(U, S, TAU)[:, 0], [0.35 / 0.71, 0.36 / 0.71])
 
 
+def test_eq19_20_alpha_over_all_layers_by_hand():
+    """METHOD.md §7's other scope: one alpha(c) per client over every (layer, expert) pair.
+
+    A second layer beside the one above, u = [[0.6, 0.2, 0.2], [0.2, 0.2, 0.6]] and
+    s = [[0.5, 0.1, 0.1], [0.1, 0.1, 0.5]]: S_1 = {0}, S_2 = {2}, p = 0.3 each, S_global = {0, 2}.
+    Per layer, layer 1: alpha = (0.3 / 2, 0.3 / 2), normalised (1/2, 1/2).
+    Over all layers: masses 0.35 + 0.3 = 0.65 and 0.36 + 0.3 = 0.66, |S_global| = 3 + 2 = 5:
+    alpha = (0.13, 0.132) for both routers, normalised (0.65 / 1.31, 0.66 / 1.31)."""
+    u = torch.cat([U, torch.tensor([[[0.6, 0.2, 0.2]], [[0.2, 0.2, 0.6]]])], dim=1)
+    s = torch.cat([S, torch.tensor([[[0.5, 0.1, 0.1]], [[0.1, 0.1, 0.5]]])], dim=1)
+    per_layer = router_weights(u, s, TAU, normalize=False)
+    close(per_layer, [[0.35 / 3, 0.15], [0.36 / 3, 0.15]])
+    close(router_weights(u, s, TAU), [[0.35 / 0.71, 0.5], [0.36 / 0.71, 0.5]])
+    close(
+        router_weights(u, s, TAU, normalize=False, scope="all_layers"),
+        [[0.13, 0.13], [0.132, 0.132]],
+    )
+    close(
+        router_weights(u, s, TAU, scope="all_layers"),
+        [[0.65 / 1.31, 0.65 / 1.31], [0.66 / 1.31, 0.66 / 1.31]],
+    )
+
+
 def test_a_layer_nobody_dominates_gets_no_router_weight():
     assert not router_weights(torch.full((2, 1, 3), 0.1), S, TAU).any()
 

@@ -191,6 +191,16 @@ class FederatedAlgorithm(ABC):
             stats={"expert_updates": result.expert_updates},
         )
 
+    def personal_weights(self, global_weights: Weights, memory: Weights) -> Weights | None:
+        """A client's personal model, from what its node keeps between rounds (``memory``,
+        ``TrainRequest.memory``) and the global weights: the tensors of the global weights it
+        replaces, by name (empty: its model is the global one). None (the default): the
+        algorithm keeps no personal model, and a client's model is the global one.
+
+        The server evaluates these where it can read the nodes' state (the embedded engine)."""
+        del global_weights, memory
+        return None
+
     def round_metrics(self) -> dict[str, float]:
         """Scalars about the last aggregation, recorded in the round's metrics. Default: none."""
         return {}

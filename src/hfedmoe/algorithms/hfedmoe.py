@@ -12,7 +12,9 @@ eval mode (one extra forward pass, timed as ``usage_seconds``; METHOD.md §7); w
 
 Server: experts by eq. (17) among the clients that used AND updated them (METHOD.md §7), an
 expert nobody qualifies for keeps its value; each layer's router by eqs. (19)-(21) with
-normalised alphas; shared parameters by FedAvg over |D_c|.
+normalised alphas, S_c and S_global taken within that layer (``router_alpha_scope``; METHOD.md
+§7's other reading: one alpha(c) per client over all layers); shared parameters by FedAvg over
+|D_c|.
 
 C_budget(c) comes from the client's device (``hfedmoe.budget``); the server learns it before
 round 1 and sends it with every request.
@@ -137,15 +139,16 @@ class SparsityAwareAggregation(Aggregation):
             excluded, updates = excluded_updates(counts, counts_LE)
             self.excluded, self.updates = self.excluded + excluded, self.updates + updates
         self.merge.add_experts(update, n * counts)
-        self.router_mass[client] = router_mass(u_LE, s_LE, p.tau)
+        mass_L = router_mass(u_LE, s_LE, p.tau, p.router_alpha_scope)
+        self.router_mass[client] = mass_L
         self.examples[client] = n
 
-        # routers, eqs. (19)-(21), per MoE layer; the FedAvg ablation: by |D_c|
+        # routers, eqs. (19)-(21), each layer's with alpha(c) of its scope (per layer, or one
+        # over all layers); the FedAvg ablation: by |D_c|
         if p.router_aggregation == "eq21":
-            mass_L = router_mass(u_LE, s_LE, p.tau).tolist()
             for layer, names in layout.routers.items():
                 for name in names:  # a layer where nobody has a dominant expert keeps its router
-                    self.merge.add(name, update.weights[name], mass_L[layer], examples=n)
+                    self.merge.add(name, update.weights[name], float(mass_L[layer]), examples=n)
             self.merge.add_shared(update)
         else:
             self.merge.add_shared(update, also=layout.router_names)
@@ -156,7 +159,8 @@ class SparsityAwareAggregation(Aggregation):
         S_CLE = torch.stack([self.dominant[c] for c in sorted(self.dominant)])
         divisors = {}
         if self.p.router_aggregation == "eq21" and self.p.router_alpha != "normalized":
-            n_global_L = global_dominant(S_CLE).tolist()  # eq. (20)'s |S_global|
+            scope = self.p.router_alpha_scope
+            n_global_L = global_dominant(S_CLE, scope).tolist()  # eq. (20)'s |S_global|
             layout = self.merge.layout
             divisors = {n: n_global_L[layer] for layer, ns in layout.routers.items() for n in ns}
         self.algorithm.consistency = routing_consistency(S_CLE)  # eq. (18), reported only

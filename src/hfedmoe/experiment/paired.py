@@ -177,9 +177,11 @@ def client_seconds(
 ) -> float | None:
     """What one sampled client spent on its device in a round, in seconds.
 
-    * Trained (status ok): its predicted work (local steps x step FLOPs, plus any extra pass
-      such as eq. (16) or FLUX's profiling) over its tier's FLOP/s; None if the tier has no
-      FLOP/s or no FLOPs were recorded.
+    * Trained (status ok): its predicted work (local steps x step FLOPs, plus any extra pass on
+      the round's critical path such as eq. (16) or FLUX's profiling at a first participation)
+      over its tier's FLOP/s; None if the tier has no FLOP/s or no FLOPs were recorded. A pass
+      that overlaps the server's aggregation (``overlapped_flops_predicted``: FLUX's stale
+      profiling, METHOD.md §9a) is not on the critical path and is left out.
     * Refused over its budget (failure ``budget``): nothing: the client refuses before it
       trains.
     * Failed otherwise (raised, died, no reply or a late one, a reply the server rejected): the

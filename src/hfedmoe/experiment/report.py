@@ -18,7 +18,8 @@ Columns (METHOD.md §10):
   (:func:`~hfedmoe.experiment.paired.censored_median`), with how many reached it;
 * client compute: predicted training FLOPs summed over every client-round up to that round
   (``step_flops_predicted`` x steps, plus ``extra_flops_predicted``: forward passes outside
-  training; a client that failed did no training);
+  training, and ``overlapped_flops_predicted``: those that overlap the server's aggregation,
+  FLUX's stale profiling; a client that failed did no training);
 * time on the devices: each round's slowest sampled client's predicted time, a failed
   client's included (:func:`~hfedmoe.experiment.paired.client_seconds`), summed;
 * client memory: the largest client's, measured (weights held while training + training's
@@ -151,6 +152,7 @@ class Run:
             sum(
                 (c.get("step_flops_predicted") or 0.0) * (c.get("steps") or 0)
                 + (c.get("extra_flops_predicted") or 0.0)
+                + (c.get("overlapped_flops_predicted") or 0.0)  # off the critical path, but spent
                 for c in r["clients"]
                 if c["status"] == "ok"
             )

@@ -36,7 +36,11 @@ from hfedmoe.model.state import held_bytes
 
 app = ClientApp()
 
-MEMORY = "hfedmoe-memory"  # the node's own tensors between rounds (TrainRequest.memory)
+#: the token counts an algorithm reports (metric name) -> the FLOPs metric they become
+TOKENS_TO_FLOPS = {
+    "forward_tokens": "extra_flops_predicted",
+    "overlapped_tokens": "overlapped_flops_predicted",
+}
 
 
 @app.train()
@@ -74,18 +78,20 @@ def train(msg: Message, context: Context) -> Message:
     sent = request.weights
     seed_torch(cfg.seed, CLIENT_TRAIN, server_round, partition_id)  # dropout
     rng = rng_for(cfg.seed, CLIENT_TRAIN, server_round, partition_id)  # batch order
-    if MEMORY in context.state.array_records:  # what this node kept from its last round
-        request.memory = context.state.array_records[MEMORY].to_torch_state_dict()
+    if wire.MEMORY in context.state.array_records:  # what this node kept from its last round
+        request.memory = context.state.array_records[wire.MEMORY].to_torch_state_dict()
     update = algorithm.train_client(model, data, request, rng)
     if request.memory:
-        context.state[MEMORY] = ArrayRecord(request.memory)
+        context.state[wire.MEMORY] = ArrayRecord(request.memory)
     update.metrics["memory_predicted_bytes"] = float(price.model.step_extra_bytes(price.experts))
     update.metrics["step_flops_predicted"] = price.model.predict(price.experts).step_flops
     # the weights it held while training (FLUX measures its customised model's itself)
     update.metrics.setdefault("memory_held_bytes", float(held_bytes(model)))
-    if "forward_tokens" in update.metrics:  # forward passes besides training
-        tokens = update.metrics.pop("forward_tokens")
-        update.metrics["extra_flops_predicted"] = price.model.forward_flops * tokens
+    # forward passes besides training: on the round's critical path, or overlapping the
+    # server's aggregation (FLUX's stale profiling), as tokens -> FLOPs by the cost model
+    for tokens, flops in TOKENS_TO_FLOPS.items():
+        if tokens in update.metrics:
+            update.metrics[flops] = price.model.forward_flops * update.metrics.pop(tokens)
     if fault == "deadline":
         faults.reply_late(cfg.federation.round_timeout or 0.0)  # after the deadline
     elif fault in ATTACK_KINDS:

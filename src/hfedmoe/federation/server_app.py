@@ -31,7 +31,7 @@ from hfedmoe.model.state import load_shared_state, shared_state
 from hfedmoe.results import RunRecorder
 from hfedmoe.results.run_state import RunState, has_checkpoint, load_run_state, save_run_state
 from hfedmoe.training import EvalResult, evaluate
-from hfedmoe.training.personal import personalised
+from hfedmoe.training.personal import personal_models, personalised
 
 log = logging.getLogger("hfedmoe")
 
@@ -184,6 +184,9 @@ def federate(
         elapsed = time.perf_counter() - start
         record = _round_record(0, initial, None, [], 0.0, elapsed, validation)
         record.update(_per_client(initial, workload, []))
+        record.update(
+            _personal_models(model, workload, cfg, algorithm, grid, strategy.nodes, initial, [])
+        )
         record["devices"] = strategy.device_records()
         if excluded:
             record["excluded"] = excluded
@@ -216,6 +219,11 @@ def federate(
         )
         record.update(train)  # what the defences did: groups clipped, shares capped
         record.update(_per_client(result, workload, record["clients"]))
+        record.update(
+            _personal_models(
+                model, workload, cfg, algorithm, grid, strategy.nodes, result, record["clients"]
+            )
+        )
         if aggregated:  # what the algorithm says about this round's aggregation
             record.update(algorithm.round_metrics())
         if strategy.aggregate_rejected:
@@ -352,18 +360,63 @@ def _per_client(result, workload, clients: list[dict]) -> dict:
     """Every client's accuracy and loss on its own distribution's test data (the global model;
     ``hfedmoe.training.personal``): the list, the mean and the worst client; each sampled
     client's row gets its own."""
+    return _client_view("personal", *_global_per_client(result, workload), clients)
+
+
+def _global_per_client(result, workload) -> tuple[np.ndarray, np.ndarray]:
+    """Every client's accuracy and loss (C,) on its own distribution's test data, from one
+    evaluation of the global model (``hfedmoe.training.personal``)."""
     acc_C = personalised(result.accuracy_N, workload.test_keys, workload.client_shares)
     loss_C = personalised(result.loss_N, workload.test_keys, workload.client_shares)
+    return acc_C, loss_C
+
+
+def _personal_models(model, workload, cfg, algorithm, grid, nodes, result, clients) -> dict:
+    """Where the algorithm keeps a personal model per client
+    (``FederatedAlgorithm.personal_weights``) and the grid holds each node's state (a
+    :class:`ResumableGrid`: the embedded engine), every client's personal model on its own
+    distribution's test data, as ``personal_model_*`` beside the global model's ``personal_*``
+    (:func:`_per_client`); ``nodes``: client -> its node. A client whose node keeps nothing
+    yet has the global model's.
+
+    One client at a time, in the server's model (``training.personal.personal_models``): the
+    peak is that one model plus one client's replaced tensors (FLEX-MoE: its routers)."""
+    if not isinstance(grid, ResumableGrid):
+        return {}
+    global_weights = shared_state(model)
+    if algorithm.personal_weights(global_weights, {}) is None:  # no personal models
+        return {}
+    started = time.perf_counter()
+    states = grid.node_states()
+    personal = {}
+    for client, node in nodes.items():
+        memory = states.get(node, {}).get(wire.MEMORY, {})
+        if weights := algorithm.personal_weights(global_weights, memory):
+            personal[client] = weights
+    acc_C, loss_C = _global_per_client(result, workload)  # the clients without a model of their own
+    test, keys, shares = workload.test, workload.test_keys, workload.client_shares
+    batch, device = cfg.eval.batch_size, cfg.train.device
+    for client, (acc, loss) in personal_models(
+        model, test, keys, shares, personal, batch, device
+    ).items():
+        acc_C[client], loss_C[client] = acc, loss
+    view = _client_view("personal_model", acc_C, loss_C, clients)
+    return {**view, "personal_eval_seconds": time.perf_counter() - started}
+
+
+def _client_view(prefix: str, acc_C: np.ndarray, loss_C: np.ndarray, clients: list[dict]) -> dict:
+    """Per-client accuracies and losses (C,) as a round records them under ``prefix``: the
+    list, the mean and the worst client; each sampled client's row gets its own."""
     for row in clients:
         if row.get("partition_id") is not None:
-            row["personal_accuracy"] = float(acc_C[row["partition_id"]])
-            row["personal_loss"] = float(loss_C[row["partition_id"]])
+            row[f"{prefix}_accuracy"] = float(acc_C[row["partition_id"]])
+            row[f"{prefix}_loss"] = float(loss_C[row["partition_id"]])
     finite = acc_C[np.isfinite(acc_C)]
     return {
-        "personal_accuracy_mean": float(finite.mean()) if len(finite) else None,
-        "personal_accuracy_worst": float(finite.min()) if len(finite) else None,
-        "personal_loss_mean": float(np.nanmean(loss_C)) if len(finite) else None,
-        "personal_accuracy": [None if not np.isfinite(a) else float(a) for a in acc_C],
+        f"{prefix}_accuracy_mean": float(finite.mean()) if len(finite) else None,
+        f"{prefix}_accuracy_worst": float(finite.min()) if len(finite) else None,
+        f"{prefix}_loss_mean": float(np.nanmean(loss_C)) if len(finite) else None,
+        f"{prefix}_accuracy": [None if not np.isfinite(a) else float(a) for a in acc_C],
     }
 
 

@@ -66,8 +66,9 @@ class ClientReport:
     memory_predicted_bytes: float | None = None  # training's extra memory, cost model
     memory_measured_bytes: float | None = None  # peak RSS increase while training
     step_flops_predicted: float | None = None
-    # forward passes outside the training steps (HFedMoE's eq. (16) pass, FLUX's profiling
-    # and probes), by the cost model
+    # forward passes outside the training steps on the round's critical path (HFedMoE's eq.
+    # (16) pass, FLUX's probes and its profiling where it is not stale), by the cost model;
+    # FLUX's stale profiling, which overlaps aggregation, is its overlapped_flops_predicted
     extra_flops_predicted: float | None = None
     # bytes of the weights the client held while training (FLUX: merged experts in place of
     # the non-tuned ones, with the cost model's prediction and the whole model's)

@@ -48,6 +48,7 @@ WORKER_DIED = 4002  # error code of the embedded engine's reply for a client who
 FAILURES = {BUDGET_EXCEEDED: "budget", WORKER_DIED: "worker-died"}  # error code -> failure
 
 ROUND = "server-round"
+MEMORY = "hfedmoe-memory"  # a node Context's record of its own tensors between rounds
 NUM_EXAMPLES = "num-examples"
 PARTITION_ID = "partition-id"
 

@@ -403,6 +403,12 @@ class TrainConfig(Section):
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(0.01, ge=0)
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip norm; null = no clipping.")
+    inactive_expert_state: Literal["drop", "keep"] = Field(
+        "drop",
+        description="An expert inactive in a local step (every method; METHOD.md §7): its Adam "
+        "moments and step count are dropped and restart when it is next active (at most the "
+        "step's experts hold state, as the cost model counts), or kept frozen and resumed",
+    )
     device: str = Field(
         "cpu",
         description="Where local training and the server's evaluation run: cpu, cuda, cuda:N, "
@@ -443,6 +449,12 @@ class HFedMoEConfig(Section):
     )
     router_alpha: Literal["normalized", "as_written"] = Field(
         "normalized", description="alpha(c) of eq. (21) normalised to sum to 1, or as written"
+    )
+    router_alpha_scope: Literal["per_layer", "all_layers"] = Field(
+        "per_layer",
+        description="alpha(c) of eqs. (19)-(20) with S_c and S_global taken per MoE layer, so "
+        "each layer's router has its own client weights, or over all layers: one alpha(c) per "
+        "client for every router (the text's reading; METHOD.md §7)",
     )
     expert_aggregation: Literal["eq17", "holders"] = Field(
         "eq17", description="experts by eq. (17), or averaged over all who updated them (ablation)"
@@ -518,6 +530,27 @@ class FluxConfig(Section):
     )
     train_shared: bool = Field(
         False, description="Also train routers and shared parameters (FedAvg by |D_c|)."
+    )
+    first_roles: Literal["profile", "draw"] = Field(
+        "profile",
+        description="Roles of a client the server has no utilities for (round 1, or a first "
+        "participation): by eq. (4) on its own f_e, profiled on the global model it receives "
+        "(METHOD.md §9a: round 1 ranks by u = f_e), or the mean of the other clients' tables "
+        "and, before anyone has reported, a seeded draw.",
+    )
+    spsa_batches: Literal["routed", "all"] = Field(
+        "routed",
+        description="Which batches probe an exploring expert: only those that routed a token to "
+        "it (the next such explore expert in turn), or every batch, the next in turn, whose "
+        "probe of an expert no token reached counts an exact zero.",
+    )
+    profiling: Literal["stale", "current"] = Field(
+        "stale",
+        description="stale (METHOD.md §9a): a client uses the profile of the global model it "
+        "received at its previous participation, and the pass over the model it receives now, "
+        "kept for the next one, overlaps the server's aggregation: its FLOPs count as the "
+        "client's compute, not as the round's time (overlapped_flops_predicted); current: it "
+        "profiles the model it receives, on the round's critical path (extra_flops_predicted).",
     )
 
     @model_validator(mode="after")

@@ -52,6 +52,19 @@ def load_shared_state(
     model.load_state_dict(weights, strict=False)
 
 
+@contextlib.contextmanager
+def swapped_in(model: nn.Module, weights: dict[str, torch.Tensor]) -> Iterator[None]:
+    """The block runs with ``model``'s tensors named in ``weights`` replaced by those values;
+    they are put back on exit, bit for bit. Holds a copy of just those tensors."""
+    own = model.state_dict()
+    saved = {name: own[name].detach().clone() for name in weights}
+    model.load_state_dict(weights, strict=False)
+    try:
+        yield
+    finally:
+        model.load_state_dict(saved, strict=False)  # into whatever tensors the model holds now
+
+
 def held_bytes(model: nn.Module) -> int:
     """Bytes of the distinct tensors (parameters and buffers) a model holds: the weights a
     client keeps resident (a tied tensor counts once)."""

@@ -270,8 +270,10 @@ TIMING_KEYS = frozenset(
         "elapsed_seconds",
         "seconds",
         "usage_seconds",
+        "overlapped_seconds",
         "eval_seconds",
         "validation_seconds",
+        "personal_eval_seconds",
         "aggregate_seconds",
     }
 )

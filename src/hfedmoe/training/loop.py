@@ -86,7 +86,11 @@ def _train_steps(
 ) -> TrainResult:
     em = ExpertModel(model)
     optimizer = ExpertAdamW(
-        model.parameters(), em.expert_axes(), lr=cfg.lr, weight_decay=cfg.weight_decay
+        model.parameters(),
+        em.expert_axes(),
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        forget_inactive=cfg.inactive_expert_state == "drop",
     )
     params = [p for p in model.parameters() if p.requires_grad]
     model.train()

@@ -7,11 +7,13 @@ keeps one step counter per expert, and a step updates only the positions of acti
 values of the others stay bit-identical.
 
 One semantics for every expert layout (:class:`ExpertAdamW`): an expert outside E_active on a
-step is not moved, and it holds no optimizer state afterwards (its moments and step count are
-forgotten), so at most C_budget experts hold state at any time and an expert that comes back
-starts afresh, as a new optimizer would start it. A per-module expert gets this from torch's
-AdamW by dropping its state; a fused tensor by zeroing the inactive experts' moments and step
-counts (``forget_inactive``).
+step is not moved, and (METHOD.md §7's default, ``train.inactive_expert_state = "drop"``) it
+holds no optimizer state afterwards (its moments and step count are forgotten), so at most
+C_budget experts hold state at any time and an expert that comes back starts afresh, as a new
+optimizer would start it. A per-module expert gets this from torch's AdamW by dropping its
+state; a fused tensor by zeroing the inactive experts' moments and step counts
+(``forget_inactive``). The other option (``"keep"``) keeps an inactive expert's moments and
+step count frozen, and it resumes from them when it is next active.
 
 Where the experts sit in a tensor is an :class:`~hfedmoe.model.expert_axis.ExpertAxis` (row e of
 a fused weight; the rank-r slices of a LoRA on it).
@@ -121,9 +123,11 @@ class ExpertAdamW:
 
     The same semantics for both layouts (METHOD.md §7): an expert outside E_active in a step
     (a per-module expert without a gradient; a fused tensor's expert masked in ``active``) is
-    not moved, and its moments and step count are dropped: at most C_budget experts hold
-    optimizer state at any time, which is what bounds a client's memory (``hfedmoe.budget``).
-    An expert that comes back restarts its moments, as a freshly created optimizer would.
+    not moved. With ``forget_inactive`` (the default) its moments and step count are dropped:
+    at most C_budget experts hold optimizer state at any time, which is what bounds a client's
+    memory (``hfedmoe.budget``), and an expert that comes back restarts its moments, as a
+    freshly created optimizer would. Without it they are kept frozen and resumed; every expert
+    active at some step of the round then holds state, beyond what the cost model counts.
     """
 
     def __init__(
@@ -132,26 +136,29 @@ class ExpertAdamW:
         expert_axes: Mapping[torch.nn.Parameter, ExpertAxis],
         lr: float,
         weight_decay: float,
+        forget_inactive: bool = True,
     ):
         axis_ids = {id(p) for p in expert_axes}
         params = [p for p in params if p.requires_grad]
         plain = [p for p in params if id(p) not in axis_ids]
         fused = [p for p in params if id(p) in axis_ids]
         hyper = {"lr": lr, "weight_decay": weight_decay}
+        self.forget_inactive = forget_inactive
         self.plain = torch.optim.AdamW(plain, **hyper, fused=True) if plain else None
         self.masked = (
-            MaskedAdamW(fused, **hyper, expert_axes=expert_axes, forget_inactive=True)
+            MaskedAdamW(fused, **hyper, expert_axes=expert_axes, forget_inactive=forget_inactive)
             if fused
             else None
         )
 
     def step(self, active: Mapping[torch.nn.Parameter, torch.Tensor] | None = None) -> None:
         if self.plain is not None:
-            self.plain.step()
-            for group in self.plain.param_groups:
-                for p in group["params"]:
-                    if p.grad is None:
-                        self.plain.state.pop(p, None)
+            self.plain.step()  # skips a parameter without a gradient: its state stays as it was
+            if self.forget_inactive:
+                for group in self.plain.param_groups:
+                    for p in group["params"]:
+                        if p.grad is None:
+                            self.plain.state.pop(p, None)
         if self.masked is not None:
             self.masked.step(active)
 

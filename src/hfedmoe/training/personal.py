@@ -10,11 +10,23 @@ over the keys the test split has (q_c renormalised over them). It is exact for a
 skews only the key, as the Dirichlet and natural partitions do, costs no extra forward pass and
 holds no client data back from training. A client whose keys are all missing from the test
 split gets NaN.
+
+Where an algorithm keeps a personal model per client (FLEX-MoE's own routers),
+:func:`personal_models` evaluates each on the same view: the client's own distribution's
+test data, for its own model rather than the global one.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
+import torch
+from torch import nn
+
+from hfedmoe.data.tokenized import TokenizedDataset
+from hfedmoe.model.state import swapped_in
+from hfedmoe.training.evaluation import evaluate
 
 
 def key_shares(parts: list[np.ndarray], keys: np.ndarray, num_keys: int) -> np.ndarray:
@@ -33,3 +45,34 @@ def personalised(values_N: np.ndarray, keys_N: np.ndarray, shares_CK: np.ndarray
     mass_C = weight_CK.sum(1)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(mass_C > 0, (weight_CK * mean_K).sum(1) / mass_C, np.nan)
+
+
+def personal_models(
+    model: nn.Module,
+    test: TokenizedDataset,
+    keys_N: np.ndarray,
+    shares_CK: np.ndarray,
+    personal: Mapping[int, dict[str, torch.Tensor]],
+    batch_size: int,
+    device: str = "cpu",
+) -> dict[int, tuple[float, float]]:
+    """m_c of accuracy and loss for each client c of ``personal``, with its personal model:
+    ``model`` with the tensors ``personal[c]`` names replaced by its values.
+
+    Each client runs on the test rows of the keys it holds (the others weigh nothing in m_c),
+    one client at a time in ``model`` itself, whose own tensors are put back after each: the
+    peak is the one model plus two copies of one client's replaced tensors (its values and the
+    global ones saved), not a model per client. A client with no key in the test split: NaN."""
+    out: dict[int, tuple[float, float]] = {}
+    for client, weights in personal.items():
+        shares_1K = shares_CK[client : client + 1]
+        rows = np.flatnonzero(shares_1K[0][keys_N] > 0)
+        if len(rows) == 0:
+            out[client] = (float("nan"), float("nan"))
+            continue
+        with swapped_in(model, weights):
+            result = evaluate(model, test.subset(rows), batch_size, device)
+        acc = personalised(result.accuracy_N, keys_N[rows], shares_1K)[0]
+        loss = personalised(result.loss_N, keys_N[rows], shares_1K)[0]
+        out[client] = (float(acc), float(loss))
+    return out

@@ -18,6 +18,10 @@ As METHOD.md §9 describes it, with these decisions where the paper is vague:
 * routers are personal: a client keeps its own router between rounds (in its node's memory,
   ``TrainRequest.memory``) and never uploads it; the global router stays as initialised, so the
   global model is evaluated with it (the personalised routers are not part of the global model).
+  A client's personal model is the global weights with its own routers
+  (:meth:`FlexMoE.personal_weights`); where the server can read the nodes' state, it evaluates
+  it on the client's own distribution's test data beside the global model's
+  (``personal_model_accuracy``).
 """
 
 from __future__ import annotations
@@ -154,6 +158,16 @@ class FlexMoE(PartialUploads, FederatedAlgorithm):
         update = self._update(model, data, result, weights)
         update.stats["usage"] = hooks.usage.value()
         return update
+
+    def personal_weights(self, global_weights: Weights, memory: Weights) -> Weights:
+        """The client's own routers, as its node keeps them after its last round, in place of
+        the global ones (none kept yet: its model is the global one)."""
+        return {
+            name: memory[ROUTER_MEMORY + name]
+            for name in self.layout.router_names
+            if ROUTER_MEMORY + name in memory
+            and memory[ROUTER_MEMORY + name].shape == global_weights[name].shape
+        }
 
     def upload_spec(self, model: nn.Module) -> UploadSpec:
         """Routers stay home: a client must not upload them."""

@@ -5,15 +5,14 @@ Neither the paper's full text nor its code could be had; METHOD.md §9a specifie
 abstract and secondary notes, and every choice it leaves open is an option of ``[flux]``
 (``FluxConfig``) with METHOD.md's default. Per participant i and round r, the eight steps:
 
-1. **Stale profiling** (client, :func:`profile_experts`): a forward pass of the global model
-   as received (the previous round's, hence stale) over all of D_i, in eval mode: per expert the
-   share f_e of the tokens routed to it, the samples D_i^e routed to it, and a_e, the mean
-   attention the tokens routed to it receive in the block's own attention (the column mean of
-   the attention probabilities over real queries, averaged over heads; 1 where the model
-   exposes no attention weights). FLUX profiles a 4-bit copy; here it is fp32 (METHOD.md allows
-   it on small models; ``profile_precision`` in the metrics says so): the bitsandbytes 4-bit
-   kernels need a GPU. Its time (``usage_seconds``) and FLOPs (``extra_flops_predicted``) are
-   the client's.
+1. **Stale profiling** (client, :func:`profile_experts`): a forward pass over all of D_i, in
+   eval mode, of the previous global model: per expert the share f_e of the tokens routed to
+   it, the samples D_i^e routed to it, and a_e, the mean attention the tokens routed to it
+   receive in the block's own attention (the column mean of the attention probabilities over
+   real queries, averaged over heads; 1 where the model exposes no attention weights). FLUX
+   profiles a 4-bit copy; here it is fp32 (METHOD.md allows it on small models;
+   ``profile_precision`` in the metrics says so): the bitsandbytes 4-bit kernels need a GPU.
+   Which model, and how it is charged: the note "Profiling" below (``profiling``).
 2. **Utility** (FLUX's eq. (3), ``maths.flux.utility``): u_i(e) = |D_i^e| sqrt(mean g_k), g_k a
    sample's squared gradient norm w.r.t. expert e. Decision: g_k is estimated per batch, as
    the squared norm of the batch loss's gradient w.r.t. e (every sample of the batch shares
@@ -24,10 +23,10 @@ abstract and secondary notes, and every choice it leaves open is an option of ``
    experts by utility; the best eps_t |E_i| are *exploit* experts (trained), the rest
    *explore* experts drawn at random outside E_i (held unmerged, forward-only; their utility
    is refreshed by SPSA: one two-sided probe per local batch, sigma = 1e-3, in eval mode,
-   the explore experts taken in turn). eps_t = min(eps_max, eps_0 + delta t), 0.3 to 0.9 at
-   half the rounds. A client the server has not heard from yet gets the mean of the others'
-   tables (before anyone reported: a seeded draw): the server assigns roles before the
-   client's first profile exists.
+   the explore experts taken in turn, and only on a batch that routed a token to the probed
+   one: the note "SPSA" below, ``spsa_batches``). eps_t = min(eps_max, eps_0 + delta t),
+   0.3 to 0.9 at half the rounds. A client the server has no utilities for yet is assigned by
+   its own f_e: the note "Roles before a first report" below (``first_roles``).
 4. **Merge budget** (FLUX's eq. (1), ``maths.flux.merge_budget``): B_non(i) merged experts
    in all, from the memory the device has left once the B_tune experts are held and trained
    (the cost model of ``hfedmoe.budget``, a merged expert costing one expert), shared among the
@@ -53,6 +52,54 @@ non-tuned modules leave the model for the round (``memory_held_bytes`` counts th
 customised model holds; ``memory_unmerged_bytes`` the whole model's), and the cost model
 predicts the same (``CostModel.resident``). Experts must be per-module (hfedmoe's upcycled and
 built models, Switch); fused expert tensors are not merged.
+
+Notes on the decisions (METHOD.md §9a; each an option of ``[flux]``, default first)
+-----------------------------------------------------------------------------------
+
+**Roles before a first report** (``first_roles = "profile"``; ``"draw"``). §9a step 2 says
+round 1 ranks by u = f_e, and step 1 makes f_e the client's: a profile of a global model over
+its local data. The server holds no training data, so it cannot profile for a client; the only
+f_e there can be is the client's own profile of the global model it is about to train, made
+before its roles are fixed. So a client the server has no utilities for (round 1, or its first
+participation later) is sent its role sizes (B_tune, eps_t) and the seed of the explore draw
+instead of its roles; it profiles the global model it received (in round 1 the initial one:
+nothing older exists to profile stale) and applies eq. (4) to its f_e with the server's sizes
+and seed (:func:`profile_roles`). These are the roles the server would assign had f_e come up
+first in an exchange of its own; this saves that round trip. The server checks them: it
+applies the same eq. (4) to the f_e the client reports and merges only the exploit experts
+that gives (such a request lists no assigned experts for validation to check against).
+``"draw"``, before: the mean of the other clients' tables, or a seeded draw before anyone has
+reported.
+
+**SPSA** (``spsa_batches = "routed"``; ``"all"``). A probe moves an explore expert by
++-sigma z and compares the losses; on a batch that routed no token to that expert both losses
+are equal, so the estimate is an exact zero that says nothing about the expert and would drag
+its mean (and its utility) down. So each batch probes the next explore expert, in turn, among
+those it routed at least one token to (none routed: no probe, nothing counted), and an
+expert's estimate is the mean over the batches that probed it. ``"all"``, before: the next in
+turn whatever the batch routed, its zeros counted.
+
+**Profiling** (``profiling = "stale"``; ``"current"``). §9a step 1: the client profiles the
+previous global model and uses the profile in the next round, so the pass overlaps the
+server's aggregation. Here: a client merges, ranks and reports with the profile of the global
+model it received at its previous participation (kept in its node's memory,
+``TrainRequest.memory``); the profile of the model it receives now is kept for its next one.
+The simulation makes that pass at the start of the round, when the client holds the received
+weights (no copy), where a real client makes it after uploading: the same model, data and
+eval mode, so the same numbers. At a first participation no earlier profile exists: the
+client profiles the model it receives and uses it, on the round's critical path.
+
+How it is charged (the simulation cannot overlap): a pass on the critical path (a first
+participation; every round with ``"current"``) counts as before, its time in
+``usage_seconds`` and its forward FLOPs (cost model, padded tokens) in
+``extra_flops_predicted``, which the time on the devices adds (``experiment.paired``). An
+overlapped pass is reported apart: ``overlapped_seconds`` and ``overlapped_flops_predicted``.
+The report counts those FLOPs in the clients' compute (the device does the work) but not in
+the round's time on the devices: §9a takes the pass to be hidden by the aggregation. That is
+FLUX's claim taken as stated; it holds while a pass is shorter than the time from the upload
+to the next request (the server's aggregation, and the wait for the round's slowest client),
+which the simulation does not model. Clustering and merging need the received weights and the
+roles, so they are on the critical path in both modes (``usage_seconds``).
 """
 
 from __future__ import annotations
@@ -62,7 +109,7 @@ import copy
 import re
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -77,6 +124,7 @@ from hfedmoe.algorithms.maths.flux import (
     exploit_share,
     merge_budget,
     merge_weights,
+    role_sizes,
     spsa_squared_norm,
     utility,
 )
@@ -91,7 +139,7 @@ from hfedmoe.algorithms.mechanics.uploads import (
     UploadSpec,
     partial_upload,
 )
-from hfedmoe.algorithms.messages import BUDGET, ClientUpdate, TrainRequest, Weights
+from hfedmoe.algorithms.messages import BUDGET, ClientUpdate, Scalar, TrainRequest, Weights
 from hfedmoe.budget import CostModel, CostModels, Price
 from hfedmoe.data.tokenized import TokenizedDataset, sequential_batches
 from hfedmoe.foundation.config import DeviceTier
@@ -104,6 +152,10 @@ from hfedmoe.training.device import on_device, to_device
 
 EXPLORE = "explore-experts"  # request config: flat indices of the explore experts
 MERGED = "merged-budget"  # request config (client side): B_non(i)
+# request config of a client the server has no utilities for: its roles come from its own f_e
+# (eq. (4) with these: |E_i|, eps_t and the seed of the explore draw; ``profile_roles``)
+TUNE, EXPLOIT_SHARE, ROLE_SEED = "tune-budget", "exploit-share", "role-seed"
+PROFILE_MEMORY = "profile/"  # prefix of the stale profile's tensors in the node's memory
 #: what each reply carries per expert: u_i(e) and whether it is fresh, f_e and |D_i^e|
 STATS = {
     "utility": Statistic(Range()),
@@ -124,6 +176,22 @@ class Profile:
     routed_samples: torch.Tensor  # |D_i^e|: samples with at least one token routed to e
     attention: torch.Tensor  # a_e: mean attention received by the tokens routed to e
     tokens: int  # tokens run forward (padded), for the FLOP count
+
+    def remember(self, memory: Weights) -> None:
+        """Keep this profile in a node's memory, for the client's next participation."""
+        for name in _PROFILED:
+            memory[PROFILE_MEMORY + name] = getattr(self, name)
+
+    @staticmethod
+    def remembered(memory: Weights) -> Profile | None:
+        """The profile a node's memory keeps (its tokens were charged when it was made), or
+        None if it keeps none."""
+        if not all(PROFILE_MEMORY + name in memory for name in _PROFILED):
+            return None
+        return Profile(*(memory[PROFILE_MEMORY + name] for name in _PROFILED), tokens=0)
+
+
+_PROFILED = ("frequency", "routed_samples", "attention")  # the Profile's (L, E) tensors
 
 
 @torch.no_grad()
@@ -287,7 +355,8 @@ def customised(
 class TuneAndExplore(StepHooks):
     """Step 7's updates (exploit experts only) and step 2-3's fresh utility estimates: squared
     gradient norms of the exploit experts after each backward pass, and one SPSA probe of an
-    explore expert per batch."""
+    explore expert per batch: the next in turn, among those the batch routed a token to unless
+    ``every_batch`` (the note "SPSA" in the module docstring)."""
 
     def __init__(
         self,
@@ -296,18 +365,20 @@ class TuneAndExplore(StepHooks):
         explore_LE: torch.Tensor,
         sigma: float,
         rng: np.random.Generator,
+        every_batch: bool = False,
     ):
         self.model, self.em = model, ExpertModel(model)
         self.exploit_LE, self.sigma, self.rng = exploit_LE, sigma, rng
+        self.every_batch = every_batch
         self.explore = [tuple(x) for x in explore_LE.nonzero().tolist()]
         self.rng.shuffle(self.explore)
         self.grad_sq = torch.zeros(exploit_LE.shape, dtype=torch.float64)  # sum over batches
         self.batches = torch.zeros(exploit_LE.shape, dtype=torch.float64)
         self.probe_tokens = 0
-        self.step = 0
+        self.turn = 0  # the explore expert whose turn it is (an index into ``explore``)
 
     def select_experts(self, capture, batch, routed_LE):
-        self.batch = batch
+        self.batch, self.routed_LE = batch, routed_LE
         return routed_LE & self.exploit_LE
 
     def after_backward(self, active_LE: torch.Tensor) -> None:
@@ -316,13 +387,27 @@ class TuneAndExplore(StepHooks):
             sq = sum(float(p.grad.double().pow(2).sum()) for p in params if p.grad is not None)
             self.grad_sq[pos, e] += sq
             self.batches[pos, e] += 1
-        if self.explore:  # after the backward pass: the probe moves weights in place
-            self._probe(self.explore[self.step % len(self.explore)], self.batch)
-        self.step += 1
+        expert = self._next_probe()
+        if expert is not None:  # after the backward pass: the probe moves weights in place
+            self.grad_sq[expert] += self._probe(expert, self.batch)
+            self.batches[expert] += 1
+            self.probe_tokens += 2 * int(self.batch["input_ids"].numel())
+
+    def _next_probe(self) -> tuple[int, int] | None:
+        """The explore expert this batch probes, and the turn moves past it: the next in turn
+        that the batch routed a token to (any, with ``every_batch``); None if there is none."""
+        n = len(self.explore)
+        for k in range(n):
+            i = (self.turn + k) % n
+            if self.every_batch or self.routed_LE[self.explore[i]]:
+                self.turn = i + 1
+                return self.explore[i]
+        return None
 
     @torch.no_grad()
-    def _probe(self, expert: tuple[int, int], batch: dict[str, torch.Tensor]) -> None:
-        """Two forward passes with expert ``expert`` moved by +-sigma z, in eval mode."""
+    def _probe(self, expert: tuple[int, int], batch: dict[str, torch.Tensor]) -> float:
+        """Step 3's SPSA estimate of ||grad||^2 for ``expert``: two forward passes with it moved
+        by +-sigma z, in eval mode."""
         pos, e = expert
         params = list(self.em.layers[pos].modular[e].values())
         saved = [p.detach().clone() for p in params]
@@ -338,25 +423,40 @@ class TuneAndExplore(StepHooks):
         for p, p0 in zip(params, saved, strict=True):
             p.copy_(p0)
         self.model.train(was_training)
-        self.grad_sq[pos, e] += spsa_squared_norm(losses[0], losses[1], self.sigma)
-        self.batches[pos, e] += 1
-        self.probe_tokens += 2 * int(batch["input_ids"].numel())
+        return spsa_squared_norm(losses[0], losses[1], self.sigma)
 
 
 # ---- the server: roles, aggregation ----------------------------------------------------------
 
 
+def profile_roles(
+    config: Mapping[str, object], frequency_LE: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 3 for a client the server has no utilities for (round 1's u = f_e, §9a step 2): eq.
+    (4) on its f_e (as it reports it, float32, so that client and server rank alike), with the
+    |E_i|, eps_t and explore-draw seed of its request. (exploit_LE, explore_LE)."""
+    b_tune, eps, seed = int(config[TUNE]), float(config[EXPLOIT_SHARE]), int(config[ROLE_SEED])
+    u_X = frequency_LE.float().flatten()
+    exploit, explore = assign_roles(u_X, b_tune, eps, np.random.default_rng(seed))
+    return exploit.view(frequency_LE.shape), explore.view(frequency_LE.shape)
+
+
 class _ByTuners(Aggregation):
     """Step 8: each expert over the participants that tuned it, weighted by |D_i^e|; routers
-    and shared parameters by |D_i| when they train (``train_shared``). Keeps the utilities."""
+    and shared parameters by |D_i| when they train (``train_shared``). Keeps the utilities.
 
-    def __init__(self, algorithm: Flux, global_weights: Weights):
-        self.algorithm = algorithm
+    A client assigned by its own f_e (:func:`profile_roles`) counts only for the exploit experts
+    eq. (4) gives on the f_e it reports: the roles the server would have assigned it."""
+
+    def __init__(self, algorithm: Flux, server_round: int, global_weights: Weights):
+        self.algorithm, self.server_round = algorithm, server_round
         self.merge = algorithm.merge(global_weights, algorithm.layout)
         self.reports: dict[int, dict[str, torch.Tensor]] = {}
 
     def add(self, client: int, update: ClientUpdate) -> None:
         tuned_LE = update.stats["expert_updates"] > 0
+        if (config := self.algorithm.roles_by_profile(self.server_round, client)) is not None:
+            tuned_LE &= profile_roles(config, update.stats["frequency"])[0]
         mass_LE = update.stats["routed_samples"].double().clamp_min(1.0) * tuned_LE
         self.merge.add_experts(update, mass_LE)  # |D_i^e| <= |D_i|: not capped (merging)
         routers = self.algorithm.layout.router_names if self.algorithm.cfg.flux.train_shared else []
@@ -375,6 +475,8 @@ class Flux(FederatedAlgorithm):
     SECTION = "flux"
     METRICS: ClassVar = {
         "usage_seconds": Range(),
+        "overlapped_seconds": Range(),
+        "overlapped_flops_predicted": Range(),
         "memory_unmerged_bytes": Range(),
         "memory_held_predicted_bytes": Range(),
         "experts_exploit": Range(0, EXPERTS, integer=True),
@@ -404,7 +506,7 @@ class Flux(FederatedAlgorithm):
     def priced(self, costs: CostModels, request: TrainRequest) -> Price:
         """Training the exploit experts while holding the tuned ones and B_non merged ones."""
         model = costs.at(experts_only=not self.cfg.flux.train_shared)
-        b_tune = len(request.config.get(ASSIGNED, [])) + len(request.config.get(EXPLORE, []))
+        b_tune = _tune_budget(request)
         b_non = merged_total(model, request.device, b_tune, ExpertModel(costs.model).num_layers)
         return Price(model, request.requested_experts(model.num_experts), b_tune + b_non)
 
@@ -412,14 +514,13 @@ class Flux(FederatedAlgorithm):
     def configure_client(
         self, server_round: int, global_weights: Weights, client: int
     ) -> TrainRequest:
+        if (config := self.roles_by_profile(server_round, client)) is not None:
+            return TrainRequest(global_weights, config)
         L, E = self.layout.shape
         rng = rng_for(self.cfg.seed, FLUX_ROLES, server_round, client)
         table = own_or_mean(self.utilities, client, rng, (L, E))
-        eps = exploit_share(
-            server_round, self.cfg.federation.rounds, self.cfg.flux.eps_0, self.cfg.flux.eps_max
-        )
         b_tune = self.budgets.get(client, L * E)
-        exploit, explore = assign_roles(table.flatten(), b_tune, eps, rng)
+        exploit, explore = assign_roles(table.flatten(), b_tune, self._eps(server_round), rng)
         config = {
             BUDGET: int(exploit.sum()),
             ASSIGNED: assigned_mask(exploit),
@@ -427,8 +528,24 @@ class Flux(FederatedAlgorithm):
         }
         return TrainRequest(global_weights, config)
 
+    def roles_by_profile(self, server_round: int, client: int) -> dict[str, Scalar] | None:
+        """The request config of a client assigned by its own f_e (``first_roles =
+        "profile"``, and no utilities of it yet): |E_i|, eps_t and the explore draw's seed, with
+        its number of exploit experts as its budget. None: the server assigns its roles."""
+        if client in self.utilities or self.cfg.flux.first_roles != "profile":
+            return None
+        L, E = self.layout.shape
+        eps = self._eps(server_round)
+        b_tune, n_exploit = role_sizes(self.budgets.get(client, L * E), eps, L * E)
+        seed = int(rng_for(self.cfg.seed, FLUX_ROLES, server_round, client).integers(2**31))
+        return {BUDGET: n_exploit, TUNE: b_tune, EXPLOIT_SHARE: eps, ROLE_SEED: seed}
+
+    def _eps(self, server_round: int) -> float:
+        flux = self.cfg.flux
+        return exploit_share(server_round, self.cfg.federation.rounds, flux.eps_0, flux.eps_max)
+
     def aggregation(self, server_round: int, global_weights: Weights) -> Aggregation:
-        return _ByTuners(self, global_weights)
+        return _ByTuners(self, server_round, global_weights)
 
     def remember(self, client: int, report: dict[str, torch.Tensor]) -> None:
         """Step 2's table: u = f_e at a client's first report, then fresh estimates over it."""
@@ -466,24 +583,27 @@ class Flux(FederatedAlgorithm):
         rng: np.random.Generator,
     ) -> ClientUpdate:
         load_shared_state(model, request.weights)
+        flux = self.cfg.flux
         costs = self._costs.setdefault(model, CostModels(model, self.cfg)).at(
-            experts_only=not self.cfg.flux.train_shared
+            experts_only=not flux.train_shared
         )
         em = ExpertModel(model)
-        L, E = em.shape
-        exploit = _mask(request, ASSIGNED, (L, E))
-        explore = _mask(request, EXPLORE, (L, E))
+        L = em.num_layers
         started = time.perf_counter()
-        profile = profile_experts(model, data, self.cfg.eval.batch_size, self.cfg.train.device)
+        received = profile_experts(model, data, self.cfg.eval.batch_size, self.cfg.train.device)
+        profile_seconds = time.perf_counter() - started
+        profile, overlapped = self._profile_for_round(received, request.memory)
+        exploit, explore = _roles(request, profile.frequency)
+        started = time.perf_counter()
         b_tune = int((exploit | explore).sum())
         b_non = merged_total(costs, request.device, b_tune, L)
-        flux = self.cfg.flux
         seed = int(rng.integers(2**31))
         plan = plan_merges(model, profile, exploit | explore, b_non, flux, seed)
-        profile_seconds = time.perf_counter() - started
+        plan_seconds = time.perf_counter() - started
         unmerged = held_bytes(model)
         probes = rng_for(self.cfg.seed, FLUX_PROBES, int(rng.integers(2**31)))
-        hooks = TuneAndExplore(model, exploit, explore, flux.sigma, probes)
+        every_batch = flux.spsa_batches == "all"
+        hooks = TuneAndExplore(model, exploit, explore, flux.sigma, probes, every_batch)
         with customised(model, plan, profile, flux.train_shared) as held:
             result = train_local(model, data, self.cfg.train, rng, hooks)
         tuned = result.expert_updates > 0
@@ -503,9 +623,15 @@ class Flux(FederatedAlgorithm):
         )
         merged = sum(len(c) > 1 for clusters in plan.values() for c in clusters)
         kept = sum(len(c) == 1 for clusters in plan.values() for c in clusters)
+        # the profiling pass: on this round's critical path, or overlapping the server's
+        # aggregation (the note "Profiling" in the module docstring)
+        if overlapped:
+            update.metrics.update(
+                overlapped_seconds=profile_seconds, overlapped_tokens=float(received.tokens)
+            )
         update.metrics.update(
-            usage_seconds=profile_seconds,
-            forward_tokens=float(profile.tokens + hooks.probe_tokens),
+            usage_seconds=plan_seconds + (0.0 if overlapped else profile_seconds),
+            forward_tokens=float(hooks.probe_tokens + (0 if overlapped else received.tokens)),
             memory_held_bytes=float(held),
             memory_unmerged_bytes=float(unmerged),
             memory_held_predicted_bytes=float(costs.resident(b_tune + merged + kept)),
@@ -514,6 +640,35 @@ class Flux(FederatedAlgorithm):
             experts_merged=float(merged),
         )
         return update
+
+    def _profile_for_round(self, received: Profile, memory: Weights) -> tuple[Profile, bool]:
+        """Step 1: the profile this round merges, ranks and reports with, and whether the pass
+        that made ``received`` (the model just received) is off the round's critical path.
+
+        ``profiling = "stale"``: the profile the node kept from its previous participation, and
+        ``received`` is kept for its next one (overlapped); at a first participation there is
+        none, and ``received`` is used (on the critical path). ``"current"``: ``received``."""
+        if self.cfg.flux.profiling == "current":
+            return received, False
+        stale = Profile.remembered(memory)
+        received.remember(memory)
+        return (received, False) if stale is None else (stale, True)
+
+
+def _roles(request: TrainRequest, frequency_LE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 3's (exploit_LE, explore_LE): from the client's own f_e where the request gives the
+    sizes for it (:func:`profile_roles`), else as the request lists them."""
+    if ROLE_SEED in request.config:
+        return profile_roles(request.config, frequency_LE)
+    shape = tuple(frequency_LE.shape)
+    return _mask(request, ASSIGNED, shape), _mask(request, EXPLORE, shape)
+
+
+def _tune_budget(request: TrainRequest) -> int:
+    """|E_i|, the experts a request has the client hold unmerged (exploit and explore)."""
+    if TUNE in request.config:
+        return int(request.config[TUNE])
+    return len(request.config.get(ASSIGNED, [])) + len(request.config.get(EXPLORE, []))
 
 
 def _mask(request: TrainRequest, key: str, shape: tuple[int, int]) -> torch.Tensor:

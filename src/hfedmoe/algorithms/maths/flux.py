@@ -37,6 +37,13 @@ def exploit_share(server_round: int, rounds: int, eps_0: float, eps_max: float) 
     return min(eps_max, eps_0 + (eps_max - eps_0) * t / half)
 
 
+def role_sizes(b_tune: int, eps: float, pool: int) -> tuple[int, int]:
+    """Step 3's |E_i| = ``b_tune`` within [1, pool] and how many of E_i are exploit experts:
+    max(1, round(eps |E_i|)), at most |E_i|."""
+    b_tune = min(max(b_tune, 1), pool)
+    return b_tune, min(b_tune, max(1, round(eps * b_tune)))
+
+
 def assign_roles(
     utility_X: torch.Tensor, b_tune: int, eps: float, rng: np.random.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,9 +52,8 @@ def assign_roles(
     are *explore* experts, drawn at random from the pool outside E_i (forward-only). Returns
     (exploit_X, explore_X) bool masks, disjoint, b_tune experts together."""
     X = utility_X.numel()
-    b_tune = min(max(b_tune, 1), X)
+    b_tune, n_exploit = role_sizes(b_tune, eps, X)
     order = torch.argsort(utility_X.double(), descending=True, stable=True)
-    n_exploit = min(b_tune, max(1, round(eps * b_tune)))
     exploit = torch.zeros(X, dtype=torch.bool)
     exploit[order[:n_exploit]] = True
     rest = order[b_tune:] if b_tune < X else order[n_exploit:]  # outside E_i, if any

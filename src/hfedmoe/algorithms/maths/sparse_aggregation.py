@@ -51,37 +51,57 @@ def routing_consistency(S_CLE: torch.Tensor) -> torch.Tensor:
     return (S_CLE & S_global).flatten(1).sum(1) / n if n else torch.zeros(S_CLE.shape[0])
 
 
-def router_mass(u_LE: torch.Tensor, s_LE: torch.Tensor, tau: float) -> torch.Tensor:
-    """eq. (19) summed over S_c, per MoE layer: sum_{e in S_c} u_c(e) s_c(e), one client. (L,).
+def router_mass(
+    u_LE: torch.Tensor, s_LE: torch.Tensor, tau: float, scope: str = "per_layer"
+) -> torch.Tensor:
+    """eq. (19) summed over S_c: sum_{e in S_c} u_c(e) s_c(e), one client, for each layer's
+    router. (L,).
 
-    alpha(c) of eq. (20) is this over |S_global|, the same for every client of the round; so
-    normalised alphas are these masses over their sum, and a server can fold one client at a
-    time (``mechanics.merging``)."""
+    ``scope`` (METHOD.md §7): "per_layer" (the default) takes S_c within each MoE layer, so each
+    layer's router gets its own client weights; "all_layers" (the text's reading) takes S_c
+    over every (layer, expert) pair, one mass per client, the same for every layer's router.
+
+    alpha(c) of eq. (20) is this over |S_global| (:func:`global_dominant`, of the same scope),
+    the same for every client of the round; so normalised alphas are these masses over their
+    sum, and a server can fold one client at a time (``mechanics.merging``)."""
     S_LE = dominant(u_LE, tau)
-    return torch.where(S_LE, u_LE * s_LE, 0.0).to(torch.float64).sum(-1)
+    mass_L = torch.where(S_LE, u_LE * s_LE, 0.0).to(torch.float64).sum(-1)
+    return mass_L if scope == "per_layer" else mass_L.sum().expand_as(mass_L).clone()
 
 
 def router_weights(
-    u_CLE: torch.Tensor, s_CLE: torch.Tensor, tau: float, normalize: bool = True
+    u_CLE: torch.Tensor,
+    s_CLE: torch.Tensor,
+    tau: float,
+    normalize: bool = True,
+    scope: str = "per_layer",
 ) -> torch.Tensor:
-    """eqs. (19)-(20), per MoE layer: alpha(c) for the router of each layer. (C, L).
+    """eqs. (19)-(20): alpha(c) for the router of each layer. (C, L).
 
     p_c(e) = u_c(e) s_c(e) on S_c (eq. (19)); alpha(c) = sum_{e in S_c} p_c(e) / |S_global|
-    (eq. (20)), with S_c and S_global taken within the layer whose router is aggregated.
-    ``normalize`` (METHOD.md §7 default) rescales each layer's alphas to sum to 1, so eq. (21)
-    is a convex combination; a layer where no client has a dominant expert gets all zeros (the
-    caller keeps its previous router).
+    (eq. (20)), with S_c and S_global taken within the layer whose router is aggregated
+    (``scope="per_layer"``, METHOD.md §7 default) or over all layers (``"all_layers"``: one
+    alpha(c) per client for every layer). ``normalize`` (METHOD.md §7 default) rescales each
+    layer's alphas to sum to 1, so eq. (21) is a convex combination; a layer where no client
+    has a dominant expert (in its scope) gets all zeros (the caller keeps its previous router).
     """
-    mass_CL = torch.stack([router_mass(u, s, tau) for u, s in zip(u_CLE, s_CLE, strict=True)])
+    mass_CL = torch.stack(
+        [router_mass(u, s, tau, scope) for u, s in zip(u_CLE, s_CLE, strict=True)]
+    )
     if normalize:
         total_L = mass_CL.sum(0, keepdim=True)
         return torch.where(total_L > 0, mass_CL / total_L.clamp_min(1e-300), 0.0)
-    return mass_CL / global_dominant(dominant(u_CLE, tau))
+    return mass_CL / global_dominant(dominant(u_CLE, tau), scope)
 
 
-def global_dominant(S_CLE: torch.Tensor) -> torch.Tensor:
-    """|S_global| per MoE layer, at least 1 (eq. (20)'s divisor). (L,) float64."""
-    return S_CLE.any(0).sum(-1).clamp_min(1).to(torch.float64)
+def global_dominant(S_CLE: torch.Tensor, scope: str = "per_layer") -> torch.Tensor:
+    """|S_global| for each layer's router, at least 1 (eq. (20)'s divisor). (L,) float64.
+
+    "per_layer": the layer's own; "all_layers": over every (layer, expert) pair, repeated."""
+    n_L = S_CLE.any(0).sum(-1)
+    if scope != "per_layer":
+        n_L = n_L.sum().expand_as(n_L)
+    return n_L.clamp_min(1).to(torch.float64)
 
 
 def combine(tensors_C: list[torch.Tensor], weights_C: torch.Tensor) -> torch.Tensor:
