@@ -89,8 +89,9 @@ def locked(out_dir: Path, runs: list[Cell]) -> Iterator[None]:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
+                what = f"{run.method} seed {run.seed}" + "".join(f" {s}" for s in run.sets)
                 raise HFedMoEError(
-                    f"-o {out_dir}: another `hfedmoe compare` is running {cell} of this grid "
+                    f"-o {out_dir}: another `hfedmoe compare` is running {what} of this grid "
                     "(wait for it, or choose other methods, seeds or another directory)"
                 ) from None
         yield  # closing the files releases the locks
