@@ -250,7 +250,8 @@ def _small_device_client(algorithm: str, env: dict[str, str] | None = None) -> d
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("algorithm", ["flux", "fftmoe"])
+# FFT-MoE's prediction is also checked by the next test; its run here is slow (CI time).
+@pytest.mark.parametrize("algorithm", ["flux", pytest.param("fftmoe", marks=pytest.mark.slow)])
 def test_a_small_device_of_the_peers_holds_and_uses_what_the_cost_model_says(algorithm):
     """The default model on a device that fits little: FLUX holds merged experts in place of
     the ones it does not tune, FFT-MoE trains adapters on the frozen dense parent; the weights

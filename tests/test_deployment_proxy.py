@@ -141,7 +141,14 @@ def post(ca: Path, address: str, path: str) -> int:
 @pytest.mark.parametrize(
     "proxy",
     [
-        pytest.param(name, marks=pytest.mark.skipif(not program(name), reason=f"no {name}"))
+        # nginx in the default selection; Caddy's run is the same test (CI time), so it is slow.
+        pytest.param(
+            name,
+            marks=[
+                pytest.mark.skipif(not program(name), reason=f"no {name}"),
+                *([pytest.mark.slow] if name == "caddy" else []),
+            ],
+        )
         for name in sorted(PROXIES)
     ],
 )

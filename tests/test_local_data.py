@@ -452,7 +452,15 @@ def _tickets_as(fmt: str, tmp_path: Path) -> dict:
     return {"path": str(tmp_path / "tickets")}
 
 
-@pytest.mark.parametrize("fmt", ["csv", "jsonl", "saved"])
+# jsonl in the default selection; the other formats load through the same path (CI time).
+@pytest.mark.parametrize(
+    "fmt",
+    [
+        pytest.param("csv", marks=pytest.mark.slow),
+        "jsonl",
+        pytest.param("saved", marks=pytest.mark.slow),
+    ],
+)
 def test_a_users_data_runs_through_run_and_compare_from_its_config_alone(
     fmt, tiny_bert_dir, tmp_path
 ):

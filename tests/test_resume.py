@@ -214,6 +214,7 @@ def _assert_same_end(run_dir: Path, uninterrupted: Path) -> None:
     assert not (run_dir / CHECKPOINT_FILE).exists()  # finished: nothing resumes it
 
 
+@pytest.mark.slow  # the kill at each step of a resume (below) covers a second kill (CI time)
 def test_killed_twice_mid_run_then_resumed_ends_exactly_as_uninterrupted(
     config_file, uninterrupted, tmp_path
 ):

@@ -221,7 +221,9 @@ def test_a_run_records_validation_metrics_beside_the_test_metrics(tiny_bert_dir,
     plain = json.loads((tmp_path / "without" / "summary.json").read_text())
     assert not any("validation" in key for key in plain)
 
-    report = write_report([tmp_path / "with", tmp_path / "without"], tmp_path / "report", {"target": 0.5})
+    report = write_report(
+        [tmp_path / "with", tmp_path / "without"], tmp_path / "report", {"target": 0.5}
+    )
     assert report.is_file()
 
 
