@@ -19,17 +19,21 @@ from collections.abc import Mapping
 from typing import ClassVar
 
 import numpy as np
+import torch
 from torch import nn
 
+from hfedmoe.algorithms.maths import accounting
 from hfedmoe.algorithms.maths.bounds import adamw_update_bound
 from hfedmoe.algorithms.mechanics.layout import ExpertLayout
 from hfedmoe.algorithms.mechanics.merging import Merge, MergePolicy
+from hfedmoe.algorithms.mechanics.privacy import Mechanism, PrivateSum
 from hfedmoe.algorithms.mechanics.uploads import Range, UploadSpec, full_upload
 from hfedmoe.algorithms.messages import ClientUpdate, TrainRequest, Weights
 from hfedmoe.budget import CostModels, Price
 from hfedmoe.data.tokenized import TokenizedDataset
 from hfedmoe.foundation.config import DeviceTier, ExperimentConfig, TrainConfig
 from hfedmoe.foundation.errors import ConfigError
+from hfedmoe.foundation.seeding import PRIVACY, torch_seed_for
 from hfedmoe.model.state import load_shared_state
 from hfedmoe.training import TrainResult, train_local
 
@@ -59,6 +63,23 @@ class Aggregation(ABC):
         return total
 
 
+class _PrivateRound(Aggregation):
+    """A round under ``[privacy]``: DP-FedAvg's release over the algorithm's upload spec
+    (``mechanics.privacy``) instead of the algorithm's own weighted means."""
+
+    def __init__(self, fold: PrivateSum):
+        self.fold = fold
+
+    def add(self, client: int, update: ClientUpdate) -> None:
+        self.fold.add(update)
+
+    def finish(self) -> Weights:
+        return self.fold.finish()
+
+    def defence_counts(self) -> dict[str, int]:
+        return dict(self.fold.counts)
+
+
 class FederatedAlgorithm(ABC):
     """Base class: FedAvg-style download of all weights and upload of trainable ones.
 
@@ -74,10 +95,21 @@ class FederatedAlgorithm(ABC):
     #: the config section of its own parameters, if any (``[hfedmoe]``; a tuning grid's keys
     #: there vary only its runs)
     SECTION: ClassVar[str | None] = None
+    #: why ``[privacy]`` cannot train it (None: it can). The DP release covers the uploaded
+    #: tensors; a server that plans rounds from what clients report (assignments from usage,
+    #: roles from utilities) would publish those reports unprotected.
+    NOT_PRIVATE: ClassVar[str | None] = "it has not been checked under [privacy] yet"
 
     def __init__(self, cfg: ExperimentConfig):
         self.cfg = cfg
         self.budgets: dict[int, int] = {}  # client id -> C_budget, learnt before round 1
+        if cfg.privacy.enabled and (why := self.not_private()) is not None:
+            raise ConfigError(f"privacy.enabled: algorithm '{self.name}' is not covered: {why}")
+        self._noise_multiplier: float | None = None
+
+    def not_private(self) -> str | None:
+        """Why ``[privacy]`` cannot train this algorithm as configured (None: it can)."""
+        return self.NOT_PRIVATE
 
     @property
     def holds_subset(self) -> bool:
@@ -117,6 +149,38 @@ class FederatedAlgorithm(ABC):
             trim_fraction=fed.trim_fraction,
         )
         return Merge(global_weights, layout, policy)
+
+    def noise_multiplier(self) -> float:
+        """z of ``[privacy]``: as set, or calibrated so that the planned rounds spend
+        ``target_epsilon`` (``maths.accounting``)."""
+        if self._noise_multiplier is None:
+            p, fed = self.cfg.privacy, self.cfg.federation
+            if p.noise_multiplier is not None:
+                self._noise_multiplier = p.noise_multiplier
+            else:
+                assert p.target_epsilon is not None
+                sample = min(fed.clients_per_round, fed.num_clients)
+                self._noise_multiplier = accounting.noise_for_epsilon(
+                    p.target_epsilon, fed.rounds, fed.num_clients, sample, self.privacy_delta()
+                )
+        return self._noise_multiplier
+
+    def privacy_delta(self) -> float:
+        """delta of ``[privacy]``: as set, else ``accounting.default_delta``."""
+        delta = self.cfg.privacy.delta
+        return accounting.default_delta(self.cfg.federation.num_clients) if delta is None else delta
+
+    def private_aggregation(
+        self, server_round: int, global_weights: Weights, spec: UploadSpec, sampled: int
+    ) -> Aggregation:
+        """The round's fold under ``[privacy]``: DP-FedAvg over ``spec``'s keys with the
+        denominator fixed at the ``sampled`` clients (``mechanics.privacy``), its noise drawn
+        for (seed, round)."""
+        mechanism = Mechanism(self.cfg.privacy.clip_norm or 0.0, self.noise_multiplier(), sampled)
+        generator = torch.Generator().manual_seed(
+            torch_seed_for(self.cfg.seed, PRIVACY, server_round)
+        )
+        return _PrivateRound(PrivateSum(global_weights, spec, mechanism, generator))
 
     def bind(self, model: nn.Module) -> None:
         """Called once on the server with the initial global model, before round 1, so an

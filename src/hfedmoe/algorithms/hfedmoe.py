@@ -180,6 +180,7 @@ class SparsityAwareAggregation(Aggregation):
 @register
 class HFedMoE(PartialUploads, FederatedAlgorithm):
     name = "hfedmoe"
+    NOT_PRIVATE = None  # backward-only: the server plans nothing from s_c (see not_private)
     SECTION = "hfedmoe"
     STATS: ClassVar = {"usage": USAGE, "importance": IMPORTANCE}  # what aggregate() reads
     METRICS: ClassVar = {
@@ -198,6 +199,11 @@ class HFedMoE(PartialUploads, FederatedAlgorithm):
     @property
     def holds_subset(self) -> bool:
         return self.cfg.hfedmoe.mode == "strict"
+
+    def not_private(self) -> str | None:
+        if self.holds_subset:
+            return "hfedmoe.mode = 'strict' picks each download from the s_c clients report"
+        return None
 
     def bind(self, model: nn.Module) -> None:
         self.layout = ExpertLayout.of(model)

@@ -24,7 +24,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from hfedmoe.algorithms import ClientUpdate, FederatedAlgorithm, Weights
+from hfedmoe.algorithms import Aggregation, ClientUpdate, FederatedAlgorithm, Weights
+from hfedmoe.algorithms.maths import accounting
 from hfedmoe.algorithms.mechanics.uploads import UploadSpec
 from hfedmoe.algorithms.mechanics.validation import Expectation, all_finite, check_update
 from hfedmoe.federation import wire
@@ -249,7 +250,7 @@ class AlgorithmStrategy(Strategy):
                 clipped += report.clipped
                 started = time.perf_counter()
                 if fold is None:
-                    fold = self.algorithm.aggregation(server_round, self._global)
+                    fold = self._aggregation(server_round)
                 fold.add(self._client(node), update)
                 self.aggregate_seconds += time.perf_counter() - started
                 examples += update.num_examples
@@ -274,7 +275,26 @@ class AlgorithmStrategy(Strategy):
             return None, None
         # the server's own record: it never crosses a wire, so it holds the tensors as they are
         metrics = {"train_loss": loss_sum / examples, "clipped": clipped}
+        if self.cfg.privacy.enabled:
+            metrics.update(self._privacy_spent(server_round))
         return wire.TensorRecord(new_global), MetricRecord({**metrics, **fold.defence_counts()})
+
+    def _aggregation(self, server_round: int) -> Aggregation:
+        """The algorithm's fold of this round, or DP-FedAvg's under ``[privacy]`` with the
+        denominator fixed at the clients sampled."""
+        if not self.cfg.privacy.enabled:
+            return self.algorithm.aggregation(server_round, self._global)
+        assert self.spec is not None, "a private run needs the upload spec"
+        return self.algorithm.private_aggregation(
+            server_round, self._global, self.spec, len(self._sampled)
+        )
+
+    def _privacy_spent(self, server_round: int) -> dict[str, float]:
+        """epsilon at delta after ``server_round`` rounds, over the clients the sampler draws
+        from (the nodes admitted before round 1), from dp-accounting."""
+        z, delta = self.algorithm.noise_multiplier(), self.algorithm.privacy_delta()
+        spent = accounting.epsilon(z, server_round, len(self.nodes), len(self._sampled), delta)
+        return {"dp_epsilon": spent, "dp_delta": delta, "dp_noise_multiplier": z}
 
     def _accept(self, report: ClientReport, reply: Message) -> ClientUpdate | None:
         """The reply's update if it is valid, else None with ``report`` failed and why. Nothing

@@ -669,6 +669,58 @@ class DevicesConfig(Section):
         return self
 
 
+class PrivacyConfig(Section):
+    """Client-level differential privacy (DP-FedAvg; docs/PRIVACY.md): every client's update
+    clipped to ``clip_norm`` as one vector, Gaussian noise on the round's sum, a fixed
+    denominator, and the epsilon spent after each round from dp-accounting's RDP accountant."""
+
+    enabled: bool = Field(False, description="Train with client-level differential privacy.")
+    clip_norm: float | None = Field(
+        None,
+        gt=0,
+        description="C: the L2 norm each client's whole update (every tensor it sends, minus "
+        "the global weights) is clipped to.",
+    )
+    noise_multiplier: float | None = Field(
+        None,
+        gt=0,
+        description="z: the noise's standard deviation over the sum's sensitivity (2C); set "
+        "this or target_epsilon.",
+    )
+    target_epsilon: float | None = Field(
+        None,
+        gt=0,
+        description="The epsilon the planned rounds may spend: z is calibrated to it.",
+    )
+    delta: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="delta of (epsilon, delta); null = min(1e-5, 1/num_clients^1.1).",
+    )
+    noise: Literal["server"] = Field(
+        "server",
+        description="Who adds the noise: server (a trusted aggregator adds it to the round's "
+        "sum). Noise on each client (local DP) is not built yet.",
+    )
+
+    @model_validator(mode="after")
+    def _complete(self) -> PrivacyConfig:
+        if not self.enabled:
+            return self
+        if self.clip_norm is None:
+            raise ValueError(
+                "privacy.clip_norm: needed with privacy.enabled (the L2 norm each client's "
+                "update is clipped to)"
+            )
+        if (self.noise_multiplier is None) == (self.target_epsilon is None):
+            raise ValueError(
+                "privacy: set exactly one of noise_multiplier and target_epsilon "
+                "(the noise, or the epsilon it is calibrated to)"
+            )
+        return self
+
+
 #: The end points the comparison report can take as its primary one (hfedmoe.experiment.report):
 #: the final round's test accuracy, the mean of the last rounds' (steadier when a few skewed
 #: clients are sampled a round) and the final per-client accuracy (the mean client's, each on
@@ -739,6 +791,7 @@ class ExperimentConfig(Section):
     devices: DevicesConfig = DevicesConfig()
     faults: FaultsConfig = FaultsConfig()
     report: ReportConfig = ReportConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
 
     @field_validator("name")
     @classmethod
@@ -798,6 +851,15 @@ class ExperimentConfig(Section):
             raise ValueError(
                 "federation.robust: eq. (20) as written (hfedmoe.router_alpha) is a sum over "
                 "|S_global|, not a mean a robust statistic can replace; expected 'normalized'"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _privacy_is_one_mean(self) -> ExperimentConfig:
+        if self.privacy.enabled and self.federation.robust != "none":
+            raise ValueError(
+                "federation.robust: the DP sum's sensitivity holds for a sum of clipped "
+                "updates, not a robust statistic; expected 'none' with privacy.enabled"
             )
         return self
 

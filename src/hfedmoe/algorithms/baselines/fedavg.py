@@ -29,6 +29,7 @@ class _Average(Aggregation):
 @register
 class FedAvg(FederatedAlgorithm):
     name = "fedavg"
+    NOT_PRIVATE = None
 
     def aggregation(self, server_round: int, global_weights: Weights) -> Aggregation:
         return _Average(self.merge(global_weights))

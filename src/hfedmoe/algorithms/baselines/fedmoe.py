@@ -79,6 +79,7 @@ class _Modular(Aggregation):
 @register
 class FedMoE(PartialUploads, FederatedAlgorithm):
     name = "fedmoe"
+    NOT_PRIVATE = "its server recommends sub-MoEs from the expert usage clients report"
     STATS: ClassVar = {"usage": USAGE, "held": HELD}  # what aggregate() reads from each reply
 
     def bind(self, model: nn.Module) -> None:

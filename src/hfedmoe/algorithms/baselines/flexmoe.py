@@ -96,6 +96,7 @@ class _ByUsage(Aggregation):
 @register
 class FlexMoE(PartialUploads, FederatedAlgorithm):
     name = "flexmoe"
+    NOT_PRIVATE = "its server assigns experts from the usage clients report"
     STATS: ClassVar = {"usage": USAGE}  # what aggregate() reads from each reply
 
     def bind(self, model: nn.Module) -> None:

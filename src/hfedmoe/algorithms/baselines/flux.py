@@ -472,6 +472,7 @@ class _ByTuners(Aggregation):
 @register
 class Flux(FederatedAlgorithm):
     name = "flux"
+    NOT_PRIVATE = "its server sets roles from the utilities and counts clients report"
     SECTION = "flux"
     METRICS: ClassVar = {
         "usage_seconds": Range(),

@@ -62,6 +62,7 @@ class _ByUpdaters(Aggregation):
 @register
 class RandomSubset(PartialUploads, FederatedAlgorithm):
     name = "random"
+    NOT_PRIVATE = None  # its draws use the seed and the budgets, never what clients report
 
     def bind(self, model: nn.Module) -> None:
         self.layout = ExpertLayout.of(model)

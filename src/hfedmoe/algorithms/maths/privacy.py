@@ -1,0 +1,68 @@
+"""Client-level differential privacy (DP-FedAvg, McMahan et al., ICLR 2018): the arithmetic.
+
+A round releases  w' = w + (sum_c clip_C(Delta_c) + N(0, s^2 I)) / d  for every trainable
+tensor at once, where
+
+* Delta_c = x_c - w is client c's update over *every* tensor it uploads, clipped as one vector
+  to L2 norm C (eq. P1: clip_C(v) = v min(1, C / ||v||)); a tensor it did not upload counts
+  as a zero update, so which experts a client chose is hidden by the noise like the rest;
+* d is fixed before the round (the number of clients sampled), never who replied: a client
+  that fails or is rejected adds a zero update, still inside the clipping ball (eq. P2);
+* s is the noise on the sum: s = z x (sensitivity of the sum) (eq. P3), with z the noise
+  multiplier the accountant (``maths.accounting``) is told. Clients are sampled as a fixed-size
+  subset without replacement, whose neighbouring relation is "replace one client": two sums
+  differ by at most ||u - u'|| <= 2C, so s = 2 z C. (Poisson sampling, add/remove one client,
+  would have s = z C with a random number of clients.)
+
+One client therefore moves any release by at most 2C / d before noise, whatever it sends.
+Pure functions over tensors; the fold that applies them is ``mechanics.privacy``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+
+import torch
+
+
+def joint_norm(tensors: Iterable[torch.Tensor]) -> float:
+    """||v|| of the tensors taken as one vector, accumulated in float64."""
+    total = 0.0
+    for t in tensors:
+        total += float(t.to(torch.float64).square().sum())
+    return math.sqrt(total)
+
+
+def clip_factor(norm: float, clip_norm: float) -> float:
+    """min(1, C / ||v||) (eq. P1): what an update of norm ``norm`` is scaled by."""
+    if clip_norm <= 0:
+        raise ValueError("the clipping norm must be positive")
+    return 1.0 if norm <= clip_norm else clip_norm / norm
+
+
+def clipped_deltas(
+    update: Mapping[str, torch.Tensor], global_weights: Mapping[str, torch.Tensor], clip_norm: float
+) -> tuple[dict[str, torch.Tensor], float]:
+    """Each uploaded tensor's Delta = x - w in float64, scaled jointly by ``clip_factor``;
+    and the update's norm before clipping."""
+    deltas = {
+        k: x.to(torch.float64) - global_weights[k].to(torch.float64) for k, x in update.items()
+    }
+    norm = joint_norm(deltas.values())
+    factor = clip_factor(norm, clip_norm)
+    if factor < 1.0:
+        for d in deltas.values():
+            d.mul_(factor)
+    return deltas, norm
+
+
+def sum_noise_std(noise_multiplier: float, clip_norm: float) -> float:
+    """s = 2 z C (eq. P3): the noise on the sum of a fixed-size sample's clipped updates, whose
+    replace-one sensitivity is 2C."""
+    return 2.0 * noise_multiplier * clip_norm
+
+
+def gaussian_like(x: torch.Tensor, std: float, generator: torch.Generator) -> torch.Tensor:
+    """N(0, std^2) of ``x``'s shape, in float64, from ``generator`` (reproducible per round)."""
+    return torch.randn(x.shape, dtype=torch.float64, generator=generator) * std

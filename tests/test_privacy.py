@@ -1,0 +1,238 @@
+"""Client-level differential privacy (``[privacy]``): DP-FedAvg's clipping, noise and fixed
+denominator by hand, one client's influence bounded whatever it sends, the noise's standard
+deviation measured, epsilon from dp-accounting, and private runs end to end.
+"""
+
+from __future__ import annotations
+
+import math
+
+import dp_accounting
+import pytest
+import tomli_w
+import torch
+from dp_accounting.rdp import RdpAccountant
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file
+
+from hfedmoe.algorithms import ClientUpdate, build_algorithm
+from hfedmoe.algorithms.maths import accounting
+from hfedmoe.algorithms.maths.privacy import clip_factor, clipped_deltas, joint_norm
+from hfedmoe.algorithms.mechanics.privacy import Mechanism, PrivateSum
+from hfedmoe.algorithms.mechanics.uploads import UploadSpec
+from hfedmoe.engines.embedded import run_embedded
+from hfedmoe.federation.client_app import app as client_app
+from hfedmoe.federation.server_app import app as server_app
+from hfedmoe.foundation.config import validate
+from hfedmoe.foundation.errors import ConfigError
+from hfedmoe.results import read_metrics, without
+
+from .support.cli import checkpoint_round, kill_when, run_to_the_end
+from .support.configs import tiny_raw
+
+# --- the arithmetic by hand --------------------------------------------------------------------
+
+
+def test_an_update_is_clipped_as_one_vector_by_hand():
+    # (3, 4) and (12,): one vector of norm 13; clipped to 6.5, every part is halved
+    w = {"a": torch.zeros(2), "b": torch.ones(1)}
+    x = {"a": torch.tensor([3.0, 4.0]), "b": torch.tensor([13.0])}
+    deltas, norm = clipped_deltas(x, w, 6.5)
+    assert norm == pytest.approx(13.0)
+    assert deltas["a"].tolist() == pytest.approx([1.5, 2.0])
+    assert deltas["b"].tolist() == pytest.approx([6.0])
+    assert joint_norm(deltas.values()) == pytest.approx(6.5)
+    assert clip_factor(5.0, 6.5) == 1.0  # inside the ball: unchanged
+
+
+def _spec(*names: str) -> UploadSpec:
+    return UploadSpec(required=frozenset(names))
+
+
+def _fold(global_weights, replies, clip_norm=1.0, z=0.0, d=4, seed=0) -> dict:
+    spec = _spec(*global_weights)
+    fold = PrivateSum(
+        global_weights, spec, Mechanism(clip_norm, z, d), torch.Generator().manual_seed(seed)
+    )
+    for weights in replies:
+        fold.add(ClientUpdate(weights=weights, num_examples=10))
+    return fold.finish()
+
+
+def test_the_release_is_the_clipped_sum_over_the_fixed_denominator_by_hand():
+    # d = 4 clients sampled, two replied: w + (Delta_1 + clip(Delta_2)) / 4, with no noise;
+    # client 2's update (0, 4) is clipped to (0, 1); "b" nobody sent stays where it was
+    w = {"a": torch.tensor([1.0, 1.0]), "b": torch.tensor([5.0])}
+    one = {"a": torch.tensor([1.5, 1.0])}  # Delta (0.5, 0), inside C = 1
+    two = {"a": torch.tensor([1.0, 5.0])}  # Delta (0, 4) -> (0, 1)
+    new = _fold(w, [one, two])
+    assert new["a"].tolist() == pytest.approx([1.0 + 0.5 / 4, 1.0 + 1.0 / 4])
+    assert new["b"].tolist() == [5.0]
+    assert new["a"].dtype == torch.float32
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    scale=st.floats(min_value=1e-3, max_value=1e12),
+    sign=st.sampled_from([-1.0, 1.0]),
+    d=st.integers(min_value=1, max_value=8),
+)
+def test_one_client_moves_the_release_by_at_most_c_over_d_whatever_it_sends(scale, sign, d):
+    torch.manual_seed(0)
+    w = {"a": torch.randn(6), "b": torch.randn(3, 2)}
+    honest = [{k: v + 0.3 * torch.randn_like(v) for k, v in w.items()} for _ in range(2)]
+    hostile = {k: v + sign * scale * torch.ones_like(v) for k, v in w.items()}
+    without = _fold(w, honest, clip_norm=0.5, d=d)
+    with_it = _fold(w, [*honest, hostile], clip_norm=0.5, d=d)
+    moved = joint_norm(with_it[k].double() - without[k].double() for k in w)
+    assert moved <= 0.5 / d * (1 + 1e-5)
+
+
+def test_the_noise_has_the_specified_standard_deviation_on_every_key():
+    # s = 2 z C on the sum, so s / d on the release: 2 x 1.5 x 0.4 / 3 = 0.4, on the key a
+    # client sent and on the one nobody sent; 2 x 10^5 draws give its std to about 0.2%
+    w = {"sent": torch.zeros(100_000), "unsent": torch.zeros(100_000)}
+    new = _fold(w, [{"sent": torch.zeros(100_000)}], clip_norm=0.4, z=1.5, d=3, seed=7)
+    for key in w:
+        x = new[key].double()
+        assert float(x.mean()) == pytest.approx(0.0, abs=0.4 * 5 / math.sqrt(1e5))
+        assert float(x.std()) == pytest.approx(0.4, rel=0.01)
+    assert not torch.equal(new["sent"], new["unsent"])  # independent draws
+    again = _fold(w, [{"sent": torch.zeros(100_000)}], clip_norm=0.4, z=1.5, d=3, seed=7)
+    assert all(torch.equal(new[k], again[k]) for k in w)  # seeded: a resumed round repeats
+
+
+# --- the accountant ---------------------------------------------------------------------------
+
+
+def test_epsilon_is_dp_accountings_rdp_over_fixed_size_samples():
+    # the library's own computation for the same parameters: 10 rounds of 4 of 8 clients
+    direct = RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
+    event = dp_accounting.SampledWithoutReplacementDpEvent(8, 4, dp_accounting.GaussianDpEvent(1.2))
+    direct.compose(dp_accounting.SelfComposedDpEvent(event, 10))
+    assert accounting.epsilon(1.2, 10, 8, 4, 1e-5) == direct.get_epsilon(1e-5)
+    # sampling everyone is the plain Gaussian mechanism, composed
+    everyone = RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
+    everyone.compose(dp_accounting.GaussianDpEvent(1.2), 10)
+    assert accounting.epsilon(1.2, 10, 8, 8, 1e-5) == pytest.approx(everyone.get_epsilon(1e-5))
+    # sampling half the clients spends less; more rounds spend more; nothing before round 1
+    assert accounting.epsilon(1.2, 10, 8, 4, 1e-5) < accounting.epsilon(1.2, 10, 8, 8, 1e-5)
+    assert accounting.epsilon(1.2, 5, 8, 4, 1e-5) < accounting.epsilon(1.2, 10, 8, 4, 1e-5)
+    assert accounting.epsilon(1.2, 0, 8, 4, 1e-5) == 0.0
+
+
+@pytest.mark.parametrize("target", [1.0, 8.0])
+def test_the_calibrated_noise_spends_the_target_epsilon(target):
+    z = accounting.noise_for_epsilon(target, 10, 8, 4, 1e-5)
+    assert accounting.epsilon(z, 10, 8, 4, 1e-5) <= target * (1 + 1e-6)
+    assert accounting.epsilon(z * 0.98, 10, 8, 4, 1e-5) > target  # the least noise that does
+
+
+def test_the_default_delta_is_below_one_over_the_number_of_clients():
+    assert accounting.default_delta(8) == 1e-5
+    assert accounting.default_delta(100_000) == pytest.approx(100_000**-1.1)
+
+
+# --- the config --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("privacy", "fragment"),
+    [
+        ({"enabled": True, "noise_multiplier": 1.0}, r"privacy\.clip_norm: needed"),
+        ({"enabled": True, "clip_norm": 1.0}, r"privacy: set exactly one of"),
+        (
+            {"enabled": True, "clip_norm": 1.0, "noise_multiplier": 1.0, "target_epsilon": 3.0},
+            r"privacy: set exactly one of",
+        ),
+    ],
+)
+def test_an_incomplete_privacy_section_is_one_clear_error(tiny_bert_dir, privacy, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        validate(tiny_raw(tiny_bert_dir, privacy=privacy))
+
+
+PRIVATE = {"enabled": True, "clip_norm": 0.5, "noise_multiplier": 1.0}
+
+
+def test_a_robust_aggregator_is_refused_under_privacy(tiny_bert_dir):
+    raw = tiny_raw(tiny_bert_dir, privacy=PRIVATE, federation={"robust": "median"})
+    with pytest.raises(ConfigError, match=r"federation\.robust: .* expected 'none'"):
+        validate(raw)
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "hfedmoe", "why"),
+    [
+        ("flexmoe", {}, "assigns experts from the usage clients report"),
+        ("fedmoe", {}, "recommends sub-MoEs"),
+        ("flux", {}, "roles from the utilities"),
+        ("hfedmoe", {"mode": "strict"}, "strict"),
+    ],
+)
+def test_a_method_whose_server_plans_from_reports_is_refused(
+    tiny_bert_dir, algorithm, hfedmoe, why
+):
+    cfg = validate(tiny_raw(tiny_bert_dir, algorithm=algorithm, privacy=PRIVATE, hfedmoe=hfedmoe))
+    with pytest.raises(
+        ConfigError, match=rf"privacy\.enabled: algorithm '{algorithm}' is not covered: .*{why}"
+    ):
+        build_algorithm(cfg)
+
+
+# --- private runs -----------------------------------------------------------------------------
+
+
+def _private_run(tiny_bert_dir, run_dir, algorithm="fedavg", **privacy):
+    raw = tiny_raw(
+        tiny_bert_dir,
+        algorithm=algorithm,
+        federation={"num_clients": 3, "clients_per_round": 2, "rounds": 2},
+        privacy={**PRIVATE, **privacy},
+    )
+    run_embedded(validate(raw), str(run_dir), server_app, client_app)
+    return read_metrics(run_dir), load_file(run_dir / "model" / "model.safetensors")
+
+
+@pytest.mark.parametrize("algorithm", ["fedavg", "hfedmoe"])
+def test_a_private_run_records_the_epsilon_it_spent_each_round(tiny_bert_dir, tmp_path, algorithm):
+    metrics, weights = _private_run(tiny_bert_dir, tmp_path / "run", algorithm)
+    for record in metrics[1:]:
+        spent = accounting.epsilon(1.0, record["round"], 3, 2, 1e-5)
+        assert record["dp_epsilon"] == spent and record["dp_delta"] == 1e-5
+        assert record["dp_noise_multiplier"] == 1.0
+        assert record["dp_replies"] == record["clients_ok"] == 2
+    assert metrics[2]["dp_epsilon"] > metrics[1]["dp_epsilon"] > 0
+    assert all(torch.isfinite(t).all() for t in weights.values())
+    # seeded noise: the same config gives the same model
+    _, weights_again = _private_run(tiny_bert_dir, tmp_path / "again", algorithm)
+    assert all(torch.equal(weights[k], weights_again[k]) for k in weights)
+
+
+def test_a_target_epsilon_sets_the_noise_for_the_planned_rounds(tiny_bert_dir, tmp_path):
+    metrics, _ = _private_run(
+        tiny_bert_dir, tmp_path / "run", noise_multiplier=None, target_epsilon=20.0
+    )
+    z = accounting.noise_for_epsilon(20.0, 2, 3, 2, 1e-5)
+    assert metrics[-1]["dp_noise_multiplier"] == z
+    assert metrics[-1]["dp_epsilon"] == pytest.approx(20.0, rel=1e-3)
+
+
+def test_a_private_run_killed_mid_run_resumes_to_the_same_end(tiny_bert_dir, tmp_path):
+    raw = tiny_raw(
+        tiny_bert_dir,
+        federation={"num_clients": 3, "clients_per_round": 2, "rounds": 3},
+        privacy=PRIVATE,
+    )
+    config = tmp_path / "private.toml"
+    config.write_text(tomli_w.dumps(raw))
+    whole = run_to_the_end(tmp_path / "whole", str(config))
+    run_dir = tmp_path / "killed"
+    kill_when(["run", str(config), "-o", str(run_dir)], lambda: checkpoint_round(run_dir) >= 1)
+    assert 1 <= checkpoint_round(run_dir) < 3
+    resumed = run_to_the_end(run_dir)
+    assert without(read_metrics(resumed)) == without(read_metrics(whole))
+    ours = load_file(resumed / "model" / "model.safetensors")
+    theirs = load_file(whole / "model" / "model.safetensors")
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)  # the same noise, bit for bit
