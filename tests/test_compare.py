@@ -65,6 +65,7 @@ def test_an_unfinished_run_is_set_aside_and_redone(tiny_bert_dir, tmp_path):
     assert kept.read_text() == '{"round": 0}\n'
 
 
+@pytest.mark.slow  # resuming is covered by test_resume.py's kills (CI time)
 def test_an_interrupted_run_resumes_from_its_checkpoint(tiny_bert_dir, tmp_path, monkeypatch):
     config, out = _config(tmp_path, tiny_bert_dir), tmp_path / "grid"
     base = ["federation.rounds=3"]
@@ -120,6 +121,7 @@ def _interrupted(config, out, base: list[str]) -> tuple[comparison.Cell, int]:
     return cell, kept
 
 
+@pytest.mark.slow  # setting aside is covered by test_an_unfinished_run_is_set_aside_and_redone
 def test_an_unfinished_run_of_another_experiment_is_set_aside(tiny_bert_dir, tmp_path):
     config, out = _config(tmp_path, tiny_bert_dir), tmp_path / "grid"
     args = ["compare", str(config), "--methods", "fedavg"]

@@ -210,6 +210,7 @@ def test_a_private_run_records_the_epsilon_it_spent_each_round(tiny_bert_dir, tm
     assert all(torch.equal(weights[k], weights_again[k]) for k in weights)
 
 
+@pytest.mark.slow  # the calibration itself is tested above, without a run (CI time)
 def test_a_target_epsilon_sets_the_noise_for_the_planned_rounds(tiny_bert_dir, tmp_path):
     metrics, _ = _private_run(
         tiny_bert_dir, tmp_path / "run", noise_multiplier=None, target_epsilon=20.0
