@@ -31,6 +31,7 @@ from .support.localnet import (
 )
 from .support.tiers import three_tiers
 
+REPO = Path(__file__).resolve().parents[1]
 TIERS = ["small", "medium", "large"]  # _three_tiers' tier names, one per partition
 
 
@@ -71,10 +72,26 @@ def test_the_ray_simulation_gives_the_embedded_engines_metrics(config_file, tmp_
     assert engine_independent(tmp_path / "ray") == engine_independent(embedded)
 
 
-def test_a_deployment_with_tls_and_node_authentication(config_file, tmp_path):
-    """SuperLink + 3 SuperNodes on 127.0.0.1, 2 rounds of HFedMoE, then everything stops."""
+#: three sites, each with its own CSV (the chat desk has no billing), and the server's test file
+SITES = [str(REPO / "examples" / "data" / "sites" / f"{s}.csv") for s in ("phone", "email", "chat")]
+OWN_DATA = {
+    "dataset": "local",
+    "clients": "own",
+    "test_path": str(REPO / "examples" / "data" / "support_tickets_test.csv"),
+    "label_names": ["billing", "shipping", "technical"],
+    "columns": {"text": "subject", "text_pair": "body", "label": "team"},
+}
+
+
+def test_a_deployment_with_tls_and_node_authentication(tiny_bert_dir, tmp_path):
+    """SuperLink + 3 SuperNodes on 127.0.0.1, 2 rounds of HFedMoE, then everything stops.
+    Each site reads its own CSV, named by its SuperNode (--node-config data-path); the config
+    names no training data at all, so the server cannot read any."""
+    raw = three_tiers(tiny_bert_dir, "hfedmoe", data=OWN_DATA)
+    config_file = tmp_path / "sites.toml"
+    config_file.write_text(tomli_w.dumps(raw))
     run_dir = tmp_path / "run"
-    with LocalDeployment(tmp_path / "net", TIERS) as net:
+    with LocalDeployment(tmp_path / "net", TIERS, data_paths=SITES) as net:
         # a SuperNode whose key was never registered is refused
         rogue, _ = make_node_key(net.workdir, "rogue")
         refused = net.start_supernode("rogue", rogue, 0, None)
@@ -89,12 +106,17 @@ def test_a_deployment_with_tls_and_node_authentication(config_file, tmp_path):
     devices = metrics[0]["devices"]  # each node's own tier, learnt by the budget query
     assert [(d["partition_id"], d["tier"]) for d in devices] == list(enumerate(TIERS))
     assert [d["expert_budget"] for d in devices] == [2, 5, 8]
+    sizes = [len(Path(p).read_text().splitlines()) - 1 for p in SITES]  # rows below the header
+    assert [d["num_examples"] for d in devices] == sizes  # each site declared its own file
     for record in metrics[1:]:
         assert record["clients_ok"] == 3 and record["failures"] == {}
         for client in record["clients"]:
             assert client["max_active_per_step"] <= client["expert_budget"]
-    # the deployment trains what the embedded engine trains
+            assert client["num_examples"] == sizes[client["partition_id"]]
+    # the deployment trains what the embedded engine trains with each client's file listed
+    simulated = tmp_path / "simulated.toml"
+    simulated.write_text(tomli_w.dumps({**raw, "data": {**raw["data"], "client_paths": SITES}}))
     embedded = tmp_path / "embedded"
-    proc = run_cli("run", str(config_file), "-o", str(embedded), "--no-progress")
+    proc = run_cli("run", str(simulated), "-o", str(embedded), "--no-progress")
     assert proc.returncode == 0, proc.stderr
     assert engine_independent(run_dir) == engine_independent(embedded)

@@ -272,10 +272,13 @@ class LocalDeployment:
         workdir: Path,
         tiers: list[str | None],
         proxy: Callable[[LocalDeployment], str] | None = None,
+        data_paths: list[str] | None = None,
     ):
+        """``data_paths``: each SuperNode's own data (its node config's data-path)."""
         self.workdir = Path(workdir)
         self.tiers = tiers
         self.proxy = proxy
+        self.data_paths = data_paths
         self.home = self.workdir / "flwr-home"
         self.env = flwr_env(self.home)
         self.processes = Processes(self.env, self.workdir)
@@ -329,6 +332,8 @@ class LocalDeployment:
         node_config = f"partition-id={partition} num-partitions={len(self.tiers)}"
         if tier is not None:
             node_config += f" device-tier='{tier}'"
+        if self.data_paths is not None and 0 <= partition < len(self.data_paths):
+            node_config += f" data-path='{self.data_paths[partition]}'"
         return self.processes.start(
             name,
             "flower-supernode",

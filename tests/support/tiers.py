@@ -13,9 +13,14 @@ from .configs import tiny_raw
 
 
 def three_tiers(
-    tiny_bert_dir: Path, algorithm: str, mode: str = "backward-only", check_wire: bool = False
+    tiny_bert_dir: Path,
+    algorithm: str,
+    mode: str = "backward-only",
+    check_wire: bool = False,
+    data: dict | None = None,
 ) -> dict:
-    """Three clients on three devices: small (budget 2), medium (budget 5), large (all 8)."""
+    """Three clients on three devices: small (budget 2), medium (budget 5), large (all 8);
+    ``data``: keys of ``[data]`` to change (before the tiers are sized: the head is the data's)."""
     raw = tiny_raw(
         tiny_bert_dir,
         algorithm=algorithm,
@@ -27,6 +32,7 @@ def three_tiers(
         },
         hfedmoe={"mode": mode},
     )
+    raw["data"].update(data or {})
     cfg = validate(raw)
     model = client_model(cfg, label_names(cfg))
     costs = build_cost_model(model, cfg)

@@ -32,7 +32,7 @@ from hfedmoe.data.text import Split, TextDataset
 from hfedmoe.foundation.assets import shipped_path
 from hfedmoe.foundation.config import DataColumns, DataConfig
 from hfedmoe.foundation.errors import HFedMoEError
-from hfedmoe.foundation.seeding import HOLDOUT, VALIDATION, rng_for
+from hfedmoe.foundation.seeding import HOLDOUT, OWN_DATA, VALIDATION, rng_for
 
 
 def bbc_news_table(root: Path) -> Dataset:
@@ -264,3 +264,22 @@ def stratified_split(
         test.append(idx[:n_test])
         train.append(idx[n_test:])
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+
+
+#: the party whose own file :func:`read_own` reads: the server's test file (a client is its
+#: partition id)
+SERVER = -1
+
+
+def read_own(cfg: DataConfig, path: str, field: str, party: int, cap: int | None) -> TextDataset:
+    """One party's own file (``data.clients = "own"``): a client's training data, or the
+    server's test file (``party`` :data:`SERVER`), read with the config's columns, task and
+    class names, at most ``cap`` rows of it (drawn with the seed 0 stream of ``party``, so a
+    file is capped alike in every run)."""
+    where = Path(path).expanduser()
+    names = cfg.label_names if cfg.task == "classification" else None
+    data = to_text_dataset(read_table(where, field), cfg.task, cfg.columns, f"'{where}'", names)
+    if cap is None or len(data) <= cap:
+        return data
+    rng = rng_for(0, OWN_DATA, party + 1)
+    return data.subset(np.sort(rng.choice(len(data), cap, replace=False)))

@@ -28,7 +28,13 @@ from hfedmoe.algorithms.mechanics.uploads import UploadSpec
 from hfedmoe.budget import BudgetExceeded, CostModels, assign_tiers, check_request
 from hfedmoe.data.tokenized import TokenizedDataset
 from hfedmoe.federation import faults, wire
-from hfedmoe.federation.workload import ClientSource, client_model, client_source, label_names
+from hfedmoe.federation.workload import (
+    ClientSource,
+    OwnSource,
+    client_model,
+    client_source,
+    label_names,
+)
 from hfedmoe.foundation.config import ATTACK_KINDS, DeviceTier, ExperimentConfig
 from hfedmoe.foundation.errors import ConfigError
 from hfedmoe.foundation.seeding import CLIENT_TRAIN, rng_for, seed_torch
@@ -73,7 +79,7 @@ def train(msg: Message, context: Context) -> Message:
         faults.hang()
     if fault == "crash":
         faults.crash()
-    data = _data(cfg_json, partition_id, num_partitions)
+    data = _data(cfg_json, partition_id, num_partitions, _data_path(context))
     model = _architecture(cfg_json)  # resident: the request's weights are loaded into it
     sent = request.weights
     seed_torch(cfg.seed, CLIENT_TRAIN, server_round, partition_id)  # dropout
@@ -118,7 +124,14 @@ def budget(msg: Message, context: Context) -> Message:
         expert_budget=_algorithm(cfg_json).device_budget(costs, tier),
         num_experts=costs.at().num_experts,
         num_partitions=int(context.node_config["num-partitions"]),
-        num_examples=len(_data(cfg_json, partition_id, int(context.node_config["num-partitions"]))),
+        num_examples=len(
+            _data(
+                cfg_json,
+                partition_id,
+                int(context.node_config["num-partitions"]),
+                _data_path(context),
+            )
+        ),
     )
     return Message(wire.pack_device(reply), reply_to=msg)
 
@@ -128,13 +141,21 @@ def _config(text: str) -> ExperimentConfig:
     return ExperimentConfig.from_json(text)
 
 
+def _data_path(context: Context) -> str | None:
+    """The node's own data (``--node-config "data-path='...'"``), if it names any."""
+    path = context.node_config.get("data-path")
+    return None if path is None else str(path)
+
+
 @functools.lru_cache(maxsize=64)
-def _data(cfg_json: str, partition_id: int, num_partitions: int) -> TokenizedDataset:
-    return _source(cfg_json, num_partitions).partition(_config(cfg_json), partition_id)
+def _data(
+    cfg_json: str, partition_id: int, num_partitions: int, data_path: str | None = None
+) -> TokenizedDataset:
+    return _source(cfg_json, num_partitions).partition(_config(cfg_json), partition_id, data_path)
 
 
 @functools.lru_cache(maxsize=2)
-def _source(cfg_json: str, num_partitions: int) -> ClientSource:
+def _source(cfg_json: str, num_partitions: int) -> ClientSource | OwnSource:
     return client_source(_config(cfg_json), num_partitions)
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from hfedmoe.algorithms import build_algorithm
 from hfedmoe.budget import CostModels, check_tiers
+from hfedmoe.data.datasets import SERVER, read_own
 from hfedmoe.federation.workload import client_model, label_names
 from hfedmoe.foundation.assets import resolve_model_dir
 from hfedmoe.foundation.config import ExperimentConfig
@@ -37,6 +38,11 @@ def check_experiment(cfg: ExperimentConfig) -> None:
         check_model_dir(directory, cfg.data.task, cfg.model.name_or_path)
     if cfg.data.path and not Path(cfg.data.path).expanduser().exists():
         raise HFedMoEError(f"data.path: '{cfg.data.path}' does not exist")
+    for i, path in enumerate(cfg.data.client_paths or []):  # read by each client, not here
+        if not Path(path).expanduser().exists():
+            raise HFedMoEError(f"data.client_paths[{i}]: '{path}' does not exist")
+    if cfg.data.clients == "own" and cfg.data.test_path:  # the one file the server reads
+        read_own(cfg.data, cfg.data.test_path, "data.test_path", SERVER, cfg.data.max_test_examples)
     labels = label_names(cfg)  # reads the data: a bad file fails here, before any output
     if cfg.devices.tiers:  # a device too small to train anything is a config error
         model = client_model(cfg, labels)

@@ -2,7 +2,9 @@
 
 Both the server (global model, test and validation splits) and each client (its partition)
 call these; a client never receives data from the server, it rebuilds its own partition from
-the seed (out of the training rows the validation split leaves, as the server does).
+the seed (out of the training rows the validation split leaves, as the server does). With
+``data.clients = "own"`` nothing is partitioned: each client reads its own file and only it,
+and the server reads only its test file (``data.test_path``).
 (``data.task`` in the config says what the model learns: classification, language modelling or
 multiple choice.)
 """
@@ -16,11 +18,12 @@ import numpy as np
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from hfedmoe.construction import ensure_prepared
-from hfedmoe.data.datasets import load_dataset
+from hfedmoe.data.datasets import SERVER, load_dataset, read_own
 from hfedmoe.data.partition import partition_indices, partition_key
 from hfedmoe.data.text import TextDataset
 from hfedmoe.data.tokenized import TokenizedDataset, tokenize_for
 from hfedmoe.foundation.config import ExperimentConfig
+from hfedmoe.foundation.errors import ConfigError
 from hfedmoe.model import build_model, load_tokenizer
 from hfedmoe.training.personal import key_shares
 
@@ -36,11 +39,15 @@ class ServerWorkload:
     label_names: tuple[str, ...]
     test_keys: np.ndarray  # each test row's partition key (label or group)
     client_shares: np.ndarray  # (C, K) each client's share of each key (per-client views)
-    partition_sizes: tuple[int, ...]  # |D_c| of every client, as the server partitioned the data
+    #: |D_c| of every client, as the server partitioned the data; None where it did not (own
+    #: data: each node declares its size before round 1)
+    partition_sizes: tuple[int, ...] | None
     validation: TokenizedDataset | None = None  # rows no client trains on; None without
 
 
 def server_workload(cfg: ExperimentConfig) -> ServerWorkload:
+    if cfg.data.clients == "own":
+        return _own_data_server(cfg)
     split = load_dataset(cfg.data, cfg.seed)
     tokenizer = load_tokenizer(cfg.model)
     model = build_model(
@@ -65,6 +72,48 @@ def server_workload(cfg: ExperimentConfig) -> ServerWorkload:
     return ServerWorkload(model, tokenizer, test, names, test_keys, shares, sizes, validation)
 
 
+def _own_data_server(cfg: ExperimentConfig) -> ServerWorkload:
+    """The server of a federation whose clients hold their own data: the model, the test
+    file, the class names from the config; no client's size or label mix is known here, so
+    the per-client views of the global model are left empty."""
+    assert cfg.data.test_path is not None
+    names = tuple(cfg.data.label_names or ())
+    tokenizer = load_tokenizer(cfg.model)
+    model = build_model(
+        cfg.model, cfg.data.task, names, seed=cfg.seed, pretrained=True, model_dir=None
+    )  # model.construction is 'upcycle' with own data (the config says why)
+    cap = cfg.data.max_test_examples
+    test_rows = read_own(cfg.data, cfg.data.test_path, "data.test_path", SERVER, cap)
+    test_keys = partition_key(test_rows, cfg.data)
+    shares = np.zeros((cfg.federation.num_clients, int(test_keys.max(initial=0)) + 1))
+    test = tokenize_for(cfg, test_rows, tokenizer)
+    return ServerWorkload(model, tokenizer, test, names, test_keys, shares, None)
+
+
+@dataclass(frozen=True)
+class OwnSource:
+    """Where clients with their own data read it (``data.clients = "own"``): the node's
+    ``data-path``, else ``data.client_paths[partition]``."""
+
+    tokenizer: PreTrainedTokenizerBase
+
+    def partition(
+        self, cfg: ExperimentConfig, partition_id: int, data_path: str | None = None
+    ) -> TokenizedDataset:
+        paths = cfg.data.client_paths
+        if data_path is not None:
+            path, field = data_path, "data-path (the node config)"
+        elif paths is not None and 0 <= partition_id < len(paths):
+            path, field = paths[partition_id], f"data.client_paths[{partition_id}]"
+        else:
+            raise ConfigError(
+                f"data-path: client {partition_id} has no data of its own (give its SuperNode "
+                "--node-config \"data-path='...'\", or data.client_paths)"
+            )
+        rows = read_own(cfg.data, path, field, partition_id, cfg.data.max_train_examples)
+        return tokenize_for(cfg, rows, self.tokenizer)
+
+
 @dataclass(frozen=True)
 class ClientSource:
     """What every partition a client process trains is cut from: the training split, its
@@ -76,12 +125,22 @@ class ClientSource:
     parts: list[np.ndarray]
     tokenizer: PreTrainedTokenizerBase
 
-    def partition(self, cfg: ExperimentConfig, partition_id: int) -> TokenizedDataset:
-        """Client ``partition_id``'s share of the training split, tokenised."""
+    def partition(
+        self, cfg: ExperimentConfig, partition_id: int, data_path: str | None = None
+    ) -> TokenizedDataset:
+        """Client ``partition_id``'s share of the training split, tokenised (a node's
+        ``data_path`` is for own data only)."""
+        if data_path is not None:
+            raise ConfigError(
+                "data-path: this node names its own data, but data.clients is 'partition' "
+                "(set data.clients = 'own', or drop data-path from the node config)"
+            )
         return tokenize_for(cfg, self.train.subset(self.parts[partition_id]), self.tokenizer)
 
 
-def client_source(cfg: ExperimentConfig, num_partitions: int) -> ClientSource:
+def client_source(cfg: ExperimentConfig, num_partitions: int) -> ClientSource | OwnSource:
+    if cfg.data.clients == "own":
+        return OwnSource(load_tokenizer(cfg.model))
     train = load_dataset(cfg.data, cfg.seed).train
     return ClientSource(train, partitions(cfg, train, num_partitions), load_tokenizer(cfg.model))
 
@@ -122,4 +181,8 @@ def starting_model_dir(cfg: ExperimentConfig) -> Path | None:
 
 
 def label_names(cfg: ExperimentConfig) -> tuple[str, ...]:
+    """The class names: the training split's, or the config's where clients hold their own
+    data (the party asking reads no one's training data)."""
+    if cfg.data.clients == "own":
+        return tuple(cfg.data.label_names or ())
     return load_dataset(cfg.data, cfg.seed).train.label_names

@@ -232,6 +232,20 @@ class DataConfig(Section):
         description="A local data set's test file; without one, data.test_fraction of "
         "data.path is the test split.",
     )
+    clients: Literal["partition", "own"] = Field(
+        "partition",
+        description="partition: every client's data is a partition of one data set (each "
+        "party rebuilds it from the config and the seed); own: every client reads its own "
+        "file and nothing else (data.client_paths in simulation, the SuperNode's "
+        "--node-config data-path=... on a deployment), and the server reads no training data, "
+        "only data.test_path.",
+    )
+    client_paths: list[str] | None = Field(
+        None,
+        description="data.clients = 'own': one file or directory per client, in partition "
+        "order (any format data.path takes; the same columns and task). A node config's "
+        "data-path wins where both are given.",
+    )
     columns: DataColumns = DataColumns()
     label_names: list[str] | None = Field(
         None,
@@ -279,9 +293,41 @@ class DataConfig(Section):
     max_test_examples: int | None = Field(None, gt=0, description="Cap for quick runs.")
 
     @model_validator(mode="after")
+    def _own_data(self) -> DataConfig:
+        if self.clients == "partition":
+            if self.client_paths is not None:
+                raise ValueError("data.client_paths: only with data.clients = 'own'")
+            return self
+        needs = {
+            "data.dataset": (self.dataset == "local", "'local' (each client's own files)"),
+            "data.test_path": (
+                self.test_path is not None,
+                "the server's test file (with data.clients = 'own' it reads no training data)",
+            ),
+            "data.label_names": (
+                self.task != "classification" or self.label_names is not None,
+                "the class names in id order (the server reads no training data to learn them)",
+            ),
+            "data.validation_fraction": (
+                self.validation_fraction == 0,
+                "0 with data.clients = 'own' (the server holds no training rows to hold out)",
+            ),
+            "data.holdout_fraction": (
+                self.holdout_fraction == 0,
+                "0 with data.clients = 'own' (the server holds no training rows to hold out)",
+            ),
+        }
+        for field, (ok, expected) in needs.items():
+            if not ok:
+                raise ValueError(f"{field}: expected {expected}")
+        if self.client_paths is not None and not self.client_paths:
+            raise ValueError("data.client_paths: one path per client, or leave it out")
+        return self
+
+    @model_validator(mode="after")
     def _fits_dataset(self) -> DataConfig:
         local = self.dataset == "local"
-        if local and not self.path:
+        if local and not self.path and self.clients == "partition":
             raise ValueError("data.path: a local data set needs the path of its training data")
         if self.test_path and not local:
             raise ValueError("data.test_path: only a local data set takes a test file")
@@ -816,6 +862,22 @@ class ExperimentConfig(Section):
                     f"cannot import '{module}' ({type(exc).__name__}: {exc})"
                 ) from None
         return modules
+
+    @model_validator(mode="after")
+    def _own_data_fits(self) -> ExperimentConfig:
+        paths, n = self.data.client_paths, self.federation.num_clients
+        if paths is not None and len(paths) != n:
+            raise ValueError(
+                f"data.client_paths: {len(paths)} paths for federation.num_clients = {n} "
+                "(one per client, in partition order)"
+            )
+        if self.data.clients == "own" and self.model.construction != "upcycle":
+            raise ValueError(
+                "model.construction: expected 'upcycle' with data.clients = 'own' (the "
+                f"'{self.model.construction}' construction reads a corpus held out of one "
+                "data set)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _faults_fit(self) -> ExperimentConfig:

@@ -13,6 +13,7 @@ HOLDOUT = 9  # the specialisation corpus held out of a data set (seed 0 always: 
 CONSTRUCTION = 10  # building a specialised model (hfedmoe.construction; its own seed)
 FLUX_ROLES, FLUX_PROBES = 11, 12  # FLUX's explore draws (server), its SPSA directions (client)
 VALIDATION = 13  # the validation split held out of a run's training rows (hfedmoe.data)
+OWN_DATA = 15  # the caps' rows of a party's own file (data.clients = "own"; hfedmoe.data)
 PRIVACY = 14  # the Gaussian noise of a differentially private round (algorithms.mechanics)
 
 
