@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import tomli_w
 
+from hfedmoe.data.partition import held_out_count
 from hfedmoe.results import engine_independent, read_metrics
 
 from .support.cli import run_cli
@@ -80,6 +81,7 @@ OWN_DATA = {
     "test_path": str(REPO / "examples" / "data" / "support_tickets_test.csv"),
     "label_names": ["billing", "shipping", "technical"],
     "columns": {"text": "subject", "text_pair": "body", "label": "team"},
+    "client_test_fraction": 0.2,  # each site evaluates on a fifth of its own rows
 }
 
 
@@ -88,6 +90,7 @@ def test_a_deployment_with_tls_and_node_authentication(tiny_bert_dir, tmp_path):
     Each site reads its own CSV, named by its SuperNode (--node-config data-path); the config
     names no training data at all, so the server cannot read any."""
     raw = three_tiers(tiny_bert_dir, "hfedmoe", data=OWN_DATA)
+    raw["eval"]["mode"] = "both"  # the server's test file, and each site on its own rows
     config_file = tmp_path / "sites.toml"
     config_file.write_text(tomli_w.dumps(raw))
     run_dir = tmp_path / "run"
@@ -106,8 +109,13 @@ def test_a_deployment_with_tls_and_node_authentication(tiny_bert_dir, tmp_path):
     devices = metrics[0]["devices"]  # each node's own tier, learnt by the budget query
     assert [(d["partition_id"], d["tier"]) for d in devices] == list(enumerate(TIERS))
     assert [d["expert_budget"] for d in devices] == [2, 5, 8]
-    sizes = [len(Path(p).read_text().splitlines()) - 1 for p in SITES]  # rows below the header
+    rows = [len(Path(p).read_text().splitlines()) - 1 for p in SITES]  # below the header
+    sizes = [n - held_out_count(n, 0.2) for n in rows]  # what each site trains on
     assert [d["num_examples"] for d in devices] == sizes  # each site declared its own file
+    for record in metrics:  # every site evaluated in rounds 0 and 2, the sampled ones between
+        said = {c["partition_id"]: c["examples"] for c in record["federated_clients"]}
+        assert said == {i: held_out_count(rows[i], 0.2) for i in range(3)}
+        assert record["federated_failures"] == {}
     for record in metrics[1:]:
         assert record["clients_ok"] == 3 and record["failures"] == {}
         for client in record["clients"]:

@@ -9,6 +9,7 @@ from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, Part
 from hfedmoe.data.text import TextDataset
 from hfedmoe.foundation.config import DataConfig
 from hfedmoe.foundation.errors import HFedMoEError
+from hfedmoe.foundation.seeding import CLIENT_EVAL, rng_for
 
 
 def partition_key(data: TextDataset, cfg: DataConfig) -> np.ndarray:
@@ -82,3 +83,23 @@ def natural_partition(ids: np.ndarray, num_clients: int, seed: int) -> list[np.n
         )
     order = np.random.default_rng(seed).permutation(unique)
     return [np.flatnonzero(np.isin(ids, chunk)) for chunk in np.array_split(order, num_clients)]
+
+
+def held_out_count(rows: int, fraction: float) -> int:
+    """How many of a client's ``rows`` ``data.client_test_fraction`` holds out for federated
+    evaluation: the fraction rounded, at least one, and never every row."""
+    if fraction == 0:
+        return 0
+    return max(0, min(max(1, round(fraction * rows)), rows - 1))
+
+
+def client_test_split(
+    rows: int, fraction: float, seed: int, client: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Positions of a client's ``rows`` it trains on and holds out (:func:`held_out_count` of
+    them, drawn with the seed for this client): the same on the client and the server."""
+    held = held_out_count(rows, fraction)
+    if held == 0:
+        return np.arange(rows), np.arange(0)
+    out = np.sort(rng_for(seed, CLIENT_EVAL, client).choice(rows, size=held, replace=False))
+    return np.setdiff1d(np.arange(rows), out), out

@@ -38,7 +38,8 @@ from hfedmoe.federation.workload import (
 from hfedmoe.foundation.config import ATTACK_KINDS, DeviceTier, ExperimentConfig
 from hfedmoe.foundation.errors import ConfigError
 from hfedmoe.foundation.seeding import CLIENT_TRAIN, rng_for, seed_torch
-from hfedmoe.model.state import held_bytes
+from hfedmoe.model.state import held_bytes, load_shared_state
+from hfedmoe.training import evaluate
 
 app = ClientApp()
 
@@ -110,6 +111,28 @@ def train(msg: Message, context: Context) -> Message:
     return Message(wire.pack_update(update, partition_id, by_reference), reply_to=msg)
 
 
+@app.evaluate()
+def evaluate_global(msg: Message, context: Context) -> Message:
+    """The global model on this client's own held-out share (``data.client_test_fraction``),
+    for the server's federated evaluation (``eval.mode``)."""
+    cfg_json = str(context.run_config[wire.RUN_CONFIG])
+    cfg = _config(cfg_json)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    partition_id = int(context.node_config["partition-id"])
+    num_partitions = int(context.node_config["num-partitions"])
+    request, _ = wire.unpack_request(msg.content)
+    data = _data(cfg_json, partition_id, num_partitions, _data_path(context), held_out=True)
+    model = _architecture(cfg_json)  # resident: the next train request loads its own weights
+    load_shared_state(model, request.weights)
+    if len(data) == 0:  # a partition too small to hold a row out: nothing to say
+        evaluation = wire.ClientEvaluation(partition_id, 0.0, 0.0, 0)
+    else:
+        result = evaluate(model, data, cfg.eval.batch_size, cfg.train.device)
+        evaluation = wire.ClientEvaluation(partition_id, result.accuracy, result.loss, len(data))
+    return Message(wire.pack_evaluation(evaluation), reply_to=msg)
+
+
 @app.query("budget")
 def budget(msg: Message, context: Context) -> Message:
     """This node's device and C_budget, for the server before round 1."""
@@ -149,9 +172,15 @@ def _data_path(context: Context) -> str | None:
 
 @functools.lru_cache(maxsize=64)
 def _data(
-    cfg_json: str, partition_id: int, num_partitions: int, data_path: str | None = None
+    cfg_json: str,
+    partition_id: int,
+    num_partitions: int,
+    data_path: str | None = None,
+    held_out: bool = False,
 ) -> TokenizedDataset:
-    return _source(cfg_json, num_partitions).partition(_config(cfg_json), partition_id, data_path)
+    """The client's rows it trains on, or (``held_out``) those it evaluates on."""
+    source = _source(cfg_json, num_partitions)
+    return source.partition(_config(cfg_json), partition_id, data_path, held_out)
 
 
 @functools.lru_cache(maxsize=2)

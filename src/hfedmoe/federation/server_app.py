@@ -21,7 +21,8 @@ from flwr.serverapp import Grid, ServerApp
 
 from hfedmoe.algorithms import build_algorithm
 from hfedmoe.budget import minimum_budget
-from hfedmoe.federation import wire
+from hfedmoe.federation import evaluation, wire
+from hfedmoe.federation.evaluation import FederatedEvaluation
 from hfedmoe.federation.strategy import AlgorithmStrategy
 from hfedmoe.federation.workload import ServerWorkload, server_workload
 from hfedmoe.foundation.config import ExperimentConfig
@@ -178,15 +179,27 @@ def federate(
         )
         save_run_state(recorder.run_dir, state)
 
+    def federated(server_round: int) -> FederatedEvaluation | None:
+        """The clients' evaluation of the current global model (``eval.mode``)."""
+        if cfg.eval.mode == "central":
+            return None
+        asked = evaluation.evaluators(cfg, server_round, strategy.sampled, strategy.nodes)
+        weights = wire.tensor_record(shared_state(model), by_reference)
+        messages = evaluation.requests(weights, server_round, strategy.nodes, asked)
+        replies = receive(grid, messages, round_timeout, cfg.federation.poll_interval)
+        fraction = cfg.data.client_test_fraction
+        return evaluation.read(replies, asked, strategy.nodes, strategy.examples, fraction)
+
     if resume is None:
-        initial = evaluate(model, workload.test, cfg.eval.batch_size, cfg.train.device)
+        initial, fed = _central(model, workload, cfg), federated(0)
         validation = _validate(model, workload, cfg)
         elapsed = time.perf_counter() - start
-        record = _round_record(0, initial, None, [], 0.0, elapsed, validation)
-        record.update(_per_client(initial, workload, []))
-        record.update(
-            _personal_models(model, workload, cfg, algorithm, grid, strategy.nodes, initial, [])
-        )
+        record = _round_record(0, _test_result(initial, fed), None, [], 0.0, elapsed, validation)
+        record.update(_per_client(initial, fed, workload, cfg, []))
+        if initial is not None:
+            record.update(
+                _personal_models(model, workload, cfg, algorithm, grid, strategy.nodes, initial, [])
+            )
         record["devices"] = strategy.device_records()
         if excluded:
             record["excluded"] = excluded
@@ -206,10 +219,13 @@ def federate(
         if not by_reference:  # serialised messages live in Flower's reference cycles (a
             gc.collect()  # RecordDict's synced views): free this round's copies now
         eval_start = time.perf_counter()
-        result = evaluate(model, workload.test, cfg.eval.batch_size, cfg.train.device)
+        central = _central(model, workload, cfg)
         eval_seconds = time.perf_counter() - eval_start
         validation = _validate(model, workload, cfg)
         validation_seconds = time.perf_counter() - eval_start - eval_seconds
+        fed = federated(server_round)
+        federated_seconds = time.perf_counter() - eval_start - eval_seconds - validation_seconds
+        result = _test_result(central, fed)
         train = dict(train_metrics) if train_metrics else {}
         train_loss = float(train.pop("train_loss")) if train else None
         now = time.perf_counter()
@@ -218,12 +234,20 @@ def federate(
             server_round, result, train_loss, reports, now - round_start, now - start, validation
         )
         record.update(train)  # what the defences did: groups clipped, shares capped
-        record.update(_per_client(result, workload, record["clients"]))
-        record.update(
-            _personal_models(
-                model, workload, cfg, algorithm, grid, strategy.nodes, result, record["clients"]
+        record.update(_per_client(central, fed, workload, cfg, record["clients"]))
+        if central is not None:
+            record.update(
+                _personal_models(
+                    model,
+                    workload,
+                    cfg,
+                    algorithm,
+                    grid,
+                    strategy.nodes,
+                    central,
+                    record["clients"],
+                )
             )
-        )
         if aggregated:  # what the algorithm says about this round's aggregation
             record.update(algorithm.round_metrics())
         if strategy.aggregate_rejected:
@@ -231,15 +255,17 @@ def federate(
         record["eval_seconds"] = eval_seconds  # where the round's time went (bench/lean.py)
         if validation is not None:
             record["validation_seconds"] = validation_seconds
+        if fed is not None:
+            record["federated_seconds"] = federated_seconds
         record["aggregate_seconds"] = strategy.aggregate_seconds
         recorder.log_round(record)
         checkpoint(server_round)
         log.info(
-            "round %d/%d  test_accuracy=%.4f  test_loss=%.4f  train_loss=%s  (%.1fs)",
+            "round %d/%d  test_accuracy=%s  test_loss=%s  train_loss=%s  (%.1fs)",
             server_round,
             cfg.federation.rounds,
-            result.accuracy,
-            result.loss,
+            _shown(result.accuracy),
+            _shown(result.loss),
             "n/a" if train_loss is None else f"{train_loss:.4f}",
             now - round_start,
         )
@@ -356,11 +382,44 @@ def query_devices(
     return devices, excluded
 
 
-def _per_client(result, workload, clients: list[dict]) -> dict:
-    """Every client's accuracy and loss on its own distribution's test data (the global model;
-    ``hfedmoe.training.personal``): the list, the mean and the worst client; each sampled
-    client's row gets its own."""
-    return _client_view("personal", *_global_per_client(result, workload), clients)
+def _central(model, workload: ServerWorkload, cfg: ExperimentConfig) -> EvalResult | None:
+    """The global model on the server's test split; None with eval.mode = "federated"."""
+    if cfg.eval.mode == "federated":
+        return None
+    assert workload.test is not None
+    return evaluate(model, workload.test, cfg.eval.batch_size, cfg.train.device)
+
+
+def _test_result(central: EvalResult | None, fed: FederatedEvaluation | None) -> EvalResult:
+    """What a round records as test_*: the central evaluation, or the clients' weighted mean
+    where the server evaluates nothing itself (None where no client answered)."""
+    if central is not None:
+        return central
+    assert fed is not None
+    return EvalResult(fed.mean("accuracy"), fed.mean("loss"), fed.examples)  # type: ignore[arg-type]
+
+
+def _shown(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def _per_client(
+    central: EvalResult | None,
+    fed: FederatedEvaluation | None,
+    workload: ServerWorkload,
+    cfg: ExperimentConfig,
+    clients: list[dict],
+) -> dict:
+    """Every client's accuracy and loss on its own data: what it said itself where clients
+    evaluate (``eval.mode``; NaN for a client not asked this round), else the global model on
+    the test split reweighted to its own distribution (``hfedmoe.training.personal``). The
+    list, the mean and the worst client; each sampled client's row gets its own; with
+    federated evaluation, the ``federated_*`` keys too."""
+    if fed is not None:
+        view = _client_view("personal", *fed.per_client(cfg.federation.num_clients), clients)
+        return {**fed.record(), **view}
+    assert central is not None
+    return _client_view("personal", *_global_per_client(central, workload), clients)
 
 
 def _global_per_client(result, workload) -> tuple[np.ndarray, np.ndarray]:

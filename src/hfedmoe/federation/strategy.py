@@ -183,6 +183,11 @@ class AlgorithmStrategy(Strategy):
             self.examples[d.partition_id] = n
             self.weights[d.partition_id] = n if cap is None else min(n, cap)
 
+    @property
+    def sampled(self) -> list[int]:
+        """The clients the last configured round sampled."""
+        return list(self._sampled)
+
     def summary(self) -> None:
         """Flower calls this to describe the strategy; ours is described by the config."""
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import io
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -42,6 +43,7 @@ CONFIG = "config"
 METRICS = "metrics"
 STATS = "stats"
 DEVICE = "device"
+EVALUATION = "evaluation"  # a client's federated evaluation of the global model
 BUDGET_QUERY = "query.budget"  # message type of the budget query
 BUDGET_EXCEEDED = 4001  # error code of a reply from a client asked beyond its device
 WORKER_DIED = 4002  # error code of the embedded engine's reply for a client whose process died
@@ -242,3 +244,41 @@ def _npy_header_bytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
         buffer, {"descr": descr, "fortran_order": False, "shape": shape}
     )
     return buffer.tell()
+
+
+@dataclass(frozen=True)
+class ClientEvaluation:
+    """A client's evaluation of the global model on its own held-out share (eval.mode)."""
+
+    partition_id: int
+    accuracy: float
+    loss: float
+    examples: int
+
+
+def pack_evaluation(evaluation: ClientEvaluation) -> RecordDict:
+    return RecordDict({EVALUATION: MetricRecord(asdict(evaluation))})
+
+
+def unpack_evaluation(content: RecordDict) -> ClientEvaluation:
+    """The client's :class:`ClientEvaluation`, every field checked (an untrusted answer): a
+    ValueError names what is wrong."""
+    record = content.metric_records.get(EVALUATION) if isinstance(content, RecordDict) else None
+    if record is None or set(content) != {EVALUATION}:
+        raise ValueError(f"malformed evaluation: expected one '{EVALUATION}' record")
+    values = dict(record)
+    fields = [f.name for f in dataclasses.fields(ClientEvaluation)]
+    if sorted(values) != sorted(fields):
+        raise ValueError(f"malformed evaluation: expected the fields {', '.join(fields)}")
+    for name in ("partition_id", "examples"):
+        value = values[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"malformed evaluation: {name} is {value!r}, expected an integer")
+    accuracy, loss = values["accuracy"], values["loss"]
+    if not isinstance(accuracy, int | float) or not 0 <= accuracy <= 1:
+        raise ValueError(f"malformed evaluation: accuracy is {accuracy!r}, expected 0 to 1")
+    if not isinstance(loss, int | float) or not math.isfinite(loss) or loss < 0:
+        raise ValueError(f"malformed evaluation: loss is {loss!r}, expected a finite >= 0")
+    return ClientEvaluation(
+        int(values["partition_id"]), float(accuracy), float(loss), int(values["examples"])
+    )

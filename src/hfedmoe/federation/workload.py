@@ -19,7 +19,12 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from hfedmoe.construction import ensure_prepared
 from hfedmoe.data.datasets import SERVER, load_dataset, read_own
-from hfedmoe.data.partition import partition_indices, partition_key
+from hfedmoe.data.partition import (
+    client_test_split,
+    held_out_count,
+    partition_indices,
+    partition_key,
+)
 from hfedmoe.data.text import TextDataset
 from hfedmoe.data.tokenized import TokenizedDataset, tokenize_for
 from hfedmoe.foundation.config import ExperimentConfig
@@ -35,7 +40,7 @@ class ServerWorkload:
 
     model: PreTrainedModel  # the initial global model (pretrained base, upcycled)
     tokenizer: PreTrainedTokenizerBase
-    test: TokenizedDataset
+    test: TokenizedDataset | None  # None: no test data here (eval.mode = "federated", own data)
     label_names: tuple[str, ...]
     test_keys: np.ndarray  # each test row's partition key (label or group)
     client_shares: np.ndarray  # (C, K) each client's share of each key (per-client views)
@@ -64,7 +69,8 @@ def server_workload(cfg: ExperimentConfig) -> ServerWorkload:
     num_keys = int(max(keys.max(initial=0), test_keys.max(initial=0))) + 1
     parts = partitions(cfg, split.train, cfg.federation.num_clients)
     shares = key_shares(parts, keys, num_keys)
-    sizes = tuple(len(p) for p in parts)
+    held = cfg.data.client_test_fraction  # what each client keeps back to evaluate on
+    sizes = tuple(len(p) - held_out_count(len(p), held) for p in parts)
     names = split.train.label_names
     validation = (
         None if split.validation is None else tokenize_for(cfg, split.validation, tokenizer)
@@ -76,12 +82,14 @@ def _own_data_server(cfg: ExperimentConfig) -> ServerWorkload:
     """The server of a federation whose clients hold their own data: the model, the test
     file, the class names from the config; no client's size or label mix is known here, so
     the per-client views of the global model are left empty."""
-    assert cfg.data.test_path is not None
     names = tuple(cfg.data.label_names or ())
     tokenizer = load_tokenizer(cfg.model)
     model = build_model(
         cfg.model, cfg.data.task, names, seed=cfg.seed, pretrained=True, model_dir=None
     )  # model.construction is 'upcycle' with own data (the config says why)
+    shares = np.zeros((cfg.federation.num_clients, max(len(names), 1)))
+    if cfg.data.test_path is None:  # federated evaluation alone: the clients' shares
+        return ServerWorkload(model, tokenizer, None, names, np.zeros(0, int), shares, None)
     cap = cfg.data.max_test_examples
     test_rows = read_own(cfg.data, cfg.data.test_path, "data.test_path", SERVER, cap)
     test_keys = partition_key(test_rows, cfg.data)
@@ -98,8 +106,13 @@ class OwnSource:
     tokenizer: PreTrainedTokenizerBase
 
     def partition(
-        self, cfg: ExperimentConfig, partition_id: int, data_path: str | None = None
+        self,
+        cfg: ExperimentConfig,
+        partition_id: int,
+        data_path: str | None = None,
+        held_out: bool = False,
     ) -> TokenizedDataset:
+        """The client's own rows it trains on (``held_out``: those it evaluates on)."""
         paths = cfg.data.client_paths
         if data_path is not None:
             path, field = data_path, "data-path (the node config)"
@@ -111,7 +124,8 @@ class OwnSource:
                 "--node-config \"data-path='...'\", or data.client_paths)"
             )
         rows = read_own(cfg.data, path, field, partition_id, cfg.data.max_train_examples)
-        return tokenize_for(cfg, rows, self.tokenizer)
+        split = client_test_split(len(rows), cfg.data.client_test_fraction, cfg.seed, partition_id)
+        return tokenize_for(cfg, rows.subset(split[held_out]), self.tokenizer)
 
 
 @dataclass(frozen=True)
@@ -126,16 +140,25 @@ class ClientSource:
     tokenizer: PreTrainedTokenizerBase
 
     def partition(
-        self, cfg: ExperimentConfig, partition_id: int, data_path: str | None = None
+        self,
+        cfg: ExperimentConfig,
+        partition_id: int,
+        data_path: str | None = None,
+        held_out: bool = False,
     ) -> TokenizedDataset:
-        """Client ``partition_id``'s share of the training split, tokenised (a node's
-        ``data_path`` is for own data only)."""
+        """Client ``partition_id``'s share of the training split, tokenised: the rows it trains
+        on, or (``held_out``) the ones ``data.client_test_fraction`` keeps back for it to
+        evaluate on (a node's ``data_path`` is for own data only)."""
         if data_path is not None:
             raise ConfigError(
                 "data-path: this node names its own data, but data.clients is 'partition' "
                 "(set data.clients = 'own', or drop data-path from the node config)"
             )
-        return tokenize_for(cfg, self.train.subset(self.parts[partition_id]), self.tokenizer)
+        rows = self.parts[partition_id]
+        fraction = cfg.data.client_test_fraction
+        if fraction:
+            rows = rows[client_test_split(len(rows), fraction, cfg.seed, partition_id)[held_out]]
+        return tokenize_for(cfg, self.train.subset(rows), self.tokenizer)
 
 
 def client_source(cfg: ExperimentConfig, num_partitions: int) -> ClientSource | OwnSource:

@@ -262,6 +262,13 @@ class DataConfig(Section):
         "train/test split: never seen by clients or the test split, it is the specialisation "
         "corpus of a constructed model.",
     )
+    client_test_fraction: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Share of each client's own rows (drawn with the seed, per client, at "
+        "least one) held out of its training for federated evaluation (eval.mode); 0: none.",
+    )
     validation_fraction: float = Field(
         0.0,
         ge=0,
@@ -300,10 +307,6 @@ class DataConfig(Section):
             return self
         needs = {
             "data.dataset": (self.dataset == "local", "'local' (each client's own files)"),
-            "data.test_path": (
-                self.test_path is not None,
-                "the server's test file (with data.clients = 'own' it reads no training data)",
-            ),
             "data.label_names": (
                 self.task != "classification" or self.label_names is not None,
                 "the class names in id order (the server reads no training data to learn them)",
@@ -470,9 +473,23 @@ class TrainConfig(Section):
 
 
 class EvalConfig(Section):
-    """Centralised evaluation of the global model on the held-out test split."""
+    """Where the global model is evaluated: on the server's test split (central), on each
+    client's own held-out share (federated), or both."""
 
     batch_size: int = Field(64, gt=0)
+    mode: Literal["central", "federated", "both"] = Field(
+        "central",
+        description="central: the server evaluates on its test split; federated: clients "
+        "evaluate on their own held-out share (data.client_test_fraction) and the server "
+        "records each value and the mean weighted by their examples, which is then the run's "
+        "test_accuracy and test_loss (the server needs no test data); both: central test_* "
+        "and federated_* beside them.",
+    )
+    federated_clients: Literal["sampled", "all"] = Field(
+        "sampled",
+        description="Who evaluates after a round: its sampled clients, or every client. Every "
+        "client evaluates in round 0 and in the last round either way.",
+    )
 
 
 class HFedMoEConfig(Section):
@@ -862,6 +879,20 @@ class ExperimentConfig(Section):
                     f"cannot import '{module}' ({type(exc).__name__}: {exc})"
                 ) from None
         return modules
+
+    @model_validator(mode="after")
+    def _evaluation_has_data(self) -> ExperimentConfig:
+        if self.eval.mode != "central" and self.data.client_test_fraction == 0:
+            raise ValueError(
+                f"data.client_test_fraction: expected more than 0 with eval.mode = "
+                f"'{self.eval.mode}' (each client's share to evaluate on)"
+            )
+        if self.data.clients == "own" and not self.data.test_path and self.eval.mode != "federated":
+            raise ValueError(
+                "data.test_path: expected the server's test file (with data.clients = 'own' "
+                "it reads no training data), or eval.mode = 'federated'"
+            )
+        return self
 
     @model_validator(mode="after")
     def _own_data_fits(self) -> ExperimentConfig:

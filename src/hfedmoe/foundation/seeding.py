@@ -14,6 +14,7 @@ CONSTRUCTION = 10  # building a specialised model (hfedmoe.construction; its own
 FLUX_ROLES, FLUX_PROBES = 11, 12  # FLUX's explore draws (server), its SPSA directions (client)
 VALIDATION = 13  # the validation split held out of a run's training rows (hfedmoe.data)
 OWN_DATA = 15  # the caps' rows of a party's own file (data.clients = "own"; hfedmoe.data)
+CLIENT_EVAL = 16  # each client's own held-out share (data.client_test_fraction; hfedmoe.data)
 PRIVACY = 14  # the Gaussian noise of a differentially private round (algorithms.mechanics)
 
 

@@ -183,7 +183,10 @@ class RunRecorder:
             "rounds": last["round"],
             "final_test_accuracy": last["test_accuracy"],
             "final_test_loss": last["test_loss"],
-            "best_test_accuracy": max(r["test_accuracy"] for r in self.rounds),
+            "best_test_accuracy": max(  # a federated round nobody evaluated has none
+                (r["test_accuracy"] for r in self.rounds if r["test_accuracy"] is not None),
+                default=None,
+            ),
             **_validation_summary(self.rounds),
             "total_bytes_down": sum(r["bytes_down"] for r in self.rounds),
             "total_bytes_up": sum(r["bytes_up"] for r in self.rounds),
@@ -273,6 +276,7 @@ TIMING_KEYS = frozenset(
         "overlapped_seconds",
         "eval_seconds",
         "validation_seconds",
+        "federated_seconds",
         "personal_eval_seconds",
         "aggregate_seconds",
     }
