@@ -150,7 +150,8 @@ def test_the_server_folds_each_reply_before_the_next_client_trains(tiny_bert_dir
     assert all(r["clients_ok"] == 3 for r in read_metrics(tmp_path / "run")[1:])
 
 
-@pytest.mark.parametrize("algorithm", ["flexmoe", "hfedmoe"])
+# HFedMoE in the default selection; FLEX-MoE's node state is also resumed by test_resume.py
+@pytest.mark.parametrize("algorithm", [pytest.param("flexmoe", marks=pytest.mark.slow), "hfedmoe"])
 def test_worker_processes_give_the_same_run(tiny_bert_dir, tmp_path, algorithm):
     """federation.workers = 2 trains two clients at once in spawned worker processes: the same
     metrics as one process, bit for bit (threads = 1), with node memory (FLEX-MoE's personal
