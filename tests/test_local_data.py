@@ -21,6 +21,7 @@ from hfedmoe.federation.client_app import app as client_app
 from hfedmoe.federation.server_app import app as server_app
 from hfedmoe.foundation.config import DataConfig, validate
 from hfedmoe.results import read_metrics
+from hfedmoe.results.recorder import ACCURACY_IS
 
 from .support.cli import invoke_cli
 from .support.configs import tiny_raw
@@ -226,6 +227,15 @@ def test_instruction_data_needs_a_chat_template():
         tokenize_chat(data, _chat_tokenizer(None), max_length=32)
 
 
+def test_a_chat_file_with_only_a_messages_column_needs_no_column_named(tmp_path):
+    chat = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]
+    path = tmp_path / "chats.jsonl"
+    path.write_text(_jsonl(*({"messages": chat} for _ in range(6))))
+    split = load_dataset(_local(path, task="instruction", test_fraction=0.5), seed=0)
+    assert split.train.conversations[0] == chat
+    assert len(split.train) + len(split.test) == 6
+
+
 # --- bad data: one line, exit 2, nothing written ------------------------------------------
 
 
@@ -429,6 +439,10 @@ def test_each_example_config_runs_on_its_data(
         assert set(last["test_loss_by_group"]) == groups
     if cfg.data.task == "multiple-choice":
         assert set(last["test_accuracy_by_group"]) == {"Americas", "Asia", "Europe"}
+    # the summary says what its accuracy means for the task, and its perplexity where there is one
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["accuracy_is"] == ACCURACY_IS[cfg.data.task]
+    assert ("final_test_perplexity" in summary) == ("test_perplexity" in last)
 
 
 def _tickets_as(fmt: str, tmp_path: Path) -> dict:

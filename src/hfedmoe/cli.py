@@ -308,16 +308,24 @@ def _print_summary(summary: dict, run_dir: Path) -> None:
     table = Table(title=f"Run summary: {summary['name']} ({summary['algorithm']})")
     table.add_column("metric")
     table.add_column("value", justify="right")
+
+    def shown(value: float | None) -> str:  # None: no client evaluated (federated evaluation)
+        return "n/a" if value is None else f"{value:.4f}"
+
     table.add_row("rounds", str(summary["rounds"]))
-    table.add_row("final test accuracy", f"{summary['final_test_accuracy']:.4f}")
-    table.add_row("best test accuracy", f"{summary['best_test_accuracy']:.4f}")
-    table.add_row("final test loss", f"{summary['final_test_loss']:.4f}")
+    table.add_row("final test accuracy", shown(summary["final_test_accuracy"]))
+    table.add_row("best test accuracy", shown(summary["best_test_accuracy"]))
+    table.add_row("final test loss", shown(summary["final_test_loss"]))
+    if "final_test_perplexity" in summary:
+        table.add_row("final test perplexity", shown(summary["final_test_perplexity"]))
     table.add_row(
         "bytes down / up",
         f"{summary['total_bytes_down'] / 1e6:,.0f} MB / {summary['total_bytes_up'] / 1e6:,.0f} MB",
     )
     table.add_row("wall time", f"{summary['wall_seconds']:.0f} s")
     Console().print(table)
+    if "accuracy_is" in summary:
+        print(f"Test accuracy here is {summary['accuracy_is']}.")
     print(f"Results: {run_dir}/  (metrics.jsonl, metrics.csv, clients.csv, accuracy.png, model/)")
 
 

@@ -274,8 +274,13 @@ def _ids(
 
 def _conversations(table: Any, columns: DataColumns, src: Source) -> list[list[dict[str, str]]]:
     """Each row's chat: the ``messages`` column as it is, or a user turn (``prompt``) and the
-    assistant's answer (``response``)."""
-    if columns.messages is None:
+    assistant's answer (``response``). A table with a ``messages`` column and neither of the
+    others is a chat table without being told (the common layout of chat data)."""
+    names = set(table.column_names)
+    messages = columns.messages
+    if messages is None and "messages" in names and not {columns.prompt, columns.response} & names:
+        messages = "messages"
+    if messages is None:
         prompts = _texts(table, columns.prompt, "data.columns.prompt", src)
         responses = _texts(table, columns.response, "data.columns.response", src)
         return [
@@ -284,7 +289,7 @@ def _conversations(table: Any, columns: DataColumns, src: Source) -> list[list[d
         ]
     field = "data.columns.messages"
     chats = []
-    for n, chat in enumerate(_column(table, columns.messages, field, src)):
+    for n, chat in enumerate(_column(table, messages, field, src)):
         ok = isinstance(chat, list) and len(chat) >= 2
         ok = ok and all(
             isinstance(m, dict)

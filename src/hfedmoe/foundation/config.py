@@ -191,7 +191,8 @@ class DataColumns(Section):
     messages: str | None = Field(
         None,
         description="instruction: a chat column (a list of {role, content}) instead of prompt "
-        "and response; the last message is the assistant's answer trained on.",
+        "and response; the last message is the assistant's answer trained on. Default: a "
+        "column named 'messages' where the data has no prompt and response columns.",
     )
     question: str = Field("question", description="multiple-choice: the prompt.")
     choices: str = Field("choices", description="multiple-choice: the candidate answers.")

@@ -183,6 +183,12 @@ class RunRecorder:
             "rounds": last["round"],
             "final_test_accuracy": last["test_accuracy"],
             "final_test_loss": last["test_loss"],
+            "accuracy_is": ACCURACY_IS[self.cfg.data.task],
+            **(
+                {"final_test_perplexity": last["test_perplexity"]}
+                if "test_perplexity" in last
+                else {}
+            ),
             "best_test_accuracy": max(  # a federated round nobody evaluated has none
                 (r["test_accuracy"] for r in self.rounds if r["test_accuracy"] is not None),
                 default=None,
@@ -241,6 +247,16 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+#: what test accuracy measures for each data.task (summary.json's ``accuracy_is``)
+ACCURACY_IS = {
+    "classification": "the share of examples whose class is predicted",
+    "language-modeling": "next-token accuracy: the share of tokens predicted",
+    "instruction": "next-token accuracy on the answers' tokens (see perplexity)",
+    "multiple-choice": "answer accuracy: the share of questions whose right answer is the "
+    "most likely choice",
+}
 
 
 def _validation_summary(rounds: list[dict]) -> dict:
