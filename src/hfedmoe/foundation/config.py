@@ -54,8 +54,10 @@ class Section(BaseModel):
 class LoraConfig(Section):
     """Parameter-efficient fine-tuning: LoRA adapters (PEFT) instead of full weights."""
 
-    rank: int = Field(8, gt=0)
-    alpha: float = Field(16.0, gt=0)
+    rank: int = Field(8, gt=0, description="r, the rank of each LoRA adapter.")
+    alpha: float = Field(
+        16.0, gt=0, description="LoRA's alpha: the adapter's output is scaled by alpha / r."
+    )
     dropout: float = Field(0.0, ge=0, lt=1, description="Must be 0 with fused experts (PEFT).")
     targets: list[Literal["experts", "attention", "routers"]] = Field(
         ["experts", "attention"], min_length=1, description="What gets adapters."
@@ -87,7 +89,9 @@ class SpecialiseConfig(Section):
     expert_steps: int = Field(
         300, ge=0, description="Steps distilling the dense FFN into the routed experts."
     )
-    expert_lr: float = Field(1e-3, gt=0)
+    expert_lr: float = Field(
+        1e-3, gt=0, description="Learning rate of the experts' distillation steps."
+    )
     tokens_per_step: int = Field(2048, gt=0, description="Tokens per expert-distillation step.")
     max_tokens: int = Field(
         60_000, gt=0, description="Tokens kept per MoE layer (a random subset beyond this)."
@@ -254,7 +258,13 @@ class DataConfig(Section):
         "them are an error. Default: the data's own names (a ClassLabel column), else its "
         "distinct labels, sorted.",
     )
-    test_fraction: float = Field(0.2, gt=0, lt=1)
+    test_fraction: float = Field(
+        0.2,
+        gt=0,
+        lt=1,
+        description="Share of the data set (per stratum, drawn with the seed) that is the "
+        "server's test split, where there is no test file.",
+    )
     holdout_fraction: float = Field(
         0.0,
         ge=0,
@@ -363,9 +373,11 @@ class FederationConfig(Section):
     """How many clients exist, how many train per round, for how many rounds; what the server
     accepts from them."""
 
-    num_clients: int = Field(8, gt=0)
-    clients_per_round: int = Field(4, gt=0)
-    rounds: int = Field(10, gt=0)
+    num_clients: int = Field(8, gt=0, description="C, the clients of the federation.")
+    clients_per_round: int = Field(
+        4, gt=0, description="Clients sampled each round, without replacement."
+    )
+    rounds: int = Field(10, gt=0, description="Federated rounds (round 0 is the initial model).")
     round_timeout: float | None = Field(
         None,
         gt=0,
@@ -449,9 +461,9 @@ class TrainConfig(Section):
     """Local training on a client in one round."""
 
     local_steps: int = Field(5, gt=0, description="Optimizer steps per client per round.")
-    batch_size: int = Field(16, gt=0)
-    lr: float = Field(1e-4, gt=0)
-    weight_decay: float = Field(0.01, ge=0)
+    batch_size: int = Field(16, gt=0, description="Examples per local step.")
+    lr: float = Field(1e-4, gt=0, description="AdamW's learning rate on the clients.")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW's decoupled weight decay.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip norm; null = no clipping.")
     inactive_expert_state: Literal["drop", "keep"] = Field(
         "drop",
@@ -477,7 +489,7 @@ class EvalConfig(Section):
     """Where the global model is evaluated: on the server's test split (central), on each
     client's own held-out share (federated), or both."""
 
-    batch_size: int = Field(64, gt=0)
+    batch_size: int = Field(64, gt=0, description="Examples per evaluation batch.")
     mode: Literal["central", "federated", "both"] = Field(
         "central",
         description="central: the server evaluates on its test split; federated: clients "
@@ -507,7 +519,11 @@ class HFedMoEConfig(Section):
     ranking: Literal["ib", "importance"] = Field(
         "ib", description="rank experts in eq. (15) by I_b (eq. (14)) or by s_b alone (eq. (5))"
     )
-    budget_scope: Literal["global", "per_layer"] = "global"
+    budget_scope: Literal["global", "per_layer"] = Field(
+        "global",
+        description="C_budget over every (layer, expert) pair, or split evenly per layer "
+        "(METHOD.md §7).",
+    )
     expert_used: Literal["usage_and_updated", "usage"] = Field(
         "usage_and_updated", description="who counts for an expert in eq. (17)"
     )
@@ -585,7 +601,7 @@ class FluxConfig(Section):
     eps_max: float = Field(0.9, gt=0, le=1, description="Exploit share from half the rounds on.")
     sigma: float = Field(1e-3, gt=0, description="SPSA perturbation of an exploring expert.")
     pca_components: int = Field(32, gt=0, description="PCA dimensions before clustering.")
-    kmeans_iterations: int = Field(20, gt=0)
+    kmeans_iterations: int = Field(20, gt=0, description="k-means iterations of the merge.")
     profile_precision: Literal["fp32"] = Field(
         "fp32",
         description="Precision of the profiling pass. FLUX profiles a 4-bit model; here it is "
@@ -654,9 +670,9 @@ ATTACK_KINDS = FAULT_KINDS[FAULT_KINDS.index("inflate-examples") :]
 class FaultEvent(Section):
     """One injected fault: client ``partition`` misbehaves in ``round``."""
 
-    round: int = Field(gt=0)
-    partition: int = Field(ge=0)
-    kind: FaultKind
+    round: int = Field(gt=0, description="The round the fault happens in.")
+    partition: int = Field(ge=0, description="The client (partition id) that misbehaves.")
+    kind: FaultKind = Field(description="What it does (the kinds of faults.rate).")
 
 
 class FaultsConfig(Section):
@@ -691,7 +707,7 @@ class FaultsConfig(Section):
 class DeviceTier(Section):
     """A kind of client device (METHOD.md §6): what it can spend on one round of training."""
 
-    name: str = Field(min_length=1)
+    name: str = Field(min_length=1, description="The tier's name (devices.assignment uses it).")
     memory: ByteSize = Field(
         description="Memory for training: weights, gradients, optimizer state, activations "
         '(bytes, or a string such as "900MiB")'
