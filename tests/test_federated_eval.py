@@ -171,3 +171,35 @@ def test_a_server_without_test_data_runs_on_federated_evaluation_alone(tiny_bert
 def test_federated_evaluation_without_a_share_is_one_clear_error(tiny_bert_dir, changes, fragment):
     with pytest.raises(ConfigError, match=fragment):
         validate(tiny_raw(tiny_bert_dir, **changes))
+
+
+def test_flex_moe_clients_evaluate_their_own_routers_too(tiny_bert_dir, tmp_path):
+    """FLEX-MoE keeps each client's routers on its node: with federated evaluation each client
+    also measures its personal model on its own rows, and that is the per-client view."""
+    raw = tiny_raw(
+        tiny_bert_dir,
+        algorithm="flexmoe",
+        federation={"num_clients": 3, "clients_per_round": 3, "rounds": 2},
+        data={"client_test_fraction": 0.25},
+        eval={"mode": "both"},
+    )
+    run_embedded(validate(raw), str(tmp_path / "run"), server_app, client_app)
+    metrics = read_metrics(tmp_path / "run")
+    assert "personal_model_accuracy" not in metrics[0]  # no node keeps routers before round 1
+    for record in metrics[1:]:
+        said = {c["partition_id"]: c for c in record["federated_clients"]}
+        assert all("personal_accuracy" in c for c in said.values())  # all trained in round 1
+        assert record["personal_model_accuracy"] == [said[i]["personal_accuracy"] for i in range(3)]
+        assert record["personal_accuracy"] == [said[i]["accuracy"] for i in range(3)]
+
+
+def test_a_personal_value_out_of_range_is_left_out(tiny_bert_dir, tmp_path):
+    honest = wire.ClientEvaluation(1, 0.5, 1.0, 4, personal_accuracy=0.6, personal_loss=0.9)
+    assert wire.unpack_evaluation(wire.pack_evaluation(honest)) == honest
+    for bad in ({"personal_accuracy": 2.0}, {"personal_loss": -1.0}):
+        lie = wire.ClientEvaluation(**{**asdict(honest), **bad})
+        with pytest.raises(ValueError, match="personal_"):
+            wire.unpack_evaluation(wire.pack_evaluation(lie))
+    half = wire.pack_evaluation(wire.ClientEvaluation(1, 0.5, 1.0, 4, personal_accuracy=0.6))
+    with pytest.raises(ValueError, match="loss of the personal model missing"):
+        wire.unpack_evaluation(half)

@@ -38,7 +38,7 @@ from hfedmoe.federation.workload import (
 from hfedmoe.foundation.config import ATTACK_KINDS, DeviceTier, ExperimentConfig
 from hfedmoe.foundation.errors import ConfigError
 from hfedmoe.foundation.seeding import CLIENT_TRAIN, rng_for, seed_torch
-from hfedmoe.model.state import held_bytes, load_shared_state
+from hfedmoe.model.state import held_bytes, load_shared_state, swapped_in
 from hfedmoe.training import evaluate
 
 app = ClientApp()
@@ -126,10 +126,21 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     model = _architecture(cfg_json)  # resident: the next train request loads its own weights
     load_shared_state(model, request.weights)
     if len(data) == 0:  # a partition too small to hold a row out: nothing to say
-        evaluation = wire.ClientEvaluation(partition_id, 0.0, 0.0, 0)
-    else:
-        result = evaluate(model, data, cfg.eval.batch_size, cfg.train.device)
-        evaluation = wire.ClientEvaluation(partition_id, result.accuracy, result.loss, len(data))
+        return Message(
+            wire.pack_evaluation(wire.ClientEvaluation(partition_id, 0.0, 0.0, 0)), reply_to=msg
+        )
+    result = evaluate(model, data, cfg.eval.batch_size, cfg.train.device)
+    personal_accuracy = personal_loss = None
+    if wire.MEMORY in context.state.array_records:  # its personal model, where it keeps one
+        memory = context.state.array_records[wire.MEMORY].to_torch_state_dict()
+        personal = _bound_algorithm(cfg_json).personal_weights(request.weights, memory)
+        if personal:
+            with swapped_in(model, personal):
+                own = evaluate(model, data, cfg.eval.batch_size, cfg.train.device)
+            personal_accuracy, personal_loss = own.accuracy, own.loss
+    evaluation = wire.ClientEvaluation(
+        partition_id, result.accuracy, result.loss, len(data), personal_accuracy, personal_loss
+    )
     return Message(wire.pack_evaluation(evaluation), reply_to=msg)
 
 
@@ -198,6 +209,15 @@ def _architecture(cfg_json: str) -> PreTrainedModel:
 def _algorithm(cfg_json: str) -> FederatedAlgorithm:
     """The client side of the algorithm (it keeps no state between rounds on a client)."""
     return build_algorithm(_config(cfg_json))
+
+
+@functools.lru_cache(maxsize=2)
+def _bound_algorithm(cfg_json: str) -> FederatedAlgorithm:
+    """The algorithm bound to the model's layout, as the server binds it: what a client needs
+    to build its personal model from what its node keeps."""
+    algorithm = build_algorithm(_config(cfg_json))
+    algorithm.bind(_architecture(cfg_json))
+    return algorithm
 
 
 @functools.lru_cache(maxsize=2)

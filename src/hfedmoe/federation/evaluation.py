@@ -83,13 +83,21 @@ class FederatedEvaluation:
         total = sum(getattr(e, key) * e.examples for e in self.accepted.values())
         return total / self.examples
 
-    def per_client(self, num_clients: int) -> tuple[np.ndarray, np.ndarray]:
-        """Every client's accuracy and loss (C,), NaN where it did not evaluate."""
+    def per_client(self, num_clients: int, personal: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Every client's accuracy and loss (C,), NaN where it did not evaluate; ``personal``:
+        its personal model's (the global model's where it keeps none yet)."""
         acc_C, loss_C = np.full(num_clients, np.nan), np.full(num_clients, np.nan)
         for client, e in self.accepted.items():
             if e.examples:
                 acc_C[client], loss_C[client] = e.accuracy, e.loss
+                if personal and e.personal_accuracy is not None:
+                    acc_C[client], loss_C[client] = e.personal_accuracy, e.personal_loss
         return acc_C, loss_C
+
+    @property
+    def has_personal(self) -> bool:
+        """Whether any client evaluated a personal model of its own."""
+        return any(e.personal_accuracy is not None for e in self.accepted.values())
 
     def record(self) -> dict:
         """The round's ``federated_*`` keys."""
@@ -97,7 +105,10 @@ class FederatedEvaluation:
             "federated_accuracy": self.mean("accuracy"),
             "federated_loss": self.mean("loss"),
             "federated_examples": self.examples,
-            "federated_clients": [asdict(self.accepted[c]) for c in sorted(self.accepted)],
+            "federated_clients": [
+                {k: v for k, v in asdict(self.accepted[c]).items() if v is not None}
+                for c in sorted(self.accepted)
+            ],
             "federated_failures": dict(Counter(self.failures.values())),
         }
 

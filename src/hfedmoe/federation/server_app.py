@@ -196,7 +196,7 @@ def federate(
         elapsed = time.perf_counter() - start
         record = _round_record(0, _test_result(initial, fed), None, [], 0.0, elapsed, validation)
         record.update(_per_client(initial, fed, workload, cfg, []))
-        if initial is not None:
+        if initial is not None and fed is None:  # else: the clients' own (federated)
             record.update(
                 _personal_models(model, workload, cfg, algorithm, grid, strategy.nodes, initial, [])
             )
@@ -235,7 +235,7 @@ def federate(
         )
         record.update(train)  # what the defences did: groups clipped, shares capped
         record.update(_per_client(central, fed, workload, cfg, record["clients"]))
-        if central is not None:
+        if central is not None and fed is None:  # else: the clients' own (federated)
             record.update(
                 _personal_models(
                     model,
@@ -416,7 +416,10 @@ def _per_client(
     list, the mean and the worst client; each sampled client's row gets its own; with
     federated evaluation, the ``federated_*`` keys too."""
     if fed is not None:
-        view = _client_view("personal", *fed.per_client(cfg.federation.num_clients), clients)
+        n = cfg.federation.num_clients
+        view = _client_view("personal", *fed.per_client(n), clients)
+        if fed.has_personal:  # each client's own model, measured on its own data
+            view |= _client_view("personal_model", *fed.per_client(n, personal=True), clients)
         return {**fed.record(), **view}
     assert central is not None
     return _client_view("personal", *_global_per_client(central, workload), clients)

@@ -248,16 +248,20 @@ def _npy_header_bytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
 
 @dataclass(frozen=True)
 class ClientEvaluation:
-    """A client's evaluation of the global model on its own held-out share (eval.mode)."""
+    """A client's evaluation of the global model on its own held-out share (eval.mode), and of
+    its personal model where its algorithm keeps one (None: it keeps none yet)."""
 
     partition_id: int
     accuracy: float
     loss: float
     examples: int
+    personal_accuracy: float | None = None
+    personal_loss: float | None = None
 
 
 def pack_evaluation(evaluation: ClientEvaluation) -> RecordDict:
-    return RecordDict({EVALUATION: MetricRecord(asdict(evaluation))})
+    values = {k: v for k, v in asdict(evaluation).items() if v is not None}
+    return RecordDict({EVALUATION: MetricRecord(values)})
 
 
 def unpack_evaluation(content: RecordDict) -> ClientEvaluation:
@@ -268,17 +272,38 @@ def unpack_evaluation(content: RecordDict) -> ClientEvaluation:
         raise ValueError(f"malformed evaluation: expected one '{EVALUATION}' record")
     values = dict(record)
     fields = [f.name for f in dataclasses.fields(ClientEvaluation)]
-    if sorted(values) != sorted(fields):
-        raise ValueError(f"malformed evaluation: expected the fields {', '.join(fields)}")
+    required, personal = fields[:4], fields[4:]
+    if not set(required) <= set(values) <= set(fields):
+        raise ValueError(f"malformed evaluation: expected the fields {', '.join(required)}")
+    if personal[0] in values or personal[1] in values:  # both or neither, in range
+        for name, value in (("accuracy", "personal_accuracy"), ("loss", "personal_loss")):
+            if value not in values:
+                raise ValueError(f"malformed evaluation: {name} of the personal model missing")
     for name in ("partition_id", "examples"):
         value = values[name]
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"malformed evaluation: {name} is {value!r}, expected an integer")
-    accuracy, loss = values["accuracy"], values["loss"]
-    if not isinstance(accuracy, int | float) or not 0 <= accuracy <= 1:
-        raise ValueError(f"malformed evaluation: accuracy is {accuracy!r}, expected 0 to 1")
-    if not isinstance(loss, int | float) or not math.isfinite(loss) or loss < 0:
-        raise ValueError(f"malformed evaluation: loss is {loss!r}, expected a finite >= 0")
+    for prefix in ("", "personal_"):
+        if prefix + "accuracy" not in values:
+            continue
+        accuracy, loss = values[prefix + "accuracy"], values[prefix + "loss"]
+        if not isinstance(accuracy, int | float) or not 0 <= accuracy <= 1:
+            raise ValueError(
+                f"malformed evaluation: {prefix}accuracy is {accuracy!r}, expected 0 to 1"
+            )
+        if not isinstance(loss, int | float) or not math.isfinite(loss) or loss < 0:
+            raise ValueError(
+                f"malformed evaluation: {prefix}loss is {loss!r}, expected a finite >= 0"
+            )
+
+    def number(name: str) -> float | None:
+        return float(values[name]) if name in values else None
+
     return ClientEvaluation(
-        int(values["partition_id"]), float(accuracy), float(loss), int(values["examples"])
+        int(values["partition_id"]),
+        float(values["accuracy"]),
+        float(values["loss"]),
+        int(values["examples"]),
+        number("personal_accuracy"),
+        number("personal_loss"),
     )
