@@ -1,4 +1,4 @@
-"""The lean core (issue 16): peak memory against the clients per round, and the engine's share
+"""The lean core: peak memory against the clients per round, and the engine's share
 of a round, on the default job.
 
     .venv/bin/python -m bench.lean                       # configs/default.toml

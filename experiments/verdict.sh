@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 18's comparison (docs/RESULTS.md, "The verdict"): every method on identical partitions,
+# The verdict's comparison (docs/RESULTS.md): every method on identical partitions,
 # device tiers, initial weights and rounds per seed, then the report with paired statistics.
 #
 #   bash experiments/verdict.sh bbc          # (d) topic-skewed encoder, the main methods

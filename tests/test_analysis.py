@@ -128,7 +128,7 @@ def test_removal_scores_multiple_choice_by_its_answer_loss_alone(tiny_llama_dir)
     assert loss_with(workload.model, workload.test, None, 8) == pytest.approx(scored.loss)
 
 
-# ---- does a selection hit the experts that matter (issue 18's "why") ----------------------
+# ---- does a selection hit the experts that matter (why the methods differ) ----------------------
 
 
 def test_a_clients_last_updates_by_hand():

@@ -1,6 +1,6 @@
 """The expert interface, on every supported MoE family and on the upcycled BERT.
 
-Each test states one rule of the interface (METHOD.md §1, §3, §7; issue 3) and checks it on
+Each test states one rule of the interface (METHOD.md §1, §3, §7) and checks it on
 tiny random models of all families."""
 
 from __future__ import annotations

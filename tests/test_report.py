@@ -251,7 +251,7 @@ def test_the_html_renders_in_headless_chromium(real_grid, tmp_path):
     assert dom.returncode == 0, dom.stderr[-2000:]
     assert 'id="results"' in dom.stdout and dom.stdout.count("<img") == 6
     for table in ("Paired by seed", "Per seed", "Why, measured", "Client memory per device tier"):
-        assert f"<h2>{table}</h2>" in dom.stdout  # issue 18's tables, as the browser built them
+        assert f"<h2>{table}</h2>" in dom.stdout  # the verdict's tables, as the browser built them
 
 
 def test_device_time_and_memory_per_tier_by_hand(tmp_path):

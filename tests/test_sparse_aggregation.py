@@ -96,7 +96,7 @@ def test_eq21_combination():
     close(combine(routers, torch.tensor([0.25, 0.75])), [0.25, 0.75])
 
 
-# ---- properties (issue 4) --------------------------------------------------------------
+# ---- properties --------------------------------------------------------------
 
 clients = st.integers(1, 4)
 

@@ -1,5 +1,5 @@
-"""Does a method's expert selection hit the experts that matter to each client? (issue 18's
-"why", measured after a run.)
+"""Does a method's expert selection hit the experts that matter to each client? (Why the
+methods differ, measured after a run.)
 
 For every client of a finished run whose last training updated some but not all experts of a
 layer: its loss on its own data (the first ``cap`` examples of its partition, eval mode) with

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import optimize, stats
 
-#: The fewest paired seeds that give a verdict (issue 18's grid runs at least 3 per cell): one
+#: The fewest paired seeds that give a verdict (the verdict grid runs at least 3 per cell): one
 #: degree of freedom (two seeds) makes the t-interval 12.7 standard errors wide either way.
 MIN_SEEDS = 3
 #: The family-wise error rate of a setting's verdicts (Holm), and the level of the interval.

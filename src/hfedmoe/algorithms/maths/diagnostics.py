@@ -1,4 +1,4 @@
-"""Measurements of *why* HFedMoE differs from its simpler neighbours (issue 18's "why"), as pure
+"""Measurements of *why* HFedMoE differs from its simpler neighbours, as pure
 functions; the algorithm records them, they change nothing it computes.
 
 Shape legend: L MoE layers, E experts per layer, C clients of a round.
