@@ -14,9 +14,10 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, get_args
+from typing import TYPE_CHECKING, Annotated, NoReturn, get_args
 
 import typer
 from rich.console import Console
@@ -75,9 +76,20 @@ ChangeOpt = Annotated[
 ]
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
+    """The one way a command fails: one line on stderr, exit status 2."""
     typer.echo(f"hfedmoe: error: {message}", err=True)
     raise typer.Exit(code=2)
+
+
+@contextlib.contextmanager
+def _errors(hint: Callable[[HFedMoEError], str] = lambda exc: "") -> Iterator[None]:
+    """Any :class:`HFedMoEError` in the block fails the command (:func:`_fail`), with what
+    ``hint`` adds to its message."""
+    try:
+        yield
+    except HFedMoEError as exc:
+        _fail(f"{exc}{hint(exc)}")
 
 
 def _preflight(cfg: config_mod.ExperimentConfig) -> None:
@@ -106,7 +118,7 @@ def run(
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Run one federated fine-tuning experiment on the embedded (in-process) Flower engine."""
-    try:
+    with _errors():
         if resume is not None:
             cfg, run_dir = _resumable(resume, config, set_, output_dir)
         else:
@@ -118,25 +130,16 @@ def run(
 
             run_dir = output_dir or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.name}"
             prepare_run_dir(run_dir)
-    except HFedMoEError as exc:
-        _fail(str(exc))
-        return
     _configure_logging()
-    try:
+    with _errors():
         _build_if_needed(cfg, progress)
-    except HFedMoEError as exc:
-        _fail(str(exc))
-        return
     verb = "resume" if resume is not None else "run"
     console.print(
         f"[bold]hfedmoe[/] {verb} [cyan]{cfg.name}[/] ({cfg.algorithm}, seed {cfg.seed}) "
         f"-> {run_dir}"
     )
-    try:
+    with _errors(lambda exc: _resume_hint(exc, run_dir)):
         summary = _run_with_progress(cfg, run_dir, progress, resume=resume is not None)
-    except HFedMoEError as exc:
-        _fail(f"{exc}{_resume_hint(exc, run_dir)}")
-        return
     _print_summary(summary, run_dir)
 
 
@@ -220,7 +223,7 @@ def prepare(
 ) -> None:
     """Build the specialised model that the config's model.construction asks for, once: it is
     cached under $HFEDMOE_CACHE by its recipe, and every run with that recipe starts from it."""
-    try:
+    with _errors():
         cfg = config_mod.load(config, set_ or [])
         _preflight(cfg)
         if cfg.model.construction == "upcycle":
@@ -230,9 +233,6 @@ def prepare(
             )
         _configure_logging()
         directory = _build_if_needed(cfg, progress)
-    except HFedMoEError as exc:
-        _fail(str(exc))
-        return
     build = json.loads((directory / "build.json").read_text())
     table = Table(title=f"{cfg.model.construction} model of {cfg.model.name_or_path}")
     for column in ("MoE layer", "router accuracy", "error after drop", "after distillation", "s"):
@@ -377,7 +377,7 @@ def compare(
     from hfedmoe.experiment import comparison, protocol
     from hfedmoe.experiment.tuning import Tuned
 
-    try:
+    with _errors():
         if profile not in comparison.PROFILES:
             known = ", ".join(comparison.PROFILES)
             raise HFedMoEError(f"--profile: unknown '{profile}' (expected one of: {known})")
@@ -390,14 +390,9 @@ def compare(
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as child:
             resumable, wanted = child.submit(_check_grid, config, runs, base, progress).result()
         protocol.fix(output_dir, wanted, change_end_point)
-    except HFedMoEError as exc:
-        _fail(str(exc))
-        return
     with contextlib.ExitStack() as held:
-        try:
+        with _errors():
             held.enter_context(comparison.locked(output_dir, runs))
-        except HFedMoEError as exc:
-            _fail(str(exc))
         resume = {run: ok and not fresh for run, ok in zip(runs, resumable, strict=True)}
         failed = _run_grid(config, runs, base, resume, progress, output_dir)
     table = Table(title=f"Grid: {output_dir}")
@@ -452,7 +447,7 @@ def tune(
     tuning seeds; `compare --tuned DIR` then runs each method with its chosen values."""
     from hfedmoe.experiment import comparison, tuning
 
-    try:
+    with _errors():
         base = list(set_ or [])
         cfg = config_mod.load(config, base)
         end_point = end_point or cfg.report.primary
@@ -472,24 +467,16 @@ def tune(
         runs = tuning.plan(output_dir, _csv(methods, "methods"), keys, tuning_seeds)
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as child:
             resumable, _ = child.submit(_check_grid, config, runs, base, progress).result()
-    except HFedMoEError as exc:
-        _fail(str(exc))
-        return
     with contextlib.ExitStack() as held:
-        try:
+        with _errors():
             held.enter_context(comparison.locked(output_dir, runs))
-        except HFedMoEError as exc:
-            _fail(str(exc))
         resume = dict(zip(runs, resumable, strict=True))
         failed = _run_grid(config, runs, base, resume, progress, output_dir)
     if failed:
         _fail(f"{len(failed)} of {len(runs)} runs failed (rerun the same command to retry)")
-    try:
+    with _errors():
         choices, trials = tuning.choose(runs, end_point)
         path = tuning.write_choice(output_dir, choices, trials, tuning_seeds, end_point, keys)
-    except HFedMoEError as exc:
-        _fail(str(exc))
-        return
     table = Table(title=f"Tuned on validation ({end_point}): {path}")
     for column in ("method", "values", "validation"):
         table.add_column(column)
@@ -567,7 +554,7 @@ def report(
     follow the primary end point recorded with each grid; another is refused unless asked."""
     from hfedmoe.experiment.report import find_runs, write_report
 
-    try:
+    with _errors():
         if target is not None and not 0 < target <= 1:
             raise HFedMoEError(f"--target: expected a fraction in (0, 1], got {target}")
         if primary is not None and primary not in get_args(config_mod.PrimaryEndPoint):
@@ -581,9 +568,6 @@ def report(
             title,
             change=change_end_point,
         )
-    except HFedMoEError as exc:
-        _fail(str(exc))
-        return
     print(f"Report of {len(runs)} runs: {path} and {output_dir / 'report.md'}")
 
 
@@ -598,13 +582,10 @@ def export(
     without hfedmoe: an upcycled decoder as Qwen2-MoE, a native MoE as itself, LoRA merged."""
     from hfedmoe.model.export import export_model
 
-    try:
+    with _errors():
         if not checkpoint.exists():
             raise HFedMoEError(f"CHECKPOINT: '{checkpoint}' does not exist")
         out = export_model(checkpoint, output_dir)
-    except HFedMoEError as exc:
-        _fail(str(exc))
-        return
     config = json.loads((out / "config.json").read_text())
     print(f"Exported {config.get('architectures', ['?'])[0]} to {out}")
 
@@ -654,7 +635,7 @@ def analyze(
     from hfedmoe.foundation.seeding import ANALYSIS, rng_for
     from hfedmoe.model import ExpertModel
 
-    try:
+    with _errors():
         if by not in ("auto", "group", "label"):
             raise HFedMoEError(f"--by: unknown '{by}' (expected auto, group or label)")
         finished = path is not None and (path / "summary.json").is_file()
@@ -680,9 +661,6 @@ def analyze(
             )
             head = summary(report)
             paths = write_report(report, out, f"{cfg.name} ({path or 'initial model'})")
-    except HFedMoEError as exc:
-        _fail(str(exc))
-        return
     table = Table(title=f"Specialisation: {path or cfg.name}")
     table.add_column("measure")
     table.add_column("value", justify="right")
@@ -746,7 +724,7 @@ def flower(
     from hfedmoe.engines.flower import app_dir as default_app_dir
     from hfedmoe.results import prepare_run_dir
 
-    try:
+    with _errors():
         cfg = config_mod.load(config, set_ or [])
         _preflight(cfg)
         run_dir = output_dir or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.name}"
@@ -759,18 +737,12 @@ def flower(
             supernodes=cfg.federation.num_clients if simulated else None,
             cpus_per_client=cpus_per_client if simulated else None,
         )
-    except HFedMoEError as exc:
-        _fail(str(exc))
-        return
     console.print(" ".join(cmd[:2] + [repr(c) if " " in c else c for c in cmd[2:]]))
     if print_only:
         return
-    try:
+    with _errors():  # exit status 2, as every command's errors
         _build_if_needed(cfg)  # here, with a progress bar, not inside the ServerApp
         summary = run_flower(cmd, run_dir)
-    except HFedMoEError as exc:
-        typer.echo(f"hfedmoe: error: {exc}", err=True)
-        raise typer.Exit(code=1) from None
     _print_summary(summary, run_dir)
 
 
@@ -779,12 +751,9 @@ def validate(config: ConfigArg, set_: SetOpt = None) -> None:
     """Validate a config (with overrides) and print it resolved, as TOML."""
     import tomli_w
 
-    try:
+    with _errors():
         cfg = config_mod.load(config, set_ or [])
         _preflight(cfg)
-    except HFedMoEError as exc:
-        _fail(str(exc))
-        return
     sys.stdout.write(tomli_w.dumps(cfg.model_dump(exclude_none=True)))
 
 
