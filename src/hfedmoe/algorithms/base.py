@@ -176,7 +176,9 @@ class FederatedAlgorithm(ABC):
         """The round's fold under ``[privacy]``: DP-FedAvg over ``spec``'s keys with the
         denominator fixed at the ``sampled`` clients (``mechanics.privacy``), its noise drawn
         for (seed, round)."""
-        mechanism = Mechanism(self.cfg.privacy.clip_norm or 0.0, self.noise_multiplier(), sampled)
+        clip_norm = self.cfg.privacy.clip_norm
+        assert clip_norm is not None  # the config requires it with privacy.enabled
+        mechanism = Mechanism(clip_norm, self.noise_multiplier(), sampled)
         generator = torch.Generator().manual_seed(
             torch_seed_for(self.cfg.seed, PRIVACY, server_round)
         )

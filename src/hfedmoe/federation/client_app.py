@@ -17,6 +17,7 @@ the device can hold fails with :class:`~hfedmoe.budget.BudgetExceeded` and contr
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 from flwr.app import ArrayRecord, Context, Error, Message
@@ -50,14 +51,46 @@ TOKENS_TO_FLOPS = {
 }
 
 
+@dataclass(frozen=True)
+class _Node:
+    """What a message's Context says about this node: the run's config, its client (partition
+    id), the number of partitions and its own data path, if it names one."""
+
+    cfg_json: str
+    partition_id: int
+    num_partitions: int
+    data_path: str | None
+
+    @property
+    def cfg(self) -> ExperimentConfig:
+        return _config(self.cfg_json)
+
+    def data(self, held_out: bool = False) -> TokenizedDataset:
+        """Its rows to train on, or (``held_out``) to evaluate on."""
+        return _data(
+            self.cfg_json, self.partition_id, self.num_partitions, self.data_path, held_out
+        )
+
+
+def _node(context: Context, working: bool = True) -> _Node:
+    """This node, from ``context``; ``working``: it is about to train or evaluate, so torch
+    takes the config's threads."""
+    path = context.node_config.get("data-path")  # --node-config "data-path='...'"
+    node = _Node(
+        str(context.run_config[wire.RUN_CONFIG]),
+        int(context.node_config["partition-id"]),
+        int(context.node_config["num-partitions"]),
+        None if path is None else str(path),
+    )
+    if working and node.cfg.threads:
+        torch.set_num_threads(node.cfg.threads)
+    return node
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    cfg_json = str(context.run_config[wire.RUN_CONFIG])
-    cfg = _config(cfg_json)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    partition_id = int(context.node_config["partition-id"])
-    num_partitions = int(context.node_config["num-partitions"])
+    node = _node(context)
+    cfg_json, cfg, partition_id = node.cfg_json, node.cfg, node.partition_id
     request, server_round = wire.unpack_request(msg.content)
 
     tier = _tier(cfg_json, partition_id, context.node_config.get("device-tier"))
@@ -80,7 +113,7 @@ def train(msg: Message, context: Context) -> Message:
         faults.hang()
     if fault == "crash":
         faults.crash()
-    data = _data(cfg_json, partition_id, num_partitions, _data_path(context))
+    data = node.data()
     model = _architecture(cfg_json)  # resident: the request's weights are loaded into it
     sent = request.weights
     seed_torch(cfg.seed, CLIENT_TRAIN, server_round, partition_id)  # dropout
@@ -115,14 +148,10 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate_global(msg: Message, context: Context) -> Message:
     """The global model on this client's own held-out share (``data.client_test_fraction``),
     for the server's federated evaluation (``eval.mode``)."""
-    cfg_json = str(context.run_config[wire.RUN_CONFIG])
-    cfg = _config(cfg_json)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    partition_id = int(context.node_config["partition-id"])
-    num_partitions = int(context.node_config["num-partitions"])
+    node = _node(context)
+    cfg_json, cfg, partition_id = node.cfg_json, node.cfg, node.partition_id
     request, _ = wire.unpack_request(msg.content)
-    data = _data(cfg_json, partition_id, num_partitions, _data_path(context), held_out=True)
+    data = node.data(held_out=True)
     model = _architecture(cfg_json)  # resident: the next train request loads its own weights
     load_shared_state(model, request.weights)
     if len(data) == 0:  # a partition too small to hold a row out: nothing to say
@@ -147,25 +176,17 @@ def evaluate_global(msg: Message, context: Context) -> Message:
 @app.query("budget")
 def budget(msg: Message, context: Context) -> Message:
     """This node's device and C_budget, for the server before round 1."""
-    cfg_json = str(context.run_config[wire.RUN_CONFIG])
-    partition_id = int(context.node_config["partition-id"])
-    tier = _tier(cfg_json, partition_id, context.node_config.get("device-tier"))
-    costs = _cost_models(cfg_json)
+    node = _node(context, working=False)
+    tier = _tier(node.cfg_json, node.partition_id, context.node_config.get("device-tier"))
+    costs = _cost_models(node.cfg_json)
     reply = wire.DeviceReport(
-        partition_id=partition_id,
+        partition_id=node.partition_id,
         tier="" if tier is None else tier.name,
         memory_bytes=0 if tier is None else int(tier.memory),
-        expert_budget=_algorithm(cfg_json).device_budget(costs, tier),
+        expert_budget=_algorithm(node.cfg_json).device_budget(costs, tier),
         num_experts=costs.at().num_experts,
-        num_partitions=int(context.node_config["num-partitions"]),
-        num_examples=len(
-            _data(
-                cfg_json,
-                partition_id,
-                int(context.node_config["num-partitions"]),
-                _data_path(context),
-            )
-        ),
+        num_partitions=node.num_partitions,
+        num_examples=len(node.data()),
     )
     return Message(wire.pack_device(reply), reply_to=msg)
 
@@ -173,12 +194,6 @@ def budget(msg: Message, context: Context) -> Message:
 @functools.lru_cache(maxsize=4)
 def _config(text: str) -> ExperimentConfig:
     return ExperimentConfig.from_json(text)
-
-
-def _data_path(context: Context) -> str | None:
-    """The node's own data (``--node-config "data-path='...'"``), if it names any."""
-    path = context.node_config.get("data-path")
-    return None if path is None else str(path)
 
 
 @functools.lru_cache(maxsize=64)

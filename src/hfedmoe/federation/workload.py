@@ -124,8 +124,9 @@ class OwnSource:
                 "--node-config \"data-path='...'\", or data.client_paths)"
             )
         rows = read_own(cfg.data, path, field, partition_id, cfg.data.max_train_examples)
-        split = client_test_split(len(rows), cfg.data.client_test_fraction, cfg.seed, partition_id)
-        return tokenize_for(cfg, rows.subset(split[held_out]), self.tokenizer)
+        return tokenize_for(
+            cfg, rows.subset(_kept(cfg, partition_id, len(rows), held_out)), self.tokenizer
+        )
 
 
 @dataclass(frozen=True)
@@ -155,10 +156,15 @@ class ClientSource:
                 "(set data.clients = 'own', or drop data-path from the node config)"
             )
         rows = self.parts[partition_id]
-        fraction = cfg.data.client_test_fraction
-        if fraction:
-            rows = rows[client_test_split(len(rows), fraction, cfg.seed, partition_id)[held_out]]
+        rows = rows[_kept(cfg, partition_id, len(rows), held_out)]
         return tokenize_for(cfg, self.train.subset(rows), self.tokenizer)
+
+
+def _kept(cfg: ExperimentConfig, partition_id: int, rows: int, held_out: bool) -> np.ndarray:
+    """Positions of a client's ``rows`` it trains on, or (``held_out``) those
+    ``data.client_test_fraction`` keeps back for it to evaluate on (none without one)."""
+    fraction = cfg.data.client_test_fraction
+    return client_test_split(rows, fraction, cfg.seed, partition_id)[held_out]
 
 
 def client_source(cfg: ExperimentConfig, num_partitions: int) -> ClientSource | OwnSource:

@@ -2,28 +2,18 @@
 accountant, never arithmetic of our own (its conversions from Renyi DP to (epsilon, delta) are
 the part that is easy to get wrong).
 
-What it is told (``maths.privacy`` has the mechanism):
-
-* server noise (the default, a trusted aggregator): each round samples ``sample_size`` of the
-  ``num_clients`` clients without replacement and releases the sum of their clipped updates
-  plus Gaussian noise of ``noise_multiplier`` times the sum's replace-one sensitivity:
-  ``SampledWithoutReplacementDpEvent(N, k, GaussianDpEvent(z))``, composed over the rounds,
-  under ``NeighboringRelation.REPLACE_ONE`` (the only relation the library accounts fixed-size
-  sampling under; Wang, Balle and Kasiviswanathan, AISTATS 2019);
-* client noise (local DP, no trusted aggregator): each client's own upload carries that noise
-  alone, and the server knows who was sampled, so there is no amplification by sampling: a
-  ``GaussianDpEvent(z)`` for every round the client may take part in (all of them, the bound
-  a plan can state in advance).
+What it is told (``maths.privacy`` has the mechanism): each round samples ``sample_size`` of
+the ``num_clients`` clients without replacement and a trusted server releases the sum of their
+clipped updates plus Gaussian noise of ``noise_multiplier`` times the sum's replace-one
+sensitivity: ``SampledWithoutReplacementDpEvent(N, k, GaussianDpEvent(z))``, composed over the
+rounds, under ``NeighboringRelation.REPLACE_ONE`` (the only relation the library accounts
+fixed-size sampling under; Wang, Balle and Kasiviswanathan, AISTATS 2019).
 """
 
 from __future__ import annotations
 
-from typing import Literal
-
 import dp_accounting
 from dp_accounting.rdp import RdpAccountant
-
-Noise = Literal["server", "client"]
 
 #: the delta used when none is given: 1e-5, or 1/N^1.1 where that is smaller (N clients)
 DEFAULT_DELTA = 1e-5
@@ -36,11 +26,9 @@ def default_delta(num_clients: int) -> float:
 
 
 def _event(
-    noise_multiplier: float, rounds: int, num_clients: int, sample_size: int, noise: Noise
+    noise_multiplier: float, rounds: int, num_clients: int, sample_size: int
 ) -> dp_accounting.DpEvent:
     gaussian = dp_accounting.GaussianDpEvent(noise_multiplier)
-    if noise == "client":
-        return dp_accounting.SelfComposedDpEvent(gaussian, rounds)
     sampled = dp_accounting.SampledWithoutReplacementDpEvent(num_clients, sample_size, gaussian)
     return dp_accounting.SelfComposedDpEvent(sampled, rounds)
 
@@ -55,13 +43,12 @@ def epsilon(
     num_clients: int,
     sample_size: int,
     delta: float,
-    noise: Noise = "server",
 ) -> float:
     """The epsilon at ``delta`` spent after ``rounds`` rounds (0 before the first)."""
     if rounds == 0:
         return 0.0
     accountant = _accountant()
-    accountant.compose(_event(noise_multiplier, rounds, num_clients, sample_size, noise))
+    accountant.compose(_event(noise_multiplier, rounds, num_clients, sample_size))
     return float(accountant.get_epsilon(delta))
 
 
@@ -71,14 +58,13 @@ def noise_for_epsilon(
     num_clients: int,
     sample_size: int,
     delta: float,
-    noise: Noise = "server",
 ) -> float:
     """The smallest noise multiplier whose ``rounds`` rounds spend at most ``target_epsilon``
     at ``delta`` (the library's calibration, a bracketed search)."""
     return float(
         dp_accounting.calibrate_dp_mechanism(
             _accountant,
-            lambda z: _event(z, rounds, num_clients, sample_size, noise),
+            lambda z: _event(z, rounds, num_clients, sample_size),
             target_epsilon,
             delta,
             dp_accounting.LowerEndpointAndGuess(1e-3, 1.0),
