@@ -8,6 +8,14 @@
 #   bash experiments/verdict.sh qa-control   # (e)'s frozen-experts control; bbc-control: (d)'s
 #   bash experiments/verdict.sh upcycled     # (a) again, eq. (16) over D_c; then upcycled-ablations
 #   bash experiments/verdict.sh report       # reports of whatever has finished
+#
+# The verdict on one footing (docs/RESULTS.md, "The verdict's protocol", fixed before its runs):
+#   bash experiments/verdict.sh tune-bbc     # (d): every method's rate on validation, seeds 100-101
+#   bash experiments/verdict.sh tuned-bbc    # (d): every method at its tuned rate, seeds 10-14
+#   bash experiments/verdict.sh tuned-report # the report of what has finished
+#   PARTS=2 PART=0 SET=threads=1 bash experiments/verdict.sh tune-bbc &   # two processes on 2
+#   PARTS=2 PART=1 SET=threads=1 bash experiments/verdict.sh tune-bbc &   # cores: half the methods each
+#   bash experiments/verdict.sh tune-bbc     # then once more, whole: tuned.json for every method
 #   bash experiments/verdict.sh figures      # copy the reports' key plots into docs/figures
 #   SEEDS=0,1,2,3,4 bash experiments/verdict.sh bbc
 #   SEEDS=3 METHODS=hfedmoe,flexmoe,flux,random bash experiments/verdict.sh bbc   # some methods
@@ -33,7 +41,10 @@ OUT=${OUT:-runs/verdict}
 # seeds 2, 3 and 6's Dirichlet(0.1) split of its questions over 8 clients with at least
 # data.min_partition_size each (it stops after 10 draws), so (e) takes the next seeds that
 # partition, each chosen before any of its runs.
-case ${1:-} in qa*) SEEDS=${SEEDS:-0,1,4} ;; esac
+case ${1:-} in
+    qa*) SEEDS=${SEEDS:-0,1,4} ;;
+    tuned-*) SEEDS=${SEEDS:-10,11,12,13,14} ;;  # the protocol's reported seeds, named first
+esac
 SEEDS=${SEEDS:-0,1,2}
 EXTRA=()  # SET: space-separated KEY=VALUE overrides for every run, e.g. SET=threads=1
 for kv in ${SET:-}; do EXTRA+=(--set "$kv"); done
@@ -83,7 +94,34 @@ report() {  # report GRID NAME TARGET METHODS...: GRID/NAME from the methods' fi
     if ((${#dirs[@]})); then $H report "${dirs[@]}" -o "$grid/$name" --target "$target"; fi
 }
 
+# The protocol's grid: every method and the control over the same rates (each method's own:
+# FFT-MoE's adapters'), judged by the config's primary end point on the validation split.
+TUNED=$MAIN,$CONTROLS
+RATES='lr=[1e-4,3e-4,1e-3,3e-3]'
+PARTS=${PARTS:-1}  # PARTS=2 PART=0|1: this process tunes every other method
+PART=${PART:-0}
+part_methods() {  # the methods of TUNED this process runs
+    local i=0 out=() m
+    IFS=, read -ra all <<<"${METHODS:-$TUNED}"
+    for m in "${all[@]}"; do if ((i++ % PARTS == PART)); then out+=("$m"); fi; done
+    local IFS=,
+    echo "${out[*]}"
+}
+
 case "${1:-}" in
+tune-bbc)
+    $H tune configs/bbc_topics.toml --methods "$(part_methods)" --grid "$RATES" \
+        --seeds 100,101 --no-progress "${EXTRA[@]}" -o "$OUT/tune-bbc"
+    ;;
+tuned-bbc)
+    $H compare configs/bbc_topics.toml --methods "$(part_methods)" --seeds "$SEEDS" \
+        --tuned "$OUT/tune-bbc" --no-progress "${EXTRA[@]}" -o "$OUT/tuned-bbc"
+    analyse "$OUT/tuned-bbc" "$(part_methods)"
+    ;;
+tuned-report)
+    IFS=, read -ra tuned <<<"$TUNED"
+    if [[ -d $OUT/tuned-bbc ]]; then report "$OUT/tuned-bbc" report 0.8 "${tuned[@]}"; fi
+    ;;
 bbc) grid configs/bbc_topics.toml bbc-topics "$MAIN" ;;
 bbc-ablations) grid configs/bbc_topics.toml bbc-topics "hfedmoe,$ABLATIONS,$VARIANTS" ;;
 qa) grid configs/qa_domains.toml qa-domains "$MAIN" "${QA[@]}" ;;
