@@ -12,20 +12,29 @@ import pytest
 import tomli_w
 import torch
 from dp_accounting.rdp import RdpAccountant
+from flwr.app import ConfigRecord
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 from hfedmoe.algorithms import ClientUpdate, build_algorithm
 from hfedmoe.algorithms.maths import accounting
-from hfedmoe.algorithms.maths.privacy import clip_factor, clipped_deltas, joint_norm
+from hfedmoe.algorithms.maths.privacy import (
+    adaptive_clip_norm,
+    clip_factor,
+    clipped_deltas,
+    joint_norm,
+    sum_noise_multiplier,
+)
 from hfedmoe.algorithms.mechanics.privacy import Mechanism, PrivateSum
 from hfedmoe.algorithms.mechanics.uploads import UploadSpec
 from hfedmoe.engines.embedded import run_embedded
+from hfedmoe.federation import wire
 from hfedmoe.federation.client_app import app as client_app
 from hfedmoe.federation.server_app import app as server_app
+from hfedmoe.federation.strategy import AlgorithmStrategy
 from hfedmoe.foundation.config import validate
-from hfedmoe.foundation.errors import ConfigError
+from hfedmoe.foundation.errors import ConfigError, HFedMoEError
 from hfedmoe.results import read_metrics, without
 
 from .support.cli import checkpoint_round, kill_when, run_to_the_end
@@ -101,6 +110,39 @@ def test_the_noise_has_the_specified_standard_deviation_on_every_key():
     assert not torch.equal(new["sent"], new["unsent"])  # independent draws
     again = _fold(w, [{"sent": torch.zeros(100_000)}], clip_norm=0.4, z=1.5, d=3, seed=7)
     assert all(torch.equal(new[k], again[k]) for k in w)  # seeded: a resumed round repeats
+
+
+# --- adaptive clipping (Andrew et al. 2021) ----------------------------------------------------
+
+
+def test_the_clipping_norm_moves_towards_the_target_quantile_by_hand():
+    # eq. P4: C' = C exp(-eta (b - gamma)); 3 of 4 unclipped where half should be: C shrinks
+    assert adaptive_clip_norm(1.0, 0.75, 0.5, 0.2) == pytest.approx(math.exp(-0.05))
+    assert adaptive_clip_norm(2.0, 0.25, 0.5, 0.2) == pytest.approx(2.0 * math.exp(0.05))
+    assert adaptive_clip_norm(2.0, 0.5, 0.5, 0.2) == 2.0  # on target: unchanged
+
+
+def test_the_count_takes_its_share_of_the_noise_by_hand():
+    # eq. P5: z = 1 split with z_b = 2 leaves (1 - 1/4)^(-1/2) = 1.1547 for the updates
+    assert sum_noise_multiplier(1.0, 2.0) == pytest.approx(1 / math.sqrt(0.75))
+    with pytest.raises(ValueError, match="must exceed the noise multiplier"):
+        sum_noise_multiplier(1.0, 1.0)
+    # the mechanism's noise on the sum is 2 z_D C
+    assert Mechanism(0.5, 1.0, 4, count_noise=2.0).noise_std == pytest.approx(1 / math.sqrt(0.75))
+
+
+def test_the_fold_releases_the_share_of_replies_it_did_not_clip():
+    # C = 1: updates of norm 0.5, 2 and 0.1 -> 2 unclipped of d = 4 sampled; with a negligible
+    # count noise the release is 2 / 4
+    w = {"a": torch.zeros(2)}
+    fold = PrivateSum(
+        w, _spec("a"), Mechanism(1.0, 0.0, 4, count_noise=1e-12), torch.Generator().manual_seed(0)
+    )
+    for delta in ([0.3, 0.4], [0.0, 2.0], [0.1, 0.0]):
+        fold.add(ClientUpdate(weights={"a": torch.tensor(delta)}, num_examples=1))
+    fold.finish()
+    assert fold.counts == {"dp_clipped": 1, "dp_replies": 3}
+    assert fold.unclipped_fraction == pytest.approx(0.5)
 
 
 # --- the accountant ---------------------------------------------------------------------------
@@ -208,6 +250,59 @@ def test_a_private_run_records_the_epsilon_it_spent_each_round(tiny_bert_dir, tm
     # seeded noise: the same config gives the same model
     _, weights_again = _private_run(tiny_bert_dir, tmp_path / "again", algorithm)
     assert all(torch.equal(weights[k], weights_again[k]) for k in weights)
+
+
+def test_adaptive_clipping_moves_the_norm_each_round_from_the_released_count(
+    tiny_bert_dir, tmp_path
+):
+    metrics, _ = _private_run(
+        tiny_bert_dir, tmp_path / "run", clipping="adaptive", clip_learning_rate=0.5
+    )
+    one, two = metrics[1], metrics[2]
+    assert one["dp_clip_norm"] == PRIVATE["clip_norm"]  # the first round clips at clip_norm
+    assert two["dp_clip_norm"] == pytest.approx(
+        adaptive_clip_norm(one["dp_clip_norm"], one["dp_unclipped_fraction"], 0.5, 0.5)
+    )
+    # the count's noise is its own share of z: epsilon is the accountant's for z as before
+    assert two["dp_epsilon"] == accounting.epsilon(1.0, 2, 3, 2, 1e-5)
+
+
+def test_the_next_clipping_norm_survives_a_checkpoint(tiny_bert_dir):
+    cfg = validate(tiny_raw(tiny_bert_dir, privacy={**PRIVATE, "clipping": "adaptive"}))
+    algorithm = build_algorithm(cfg)
+    algorithm._clip_norm = 0.123
+    state = algorithm.checkpoint_state()
+    again = build_algorithm(cfg)
+    again.restore_state(state)
+    assert again._clip_norm == 0.123
+    fixed = build_algorithm(validate(tiny_raw(tiny_bert_dir, privacy=PRIVATE)))
+    assert fixed.checkpoint_state() == fixed.state_dict()  # nothing new where it is fixed
+
+
+def test_a_count_noise_that_leaves_the_updates_none_is_refused(tiny_bert_dir):
+    privacy = {**PRIVATE, "clipping": "adaptive", "count_noise": 0.5}  # z = 1
+    algorithm = build_algorithm(validate(tiny_raw(tiny_bert_dir, privacy=privacy)))
+    with pytest.raises(ConfigError, match=r"privacy\.count_noise: 0\.5 leaves no noise"):
+        algorithm.count_noise(4)
+
+
+def test_a_run_stops_before_the_round_that_would_overspend_its_budget(tiny_bert_dir):
+    # the noise is calibrated for 8 clients, 2 a round (z = 1.675 for epsilon 2 in 2 rounds); a
+    # deployment admits only 2 nodes, so each is sampled every round and round 1 alone would
+    # spend 2.64
+    raw = tiny_raw(
+        tiny_bert_dir,
+        federation={"num_clients": 8, "clients_per_round": 2, "rounds": 2},
+        privacy={**PRIVATE, "noise_multiplier": None, "target_epsilon": 2.0},
+    )
+    cfg = validate(raw)
+    algorithm = build_algorithm(cfg)
+    strategy = AlgorithmStrategy(algorithm, cfg)
+    strategy.set_devices(
+        {100 + c: wire.DeviceReport(c, "", 0, 24, 24, 8, 10) for c in range(2)}, None
+    )
+    with pytest.raises(HFedMoEError, match=r"privacy\.target_epsilon: round 1 would spend"):
+        list(strategy.configure_train(1, wire.TensorRecord({}), ConfigRecord(), None))
 
 
 @pytest.mark.slow  # the calibration itself is tested above, without a run (CI time)

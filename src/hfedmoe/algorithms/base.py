@@ -15,7 +15,7 @@ subclasses :class:`FederatedAlgorithm`, is decorated with :func:`register` and i
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import ClassVar
 
 import numpy as np
@@ -24,6 +24,7 @@ from torch import nn
 
 from hfedmoe.algorithms.maths import accounting
 from hfedmoe.algorithms.maths.bounds import adamw_update_bound
+from hfedmoe.algorithms.maths.privacy import adaptive_clip_norm
 from hfedmoe.algorithms.mechanics.layout import ExpertLayout
 from hfedmoe.algorithms.mechanics.merging import Merge, MergePolicy
 from hfedmoe.algorithms.mechanics.privacy import Mechanism, PrivateSum
@@ -53,31 +54,45 @@ class Aggregation(ABC):
         """The next global weights (after at least one :meth:`add`); updates the algorithm's
         own state (what it remembers about clients) as well."""
 
-    def defence_counts(self) -> dict[str, int]:
+    def defence_counts(self) -> dict[str, float]:
         """What the defences of its :class:`Merge` folds did this round (shares capped, keys
         too sparse for the robust aggregator), summed over the folds it holds."""
-        total: dict[str, int] = {}
+        total: dict[str, float] = {}
         for merge in (v for v in vars(self).values() if isinstance(v, Merge)):
             for key, n in merge.counts.items():
                 total[key] = total.get(key, 0) + n
         return total
 
 
+#: the checkpoint's key of adaptive clipping's next norm (beside the algorithm's own state)
+DP_CLIP_NORM = "dp_clip_norm"
+
+
 class _PrivateRound(Aggregation):
     """A round under ``[privacy]``: DP-FedAvg's release over the algorithm's upload spec
-    (``mechanics.privacy``) instead of the algorithm's own weighted means."""
+    (``mechanics.privacy``) instead of the algorithm's own weighted means; ``adapt`` gets the
+    fold once it has finished (adaptive clipping's next norm)."""
 
-    def __init__(self, fold: PrivateSum):
+    def __init__(self, fold: PrivateSum, adapt: Callable[[PrivateSum], None]):
         self.fold = fold
+        self.adapt = adapt
 
     def add(self, client: int, update: ClientUpdate) -> None:
         self.fold.add(update)
 
     def finish(self) -> Weights:
-        return self.fold.finish()
+        weights = self.fold.finish()
+        self.adapt(self.fold)
+        return weights
 
-    def defence_counts(self) -> dict[str, int]:
-        return dict(self.fold.counts)
+    def defence_counts(self) -> dict[str, float]:
+        counts: dict[str, float] = {
+            **self.fold.counts,
+            "dp_clip_norm": self.fold.mechanism.clip_norm,
+        }
+        if self.fold.unclipped_fraction is not None:
+            counts["dp_unclipped_fraction"] = self.fold.unclipped_fraction
+        return counts
 
 
 class FederatedAlgorithm(ABC):
@@ -106,6 +121,7 @@ class FederatedAlgorithm(ABC):
         if cfg.privacy.enabled and (why := self.not_private()) is not None:
             raise ConfigError(f"privacy.enabled: algorithm '{self.name}' is not covered: {why}")
         self._noise_multiplier: float | None = None
+        self._clip_norm = cfg.privacy.clip_norm  # C of the next private round (eq. P4 moves it)
 
     def not_private(self) -> str | None:
         """Why ``[privacy]`` cannot train this algorithm as configured (None: it can)."""
@@ -176,13 +192,56 @@ class FederatedAlgorithm(ABC):
         """The round's fold under ``[privacy]``: DP-FedAvg over ``spec``'s keys with the
         denominator fixed at the ``sampled`` clients (``mechanics.privacy``), its noise drawn
         for (seed, round)."""
-        clip_norm = self.cfg.privacy.clip_norm
-        assert clip_norm is not None  # the config requires it with privacy.enabled
-        mechanism = Mechanism(clip_norm, self.noise_multiplier(), sampled)
+        assert self._clip_norm is not None  # the config requires it with privacy.enabled
+        mechanism = Mechanism(
+            self._clip_norm, self.noise_multiplier(), sampled, self.count_noise(sampled)
+        )
         generator = torch.Generator().manual_seed(
             torch_seed_for(self.cfg.seed, PRIVACY, server_round)
         )
-        return _PrivateRound(PrivateSum(global_weights, spec, mechanism, generator))
+        return _PrivateRound(PrivateSum(global_weights, spec, mechanism, generator), self._adapt)
+
+    def count_noise(self, sampled: int) -> float | None:
+        """s_b of adaptive clipping's count (None: fixed clipping): as set, else the clients
+        sampled / 20 (Andrew et al.), but at least 2z, so that the updates keep most of the
+        noise (eq. P5: z_D <= 1.16 z); refused where it leaves them none."""
+        p = self.cfg.privacy
+        if p.clipping == "fixed":
+            return None
+        z = self.noise_multiplier()
+        s_b = p.count_noise if p.count_noise is not None else max(sampled / 20, 2 * z)
+        if s_b <= z:
+            raise ConfigError(
+                f"privacy.count_noise: {s_b:g} leaves no noise for the updates; expected more "
+                f"than the noise multiplier ({z:.4g})"
+            )
+        return s_b
+
+    def _adapt(self, fold: PrivateSum) -> None:
+        """Adaptive clipping's next norm (eq. P4) from the round's noisy count."""
+        if fold.unclipped_fraction is not None:
+            p = self.cfg.privacy
+            self._clip_norm = adaptive_clip_norm(
+                fold.mechanism.clip_norm,
+                fold.unclipped_fraction,
+                p.target_quantile,
+                p.clip_learning_rate,
+            )
+
+    def checkpoint_state(self) -> dict:
+        """:meth:`state_dict` and, under adaptive clipping, the next round's clipping norm:
+        what a checkpoint keeps and a rolled-back round restores."""
+        state = self.state_dict()
+        if self.cfg.privacy.enabled and self.cfg.privacy.clipping == "adaptive":
+            state = {**state, DP_CLIP_NORM: self._clip_norm}
+        return state
+
+    def restore_state(self, state: dict) -> None:
+        """The inverse of :meth:`checkpoint_state`."""
+        state = dict(state)
+        if DP_CLIP_NORM in state:
+            self._clip_norm = float(state.pop(DP_CLIP_NORM))
+        self.load_state_dict(state)
 
     def bind(self, model: nn.Module) -> None:
         """Called once on the server with the initial global model, before round 1, so an

@@ -159,7 +159,7 @@ def federate(
         devices = {d.pop("node_id"): wire.DeviceReport(**d) for d in resume.devices}
         strategy.set_devices(devices, workload.partition_sizes)
         load_shared_state(model, resume.weights)
-        algorithm.load_state_dict(resume.algorithm)
+        algorithm.restore_state(resume.algorithm)
         if isinstance(grid, ResumableGrid):
             grid.restore_node_states(resume.nodes)
         log.info("resuming after round %d of %d", resume.round, cfg.federation.rounds)
@@ -171,7 +171,7 @@ def federate(
         state = RunState(
             server_round,
             arrays.to_torch_state_dict(),
-            algorithm.state_dict(),
+            algorithm.checkpoint_state(),
             nodes,
             devices,
             recorder.rounds,

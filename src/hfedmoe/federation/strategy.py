@@ -30,6 +30,7 @@ from hfedmoe.algorithms.mechanics.uploads import UploadSpec
 from hfedmoe.algorithms.mechanics.validation import Expectation, all_finite, check_update
 from hfedmoe.federation import wire
 from hfedmoe.foundation.config import ExperimentConfig
+from hfedmoe.foundation.errors import HFedMoEError
 from hfedmoe.foundation.seeding import SAMPLING, rng_for
 
 log = logging.getLogger("hfedmoe")
@@ -203,6 +204,8 @@ class AlgorithmStrategy(Strategy):
         )
         messages, self._bytes_down, self._requested, self._configs = [], {}, {}, {}
         self._sampled = sampled
+        if self.cfg.privacy.enabled:
+            self._within_budget(server_round)
         self.algorithm.configure_round(server_round, sampled)
         # weights that several requests share (the same dict), packed once; the dict is kept
         # beside its record so that its id cannot be reused by another client's weights
@@ -239,7 +242,7 @@ class AlgorithmStrategy(Strategy):
         float sums do not depend on arrival order."""
         if isinstance(replies, Sequence):
             replies = sorted(replies, key=lambda r: self._client(r.metadata.src_node_id))
-        saved = copy.deepcopy(self.algorithm.state_dict())
+        saved = copy.deepcopy(self.algorithm.checkpoint_state())
         fold = None
         self.aggregate_seconds = 0.0
         reports, examples, loss_sum, clipped = [], 0, 0.0, 0
@@ -275,7 +278,7 @@ class AlgorithmStrategy(Strategy):
             all_finite(t) for t in new_global.values() if t.is_floating_point()
         )
         if self.aggregate_rejected:  # defence in depth: validated updates should never do this
-            self.algorithm.load_state_dict(saved)
+            self.algorithm.restore_state(saved)
             log.error("round %d: the aggregate is not finite; the model stays", server_round)
             return None, None
         # the server's own record: it never crosses a wire, so it holds the tensors as they are
@@ -300,6 +303,23 @@ class AlgorithmStrategy(Strategy):
         z, delta = self.algorithm.noise_multiplier(), self.algorithm.privacy_delta()
         spent = accounting.epsilon(z, server_round, len(self.nodes), len(self._sampled), delta)
         return {"dp_epsilon": spent, "dp_delta": delta, "dp_noise_multiplier": z}
+
+    def _within_budget(self, server_round: int) -> None:
+        """Stop before a round that would spend more than ``privacy.target_epsilon``: the noise
+        was calibrated for the config's clients, and a deployment that admits fewer nodes
+        samples each more often."""
+        target = self.cfg.privacy.target_epsilon
+        if target is None:
+            return
+        spent = self._privacy_spent(server_round)["dp_epsilon"]
+        if spent > target * (1 + 1e-6):
+            raise HFedMoEError(
+                f"privacy.target_epsilon: round {server_round} would spend epsilon {spent:.4g} "
+                f"of the {target:g} allowed ({len(self._sampled)} of {len(self.nodes)} clients "
+                f"a round; the noise was calibrated for {self.cfg.federation.num_clients}); "
+                f"the run stops after round {server_round - 1}, whose checkpoint and metrics "
+                "are kept"
+            )
 
     def _accept(self, report: ClientReport, reply: Message) -> ClientUpdate | None:
         """The reply's update if it is valid, else None with ``report`` failed and why. Nothing

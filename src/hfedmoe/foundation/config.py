@@ -783,6 +783,30 @@ class PrivacyConfig(Section):
         description="Who adds the noise: server (a trusted aggregator adds it to the round's "
         "sum). Noise on each client (local DP) is not built yet.",
     )
+    clipping: Literal["fixed", "adaptive"] = Field(
+        "fixed",
+        description="fixed: every round clips at clip_norm; adaptive: clip_norm is the first "
+        "round's, and each round moves it towards the target_quantile of the clients' update "
+        "norms from a noisy count (Andrew et al. 2021; docs/PRIVACY.md).",
+    )
+    target_quantile: float = Field(
+        0.5,
+        gt=0,
+        lt=1,
+        description="gamma of adaptive clipping: the share of clients whose update the clipping "
+        "norm should leave unclipped.",
+    )
+    clip_learning_rate: float = Field(
+        0.2, gt=0, description="eta of adaptive clipping: C' = C exp(-eta (b - gamma))."
+    )
+    count_noise: float | None = Field(
+        None,
+        gt=0,
+        description="Standard deviation of the noise on adaptive clipping's count of unclipped "
+        "clients; null = clients sampled a round / 20 (Andrew et al.). It takes its share of "
+        "the privacy budget: the updates get the rest (eq. P5), so it must exceed the noise "
+        "multiplier.",
+    )
 
     @model_validator(mode="after")
     def _complete(self) -> PrivacyConfig:

@@ -15,6 +15,23 @@ tensor at once, where
   would have s = z C with a random number of clients.)
 
 One client therefore moves any release by at most 2C / d before noise, whatever it sends.
+
+Adaptive clipping (Andrew, Thakkar, McMahan and Ramaswamy, NeurIPS 2021) moves C towards a
+quantile gamma of the clients' update norms instead of fixing it: each accepted client adds
+b_c = 1 if ||Delta_c|| <= C, the server releases the noisy fraction
+b = (sum_c b_c + N(0, s_b^2)) / d with the round's weights, and the next round clips at
+
+    C' = C exp(-eta (b - gamma))                                            (eq. P4)
+
+Both releases are one Gaussian mechanism for the accountant: the count's replace-one
+sensitivity is 1, so with noise multipliers z_D on the sum (its noise 2 z_D C) and z_b = s_b on
+the count, the accountant's z satisfies z^-2 = z_D^-2 + z_b^-2, and for the z it is told the
+sum gets
+
+    z_D = (z^-2 - z_b^-2)^(-1/2)                                            (eq. P5)
+
+(Andrew et al., section 3; their add/remove relation halves the count's sensitivity with
+b_c - 1/2, ours is replace-one).
 Pure functions over tensors; the fold that applies them is ``mechanics.privacy``.
 """
 
@@ -66,3 +83,25 @@ def sum_noise_std(noise_multiplier: float, clip_norm: float) -> float:
 def gaussian_like(x: torch.Tensor, std: float, generator: torch.Generator) -> torch.Tensor:
     """N(0, std^2) of ``x``'s shape, in float64, from ``generator`` (reproducible per round)."""
     return torch.randn(x.shape, dtype=torch.float64, generator=generator) * std
+
+
+def adaptive_clip_norm(
+    clip_norm: float, unclipped_fraction: float, target_quantile: float, learning_rate: float
+) -> float:
+    """C' = C exp(-eta (b - gamma)) (eq. P4): the next round's clipping norm from this round's
+    noisy fraction b of clients whose update was not clipped."""
+    return clip_norm * math.exp(-learning_rate * (unclipped_fraction - target_quantile))
+
+
+def sum_noise_multiplier(noise_multiplier: float, count_noise: float) -> float:
+    """z_D = (z^-2 - z_b^-2)^(-1/2) (eq. P5): what is left for the sum of updates when the count
+    of unclipped clients takes noise of standard deviation ``count_noise`` (z_b: the count's
+    sensitivity is 1) out of the accountant's ``noise_multiplier`` z."""
+    if count_noise <= noise_multiplier:
+        raise ValueError(
+            f"the count's noise ({count_noise:g}) must exceed the noise multiplier "
+            f"({noise_multiplier:g}), or nothing is left for the updates"
+        )
+    if noise_multiplier == 0:  # no noise at all (tests): none to share
+        return 0.0
+    return (noise_multiplier**-2 - count_noise**-2) ** -0.5

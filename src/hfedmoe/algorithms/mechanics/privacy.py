@@ -12,6 +12,10 @@ sampled, fixed before any reply. Noise goes on every key, sent or not, so the re
 nothing about which experts any client chose; the cost is that an expert only some clients hold
 moves by their sum over d, not by their mean.
 
+Under adaptive clipping (eq. P4) the fold also counts the replies whose update was not
+clipped and releases that count with noise of its own, after the weights' noise; the next
+round's clipping norm is computed from it (:attr:`PrivateSum.unclipped_fraction`).
+
 Every accepted reply counts once: the methods' own weights (|D_c| for FedAvg, eqs. (17) and
 (21) for HFedMoE) are not applied, because a weight a client's data sets would raise the
 sensitivity above 2C / d. Memory: one float64 sum per key, as the weighted mean's.
@@ -23,7 +27,12 @@ from dataclasses import dataclass
 
 import torch
 
-from hfedmoe.algorithms.maths.privacy import clipped_deltas, gaussian_like, sum_noise_std
+from hfedmoe.algorithms.maths.privacy import (
+    clipped_deltas,
+    gaussian_like,
+    sum_noise_multiplier,
+    sum_noise_std,
+)
 from hfedmoe.algorithms.mechanics.merging import Merge
 from hfedmoe.algorithms.mechanics.uploads import UploadSpec
 from hfedmoe.algorithms.messages import ClientUpdate, Weights
@@ -31,16 +40,23 @@ from hfedmoe.algorithms.messages import ClientUpdate, Weights
 
 @dataclass(frozen=True)
 class Mechanism:
-    """The round's DP parameters: clipping norm C, noise multiplier z, denominator d."""
+    """The round's DP parameters: clipping norm C, the accountant's noise multiplier z,
+    denominator d, and under adaptive clipping the noise s_b on the count of unclipped
+    replies (None: fixed clipping, no count released)."""
 
     clip_norm: float
     noise_multiplier: float
     denominator: int
+    count_noise: float | None = None
 
     @property
     def noise_std(self) -> float:
-        """s, the standard deviation of the noise on each coordinate of the sum."""
-        return sum_noise_std(self.noise_multiplier, self.clip_norm)
+        """s, the standard deviation of the noise on each coordinate of the sum: z's, or under
+        adaptive clipping what the count leaves of it (eq. P5)."""
+        z = self.noise_multiplier
+        if self.count_noise is not None:
+            z = sum_noise_multiplier(z, self.count_noise)
+        return sum_noise_std(z, self.clip_norm)
 
 
 class PrivateSum:
@@ -66,6 +82,8 @@ class PrivateSum:
             self._add(key, ref, float(mechanism.denominator))
         #: replies whose update was longer than C (clipped), and replies folded
         self.counts = {"dp_clipped": 0, "dp_replies": 0}
+        #: adaptive clipping's release: the noisy share of replies not clipped (after finish)
+        self.unclipped_fraction: float | None = None
 
     def _add(self, key: str, x: torch.Tensor, mass: float) -> None:
         name, entry = self.spec.experts.get(key, (key, None))
@@ -87,4 +105,8 @@ class PrivateSum:
         for key, ref in self.references.items():  # in sorted order: reproducible noise
             self._add(key, gaussian_like(ref, std, self.generator), 1.0)
         d = float(self.mechanism.denominator)
+        if self.mechanism.count_noise is not None:  # eq. P4's b, drawn after the weights' noise
+            unclipped = self.counts["dp_replies"] - self.counts["dp_clipped"]
+            noise = torch.randn((), dtype=torch.float64, generator=self.generator)
+            self.unclipped_fraction = (unclipped + float(noise) * self.mechanism.count_noise) / d
         return self.merge.finish({key: d for key in self.references})
