@@ -5,6 +5,7 @@ deviation measured, epsilon from dp-accounting, and private runs end to end.
 
 from __future__ import annotations
 
+import json
 import math
 
 import dp_accounting
@@ -145,6 +146,57 @@ def test_the_fold_releases_the_share_of_replies_it_did_not_clip():
     assert fold.unclipped_fraction == pytest.approx(0.5)
 
 
+# --- noise on each client (local DP) ----------------------------------------------------------
+
+
+def _local(tiny_bert_dir, **privacy):
+    raw = tiny_raw(tiny_bert_dir, privacy={**PRIVATE, "noise": "client", **privacy})
+    return build_algorithm(validate(raw))
+
+
+def test_a_client_clips_its_update_and_adds_noise_of_std_2zc(tiny_bert_dir):
+    # C = 0.5, z = 1: s = 1 on every coordinate; the update (3, 4) is clipped to (0.3, 0.4)
+    algorithm = _local(tiny_bert_dir)
+    w = {"a": torch.zeros(2), "b": torch.zeros(200_000)}
+    x = {"a": torch.tensor([3.0, 4.0]), "b": torch.zeros(200_000)}
+    noised = algorithm.noised(ClientUpdate(weights=x, num_examples=1), w, 1, 0).weights
+    assert float(noised["b"].double().std()) == pytest.approx(1.0, rel=0.01)
+    quiet = _local(tiny_bert_dir, noise_multiplier=1e-9)
+    clipped = quiet.noised(ClientUpdate(weights=x, num_examples=1), w, 1, 0).weights
+    assert clipped["a"].tolist() == pytest.approx([0.3, 0.4])
+    # each client and round draws its own noise, the same again on a resumed round
+    other = algorithm.noised(ClientUpdate(weights=x, num_examples=1), w, 1, 1).weights
+    again = algorithm.noised(ClientUpdate(weights=x, num_examples=1), w, 1, 0).weights
+    assert not torch.equal(noised["b"], other["b"]) and torch.equal(noised["b"], again["b"])
+
+
+def test_local_epsilon_is_the_gaussian_mechanism_composed_over_every_round():
+    # the server sees whom it sampled: no amplification, each client as if in every round
+    direct = RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
+    direct.compose(dp_accounting.GaussianDpEvent(3.0), 10)
+    assert accounting.epsilon(3.0, 10, 8, None, 1e-5) == pytest.approx(direct.get_epsilon(1e-5))
+
+
+def test_local_dp_covers_only_a_method_whose_uploads_are_dense(tiny_bert_dir):
+    raw = tiny_raw(tiny_bert_dir, algorithm="hfedmoe", privacy={**PRIVATE, "noise": "client"})
+    with pytest.raises(ConfigError, match=r"privacy\.noise: 'client' does not cover .*'hfedmoe'"):
+        build_algorithm(validate(raw))
+    raw = tiny_raw(tiny_bert_dir, privacy={**PRIVATE, "noise": "client", "clipping": "adaptive"})
+    with pytest.raises(ConfigError, match=r"privacy\.clipping: expected 'fixed'"):
+        validate(raw)
+
+
+def test_the_server_accepts_every_honest_noisy_reply_and_adds_no_noise_of_its_own(
+    tiny_bert_dir, tmp_path
+):
+    metrics, weights = _private_run(tiny_bert_dir, tmp_path / "run", noise="client")
+    for record in metrics[1:]:
+        assert record["clients_ok"] == record["dp_replies"] == 2  # none rejected as too long
+        assert record["dp_clipped"] == 0  # the server's bound C + s (sqrt(n) + 8) never binds
+        assert record["dp_epsilon"] == accounting.epsilon(1.0, record["round"], 3, None, 1e-5)
+    assert all(torch.isfinite(t).all() for t in weights.values())
+
+
 # --- the accountant ---------------------------------------------------------------------------
 
 
@@ -246,6 +298,8 @@ def test_a_private_run_records_the_epsilon_it_spent_each_round(tiny_bert_dir, tm
         assert record["dp_noise_multiplier"] == 1.0
         assert record["dp_replies"] == record["clients_ok"] == 2
     assert metrics[2]["dp_epsilon"] > metrics[1]["dp_epsilon"] > 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["dp_epsilon"] == metrics[2]["dp_epsilon"] and summary["dp_delta"] == 1e-5
     assert all(torch.isfinite(t).all() for t in weights.values())
     # seeded noise: the same config gives the same model
     _, weights_again = _private_run(tiny_bert_dir, tmp_path / "again", algorithm)

@@ -21,6 +21,7 @@ from hfedmoe.experiment.report import (
     label_runs,
     paired_table,
     plot_all,
+    privacy_table,
     summarise,
 )
 
@@ -103,6 +104,20 @@ def test_a_run_that_updates_no_expert_has_no_utilisation_balance(tmp_path):
     assert Run.load(run).expert_updates() is None
     (row,) = summarise([Run.load(run)], target=0.9)
     assert row.utilisation_cv is None  # shown as "-", not nan
+
+
+def test_the_privacy_table_shows_the_largest_epsilon_any_seed_spent(tmp_path):
+    runs = []
+    for seed, spent in ((0, 2.5), (1, 2.75)):
+        path = _fake_run(tmp_path / f"private{seed}", "fedavg", seed, [0.2, 0.5])
+        lines = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+        lines[-1].update(dp_epsilon=spent, dp_delta=1e-5, dp_noise_multiplier=1.5)
+        (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+        runs.append(Run.load(path))
+    runs.append(Run.load(_fake_run(tmp_path / "plain", "random", 0, [0.2, 0.5])))
+    header, cells = privacy_table(runs)
+    assert header == ["method", "epsilon", "delta", "noise multiplier"]
+    assert cells == [["fedavg", "2.75", "1.0e-05", "1.5"]]  # no row for the plain run
 
 
 def test_client_memory_and_compute_count_what_clients_measured_and_ran_besides_training(tmp_path):

@@ -14,6 +14,7 @@ subclasses :class:`FederatedAlgorithm`, is decorated with :func:`register` and i
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from typing import ClassVar
@@ -24,7 +25,13 @@ from torch import nn
 
 from hfedmoe.algorithms.maths import accounting
 from hfedmoe.algorithms.maths.bounds import adamw_update_bound
-from hfedmoe.algorithms.maths.privacy import adaptive_clip_norm
+from hfedmoe.algorithms.maths.privacy import (
+    adaptive_clip_norm,
+    clipped_deltas,
+    gaussian_like,
+    noise_norm_bound,
+    sum_noise_std,
+)
 from hfedmoe.algorithms.mechanics.layout import ExpertLayout
 from hfedmoe.algorithms.mechanics.merging import Merge, MergePolicy
 from hfedmoe.algorithms.mechanics.privacy import Mechanism, PrivateSum
@@ -114,12 +121,21 @@ class FederatedAlgorithm(ABC):
     #: tensors; a server that plans rounds from what clients report (assignments from usage,
     #: roles from utilities) would publish those reports unprotected.
     NOT_PRIVATE: ClassVar[str | None] = "it has not been checked under [privacy] yet"
+    #: whether every client uploads every tensor of the spec (so noise on each client, local
+    #: DP, hides everything it sends); sparse uploads would show the server which experts
+    DENSE_UPLOADS: ClassVar[bool] = False
 
     def __init__(self, cfg: ExperimentConfig):
         self.cfg = cfg
         self.budgets: dict[int, int] = {}  # client id -> C_budget, learnt before round 1
         if cfg.privacy.enabled and (why := self.not_private()) is not None:
             raise ConfigError(f"privacy.enabled: algorithm '{self.name}' is not covered: {why}")
+        if cfg.privacy.enabled and cfg.privacy.noise == "client" and not self.DENSE_UPLOADS:
+            raise ConfigError(
+                f"privacy.noise: 'client' does not cover algorithm '{self.name}': its clients "
+                "upload only the experts they trained, so which ones would reach the server in "
+                "the clear (expected 'server', or algorithm 'fedavg')"
+            )
         self._noise_multiplier: float | None = None
         self._clip_norm = cfg.privacy.clip_norm  # C of the next private round (eq. P4 moves it)
 
@@ -175,7 +191,9 @@ class FederatedAlgorithm(ABC):
                 self._noise_multiplier = p.noise_multiplier
             else:
                 assert p.target_epsilon is not None
-                sample = min(fed.clients_per_round, fed.num_clients)
+                sample = (
+                    None if p.noise == "client" else min(fed.clients_per_round, fed.num_clients)
+                )
                 self._noise_multiplier = accounting.noise_for_epsilon(
                     p.target_epsilon, fed.rounds, fed.num_clients, sample, self.privacy_delta()
                 )
@@ -193,13 +211,45 @@ class FederatedAlgorithm(ABC):
         denominator fixed at the ``sampled`` clients (``mechanics.privacy``), its noise drawn
         for (seed, round)."""
         assert self._clip_norm is not None  # the config requires it with privacy.enabled
-        mechanism = Mechanism(
-            self._clip_norm, self.noise_multiplier(), sampled, self.count_noise(sampled)
-        )
+        if self.cfg.privacy.noise == "client":  # noised already: bound each reply, add nothing
+            numel = sum(t.numel() for t in spec.references(global_weights).values())
+            bound = self._clip_norm + noise_norm_bound(self.client_noise_std(), numel)
+            mechanism = Mechanism(bound, 0.0, sampled)
+        else:
+            mechanism = Mechanism(
+                self._clip_norm, self.noise_multiplier(), sampled, self.count_noise(sampled)
+            )
         generator = torch.Generator().manual_seed(
             torch_seed_for(self.cfg.seed, PRIVACY, server_round)
         )
         return _PrivateRound(PrivateSum(global_weights, spec, mechanism, generator), self._adapt)
+
+    def client_noise_std(self) -> float:
+        """s = 2zC of each client's own noise under ``privacy.noise = "client"`` (eq. P3 for one
+        client's release); 0 otherwise."""
+        p = self.cfg.privacy
+        if not (p.enabled and p.noise == "client"):
+            return 0.0
+        assert p.clip_norm is not None  # the config requires it with privacy.enabled
+        return sum_noise_std(self.noise_multiplier(), p.clip_norm)
+
+    def noised(
+        self, update: ClientUpdate, global_weights: Weights, server_round: int, client: int
+    ) -> ClientUpdate:
+        """Local DP on the client: its update clipped to C as one vector (eq. P1) plus
+        N(0, s^2), s = 2zC, on every coordinate it sends, drawn for (seed, round, client)."""
+        assert self.cfg.privacy.clip_norm is not None
+        deltas, _ = clipped_deltas(update.weights, global_weights, self.cfg.privacy.clip_norm)
+        std = self.client_noise_std()
+        generator = torch.Generator().manual_seed(
+            torch_seed_for(self.cfg.seed, PRIVACY, server_round, 1 + client)
+        )
+        weights = {}
+        for key in sorted(deltas):  # one order: reproducible noise
+            x = global_weights[key].to(torch.float64) + deltas[key]
+            x += gaussian_like(x, std, generator)
+            weights[key] = x.to(update.weights[key].dtype)
+        return dataclasses.replace(update, weights=weights)
 
     def count_noise(self, sampled: int) -> float | None:
         """s_b of adaptive clipping's count (None: fixed clipping): as set, else the clients

@@ -618,6 +618,32 @@ def _sum_counts(counts: Iterable[dict[str, int]]) -> dict[str, int]:
     return dict(sorted(total.items()))
 
 
+def privacy_table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
+    """Per method under ``[privacy]``: the epsilon its runs spent at their delta (the largest
+    over seeds) and the noise multiplier; no rows where no run was private."""
+    header = ["method", "epsilon", "delta", "noise multiplier"]
+    cells = []
+    for label in dict.fromkeys(r.label for r in runs):
+        spent = [
+            rec
+            for r in runs
+            if r.label == label
+            for rec in r.rounds[-1:]
+            if rec.get("dp_epsilon") is not None
+        ]
+        if spent:
+            worst = max(spent, key=lambda rec: rec["dp_epsilon"])
+            cells.append(
+                [
+                    label,
+                    f"{worst['dp_epsilon']:.3g}",
+                    f"{worst['dp_delta']:.1e}",
+                    f"{worst['dp_noise_multiplier']:.3g}",
+                ]
+            )
+    return header, cells
+
+
 def failure_reasons_table(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
     """Failed client trainings by reason (columns) per row, summed over seeds; no columns if
     nothing failed."""
@@ -961,6 +987,11 @@ def write_report(
         extra_html += "<h2>Client memory per device tier</h2>" + _html_table(
             "memory", header, cells
         )
+    header, cells = privacy_table(runs)
+    if cells:
+        md += ["Differential privacy, spent by the last round (the largest over seeds):", ""]
+        md += [*_md_table(header, cells), ""]
+        extra_html += "<h2>Differential privacy</h2>" + _html_table("privacy", header, cells)
     reasons, reason_cells = failure_reasons_table(rows)
     reasons_html = ""
     if reasons:

@@ -121,6 +121,8 @@ def train(msg: Message, context: Context) -> Message:
     if wire.MEMORY in context.state.array_records:  # what this node kept from its last round
         request.memory = context.state.array_records[wire.MEMORY].to_torch_state_dict()
     update = algorithm.train_client(model, data, request, rng)
+    if cfg.privacy.enabled and cfg.privacy.noise == "client":  # local DP: noised before it leaves
+        update = algorithm.noised(update, sent, server_round, partition_id)
     if request.memory:
         context.state[wire.MEMORY] = ArrayRecord(request.memory)
     update.metrics["memory_predicted_bytes"] = float(price.model.step_extra_bytes(price.experts))

@@ -301,7 +301,8 @@ class AlgorithmStrategy(Strategy):
         """epsilon at delta after ``server_round`` rounds, over the clients the sampler draws
         from (the nodes admitted before round 1), from dp-accounting."""
         z, delta = self.algorithm.noise_multiplier(), self.algorithm.privacy_delta()
-        spent = accounting.epsilon(z, server_round, len(self.nodes), len(self._sampled), delta)
+        sample = None if self.cfg.privacy.noise == "client" else len(self._sampled)
+        spent = accounting.epsilon(z, server_round, len(self.nodes), sample, delta)
         return {"dp_epsilon": spent, "dp_delta": delta, "dp_noise_multiplier": z}
 
     def _within_budget(self, server_round: int) -> None:
@@ -369,6 +370,7 @@ class AlgorithmStrategy(Strategy):
             bound=self.algorithm.update_bound if defended else None,
             clip=fed.update_bound == "clip",
             max_update_ratio=fed.max_update_ratio,
+            noise_std=self.algorithm.client_noise_std(),
         )
 
     def device_records(self) -> list[dict]:

@@ -778,10 +778,11 @@ class PrivacyConfig(Section):
         lt=1,
         description="delta of (epsilon, delta); null = min(1e-5, 1/num_clients^1.1).",
     )
-    noise: Literal["server"] = Field(
+    noise: Literal["server", "client"] = Field(
         "server",
         description="Who adds the noise: server (a trusted aggregator adds it to the round's "
-        "sum). Noise on each client (local DP) is not built yet.",
+        "sum); client (local DP: each client clips its update and adds N(0, (2zC)^2) itself, so "
+        "the server never sees an update in the clear; FedAvg only, fixed clipping).",
     )
     clipping: Literal["fixed", "adaptive"] = Field(
         "fixed",
@@ -816,6 +817,11 @@ class PrivacyConfig(Section):
             raise ValueError(
                 "privacy.clip_norm: needed with privacy.enabled (the L2 norm each client's "
                 "update is clipped to)"
+            )
+        if self.noise == "client" and self.clipping == "adaptive":
+            raise ValueError(
+                "privacy.clipping: expected 'fixed' with privacy.noise = 'client' (each client "
+                "clips alone; there is no count to release)"
             )
         if (self.noise_multiplier is None) == (self.target_epsilon is None):
             raise ValueError(

@@ -194,6 +194,7 @@ class RunRecorder:
                 default=None,
             ),
             **_validation_summary(self.rounds),
+            **_privacy_summary(self.rounds),
             "total_bytes_down": sum(r["bytes_down"] for r in self.rounds),
             "total_bytes_up": sum(r["bytes_up"] for r in self.rounds),
             "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
@@ -207,6 +208,15 @@ class RunRecorder:
         with writing(self.run_dir / CHECKPOINT_FILE):  # finished: see the module's docstring
             (self.run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
         return summary
+
+
+def _privacy_summary(rounds: list[dict]) -> dict:
+    """Under ``[privacy]``: the epsilon spent at its delta by the last round that released a
+    model, and the noise multiplier (nothing without privacy)."""
+    spent = [r for r in rounds if r.get("dp_epsilon") is not None]
+    if not spent:
+        return {}
+    return {k: spent[-1][k] for k in ("dp_epsilon", "dp_delta", "dp_noise_multiplier")}
 
 
 def _remove_leftovers(run_dir: Path) -> None:

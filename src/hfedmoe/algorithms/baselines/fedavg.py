@@ -30,6 +30,7 @@ class _Average(Aggregation):
 class FedAvg(FederatedAlgorithm):
     name = "fedavg"
     NOT_PRIVATE = None
+    DENSE_UPLOADS = True  # every trainable tensor, every round: local DP hides all of it
 
     def aggregation(self, server_round: int, global_weights: Weights) -> Aggregation:
         return _Average(self.merge(global_weights))

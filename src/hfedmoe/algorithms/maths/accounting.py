@@ -8,6 +8,11 @@ clipped updates plus Gaussian noise of ``noise_multiplier`` times the sum's repl
 sensitivity: ``SampledWithoutReplacementDpEvent(N, k, GaussianDpEvent(z))``, composed over the
 rounds, under ``NeighboringRelation.REPLACE_ONE`` (the only relation the library accounts
 fixed-size sampling under; Wang, Balle and Kasiviswanathan, AISTATS 2019).
+
+With noise on each client (local DP, ``sample_size = None``) every client's reply is its own
+Gaussian release, ``GaussianDpEvent(z)``, composed over the rounds: the server sees who it
+sampled, so sampling amplifies nothing, and the epsilon is a client's that took part in every
+round (the worst case).
 """
 
 from __future__ import annotations
@@ -26,11 +31,12 @@ def default_delta(num_clients: int) -> float:
 
 
 def _event(
-    noise_multiplier: float, rounds: int, num_clients: int, sample_size: int
+    noise_multiplier: float, rounds: int, num_clients: int, sample_size: int | None
 ) -> dp_accounting.DpEvent:
-    gaussian = dp_accounting.GaussianDpEvent(noise_multiplier)
-    sampled = dp_accounting.SampledWithoutReplacementDpEvent(num_clients, sample_size, gaussian)
-    return dp_accounting.SelfComposedDpEvent(sampled, rounds)
+    event: dp_accounting.DpEvent = dp_accounting.GaussianDpEvent(noise_multiplier)
+    if sample_size is not None:
+        event = dp_accounting.SampledWithoutReplacementDpEvent(num_clients, sample_size, event)
+    return dp_accounting.SelfComposedDpEvent(event, rounds)
 
 
 def _accountant() -> RdpAccountant:
@@ -41,10 +47,11 @@ def epsilon(
     noise_multiplier: float,
     rounds: int,
     num_clients: int,
-    sample_size: int,
+    sample_size: int | None,
     delta: float,
 ) -> float:
-    """The epsilon at ``delta`` spent after ``rounds`` rounds (0 before the first)."""
+    """The epsilon at ``delta`` spent after ``rounds`` rounds (0 before the first);
+    ``sample_size`` None: noise on each client (local DP)."""
     if rounds == 0:
         return 0.0
     accountant = _accountant()
@@ -56,7 +63,7 @@ def noise_for_epsilon(
     target_epsilon: float,
     rounds: int,
     num_clients: int,
-    sample_size: int,
+    sample_size: int | None,
     delta: float,
 ) -> float:
     """The smallest noise multiplier whose ``rounds`` rounds spend at most ``target_epsilon``

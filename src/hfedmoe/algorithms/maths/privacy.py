@@ -32,6 +32,16 @@ sum gets
 
 (Andrew et al., section 3; their add/remove relation halves the count's sensitivity with
 b_c - 1/2, ours is replace-one).
+
+With noise on each client (local DP) client c sends w + clip_C(Delta_c) + N(0, s^2 I), s = 2zC,
+and the server, which never sees an update in the clear, still bounds what one reply can do:
+an honest reply is longer than its clipped update by at most the noise's length, and
+
+    P(||N(0, s^2 I_n)|| > s (sqrt(n) + t)) <= exp(-t^2 / 2)                  (eq. P6)
+
+(Gaussian concentration of the 1-Lipschitz norm around its mean, at most s sqrt(n)), so with
+t = 8 the allowance s (sqrt(n) + 8) is exceeded by an honest reply with probability below
+1e-13.
 Pure functions over tensors; the fold that applies them is ``mechanics.privacy``.
 """
 
@@ -105,3 +115,13 @@ def sum_noise_multiplier(noise_multiplier: float, count_noise: float) -> float:
     if noise_multiplier == 0:  # no noise at all (tests): none to share
         return 0.0
     return (noise_multiplier**-2 - count_noise**-2) ** -0.5
+
+
+#: t of eq. P6: an honest noisy reply exceeds its allowance with probability below exp(-32)
+NOISE_TAIL = 8.0
+
+
+def noise_norm_bound(std: float, numel: int) -> float:
+    """s (sqrt(n) + t) (eq. P6): a length that N(0, s^2 I_n) exceeds with probability below
+    exp(-t^2 / 2), t = :data:`NOISE_TAIL`."""
+    return std * (math.sqrt(numel) + NOISE_TAIL) if std > 0 else 0.0

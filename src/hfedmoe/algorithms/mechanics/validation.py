@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from hfedmoe.algorithms.maths.privacy import noise_norm_bound
 from hfedmoe.algorithms.mechanics.assignment import ASSIGNED
 from hfedmoe.algorithms.mechanics.uploads import (
     EXAMPLES,
@@ -70,7 +71,9 @@ class Expectation:
     ``steps``: the local optimizer steps the request asks for; ``config``: the request's config
     (the experts it assigned); ``bound``: the per-group update bound (None: not bounded);
     ``clip``: pull a group beyond its bound back to it instead of rejecting the reply;
-    ``max_update_ratio``: the whole-upload sanity bound.
+    ``max_update_ratio``: the whole-upload sanity bound; ``noise_std``: the standard deviation
+    of the noise each client adds to every coordinate (local DP), whose length (eq. P6) both
+    bounds allow on top.
     """
 
     steps: int
@@ -79,6 +82,7 @@ class Expectation:
     bound: UpdateBound | None = None
     clip: bool = False
     max_update_ratio: float = 10.0
+    noise_std: float = 0.0
 
 
 @dataclass
@@ -270,7 +274,9 @@ def _check_movement(
         moved[group] = (g_delta, g_norm, numel)
         delta_sq, norm_sq = delta_sq + g_delta, norm_sq + g_norm
     delta, norm = math.sqrt(delta_sq), math.sqrt(norm_sq)
-    if delta > expect.max_update_ratio * max(norm, 1e-12):
+    total = sum(numel for _, _, numel in moved.values())
+    noise = noise_norm_bound(expect.noise_std, total)
+    if delta > expect.max_update_ratio * max(norm, 1e-12) + noise:
         return Verdict(
             None,
             Rejection(
@@ -283,7 +289,7 @@ def _check_movement(
         return Verdict(update)
     over, ratio = {}, 0.0
     for group, (g_delta, g_norm, numel) in moved.items():
-        bound = expect.bound(numel, math.sqrt(g_norm))
+        bound = expect.bound(numel, math.sqrt(g_norm)) + noise_norm_bound(expect.noise_std, numel)
         ratio = max(ratio, math.sqrt(g_delta) / bound)
         if math.sqrt(g_delta) > bound:
             over[group] = bound / math.sqrt(g_delta)
