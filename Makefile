@@ -48,8 +48,8 @@ test: $(STAMP)
 	$(PY) -m pytest -n $(WORKERS) --dist loadfile $(ARGS)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests bench experiments examples
-	$(VENV)/bin/ruff format --check src tests bench experiments examples
+	$(VENV)/bin/ruff check src tests bench experiments examples docs
+	$(VENV)/bin/ruff format --check src tests bench experiments examples docs
 	$(VENV)/bin/lint-imports  # the layers of pyproject.toml's [tool.importlinter]
 
 bench: $(STAMP)

@@ -1,7 +1,7 @@
 """``train.device``: local training and the server's evaluation run on the device the config
 names, and give what the CPU gives; everything else (selection, aggregation, the wire) stays on
 the CPU. The CUDA tests run where torch sees a GPU; ``HFEDMOE_TEST_DEVICE=cuda`` also moves the
-end-to-end runs and the expert interface's tests there (README, Tests)."""
+end-to-end runs and the expert interface's tests there (docs/TESTING.md)."""
 
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from hfedmoe.foundation.assets import shipped_path
 
 #: Where the tests' models train and evaluate: ``HFEDMOE_TEST_DEVICE=cuda pytest`` runs the
-#: end-to-end runs and the expert interface's rules on a GPU (README, Tests).
+#: end-to-end runs and the expert interface's rules on a GPU (docs/TESTING.md).
 TEST_DEVICE = os.environ.get("HFEDMOE_TEST_DEVICE", "cpu")
 
 
