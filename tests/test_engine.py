@@ -8,11 +8,10 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.common.constant import SUPERLINK_NODE_ID
-from flwr.supercore.task_identity import TaskIdentity
 
 from hfedmoe.algorithms import ClientUpdate, TrainRequest
 from hfedmoe.engines.embedded import FIRST_NODE_ID, EmbeddedGrid
+from hfedmoe.engines.superlink_role import act_as_superlink, assign_message_id
 from hfedmoe.federation import wire
 from hfedmoe.federation.strategy import sample_clients
 
@@ -31,7 +30,7 @@ def _echo(msg: Message, context: Context) -> Message:
 
 
 def _send(grid: EmbeddedGrid, node: int, tensor: torch.Tensor) -> Message:
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, SUPERLINK_NODE_ID, 1
+    act_as_superlink(1)
     content = RecordDict({"arrays": ArrayRecord({"w": tensor}), "config": ConfigRecord({"r": 1})})
     return Message(content, dst_node_id=node, message_type=MessageType.TRAIN, group_id="1")
 
@@ -84,7 +83,7 @@ def test_by_reference_the_grid_hands_over_the_same_tensors():
     refuses to cross a wire rather than arrive empty."""
     seen.clear()
     grid = EmbeddedGrid(echo_app, num_nodes=1, run_config={}, check_wire=False)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, SUPERLINK_NODE_ID, 1
+    act_as_superlink(1)
     sent = torch.tensor([1.0, 2.0])
     task = TrainRequest({"w": sent})
     content = wire.pack_request(task, 1, arrays=wire.TensorRecord(task.weights))
@@ -194,7 +193,7 @@ class _SlowGrid:
     def push_messages(self, messages):
         self.sent = list(messages)
         for i, msg in enumerate(self.sent):
-            msg.metadata.__dict__["_message_id"] = f"m{i}"
+            assign_message_id(msg, f"m{i}")
         return [m.metadata.message_id for m in self.sent]
 
     def pull_messages(self, message_ids):
@@ -213,7 +212,7 @@ def test_replies_are_handed_over_in_message_order_as_they_arrive():
     timeout what arrived follows in order, and a node that never answers is left out."""
     from hfedmoe.federation.server_app import receive
 
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, SUPERLINK_NODE_ID, 1
+    act_as_superlink(1)
     grid = _SlowGrid()
     messages = [
         Message(RecordDict(), dst_node_id=n, message_type=MessageType.TRAIN, group_id="1")
@@ -250,10 +249,10 @@ def test_a_client_process_reads_and_partitions_the_split_once(tiny_bert_dir, mon
 
 
 def _probe(**config) -> Message:
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, SUPERLINK_NODE_ID, 1
+    act_as_superlink(1)
     content = RecordDict({"config": ConfigRecord(config)})
     msg = Message(content, dst_node_id=FIRST_NODE_ID, message_type=MessageType.TRAIN, group_id="1")
-    msg.metadata.__dict__["_message_id"] = f"probe-{sorted(config.items())}"
+    assign_message_id(msg, f"probe-{sorted(config.items())}")
     return msg
 
 

@@ -9,12 +9,11 @@ import math
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
-from flwr.common.constant import SUPERLINK_NODE_ID
-from flwr.supercore.task_identity import TaskIdentity
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hfedmoe.algorithms import build_algorithm
+from hfedmoe.engines.superlink_role import act_as_superlink, assign_message_id
 from hfedmoe.federation import wire
 from hfedmoe.federation.strategy import AlgorithmStrategy
 from hfedmoe.federation.workload import server_workload
@@ -82,7 +81,7 @@ class _Setup:
 @pytest.fixture(scope="module", params=["fedavg", "hfedmoe"])
 def setup(request, tiny_bert_dir):
     # Flower stamps every Message with its task: the run's, as the embedded engine sets it
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
+    act_as_superlink(1)
     return _Setup(tiny_bert_dir, request.param)
 
 
@@ -92,7 +91,7 @@ def _messages(strategy: AlgorithmStrategy, setup: _Setup) -> list[Message]:
         strategy.configure_train(1, wire.TensorRecord(setup.glob), ConfigRecord(), None)
     )
     for i, message in enumerate(messages):
-        message.metadata.__dict__["_message_id"] = f"m{i}"
+        assign_message_id(message, f"m{i}")
     return messages
 
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import time
-import uuid
 from collections import deque
 from collections.abc import Callable, Iterable
 
@@ -36,9 +35,9 @@ from flwr.clientapp import ClientApp
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.run import Run
-from flwr.supercore.task_identity import TaskIdentity
 
 from hfedmoe.engines.nodes import call_client
+from hfedmoe.engines.superlink_role import act_as_superlink, assign_message_id
 from hfedmoe.engines.workers import Job, WorkerPool, from_plain
 from hfedmoe.federation import wire
 from hfedmoe.federation.faults import Dropout
@@ -120,8 +119,7 @@ class EmbeddedGrid(Grid):
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         ids = []
         for msg in messages:
-            msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
-            ids.append(msg.metadata.message_id)
+            ids.append(assign_message_id(msg))
             start = time.perf_counter()
             with contextlib.suppress(Dropout):  # the node vanished: no reply will ever come
                 self._replies[msg.metadata.message_id] = self._deliver(msg)
@@ -162,7 +160,7 @@ class EmbeddedGrid(Grid):
         def submit() -> None:
             if (msg := next(queue, None)) is None:
                 return
-            msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+            assign_message_id(msg)
             node = msg.metadata.dst_node_id
             if node not in self._contexts:
                 error = Message(Error(code=404, reason=f"unknown node {node}"), reply_to=msg)
@@ -179,7 +177,7 @@ class EmbeddedGrid(Grid):
             submit()  # the worker that answered is free
             if reply is None:  # the node vanished or was stopped: no reply will ever come
                 continue
-            reply.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+            assign_message_id(reply)
             if self._on_reply:
                 self._on_reply(msg, reply, seconds)
             if timeout is None or seconds <= timeout:
@@ -210,7 +208,7 @@ class EmbeddedGrid(Grid):
             reply = Message(Error(code=404, reason=f"unknown node {node}"), reply_to=msg)
         else:
             reply = call_client(self._client_app, msg, self._contexts[node], self._check_wire)
-        reply.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+        assign_message_id(reply)
         if self._on_reply:
             self._on_reply(msg, reply, time.perf_counter() - start)
         return reply
@@ -243,9 +241,7 @@ def run_embedded(
     in_workers = fed.workers > 1 or fed.round_timeout is not None
     pool = WorkerPool(fed.workers, client_app_ref) if in_workers else None
     grid = EmbeddedGrid(client_app, fed.num_clients, run_config, run_id, on_reply, check_wire, pool)
-    TaskIdentity.task_id = 1
-    TaskIdentity.run_id = run_id
-    TaskIdentity.node_id = SUPERLINK_NODE_ID
+    act_as_superlink(run_id)
     context = Context(
         run_id=run_id,
         node_id=SUPERLINK_NODE_ID,

@@ -35,10 +35,9 @@ from multiprocessing.connection import Connection, wait
 import torch
 import torch.multiprocessing as mp
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.common.constant import SUPERLINK_NODE_ID
-from flwr.supercore.task_identity import TaskIdentity
 
 from hfedmoe.engines.nodes import call_client
+from hfedmoe.engines.superlink_role import act_as_superlink, assign_message_id
 from hfedmoe.federation import wire
 from hfedmoe.federation.faults import Dropout
 
@@ -93,16 +92,14 @@ def _init(app_ref: str) -> None:
 def _serve(request: dict, content: Plain, state: NodeState) -> Outcome:
     """In a worker: one message to the ClientApp. Returns (what, payload, node state, seconds):
     ("reply", plain content), ("error", (code, reason)) or ("dropout", None)."""
-    # Flower stamps every Message with the task it belongs to: the run's, as in the parent
-    TaskIdentity.task_id, TaskIdentity.run_id = 1, request["run_id"]
-    TaskIdentity.node_id = SUPERLINK_NODE_ID
+    act_as_superlink(request["run_id"])  # as in the parent process
     msg = Message(
         from_plain(content, by_reference=not request["check_wire"]),
         dst_node_id=request["node"],
         message_type=request["message_type"],
         group_id=request["group_id"],
     )
-    msg.metadata.__dict__["_message_id"] = request["message_id"]
+    assign_message_id(msg, request["message_id"])
     context = Context(
         run_id=request["run_id"],
         node_id=request["node"],
