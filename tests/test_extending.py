@@ -14,7 +14,7 @@ from hfedmoe.data import load_dataset
 from hfedmoe.engines.embedded import run_embedded
 from hfedmoe.federation.client_app import app as client_app
 from hfedmoe.federation.server_app import app as server_app
-from hfedmoe.foundation.config import DataConfig, validate
+from hfedmoe.foundation.config import DataConfig, ExperimentConfig, validate
 from hfedmoe.foundation.errors import ConfigError
 from hfedmoe.model.experts import ExpertModel
 from hfedmoe.model.factory import build_model
@@ -53,6 +53,37 @@ def test_fedavgm_moves_along_its_momentum_by_hand(tiny_bert_dir):
     w = algorithm.aggregate(2, w, {0: update(0.5, 2)})
     assert w["w"].item() == pytest.approx(0.14)
     assert algorithm.state_dict()["velocity"]["w"].item() == pytest.approx(0.46)
+
+
+def test_a_plugin_reads_its_own_config_section(tiny_bert_dir):
+    raw = tiny_raw(tiny_bert_dir, plugins=[FEDAVGM], algorithm="fedavgm", fedavgm={"beta": 0.5})
+    cfg = validate(raw)
+    assert cfg.section("fedavgm").beta == 0.5
+    assert ExperimentConfig.from_json(cfg.to_json()) == cfg  # it reaches every process alike
+    algorithm = build_algorithm(cfg)
+
+    def update(value: float, n: int) -> ClientUpdate:
+        return ClientUpdate({"w": torch.tensor([value])}, n)
+
+    # round 1 as above: v = 0.4, w = 0.6
+    w = algorithm.aggregate(1, {"w": torch.tensor([1.0])}, {0: update(0.0, 1), 1: update(0.8, 3)})
+    # round 2 with beta 0.5: v = 0.5 x 0.4 + 0.1 = 0.3, w = 0.6 - 0.3 = 0.3
+    w = algorithm.aggregate(2, w, {0: update(0.5, 2)})
+    assert w["w"].item() == pytest.approx(0.3)
+    # without the section, its defaults
+    default = validate(tiny_raw(tiny_bert_dir, plugins=[FEDAVGM], algorithm="fedavgm"))
+    assert default.section("fedavgm").beta == 0.9
+
+
+def test_a_plugin_section_is_validated_like_a_built_in_one(tiny_bert_dir):
+    raw = tiny_raw(tiny_bert_dir, plugins=[FEDAVGM], algorithm="fedavgm", fedavgm={"beta": 1.5})
+    with pytest.raises(ConfigError, match=r"fedavgm\.beta: Input should be less than 1"):
+        validate(raw)
+    raw = tiny_raw(tiny_bert_dir, plugins=[FEDAVGM], fedavgm={"gamma": 1.0})
+    with pytest.raises(ConfigError, match=r"fedavgm\.gamma: Extra inputs are not permitted"):
+        validate(raw)
+    with pytest.raises(ConfigError, match=r"nosuch"):  # no plugin registered it: unknown
+        validate(tiny_raw(tiny_bert_dir, nosuch={"beta": 0.5}))
 
 
 def test_a_plugin_algorithm_runs_as_a_built_in_one(tiny_bert_dir, tmp_path):

@@ -39,7 +39,13 @@ from hfedmoe.algorithms.mechanics.uploads import Range, UploadSpec, full_upload
 from hfedmoe.algorithms.messages import ClientUpdate, TrainRequest, Weights
 from hfedmoe.budget import CostModels, Price
 from hfedmoe.data.tokenized import TokenizedDataset
-from hfedmoe.foundation.config import DeviceTier, ExperimentConfig, TrainConfig
+from hfedmoe.foundation.config import (
+    DeviceTier,
+    ExperimentConfig,
+    Section,
+    TrainConfig,
+    register_section,
+)
 from hfedmoe.foundation.errors import ConfigError
 from hfedmoe.foundation.seeding import PRIVACY, torch_seed_for
 from hfedmoe.model.state import load_shared_state
@@ -117,6 +123,9 @@ class FederatedAlgorithm(ABC):
     #: the config section of its own parameters, if any (``[hfedmoe]``; a tuning grid's keys
     #: there vary only its runs)
     SECTION: ClassVar[str | None] = None
+    #: a plugin's own options: the config's ``[SECTION]`` table, validated by this model
+    #: (read with :meth:`options`); the built-in algorithms' sections are the config's own
+    OPTIONS: ClassVar[type[Section] | None] = None
     #: why ``[privacy]`` cannot train it (None: it can). The DP release covers the uploaded
     #: tensors; a server that plans rounds from what clients report (assignments from usage,
     #: roles from utilities) would publish those reports unprotected.
@@ -138,6 +147,11 @@ class FederatedAlgorithm(ABC):
             )
         self._noise_multiplier: float | None = None
         self._clip_norm = cfg.privacy.clip_norm  # C of the next private round (eq. P4 moves it)
+
+    def options(self) -> Section:
+        """A plugin's own options (:attr:`OPTIONS`, from the config's ``[SECTION]``)."""
+        assert self.SECTION is not None and self.OPTIONS is not None
+        return self.cfg.section(self.SECTION)
 
     def not_private(self) -> str | None:
         """Why ``[privacy]`` cannot train this algorithm as configured (None: it can)."""
@@ -408,6 +422,10 @@ def register(cls: type[FederatedAlgorithm]) -> type[FederatedAlgorithm]:
     """Class decorator: make an algorithm selectable by its ``name`` in the config."""
     if cls.name in ALGORITHMS:
         raise ValueError(f"algorithm '{cls.name}' registered twice")
+    if cls.OPTIONS is not None:
+        if cls.SECTION is None:
+            raise ValueError(f"algorithm '{cls.name}': OPTIONS needs a SECTION to live in")
+        register_section(cls.SECTION, cls.OPTIONS)
     ALGORITHMS[cls.name] = cls
     return cls
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hfedmoe.experiment.comparison import Cell
+from hfedmoe.foundation.config import PLUGIN_SECTIONS
 from hfedmoe.foundation.errors import HFedMoEError
 from hfedmoe.foundation.files import write_atomic
 
@@ -80,7 +81,8 @@ def method_keys(method: str, keys: list[GridKey]) -> list[tuple[str, GridKey]]:
     cls = ALGORITHMS.get(method)
     if cls is None:
         raise HFedMoEError(f"--methods: unknown algorithm '{method}'")
-    owned = {"hfedmoe", "fftmoe", "flux"}  # the sections one method family reads
+    # the sections one method family reads: the built-in ones and every plugin's own
+    owned = {"hfedmoe", "fftmoe", "flux", *PLUGIN_SECTIONS}
     out = []
     for k in keys:
         section = k.key.split(".")[0]

@@ -51,6 +51,31 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+#: the config sections plugins add, by name: a plugin algorithm's ``OPTIONS`` under its
+#: ``SECTION`` (``hfedmoe.algorithms.register`` fills it; the config cannot import algorithms)
+PLUGIN_SECTIONS: dict[str, type[Section]] = {}
+
+
+def _import_modules(modules: list[str]) -> None:
+    """Import each plugin module once (Python caches it): importing registers what it defines
+    (algorithms, model families, config sections), in this process, whichever engine started
+    it."""
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except Exception as exc:  # any failure of a user's module is a config error
+            raise ValueError(
+                f"plugins: cannot import '{module}' ({type(exc).__name__}: {exc})"
+            ) from None
+
+
+def register_section(name: str, options: type[Section]) -> None:
+    """Make ``[name]`` a config section of its own, validated by ``options``."""
+    if name in ExperimentConfig.model_fields or PLUGIN_SECTIONS.get(name, options) is not options:
+        raise ValueError(f"config section '{name}' exists already")
+    PLUGIN_SECTIONS[name] = options
+
+
 class LoraConfig(Section):
     """Parameter-efficient fine-tuning: LoRA adapters (PEFT) instead of full weights."""
 
@@ -902,6 +927,45 @@ class ExperimentConfig(Section):
     faults: FaultsConfig = FaultsConfig()
     report: ReportConfig = ReportConfig()
     privacy: PrivacyConfig = PrivacyConfig()
+    sections: dict[str, dict[str, Any]] = Field(
+        {},
+        description="The sections plugins add (a plugin algorithm's own options, e.g. "
+        "[fedavgm]), each validated by the plugin's model; written as top-level tables, kept "
+        "here. Read with ExperimentConfig.section(name).",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _plugin_sections(cls, raw: Any) -> Any:
+        """Import the plugins first, then move each table a plugin registered (``[fedavgm]``)
+        into ``sections``, validated by its model with the defaults filled in."""
+        if not isinstance(raw, dict):
+            return raw
+        plugins = raw.get("plugins", [])
+        _import_modules(plugins if isinstance(plugins, list) else [])
+        raw = dict(raw)
+        sections = dict(raw.get("sections") or {})
+        for name in [k for k in raw if k in PLUGIN_SECTIONS]:
+            sections[name] = raw.pop(name)
+        for name, table in sections.items():
+            model = PLUGIN_SECTIONS.get(name)
+            if model is None:
+                raise ValueError(f"sections.{name}: no plugin registered this section")
+            try:
+                sections[name] = model.model_validate(table).model_dump()
+            except ValidationError as exc:
+                first = exc.errors()[0]
+                where = ".".join(str(part) for part in first["loc"])
+                raise ValueError(f"{name}.{where}: {first['msg']}") from None
+        raw["sections"] = sections
+        return raw
+
+    def section(self, name: str) -> Section:
+        """A plugin's section (``[name]``), its defaults where the config has none."""
+        model = PLUGIN_SECTIONS.get(name)
+        if model is None:
+            raise KeyError(f"no plugin registered the config section '{name}'")
+        return model.model_validate(self.sections.get(name, {}))
 
     @field_validator("name")
     @classmethod
@@ -916,15 +980,7 @@ class ExperimentConfig(Section):
     @field_validator("plugins")
     @classmethod
     def _import_plugins(cls, modules: list[str]) -> list[str]:
-        """Import each plugin module once (Python caches it): importing registers what it
-        defines, in this process, whichever engine started it."""
-        for module in modules:
-            try:
-                importlib.import_module(module)
-            except Exception as exc:  # any failure of a user's module is a config error
-                raise ValueError(
-                    f"cannot import '{module}' ({type(exc).__name__}: {exc})"
-                ) from None
+        _import_modules(modules)  # already done before validation; a no-op then
         return modules
 
     @model_validator(mode="after")
