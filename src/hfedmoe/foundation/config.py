@@ -124,14 +124,21 @@ class SpecialiseConfig(Section):
     seed: int = Field(0, ge=0, description="The build's own seed (not the run's).")
 
 
-class MoEAdapterConfig(Section):
-    """Sparse MoE adapters beside the frozen FFNs of the dense parent (FFT-MoE, METHOD.md §9b
-    step 1; ``hfedmoe.model.adapters``). Set by ``algorithm = "fftmoe"`` from ``[fftmoe]``."""
+class AdapterShape(Section):
+    """What an MoE adapter is, shared by ``[fftmoe]`` (where a user sets it) and
+    ``model.moe_adapters`` (what the model layer builds from)."""
 
-    experts: int = Field(16, gt=0, description="M, experts per adapter.")
+    experts: int = Field(16, gt=0, description="M, experts per adapter (the same for all).")
     hidden: int = Field(64, gt=0, description="Hidden size of each adapter expert.")
-    top_k: int = Field(4, gt=0, description="Experts per token (a client may use fewer).")
     scale: float = Field(1.0, description="s, the adapter output's scale.")
+
+
+class MoEAdapterConfig(AdapterShape):
+    """Sparse MoE adapters beside the frozen FFNs of the dense parent (FFT-MoE, METHOD.md §9b
+    step 1; ``hfedmoe.model.adapters``). Derived from ``[fftmoe]`` by ``algorithm = "fftmoe"``
+    (:meth:`FFTMoEConfig.adapters`); not set by hand."""
+
+    top_k: int = Field(4, gt=0, description="Experts per token (a client may use fewer).")
     layers: list[int] | Literal["all"] = Field(
         "all", description="Transformer blocks that get an adapter."
     )
@@ -579,15 +586,12 @@ class HFedMoEConfig(Section):
     )
 
 
-class FFTMoEConfig(Section):
+class FFTMoEConfig(AdapterShape):
     """FFT-MoE (METHOD.md §9b): sparse MoE adapters on the frozen dense parent, a per-client
     top-k(c) from the device budget, a heterogeneity-aware load-balancing loss, FedAvg of the
     adapters. Defaults are METHOD.md's decisions."""
 
-    experts: int = Field(16, gt=0, description="M, experts per adapter (the same for all).")
-    hidden: int = Field(64, gt=0, description="Hidden size of each adapter expert.")
     k_max: int = Field(4, gt=0, description="The most experts per token a client may use.")
-    scale: float = Field(1.0, description="s, the adapter output's scale.")
     blocks: Literal["all", "moe_layers"] = Field(
         "all", description="Adapters in every block, or in model.moe_layers only."
     )
@@ -607,6 +611,17 @@ class FFTMoEConfig(Section):
         description="Learning rate of the adapters; null = train.lr (adapters that start at "
         "zero usually want a larger one than full fine-tuning)",
     )
+
+    def adapters(self, moe_layers: list[int] | Literal["all"], router_init_std: float) -> dict:
+        """``model.moe_adapters`` of an FFT-MoE run: this section's shape, on every block or
+        on the experiment's ``moe_layers``."""
+        shape = AdapterShape.model_fields
+        return {
+            **{k: getattr(self, k) for k in shape},
+            "top_k": self.k_max,
+            "layers": moe_layers if self.blocks == "moe_layers" else "all",
+            "router_init_std": router_init_std,
+        }
 
     @model_validator(mode="after")
     def _k_within_experts(self) -> FFTMoEConfig:
@@ -1059,26 +1074,31 @@ class ExperimentConfig(Section):
             )
         return self
 
-    @model_validator(mode="after")
-    def _fftmoe_adapts_the_dense_parent(self) -> ExperimentConfig:
+    @model_validator(mode="before")
+    @classmethod
+    def _fftmoe_adapts_the_dense_parent(cls, raw: Any) -> Any:
         """FFT-MoE runs on the dense parent of the other methods' MoE, with its adapters: the
-        model section of an FFT-MoE run is that, whatever MoE the experiment builds."""
-        if self.algorithm != "fftmoe":
-            return self
-        f = self.fftmoe
-        adapters = MoEAdapterConfig(
-            experts=f.experts,
-            hidden=f.hidden,
-            top_k=f.k_max,
-            scale=f.scale,
-            layers=self.model.moe_layers if f.blocks == "moe_layers" else "all",
-            router_init_std=self.model.router_init_std,
-        )
-        if self.model.lora is not None:
+        model section of an FFT-MoE run is that, whatever MoE the experiment builds. Derived
+        from ``[fftmoe]`` before validation, so it is validated with the rest."""
+        if not isinstance(raw, dict) or raw.get("algorithm") != "fftmoe":
+            return raw
+        model = raw.get("model") or {}
+        if isinstance(model, ModelConfig):  # built in code rather than read from TOML
+            model = model.model_dump(exclude_unset=True)
+        if not isinstance(model, dict):
+            return raw  # the model section's own validation names what is wrong
+        if model.get("lora") is not None:
             raise ValueError("model.lora: FFT-MoE trains its own adapters; expected no LoRA")
-        model = self.model.model_copy(update={"moe_adapters": adapters, "construction": "upcycle"})
-        object.__setattr__(self, "model", model)  # frozen: set once, while validating
-        return self
+        try:
+            fftmoe = FFTMoEConfig.model_validate(raw.get("fftmoe") or {})
+        except ValidationError:
+            return raw  # [fftmoe]'s own validation names what is wrong
+        defaults = ModelConfig.model_fields
+        adapters = fftmoe.adapters(
+            model.get("moe_layers", defaults["moe_layers"].default),
+            model.get("router_init_std", defaults["router_init_std"].default),
+        )
+        return {**raw, "model": {**model, "moe_adapters": adapters, "construction": "upcycle"}}
 
     @model_validator(mode="after")
     def _corpus_for_construction(self) -> ExperimentConfig:
