@@ -229,8 +229,8 @@ def _aggregate(setup: _Setup, corruptions: list[str | None]):
     for message, corruption in zip(messages, corruptions, strict=True):
         client = strategy._client(message.metadata.dst_node_id)
         replies.append(_reply(_sound(strategy, message, client), corruption))
-    arrays, _ = strategy.aggregate_train(1, replies)
-    return arrays, strategy.last_reports
+    folded = strategy.fold(1, replies)
+    return folded.arrays, folded.reports
 
 
 @given(st.lists(CORRUPTION, min_size=4, max_size=4))
@@ -286,3 +286,32 @@ def test_each_broken_reply_is_a_failure_with_its_reason(setup, corruption):
     )
     assert (reports[0].status, reports[0].failure) == ("failed", reason), reports[0].error
     assert [r.status for r in reports[1:]] == ["ok"] * 3
+
+
+def test_a_refused_aggregate_leaves_the_algorithm_as_it_was(setup, monkeypatch):
+    # an aggregate that is not finite (defence in depth: validated replies never make one) is
+    # refused, and what the round would have taught the algorithm is never committed
+    strategy = setup.strategy()
+    before = strategy.algorithm.checkpoint_state()
+    aggregation = type(strategy.algorithm).aggregation
+
+    def poisoned(self, server_round, global_weights):
+        fold = aggregation(self, server_round, global_weights)
+        finish = fold.finish
+        fold.finish = lambda: {k: torch.full_like(v, math.nan) for k, v in finish().items()}
+        return fold
+
+    monkeypatch.setattr(type(strategy.algorithm), "aggregation", poisoned)
+    messages = list(
+        strategy.configure_train(1, wire.TensorRecord(setup.glob), ConfigRecord(), None)
+    )
+    replies = [
+        _reply(_sound(strategy, m, strategy._client(m.metadata.dst_node_id)), None)
+        for m in messages
+    ]
+    folded = strategy.fold(1, replies)
+    assert folded.arrays is None and folded.rejected
+    after = strategy.algorithm.checkpoint_state()
+    assert after.keys() == before.keys()
+    for key in before:  # HFedMoE's s_c per client: still none
+        assert str(after[key]) == str(before[key])

@@ -26,7 +26,7 @@ class FedAvgMConfig(Section):
 
 class _AverageWithMomentum(Aggregation):
     def __init__(self, velocity: Weights, merge: Merge, beta: float):
-        self.velocity = velocity  # the algorithm's, updated in place
+        self.velocity = velocity  # the algorithm's, updated in place by commit()
         self.merge = merge  # FedAvg's running weighted sum, under the config's defences
         self.beta = beta
 
@@ -36,13 +36,17 @@ class _AverageWithMomentum(Aggregation):
 
     def finish(self) -> Weights:
         averaged = self.merge.finish()
+        self.next_velocity: Weights = {}
         out = {}
         for name, w in self.merge.global_weights.items():
             step = w - averaged[name]  # the clients' mean step, as a descent direction
             v = self.velocity.get(name)
-            self.velocity[name] = step if v is None else self.beta * v + step
-            out[name] = w - self.velocity[name]
+            self.next_velocity[name] = step if v is None else self.beta * v + step
+            out[name] = w - self.next_velocity[name]
         return out
+
+    def commit(self) -> None:  # the server accepted the round: the momentum moves on
+        self.velocity.update(self.next_velocity)
 
 
 @register

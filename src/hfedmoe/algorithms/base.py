@@ -54,13 +54,21 @@ from hfedmoe.training import TrainResult, train_local
 
 class Aggregation(ABC):
     """One round's aggregation: :meth:`add` each accepted update as it arrives (the strategy
-    adds them in client order, so sums do not depend on arrival order), then :meth:`finish`.
+    adds them in client order, so sums do not depend on arrival order), then :meth:`finish`,
+    then, only if the server accepts the aggregate, :meth:`commit`.
     Nothing of an update may be kept beyond what the algorithm needs (running sums, small
-    per-client statistics): the caller frees it after :meth:`add`."""
+    per-client statistics): the caller frees it after :meth:`add`. Neither :meth:`add` nor
+    :meth:`finish` changes the algorithm: what the round teaches it (statistics it keeps about
+    clients, the next clipping norm) waits in the aggregation until :meth:`commit`, so a
+    refused aggregate leaves the algorithm as it was."""
 
     @abstractmethod
     def add(self, client: int, update: ClientUpdate) -> None:
         """Fold ``client``'s update into the round."""
+
+    def commit(self) -> None:  # noqa: B027 (a hook: most aggregations teach nothing)
+        """Hand the algorithm what this round taught it; called once the server has accepted
+        :meth:`finish`'s weights. Default: nothing."""
 
     @abstractmethod
     def finish(self) -> Weights:
@@ -94,9 +102,10 @@ class _PrivateRound(Aggregation):
         self.fold.add(update)
 
     def finish(self) -> Weights:
-        weights = self.fold.finish()
+        return self.fold.finish()
+
+    def commit(self) -> None:
         self.adapt(self.fold)
-        return weights
 
     def defence_counts(self) -> dict[str, float]:
         counts: dict[str, float] = {
@@ -335,7 +344,9 @@ class FederatedAlgorithm(ABC):
         fold = self.aggregation(server_round, global_weights)
         for client in sorted(updates):
             fold.add(client, updates[client])
-        return fold.finish()
+        weights = fold.finish()
+        fold.commit()
+        return weights
 
     # ---- client side -------------------------------------------------------------------
     def train_client(

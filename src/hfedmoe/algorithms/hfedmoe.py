@@ -163,18 +163,22 @@ class SparsityAwareAggregation(Aggregation):
             n_global_L = global_dominant(S_CLE, scope).tolist()  # eq. (20)'s |S_global|
             layout = self.merge.layout
             divisors = {n: n_global_L[layer] for layer, ns in layout.routers.items() for n in ns}
-        self.algorithm.consistency = routing_consistency(S_CLE)  # eq. (18), reported only
-        self.algorithm.importance.update(self.importance)
+        self.consistency = routing_consistency(S_CLE)  # eq. (18), reported only
         clients = sorted(self.router_mass)
         mass_CL = torch.stack([self.router_mass[c] for c in clients])
         examples_C = torch.tensor([float(self.examples[c]) for c in clients])
         eq21 = self.p.router_aggregation == "eq21"
         distances = [weight_distance(m, examples_C) if eq21 else 0.0 for m in mass_CL.T]
-        self.algorithm.diagnostics = {
+        self.diagnostics = {
             "eq17_excluded_share": self.excluded / self.updates if self.updates else 0.0,
             "router_weight_tv_mean": float(np.nanmean(distances)) if distances else 0.0,
         }
         return self.merge.finish(divisors)
+
+    def commit(self) -> None:
+        self.algorithm.consistency = self.consistency
+        self.algorithm.diagnostics = self.diagnostics
+        self.algorithm.importance.update(self.importance)
 
 
 @register

@@ -6,6 +6,7 @@ the top level as soon as the round ends, and so a run can later resume from any 
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import time
@@ -18,12 +19,13 @@ import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
+from transformers import PreTrainedModel
 
-from hfedmoe.algorithms import build_algorithm
+from hfedmoe.algorithms import FederatedAlgorithm, build_algorithm
 from hfedmoe.budget import minimum_budget
 from hfedmoe.federation import evaluation, wire
 from hfedmoe.federation.evaluation import FederatedEvaluation
-from hfedmoe.federation.strategy import AlgorithmStrategy
+from hfedmoe.federation.strategy import AlgorithmStrategy, Folded
 from hfedmoe.federation.workload import ServerWorkload, server_workload
 from hfedmoe.foundation.config import ExperimentConfig
 from hfedmoe.foundation.errors import ConfigError, HFedMoEError
@@ -132,134 +134,173 @@ def federate(
     """
     if cfg.threads:  # with worker processes the server's evaluation runs while they wait
         torch.set_num_threads(cfg.threads * cfg.federation.workers)
-    start = time.perf_counter() - (resume.elapsed_seconds if resume else 0.0)
-    workload = server_workload(cfg)
-    model = workload.model
-    algorithm = build_algorithm(cfg)
-    algorithm.bind(model)
-    strategy = AlgorithmStrategy(algorithm, cfg, by_reference)
-    strategy.spec = algorithm.upload_spec(model)
-    round_timeout = cfg.federation.round_timeout or timeout
-    excluded: list[dict] = []
+    server = _Server.set_up(grid, cfg, recorder, timeout, resume, by_reference)
     if resume is None:
-        em = ExpertModel(model)
-        need = minimum_budget(em.num_layers, algorithm.holds_subset)
-        fed = cfg.federation
-        devices, excluded = query_devices(
-            grid,
-            Admission(
-                need, em.num_layers * em.num_experts, fed.num_clients, workload.partition_sizes
-            ),
-            timeout,
-            fed.clients_per_round,
-            fed.poll_interval,
-        )
-        strategy.set_devices(devices, workload.partition_sizes)
+        excluded = server.admit_nodes()  # 1. ask every node for its device and budget
+        server.record_round_zero(excluded)  # 2. the initial model, evaluated
     else:
-        devices = {d.pop("node_id"): wire.DeviceReport(**d) for d in resume.devices}
-        strategy.set_devices(devices, workload.partition_sizes)
-        load_shared_state(model, resume.weights)
-        algorithm.restore_state(resume.algorithm)
-        if isinstance(grid, ResumableGrid):
-            grid.restore_node_states(resume.nodes)
-        log.info("resuming after round %d of %d", resume.round, cfg.federation.rounds)
-    arrays = wire.TensorRecord(shared_state(model))
+        server.restore(resume)  # 1-2. as the checkpoint left them
+    for server_round in range((resume.round if resume else 0) + 1, cfg.federation.rounds + 1):
+        server.run_round(server_round)  # 3. train, fold, evaluate, record, checkpoint
+    return recorder.finish(server.model, server.workload.tokenizer)
 
-    def checkpoint(server_round: int) -> None:
-        nodes = grid.node_states() if isinstance(grid, ResumableGrid) else {}
-        devices = strategy.device_records()
-        state = RunState(
-            server_round,
-            arrays.to_torch_state_dict(),
-            algorithm.checkpoint_state(),
-            nodes,
-            devices,
-            recorder.rounds,
-            time.perf_counter() - start,
+
+@dataclass
+class _Server:
+    """What the server holds across a run's rounds, and its steps (:func:`federate`)."""
+
+    grid: Grid
+    cfg: ExperimentConfig
+    recorder: RunRecorder
+    workload: ServerWorkload
+    algorithm: FederatedAlgorithm
+    strategy: AlgorithmStrategy
+    timeout: float  # for the budget query
+    round_timeout: float
+    by_reference: bool
+    start: float  # perf_counter at the run's start, less the time before a resume
+    arrays: wire.TensorRecord | None = None  # the global weights: the model's own tensors
+
+    @classmethod
+    def set_up(
+        cls,
+        grid: Grid,
+        cfg: ExperimentConfig,
+        recorder: RunRecorder,
+        timeout: float,
+        resume: RunState | None,
+        by_reference: bool,
+    ) -> _Server:
+        """The model, the algorithm bound to it and the strategy around the algorithm."""
+        start = time.perf_counter() - (resume.elapsed_seconds if resume else 0.0)
+        workload = server_workload(cfg)
+        algorithm = build_algorithm(cfg)
+        algorithm.bind(workload.model)
+        strategy = AlgorithmStrategy(algorithm, cfg, by_reference)
+        strategy.spec = algorithm.upload_spec(workload.model)
+        round_timeout = cfg.federation.round_timeout or timeout
+        server = cls(
+            grid, cfg, recorder, workload, algorithm, strategy, timeout, round_timeout,
+            by_reference, start,
+        )  # fmt: skip
+        server.arrays = wire.TensorRecord(shared_state(workload.model))
+        return server
+
+    @property
+    def model(self) -> PreTrainedModel:
+        return self.workload.model
+
+    def admit_nodes(self) -> list[dict]:
+        """Ask every node for its device before round 1 (``query_devices``); the nodes left
+        out, with why."""
+        em = ExpertModel(self.model)
+        fed = self.cfg.federation
+        admission = Admission(
+            minimum_budget(em.num_layers, self.algorithm.holds_subset),
+            em.num_layers * em.num_experts,
+            fed.num_clients,
+            self.workload.partition_sizes,
         )
-        save_run_state(recorder.run_dir, state)
+        devices, excluded = query_devices(
+            self.grid, admission, self.timeout, fed.clients_per_round, fed.poll_interval
+        )
+        self.strategy.set_devices(devices, self.workload.partition_sizes)
+        return excluded
 
-    def federated(server_round: int) -> FederatedEvaluation | None:
-        """The clients' evaluation of the current global model (``eval.mode``)."""
-        if cfg.eval.mode == "central":
-            return None
-        asked = evaluation.evaluators(cfg, server_round, strategy.sampled, strategy.nodes)
-        weights = wire.tensor_record(shared_state(model), by_reference)
-        messages = evaluation.requests(weights, server_round, strategy.nodes, asked)
-        replies = receive(grid, messages, round_timeout, cfg.federation.poll_interval)
-        fraction = cfg.data.client_test_fraction
-        return evaluation.read(replies, asked, strategy.nodes, strategy.examples, fraction)
+    def restore(self, resume: RunState) -> None:
+        """The devices, weights, algorithm state and node state of a checkpoint."""
+        devices = {d.pop("node_id"): wire.DeviceReport(**d) for d in resume.devices}
+        self.strategy.set_devices(devices, self.workload.partition_sizes)
+        load_shared_state(self.model, resume.weights)
+        self.algorithm.restore_state(resume.algorithm)
+        if isinstance(self.grid, ResumableGrid):
+            self.grid.restore_node_states(resume.nodes)
+        self.arrays = wire.TensorRecord(shared_state(self.model))
+        log.info("resuming after round %d of %d", resume.round, self.cfg.federation.rounds)
 
-    if resume is None:
-        initial, fed = _central(model, workload, cfg), federated(0)
+    def record_round_zero(self, excluded: list[dict]) -> None:
+        """Round 0: the initial model evaluated, the devices, the nodes left out."""
+        cfg, model, workload = self.cfg, self.model, self.workload
+        initial, fed = _central(model, workload, cfg), self.federated(0)
         validation = _validate(model, workload, cfg)
-        elapsed = time.perf_counter() - start
+        elapsed = time.perf_counter() - self.start
         record = _round_record(0, _test_result(initial, fed), None, [], 0.0, elapsed, validation)
         record.update(_per_client(initial, fed, workload, cfg, []))
         if initial is not None and fed is None:  # else: the clients' own (federated)
-            record.update(
-                _personal_models(model, workload, cfg, algorithm, grid, strategy.nodes, initial, [])
-            )
-        record["devices"] = strategy.device_records()
+            args = (self.algorithm, self.grid, self.strategy.nodes, initial, [])
+            record.update(_personal_models(model, workload, cfg, *args))
+        record["devices"] = self.strategy.device_records()
         if excluded:
             record["excluded"] = excluded
-        recorder.log_round(record)
-        checkpoint(0)
-    for server_round in range((resume.round if resume else 0) + 1, cfg.federation.rounds + 1):
-        round_start = time.perf_counter()
-        messages = strategy.configure_train(server_round, arrays, ConfigRecord(), grid)
-        replies = receive(grid, list(messages), round_timeout, cfg.federation.poll_interval)
-        new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
-        del replies
-        aggregated = new_arrays is not None  # no: every client failed, the model stays as it was
-        if aggregated:
-            load_shared_state(model, new_arrays.to_torch_state_dict())
-            arrays = wire.TensorRecord(shared_state(model))  # the model holds the only copy
-        del new_arrays, messages
-        if not by_reference:  # serialised messages live in Flower's reference cycles (a
+        self.recorder.log_round(record)
+        self.checkpoint(0)
+
+    def train(self, server_round: int) -> tuple[bool, Folded]:
+        """Send the round's requests, fold the replies as they come, and take the new global
+        weights into the model: whether anything was aggregated (else the model stays), and
+        the round's outcome without the weights (the model holds the only copy)."""
+        cfg, strategy = self.cfg, self.strategy
+        messages = strategy.configure_train(server_round, self.arrays, ConfigRecord(), self.grid)
+        replies = receive(
+            self.grid, list(messages), self.round_timeout, cfg.federation.poll_interval
+        )
+        folded = strategy.fold(server_round, replies)
+        del replies, messages
+        aggregated = folded.arrays is not None
+        if folded.arrays is not None:
+            load_shared_state(self.model, folded.arrays.to_torch_state_dict())
+            self.arrays = wire.TensorRecord(shared_state(self.model))  # the model's only copy
+        folded = dataclasses.replace(folded, arrays=None)
+        if not self.by_reference:  # serialised messages live in Flower's reference cycles (a
             gc.collect()  # RecordDict's synced views): free this round's copies now
+        return aggregated, folded
+
+    def run_round(self, server_round: int) -> None:
+        """One round: train and fold, evaluate, record, checkpoint."""
+        cfg, model, workload = self.cfg, self.model, self.workload
+        round_start = time.perf_counter()
+        aggregated, folded = self.train(server_round)
         eval_start = time.perf_counter()
         central = _central(model, workload, cfg)
         eval_seconds = time.perf_counter() - eval_start
         validation = _validate(model, workload, cfg)
         validation_seconds = time.perf_counter() - eval_start - eval_seconds
-        fed = federated(server_round)
+        fed = self.federated(server_round)
         federated_seconds = time.perf_counter() - eval_start - eval_seconds - validation_seconds
         result = _test_result(central, fed)
-        train = dict(train_metrics) if train_metrics else {}
+        train = dict(folded.metrics) if aggregated else {}
         train_loss = float(train.pop("train_loss")) if train else None
         now = time.perf_counter()
-        reports = strategy.last_reports
         record = _round_record(
-            server_round, result, train_loss, reports, now - round_start, now - start, validation
+            server_round,
+            result,
+            train_loss,
+            folded.reports,
+            now - round_start,
+            now - self.start,
+            validation,
         )
         record.update(train)  # what the defences did: groups clipped, shares capped
         record.update(_per_client(central, fed, workload, cfg, record["clients"]))
         if central is not None and fed is None:  # else: the clients' own (federated)
+            nodes, clients = self.strategy.nodes, record["clients"]
             record.update(
                 _personal_models(
-                    model,
-                    workload,
-                    cfg,
-                    algorithm,
-                    grid,
-                    strategy.nodes,
-                    central,
-                    record["clients"],
+                    model, workload, cfg, self.algorithm, self.grid, nodes, central, clients
                 )
             )
         if aggregated:  # what the algorithm says about this round's aggregation
-            record.update(algorithm.round_metrics())
-        if strategy.aggregate_rejected:
+            record.update(self.algorithm.round_metrics())
+        if folded.rejected:
             record["aggregate_rejected"] = True
         record["eval_seconds"] = eval_seconds  # where the round's time went (bench/lean.py)
         if validation is not None:
             record["validation_seconds"] = validation_seconds
         if fed is not None:
             record["federated_seconds"] = federated_seconds
-        record["aggregate_seconds"] = strategy.aggregate_seconds
-        recorder.log_round(record)
-        checkpoint(server_round)
+        record["aggregate_seconds"] = folded.seconds
+        self.recorder.log_round(record)
+        self.checkpoint(server_round)
         log.info(
             "round %d/%d  test_accuracy=%s  test_loss=%s  train_loss=%s  (%.1fs)",
             server_round,
@@ -269,7 +310,33 @@ def federate(
             "n/a" if train_loss is None else f"{train_loss:.4f}",
             now - round_start,
         )
-    return recorder.finish(model, workload.tokenizer)
+
+    def federated(self, server_round: int) -> FederatedEvaluation | None:
+        """The clients' evaluation of the current global model (``eval.mode``)."""
+        cfg, strategy = self.cfg, self.strategy
+        if cfg.eval.mode == "central":
+            return None
+        asked = evaluation.evaluators(cfg, server_round, strategy.sampled, strategy.nodes)
+        weights = wire.tensor_record(shared_state(self.model), self.by_reference)
+        messages = evaluation.requests(weights, server_round, strategy.nodes, asked)
+        replies = receive(self.grid, messages, self.round_timeout, cfg.federation.poll_interval)
+        fraction = cfg.data.client_test_fraction
+        return evaluation.read(replies, asked, strategy.nodes, strategy.examples, fraction)
+
+    def checkpoint(self, server_round: int) -> None:
+        """The run state after ``server_round``, written atomically."""
+        assert self.arrays is not None
+        nodes = self.grid.node_states() if isinstance(self.grid, ResumableGrid) else {}
+        state = RunState(
+            server_round,
+            self.arrays.to_torch_state_dict(),
+            self.algorithm.checkpoint_state(),
+            nodes,
+            self.strategy.device_records(),
+            self.recorder.rounds,
+            time.perf_counter() - self.start,
+        )
+        save_run_state(self.recorder.run_dir, state)
 
 
 def wait_for_nodes(grid: Grid, num_nodes: int, timeout: float) -> list[int]:

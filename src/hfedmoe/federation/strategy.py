@@ -5,15 +5,15 @@ replies back into updates for the algorithm's aggregation; it does no arithmetic
 Every reply is checked whole before anything reads it (``wire.unpack_update`` for its shape,
 ``hfedmoe.algorithms.mechanics.validation`` for its content, against what the server asked and
 knows): an error, a malformed or rejected reply, or no reply at all makes that client a failure
-with a reason, nothing a reply holds can raise out of :meth:`AlgorithmStrategy.aggregate_train`,
-and only the accepted updates are aggregated. With ``federation.defences`` a client's weight is
-the number of examples the server knows it holds, not the number it reports. Per-client
-outcomes of the last round are kept in :attr:`AlgorithmStrategy.last_reports`.
+with a reason, nothing a reply holds can raise out of :meth:`AlgorithmStrategy.fold`, and only
+the accepted updates are aggregated. With ``federation.defences`` a client's weight is the
+number of examples the server knows it holds, not the number it reports. A round's outcome,
+every client's report included, is what :meth:`AlgorithmStrategy.fold` returns (:class:`Folded`);
+Flower's ``aggregate_train`` is the same fold, reduced to the weights and the metrics.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 import time
@@ -92,6 +92,20 @@ class ClientReport:
         return {**row, **metrics}
 
 
+@dataclass(frozen=True)
+class Folded:
+    """What one round's replies gave: the next global weights (None: nothing accepted, or an
+    aggregate that was not finite and so refused), the round's training metrics (the mean
+    training loss, what the defences and the privacy mechanism did), every sampled client's
+    report in client order, and the seconds the aggregation's arithmetic took."""
+
+    arrays: ArrayRecord | None
+    metrics: dict[str, float]
+    reports: list[ClientReport]
+    rejected: bool
+    seconds: float
+
+
 def _describe(report: ClientReport, update: ClientUpdate, partition_id: int, bytes_up: int) -> None:
     """Fill ``report`` from an accepted update's metrics."""
     m = update.metrics
@@ -151,7 +165,6 @@ class AlgorithmStrategy(Strategy):
         self.algorithm = algorithm
         self.cfg = cfg
         self.by_reference = by_reference
-        self.last_reports: list[ClientReport] = []
         self._global: Weights = {}
         self._global_norms: dict[str, float] = {}
         self._bytes_down: dict[int, int] = {}
@@ -163,8 +176,6 @@ class AlgorithmStrategy(Strategy):
         #: the weight its data carries (that, capped by max_examples_per_client)
         self.examples: dict[int, int] = {}
         self.weights: dict[int, int] = {}
-        self.aggregate_rejected = False  # the last round's aggregate was not finite
-        self.aggregate_seconds = 0.0  # the last round's aggregation arithmetic (fold + finish)
         self._sampled: list[int] = []
         self._configs: dict[int, Mapping[str, object]] = {}  # node -> its request's config
         self._cache: dict = {}  # what this round's replies are checked against (validation)
@@ -236,15 +247,22 @@ class AlgorithmStrategy(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Flower's interface to :meth:`fold`: the next global weights and the round's
+        metrics (None, None: nothing to aggregate, the model stays)."""
+        folded = self.fold(server_round, replies)
+        if folded.arrays is None:
+            return None, None
+        return folded.arrays, MetricRecord(folded.metrics)
+
+    def fold(self, server_round: int, replies: Iterable[Message]) -> Folded:
         """Validate each reply and fold it into the algorithm's aggregation as it comes, so one
         reply is held at a time (the embedded engine runs each client as its reply is read).
         A grid that returns all replies at once gets them folded in client order, so the
         float sums do not depend on arrival order."""
         if isinstance(replies, Sequence):
             replies = sorted(replies, key=lambda r: self._client(r.metadata.src_node_id))
-        saved = copy.deepcopy(self.algorithm.checkpoint_state())
         fold = None
-        self.aggregate_seconds = 0.0
+        seconds = 0.0  # the aggregation's arithmetic (fold + finish)
         reports, examples, loss_sum, clipped = [], 0, 0.0, 0
         for reply in replies:
             node = reply.metadata.src_node_id
@@ -260,7 +278,7 @@ class AlgorithmStrategy(Strategy):
                 if fold is None:
                     fold = self._aggregation(server_round)
                 fold.add(self._client(node), update)
-                self.aggregate_seconds += time.perf_counter() - started
+                seconds += time.perf_counter() - started
                 examples += update.num_examples
                 loss_sum += update.metrics["train_loss"] * update.num_examples
             del reply, update  # nothing keeps a reply alive while the next client trains
@@ -268,24 +286,24 @@ class AlgorithmStrategy(Strategy):
         for client in sorted(set(self._sampled) - replied):
             reports.append(self._report(server_round, self.nodes[client]))
             self._fail(reports[-1], "no-reply", "no reply before the round's timeout")
-        self.last_reports = sorted(reports, key=lambda r: self._client(r.node_id))
+        reports.sort(key=lambda r: self._client(r.node_id))
         if fold is None:
-            return None, None
+            return Folded(None, {}, reports, rejected=False, seconds=seconds)
         started = time.perf_counter()
         new_global = fold.finish()
-        self.aggregate_seconds += time.perf_counter() - started
-        self.aggregate_rejected = not all(
-            all_finite(t) for t in new_global.values() if t.is_floating_point()
-        )
-        if self.aggregate_rejected:  # defence in depth: validated updates should never do this
-            self.algorithm.restore_state(saved)
+        seconds += time.perf_counter() - started
+        if not all(all_finite(t) for t in new_global.values() if t.is_floating_point()):
+            # defence in depth: validated updates should never do this; nothing is committed,
+            # so the algorithm stays as it was
             log.error("round %d: the aggregate is not finite; the model stays", server_round)
-            return None, None
+            return Folded(None, {}, reports, rejected=True, seconds=seconds)
         # the server's own record: it never crosses a wire, so it holds the tensors as they are
-        metrics = {"train_loss": loss_sum / examples, "clipped": clipped}
+        metrics: dict[str, float] = {"train_loss": loss_sum / examples, "clipped": clipped}
         if self.cfg.privacy.enabled:
             metrics.update(self._privacy_spent(server_round))
-        return wire.TensorRecord(new_global), MetricRecord({**metrics, **fold.defence_counts()})
+        metrics.update(fold.defence_counts())
+        fold.commit()
+        return Folded(wire.TensorRecord(new_global), metrics, reports, False, seconds)
 
     def _aggregation(self, server_round: int) -> Aggregation:
         """The algorithm's fold of this round, or DP-FedAvg's under ``[privacy]`` with the

@@ -71,9 +71,11 @@ class _Modular(Aggregation):
         self.usage[client], self.examples[client] = update.stats["usage"], n
 
     def finish(self) -> Weights:
+        return self.merge.finish()
+
+    def commit(self) -> None:
         self.algorithm.usage.update(self.usage)
         self.algorithm.examples.update(self.examples)
-        return self.merge.finish()
 
 
 @register

@@ -89,8 +89,10 @@ class _ByUsage(Aggregation):
         self.fitness[client] = u_LE * math.exp(-update.metrics["train_loss"])
 
     def finish(self) -> Weights:
-        self.algorithm.fitness.update(self.fitness)
         return self.merge.finish()
+
+    def commit(self) -> None:
+        self.algorithm.fitness.update(self.fitness)
 
 
 @register

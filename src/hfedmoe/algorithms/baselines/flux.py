@@ -464,9 +464,11 @@ class _ByTuners(Aggregation):
         self.reports[client] = {k: update.stats[k] for k in ("utility", "fresh", "frequency")}
 
     def finish(self) -> Weights:
+        return self.merge.finish()
+
+    def commit(self) -> None:
         for client, report in self.reports.items():
             self.algorithm.remember(client, report)
-        return self.merge.finish()
 
 
 @register
