@@ -206,10 +206,10 @@ def test_report_of_a_real_grid(real_grid, tmp_path):
     md = (out / "report.md").read_text()
     assert "Primary end point: final accuracy" in md and "Target accuracy: 0.25." in md
     assert "not recorded in advance" not in md and "Warning" not in md  # compare recorded it
-    results, rest = md.split("Paired by seed")
-    paired, rest = rest.split("Per seed:")
-    per_seed, rest = rest.split("Client memory per device tier")
-    memory, reasons = rest.split("Failed client trainings by reason")
+    results, rest = md.split("## Paired by seed")
+    paired, rest = rest.split("## Per seed")
+    per_seed, rest = rest.split("## Client memory per device tier")
+    memory, reasons = rest.split("## Failed client trainings by reason")
     rows = [
         line
         for line in results.splitlines()

@@ -851,20 +851,48 @@ def _cells(row: Row) -> list[str]:
     ]
 
 
-def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return [
-        "| " + " | ".join(header) + " |",
-        "|" + "---|" * len(header),
-        *["| " + " | ".join(r) + " |" for r in rows],
-    ]
+@dataclass(frozen=True)
+class Table:
+    """One table of the report, rendered alike as Markdown and as HTML: a title (a heading;
+    None for the results table, which the page opens with), what is said before and after it,
+    and its cells."""
 
+    table_id: str
+    title: str | None
+    header: list[str]
+    rows: list[list[str]]
+    before: tuple[str, ...] = ()
+    after: tuple[str, ...] = ()
 
-def _html_table(table_id: str, header: list[str], rows: list[list[str]]) -> str:
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in header)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows
-    )
-    return f'<table id="{table_id}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+    def markdown(self) -> list[str]:
+        heading = [f"## {self.title}", ""] if self.title else []
+        lines = [
+            "| " + " | ".join(self.header) + " |",
+            "|" + "---|" * len(self.header),
+            *["| " + " | ".join(r) + " |" for r in self.rows],
+        ]
+        said = [[line, ""] for line in self.before], [["", line] for line in self.after]
+        return [
+            *heading,
+            *(x for pair in said[0] for x in pair),
+            *lines,
+            *(x for pair in said[1] for x in pair),
+            "",
+        ]
+
+    def html(self) -> str:
+        head = "".join(f"<th>{html.escape(c)}</th>" for c in self.header)
+        body = "".join(
+            "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in self.rows
+        )
+        table = (
+            f'<table id="{self.table_id}"><thead><tr>{head}</tr></thead>'
+            f"<tbody>{body}</tbody></table>"
+        )
+        heading = f"<h2>{html.escape(self.title)}</h2>" if self.title else ""
+        before = "".join(f"<p>{html.escape(line)}</p>" for line in self.before)
+        after = "".join(f"<p>{html.escape(line)}</p>" for line in self.after)
+        return heading + before + table + after
 
 
 #: how the costs to the target are summarised, as the report says it under the table
@@ -923,6 +951,48 @@ def resolve_protocol(
     return protocol.resolve(records, requested, change)
 
 
+def report_tables(
+    runs: list[Run], rows: list[Row], used: ReportConfig, reference: str
+) -> list[Table]:
+    """Every table of the report, in order; a table with nothing to show is left out."""
+    results = Table(
+        "results",
+        None,
+        results_columns(used.primary),
+        [_cells(r) for r in rows],
+        before=("Mean ± sample std over seeds.",),
+        after=(TO_TARGET_NOTE, DEVICE_TIME_NOTE),
+    )
+    tables = [results]
+    if len({r.label for r in runs}) > 1:
+        comparisons = compare_with(runs, used.primary, reference)
+        header, cells = paired_table(comparisons, used.primary, reference)
+        explained = paired_sentence(used.primary, family_size(comparisons, used.primary))
+        power = power_sentence(comparisons, used.primary)
+        after = (power,) if power else ()
+        tables.append(Table("paired", "Paired by seed", header, cells, (explained,), after))
+    if len({r.seed for r in runs}) > 1:
+        tables.append(Table("per-seed", "Per seed", *per_seed_table(runs)))
+    header, cells = why_table(runs)
+    if cells:
+        before = ("Mean over rounds and seeds.",)
+        tables.append(Table("why", "Why, measured", header, cells, before))
+    header, cells = memory_tier_table(runs)
+    if len(header) > 1:
+        title = "Client memory per device tier"
+        before = ("The largest measured, mean over seeds.",)
+        tables.append(Table("memory", title, header, cells, before))
+    header, cells = privacy_table(runs)
+    if cells:
+        before = ("Spent by the last round, the largest over seeds.",)
+        tables.append(Table("privacy", "Differential privacy", header, cells, before))
+    reasons, cells = failure_reasons_table(rows)
+    if reasons:
+        title, before = "Failed client trainings by reason", ("Summed over seeds.",)
+        tables.append(Table("failures", title, ["method", *reasons], cells, before))
+    return tables
+
+
 def write_report(
     run_dirs: list[Path],
     out_dir: Path,
@@ -953,54 +1023,11 @@ def write_report(
     sources = "".join(f"<li><code>{html.escape(str(r.path))}</code></li>" for r in runs)
     opening = [protocol_sentence(used, reference), *resolved.notes]
 
+    tables = report_tables(runs, rows, used, reference)
     md = [f"# {title}", "", *(f"**Warning: {w}**\n" for w in warnings)]
     md += [*(f"{line}\n" for line in opening)]
-    results = [_cells(r) for r in rows]
-    columns = results_columns(used.primary)
-    md += [*_md_table(columns, results), "", TO_TARGET_NOTE, "", DEVICE_TIME_NOTE, ""]
-    extra_html = ""
-    if len({r.label for r in runs}) > 1:
-        comparisons = compare_with(runs, used.primary, reference)
-        header, cells = paired_table(comparisons, used.primary, reference)
-        explained = paired_sentence(used.primary, family_size(comparisons, used.primary))
-        power = power_sentence(comparisons, used.primary)
-        md += ["Paired by seed:", "", explained, "", *_md_table(header, cells), ""]
-        md += [power, ""] if power else []
-        extra_html += (
-            f"<h2>Paired by seed</h2><p>{html.escape(explained)}</p>"
-            + _html_table("paired", header, cells)
-            + (f"<p>{html.escape(power)}</p>" if power else "")
-        )
-    if len({r.seed for r in runs}) > 1:
-        header, cells = per_seed_table(runs)
-        md += ["Per seed:", "", *_md_table(header, cells), ""]
-        extra_html += "<h2>Per seed</h2>" + _html_table("per-seed", header, cells)
-    header, cells = why_table(runs)
-    if cells:
-        md += ["Why, measured (mean over rounds and seeds):", ""]
-        md += [*_md_table(header, cells), ""]
-        extra_html += "<h2>Why, measured</h2>" + _html_table("why", header, cells)
-    header, cells = memory_tier_table(runs)
-    if len(header) > 1:
-        md += ["Client memory per device tier, largest measured (mean over seeds):", ""]
-        md += [*_md_table(header, cells), ""]
-        extra_html += "<h2>Client memory per device tier</h2>" + _html_table(
-            "memory", header, cells
-        )
-    header, cells = privacy_table(runs)
-    if cells:
-        md += ["Differential privacy, spent by the last round (the largest over seeds):", ""]
-        md += [*_md_table(header, cells), ""]
-        extra_html += "<h2>Differential privacy</h2>" + _html_table("privacy", header, cells)
-    reasons, reason_cells = failure_reasons_table(rows)
-    reasons_html = ""
-    if reasons:
-        md += ["Failed client trainings by reason (summed over seeds):", ""]
-        md += [*_md_table(["method", *reasons], reason_cells), ""]
-        reasons_html = (
-            "<h2>Failed client trainings by reason</h2><p>Summed over seeds.</p>"
-            + _html_table("failures", ["method", *reasons], reason_cells)
-        )
+    for table in tables:
+        md += table.markdown()
     html_figs = []
     for name, fig in figs.items():
         fig.savefig(out_dir / f"{name}.png", dpi=110)
@@ -1017,7 +1044,7 @@ def write_report(
         f'<p class="warning"><strong>Warning: {html.escape(w)}</strong></p>' for w in warnings
     )
     opening_html = "".join(f"<p>{html.escape(line)}</p>" for line in opening)
-    notes_html = f"<p>{html.escape(TO_TARGET_NOTE)}</p><p>{html.escape(DEVICE_TIME_NOTE)}</p>"
+    tables_html = "\n".join(table.html() for table in tables)
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>
@@ -1031,11 +1058,7 @@ figure {{ margin: 1.5rem 0; }} img {{ max-width: 100%; }}
 <h1>{html.escape(title)}</h1>
 {warnings_html}
 {opening_html}
-<p>Mean ± sample std over seeds.</p>
-{_html_table("results", columns, results)}
-{notes_html}
-{extra_html}
-{reasons_html}
+{tables_html}
 {"".join(html_figs)}
 <h2>Runs</h2><ul>{sources}</ul>
 </body></html>
