@@ -391,3 +391,18 @@ def test_a_contiguous_expert_part_is_a_view_and_writes_land_in_place():
     row.write_(fused, torch.zeros(1, 3, 2))
     assert torch.equal(fused[2], torch.zeros(3, 2))
     assert torch.equal(fused[[0, 1, 3]], before[[0, 1, 3]])
+
+
+@pytest.mark.parametrize("moe", ALL, indirect=True)
+def test_each_moe_layer_knows_its_transformer_block_from_the_module_tree(moe):
+    # the block is its index in the list of blocks that holds it, the order attention outputs
+    # follow (FLUX's attention-weighted profile reads them by it)
+    model, _, _ = moe
+    for layer in ExpertModel(model).layers:
+        block = layer.transformer_block
+        assert isinstance(block, int)
+        assert any(
+            isinstance(m, torch.nn.ModuleList) and len(m) > block
+            and any(sub is layer.block for sub in m[block].modules())
+            for m in model.modules()
+        )  # fmt: skip

@@ -26,7 +26,7 @@ from hfedmoe.model import (
     moe_blocks,
     save_checkpoint,
 )
-from hfedmoe.model.experts import lean_forward
+from hfedmoe.model.routing import lean_forward
 from hfedmoe.model.sources import model_dir
 from hfedmoe.training import choice_logprobs, continuation_logprobs, evaluate, evaluation
 

@@ -72,7 +72,8 @@ from hfedmoe.algorithms.messages import BUDGET, ClientUpdate, TrainRequest, Weig
 from hfedmoe.data.tokenized import TokenizedDataset, padded_tokens
 from hfedmoe.foundation.config import ExperimentConfig, HFedMoEConfig
 from hfedmoe.foundation.seeding import STRICT_HELD, rng_for
-from hfedmoe.model.experts import ExpertModel, RoutingCapture
+from hfedmoe.model.experts import ExpertModel
+from hfedmoe.model.routing import RoutingCapture
 from hfedmoe.model.state import load_shared_state
 from hfedmoe.training import StepHooks, train_local
 

@@ -20,8 +20,9 @@ from torch import nn
 
 from hfedmoe.analysis.measures import normalised_entropy
 from hfedmoe.data.tokenized import TokenizedDataset, sequential_batches
-from hfedmoe.model.experts import ExpertModel, lean_forward
+from hfedmoe.model.experts import ExpertModel
 from hfedmoe.model.prefix import BlockPrefix
+from hfedmoe.model.routing import lean_forward
 from hfedmoe.training import evaluate
 
 

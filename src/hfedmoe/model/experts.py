@@ -2,292 +2,32 @@
 
 METHOD.md §1: the pool is E = {E_(l,e)}, L MoE layers x E experts each, with one router (gating
 network) per MoE layer; every other parameter (embeddings, attention, norms, heads, shared
-experts) is *shared*. Algorithms see models only through :class:`ExpertModel`.
+experts) is *shared*. Algorithms see models only through :class:`ExpertModel`: the pool and
+the parameter groups, routing capture and restriction, backward-only updates of a subset,
+reading and writing one expert, and the costs the budget model needs. Finding the MoE blocks is
+``moe_layers``; what a forward pass records is ``routing``.
 
 Shape legend: B samples, T tokens per sample, N tokens in a layer's stream (B*T), E experts per
 layer, K experts per token, L MoE layers.
-
-Two storage layouts are supported, found by inspecting the model (no per-model code forks):
-
-- *fused* (transformers 5.x Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V2/V3): the ``experts`` module
-  holds 3-D tensors whose first dimension is the expert (``gate_up_proj[e]``);
-- *modular* (Switch Transformers, hfedmoe's upcycled blocks): ``experts`` is a ModuleList or
-  ModuleDict with one module per expert.
-
-An MoE block is any module with an ``experts`` child and a router child (``gate`` returning
-``(logits, weights, indices)``, or Switch's ``router`` returning ``(dispatch, probs, logits)``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import inspect
+import functools
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from hfedmoe.foundation.errors import HFedMoEError
 from hfedmoe.model.expert_axis import ExpertAxis
+from hfedmoe.model.moe_layers import ExpertId, MoELayer, expert_modules, find_moe_layers
 from hfedmoe.model.quantize import logical_numel
+from hfedmoe.model.routing import RoutingCapture, strict_hook
 
-ExpertId = tuple[int, int]  # (MoE layer position 0..L-1, expert index 0..E-1)
-
-
-@dataclass(frozen=True)
-class RoutingRule:
-    """How a router family turns logits into top-k choices (used to re-route in strict mode)."""
-
-    score: Literal["softmax", "sigmoid"] = "softmax"
-    norm_topk: bool = True
-    scaling: float = 1.0
-
-
-@dataclass
-class MoELayer:
-    """One MoE block, seen uniformly.
-
-    ``fused`` / ``modular`` hold the experts' weights (what the forward pass computes with);
-    ``axes`` / ``trainable`` hold what is trained, read, written and sent per expert: the same
-    weights, or, with LoRA, the experts' LoRA tensors (slices of PEFT's stacked LoRA for fused
-    experts).
-    """
-
-    position: int  # 0..L-1 among the MoE layers
-    name: str  # module path, e.g. "bert.encoder.layer.3.intermediate"
-    block: nn.Module
-    router: nn.Module
-    kind: Literal["topk", "switch"]
-    num_experts: int
-    top_k: int
-    rule: RoutingRule
-    router_params: dict[str, nn.Parameter]  # state-dict name -> parameter
-    fused: dict[str, nn.Parameter] = field(default_factory=dict)  # local name -> (E, ...) tensor
-    modular: list[dict[str, nn.Parameter]] = field(default_factory=list)  # per expert
-    axes: dict[str, tuple[nn.Parameter, ExpertAxis]] = field(default_factory=dict)
-    trainable: list[dict[str, nn.Parameter]] = field(default_factory=list)  # modular, per expert
-    expert_param_names: list[str] = field(default_factory=list)  # state-dict names
-
-    def weight_params(self, e: int) -> list[torch.Tensor]:
-        """Expert ``e``'s weights (frozen or not), for FLOP counting."""
-        if self.fused:
-            return [p[e] for p in self.fused.values()]
-        return [p for n, p in self.modular[e].items() if "lora_" not in n]
-
-
-def find_moe_layers(model: nn.Module) -> list[MoELayer]:
-    """Every MoE block of ``model`` in module order."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    layers: list[MoELayer] = []
-    for name, module in model.named_modules():
-        experts = getattr(module, "experts", None)
-        router = getattr(module, "gate", None)
-        if router is None:
-            router = getattr(module, "router", None)
-        if not isinstance(experts, nn.Module) or not isinstance(router, nn.Module):
-            continue
-        wrapped_router, router = router, _unwrap_peft(router)
-        kind: Literal["topk", "switch"] = "switch" if hasattr(router, "expert_capacity") else "topk"
-        num_experts = int(router.num_experts)
-        layer = MoELayer(
-            position=len(layers),
-            name=name,
-            block=module,
-            router=router,
-            kind=kind,
-            num_experts=num_experts,
-            top_k=1 if kind == "switch" else int(router.top_k),
-            rule=_routing_rule(router),
-            router_params={names[id(p)]: p for p in wrapped_router.parameters()},
-        )
-        layer.expert_param_names = [names[id(p)] for p in experts.parameters()]
-        if isinstance(experts, nn.ModuleList | nn.ModuleDict):
-            modules = list(expert_modules(module))
-            layer.modular = [dict(m.named_parameters()) for m in modules]
-            layer.trainable = [
-                {n: p for n, p in params.items() if p.requires_grad} or params
-                for params in layer.modular
-            ]
-        else:
-            layer.fused = {
-                n.split(".")[-1]: p
-                for n, p in experts.named_parameters()
-                if p.dim() >= 1 and p.shape[0] == num_experts and "lora_" not in n
-            }
-            layer.axes = _lora_axes(experts) or {
-                n: (p, ExpertAxis.rows(num_experts)) for n, p in layer.fused.items()
-            }
-        layers.append(layer)
-    return layers
-
-
-def lean_forward(model: nn.Module, logits_to_keep: int = 1) -> dict[str, object]:
-    """Keyword arguments that spare a forward pass the work its caller never reads: logits at
-    the last ``logits_to_keep`` positions only, and no key/value cache. A causal LM's logits are
-    the largest tensor of an inference pass (SmolLM2: 32 x 96 positions x 49,152 words = 604 MB
-    a batch, and a fifth of its compute), so a pass that reads only the routers keeps one.
-
-    Empty for a model whose forward takes neither (encoders, Switch): it computes as before.
-    A PEFT model passes them on to the model it wraps.
-    """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    accepted = inspect.signature(base.forward).parameters
-    options: dict[str, object] = {}
-    if "logits_to_keep" in accepted:
-        options["logits_to_keep"] = logits_to_keep
-    if "use_cache" in accepted:
-        options["use_cache"] = False
-    return options
-
-
-def _unwrap_peft(module: nn.Module) -> nn.Module:
-    """The module a PEFT LoRA wrapper (``base_layer`` + ``lora_A``) wraps, or ``module``."""
-    while hasattr(module, "base_layer") and hasattr(module, "lora_A"):
-        module = module.base_layer
-    return module
-
-
-def _lora_axes(experts: nn.Module) -> dict[str, tuple[nn.Parameter, ExpertAxis]]:
-    """PEFT LoRA on fused expert tensors (``target_parameters``): where each expert's rank-r
-    slice lives. lora_A is (E*r, in): expert e owns rows e*r..e*r+r-1; lora_B is (out, E*r):
-    expert e owns columns e, e+E, e+2E, ... (PEFT reshapes B to (out, r, E))."""
-    axes: dict[str, tuple[nn.Parameter, ExpertAxis]] = {}
-    for wrapper in experts.modules():
-        if not (hasattr(wrapper, "parameter_name") and hasattr(wrapper, "lora_A")):
-            continue
-        for adapter in wrapper.lora_A:
-            E, r = wrapper.num_experts, wrapper.r[adapter]
-            a = wrapper.lora_A[adapter].weight
-            b = wrapper.lora_B[adapter].weight
-            name = wrapper.parameter_name
-            axes[f"{name}.lora_A"] = (a, ExpertAxis(0, torch.arange(E * r) // r, E))
-            axes[f"{name}.lora_B"] = (b, ExpertAxis(1, torch.arange(E * r) % E, E))
-    return axes
-
-
-def _routing_rule(router: nn.Module) -> RoutingRule:
-    cls = type(router).__name__
-    if cls.startswith("DeepseekV3"):
-        return RoutingRule(
-            "sigmoid", bool(router.norm_topk_prob), float(router.routed_scaling_factor)
-        )
-    if cls.startswith("DeepseekV2"):  # V2 never renormalises its top-k weights
-        return RoutingRule("softmax", False, float(router.routed_scaling_factor))
-    return RoutingRule("softmax", bool(getattr(router, "norm_topk_prob", True)))
-
-
-# ---- routing capture ------------------------------------------------------------------
-
-
-@dataclass
-class _Record:
-    logits_NE: torch.Tensor
-    chosen_NE: torch.Tensor  # bool: token n was sent to expert e
-
-
-class RoutingCapture:
-    """Records, for every MoE layer, the router logits and routing decisions of a forward pass.
-
-    Use as ``with em.capture() as cap: model(**batch)``, then :meth:`sample_probs` and
-    :meth:`routed`. Hooks are removed on exit.
-    """
-
-    def __init__(self, layers: list[MoELayer]):
-        self.layers = layers
-        self.records: dict[int, _Record] = {}
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
-
-    def __enter__(self) -> RoutingCapture:
-        for layer in self.layers:
-            self._handles.append(layer.router.register_forward_hook(self._hook(layer)))
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
-    def _hook(self, layer: MoELayer):
-        def hook(module: nn.Module, args: tuple, output: tuple) -> None:
-            if layer.kind == "switch":
-                dispatch, _, logits = output
-                chosen = dispatch.reshape(-1, layer.num_experts).bool()
-            else:
-                logits, _, indices = output
-                chosen = torch.zeros(
-                    logits.shape[0], layer.num_experts, dtype=torch.bool, device=logits.device
-                )
-                chosen.scatter_(1, indices.reshape(logits.shape[0], -1), True)
-            # on the CPU: (tokens, E) is small, and selection code then never meets a device
-            self.records[layer.position] = _Record(
-                logits.detach().reshape(-1, layer.num_experts).cpu(), chosen.detach().cpu()
-            )
-
-        return hook
-
-    def _per_sample(self, x_NE: torch.Tensor, mask_BT: torch.Tensor | None) -> tuple:
-        """View (N, E) as (B, T, E) with a (B, T) real-token mask (on the CPU, as the records)."""
-        mask_BT = None if mask_BT is None else mask_BT.cpu()
-        if mask_BT is not None and x_NE.shape[0] == mask_BT.numel():
-            B, T = mask_BT.shape
-            return x_NE.reshape(B, T, -1), mask_BT.bool()
-        if mask_BT is not None and x_NE.shape[0] % mask_BT.shape[0] == 0:
-            # another token stream (e.g. a seq2seq decoder): every token counts
-            B = mask_BT.shape[0]
-            x = x_NE.reshape(B, x_NE.shape[0] // B, -1)
-            return x, torch.ones(x.shape[:2], dtype=torch.bool)
-        return x_NE.unsqueeze(0), torch.ones(1, x_NE.shape[0], dtype=torch.bool)
-
-    def sample_probs(
-        self, attention_mask: torch.Tensor | None, reduce: Literal["mean", "max"] = "mean"
-    ) -> torch.Tensor:
-        """G_e(x_i): per-sample router probabilities, (L, B, E).
-
-        The full softmax over all E experts of each token, reduced over the sample's real
-        (non-padding) tokens by mean (METHOD.md §7 default) or max.
-        """
-        out = []
-        for layer in self.layers:
-            probs_NE = torch.softmax(self.records[layer.position].logits_NE.float(), dim=-1)
-            probs_BTE, real_BT = self._per_sample(probs_NE, attention_mask)
-            if reduce == "mean":
-                weights = real_BT.unsqueeze(-1).to(probs_BTE.dtype)
-                out.append((probs_BTE * weights).sum(1) / weights.sum(1).clamp_min(1))
-            else:
-                out.append(probs_BTE.masked_fill(~real_BT.unsqueeze(-1), 0).amax(1))
-        return torch.stack(out)
-
-    def tokens(
-        self, attention_mask: torch.Tensor | None
-    ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Per MoE layer, the real (non-padding) tokens' router probabilities (N, E) (softmax
-        over all experts), top-k choices (N, E) bool, and the sample each token is of (N,)."""
-        out = []
-        for layer in self.layers:
-            record = self.records[layer.position]
-            probs_BTE, real_BT = self._per_sample(
-                torch.softmax(record.logits_NE.float(), dim=-1), attention_mask
-            )
-            chosen_BTE, _ = self._per_sample(record.chosen_NE, attention_mask)
-            B, T = real_BT.shape
-            sample_BT = torch.arange(B)[:, None].expand(B, T)
-            out.append((probs_BTE[real_BT], chosen_BTE[real_BT], sample_BT[real_BT]))
-        return out
-
-    def routed(self, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """E_union: (L, E) bool, experts that top-k routing sent at least one real token to."""
-        out = []
-        for layer in self.layers:
-            chosen_BTE, real_BT = self._per_sample(
-                self.records[layer.position].chosen_NE, attention_mask
-            )
-            out.append((chosen_BTE & real_BT.unsqueeze(-1)).flatten(0, 1).any(0))
-        return torch.stack(out)
-
-
-# ---- the interface --------------------------------------------------------------------
+__all__ = ["ExpertEntry", "ExpertId", "ExpertModel", "MoELayer", "ParamBytes"]
 
 
 @dataclass(frozen=True)
@@ -398,7 +138,7 @@ class ExpertModel:
         if allowed_LE.shape != self.shape or not allowed_LE.any(1).all():
             raise ValueError(f"allowed mask must be {self.shape} with >= 1 expert per layer")
         handles = [
-            layer.router.register_forward_hook(_strict_hook(layer, allowed_LE[layer.position]))
+            layer.router.register_forward_hook(strict_hook(layer, allowed_LE[layer.position]))
             for layer in self.layers
         ]
         try:
@@ -459,8 +199,17 @@ class ExpertModel:
     # -- where experts and routers live in a state dict (for aggregation on the server) --
     def expert_entries(self) -> dict[ExpertId, list[ExpertEntry]]:
         """For every expert, the state-dict entries (or slices of them) holding its trainable
-        tensors: what a server averages per expert."""
-        names = {id(p): n for n, p in self.model.named_parameters()}
+        tensors: what a server averages per expert. Built once: the layers were found when
+        this view was made, so their entries do not change."""
+        return self._entry_map
+
+    @functools.cached_property
+    def _params(self) -> dict[str, nn.Parameter]:
+        return dict(self.model.named_parameters())
+
+    @functools.cached_property
+    def _entry_map(self) -> dict[ExpertId, list[ExpertEntry]]:
+        names = {id(p): n for n, p in self._params.items()}
         out: dict[ExpertId, list[ExpertEntry]] = {}
         for layer in self.layers:
             for e in range(layer.num_experts):
@@ -486,7 +235,7 @@ class ExpertModel:
     def read_expert(self, expert: ExpertId) -> dict[str, torch.Tensor]:
         """Expert ``(layer, e)``'s trainable tensors (its weights, or its LoRA slices), copied,
         by their names within the expert (the same for every expert of a layer)."""
-        params = dict(self.model.named_parameters())
+        params = self._params
         return {
             x.local_name: x.take(params[x.state_name].detach()).clone()
             for x in self._entries(expert)
@@ -496,7 +245,7 @@ class ExpertModel:
     def write_expert(self, expert: ExpertId, tensors: dict[str, torch.Tensor]) -> None:
         """Overwrite expert ``(layer, e)``'s trainable tensors; nothing else changes."""
         entries = self._entries(expert)
-        params = dict(self.model.named_parameters())
+        params = self._params
         targets = {x.local_name: x for x in entries}
         if set(tensors) != set(targets):
             raise KeyError(
@@ -515,7 +264,7 @@ class ExpertModel:
         position, e = expert
         if not (0 <= position < self.num_layers and 0 <= e < self.num_experts):
             raise IndexError(f"expert {expert} outside the {self.shape} pool")
-        return self.expert_entries()[expert]
+        return self._entry_map[expert]
 
     # -- cost accounting (inputs of the budget cost model, METHOD.md §6) --
     def param_bytes(self) -> ParamBytes:
@@ -574,45 +323,3 @@ class ExpertModel:
         forward = 2.0 * (shared + routers + routed)
         backward = forward + 2.0 * (shared_trained + routers_trained + trained_routed)
         return forward, backward
-
-
-def expert_modules(block: nn.Module) -> Iterator[nn.Module]:
-    experts = block.experts
-    yield from experts.values() if isinstance(experts, nn.ModuleDict) else experts
-
-
-def _strict_hook(layer: MoELayer, allowed_E: torch.Tensor):
-    k = layer.top_k
-
-    def hook(module: nn.Module, args: tuple, output: tuple):
-        if layer.kind == "switch":
-            dispatch, own_probs, logits = output
-            allowed = allowed_E.to(logits.device)
-            probs = torch.softmax(logits.float(), dim=-1)
-            masked = probs.masked_fill(~allowed, -1.0)
-            choice = masked.argmax(-1)
-            one_hot = nn.functional.one_hot(choice, layer.num_experts)
-            capacity_ok = torch.cumsum(one_hot, dim=-2) <= module.expert_capacity
-            chosen_probs = probs.gather(-1, choice.unsqueeze(-1)).to(own_probs.dtype)
-            return (one_hot * capacity_ok).to(dispatch.dtype), chosen_probs, logits
-        logits, weights, _ = output
-        allowed = allowed_E.to(logits.device)
-        scores = (
-            torch.softmax(logits.float(), -1)
-            if layer.rule.score == "softmax"
-            else logits.float().sigmoid()
-        )
-        bias = getattr(module, "e_score_correction_bias", None)  # DeepSeek-V3 chooses with it
-        choice = (scores if bias is None else scores + bias).masked_fill(~allowed, float("-inf"))
-        n_allowed = int(allowed.sum())
-        top_w, top_i = torch.topk(choice, min(k, n_allowed), dim=-1)
-        top_w = scores.gather(-1, top_i)
-        if n_allowed < k:  # keep K columns: repeat the best allowed expert with weight 0
-            pad = k - n_allowed
-            top_i = torch.cat([top_i, top_i[:, :1].expand(-1, pad)], dim=-1)
-            top_w = torch.cat([top_w, torch.zeros_like(top_w[:, :1]).expand(-1, pad)], dim=-1)
-        if layer.rule.norm_topk:
-            top_w = top_w / (top_w.sum(-1, keepdim=True) + 1e-20)
-        return logits, (top_w * layer.rule.scaling).to(weights.dtype), top_i
-
-    return hook

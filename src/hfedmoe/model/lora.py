@@ -20,7 +20,8 @@ from transformers import PreTrainedModel
 
 from hfedmoe.foundation.config import LoraConfig
 from hfedmoe.foundation.errors import ConfigError
-from hfedmoe.model.experts import ExpertModel, expert_modules
+from hfedmoe.model.experts import ExpertModel
+from hfedmoe.model.moe_layers import expert_modules
 from hfedmoe.model.quantize import quantize_base
 
 if TYPE_CHECKING:

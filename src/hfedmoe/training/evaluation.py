@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from hfedmoe.data.tokenized import IGNORE_INDEX, TokenizedDataset, sequential_batches
-from hfedmoe.model.experts import lean_forward
+from hfedmoe.model.routing import lean_forward
 from hfedmoe.training.device import on_device, to_device
 
 

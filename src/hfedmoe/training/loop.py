@@ -18,7 +18,8 @@ from torch import nn
 
 from hfedmoe.data.tokenized import TokenizedDataset, shuffled_batches
 from hfedmoe.foundation.config import TrainConfig
-from hfedmoe.model.experts import ExpertModel, RoutingCapture
+from hfedmoe.model.experts import ExpertModel
+from hfedmoe.model.routing import RoutingCapture
 from hfedmoe.training.device import on_device, to_device
 from hfedmoe.training.memory import PeakMemory
 from hfedmoe.training.optimizer import ExpertAdamW

@@ -106,7 +106,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import re
 import time
 import weakref
 from collections.abc import Iterator, Mapping
@@ -145,7 +144,8 @@ from hfedmoe.data.tokenized import TokenizedDataset, sequential_batches
 from hfedmoe.foundation.config import DeviceTier
 from hfedmoe.foundation.errors import HFedMoEError
 from hfedmoe.foundation.seeding import FLUX_PROBES, FLUX_ROLES, rng_for
-from hfedmoe.model.experts import ExpertModel, MoELayer, lean_forward
+from hfedmoe.model.experts import ExpertModel
+from hfedmoe.model.routing import lean_forward
 from hfedmoe.model.state import experts_only, held_bytes, load_shared_state, new_head
 from hfedmoe.training import StepHooks, train_local
 from hfedmoe.training.device import on_device, to_device
@@ -202,7 +202,7 @@ def profile_experts(
     from eager attention, switched on for the pass where the model supports it."""
     em = ExpertModel(model)
     L, E = em.shape
-    blocks = [_block_index(layer) for layer in em.layers]
+    blocks = [layer.transformer_block for layer in em.layers]
     count, samples, attention = (torch.zeros(L, E, dtype=torch.float64) for _ in range(3))
     real_tokens, tokens = 0, 0
     lean = lean_forward(model)  # routers and attention are read, the logits are not
@@ -231,12 +231,6 @@ def profile_experts(
             tokens += int(mask_BT.numel())
     a = torch.where(count > 0, attention / count.clamp_min(1), torch.ones_like(count))
     return Profile(count / max(real_tokens, 1), samples, a, tokens)
-
-
-def _block_index(layer: MoELayer) -> int | None:
-    """The transformer block an MoE layer sits in ("...layers.3.mlp" -> 3), if it can tell."""
-    found = re.search(r"\.(\d+)\.", f".{layer.name}.")
-    return int(found.group(1)) if found else None
 
 
 def _received_attention(out, mask_BT: torch.Tensor) -> dict[int, torch.Tensor]:

@@ -9,7 +9,8 @@ from hfedmoe.algorithms.maths.sparse_aggregation import usage
 from hfedmoe.algorithms.mechanics.assignment import mask_of
 from hfedmoe.algorithms.messages import TrainRequest
 from hfedmoe.data.tokenized import TokenizedDataset, sequential_batches
-from hfedmoe.model.experts import ExpertModel, RoutingCapture, lean_forward
+from hfedmoe.model.experts import ExpertModel
+from hfedmoe.model.routing import RoutingCapture, lean_forward
 from hfedmoe.training import StepHooks
 from hfedmoe.training.device import on_device, to_device
 
