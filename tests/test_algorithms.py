@@ -107,3 +107,35 @@ def test_the_fold_agrees_with_the_closed_form_in_any_order(values, rnd):
         sums.add("x", xs[i], masses[i])
     exact = sum(m * x.double() for m, x in zip(masses, xs, strict=True)) / sum(masses)
     torch.testing.assert_close(sums.pop("x"), exact.float())
+
+
+def test_native_sums_are_within_k_roundoffs_of_the_wide_ones():
+    # federation.sum_precision = "native": float32 running sums of float32 weights, half the
+    # memory; a weighted mean of K replies moves by at most about K u max|x| (u = 2^-24)
+
+    assert accumulator_dtype(torch.float32) == torch.float64
+    assert accumulator_dtype(torch.float32, wide=False) == torch.float32
+    assert accumulator_dtype(torch.bfloat16) == torch.float32
+    g = torch.Generator().manual_seed(0)
+    replies = [torch.randn(100_000, generator=g) * 10 for _ in range(8)]
+    masses = [float(m) for m in torch.randint(1, 500, (8,), generator=g)]
+    wide, native = WeightedSums(), WeightedSums(wide=False)
+    for x, m in zip(replies, masses, strict=True):
+        wide.add("w", x, m)
+        native.add("w", x, m)
+    assert native._sum["w"].dtype == torch.float32  # the accumulator itself is narrow
+    a, b = wide.pop("w"), native.pop("w")
+    bound = len(replies) * 2.0**-24 * max(float(x.abs().max()) for x in replies)
+    assert 0 < float((a - b).abs().max()) <= 2 * bound  # not exact, and within the bound
+
+
+def test_the_config_chooses_the_aggregations_sum_precision(tiny_bert_dir):
+    from hfedmoe.algorithms import build_algorithm
+    from hfedmoe.foundation.config import validate
+
+    from .support.configs import tiny_raw
+
+    for precision, wide in (("wide", True), ("native", False)):
+        raw = tiny_raw(tiny_bert_dir, federation={"sum_precision": precision})
+        merge = build_algorithm(validate(raw)).merge({"w": torch.zeros(2)})
+        assert merge.sums.wide is wide

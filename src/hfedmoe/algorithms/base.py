@@ -202,6 +202,7 @@ class FederatedAlgorithm(ABC):
             max_client_share=fed.max_client_share if fed.defences else 1.0,
             robust=None if fed.robust == "none" else fed.robust,
             trim_fraction=fed.trim_fraction,
+            wide_sums=fed.sum_precision == "wide",
         )
         return Merge(global_weights, layout, policy)
 

@@ -461,6 +461,14 @@ class FederationConfig(Section):
         lt=0.5,
         description="robust = trimmed-mean: the share of values dropped at each end.",
     )
+    sum_precision: Literal["wide", "native"] = Field(
+        "wide",
+        description="The running sums of the aggregation: wide (float64 for 32-bit weights, "
+        "float32 for 16-bit ones: every metric reproducible to the last bit) or native (the "
+        "weights' own dtype: half the memory of the running sums, each mean within about "
+        "K u max|x| of the wide one for K replies, u the dtype's unit roundoff: 6e-8 for "
+        "float32). A private round's sums stay wide.",
+    )
     check_wire: bool = Field(
         False,
         description="Embedded engine: every message crosses Flower's wire format (serialised "

@@ -22,10 +22,14 @@ def weighted_average(tensors: Sequence[torch.Tensor], weights: Sequence[float]) 
     return sums.pop("x")
 
 
-def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The precision a sum of ``dtype`` tensors is kept in: float64 for 32- and 64-bit floats,
-    float32 for 16-bit ones (twice the parameter's bytes, so a sum of K replies loses no more
-    than one rounding of the result)."""
+def accumulator_dtype(dtype: torch.dtype, wide: bool = True) -> torch.dtype:
+    """The precision a sum of ``dtype`` tensors is kept in. Wide (the default): float64 for 32-
+    and 64-bit floats, float32 for 16-bit ones (twice the parameter's bytes, so a sum of K
+    replies loses no more than one rounding of the result). Not wide: ``dtype`` itself (half
+    the memory; a weighted mean of K replies then differs from the wide one by at most about
+    K u max|x|, u the unit roundoff of ``dtype``: 6e-8 for float32)."""
+    if not wide:
+        return dtype
     return torch.float64 if dtype.itemsize >= 4 else torch.float32
 
 
@@ -36,7 +40,8 @@ class WeightedSums:
     previous value). The result does not depend on the order of the adds beyond the rounding of
     the wide accumulator (``accumulator_dtype``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, wide: bool = True) -> None:
+        self.wide = wide  # accumulate in accumulator_dtype's wide precision, or the input's
         self._sum: dict[str, torch.Tensor] = {}
         self._mass: dict[str, float] = {}
         self._dtype: dict[str, torch.dtype] = {}
@@ -53,7 +58,7 @@ class WeightedSums:
             return
         acc = self._sum.get(key)
         if acc is None:
-            self._sum[key] = x.to(accumulator_dtype(x.dtype)) * mass
+            self._sum[key] = x.to(accumulator_dtype(x.dtype, self.wide)) * mass
             self._mass[key], self._dtype[key] = mass, x.dtype
         else:
             acc.add_(x, alpha=mass)  # in the accumulator's precision: x is widened elementwise

@@ -60,6 +60,7 @@ class MergePolicy:
     max_client_share: float = 1.0  # >= 0.5; 1 = no cap
     robust: Literal["median", "trimmed-mean"] | None = None
     trim_fraction: float = 0.25
+    wide_sums: bool = True  # federation.sum_precision: float64 sums of 32-bit weights, or not
 
 
 @dataclass
@@ -96,7 +97,7 @@ class Merge:
         self.global_weights = global_weights
         self.layout = layout
         self.policy = policy or MergePolicy()
-        self.sums = WeightedSums()
+        self.sums = WeightedSums(self.policy.wide_sums)
         self._targets: dict[str, tuple[str, Writer | None]] = {}  # key -> (tensor, writer)
         self._top: dict[str, _Top] = {}  # reported keys: the largest contribution
         self._examples: dict[str, int] = {}  # reported keys: sum of |D_c| of the contributors
