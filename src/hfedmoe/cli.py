@@ -323,6 +323,9 @@ def _print_summary(summary: dict, run_dir: Path) -> None:
         f"{summary['total_bytes_down'] / 1e6:,.0f} MB / {summary['total_bytes_up'] / 1e6:,.0f} MB",
     )
     table.add_row("wall time", f"{summary['wall_seconds']:.0f} s")
+    if "dp_epsilon" in summary:  # [privacy]: what the run spent
+        spent = f"{summary['dp_epsilon']:.3g} at delta {summary['dp_delta']:.1e}"
+        table.add_row("privacy: epsilon spent", spent)
     Console().print(table)
     if "accuracy_is" in summary:
         print(f"Test accuracy here is {summary['accuracy_is']}.")
