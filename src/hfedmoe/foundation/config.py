@@ -516,6 +516,13 @@ class TrainConfig(Section):
         description="Where local training and the server's evaluation run: cpu, cuda, cuda:N, "
         "or auto (cuda when torch sees one). Aggregation always runs on the CPU.",
     )
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32",
+        description="The local training's forward and loss: fp32, or bf16 under torch.autocast "
+        "(mixed precision: the weights, gradients and AdamW's moments stay fp32; activations "
+        "are bf16, on the CPU as on a GPU). The budget cost model still counts fp32 "
+        "activations, so it overestimates a bf16 step's memory.",
+    )
 
     @field_validator("device")
     @classmethod

@@ -37,14 +37,18 @@ class _ExpertLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         x, weight = ctx.saved_tensors
-        grad_x = grad_y @ weight if ctx.needs_input_grad[0] else None
+        # under autocast (train.precision = "bf16") the forward ran in bf16 while x or the
+        # weight were saved as they came: compute in the gradient's dtype, and give each
+        # gradient its tensor's dtype (in fp32 every cast is a no-op)
+        dtype = grad_y.dtype
+        grad_x = (grad_y @ weight.to(dtype)).to(x.dtype) if ctx.needs_input_grad[0] else None
         grad_w = grad_b = None
         if ctx.owner.trainable:
             g_NO = grad_y.reshape(-1, grad_y.shape[-1])
             if ctx.needs_input_grad[1]:
-                grad_w = g_NO.T @ x.reshape(-1, x.shape[-1])
+                grad_w = (g_NO.T @ x.reshape(-1, x.shape[-1]).to(dtype)).to(weight.dtype)
             if ctx.has_bias and ctx.needs_input_grad[2]:
-                grad_b = g_NO.sum(0)
+                grad_b = g_NO.sum(0).to(weight.dtype)
         return grad_x, grad_w, grad_b, None
 
 

@@ -9,6 +9,7 @@ copies the loop.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -77,6 +78,13 @@ def train_local(
         return _train_steps(model, data, cfg, rng, hooks or StepHooks(), device)
 
 
+def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """The forward pass's precision (``train.precision``): bf16 autocast, or as it is."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def _train_steps(
     model: nn.Module,
     data: TokenizedDataset,
@@ -105,7 +113,7 @@ def _train_steps(
         for idx in shuffled_batches(len(data), batch_size, cfg.local_steps, rng):
             batch = data.batch(idx)
             optimizer.zero_grad()
-            with em.capture() as capture:
+            with em.capture() as capture, _autocast(cfg.precision, device):
                 loss = model(**to_device(batch, device)).loss
             routed_LE = capture.routed(batch.get("attention_mask"))
             active_LE = hooks.select_experts(capture, batch, routed_LE) & routed_LE

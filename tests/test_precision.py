@@ -1,0 +1,63 @@
+"""Mixed precision (``train.precision = "bf16"``): the forward pass and the loss run under bf16
+autocast while the weights, their gradients and AdamW's moments stay fp32; a federated round of
+each kind of method trains to finite weights; fp32 stays the default and the golden runs' own."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from hfedmoe.engines.embedded import run_embedded
+from hfedmoe.federation.client_app import app as client_app
+from hfedmoe.federation.server_app import app as server_app
+from hfedmoe.foundation.config import TrainConfig, validate
+from hfedmoe.model import ExpertModel, build_classifier, load_tokenizer
+from hfedmoe.model.moe_layers import expert_modules
+from hfedmoe.results import read_metrics
+from hfedmoe.training import train_local
+
+from .support.configs import tiny_raw
+
+
+def _local(tiny_bert_dir, precision: str):
+    from hfedmoe.data.text import TextDataset
+    from hfedmoe.data.tokenized import tokenize
+    from hfedmoe.foundation.config import ModelConfig
+
+    cfg = ModelConfig(name_or_path=str(tiny_bert_dir), num_experts=4, top_k=2)
+    model = build_classifier(cfg, ("a", "b"), seed=0)
+    texts = ["one two three", "four five", "six seven eight nine", "ten"] * 4
+    rows = TextDataset(texts, np.array([0, 1, 1, 0] * 4), ("a", "b"))
+    data = tokenize(rows, load_tokenizer(cfg), 16)
+    train = TrainConfig(local_steps=3, batch_size=4, precision=precision)
+    seen = []
+    experts = list(expert_modules(ExpertModel(model).layers[0].block))
+    hooks = [e.register_forward_hook(lambda m, a, out: seen.append(out.dtype)) for e in experts]
+    result = train_local(model, data, train, np.random.default_rng(0))
+    for hook in hooks:
+        hook.remove()
+    return model, result, seen
+
+
+def test_bf16_runs_the_forward_in_bf16_and_keeps_the_weights_fp32(tiny_bert_dir):
+    model, result, seen = _local(tiny_bert_dir, "bf16")
+    assert set(seen) == {torch.bfloat16}  # every expert's output, under autocast
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert math.isfinite(result.mean_loss)
+    _, fp32, seen32 = _local(tiny_bert_dir, "fp32")
+    assert set(seen32) == {torch.float32}
+    # the same batches and start: close, not equal (bf16 keeps 8 bits of mantissa)
+    assert result.mean_loss == pytest.approx(fp32.mean_loss, rel=0.05)
+    assert result.mean_loss != fp32.mean_loss
+
+
+@pytest.mark.parametrize("algorithm", ["fedavg", "hfedmoe"])
+def test_a_bf16_federated_run_trains_to_finite_weights(tiny_bert_dir, tmp_path, algorithm):
+    raw = tiny_raw(tiny_bert_dir, algorithm=algorithm, train={"precision": "bf16"})
+    run_embedded(validate(raw), str(tmp_path / "run"), server_app, client_app)
+    records = read_metrics(tmp_path / "run")
+    assert all(math.isfinite(r["test_loss"]) for r in records)
+    assert records[-1]["clients_ok"] > 0 and records[-1]["clients_failed"] == 0
