@@ -1048,8 +1048,9 @@ def write_report(
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>
-body {{ font-family: system-ui, sans-serif; max-width: 60rem; margin: 2rem auto; color: #222; }}
-table {{ border-collapse: collapse; margin: 1rem 0; }}
+body {{ font-family: system-ui, sans-serif; max-width: 72rem; margin: 2rem auto; color: #222; }}
+table {{ border-collapse: collapse; margin: 1rem 0; font-size: 0.85rem; display: block;
+  overflow-x: auto; }}
 th, td {{ border: 1px solid #ccc; padding: 0.3rem 0.6rem; text-align: right; }}
 th:first-child, td:first-child {{ text-align: left; }}
 figure {{ margin: 1.5rem 0; }} img {{ max-width: 100%; }}
