@@ -72,8 +72,8 @@ class Aggregation(ABC):
 
     @abstractmethod
     def finish(self) -> Weights:
-        """The next global weights (after at least one :meth:`add`); updates the algorithm's
-        own state (what it remembers about clients) as well."""
+        """The next global weights (after at least one :meth:`add`); the algorithm's own state
+        changes only in :meth:`commit`."""
 
     def defence_counts(self) -> dict[str, float]:
         """What the defences of its :class:`Merge` folds did this round (shares capped, keys
