@@ -148,7 +148,7 @@ class FederatedAlgorithm(ABC):
         self.budgets: dict[int, int] = {}  # client id -> C_budget, learnt before round 1
         if cfg.privacy.enabled and (why := self.not_private()) is not None:
             raise ConfigError(f"privacy.enabled: algorithm '{self.name}' is not covered: {why}")
-        if cfg.privacy.enabled and cfg.privacy.noise == "client" and not self.DENSE_UPLOADS:
+        if cfg.privacy.local and not self.DENSE_UPLOADS:
             raise ConfigError(
                 f"privacy.noise: 'client' does not cover algorithm '{self.name}': its clients "
                 "upload only the experts they trained, so which ones would reach the server in "
@@ -215,9 +215,7 @@ class FederatedAlgorithm(ABC):
                 self._noise_multiplier = p.noise_multiplier
             else:
                 assert p.target_epsilon is not None
-                sample = (
-                    None if p.noise == "client" else min(fed.clients_per_round, fed.num_clients)
-                )
+                sample = None if p.local else min(fed.clients_per_round, fed.num_clients)
                 self._noise_multiplier = accounting.noise_for_epsilon(
                     p.target_epsilon, fed.rounds, fed.num_clients, sample, self.privacy_delta()
                 )
@@ -235,7 +233,7 @@ class FederatedAlgorithm(ABC):
         denominator fixed at the ``sampled`` clients (``mechanics.privacy``), its noise drawn
         for (seed, round)."""
         assert self._clip_norm is not None  # the config requires it with privacy.enabled
-        if self.cfg.privacy.noise == "client":  # noised already: bound each reply, add nothing
+        if self.cfg.privacy.local:  # noised already: bound each reply, add nothing
             numel = sum(t.numel() for t in spec.references(global_weights).values())
             bound = self._clip_norm + noise_norm_bound(self.client_noise_std(), numel)
             mechanism = Mechanism(bound, 0.0, sampled)
@@ -252,7 +250,7 @@ class FederatedAlgorithm(ABC):
         """s = 2zC of each client's own noise under ``privacy.noise = "client"`` (eq. P3 for one
         client's release); 0 otherwise."""
         p = self.cfg.privacy
-        if not (p.enabled and p.noise == "client"):
+        if not p.local:
             return 0.0
         assert p.clip_norm is not None  # the config requires it with privacy.enabled
         return sum_noise_std(self.noise_multiplier(), p.clip_norm)

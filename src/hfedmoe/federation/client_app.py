@@ -121,7 +121,7 @@ def train(msg: Message, context: Context) -> Message:
     if wire.MEMORY in context.state.array_records:  # what this node kept from its last round
         request.memory = context.state.array_records[wire.MEMORY].to_torch_state_dict()
     update = algorithm.train_client(model, data, request, rng)
-    if cfg.privacy.enabled and cfg.privacy.noise == "client":  # local DP: noised before it leaves
+    if cfg.privacy.local:  # local DP: noised before it leaves
         update = algorithm.noised(update, sent, server_round, partition_id)
     if request.memory:
         context.state[wire.MEMORY] = ArrayRecord(request.memory)

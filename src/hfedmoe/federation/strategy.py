@@ -319,7 +319,7 @@ class AlgorithmStrategy(Strategy):
         """epsilon at delta after ``server_round`` rounds, over the clients the sampler draws
         from (the nodes admitted before round 1), from dp-accounting."""
         z, delta = self.algorithm.noise_multiplier(), self.algorithm.privacy_delta()
-        sample = None if self.cfg.privacy.noise == "client" else len(self._sampled)
+        sample = None if self.cfg.privacy.local else len(self._sampled)
         spent = accounting.epsilon(z, server_round, len(self.nodes), sample, delta)
         return {"dp_epsilon": spent, "dp_delta": delta, "dp_noise_multiplier": z}
 

@@ -864,6 +864,12 @@ class PrivacyConfig(Section):
         "multiplier.",
     )
 
+    @property
+    def local(self) -> bool:
+        """Private with the noise on each client (local DP): no sampling amplification, and
+        the server adds no noise of its own."""
+        return self.enabled and self.noise == "client"
+
     @model_validator(mode="after")
     def _complete(self) -> PrivacyConfig:
         if not self.enabled:
