@@ -84,6 +84,8 @@ def test_an_interrupted_run_resumes_from_its_checkpoint(tiny_bert_dir, tmp_path,
     assert proc.returncode == 0, proc.stderr
     assert "0 already finished, 1 to resume" in proc.stderr
     assert cell.done
+    final = cell.summary()["final_test_accuracy"]  # a line per finished run, bar or no bar
+    assert f"done fedavg seed 0: final test accuracy {final:.3f}, " in proc.stderr
     # Finished rounds are not redone (a rerun would write new timings), nothing is set aside,
     # and the finished run keeps no checkpoint.
     after = (cell.run_dir / "metrics.jsonl").read_text().splitlines()

@@ -22,11 +22,22 @@ from hfedmoe.experiment.report import (
     paired_table,
     plot_all,
     privacy_table,
+    seeds_warning,
     summarise,
+    write_report,
 )
 
 from .support.cli import invoke_cli, run_cli
 from .support.configs import tiny_raw
+
+
+def _protocol_warnings(md: str) -> list[str]:
+    """The report's warnings but the one about too few seeds (these tests' grids are small)."""
+    return [
+        line
+        for line in md.splitlines()
+        if line.startswith("**Warning") and "seeds per method" not in line
+    ]
 
 
 def _fake_run(path, algorithm, seed, accuracies, failed=(), flops=1e9, personal=None):
@@ -205,7 +216,7 @@ def test_report_of_a_real_grid(real_grid, tmp_path):
     assert proc.returncode == 0, proc.stderr
     md = (out / "report.md").read_text()
     assert "Primary end point: final accuracy" in md and "Target accuracy: 0.25." in md
-    assert "not recorded in advance" not in md and "Warning" not in md  # compare recorded it
+    assert "not recorded in advance" not in md and not _protocol_warnings(md)  # compare did
     results, rest = md.split("## Paired by seed")
     paired, rest = rest.split("## Per seed")
     per_seed, rest = rest.split("## Client memory per device tier")
@@ -219,9 +230,9 @@ def test_report_of_a_real_grid(real_grid, tmp_path):
     fedavg = rows[0].split(" | ")
     assert fedavg[1] == "0,1" and fedavg[8] == "0.500"  # the small device fails every round
     assert fedavg[7].endswith(" MiB")  # the largest client's memory, measured
-    # against HFedMoE, seed by seed: both seeds paired, an interval, no verdict from two seeds
+    # against HFedMoE, seed by seed: both seeds paired, the mean alone, no verdict from two
     (against,) = [line.split(" | ") for line in paired.splitlines() if line.startswith("| fedavg")]
-    assert against[1] == "0,1" and "[" in against[2] and against[5] == "n/a"
+    assert against[1] == "0,1" and "[" not in against[2] and against[5] == "n/a"
     assert against[4] == "-"  # two seeds: not in Holm's family
     assert "| final accuracy (primary) |" in results and "(secondary)" in results
     (seeds,) = [line.split(" | ") for line in per_seed.splitlines() if line.startswith("| fedavg")]
@@ -388,8 +399,8 @@ def test_the_paired_last_rounds_mean_by_hand(tmp_path):
         compare_with(runs, "last-rounds", "hfedmoe"), "last-rounds", "hfedmoe"
     )
     assert header[2].startswith("primary: last 3 rounds' mean accuracy - hfedmoe")
-    # differences -0.1 and -0.1: sd 0, so the interval is the point, which decides nothing
-    assert cells[0][2] == "-0.1000 [-0.1000, -0.1000]" and cells[0][5] == "n/a"
+    # differences -0.1 and -0.1: two seeds, so the mean alone, which decides nothing
+    assert cells[0][2] == "-0.1000" and cells[0][5] == "n/a"
     assert header[7].startswith("secondary: final accuracy - hfedmoe")
     assert cells[0][7].startswith("-0.1500")  # final: -0.2 and -0.1
 
@@ -495,7 +506,7 @@ def test_the_verdicts_are_corrected_over_the_settings_comparisons(tmp_path):
     assert [c.p_adjusted for c in comparisons] == pytest.approx(holm(raw))
     assert holm(raw) == pytest.approx([0.00443, 0.06782, 0.27239], abs=1e-5)
     header, cells = paired_table(comparisons, "final", "hfedmoe")
-    assert header[3:6] == ["p (paired t)", "p, Holm over 3", "verdict"]
+    assert header[3:6] == ["p (paired t)", "p, Holm-adjusted over 3 tested comparisons", "verdict"]
     assert [row[3:6] for row in cells] == [
         ["0.001", "0.004", "ahead"],
         ["0.034", "0.068", "tied"],  # its interval holds no 0, but three were compared
@@ -526,7 +537,7 @@ def test_a_recorded_end_point_cannot_change_after_the_results_unless_asked(tmp_p
     grid, out = _grid(tmp_path, {"target": 0.8}), tmp_path / "out"
     assert invoke_cli("report", str(grid), "-o", str(out)).returncode == 0
     md = (out / "report.md").read_text()
-    assert "Target accuracy: 0.8." in md and "Warning" not in md
+    assert "Target accuracy: 0.8." in md and not _protocol_warnings(md)
     assert invoke_cli("report", str(grid), "-o", str(out), "--target", "0.8").returncode == 0
 
     for option in (["--target", "0.7"], ["--primary", "last-rounds"]):
@@ -583,9 +594,28 @@ def test_a_grid_without_a_record_gets_the_defaults_and_says_so(tmp_path):
     md = (out / "report.md").read_text()
     assert f"The end point was not recorded in advance for {grid} (no protocol.json)" in md
     assert "Primary end point: final accuracy" in md and "Target accuracy: 0.65." in md
-    assert "**Warning" not in md
+    assert not _protocol_warnings(md)
     # no target at all: the costs to the target stay empty, and the report says none was set
     assert invoke_cli("report", str(grid), "-o", str(out)).returncode == 0
     md = (out / "report.md").read_text()
     assert "Target accuracy: none declared." in md
     assert "| hfedmoe | 0,1 | 0.8500 ± 0.0707 | - | - | - | - |" in md
+
+
+def test_two_seeds_give_a_mean_no_interval_and_a_warning_first(tmp_path):
+    """With fewer than 3 paired seeds the report shows the mean difference alone (a 2-seed
+    t-interval is 12.7 standard errors wide), tests nothing, and says so before anything."""
+    finals = {"hfedmoe": [0.40, 0.50], "fedavg": [0.70, 0.60]}  # +0.30, +0.10
+    runs = [
+        Run.load(_fake_run(tmp_path / m / f"seed{s}", m, s, [0.1, acc]))
+        for m, accs in finals.items()
+        for s, acc in enumerate(accs)
+    ]
+    header, cells = paired_table(compare_with(runs, "final", "hfedmoe"), "final", "hfedmoe")
+    assert header[4] == "p, Holm-adjusted (no comparison tested)"
+    assert cells[0][:7] == ["fedavg", "0,1", "+0.2000", "-", "-", "n/a", "-"]
+    assert seeds_warning(runs).startswith("2 seeds per method: the differences below describe")
+    assert seeds_warning([*runs, *runs[:1]]) is not None
+    write_report([r.path for r in runs], tmp_path / "report")
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert md.split("\n")[2].startswith("**Warning: 2 seeds per method")  # the only warning

@@ -527,8 +527,22 @@ def _run_grid(
                 last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
                 how = " (resumed; --fresh starts it over)" if resume[run] else ""
                 console.print(f"[red]failed[/] {name} seed {run.seed}{how}: {last}")
+            else:  # a line per run, which a redirected log keeps (the bar is for terminals)
+                console.print(_finished(name, run))
             bar.update(task, advance=1)
     return failed
+
+
+def _finished(name: str, run: Cell) -> str:
+    """One line for a finished cell: its final accuracy and wall time."""
+    try:
+        done = run.summary()
+        return (
+            f"done {name} seed {run.seed}: final test accuracy "
+            f"{done['final_test_accuracy']:.3f}, {done['wall_seconds']:.0f} s"
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"done {name} seed {run.seed}"
 
 
 @app.command()

@@ -429,10 +429,18 @@ def family_size(comparisons: list[Comparison], primary: str) -> int:
     return sum(c.differences[primary].testable for c in comparisons)
 
 
+def _holm_header(tested: int) -> str:
+    if tested == 0:
+        return "p, Holm-adjusted (no comparison tested)"
+    return f"p, Holm-adjusted over {tested} tested comparison{'s' if tested > 1 else ''}"
+
+
 def _difference_cell(d: PairedDifference) -> str:
+    """The mean difference, with its interval from MIN_SEEDS paired seeds on (with two, the
+    t-interval is 12.7 standard errors either way: wider than any accuracy can move)."""
     if not d.seeds:
         return "-"
-    if math.isnan(d.low):
+    if math.isnan(d.low) or len(d.seeds) < MIN_SEEDS:
         return f"{d.mean:+.4f}"
     return f"{d.mean:+.4f} [{d.low:+.4f}, {d.high:+.4f}]"
 
@@ -444,6 +452,9 @@ def _p_cell(p: float) -> str:
 
 
 def _detectable(d: PairedDifference) -> float:
+    """The smallest difference the seeds could detect; NaN (shown "-") below MIN_SEEDS."""
+    if len(d.seeds) < MIN_SEEDS:
+        return math.nan
     return detectable_difference(d.sd, len(d.seeds))
 
 
@@ -460,7 +471,7 @@ def paired_table(
         "paired seeds",
         f"primary: {END_POINTS[primary].label} - {reference} (95% CI)",
         "p (paired t)",
-        f"p, Holm over {family_size(comparisons, primary)}",
+        _holm_header(family_size(comparisons, primary)),
         "verdict",
         f"detectable difference (power {POWER:g})",
         *(f"secondary: {END_POINTS[name].label} - {reference} (95% CI)" for name in secondary),
@@ -474,7 +485,7 @@ def paired_table(
                 c.label,
                 ",".join(map(str, d.seeds)) or "-",
                 _difference_cell(d),
-                _p_cell(d.p),
+                _p_cell(d.p if len(d.seeds) >= MIN_SEEDS else math.nan),
                 _p_cell(c.p_adjusted),
                 d.verdict(c.p_adjusted),
                 "-" if math.isnan(detectable) else f"{detectable:.4f}",
@@ -926,15 +937,35 @@ def protocol_sentence(used: ReportConfig, reference: str) -> str:
 
 
 def paired_sentence(primary: str, comparisons: int) -> str:
-    """How the paired table's verdicts are reached, above it."""
+    """How the paired table's verdicts are reached, above it (``comparisons``: how many have
+    a test)."""
+    over = (
+        f"over the {comparisons} tested comparison{'s' if comparisons != 1 else ''} with the "
+        "reference"
+        if comparisons
+        else "over the tested comparisons (none here)"
+    )
     return (
         "Mean of the per-seed differences (same partitions, tiers and initial weights) with a "
-        f"95% t-interval. The verdict follows the primary end point ({END_POINTS[primary].label}):"
-        f" ahead or behind where the two-sided paired t-test's p-value, adjusted by Holm's "
-        f"procedure over the {comparisons} comparisons with the reference, is below {ALPHA:g} "
-        f"and the interval agrees; tied otherwise; n/a with fewer than {MIN_SEEDS} paired "
-        "seeds or differences with no spread (those are not counted in the correction). "
-        "Secondary end points have no verdict."
+        f"95% t-interval from {MIN_SEEDS} paired seeds on. The verdict follows the primary end "
+        f"point ({END_POINTS[primary].label}): ahead or behind where the two-sided paired "
+        f"t-test's p-value, adjusted by Holm's procedure {over}, is below {ALPHA:g} and the "
+        f"interval agrees; tied otherwise; n/a with fewer than {MIN_SEEDS} paired seeds or "
+        "differences with no spread (those are not tested). Secondary end points have no "
+        "verdict."
+    )
+
+
+def seeds_warning(runs: list[Run]) -> str | None:
+    """The report's first warning where no method has MIN_SEEDS seeds: its differences
+    describe these runs and decide nothing."""
+    most = max(len({r.seed for r in runs if r.label == label}) for label in {r.label for r in runs})
+    if most >= MIN_SEEDS:
+        return None
+    return (
+        f"{most} seed{'s' if most > 1 else ''} per method: the differences below describe "
+        f"these runs and decide nothing (a verdict needs at least {MIN_SEEDS} paired seeds; "
+        "EXPERIMENTS.md asks for 5)."
     )
 
 
@@ -975,7 +1006,10 @@ def report_tables(
         tables.append(Table("per-seed", "Per seed", *per_seed_table(runs)))
     header, cells = why_table(runs)
     if cells:
-        before = ("Mean over rounds and seeds.",)
+        before = (
+            "Mean over rounds and seeds. Equation numbers are those of docs/METHOD.md, which "
+            "defines each measure.",
+        )
         tables.append(Table("why", "Why, measured", header, cells, before))
     header, cells = memory_tier_table(runs)
     if len(header) > 1:
@@ -1011,6 +1045,8 @@ def write_report(
     used = resolved.protocol
     reference = reference_row(runs, used.reference)
     warnings = list(resolved.warnings)
+    if few := seeds_warning(runs):  # after a changed end point, the gravest
+        warnings.append(few)
     if not any(r.label == reference and r.algorithm == used.reference for r in runs):
         warnings.append(
             f"The reference '{used.reference}' is not among the runs: every method is compared "
