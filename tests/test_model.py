@@ -9,6 +9,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, BertForSequenceClassification
 
@@ -65,6 +67,55 @@ def test_an_expert_that_receives_no_token_gets_no_gradient(tiny_bert_dir):
     grads = [e.fc_in.weight.grad for e in block.experts]
     assert grads[2] is not None and grads[2].abs().sum() > 0
     assert grads[0] is None and grads[1] is None and grads[3] is None
+
+
+def _looped(block, hidden_BTH):
+    """The reference of MoEFeedForward.forward: a torch.where per expert (the layout before
+    the block dispatched every expert's tokens from one sort)."""
+    x_NH = hidden_BTH.reshape(-1, hidden_BTH.shape[-1])
+    _, weights_NK, idx_NK = block.gate(x_NH)
+    out_NH = torch.zeros_like(x_NH)
+    for e, expert in enumerate(block.experts):
+        token, slot = torch.where(idx_NK == e)
+        if token.numel():
+            out_NH.index_add_(0, token, expert(x_NH[token]) * weights_NK[token, slot, None])
+    return out_NH.reshape(hidden_BTH.shape)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    experts=st.integers(1, 6),
+    top_k=st.integers(1, 3),
+    tokens=st.integers(1, 40),
+    skew=st.floats(0, 8),
+)
+def test_one_sort_dispatches_every_expert_as_the_per_expert_loop_did(
+    seed, experts, top_k, tokens, skew
+):
+    """Same output and same gradients, bit for bit, for any routing: experts with no token,
+    one expert taking everything (a large skew), any top-k."""
+    from hfedmoe.model.moe import ExpertFFN, MoEFeedForward
+
+    torch.manual_seed(seed)
+    top_k = min(top_k, experts)
+    block = MoEFeedForward([ExpertFFN(8, 16, torch.nn.functional.gelu) for _ in range(experts)],
+                           8, top_k)  # fmt: skip
+    with torch.no_grad():
+        block.gate.weight.normal_(0, 1)
+        block.gate.weight[0] *= 1 + skew
+    x = torch.randn(1, tokens, 8, requires_grad=True)
+    outs, grads = [], []
+    for forward in (block, functools.partial(_looped, block)):
+        block.zero_grad(set_to_none=True)
+        x.grad = None
+        y = forward(x)
+        (y * torch.arange(y.numel()).reshape(y.shape).sin()).sum().backward()
+        outs.append(y.detach())
+        grads.append([x.grad, *(p.grad for p in block.parameters())])
+    assert torch.equal(outs[0], outs[1])
+    for a, b in zip(*grads, strict=True):
+        assert (a is None and b is None) or torch.equal(a, b)
 
 
 def test_moe_layers_out_of_range_is_an_input_error(tiny_bert_dir):
