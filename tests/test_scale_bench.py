@@ -1,0 +1,45 @@
+"""bench/scale.py at tiny size: one client's training measured as the GPU run will measure it,
+and the 1B shapes the GPU run builds are the sizes docs/BENCHMARKS.md names."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as T
+
+from bench import scale
+
+
+@pytest.mark.parametrize(("kind", "mode", "precision"), [("upcycled", "full", "fp32"),
+                                                         ("native", "lora", "bf16")])  # fmt: skip
+def test_one_case_measures_a_clients_training(kind, mode, precision):
+    row = scale.run_case(kind, mode, precision, "tiny", "cpu")
+    assert row["trained_parameters"] + row["frozen_parameters"] == row["parameters"]
+    assert (row["frozen_parameters"] > 0) == (mode == "lora")
+    assert row["trained_bytes"] == 4 * row["trained_parameters"]  # fp32 master weights
+    assert 0 < row["active_parameters"] < row["parameters"]  # top-2 of 4 experts
+    assert row["activation_bytes"] > 0 and row["tokens_per_second"] > 0
+    (line,) = scale.table([row], peak_tflops=1.0)[2:]
+    assert line.startswith(f"| {kind} | {mode} | {precision} |") and line.endswith("% |")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch sees no CUDA device")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_one_case_on_cuda_measures_the_allocators_peak(precision):
+    row = scale.run_case("upcycled", "full", precision, "tiny", "cuda")
+    assert row["device"] != "cpu" and row["peak_increase_bytes"] > 0
+    # weights, gradients and two AdamW moments: 16 bytes a trained parameter, activations apart
+    assert row["bytes_per_trained_parameter"] >= 16
+
+
+@pytest.mark.parametrize(("kind", "parameters"), [("native", 1.525e9), ("upcycled", 1.100e9)])
+def test_the_1b_shapes_are_the_sizes_the_docs_name(kind, parameters):
+    """The dense or native model before upcycling, counted on the meta device (no memory)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        config = T.AutoConfig.from_pretrained(scale._write_config(kind, "1b", Path(tmp)))
+    with torch.device("meta"):
+        model = T.AutoModelForCausalLM.from_config(config)
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(parameters, rel=1e-3)
