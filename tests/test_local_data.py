@@ -236,6 +236,26 @@ def test_a_chat_file_with_only_a_messages_column_needs_no_column_named(tmp_path)
     assert len(split.train) + len(split.test) == 6
 
 
+def test_the_chat_jobs_file_is_boolq_as_chats_read_as_the_config_reads_it(tmp_path):
+    """experiments/chat_data.py (configs/chat_sft.toml's data): the same rows for a seed, each a
+    system, user and assistant turn answering yes or no, read by the local loader."""
+    import importlib.util
+
+    script = REPO / "experiments" / "chat_data.py"
+    spec = importlib.util.spec_from_file_location("chat_data", script)
+    chat_data = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(chat_data)
+    rows = chat_data.chats(10, seed=3)
+    assert rows == chat_data.chats(10, seed=3) and rows != chat_data.chats(10, seed=4)
+    assert {r["messages"][2]["content"] for r in rows} <= {"Yes.", "No."}
+    assert [m["role"] for m in rows[0]["messages"]] == ["system", "user", "assistant"]
+    path = tmp_path / "chats.jsonl"
+    path.write_text(_jsonl(*rows))
+    split = load_dataset(_local(path, task="instruction", test_fraction=0.2), seed=0)
+    assert len(split.train) + len(split.test) == 10
+    assert split.train.conversations[0] in [r["messages"] for r in rows]
+
+
 # --- bad data: one line, exit 2, nothing written ------------------------------------------
 
 

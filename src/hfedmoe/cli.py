@@ -131,6 +131,10 @@ def run(
             run_dir = output_dir or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.name}"
             prepare_run_dir(run_dir)
     _configure_logging()
+    if not progress:  # transformers' own bars too (a GGUF model's conversion on first load)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     with _errors():
         _build_if_needed(cfg, progress)
     verb = "resume" if resume is not None else "run"

@@ -11,6 +11,7 @@ multiple choice.)
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from hfedmoe.data.tokenized import TokenizedDataset, tokenize_for
 from hfedmoe.foundation.config import ExperimentConfig
 from hfedmoe.foundation.errors import ConfigError
 from hfedmoe.model import build_model, load_tokenizer
+from hfedmoe.model.state import share_frozen_base
 from hfedmoe.training.personal import key_shares
 
 
@@ -63,6 +65,7 @@ def server_workload(cfg: ExperimentConfig) -> ServerWorkload:
         pretrained=True,
         model_dir=starting_model_dir(cfg),
     )
+    share_frozen_base(model, _recipe(cfg, split.train.label_names))
     test = tokenize_for(cfg, split.test, tokenizer)
     keys = partition_key(split.train, cfg.data)
     test_keys = partition_key(split.test, cfg.data)
@@ -87,6 +90,7 @@ def _own_data_server(cfg: ExperimentConfig) -> ServerWorkload:
     model = build_model(
         cfg.model, cfg.data.task, names, seed=cfg.seed, pretrained=True, model_dir=None
     )  # model.construction is 'upcycle' with own data (the config says why)
+    share_frozen_base(model, _recipe(cfg, names))
     shares = np.zeros((cfg.federation.num_clients, max(len(names), 1)))
     if cfg.data.test_path is None:  # federated evaluation alone: the clients' shares
         return ServerWorkload(model, tokenizer, None, names, np.zeros(0, int), shares, None)
@@ -191,13 +195,22 @@ def client_model(cfg: ExperimentConfig, label_names: tuple[str, ...]) -> PreTrai
     base the server builds, from the same checkpoint and seed; only the trainable tensors
     travel (``hfedmoe.model.state``)."""
     pretrained = cfg.model.frozen_base
-    return build_model(
+    model = build_model(
         cfg.model,
         cfg.data.task,
         label_names,
         seed=cfg.seed,
         pretrained=pretrained,
         model_dir=starting_model_dir(cfg) if pretrained else None,
+    )
+    share_frozen_base(model, _recipe(cfg, label_names))  # with the server's, in one process
+    return model
+
+
+def _recipe(cfg: ExperimentConfig, label_names: tuple[str, ...] | list[str]) -> str:
+    """What a model's frozen base is built from: two models of one recipe hold equal bases."""
+    return json.dumps(
+        [cfg.model.model_dump(mode="json"), cfg.data.task, list(label_names), cfg.seed]
     )
 
 

@@ -10,6 +10,7 @@ into an independently quantised model.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterator
 
 import torch
@@ -91,3 +92,42 @@ def experts_only(model: nn.Module, expert_params: set[int]) -> Iterator[None]:
     finally:
         for p in frozen:
             p.requires_grad_(True)
+
+
+#: recipe -> (parameter name -> the first model's Parameter holding it), weakly: a base no
+#: model holds any more is freed with its last model
+_FROZEN_BASES: dict[str, weakref.WeakValueDictionary] = {}
+
+
+def share_frozen_base(model: nn.Module, recipe: str) -> int:
+    """Hold ``model``'s frozen base once per process: its frozen floating-point parameters
+    become views of the tensors the first model built from ``recipe`` holds, where they are
+    equal; returns the bytes it no longer holds itself.
+
+    A simulation keeps the server's model and a resident client model in one process, both
+    built from the same checkpoint and seed; with LoRA, QLoRA or MoE adapters their frozen
+    bases are identical and never written (only the trainable tensors travel and are loaded,
+    ``load_shared_state``), so one copy serves both. Each model keeps its own Parameter objects
+    (so moving one model to a device moves only its own, and that copy is then its own);
+    quantised parameters (not floating point) are not shared. Written here because neither
+    transformers nor PEFT shares weights between model instances.
+    """
+    if not has_frozen_base(model):
+        return 0
+    canonical = _FROZEN_BASES.setdefault(recipe, weakref.WeakValueDictionary())
+    freed = 0
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad or not p.is_floating_point():
+                continue
+            held = canonical.get(name)
+            if held is None:
+                canonical[name] = p
+            elif held.data_ptr() != p.data_ptr() and _same(held, p):
+                freed += p.numel() * p.element_size()
+                p.data = held.data
+    return freed
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
