@@ -142,16 +142,12 @@ def _data(size: str, rows: int):
 
 def _activation_bytes(model, batch: dict, precision: str, device) -> int:
     """What one batch's forward pass saves for backward, under the training's autocast."""
-    import torch
-
     from hfedmoe.budget.cost_model import saved_activation_bytes
     from hfedmoe.training.device import to_device
 
     model.to(device)
     try:
-        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-        with autocast:
-            return saved_activation_bytes(model, to_device(batch, device))
+        return saved_activation_bytes(model, to_device(batch, device), precision)
     finally:
         model.to("cpu")
 

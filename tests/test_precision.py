@@ -65,3 +65,16 @@ def test_a_bf16_federated_run_trains_to_finite_weights(tiny_bert_dir, tmp_path, 
     records = read_metrics(tmp_path / "run")
     assert all(math.isfinite(r["test_loss"]) for r in records)
     assert records[-1]["clients_ok"] > 0 and records[-1]["clients_failed"] == 0
+
+
+def test_the_cost_model_prices_the_activations_of_the_precision_trained(tiny_bert_dir):
+    """A bf16 client's forward pass saves bf16 activations: the budget's prediction follows
+    the config's precision instead of pricing every client at fp32."""
+    from hfedmoe.budget.cost_model import build_cost_model
+
+    saved = {}
+    for precision in ("fp32", "bf16"):
+        cfg = validate(tiny_raw(tiny_bert_dir, train={"precision": precision}))
+        model = build_classifier(cfg.model, ("a", "b", "c", "d", "e"), seed=0)
+        saved[precision] = build_cost_model(model, cfg).activation_bytes
+    assert 0 < saved["bf16"] < saved["fp32"]

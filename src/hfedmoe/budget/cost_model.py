@@ -165,7 +165,7 @@ def build_cost_model(model: nn.Module, cfg: ExperimentConfig) -> CostModel:
         shared_train_bytes=shared_train,
         expert_train_bytes=expert_train,
         fused=any(layer.fused for layer in em.layers),
-        activation_bytes=saved_activation_bytes(model, batch),
+        activation_bytes=saved_activation_bytes(model, batch, cfg.train.precision),
         tokens_per_step=cfg.train.batch_size * cfg.model.max_length,
         local_steps=cfg.train.local_steps,
         forward_flops=forward,
@@ -213,8 +213,12 @@ def probe_batch(model: nn.Module, cfg: ExperimentConfig) -> dict[str, torch.Tens
     return batch
 
 
-def saved_activation_bytes(model: nn.Module, batch: dict[str, torch.Tensor]) -> int:
-    """Bytes the forward pass of ``batch`` keeps for backward (parameters not counted).
+def saved_activation_bytes(
+    model: nn.Module, batch: dict[str, torch.Tensor], precision: str = "fp32"
+) -> int:
+    """Bytes the forward pass of ``batch`` keeps for backward (parameters not counted), under
+    the training's precision (``train.precision = "bf16"``: bf16 autocast, as the clients
+    train, so bf16 activations and the bf16 copies of weights autocast saves are counted).
 
     Measured with autograd's saved-tensor hooks, each storage counted once; written here
     because torch has no CPU memory statistics.
@@ -238,7 +242,9 @@ def saved_activation_bytes(model: nn.Module, batch: dict[str, torch.Tensor]) -> 
 
     was_training = model.training
     model.train()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    device = next(model.parameters()).device
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
         loss = model(**batch).loss
     del loss
     model.train(was_training)
