@@ -98,6 +98,7 @@ report() {  # report GRID NAME TARGET METHODS...: GRID/NAME from the methods' fi
 # FFT-MoE's adapters'), judged by the config's primary end point on the validation split.
 TUNED=$MAIN,$CONTROLS
 RATES='lr=[3e-5,1e-4,3e-4,1e-3,3e-3]'
+QA_RATES='lr=[1e-5,3e-5,1e-4,3e-4,1e-3]'  # (e): SmolLM2 trains at 2e-5, FFT-MoE's adapters 1e-3
 PARTS=${PARTS:-1}  # PARTS=2 PART=0|1: this process tunes every other method
 PART=${PART:-0}
 part_methods() {  # the methods of TUNED this process runs
@@ -118,9 +119,20 @@ tuned-bbc)
         --tuned "$OUT/tune-bbc" --no-progress "${EXTRA[@]}" -o "$OUT/tuned-bbc"
     analyse "$OUT/tuned-bbc" "$(part_methods)"
     ;;
+tune-qa)  # (e): its own rates, the same number of them (the protocol in docs/RESULTS.md)
+    $H tune configs/qa_domains.toml --methods "$(part_methods)" --grid "$QA_RATES" \
+        --seeds 100,101 --no-progress "${QA[@]}" "${EXTRA[@]}" -o "$OUT/tune-qa"
+    ;;
+tuned-qa)
+    SEEDS=${QA_SEEDS:-10,12,13,14,15}  # 11 cannot be partitioned at Dirichlet(0.1)
+    $H compare configs/qa_domains.toml --methods "$(part_methods)" --seeds "$SEEDS" \
+        --tuned "$OUT/tune-qa" --no-progress "${QA[@]}" "${EXTRA[@]}" -o "$OUT/tuned-qa"
+    analyse "$OUT/tuned-qa" "$(part_methods)"
+    ;;
 tuned-report)
     IFS=, read -ra tuned <<<"$TUNED"
     if [[ -d $OUT/tuned-bbc ]]; then report "$OUT/tuned-bbc" report 0.8 "${tuned[@]}"; fi
+    if [[ -d $OUT/tuned-qa ]]; then report "$OUT/tuned-qa" report 0.49 "${tuned[@]}"; fi
     ;;
 bbc) grid configs/bbc_topics.toml bbc-topics "$MAIN" ;;
 bbc-ablations) grid configs/bbc_topics.toml bbc-topics "hfedmoe,$ABLATIONS,$VARIANTS" ;;
@@ -155,7 +167,7 @@ figures)  # the plots docs/RESULTS.md shows, from the reports above
     done
     ;;
 *)
-    echo "usage: $0 bbc|bbc-ablations|bbc-control|qa|qa-ablations|qa-control|upcycled|upcycled-ablations|report|figures" >&2
+    echo "usage: $0 tune-bbc|tuned-bbc|tune-qa|tuned-qa|tuned-report|bbc|bbc-ablations|bbc-control|qa|qa-ablations|qa-control|upcycled|upcycled-ablations|report|figures" >&2
     exit 2
     ;;
 esac
