@@ -306,6 +306,7 @@ def test_a_private_run_records_the_epsilon_it_spent_each_round(tiny_bert_dir, tm
     assert all(torch.equal(weights[k], weights_again[k]) for k in weights)
 
 
+@pytest.mark.slow  # CI time: the by-hand tests of eq. P4 and the fold above cover it
 def test_adaptive_clipping_moves_the_norm_each_round_from_the_released_count(
     tiny_bert_dir, tmp_path
 ):
