@@ -40,6 +40,7 @@ from hfedmoe.foundation.errors import ConfigError, HFedMoEError
 from hfedmoe.model.adapters import routing_top_k
 from hfedmoe.model.experts import ExpertModel
 from hfedmoe.model.state import experts_only as only_experts_train
+from hfedmoe.training.loop import autocast_for
 
 #: Backward's transient memory (gradients of activations, the softmax of the loss, allocator
 #: slack) as a multiple of the saved activations; measured on MiniLM-MoE and SmolLM2-MoE
@@ -242,8 +243,7 @@ def saved_activation_bytes(
 
     was_training = model.training
     model.train()
-    device = next(model.parameters()).device
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    autocast = autocast_for(precision, next(model.parameters()).device)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
         loss = model(**batch).loss
     del loss

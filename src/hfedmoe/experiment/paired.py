@@ -51,9 +51,15 @@ class PairedDifference:
     p: float = math.nan
 
     @property
+    def enough_seeds(self) -> bool:
+        """At least MIN_SEEDS paired seeds: below that an interval, a p-value or a detectable
+        difference is wider than any accuracy can move (two seeds: 12.7 standard errors)."""
+        return len(self.seeds) >= MIN_SEEDS
+
+    @property
     def testable(self) -> bool:
         """Enough seeds and some spread: anything less decides nothing (module docstring)."""
-        return len(self.seeds) >= MIN_SEEDS and not math.isclose(self.low, self.high, abs_tol=1e-9)
+        return self.enough_seeds and not math.isclose(self.low, self.high, abs_tol=1e-9)
 
     def verdict(self, p_adjusted: float | None = None) -> str:
         """ahead, behind, tied or n/a, from ``p_adjusted`` (this comparison's p after the

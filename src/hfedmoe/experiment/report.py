@@ -436,11 +436,10 @@ def _holm_header(tested: int) -> str:
 
 
 def _difference_cell(d: PairedDifference) -> str:
-    """The mean difference, with its interval from MIN_SEEDS paired seeds on (with two, the
-    t-interval is 12.7 standard errors either way: wider than any accuracy can move)."""
+    """The mean difference, with its interval where there are enough seeds for one."""
     if not d.seeds:
         return "-"
-    if math.isnan(d.low) or len(d.seeds) < MIN_SEEDS:
+    if math.isnan(d.low) or not d.enough_seeds:
         return f"{d.mean:+.4f}"
     return f"{d.mean:+.4f} [{d.low:+.4f}, {d.high:+.4f}]"
 
@@ -453,7 +452,7 @@ def _p_cell(p: float) -> str:
 
 def _detectable(d: PairedDifference) -> float:
     """The smallest difference the seeds could detect; NaN (shown "-") below MIN_SEEDS."""
-    if len(d.seeds) < MIN_SEEDS:
+    if not d.enough_seeds:
         return math.nan
     return detectable_difference(d.sd, len(d.seeds))
 
@@ -485,7 +484,7 @@ def paired_table(
                 c.label,
                 ",".join(map(str, d.seeds)) or "-",
                 _difference_cell(d),
-                _p_cell(d.p if len(d.seeds) >= MIN_SEEDS else math.nan),
+                _p_cell(d.p if d.enough_seeds else math.nan),
                 _p_cell(c.p_adjusted),
                 d.verdict(c.p_adjusted),
                 "-" if math.isnan(detectable) else f"{detectable:.4f}",
@@ -957,8 +956,8 @@ def paired_sentence(primary: str, comparisons: int) -> str:
 
 
 def seeds_warning(runs: list[Run]) -> str | None:
-    """The report's first warning where no method has MIN_SEEDS seeds: its differences
-    describe these runs and decide nothing."""
+    """The report's warning where no method has MIN_SEEDS seeds (after any about a changed
+    end point): its differences describe these runs and decide nothing."""
     most = max(len({r.seed for r in runs if r.label == label}) for label in {r.label for r in runs})
     if most >= MIN_SEEDS:
         return None

@@ -9,7 +9,7 @@ from hfedmoe.training.evaluation import (
     evaluate,
     evaluate_choices,
 )
-from hfedmoe.training.loop import StepHooks, TrainResult, train_local
+from hfedmoe.training.loop import StepHooks, TrainResult, autocast_for, train_local
 from hfedmoe.training.memory import PeakMemory
 from hfedmoe.training.optimizer import ExpertAdamW, MaskedAdamW
 
@@ -20,6 +20,7 @@ __all__ = [
     "PeakMemory",
     "StepHooks",
     "TrainResult",
+    "autocast_for",
     "choice_logprobs",
     "continuation_logprobs",
     "evaluate",

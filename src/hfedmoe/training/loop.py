@@ -78,8 +78,9 @@ def train_local(
         return _train_steps(model, data, cfg, rng, hooks or StepHooks(), device)
 
 
-def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """The forward pass's precision (``train.precision``): bf16 autocast, or as it is."""
+def autocast_for(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """The forward pass's precision (``train.precision``): bf16 autocast, or as it is (the
+    training loop's and the cost model's probe of its activations)."""
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -113,7 +114,7 @@ def _train_steps(
         for idx in shuffled_batches(len(data), batch_size, cfg.local_steps, rng):
             batch = data.batch(idx)
             optimizer.zero_grad()
-            with em.capture() as capture, _autocast(cfg.precision, device):
+            with em.capture() as capture, autocast_for(cfg.precision, device):
                 loss = model(**to_device(batch, device)).loss
             routed_LE = capture.routed(batch.get("attention_mask"))
             active_LE = hooks.select_experts(capture, batch, routed_LE) & routed_LE
