@@ -12,10 +12,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
+from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, BertForSequenceClassification
 
 from hfedmoe.data import TextDataset
-from hfedmoe.data.tokenized import tokenize_choices
+from hfedmoe.data.tokenized import IGNORE_INDEX, TokenizedDataset, tokenize_choices
 from hfedmoe.foundation.assets import shipped_path
 from hfedmoe.foundation.config import ModelConfig
 from hfedmoe.foundation.errors import HFedMoEError
@@ -30,8 +31,15 @@ from hfedmoe.model import (
 )
 from hfedmoe.model.routing import lean_forward
 from hfedmoe.model.sources import model_dir
-from hfedmoe.training import choice_logprobs, continuation_logprobs, evaluate, evaluation
+from hfedmoe.training import (
+    choice_logprobs,
+    continuation_logprobs,
+    evaluate,
+    evaluation,
+    task_loss,
+)
 
+from .support import families
 from .support.configs import TEST_DEVICE
 
 LABELS = ("a", "b", "c")
@@ -346,6 +354,68 @@ def test_multiple_choice_evaluation_asks_for_the_answers_logits_only(tiny_llama_
     full = evaluate(model, tokenized, 8)
     assert (lean.accuracy, lean.loss) == (full.accuracy, full.loss)
     assert np.array_equal(lean.loss_N, full.loss_N)
+
+
+def test_language_model_evaluation_computes_logits_only_where_a_label_is(tiny_llama_dir):
+    """Rows whose answers start at different positions (a chat's loss is on its answer only)
+    are scored from logits at those positions alone, and give what every position's logits
+    give; the output layer never sees an unlabelled position."""
+    cfg = ModelConfig(name_or_path=str(tiny_llama_dir), num_experts=2, top_k=1)
+    model = build_causal_lm(cfg, seed=0).eval()
+    rows = [[5, 9, 14, 3, 7, 2], [8, 1, 4], [6, 6, 12, 10, 11, 13, 2, 9]]
+    data = TokenizedDataset(
+        rows, np.zeros(3), pad_id=0, language_modeling=True, answer_start=[4, 1, 6]
+    )
+    seen: list[int] = []
+    model.get_output_embeddings().register_forward_hook(
+        lambda module, args, logits: seen.append(logits.shape[0])
+    )
+    lean = evaluate(model, data, batch_size=2)
+    # the labelled positions: 2 + 2 in the first batch (answers from 4 of 6 and 1 of 3), 2 in
+    # the second (from 6 of 8); a decoder's position t predicts token t + 1
+    assert seen == [4, 2] and lean.examples == 6
+    hits = losses = 0.0
+    with torch.no_grad():
+        for ids, start in zip(rows, [4, 1, 6], strict=True):
+            logits_TV = model(input_ids=torch.tensor([ids])).logits[0]
+            target = torch.tensor(ids[start:])
+            scored = logits_TV[start - 1 : -1]
+            hits += float((scored.argmax(-1) == target).sum())
+            losses += float(nn.functional.cross_entropy(scored, target, reduction="sum"))
+    assert lean.accuracy == pytest.approx(hits / 6)
+    assert lean.loss == pytest.approx(losses / 6, rel=1e-6)
+
+
+@pytest.mark.parametrize("family", ["upcycled", "mixtral", "qwen2_moe", "olmoe"])
+def test_a_decoders_training_loss_is_its_own_from_the_labelled_positions_only(
+    family, tiny_llama_dir
+):
+    """task_loss computes logits only where a next token has a label, and gives the loss and
+    the gradients the model's own loss gives (a native MoE's load-balancing term included)."""
+    if family == "upcycled":
+        cfg = ModelConfig(name_or_path=str(tiny_llama_dir), num_experts=2, top_k=1)
+        model = build_causal_lm(cfg, seed=0)
+    else:
+        model = families.build(family)
+        model.config.output_router_logits = True
+    model.train()
+    ids_BT = torch.randint(3, 100, (3, 9), generator=torch.Generator().manual_seed(1))
+    labels_BT = ids_BT.clone()
+    labels_BT[0, :6] = labels_BT[1, :2] = labels_BT[2, :8] = IGNORE_INDEX  # answers only
+    batch = {"input_ids": ids_BT, "attention_mask": torch.ones_like(ids_BT), "labels": labels_BT}
+    seen: list[int] = []
+    hook = model.get_output_embeddings().register_forward_hook(
+        lambda module, args, logits: seen.append(logits.shape[0])
+    )
+    lean = task_loss(model, batch)
+    grads = torch.autograd.grad(lean, [p for p in model.parameters() if p.requires_grad])
+    hook.remove()
+    assert seen == [3 + 7 + 1]  # the positions before each labelled token
+    own = model(**batch).loss
+    own_grads = torch.autograd.grad(own, [p for p in model.parameters() if p.requires_grad])
+    torch.testing.assert_close(lean, own)
+    for g, h in zip(grads, own_grads, strict=True):
+        torch.testing.assert_close(g, h)
 
 
 def test_a_pass_that_reads_only_the_routers_computes_no_vocabulary(tiny_llama_dir, tiny_bert_dir):

@@ -41,6 +41,7 @@ from hfedmoe.model.adapters import routing_top_k
 from hfedmoe.model.experts import ExpertModel
 from hfedmoe.model.state import experts_only as only_experts_train
 from hfedmoe.training.loop import autocast_for
+from hfedmoe.training.objective import task_loss
 
 #: Backward's transient memory (gradients of activations, the softmax of the loss, allocator
 #: slack) as a multiple of the saved activations; measured on MiniLM-MoE and SmolLM2-MoE
@@ -245,7 +246,7 @@ def saved_activation_bytes(
     model.train()
     autocast = autocast_for(precision, next(model.parameters()).device)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
-        loss = model(**batch).loss
+        loss = task_loss(model, batch)
     del loss
     model.train(was_training)
     return total

@@ -520,8 +520,8 @@ class TrainConfig(Section):
         "fp32",
         description="The local training's forward and loss: fp32, or bf16 under torch.autocast "
         "(mixed precision: the weights, gradients and AdamW's moments stay fp32; activations "
-        "are bf16, on the CPU as on a GPU). The budget cost model still counts fp32 "
-        "activations, so it overestimates a bf16 step's memory.",
+        "are bf16, on the CPU as on a GPU). The budget cost model measures a step's activations "
+        "under the same autocast.",
     )
 
     @field_validator("device")

@@ -1,6 +1,7 @@
 """What a forward pass through the MoE blocks computes and records: the routers' logits and
 choices (:class:`RoutingCapture`), routing restricted to allowed experts (:func:`strict_hook`),
-and the keyword arguments that spare a pass what its caller never reads (:func:`lean_forward`).
+and what spares a pass what its caller never reads (:func:`lean_forward`,
+:func:`logits_at`).
 
 Shape legend: B samples, T tokens per sample, N tokens in a layer's stream (B*T), E experts per
 layer, K experts per token.
@@ -9,6 +10,8 @@ layer, K experts per token.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
@@ -35,6 +38,41 @@ def lean_forward(model: nn.Module, logits_to_keep: int = 1) -> dict[str, object]
     if "use_cache" in accepted:
         options["use_cache"] = False
     return options
+
+
+@contextmanager
+def logits_at(model: nn.Module, keep_BT: torch.Tensor) -> Iterator[None]:
+    """While active, a causal LM's output layer computes logits only at the positions
+    ``keep_BT`` marks (bool, one per input position), in row-major order: ``model(...).logits``
+    is then (N, V) for N marked positions instead of (B, T, V).
+
+    Language-model evaluation scores only the positions with a label (a chat's answer: a few of
+    each row's 128), and every position's logits are the pass's largest tensor (SmolLM2, 64 x
+    128 positions x 49,152 words: 1.6 GB in fp32, and more than twice that once the loss is
+    computed). transformers' ``logits_to_keep`` keeps the same positions in every row, which
+    does not fit rows whose answers start at different places, so the output layer's input is
+    selected here, by a forward pre-hook on it. Do not pass ``labels`` to the model meanwhile:
+    its own loss expects every position's logits.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings()
+    if head is None:
+        raise ValueError(f"{type(base).__name__} has no output layer to select positions for")
+
+    def select(module: nn.Module, args: tuple) -> tuple:
+        hidden_BTH, *rest = args
+        if hidden_BTH.shape[:2] != keep_BT.shape:
+            raise ValueError(
+                f"the output layer received {tuple(hidden_BTH.shape[:2])} positions, "
+                f"expected {tuple(keep_BT.shape)}"
+            )
+        return (hidden_BTH[keep_BT], *rest)
+
+    handle = head.register_forward_pre_hook(select)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 @dataclass

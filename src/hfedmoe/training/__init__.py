@@ -11,6 +11,7 @@ from hfedmoe.training.evaluation import (
 )
 from hfedmoe.training.loop import StepHooks, TrainResult, autocast_for, train_local
 from hfedmoe.training.memory import PeakMemory
+from hfedmoe.training.objective import task_loss
 from hfedmoe.training.optimizer import ExpertAdamW, MaskedAdamW
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "evaluate_choices",
     "on_device",
     "resolve_device",
+    "task_loss",
     "to_device",
     "train_local",
 ]

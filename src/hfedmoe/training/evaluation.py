@@ -14,6 +14,7 @@ from torch import nn
 from hfedmoe.data.tokenized import IGNORE_INDEX, TokenizedDataset, sequential_batches
 from hfedmoe.model.routing import lean_forward
 from hfedmoe.training.device import on_device, to_device
+from hfedmoe.training.objective import predicts_next_tokens, scored_tokens
 
 
 @dataclass(frozen=True)
@@ -51,14 +52,14 @@ def _evaluate_batches(model: nn.Module, data: TokenizedDataset, batch_size: int)
     model.eval()
     device = _device_of(model)
     hits_N, loss_N, count_N = (np.zeros(len(data)) for _ in range(3))
-    shift = not getattr(model.config, "is_encoder_decoder", False)
     for idx in sequential_batches(len(data), batch_size):
         batch = to_device(data.batch(idx), device)
         labels = batch["labels"]
-        if data.language_modeling:
+        if predicts_next_tokens(model, batch):  # logits only where a label is
+            scored = scored_tokens(model, batch)
+            logits, labels, row = scored.logits_NV, scored.labels_N, scored.row_N
+        elif data.language_modeling:  # seq2seq: its decoder's inputs come from the labels
             logits = model(**batch).logits
-            if shift:
-                logits, labels = logits[:, :-1], labels[:, 1:]
             keep = labels != IGNORE_INDEX
             row = torch.arange(len(idx), device=labels.device)[:, None].expand_as(labels)[keep]
             logits, labels = logits[keep], labels[keep]

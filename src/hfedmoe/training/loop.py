@@ -23,6 +23,7 @@ from hfedmoe.model.experts import ExpertModel
 from hfedmoe.model.routing import RoutingCapture
 from hfedmoe.training.device import on_device, to_device
 from hfedmoe.training.memory import PeakMemory
+from hfedmoe.training.objective import task_loss
 from hfedmoe.training.optimizer import ExpertAdamW
 
 
@@ -115,7 +116,7 @@ def _train_steps(
             batch = data.batch(idx)
             optimizer.zero_grad()
             with em.capture() as capture, autocast_for(cfg.precision, device):
-                loss = model(**to_device(batch, device)).loss
+                loss = task_loss(model, to_device(batch, device))
             routed_LE = capture.routed(batch.get("attention_mask"))
             active_LE = hooks.select_experts(capture, batch, routed_LE) & routed_LE
             auxiliary = hooks.auxiliary_loss(batch)

@@ -149,6 +149,7 @@ from hfedmoe.model.routing import lean_forward
 from hfedmoe.model.state import experts_only, held_bytes, load_shared_state, new_head
 from hfedmoe.training import StepHooks, train_local
 from hfedmoe.training.device import on_device, to_device
+from hfedmoe.training.objective import task_loss
 
 EXPLORE = "explore-experts"  # request config: flat indices of the explore experts
 MERGED = "merged-budget"  # request config (client side): B_non(i)
@@ -413,7 +414,7 @@ class TuneAndExplore(StepHooks):
         for sign in (1.0, -1.0):
             for p, p0, dz in zip(params, saved, z, strict=True):
                 p.copy_(p0 + sign * self.sigma * dz)
-            losses.append(float(self.model(**to_device(batch, device)).loss))
+            losses.append(float(task_loss(self.model, to_device(batch, device))))
         for p, p0 in zip(params, saved, strict=True):
             p.copy_(p0)
         self.model.train(was_training)
