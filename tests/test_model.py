@@ -368,7 +368,7 @@ def test_language_model_evaluation_computes_logits_only_where_a_label_is(tiny_ll
     )
     seen: list[int] = []
     model.get_output_embeddings().register_forward_hook(
-        lambda module, args, logits: seen.append(logits.shape[0])
+        lambda module, args, logits: seen.append(logits.shape[:-1].numel())  # positions
     )
     lean = evaluate(model, data, batch_size=2)
     # the labelled positions: 2 + 2 in the first batch (answers from 4 of 6 and 1 of 3), 2 in
@@ -384,6 +384,11 @@ def test_language_model_evaluation_computes_logits_only_where_a_label_is(tiny_ll
             losses += float(nn.functional.cross_entropy(scored, target, reduction="sum"))
     assert lean.accuracy == pytest.approx(hits / 6)
     assert lean.loss == pytest.approx(losses / 6, rel=1e-6)
+    # a model that names no output layer is scored from every position's logits, to the same end
+    model.get_output_embeddings = lambda: None
+    whole = evaluate(model, data, batch_size=2)
+    assert seen[-2:] == [2 * 6, 8] and (whole.accuracy, whole.examples) == (lean.accuracy, 6)
+    assert whole.loss == pytest.approx(lean.loss, rel=1e-6)
 
 
 @pytest.mark.parametrize("family", ["upcycled", "mixtral", "qwen2_moe", "olmoe"])

@@ -41,7 +41,7 @@ def lean_forward(model: nn.Module, logits_to_keep: int = 1) -> dict[str, object]
 
 
 @contextmanager
-def logits_at(model: nn.Module, keep_BT: torch.Tensor) -> Iterator[None]:
+def logits_at(model: nn.Module, keep_BT: torch.Tensor) -> Iterator[bool]:
     """While active, a causal LM's output layer computes logits only at the positions
     ``keep_BT`` marks (bool, one per input position), in row-major order: ``model(...).logits``
     is then (N, V) for N marked positions instead of (B, T, V).
@@ -53,11 +53,15 @@ def logits_at(model: nn.Module, keep_BT: torch.Tensor) -> Iterator[None]:
     does not fit rows whose answers start at different places, so the output layer's input is
     selected here, by a forward pre-hook on it. Do not pass ``labels`` to the model meanwhile:
     its own loss expects every position's logits.
+
+    Yields whether it selects: a model that names no output layer
+    (``get_output_embeddings()`` is None) computes every position's logits as before.
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     head = base.get_output_embeddings()
     if head is None:
-        raise ValueError(f"{type(base).__name__} has no output layer to select positions for")
+        yield False
+        return
 
     def select(module: nn.Module, args: tuple) -> tuple:
         hidden_BTH, *rest = args
@@ -70,7 +74,7 @@ def logits_at(model: nn.Module, keep_BT: torch.Tensor) -> Iterator[None]:
 
     handle = head.register_forward_pre_hook(select)
     try:
-        yield
+        yield True
     finally:
         handle.remove()
 

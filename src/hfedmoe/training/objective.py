@@ -45,10 +45,12 @@ def scored_tokens(model: nn.Module, batch: dict[str, torch.Tensor]) -> ScoredTok
     labels_BT = batch["labels"][:, 1:]
     keep_BT = labels_BT != IGNORE_INDEX
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    with logits_at(model, nn.functional.pad(keep_BT, (0, 1))):
+    at_inputs_BT = nn.functional.pad(keep_BT, (0, 1))  # the last position predicts nothing
+    with logits_at(model, at_inputs_BT) as selected:
         out = model(**inputs, **lean_forward(model, logits_to_keep=0))
+    logits_NV = out.logits if selected else out.logits[at_inputs_BT]
     rows_BT = torch.arange(len(labels_BT), device=labels_BT.device)[:, None].expand_as(labels_BT)
-    return ScoredTokens(out.logits, labels_BT[keep_BT], rows_BT[keep_BT], out.get("aux_loss"))
+    return ScoredTokens(logits_NV, labels_BT[keep_BT], rows_BT[keep_BT], out.get("aux_loss"))
 
 
 def task_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
