@@ -14,7 +14,7 @@ from torch import nn
 from hfedmoe.data.tokenized import IGNORE_INDEX, TokenizedDataset, sequential_batches
 from hfedmoe.model.routing import lean_forward
 from hfedmoe.training.device import on_device, to_device
-from hfedmoe.training.objective import predicts_next_tokens, scored_tokens
+from hfedmoe.training.objective import predicts_next_tokens, rows_of, scored_tokens
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ def _evaluate_batches(model: nn.Module, data: TokenizedDataset, batch_size: int)
         elif data.language_modeling:  # seq2seq: its decoder's inputs come from the labels
             logits = model(**batch).logits
             keep = labels != IGNORE_INDEX
-            row = torch.arange(len(idx), device=labels.device)[:, None].expand_as(labels)[keep]
+            row = rows_of(keep)
             logits, labels = logits[keep], labels[keep]
         else:
             logits = model(

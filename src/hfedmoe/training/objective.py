@@ -49,8 +49,12 @@ def scored_tokens(model: nn.Module, batch: dict[str, torch.Tensor]) -> ScoredTok
     with logits_at(model, at_inputs_BT) as selected:
         out = model(**inputs, **lean_forward(model, logits_to_keep=0))
     logits_NV = out.logits if selected else out.logits[at_inputs_BT]
-    rows_BT = torch.arange(len(labels_BT), device=labels_BT.device)[:, None].expand_as(labels_BT)
-    return ScoredTokens(logits_NV, labels_BT[keep_BT], rows_BT[keep_BT], out.get("aux_loss"))
+    return ScoredTokens(logits_NV, labels_BT[keep_BT], rows_of(keep_BT), out.get("aux_loss"))
+
+
+def rows_of(keep_BT: torch.Tensor) -> torch.Tensor:
+    """The batch row of each position ``keep_BT`` marks, in row-major order: (N,)."""
+    return keep_BT.nonzero()[:, 0]
 
 
 def task_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
