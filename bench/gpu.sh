@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # What only a GPU machine can show, in one command (docs/BENCHMARKS.md, "Real model sizes"):
-# bench.scale's tests (on CUDA too), then bench.scale at 1B+ sizes in fp32 and bf16, full fine-tuning and LoRA.
+# bench.scale's tests (on CUDA too), then bench.scale at 1B+ sizes in fp32 and bf16, full fine-tuning and LoRA;
+# then the upcycled model with the reference loop of experts, for the grouped path's speed-up.
 # Run from the repository root on a machine whose python3 holds CUDA PyTorch, transformers and
 # PEFT, with the wheels of bench/gpu_wheels.sh in .whl/; results go to $OUT (default: .).
 #   bash bench/gpu.sh                 # about 10 minutes on an H100
@@ -21,3 +22,8 @@ python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/test_scale_bench.py
   2>&1 | tail -n 15 | tee "$OUT/tests.txt"
 python3 -m bench.scale --size 1b --device cuda --peak-tflops "$PEAK" --out "$OUT/scale.json" \
   2>&1 | tee "$OUT/scale.md"
+# the upcycled block's reference loop against the grouped path the run above took on CUDA
+# (model.expert_compute = auto): the same case, the experts computed one product per expert
+python3 -m bench.scale --size 1b --device cuda --peak-tflops "$PEAK" --models upcycled \
+  --modes full --precisions bf16 --expert-compute loop --out "$OUT/scale-loop.json" \
+  2>&1 | tee "$OUT/scale-loop.md"

@@ -4,7 +4,8 @@ Measures on this machine, in one run (ratios are what matter; absolute times var
 
 1. the dense fp32 matmul rate (torch.mm, n = 1024 and 2048): the ceiling to compare against;
 2. forward + backward of one MoE layer at SmolLM2-135M's FFN size (H=576, I=1536, SwiGLU,
-   E=8 experts, 1024 tokens) with 1 expert, top-k=2 and all 8 experts per token, versus the
+   E=8 experts, 1024 tokens) with 1 expert, top-k=2 and all 8 experts per token, each with the
+   reference loop over experts and with the grouped path (``model.expert_compute``), versus the
    equivalent dense FFN; achieved GFLOP/s counts 3 x forward FLOPs for forward + backward;
 3. a training step of the default MoE model (MiniLM upcycled, E=8, top-2, layers 3-5; batch
    16 x 64 tokens) as the fraction of experts updated varies, with HFedMoE's backward-only
@@ -18,6 +19,7 @@ peak is the best of all its repeats. Prints Markdown tables; docs/BENCHMARKS.md 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import platform
 import statistics
@@ -81,6 +83,11 @@ def moe_layer_table(repeats: int, peak: float) -> list[str]:
                 block.gate.weight.zero_()
                 block.gate.weight[0] = x.mean(0) * 100
         cases[label] = (k, block)
+        # the same block with model.expert_compute = "grouped" (one torch._grouped_mm per
+        # projection; "auto" takes it on CUDA only)
+        grouped = copy.deepcopy(block)
+        grouped.expert_compute = "grouped"
+        cases[f"{label}, grouped"] = (k, grouped)
     times = interleaved({label: fwd_bwd(m) for label, (_, m) in cases.items()}, repeats)
     t_dense = statistics.median(times["dense FFN"])
     rows = [

@@ -48,6 +48,10 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+#: model.expert_compute's choices (hfedmoe.model.moe.EXPERT_COMPUTE; not imported here, so that
+#: the parent process stays free of torch)
+EXPERT_COMPUTE = ("auto", "loop", "grouped")
+
 #: model shapes by size: the native Mixtral-shaped MoE and the dense Llama to upcycle, and the
 #: batch each step trains on
 SHAPES: dict[str, dict] = {
@@ -108,7 +112,7 @@ def _write_config(kind: str, size: str, directory: Path) -> Path:
     return path
 
 
-def _build(kind: str, size: str, mode: str, directory: Path):
+def _build(kind: str, size: str, mode: str, directory: Path, expert_compute: str = "auto"):
     from hfedmoe.foundation.config import LoraConfig, ModelConfig
     from hfedmoe.model.hf import load_moe_model
     from hfedmoe.model.upcycled import build_causal_lm
@@ -125,6 +129,7 @@ def _build(kind: str, size: str, mode: str, directory: Path):
         moe_layers=list(range(s["layers"] - layers, s["layers"])),
         max_length=SHAPES[size]["seq"],
         lora=lora,
+        expert_compute=expert_compute,
     )
     return build_causal_lm(cfg, seed=0, pretrained=False, model_dir=path)
 
@@ -152,7 +157,9 @@ def _activation_bytes(model, batch: dict, precision: str, device) -> int:
         model.to("cpu")
 
 
-def run_case(kind: str, mode: str, precision: str, size: str, device_name: str) -> dict:
+def run_case(
+    kind: str, mode: str, precision: str, size: str, device_name: str, expert_compute: str = "auto"
+) -> dict:
     """One case, in this process: build the model, warm up, time ``steps`` steps, measure."""
     import numpy as np
     import torch
@@ -165,7 +172,7 @@ def run_case(kind: str, mode: str, precision: str, size: str, device_name: str) 
     shapes = SHAPES[size]
     device = resolve_device(device_name)
     with tempfile.TemporaryDirectory() as tmp:
-        model = _build(kind, size, mode, Path(tmp))
+        model = _build(kind, size, mode, Path(tmp), expert_compute)
     trained = [p for p in model.parameters() if p.requires_grad]
     frozen = [p for p in model.parameters() if not p.requires_grad]
     forward, _ = ExpertModel(model).flops_per_token()
@@ -190,6 +197,8 @@ def run_case(kind: str, mode: str, precision: str, size: str, device_name: str) 
         "mode": mode,
         "precision": precision,
         "size": size,
+        # how the upcycled block computes its experts (model.expert_compute); native: its own
+        "expert_compute": expert_compute if kind == "upcycled" else "native",
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "parameters": sum(p.numel() for p in model.parameters()),
         "active_parameters": forward / 2,
@@ -212,7 +221,7 @@ def run_case(kind: str, mode: str, precision: str, size: str, device_name: str) 
 def _child(kind: str, mode: str, precision: str, args: argparse.Namespace) -> dict:
     """``run_case`` in a fresh interpreter (its own heap and allocator)."""
     cmd = [sys.executable, "-m", "bench.scale", "--one", f"{kind}:{mode}:{precision}"]
-    cmd += ["--size", args.size, "--device", args.device]
+    cmd += ["--size", args.size, "--device", args.device, "--expert-compute", args.expert_compute]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
@@ -255,13 +264,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", default=",".join(KINDS))
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--precisions", default=",".join(PRECISIONS))
+    parser.add_argument(
+        "--expert-compute", choices=EXPERT_COMPUTE, default="auto", help="model.expert_compute"
+    )
     parser.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak")
     parser.add_argument("--out", type=Path, default=None, help="write the rows as JSON")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # a child's case
     args = parser.parse_args(argv)
     if args.one:
         kind, mode, precision = args.one.split(":")
-        print(json.dumps(run_case(kind, mode, precision, args.size, args.device)))
+        row = run_case(kind, mode, precision, args.size, args.device, args.expert_compute)
+        print(json.dumps(row))
         return
     started = time.perf_counter()
     rows = [
@@ -270,7 +283,8 @@ def main(argv: list[str] | None = None) -> None:
         for mode in args.modes.split(",")
         for precision in args.precisions.split(",")
     ]
-    print(f"bench.scale --size {args.size} on {platform.node()} ({args.device}), "
+    print(f"bench.scale --size {args.size} --expert-compute {args.expert_compute} on "
+          f"{platform.node()} ({args.device}), "
           f"{time.perf_counter() - started:.0f} s")  # fmt: skip
     print("\n".join(table(rows, args.peak_tflops)))
     if args.out:

@@ -126,6 +126,138 @@ def test_one_sort_dispatches_every_expert_as_the_per_expert_loop_did(
         assert (a is None and b is None) or torch.equal(a, b)
 
 
+def _expert_kinds(kind: str, experts: int, hidden: int = 8):
+    from hfedmoe.model.moe import ExpertFFN, GatedExpertFFN
+
+    if kind == "bert":  # biased, GELU
+        return [ExpertFFN(hidden, 16, nn.functional.gelu) for _ in range(experts)]
+    return [GatedExpertFFN(hidden, 16, nn.functional.silu) for _ in range(experts)]
+
+
+def _run_block(block, x, frozen: set[int], mode: str, precision: str = "fp32"):
+    """Output, and the input's and every parameter's gradient, of one forward and backward pass
+    in ``mode``; the experts in ``frozen`` are frozen after the forward pass, as HFedMoE's
+    selection freezes them (backward-only masking)."""
+    block.expert_compute = mode
+    block.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_()
+    for expert in block.experts:
+        expert.trainable = True
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        y = block(x)
+    for e in frozen:
+        block.experts[e].trainable = False
+    (y.float() * torch.arange(y.numel()).reshape(y.shape).sin()).sum().backward()
+    return y.detach(), [x.grad, *(p.grad for p in block.parameters())]
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    kind=st.sampled_from(["bert", "llama"]),
+    experts=st.integers(1, 6),
+    top_k=st.integers(1, 3),
+    tokens=st.integers(1, 40),
+    skew=st.floats(0, 8),
+    frozen=st.sets(st.integers(0, 5)),
+)
+def test_grouped_experts_compute_what_the_loop_computes(
+    seed, kind, experts, top_k, tokens, skew, frozen
+):
+    """model.expert_compute = "grouped" (one grouped product per projection) against the loop,
+    the reference: the same output and gradients up to rounding, for any routing and any set of
+    experts frozen at backward time; the same experts get no gradient (None), those that
+    received no token and those frozen."""
+    from hfedmoe.model.moe import MoEFeedForward
+
+    torch.manual_seed(seed)
+    top_k, frozen = min(top_k, experts), {e for e in frozen if e < experts}
+    block = MoEFeedForward(_expert_kinds(kind, experts), 8, top_k)
+    with torch.no_grad():
+        block.gate.weight.normal_(0, 1)
+        block.gate.weight[0] *= 1 + skew
+    x = torch.randn(1, tokens, 8)
+    assert block._grouped(x) is False  # auto: the loop on the CPU
+    block.expert_compute = "grouped"
+    assert block._grouped(x) is True
+    y_loop, g_loop = _run_block(block, x, frozen, "loop")
+    y_grouped, g_grouped = _run_block(block, x, frozen, "grouped")
+    torch.testing.assert_close(y_grouped, y_loop, atol=1e-6, rtol=1e-5)
+    for a, b in zip(g_grouped, g_loop, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    if kind == "llama":  # no bias: the products are the loop's, bit for bit
+        assert torch.equal(y_grouped, y_loop)
+
+
+def test_grouped_experts_under_bf16_autocast_match_the_loop():
+    """train.precision = "bf16": the grouped path computes in bf16 as the loop's F.linear does
+    under autocast, and gives fp32 gradients to fp32 weights."""
+    from hfedmoe.model.moe import MoEFeedForward
+
+    torch.manual_seed(0)
+    block = MoEFeedForward(_expert_kinds("llama", 4), 8, 2)
+    with torch.no_grad():
+        block.gate.weight.normal_(0, 1)
+    x = torch.randn(2, 12, 8)
+    y_loop, g_loop = _run_block(block, x, {1}, "loop", "bf16")
+    y_grouped, g_grouped = _run_block(block, x, {1}, "grouped", "bf16")
+    assert y_grouped.dtype == y_loop.dtype
+    torch.testing.assert_close(y_grouped, y_loop, atol=2e-2, rtol=2e-2)
+    for a, b in zip(g_grouped, g_loop, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert a.dtype == b.dtype
+            torch.testing.assert_close(a, b, atol=5e-2, rtol=5e-2)
+
+
+def test_grouped_falls_back_to_the_loop_where_the_kernel_cannot_run():
+    """Rows that are not 16-byte aligned (a hidden size of 6 in fp32), PEFT-wrapped experts and
+    FLUX's merged experts take the loop, bit for bit the reference."""
+    from hfedmoe.model.moe import MoEFeedForward
+
+    block = MoEFeedForward(_expert_kinds("bert", 3, hidden=6), 6, 2)
+    block.expert_compute = "grouped"
+    assert block._grouped(torch.randn(1, 4, 6)) is False
+    shared = _expert_kinds("llama", 1)[0]
+    merged = MoEFeedForward([shared, shared, *_expert_kinds("llama", 2)], 8, 2)
+    merged.expert_compute = "grouped"
+    x = torch.randn(1, 5, 8)
+    y_grouped = merged(x)
+    merged.expert_compute = "loop"
+    assert torch.equal(y_grouped, merged(x))
+
+
+def test_an_upcycled_decoder_trains_alike_with_grouped_experts(tiny_llama_dir):
+    """One local training step of a tiny upcycled Llama: loss and every updated weight equal the
+    loop's up to rounding; model.expert_compute reaches every block."""
+    from hfedmoe.model import build_model
+
+    texts = ["the cat sat on the mat", "a dog ran in the park today"]
+    updated = []
+    for mode in ("loop", "grouped"):
+        cfg = ModelConfig(
+            name_or_path=str(tiny_llama_dir), num_experts=4, top_k=2, router_init_std=0.5,
+            expert_noise_std=0.1, expert_compute=mode,
+        )  # fmt: skip
+        model = build_model(cfg, "language-modeling", seed=0)
+        assert {b.expert_compute for b in moe_blocks(model)} == {mode}
+        batch = load_tokenizer(cfg)(texts, padding=True, return_tensors="pt")
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        loss = model(**batch, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        updated.append(
+            (loss.detach(), {k: v.detach().clone() for k, v in model.state_dict().items()})
+        )
+    (loss_loop, state_loop), (loss_grouped, state_grouped) = updated
+    torch.testing.assert_close(loss_grouped, loss_loop, atol=1e-6, rtol=1e-6)
+    for name, value in state_loop.items():
+        torch.testing.assert_close(state_grouped[name], value, atol=1e-5, rtol=1e-4, msg=name)
+
+
 def test_moe_layers_out_of_range_is_an_input_error(tiny_bert_dir):
     cfg = ModelConfig(name_or_path=str(tiny_bert_dir), moe_layers=[5])
     with pytest.raises(HFedMoEError, match=r"model.moe_layers: \[5\] out of range"):

@@ -176,6 +176,15 @@ class ModelConfig(Section):
         "(0 = identical experts, exactly the dense model at initialisation).",
     )
     max_length: int = Field(128, gt=0, description="Tokens per example after truncation.")
+    expert_compute: Literal["auto", "loop", "grouped"] = Field(
+        "auto",
+        description="How an upcycled MoE block computes its experts: loop (one product per "
+        "expert that receives tokens: the reference), grouped (tokens sorted by expert, one "
+        "torch._grouped_mm per projection, no host synchronisation in the forward pass; the "
+        "loop where the kernel, dtype or layout do not allow it), or auto (grouped on CUDA, the "
+        "loop on the CPU, where every fp32 value stays bit for bit). Native MoE families use "
+        "their own experts.",
+    )
     construction: Literal["upcycle", "cluster"] = Field(
         "upcycle",
         description="upcycle: identical expert copies; cluster: routers fitted to k-means "

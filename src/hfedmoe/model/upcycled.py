@@ -20,6 +20,7 @@ from hfedmoe.foundation.config import ModelConfig
 from hfedmoe.foundation.errors import HFedMoEError
 from hfedmoe.model.adapters import add_moe_adapters
 from hfedmoe.model.lora import add_lora
+from hfedmoe.model.moe import MoEFeedForward
 from hfedmoe.model.sources import model_dir as resolve_model_dir
 from hfedmoe.model.upcycle import LLAMA_LIKE, upcycle
 
@@ -82,6 +83,9 @@ def _upcycled(auto, directory, config, cfg: ModelConfig, seed: int, pretrained: 
                 expert_noise_std=cfg.expert_noise_std,
                 generator=generator,
             )
+        for block in model.modules():
+            if isinstance(block, MoEFeedForward):
+                block.expert_compute = cfg.expert_compute
         if cfg.lora is not None:
             model = add_lora(model, cfg.lora)
     return model
