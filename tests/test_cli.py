@@ -89,6 +89,21 @@ def test_existing_results_are_never_overwritten(tiny_bert_dir, tmp_path):
     assert (run_dir / "metrics.jsonl").read_text() == '{"round": 0}\n'
 
 
+def test_a_run_that_fails_before_its_first_record_leaves_no_folder(tiny_bert_dir, tmp_path):
+    """A partition that cannot be drawn is found after the run folder exists: the folder (only
+    its config.toml) goes again, so the same command, once fixed, can use the same -o."""
+    raw = tiny_raw(tiny_bert_dir, data={"dirichlet_alpha": 0.001, "min_partition_size": 20})
+    raw["federation"].update(num_clients=5, clients_per_round=2)
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text(tomli_w.dumps(raw))
+    for _ in range(2):  # the second time, the same folder is free again
+        proc = invoke_cli("run", str(cfg), "-o", str(tmp_path / "r"), "--no-progress")
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr
+        error = proc.stderr.strip().splitlines()[-1]
+        assert error.startswith("hfedmoe: error: data.dirichlet_alpha: 10 Dirichlet draws at ")
+        assert not (tmp_path / "r").exists()
+
+
 def test_shipped_models_pass_the_preflight_check():
     proc = run_cli(
         "validate",

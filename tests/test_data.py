@@ -68,6 +68,22 @@ def test_partition_too_small_is_an_input_error():
         partition_indices(np.zeros(20, dtype=int), 5, DataConfig(min_partition_size=10), seed=0)
 
 
+def test_a_dirichlet_draw_that_never_fits_says_what_to_change(recwarn):
+    """At alpha 0.01 most draws give a client (almost) nothing: after flwr-datasets' 10
+    resamples, one line naming the field, the numbers and the ways out, and no resampling
+    warnings on the way."""
+    labels = np.repeat(np.arange(4), 25)
+    cfg = DataConfig(dirichlet_alpha=0.01, min_partition_size=10)
+    with pytest.raises(HFedMoEError) as error:
+        partition_indices(labels, 8, cfg, seed=0)
+    assert str(error.value) == (
+        "data.dirichlet_alpha: 10 Dirichlet draws at alpha 0.01 each left a client below "
+        "data.min_partition_size (10 rows) with 100 training rows for 8 clients (seed 0); "
+        "expected a larger alpha, a smaller min_partition_size, more rows or another seed"
+    )
+    assert not [w for w in recwarn if "min_partition_size" in str(w.message)]
+
+
 def test_shuffled_batches_cycle_through_epochs():
     rng = np.random.default_rng(0)
     batches = list(shuffled_batches(5, 2, steps=5, rng=rng))

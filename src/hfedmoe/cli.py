@@ -143,8 +143,22 @@ def run(
         f"-> {run_dir}"
     )
     with _errors(lambda exc: _resume_hint(exc, run_dir)):
-        summary = _run_with_progress(cfg, run_dir, progress, resume=resume is not None)
+        try:
+            summary = _run_with_progress(cfg, run_dir, progress, resume=resume is not None)
+        except HFedMoEError as exc:
+            if resume is None and not isinstance(exc, WriteError):
+                _discard_unstarted(run_dir)
+            raise
     _print_summary(summary, run_dir)
+
+
+def _discard_unstarted(run_dir: Path) -> None:
+    """A new run that failed before it recorded anything (a partition that cannot be drawn, a
+    model that does not load) leaves no folder behind: the same command, once fixed, may use the
+    same --output-dir. Only the config.toml this run wrote is removed, never anything else."""
+    if {p.name for p in run_dir.iterdir()} <= {"config.toml"}:
+        (run_dir / "config.toml").unlink(missing_ok=True)
+        run_dir.rmdir()
 
 
 def _resume_hint(exc: HFedMoEError, run_dir: Path) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from datasets import Dataset
 from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, Partitioner
@@ -59,12 +61,21 @@ def partition_indices(
         table = table.shuffle(seed=seed)
     partitioner.dataset = table
     try:
-        parts = [
-            np.sort(np.asarray(partitioner.load_partition(i)["row"], dtype=np.int64))
-            for i in range(num_clients)
-        ]
-    except ValueError as exc:  # the Dirichlet sampler gives up after many resamples
-        raise HFedMoEError(f"data.dirichlet_alpha: could not partition: {exc}") from None
+        with warnings.catch_warnings():  # its resampling warning: the error below says it all
+            warnings.filterwarnings("ignore", "The specified min_partition_size", UserWarning)
+            parts = [
+                np.sort(np.asarray(partitioner.load_partition(i)["row"], dtype=np.int64))
+                for i in range(num_clients)
+            ]
+    except ValueError as exc:  # flwr-datasets' Dirichlet sampler gives up after 10 resamples
+        if "attempts" not in str(exc):
+            raise HFedMoEError(f"data.dirichlet_alpha: could not partition: {exc}") from None
+        raise HFedMoEError(
+            f"data.dirichlet_alpha: 10 Dirichlet draws at alpha {cfg.dirichlet_alpha} each left "
+            f"a client below data.min_partition_size ({cfg.min_partition_size} rows) with "
+            f"{len(keys)} training rows for {num_clients} clients (seed {seed}); expected a "
+            "larger alpha, a smaller min_partition_size, more rows or another seed"
+        ) from None
     return parts
 
 
