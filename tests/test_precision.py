@@ -1,6 +1,7 @@
-"""Mixed precision (``train.precision = "bf16"``): the forward pass and the loss run under bf16
-autocast while the weights, their gradients and AdamW's moments stay fp32; a federated round of
-each kind of method trains to finite weights; fp32 stays the default and the golden runs' own."""
+"""Mixed precision (``train.precision = "bf16"`` or ``"fp16"``): the forward pass and the loss run
+under autocast while the weights, their gradients and AdamW's moments stay fp32; fp16 scales the
+loss and skips a step whose gradients overflow; a federated round of each kind of method trains
+to finite weights; fp32 stays the default and the golden runs' own."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from hfedmoe.training import train_local
 from .support.configs import tiny_raw
 
 
-def _local(tiny_bert_dir, precision: str):
+def _local(tiny_bert_dir, precision: str, step_hooks=None):
     from hfedmoe.data.text import TextDataset
     from hfedmoe.data.tokenized import tokenize
     from hfedmoe.foundation.config import ModelConfig
@@ -36,22 +37,55 @@ def _local(tiny_bert_dir, precision: str):
     seen = []
     experts = list(expert_modules(ExpertModel(model).layers[0].block))
     hooks = [e.register_forward_hook(lambda m, a, out: seen.append(out.dtype)) for e in experts]
-    result = train_local(model, data, train, np.random.default_rng(0))
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    result = train_local(model, data, train, np.random.default_rng(0), step_hooks)
     for hook in hooks:
         hook.remove()
-    return model, result, seen
+    moved = any(not torch.equal(v, start[k]) for k, v in model.state_dict().items())
+    return model, result, seen, moved
 
 
 def test_bf16_runs_the_forward_in_bf16_and_keeps_the_weights_fp32(tiny_bert_dir):
-    model, result, seen = _local(tiny_bert_dir, "bf16")
+    model, result, seen, _ = _local(tiny_bert_dir, "bf16")
     assert set(seen) == {torch.bfloat16}  # every expert's output, under autocast
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert math.isfinite(result.mean_loss)
-    _, fp32, seen32 = _local(tiny_bert_dir, "fp32")
+    _, fp32, seen32, _ = _local(tiny_bert_dir, "fp32")
     assert set(seen32) == {torch.float32}
     # the same batches and start: close, not equal (bf16 keeps 8 bits of mantissa)
     assert result.mean_loss == pytest.approx(fp32.mean_loss, rel=0.05)
     assert result.mean_loss != fp32.mean_loss
+
+
+def test_fp16_scales_the_loss_and_keeps_the_weights_fp32(tiny_bert_dir):
+    model, result, seen, moved = _local(tiny_bert_dir, "fp16")
+    assert set(seen) == {torch.float16}
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert moved and math.isfinite(result.mean_loss)
+    assert result.expert_updates.sum() > 0
+    _, fp32, _, _ = _local(tiny_bert_dir, "fp32")
+    assert result.mean_loss == pytest.approx(fp32.mean_loss, rel=0.02)
+
+
+def test_an_fp16_step_whose_gradients_overflow_is_skipped(tiny_bert_dir, monkeypatch):
+    """A loss scale of 2^40 overflows fp16 in every backward pass: every step is skipped
+    (nothing moves, no expert counts as updated), the hooks never see the infinite gradients,
+    and the loss reported is the unscaled one."""
+    from hfedmoe.training.loop import StepHooks
+
+    class Watch(StepHooks):
+        called = 0
+
+        def after_backward(self, active_LE):
+            Watch.called += 1
+
+    scaler = torch.amp.GradScaler
+    monkeypatch.setattr(
+        torch.amp, "GradScaler", lambda *a, **k: scaler(*a, **{**k, "init_scale": 2.0**40})
+    )
+    _, result, _, moved = _local(tiny_bert_dir, "fp16", Watch())
+    assert not moved and result.expert_updates.sum() == 0 and Watch.called == 0
+    assert math.isfinite(result.mean_loss) and result.steps == 3
 
 
 @pytest.mark.parametrize(
@@ -59,8 +93,11 @@ def test_bf16_runs_the_forward_in_bf16_and_keeps_the_weights_fp32(tiny_bert_dir)
     # HFedMoE's run covers FedAvg's (autocast, the experts' own backward, masking): CI time
     [pytest.param("fedavg", marks=pytest.mark.slow), "hfedmoe"],
 )
-def test_a_bf16_federated_run_trains_to_finite_weights(tiny_bert_dir, tmp_path, algorithm):
-    raw = tiny_raw(tiny_bert_dir, algorithm=algorithm, train={"precision": "bf16"})
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_a_mixed_precision_federated_run_trains_to_finite_weights(
+    tiny_bert_dir, tmp_path, algorithm, precision
+):
+    raw = tiny_raw(tiny_bert_dir, algorithm=algorithm, train={"precision": precision})
     run_embedded(validate(raw), str(tmp_path / "run"), server_app, client_app)
     records = read_metrics(tmp_path / "run")
     assert all(math.isfinite(r["test_loss"]) for r in records)
@@ -73,8 +110,8 @@ def test_the_cost_model_prices_the_activations_of_the_precision_trained(tiny_ber
     from hfedmoe.budget.cost_model import build_cost_model
 
     saved = {}
-    for precision in ("fp32", "bf16"):
+    for precision in ("fp32", "bf16", "fp16"):
         cfg = validate(tiny_raw(tiny_bert_dir, train={"precision": precision}))
         model = build_classifier(cfg.model, ("a", "b", "c", "d", "e"), seed=0)
         saved[precision] = build_cost_model(model, cfg).activation_bytes
-    assert 0 < saved["bf16"] < saved["fp32"]
+    assert 0 < saved["bf16"] == saved["fp16"] < saved["fp32"]

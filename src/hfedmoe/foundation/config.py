@@ -525,12 +525,13 @@ class TrainConfig(Section):
         description="Where local training and the server's evaluation run: cpu, cuda, cuda:N, "
         "or auto (cuda when torch sees one). Aggregation always runs on the CPU.",
     )
-    precision: Literal["fp32", "bf16"] = Field(
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32",
-        description="The local training's forward and loss: fp32, or bf16 under torch.autocast "
-        "(mixed precision: the weights, gradients and AdamW's moments stay fp32; activations "
-        "are bf16, on the CPU as on a GPU). The budget cost model measures a step's activations "
-        "under the same autocast.",
+        description="The local training's forward and loss: fp32, or bf16 or fp16 under "
+        "torch.autocast (mixed precision: the weights, gradients and AdamW's moments stay fp32; "
+        "activations are 16-bit, on the CPU as on a GPU). fp16 adds dynamic loss scaling "
+        "(torch.amp.GradScaler): a step whose gradients overflow is skipped. The budget cost "
+        "model measures a step's activations under the same autocast.",
     )
 
     @field_validator("device")

@@ -58,9 +58,9 @@ class _ExpertLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         x, weight = ctx.saved_tensors
-        # under autocast (train.precision = "bf16") the forward ran in bf16 while x or the
-        # weight were saved as they came: compute in the gradient's dtype, and give each
-        # gradient its tensor's dtype (in fp32 every cast is a no-op)
+        # under autocast (train.precision = "bf16" or "fp16") the forward ran in 16 bits while
+        # x or the weight were saved as they came: compute in the gradient's dtype, and give
+        # each gradient its tensor's dtype (in fp32 every cast is a no-op)
         dtype = grad_y.dtype
         grad_x = (grad_y @ weight.to(dtype)).to(x.dtype) if ctx.needs_input_grad[0] else None
         grad_w = grad_b = None

@@ -79,12 +79,22 @@ def train_local(
         return _train_steps(model, data, cfg, rng, hooks or StepHooks(), device)
 
 
+#: autocast's dtype for each ``train.precision`` that is not fp32
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def autocast_for(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """The forward pass's precision (``train.precision``): bf16 autocast, or as it is (the
-    training loop's and the cost model's probe of its activations)."""
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
+    """The forward pass's precision (``train.precision``): bf16 or fp16 autocast, or as it is
+    (the training loop's and the cost model's probe of its activations)."""
+    if precision in AUTOCAST_DTYPES:
+        return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision])
     return contextlib.nullcontext()
+
+
+def _finite_gradients(params: list[nn.Parameter]) -> bool:
+    """Whether every gradient is finite (one norm over all of them)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    return not grads or bool(torch.isfinite(nn.utils.get_total_norm(grads)))
 
 
 def _train_steps(
@@ -104,6 +114,10 @@ def _train_steps(
         forget_inactive=cfg.inactive_expert_state == "drop",
     )
     params = [p for p in model.parameters() if p.requires_grad]
+    # fp16's narrow range: the loss is scaled up before the backward pass and the gradients
+    # unscaled after it; a step whose gradients overflow is skipped and the scale halved (torch's
+    # dynamic loss scaling). Disabled, every call below is the identity.
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     model.train()
     start, losses, seen = time.perf_counter(), [], 0
     updates_LE = torch.zeros(em.shape, dtype=torch.long)
@@ -121,17 +135,21 @@ def _train_steps(
             active_LE = hooks.select_experts(capture, batch, routed_LE) & routed_LE
             auxiliary = hooks.auxiliary_loss(batch)
             with em.update_only(active_LE):
-                (loss if auxiliary is None else loss + auxiliary).backward()
-            hooks.after_backward(active_LE)
+                scaler.scale(loss if auxiliary is None else loss + auxiliary).backward()
+            scaler.unscale_(optimizer)
+            stepped = not scaler.is_enabled() or _finite_gradients(params)
+            if stepped:  # a skipped step's hooks would read infinite gradients
+                hooks.after_backward(active_LE)
             rows = em.expert_grad_mask(active_LE)
             if cfg.max_grad_norm is not None:
                 nn.utils.clip_grad_norm_(
                     [p for p in params if p.grad is not None], cfg.max_grad_norm
                 )
-            optimizer.step(rows)
+            scaler.step(optimizer, rows)  # optimizer.step(rows), unless the gradients overflowed
+            scaler.update()
             losses.append(loss.item())
             seen += len(idx)
-            updates_LE += active_LE.long()
+            updates_LE += active_LE.long() * stepped
             routed_total += int(routed_LE.sum())
             routed_any_LE |= routed_LE
             max_active = max(max_active, int(active_LE.sum()))

@@ -151,6 +151,12 @@ class ExpertAdamW:
             else None
         )
 
+    @property
+    def param_groups(self) -> list[dict]:
+        """Both parts' parameter groups: what ``torch.amp.GradScaler`` unscales and checks for
+        overflow before it lets :meth:`step` run (``train.precision = "fp16"``)."""
+        return [g for opt in (self.plain, self.masked) if opt is not None for g in opt.param_groups]
+
     def step(self, active: Mapping[torch.nn.Parameter, torch.Tensor] | None = None) -> None:
         if self.plain is not None:
             self.plain.step()  # skips a parameter without a gradient: its state stays as it was
