@@ -40,7 +40,7 @@ from hfedmoe.foundation.errors import ConfigError, HFedMoEError
 from hfedmoe.model.adapters import routing_top_k
 from hfedmoe.model.experts import ExpertModel
 from hfedmoe.model.state import experts_only as only_experts_train
-from hfedmoe.training.loop import autocast_for
+from hfedmoe.training.loop import activation_checkpointing, autocast_for
 from hfedmoe.training.objective import task_loss
 
 #: Backward's transient memory (gradients of activations, the softmax of the loss, allocator
@@ -167,7 +167,7 @@ def build_cost_model(model: nn.Module, cfg: ExperimentConfig) -> CostModel:
         shared_train_bytes=shared_train,
         expert_train_bytes=expert_train,
         fused=any(layer.fused for layer in em.layers),
-        activation_bytes=saved_activation_bytes(model, batch, cfg.train.precision),
+        activation_bytes=_activation_bytes(model, batch, cfg),
         tokens_per_step=cfg.train.batch_size * cfg.model.max_length,
         local_steps=cfg.train.local_steps,
         forward_flops=forward,
@@ -215,15 +215,34 @@ def probe_batch(model: nn.Module, cfg: ExperimentConfig) -> dict[str, torch.Tens
     return batch
 
 
+def _activation_bytes(model: nn.Module, batch: dict[str, torch.Tensor], cfg: ExperimentConfig):
+    """What one step's activations hold at their peak. With activation checkpointing: the
+    layers' inputs the forward pass keeps, plus one layer's activations while the backward pass
+    recomputes it (the whole forward pass's, spread evenly over its transformer layers)."""
+    precision = cfg.train.precision
+    full = saved_activation_bytes(model, batch, precision)
+    if not cfg.train.activation_checkpointing:
+        return full
+    kept = saved_activation_bytes(model, batch, precision, checkpointing=True)
+    layers = model.config.get_text_config().num_hidden_layers
+    return kept + max(full - kept, 0) // layers
+
+
 def saved_activation_bytes(
-    model: nn.Module, batch: dict[str, torch.Tensor], precision: str = "fp32"
+    model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    precision: str = "fp32",
+    checkpointing: bool = False,
 ) -> int:
     """Bytes the forward pass of ``batch`` keeps for backward (parameters not counted), under
     the training's precision (``train.precision = "bf16"``: bf16 autocast, as the clients
     train, so bf16 activations and the bf16 copies of weights autocast saves are counted).
 
     Measured with autograd's saved-tensor hooks, each storage counted once; written here
-    because torch has no CPU memory statistics.
+    because torch has no CPU memory statistics. With ``checkpointing``
+    (``train.activation_checkpointing``), what the checkpointed layers save is held by torch's
+    checkpoint instead of these hooks and recomputed in the backward pass: what is counted is
+    what stays between layers.
     """
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: set[int] = set()
@@ -245,7 +264,11 @@ def saved_activation_bytes(
     was_training = model.training
     model.train()
     autocast = autocast_for(precision, next(model.parameters()).device)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
+    with (
+        torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+        autocast,
+        activation_checkpointing(model, checkpointing),
+    ):
         loss = task_loss(model, batch)
     del loss
     model.train(was_training)

@@ -534,6 +534,15 @@ class TrainConfig(Section):
         "model measures a step's activations under the same autocast.",
     )
 
+    activation_checkpointing: bool = Field(
+        False,
+        description="Keep only each transformer layer's input in the forward pass and "
+        "recompute the layer's activations in the backward pass (transformers' activation "
+        "checkpointing): activation memory falls to the layers' inputs plus one layer's "
+        "activations, for about one more forward pass of time; values are unchanged. The "
+        "budget cost model measures activations the same way.",
+    )
+
     @field_validator("device")
     @classmethod
     def _device_name(cls, value: str) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +20,7 @@ from torch import nn
 
 from hfedmoe.data.tokenized import TokenizedDataset, shuffled_batches
 from hfedmoe.foundation.config import TrainConfig
+from hfedmoe.foundation.errors import ConfigError
 from hfedmoe.model.experts import ExpertModel
 from hfedmoe.model.routing import RoutingCapture
 from hfedmoe.training.device import on_device, to_device
@@ -75,7 +77,10 @@ def train_local(
     The model trains on ``cfg.device`` and is back on the CPU on return; the hooks see the
     routing and the batch on the CPU (they are small), so no algorithm deals with devices.
     """
-    with on_device(model, cfg.device) as device:
+    with (
+        on_device(model, cfg.device) as device,
+        activation_checkpointing(model, cfg.activation_checkpointing),
+    ):
         return _train_steps(model, data, cfg, rng, hooks or StepHooks(), device)
 
 
@@ -89,6 +94,29 @@ def autocast_for(precision: str, device: torch.device) -> contextlib.AbstractCon
     if precision in AUTOCAST_DTYPES:
         return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision])
     return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def activation_checkpointing(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """The block's forward passes keep only each transformer layer's input and recompute the
+    layer in the backward pass (``train.activation_checkpointing``; transformers' own, with
+    torch's non-reentrant checkpoint, which replays dropout's random numbers and autocast as the
+    forward pass had them). A routing capture must end before the backward pass, as the loop's
+    does, or it would record the recomputed routing twice."""
+    if not enabled:
+        yield
+        return
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        kind = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+        raise ConfigError(
+            f"train.activation_checkpointing: model type '{kind}' does not support it "
+            "(expected a transformers model that supports gradient checkpointing)"
+        )
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    try:
+        yield
+    finally:
+        model.activation_checkpointing_disable()
 
 
 def _finite_gradients(params: list[nn.Parameter]) -> bool:
