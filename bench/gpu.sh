@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # What only a GPU machine can show, in one command (docs/BENCHMARKS.md, "Real model sizes"):
 # bench.scale's tests (on CUDA too), then bench.scale at 1B+ sizes in fp32 and bf16, full fine-tuning and LoRA;
-# then the upcycled model with the reference loop of experts, for the grouped path's speed-up.
+# then the upcycled model with the reference loop of experts (the grouped path's speed-up) and
+# with activation checkpointing (its memory).
 # Run from the repository root on a machine whose python3 holds CUDA PyTorch, transformers and
 # PEFT, with the wheels of bench/gpu_wheels.sh in .whl/; results go to $OUT (default: .).
 #   bash bench/gpu.sh                 # about 10 minutes on an H100
@@ -27,3 +28,7 @@ python3 -m bench.scale --size 1b --device cuda --peak-tflops "$PEAK" --out "$OUT
 python3 -m bench.scale --size 1b --device cuda --peak-tflops "$PEAK" --models upcycled \
   --modes full --precisions bf16 --expert-compute loop --out "$OUT/scale-loop.json" \
   2>&1 | tee "$OUT/scale-loop.md"
+# and with activation checkpointing (train.activation_checkpointing): the memory it saves at 1B+
+python3 -m bench.scale --size 1b --device cuda --peak-tflops "$PEAK" --models upcycled \
+  --modes full --precisions bf16 --activation-checkpointing --out "$OUT/scale-ckpt.json" \
+  2>&1 | tee "$OUT/scale-ckpt.md"

@@ -145,20 +145,27 @@ def _data(size: str, rows: int):
     return TokenizedDataset(ids, np.zeros(rows, dtype=np.int64), 0, language_modeling=True)
 
 
-def _activation_bytes(model, batch: dict, precision: str, device) -> int:
-    """What one batch's forward pass saves for backward, under the training's autocast."""
+def _activation_bytes(model, batch: dict, precision: str, device, checkpointing: bool) -> int:
+    """What one batch's forward pass saves for backward, under the training's autocast (with
+    activation checkpointing: what stays between the recomputed layers)."""
     from hfedmoe.budget.cost_model import saved_activation_bytes
     from hfedmoe.training.device import to_device
 
     model.to(device)
     try:
-        return saved_activation_bytes(model, to_device(batch, device), precision)
+        return saved_activation_bytes(model, to_device(batch, device), precision, checkpointing)
     finally:
         model.to("cpu")
 
 
 def run_case(
-    kind: str, mode: str, precision: str, size: str, device_name: str, expert_compute: str = "auto"
+    kind: str,
+    mode: str,
+    precision: str,
+    size: str,
+    device_name: str,
+    expert_compute: str = "auto",
+    checkpointing: bool = False,
 ) -> dict:
     """One case, in this process: build the model, warm up, time ``steps`` steps, measure."""
     import numpy as np
@@ -181,13 +188,19 @@ def run_case(
 
     def train(n: int):
         cfg = TrainConfig(
-            local_steps=n, batch_size=batch, lr=1e-5, device=device_name, precision=precision
+            local_steps=n,
+            batch_size=batch,
+            lr=1e-5,
+            device=device_name,
+            precision=precision,
+            activation_checkpointing=checkpointing,
         )
         return train_local(model, data, cfg, np.random.default_rng(0))
 
     train(1)  # warm-up: kernels, allocator pools, lazy inits
     result = train(steps)
-    activations = _activation_bytes(model, data.batch(list(range(batch))), precision, device)
+    first = data.batch(list(range(batch)))
+    activations = _activation_bytes(model, first, precision, device, checkpointing)
     trained_bytes = sum(p.numel() * p.element_size() for p in trained)
     increase = result.peak_memory_increase
     tokens_per_s = steps * batch * shapes["seq"] / result.seconds
@@ -199,6 +212,7 @@ def run_case(
         "size": size,
         # how the upcycled block computes its experts (model.expert_compute); native: its own
         "expert_compute": expert_compute if kind == "upcycled" else "native",
+        "activation_checkpointing": checkpointing,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "parameters": sum(p.numel() for p in model.parameters()),
         "active_parameters": forward / 2,
@@ -222,6 +236,7 @@ def _child(kind: str, mode: str, precision: str, args: argparse.Namespace) -> di
     """``run_case`` in a fresh interpreter (its own heap and allocator)."""
     cmd = [sys.executable, "-m", "bench.scale", "--one", f"{kind}:{mode}:{precision}"]
     cmd += ["--size", args.size, "--device", args.device, "--expert-compute", args.expert_compute]
+    cmd += ["--activation-checkpointing"] if args.activation_checkpointing else []
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
@@ -267,13 +282,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--expert-compute", choices=EXPERT_COMPUTE, default="auto", help="model.expert_compute"
     )
+    parser.add_argument(
+        "--activation-checkpointing",
+        action="store_true",
+        help="train.activation_checkpointing: recompute each layer in the backward pass",
+    )
     parser.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak")
     parser.add_argument("--out", type=Path, default=None, help="write the rows as JSON")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # a child's case
     args = parser.parse_args(argv)
     if args.one:
         kind, mode, precision = args.one.split(":")
-        row = run_case(kind, mode, precision, args.size, args.device, args.expert_compute)
+        row = run_case(
+            kind, mode, precision, args.size, args.device, args.expert_compute,
+            args.activation_checkpointing,
+        )  # fmt: skip
         print(json.dumps(row))
         return
     started = time.perf_counter()
@@ -283,7 +306,8 @@ def main(argv: list[str] | None = None) -> None:
         for mode in args.modes.split(",")
         for precision in args.precisions.split(",")
     ]
-    print(f"bench.scale --size {args.size} --expert-compute {args.expert_compute} on "
+    ckpt = " --activation-checkpointing" if args.activation_checkpointing else ""
+    print(f"bench.scale --size {args.size} --expert-compute {args.expert_compute}{ckpt} on "
           f"{platform.node()} ({args.device}), "
           f"{time.perf_counter() - started:.0f} s")  # fmt: skip
     print("\n".join(table(rows, args.peak_tflops)))

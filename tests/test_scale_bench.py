@@ -48,9 +48,10 @@ def test_the_1b_shapes_are_the_sizes_the_docs_name(kind, parameters):
     assert sum(p.numel() for p in model.parameters()) == pytest.approx(parameters, rel=1e-3)
 
 
-def test_the_upcycled_model_trains_with_grouped_experts_as_the_bench_asks():
-    row = scale.run_case("upcycled", "full", "fp32", "tiny", "cpu", expert_compute="grouped")
-    assert row["expert_compute"] == "grouped" and row["tokens_per_second"] > 0
+def test_the_upcycled_model_trains_with_grouped_experts_and_checkpointing_as_asked():
+    row = scale.run_case("upcycled", "full", "fp32", "tiny", "cpu", "grouped", checkpointing=True)
+    assert row["expert_compute"] == "grouped" and row["activation_checkpointing"] is True
+    assert row["tokens_per_second"] > 0 and row["activation_bytes"] > 0
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="torch sees no CUDA device")
