@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import sys
+import tomllib
 from collections import Counter
 from pathlib import Path
 
@@ -104,10 +105,47 @@ def table(root: Path, setting: str, n: str) -> list[str]:
     return [*lines, ""]
 
 
+def attacker_share(run: Path) -> tuple[float, int]:
+    """The attackers' mean share of the examples of the rounds they took part in, and in how
+    many rounds they did (by the sizes the server knows; the aggregation's weights are these,
+    each capped at federation.max_client_share)."""
+    attackers = set(tomllib.loads((run / "config.toml").read_text())["faults"]["attackers"])
+    shares = []
+    for record in read_metrics(run)[1:]:
+        replies = [c for c in record.get("clients", []) if c["status"] == "ok"]
+        total = sum(c["num_examples"] or 0 for c in replies)
+        theirs = sum(c["num_examples"] or 0 for c in replies if c["partition_id"] in attackers)
+        if theirs and total:
+            shares.append(theirs / total)
+    return (sum(shares) / len(shares) if shares else 0.0), len(shares)
+
+
+def shares_table(root: Path, setting: str, kind: str = "sign-flip") -> list[str]:
+    """Seed by seed, what one attack cost with the defences on against the attackers' share of
+    the rounds they joined: the share cap bounds a client's weight, not the direction it pulls."""
+    base = root / setting / "1of8"
+    absent = final_accuracy(base / "dropout-on")
+    attacked = final_accuracy(base / f"{kind}-on")
+    seeds = sorted(set(absent) & set(attacked))
+    if not seeds:
+        return []
+    lines = [
+        f"### {setting}, 1 of 8: {kind} by seed (defences on)",
+        "",
+        "| seed | rounds joined | attacker's share of their examples | attacked - absent |",
+        "| ---: | ---: | ---: | ---: |",
+    ]
+    for seed in seeds:
+        share, rounds = attacker_share(next((base / f"{kind}-on").glob(f"*/seed{seed}")))
+        lines.append(f"| {seed} | {rounds} | {share:.2f} | {attacked[seed] - absent[seed]:+.3f} |")
+    return [*lines, ""]
+
+
 def main(root: Path) -> None:
     for setting in ("default", "d"):
         for n in ("1of8", "2of8"):
             print("\n".join(table(root, setting, n)))
+        print("\n".join(shares_table(root, setting)))
 
 
 if __name__ == "__main__":
