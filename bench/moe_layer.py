@@ -9,7 +9,9 @@ Measures on this machine, in one run (ratios are what matter; absolute times var
    equivalent dense FFN; achieved GFLOP/s counts 3 x forward FLOPs for forward + backward;
 3. a training step of the default MoE model (MiniLM upcycled, E=8, top-2, layers 3-5; batch
    16 x 64 tokens) as the fraction of experts updated varies, with HFedMoE's backward-only
-   mode (``ExpertModel.update_only``): forward, backward and optimizer time separately.
+   mode (``ExpertModel.update_only``): forward, backward and optimizer time separately;
+4. the same step with and without activation checkpointing (``train.activation_checkpointing``):
+   its time and the activations the forward pass keeps.
 
 All cases of a table are timed round-robin (case A, B, C, A, B, C, ...) and summarised by
 their median, so that drifts of this shared machine's speed hit every case alike. The matmul
@@ -155,6 +157,50 @@ def training_step_table(repeats: int) -> list[str]:
     return rows
 
 
+def checkpointing_table(repeats: int) -> list[str]:
+    """A training step of the default model with and without activation checkpointing
+    (``train.activation_checkpointing``), in training mode as clients train (dropout on: the
+    recomputation replays it), every expert updated."""
+    from hfedmoe.budget.cost_model import saved_activation_bytes
+    from hfedmoe.training.loop import activation_checkpointing
+
+    model = build_classifier(
+        ModelConfig(num_experts=8, top_k=2, moe_layers=[3, 4, 5]), tuple("abcde"), seed=0
+    )
+    g = torch.Generator().manual_seed(0)
+    batch = {
+        "input_ids": torch.randint(1000, 20000, (16, 64), generator=g),
+        "attention_mask": torch.ones(16, 64, dtype=torch.long),
+        "labels": torch.randint(0, 5, (16,), generator=g),
+    }
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+
+    def step(checkpointing: bool) -> Callable[[], None]:
+        def run() -> None:
+            model.train()
+            with activation_checkpointing(model, checkpointing):
+                model(**batch).loss.backward()
+            opt.step()
+            opt.zero_grad()
+
+        return run
+
+    times = interleaved({c: step(c) for c in (False, True)}, repeats, warmup=1)
+    rows = [
+        "| activation checkpointing | step ms | vs off | activations saved (MB) |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    off = statistics.median(times[False])
+    for checkpointing in (False, True):
+        seconds = statistics.median(times[checkpointing])
+        saved = saved_activation_bytes(model, batch, checkpointing=checkpointing)
+        rows.append(
+            f"| {'on' if checkpointing else 'off'} | {seconds * 1e3:.0f} | {seconds / off:.2f}x "
+            f"| {saved / 1e6:.0f} |"
+        )
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="MoE layer and training-step benchmark")
     parser.add_argument("--repeats", type=int, default=9)
@@ -175,6 +221,8 @@ def main() -> None:
         "backward-only mode:\n"
     )
     print("\n".join(training_step_table(args.repeats)))
+    print("\nThe same model and batch in training mode, activation checkpointing off and on:\n")
+    print("\n".join(checkpointing_table(args.repeats)))
 
 
 if __name__ == "__main__":
