@@ -215,7 +215,9 @@ def probe_batch(model: nn.Module, cfg: ExperimentConfig) -> dict[str, torch.Tens
     return batch
 
 
-def _activation_bytes(model: nn.Module, batch: dict[str, torch.Tensor], cfg: ExperimentConfig):
+def _activation_bytes(
+    model: nn.Module, batch: dict[str, torch.Tensor], cfg: ExperimentConfig
+) -> int:
     """What one step's activations hold at their peak. With activation checkpointing: the
     layers' inputs the forward pass keeps, plus one layer's activations while the backward pass
     recomputes it (the whole forward pass's, spread evenly over its transformer layers)."""
