@@ -96,6 +96,22 @@ def test_a_tie_goes_to_the_first_point_in_grid_order(tmp_path):
     assert tuning.choose(cells, "final")[0]["fedavg"].sets == ("train.lr=1e-05",)
 
 
+def test_a_choice_at_the_edge_of_its_grid_is_flagged(tmp_path):
+    """Validation rises with the rate all the way to the grid's last value: chosen, and flagged
+    as the highest tried (with 3 values or more; with 2 every choice is an edge, no flag)."""
+    keys = tuning.parse_grid(["lr=[1e-5, 1e-4, 1e-3]"])
+    cells = tuning.plan(tmp_path, ["fedavg"], keys, [100])
+    for cell, accuracy in zip(cells, [0.5, 0.6, 0.7], strict=True):
+        _finished(cell.run_dir, [accuracy], [accuracy])
+    [choice] = tuning.choose(cells, "final")[0].values()
+    assert choice.sets == ("train.lr=0.001",)
+    assert choice.edge == ("train.lr=0.001 (highest tried)",)
+    assert tuning.grid_edges([("a=1",), ("a=2",), ("a=3",)], ("a=2",)) == ()
+    assert tuning.grid_edges([("a=1",), ("a=2",)], ("a=1",)) == ()
+    points = [("a=1", "b=x"), ("a=1", "b=y"), ("a=2", "b=x"), ("a=2", "b=y"), ("a=3", "b=x")]
+    assert tuning.grid_edges(points, ("a=1", "b=y")) == ("a=1 (lowest tried)",)
+
+
 def test_a_run_without_validation_metrics_cannot_be_tuned_on(tmp_path):
     [cell] = tuning.plan(tmp_path, ["fedavg"], tuning.parse_grid(["lr=[1e-5]"]), [100])
     cell.run_dir.mkdir(parents=True)

@@ -499,11 +499,17 @@ def tune(
         choices, trials = tuning.choose(runs, end_point)
         path = tuning.write_choice(output_dir, choices, trials, tuning_seeds, end_point, keys)
     table = Table(title=f"Tuned on validation ({end_point}): {path}")
-    for column in ("method", "values", "validation"):
+    for column in ("method", "values", "validation", "at the grid's edge"):
         table.add_column(column)
     for choice in choices.values():
-        table.add_row(choice.method, ", ".join(choice.sets), f"{choice.score:.4f}")
+        edge = ", ".join(choice.edge)
+        table.add_row(choice.method, ", ".join(choice.sets), f"{choice.score:.4f}", edge)
     Console().print(table)
+    if any(choice.edge for choice in choices.values()):
+        Console().print(
+            "A value at the edge of its grid may not be the best: the best may lie beyond it "
+            "(a wider grid tells; tuning.md lists them)."
+        )
 
 
 def _run_grid(

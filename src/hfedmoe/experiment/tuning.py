@@ -154,6 +154,21 @@ class Choice:
     method: str
     sets: tuple[str, ...]
     score: float
+    #: the chosen values that are the first or last of their key's grid (3 values or more): the
+    #: best may lie beyond the grid, which only a wider grid can tell
+    edge: tuple[str, ...] = ()
+
+
+def grid_edges(points: list[tuple[str, ...]], chosen: tuple[str, ...]) -> tuple[str, ...]:
+    """The items of ``chosen`` that are the first or last value of their key in ``points`` (the
+    method's grid, in grid order), for keys with at least 3 values: with 2, every choice is at
+    an edge and the flag says nothing."""
+    edges = []
+    for i, item in enumerate(chosen):
+        values = list(dict.fromkeys(point[i] for point in points))
+        if len(values) >= 3 and item in (values[0], values[-1]):
+            edges.append(f"{item} ({'lowest' if item == values[0] else 'highest'} tried)")
+    return tuple(edges)
 
 
 def choose(cells: list[Cell], end_point: str) -> tuple[dict[str, Choice], list[dict]]:
@@ -178,7 +193,7 @@ def choose(cells: list[Cell], end_point: str) -> tuple[dict[str, Choice], list[d
                 by_point.setdefault(tuple(t["point"]), []).append(t["validation"])
         means = {p: sum(v) / len(v) for p, v in by_point.items()}
         best = max(means, key=lambda p: (means[p], -list(means).index(p)))
-        choices[method] = Choice(method, best, means[best])
+        choices[method] = Choice(method, best, means[best], grid_edges(list(means), best))
     return choices, trials
 
 
@@ -195,7 +210,10 @@ def write_choice(
         "end_point": f"{end_point} validation accuracy",
         "seeds": seeds,
         "grid": {k.key: list(k.values) for k in keys},
-        "methods": {m: {"sets": list(c.sets), "validation": c.score} for m, c in choices.items()},
+        "methods": {
+            m: {"sets": list(c.sets), "validation": c.score, "at_grid_edge": list(c.edge)}
+            for m, c in choices.items()
+        },
         "trials": trials,
     }
     write_atomic(out_dir / TUNED_FILE, json.dumps(record, indent=1) + "\n")
@@ -212,6 +230,10 @@ def write_choice(
         mark = "yes" if choices[method].sets == point else ""
         mean = sum(values) / len(values)
         lines.append(f"| {method} | {', '.join(point)} | {mean:.4f} | {mark} |")
+    edges = [f"{m}: {', '.join(c.edge)}" for m, c in choices.items() if c.edge]
+    if edges:
+        lines += ["", "Chosen at the edge of the grid (the best may lie beyond it):", ""]
+        lines += [f"- {edge}" for edge in edges]
     write_atomic(out_dir / "tuning.md", "\n".join(lines) + "\n")
     return out_dir / TUNED_FILE
 
