@@ -97,7 +97,7 @@ report() {  # report GRID NAME TARGET METHODS...: GRID/NAME from the methods' fi
 # The protocol's grid: every method and the control over the same rates (each method's own:
 # FFT-MoE's adapters'), judged by the config's primary end point on the validation split.
 TUNED=$MAIN,$CONTROLS
-RATES='lr=[3e-5,1e-4,3e-4,1e-3,3e-3]'
+RATES='lr=[1e-5,3e-5,1e-4,3e-4,1e-3,3e-3,1e-2]'  # (d), with the second amendment's ends
 QA_RATES='lr=[1e-5,3e-5,1e-4,3e-4,1e-3]'  # (e): SmolLM2 trains at 2e-5, FFT-MoE's adapters 1e-3
 PARTS=${PARTS:-1}  # PARTS=2 PART=0|1: this process tunes every other method
 PART=${PART:-0}
