@@ -107,8 +107,7 @@ def table(root: Path, setting: str, n: str) -> list[str]:
 
 def attacker_share(run: Path) -> tuple[float, int]:
     """The attackers' mean share of the examples of the rounds they took part in, and in how
-    many rounds they did (by the sizes the server knows; the aggregation's weights are these,
-    each capped at federation.max_client_share)."""
+    many rounds they did (by the sizes the server knows: FedAvg's weights)."""
     attackers = set(tomllib.loads((run / "config.toml").read_text())["faults"]["attackers"])
     shares = []
     for record in read_metrics(run)[1:]:
@@ -122,7 +121,7 @@ def attacker_share(run: Path) -> tuple[float, int]:
 
 def shares_table(root: Path, setting: str, kind: str = "sign-flip") -> list[str]:
     """Seed by seed, what one attack cost with the defences on against the attackers' share of
-    the rounds they joined: the share cap bounds a client's weight, not the direction it pulls."""
+    the rounds they joined (their data share: FedAvg's weight, which no defence cuts)."""
     base = root / setting / "1of8"
     absent = final_accuracy(base / "dropout-on")
     attacked = final_accuracy(base / f"{kind}-on")
