@@ -143,6 +143,15 @@ def test_activation_checkpointing_changes_no_value_and_keeps_fewer_activations(t
     assert loss_ckpt == loss
     assert all(torch.equal(state_ckpt[k], v) for k, v in state.items())
     assert costs[1] < costs[0]
+    # what checkpointing adds back: the largest of the 3 layers' activations, no more than all
+    # of them and at least their mean
+    from hfedmoe.budget.cost_model import probe_batch, saved_activation_bytes
+
+    batch = probe_batch(model, cfg)
+    full = saved_activation_bytes(model, batch)
+    largest = saved_activation_bytes(model, batch, largest_layer=True)
+    kept = saved_activation_bytes(model, batch, checkpointing=True)
+    assert costs[1] == kept + largest and (full - kept) / 3 <= largest < full
 
 
 def test_activation_checkpointing_on_a_model_without_it_is_a_config_error():

@@ -219,15 +219,13 @@ def _activation_bytes(
     model: nn.Module, batch: dict[str, torch.Tensor], cfg: ExperimentConfig
 ) -> int:
     """What one step's activations hold at their peak. With activation checkpointing: the
-    layers' inputs the forward pass keeps, plus one layer's activations while the backward pass
-    recomputes it (the whole forward pass's, spread evenly over its transformer layers)."""
+    layers' inputs the forward pass keeps, plus the largest layer's activations, which the
+    backward pass recomputes one layer at a time."""
     precision = cfg.train.precision
-    full = saved_activation_bytes(model, batch, precision)
     if not cfg.train.activation_checkpointing:
-        return full
-    kept = saved_activation_bytes(model, batch, precision, checkpointing=True)
-    layers = model.config.get_text_config().num_hidden_layers
-    return kept + max(full - kept, 0) // layers
+        return saved_activation_bytes(model, batch, precision)
+    largest = saved_activation_bytes(model, batch, precision, largest_layer=True)
+    return saved_activation_bytes(model, batch, precision, checkpointing=True) + largest
 
 
 def saved_activation_bytes(
@@ -235,6 +233,7 @@ def saved_activation_bytes(
     batch: dict[str, torch.Tensor],
     precision: str = "fp32",
     checkpointing: bool = False,
+    largest_layer: bool = False,
 ) -> int:
     """Bytes the forward pass of ``batch`` keeps for backward (parameters not counted), under
     the training's precision (``train.precision = "bf16"``: bf16 autocast, as the clients
@@ -244,11 +243,16 @@ def saved_activation_bytes(
     because torch has no CPU memory statistics. With ``checkpointing``
     (``train.activation_checkpointing``), what the checkpointed layers save is held by torch's
     checkpoint instead of these hooks and recomputed in the backward pass: what is counted is
-    what stays between layers.
+    what stays between layers. With ``largest_layer``: the most any one of the layers that
+    checkpointing recomputes (transformers' ``GradientCheckpointingLayer``) saves, instead of
+    the total.
     """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: set[int] = set()
     total = 0
+    largest, started = 0, {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         nonlocal total
@@ -263,18 +267,34 @@ def saved_activation_bytes(
         # stayed resident (0.6-1.1 GB each on a SmolLM2-MoE; FFT-MoE measures five)
         return t.detach()
 
+    def enter(module: nn.Module, args: tuple) -> None:
+        started[id(module)] = total
+
+    def leave(module: nn.Module, args: tuple, output: object) -> None:
+        nonlocal largest
+        largest = max(largest, total - started.pop(id(module)))
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    handles = []
+    if largest_layer:
+        for layer in layers:
+            handles += [layer.register_forward_pre_hook(enter), layer.register_forward_hook(leave)]
     was_training = model.training
     model.train()
     autocast = autocast_for(precision, next(model.parameters()).device)
-    with (
-        torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
-        autocast,
-        activation_checkpointing(model, checkpointing),
-    ):
-        loss = task_loss(model, batch)
-    del loss
-    model.train(was_training)
-    return total
+    try:
+        with (
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+            autocast,
+            activation_checkpointing(model, checkpointing),
+        ):
+            loss = task_loss(model, batch)
+        del loss
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return largest if largest_layer else total
 
 
 def _nbytes(t: torch.Tensor) -> int:
