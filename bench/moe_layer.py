@@ -106,18 +106,25 @@ def moe_layer_table(repeats: int, peak: float) -> list[str]:
     return rows
 
 
-def training_step_table(repeats: int) -> list[str]:
+def _default_step() -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """The default MoE model (MiniLM upcycled: E=8, top-2, layers 3-5) and a batch of 16 x 64
+    random tokens, the same for every table that times a training step."""
     model = build_classifier(
         ModelConfig(num_experts=8, top_k=2, moe_layers=[3, 4, 5]), tuple("abcde"), seed=0
     )
-    model.eval()  # no dropout: identical work in every repeat
-    em = ExpertModel(model)
     g = torch.Generator().manual_seed(0)
     batch = {
         "input_ids": torch.randint(1000, 20000, (16, 64), generator=g),
         "attention_mask": torch.ones(16, 64, dtype=torch.long),
         "labels": torch.randint(0, 5, (16,), generator=g),
     }
+    return model, batch
+
+
+def training_step_table(repeats: int) -> list[str]:
+    model, batch = _default_step()
+    model.eval()  # no dropout: identical work in every repeat
+    em = ExpertModel(model)
     opt = ExpertAdamW(model.parameters(), em.expert_axes(), lr=1e-5, weight_decay=0.01)
     L, E = em.shape
     phases: dict[float, tuple[list[float], list[float], list[float]]] = {}
@@ -164,15 +171,7 @@ def checkpointing_table(repeats: int) -> list[str]:
     from hfedmoe.budget.cost_model import saved_activation_bytes
     from hfedmoe.training.loop import activation_checkpointing
 
-    model = build_classifier(
-        ModelConfig(num_experts=8, top_k=2, moe_layers=[3, 4, 5]), tuple("abcde"), seed=0
-    )
-    g = torch.Generator().manual_seed(0)
-    batch = {
-        "input_ids": torch.randint(1000, 20000, (16, 64), generator=g),
-        "attention_mask": torch.ones(16, 64, dtype=torch.long),
-        "labels": torch.randint(0, 5, (16,), generator=g),
-    }
+    model, batch = _default_step()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
 
     def step(checkpointing: bool) -> Callable[[], None]:

@@ -274,11 +274,14 @@ def saved_activation_bytes(
         nonlocal largest
         largest = max(largest, total - started.pop(id(module)))
 
-    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     handles = []
     if largest_layer:
-        for layer in layers:
-            handles += [layer.register_forward_pre_hook(enter), layer.register_forward_hook(leave)]
+        for layer in model.modules():
+            if isinstance(layer, GradientCheckpointingLayer):
+                handles += [
+                    layer.register_forward_pre_hook(enter),
+                    layer.register_forward_hook(leave),
+                ]
     was_training = model.training
     model.train()
     autocast = autocast_for(precision, next(model.parameters()).device)

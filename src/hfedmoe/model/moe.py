@@ -113,34 +113,32 @@ class _GroupedLinear(torch.autograd.Function):
         grad_MO = grad_MO.contiguous()  # the kernel needs real strides (not an expanded view)
         num, dtype = len(weight_list), grad_MO.dtype
         need_w = ctx.needs_input_grad[4 : 4 + num]
-        need_b = ctx.needs_input_grad[4 + num :] if ctx.has_bias else ()
+        need_b = ctx.needs_input_grad[4 + num :] if ctx.has_bias else (False,) * num
         grad_x = None
         if ctx.needs_input_grad[0]:
             W_EOI = torch.stack([w.to(dtype) for w in weight_list])
             grad_x = torch._grouped_mm(grad_MO, W_EOI, offs=offs_E).to(x_MI.dtype)
-        wanted = [
-            ctx.owners[e].trainable and (need_w[e] or any(need_b[e : e + 1])) for e in range(num)
-        ]
-        grad_w: list[torch.Tensor | None] = [None] * num
-        grad_b: list[torch.Tensor | None] = [None] * len(need_b)
-        if any(wanted):
+        trained = [ctx.owners[e].trainable and (need_w[e] or need_b[e]) for e in range(num)]
+        if any(trained):
             # the backward pass's one host synchronisation: which experts received rows
             rows = torch.bincount(expert_M, minlength=num).tolist()
-            wanted = [want and count > 0 for want, count in zip(wanted, rows, strict=True)]
-        if any(w and need_w[e] for e, w in enumerate(wanted)):
+            trained = [t and count > 0 for t, count in zip(trained, rows, strict=True)]
+        want_w = [t and w for t, w in zip(trained, need_w, strict=True)]
+        want_b = [t and b for t, b in zip(trained, need_b, strict=True)]
+        grad_w: list[torch.Tensor | None] = [None] * num
+        grad_b: list[torch.Tensor | None] = [None] * num
+        if any(want_w):
             # one (O, I) product per expert over its own rows: grad_y_e^T x_e
             G_EOI = torch._grouped_mm(grad_MO.T, x_MI.to(dtype), offs=offs_E)
             grad_w = [
-                G_EOI[e].to(weight_list[e].dtype) if wanted[e] and need_w[e] else None
-                for e in range(num)
+                G_EOI[e].to(w.dtype) if want_w[e] else None for e, w in enumerate(weight_list)
             ]
-        if any(w and any(need_b[e : e + 1]) for e, w in enumerate(wanted)):
+        if any(want_b):
             sums_EO = grad_MO.new_zeros(num, grad_MO.shape[-1]).index_add_(0, expert_M, grad_MO)
             grad_b = [
-                sums_EO[e].to(weight_list[e].dtype) if wanted[e] and need_b[e] else None
-                for e in range(num)
+                sums_EO[e].to(w.dtype) if want_b[e] else None for e, w in enumerate(weight_list)
             ]
-        return grad_x, None, None, None, *grad_w, *grad_b
+        return grad_x, None, None, None, *grad_w, *(grad_b if ctx.has_bias else ())
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
