@@ -17,12 +17,16 @@ the loop every client runs: one warm-up call of one step, then ``steps`` steps o
 ``seq`` random tokens. Reported per case:
 
 * parameters trained and frozen, and their bytes as held (fp32 master weights in both precisions;
-  a bf16 frozen base is not implemented);
+  the ``lora-bf16`` mode holds the frozen base in bf16, ``model.frozen_dtype``, and runs in bf16
+  only);
 * the training loop's peak memory above the weights (``PeakMemory``: the CUDA allocator's peak,
   or the process's peak RSS on the CPU) and the activations one batch saves for the backward
   pass (autograd's saved-tensor hooks, under the same autocast); from them, the bytes each
   trained parameter costs beyond activations: (trained bytes + peak increase - activations) /
-  trained parameters, 16 for fp32 weights, gradients and two AdamW moments;
+  trained parameters, 16 for fp32 weights, gradients and two AdamW moments; and what the
+  client holds beyond activations per frozen (base) parameter: (frozen bytes + trained bytes +
+  peak increase - activations) / frozen parameters, about 4 for an fp32 base and 2 for a bf16
+  one, plus the adapters' share;
 * tokens per second of the timed steps, and the model FLOPs utilisation 6 N T / (seconds x
   peak), N the active parameters per token (``ExpertModel.flops_per_token``'s forward / 2: every
   matmul weight a token passes, top-k experts of each MoE layer), against ``--peak-tflops`` (the
@@ -81,7 +85,7 @@ SHAPES: dict[str, dict] = {
 }
 TOP_K = 2
 KINDS = ("native", "upcycled")
-MODES = ("full", "lora")
+MODES = ("full", "lora", "lora-bf16")  # lora-bf16: LoRA on a bf16 frozen base
 PRECISIONS = ("fp32", "bf16")
 
 
@@ -113,15 +117,26 @@ def _write_config(kind: str, size: str, directory: Path) -> Path:
 
 
 def _build(kind: str, size: str, mode: str, directory: Path, expert_compute: str = "auto"):
-    from hfedmoe.foundation.config import LoraConfig, ModelConfig
+    from hfedmoe.foundation.config import LoraConfig
+    from hfedmoe.model.frozen import hold_frozen_in
     from hfedmoe.model.hf import load_moe_model
-    from hfedmoe.model.upcycled import build_causal_lm
 
     path = _write_config(kind, size, directory)
-    lora = LoraConfig() if mode == "lora" else None
+    lora = LoraConfig() if mode.startswith("lora") else None
     if kind == "native":
-        return load_moe_model(path, lora=lora, pretrained=False, seed=0)
-    s, layers = SHAPES[size][kind], SHAPES[size]["moe_layers"]
+        model = load_moe_model(path, lora=lora, pretrained=False, seed=0)
+    else:
+        model = _upcycled(path, size, lora, expert_compute)
+    if mode == "lora-bf16":
+        hold_frozen_in(model)
+    return model
+
+
+def _upcycled(path: Path, size: str, lora, expert_compute: str):
+    from hfedmoe.foundation.config import ModelConfig
+    from hfedmoe.model.upcycled import build_causal_lm
+
+    s, layers = SHAPES[size]["upcycled"], SHAPES[size]["moe_layers"]
     cfg = ModelConfig(
         name_or_path=str(path),
         num_experts=s["experts"],
@@ -205,6 +220,8 @@ def run_case(
     increase = result.peak_memory_increase
     tokens_per_s = steps * batch * shapes["seq"] / result.seconds
     n_trained = sum(p.numel() for p in trained)
+    frozen_bytes = sum(p.numel() * p.element_size() for p in frozen)
+    n_frozen = sum(p.numel() for p in frozen)
     return {
         "model": kind,
         "mode": mode,
@@ -218,13 +235,16 @@ def run_case(
         "active_parameters": forward / 2,
         "trained_parameters": n_trained,
         "trained_bytes": trained_bytes,
-        "frozen_parameters": sum(p.numel() for p in frozen),
-        "frozen_bytes": sum(p.numel() * p.element_size() for p in frozen),
+        "frozen_parameters": n_frozen,
+        "frozen_bytes": frozen_bytes,
         "peak_increase_bytes": increase,
         "activation_bytes": activations,
         "bytes_per_trained_parameter": None
         if increase is None or not n_trained
         else (trained_bytes + increase - activations) / n_trained,
+        "bytes_per_frozen_parameter": None
+        if increase is None or not n_frozen
+        else (frozen_bytes + trained_bytes + increase - activations) / n_frozen,
         "tokens_per_second": tokens_per_s,
         "seconds": result.seconds,
         "steps": steps,
@@ -251,14 +271,15 @@ def _mib(n: float | None) -> str:
 def table(rows: list[dict], peak_tflops: float | None) -> list[str]:
     lines = [
         "| model | mode | precision | trained / frozen params (M) | peak above weights (MiB) "
-        "| activations (MiB) | bytes per trained param | tokens/s | MFU |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| activations (MiB) | bytes per trained param | bytes per frozen param | tokens/s "
+        "| MFU |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['model']} | {r['mode']} | {r['precision']} | {r['error']} |")
             continue
-        per = r["bytes_per_trained_parameter"]
+        per, base = r["bytes_per_trained_parameter"], r["bytes_per_frozen_parameter"]
         mfu = "-"
         if peak_tflops:
             used = 6 * r["active_parameters"] * r["tokens_per_second"]
@@ -267,7 +288,8 @@ def table(rows: list[dict], peak_tflops: float | None) -> list[str]:
             f"| {r['model']} | {r['mode']} | {r['precision']} "
             f"| {r['trained_parameters'] / 1e6:,.1f} / {r['frozen_parameters'] / 1e6:,.1f} "
             f"| {_mib(r['peak_increase_bytes'])} | {_mib(r['activation_bytes'])} "
-            f"| {'-' if per is None else f'{per:.1f}'} | {r['tokens_per_second']:,.0f} | {mfu} |"
+            f"| {'-' if per is None else f'{per:.1f}'} | {'-' if base is None else f'{base:.1f}'} "
+            f"| {r['tokens_per_second']:,.0f} | {mfu} |"
         )
     return lines
 
@@ -305,6 +327,7 @@ def main(argv: list[str] | None = None) -> None:
         for kind in args.models.split(",")
         for mode in args.modes.split(",")
         for precision in args.precisions.split(",")
+        if not (mode == "lora-bf16" and precision != "bf16")  # a bf16 base computes in bf16
     ]
     ckpt = " --activation-checkpointing" if args.activation_checkpointing else ""
     print(f"bench.scale --size {args.size} --expert-compute {args.expert_compute}{ckpt} on "

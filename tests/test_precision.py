@@ -184,3 +184,154 @@ def test_a_federated_run_is_the_same_with_activation_checkpointing(
             ]
         )
     assert records[0] == records[1]
+
+
+def _lora_llama_cfg(tiny_llama_dir, frozen_dtype: str):
+    from hfedmoe.foundation.config import LoraConfig, ModelConfig
+
+    return ModelConfig(
+        name_or_path=str(tiny_llama_dir),
+        num_experts=4,
+        top_k=2,
+        lora=LoraConfig(rank=4),
+        frozen_dtype=frozen_dtype,
+    )
+
+
+def _lora_llama(tiny_llama_dir, frozen_dtype: str):
+    from hfedmoe.model import build_model
+
+    return build_model(_lora_llama_cfg(tiny_llama_dir, frozen_dtype), "language-modeling", seed=0)
+
+
+def test_a_bf16_frozen_base_holds_2_bytes_per_frozen_parameter_and_trains_in_fp32(
+    tiny_llama_dir,
+):
+    """model.frozen_dtype = "bf16": every frozen parameter (the base under LoRA, the tied
+    embedding and head once) in bf16, every trainable one fp32, what travels fp32; the forward
+    pass runs under bf16 autocast without the caller asking, close to the fp32 base's."""
+    from hfedmoe.model.state import held_bytes, shared_state
+
+    fp32, bf16 = _lora_llama(tiny_llama_dir, "fp32"), _lora_llama(tiny_llama_dir, "bf16")
+    frozen = sum(p.numel() for p in fp32.parameters() if not p.requires_grad)
+    assert held_bytes(fp32) - held_bytes(bf16) == 2 * frozen
+    assert {p.dtype for p in bf16.parameters() if not p.requires_grad} == {torch.bfloat16}
+    assert {p.dtype for p in bf16.parameters() if p.requires_grad} == {torch.float32}
+    assert {t.dtype for t in shared_state(bf16).values()} == {torch.float32}
+    ids = torch.randint(5, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = fp32(input_ids=ids).logits, bf16(input_ids=ids).logits
+    assert got.dtype == torch.bfloat16 and not torch.is_autocast_enabled("cpu")
+    assert torch.allclose(got.float(), want, atol=0.02 * want.abs().max().item())
+
+
+def test_a_bf16_frozen_base_trains_its_adapters_and_never_moves(tiny_llama_dir):
+    from hfedmoe.data.tokenized import TokenizedDataset
+
+    model = _lora_llama(tiny_llama_dir, "bf16")
+    frozen = {n: p.clone() for n, p in model.named_parameters() if not p.requires_grad}
+    trained = {n: p.clone() for n, p in model.named_parameters() if p.requires_grad}
+    ids = np.random.default_rng(0).integers(5, 100, size=(12, 24)).tolist()
+    data = TokenizedDataset(ids, np.zeros(12, dtype=np.int64), 0, language_modeling=True)
+    train = TrainConfig(local_steps=3, batch_size=4, lr=1e-2, precision="bf16")
+    result = train_local(model, data, train, np.random.default_rng(0))
+    assert math.isfinite(result.mean_loss)
+    params = dict(model.named_parameters())
+    assert all(torch.equal(params[n], p) for n, p in frozen.items())
+    assert any(not torch.equal(params[n], p) for n, p in trained.items())
+    assert all(params[n].dtype == torch.float32 for n in trained)
+
+
+def test_a_bf16_base_leaves_autocast_when_its_forward_pass_raises(tiny_llama_dir):
+    model = _lora_llama(tiny_llama_dir, "bf16")
+    with pytest.raises(Exception):  # noqa: B017 - whatever the model raises for a bad input
+        model(input_ids=torch.full((1, 4), 10**6))
+    assert not torch.is_autocast_enabled("cpu")
+
+
+def test_two_models_of_one_recipe_share_one_bf16_base(tiny_llama_dir):
+    """The server's and a resident client's model: one bf16 base between them."""
+    from hfedmoe.model.state import share_frozen_base
+
+    a, b = _lora_llama(tiny_llama_dir, "bf16"), _lora_llama(tiny_llama_dir, "bf16")
+    share_frozen_base(a, "bf16-recipe")
+    frozen = sum(p.numel() for p in a.parameters() if not p.requires_grad)
+    assert share_frozen_base(b, "bf16-recipe") == 2 * frozen
+    pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
+    assert all(pa[n].data_ptr() == p.data_ptr() for n, p in pb.items() if not p.requires_grad)
+
+
+def test_the_cost_model_prices_a_bf16_base_at_2_bytes_a_parameter(tiny_bert_dir):
+    from hfedmoe.budget.cost_model import build_cost_model
+
+    resident = {}
+    for frozen_dtype in ("fp32", "bf16"):
+        raw = tiny_raw(
+            tiny_bert_dir,
+            model={"lora": {"rank": 4}, "frozen_dtype": frozen_dtype},
+            train={"precision": "bf16"},
+        )
+        cfg = validate(raw)
+        model = build_classifier(cfg.model, ("a", "b"), seed=0)
+        if frozen_dtype == "bf16":
+            from hfedmoe.model.frozen import hold_frozen_in
+
+            hold_frozen_in(model)
+        resident[frozen_dtype] = build_cost_model(model, cfg).resident_bytes
+        frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    assert resident["fp32"] - resident["bf16"] == 2 * frozen
+
+
+@pytest.mark.parametrize(
+    ("settings", "error"),
+    [
+        ({"model": {"frozen_dtype": "bf16"}}, r"model\.frozen_dtype: 'bf16' applies to a frozen"),
+        (
+            {"model": {"frozen_dtype": "bf16", "lora": {}}, "train": {"precision": "fp32"}},
+            r"train\.precision: 'fp32' with model\.frozen_dtype = 'bf16'.*expected 'bf16'",
+        ),
+    ],
+)
+def test_a_bf16_base_needs_a_frozen_base_and_bf16_autocast(tiny_bert_dir, settings, error):
+    from hfedmoe.foundation.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=error):
+        validate(tiny_raw(tiny_bert_dir, **settings))
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "model"),
+    [
+        ("hfedmoe", {"lora": {"rank": 4}}),  # LoRA on a bf16 base, HFedMoE's extra passes
+        ("fftmoe", {}),  # FFT-MoE's dense parent in bf16 under its MoE adapters
+        pytest.param("flux", {"lora": {"rank": 4}}, marks=pytest.mark.slow),
+        pytest.param("flexmoe", {"lora": {"rank": 4}}, marks=pytest.mark.slow),
+    ],
+)
+def test_a_federated_run_on_a_bf16_frozen_base_trains_to_finite_weights(
+    tiny_bert_dir, tmp_path, algorithm, model
+):
+    raw = tiny_raw(
+        tiny_bert_dir,
+        algorithm=algorithm,
+        model={**model, "frozen_dtype": "bf16"},
+        train={"precision": "bf16"},
+    )
+    run_embedded(validate(raw), str(tmp_path / "run"), server_app, client_app)
+    records = read_metrics(tmp_path / "run")
+    assert all(math.isfinite(r["test_loss"]) for r in records)
+    assert records[-1]["clients_ok"] > 0 and records[-1]["clients_failed"] == 0
+
+
+def test_a_checkpoint_of_a_bf16_base_loads_as_it_was_saved(tiny_llama_dir, tmp_path):
+    from hfedmoe.model import load_checkpoint, load_tokenizer, save_checkpoint
+
+    model = _lora_llama(tiny_llama_dir, "bf16")
+    cfg = _lora_llama_cfg(tiny_llama_dir, "bf16")
+    save_checkpoint(model, load_tokenizer(cfg), cfg, tmp_path / "ckpt", "language-modeling")
+    loaded, _ = load_checkpoint(tmp_path / "ckpt")
+    saved, back = model.state_dict(), loaded.state_dict()
+    assert all(back[k].dtype == v.dtype and torch.equal(back[k], v) for k, v in saved.items())
+    ids = torch.randint(5, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, model.eval()(input_ids=ids).logits)

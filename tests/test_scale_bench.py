@@ -21,12 +21,21 @@ from bench import scale
 def test_one_case_measures_a_clients_training(kind, mode, precision):
     row = scale.run_case(kind, mode, precision, "tiny", "cpu")
     assert row["trained_parameters"] + row["frozen_parameters"] == row["parameters"]
-    assert (row["frozen_parameters"] > 0) == (mode == "lora")
+    assert (row["frozen_parameters"] > 0) == mode.startswith("lora")
     assert row["trained_bytes"] == 4 * row["trained_parameters"]  # fp32 master weights
     assert 0 < row["active_parameters"] < row["parameters"]  # top-2 of 4 experts
     assert row["activation_bytes"] > 0 and row["tokens_per_second"] > 0
     (line,) = scale.table([row], peak_tflops=1.0)[2:]
     assert line.startswith(f"| {kind} | {mode} | {precision} |") and line.endswith("% |")
+
+
+def test_lora_on_a_bf16_base_holds_2_bytes_per_frozen_parameter():
+    """The bf16 base's case: 2 bytes per frozen parameter as held, 4 per trained (the adapters
+    stay fp32); what the client holds per frozen parameter beyond activations is measured."""
+    row = scale.run_case("upcycled", "lora-bf16", "bf16", "tiny", "cpu")
+    assert row["frozen_bytes"] == 2 * row["frozen_parameters"] > 0
+    assert row["trained_bytes"] == 4 * row["trained_parameters"] > 0
+    assert row["bytes_per_frozen_parameter"] is not None
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="torch sees no CUDA device")

@@ -203,6 +203,15 @@ class ModelConfig(Section):
         "MoE made from it (FFT-MoE; set by algorithm = 'fftmoe'); absent = an MoE.",
     )
 
+    frozen_dtype: Literal["fp32", "bf16"] = Field(
+        "fp32",
+        description="The dtype of the parameters no method trains (a LoRA or QLoRA base, "
+        "FFT-MoE's dense parent): bf16 holds them in half the bytes, and every forward pass of "
+        "the model (training, evaluation, probes) then runs under bf16 autocast, so it needs "
+        "train.precision = 'bf16'. What trains (adapters, heads) stays fp32 and travels as "
+        "fp32. Needs a frozen base (model.lora or model.moe_adapters).",
+    )
+
     @property
     def frozen_base(self) -> bool:
         """Whether only adapters (and a classifier head) train: every party then builds the
@@ -217,6 +226,11 @@ class ModelConfig(Section):
             )
         if isinstance(self.moe_layers, list) and len(set(self.moe_layers)) != len(self.moe_layers):
             raise ValueError("model.moe_layers must not repeat a layer")
+        if self.frozen_dtype != "fp32" and not self.frozen_base:
+            raise ValueError(
+                f"model.frozen_dtype: '{self.frozen_dtype}' applies to a frozen base, and full "
+                "fine-tuning trains every parameter; expected 'fp32', or model.lora"
+            )
         return self
 
 
@@ -1157,6 +1171,15 @@ class ExperimentConfig(Section):
             raise ValueError(
                 f"devices.assignment has {len(assignment)} entries, expected one per client "
                 f"(federation.num_clients = {self.federation.num_clients})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _bf16_base_computes_in_bf16(self) -> ExperimentConfig:
+        if self.model.frozen_dtype == "bf16" and self.train.precision != "bf16":
+            raise ValueError(
+                f"train.precision: '{self.train.precision}' with model.frozen_dtype = 'bf16' "
+                "(a bf16 base computes under bf16 autocast); expected 'bf16'"
             )
         return self
 

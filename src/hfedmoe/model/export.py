@@ -37,6 +37,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from hfedmoe.foundation.errors import HFedMoEError
 from hfedmoe.model.adapters import BertOutputWithAdapter, ParallelAdapter
 from hfedmoe.model.checkpoint import load_checkpoint
+from hfedmoe.model.frozen import widen
 from hfedmoe.model.moe import GatedExpertFFN, MoEFeedForward
 from hfedmoe.model.upcycle import LLAMA_LIKE, transformer_blocks
 
@@ -68,7 +69,9 @@ def export_model(checkpoint: str | Path, out_dir: str | Path) -> Path:
 
 
 def standard_model(model: PreTrainedModel) -> PreTrainedModel:
-    """``model`` (hfedmoe's, in eval mode) as a model of a standard transformers class."""
+    """``model`` (hfedmoe's, in eval mode) as a model of a standard transformers class, in fp32
+    (a bf16 frozen base is widened before LoRA's adapters merge into it)."""
+    widen(model)
     if hasattr(model, "merge_and_unload"):  # LoRA: fold the adapters into the weights
         model = model.merge_and_unload()
     blocks = [m for m in model.modules() if isinstance(m, MoEFeedForward)]

@@ -19,11 +19,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file, load_model
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 from hfedmoe.foundation.config import ModelConfig, Task
 from hfedmoe.foundation.errors import ConfigError
+from hfedmoe.model.frozen import hold_frozen_in
 from hfedmoe.model.hf import SUPPORTED_MOE_FAMILIES, load_moe_model
 from hfedmoe.model.lora import add_lora
 from hfedmoe.model.sources import model_dir as resolve_model_dir
@@ -109,7 +111,23 @@ def build_model(
     pretrained: bool = True,
     model_dir: str | Path | None = None,
 ) -> PreTrainedModel:
-    """The model for ``task``; ``pretrained=False`` gives the architecture with random weights."""
+    """The model for ``task``; ``pretrained=False`` gives the architecture with random weights.
+    With ``cfg.frozen_dtype = "bf16"`` its frozen base is held in bf16 (``model.frozen``)."""
+    model = _build(cfg, task, label_names, seed=seed, pretrained=pretrained, model_dir=model_dir)
+    if cfg.frozen_dtype == "bf16":
+        hold_frozen_in(model, torch.bfloat16)
+    return model
+
+
+def _build(
+    cfg: ModelConfig,
+    task: Task,
+    label_names: tuple[str, ...] | list[str],
+    *,
+    seed: int,
+    pretrained: bool,
+    model_dir: str | Path | None,
+) -> PreTrainedModel:
     directory = Path(model_dir) if model_dir else resolve_model_dir(cfg.name_or_path)
     kind = model_kind(check_model_dir(directory, task, cfg.name_or_path).model_type)
     if pretrained and (directory / META_FILE).is_file():
@@ -150,7 +168,7 @@ def _from_saved(
             f"data.task: '{task}' differs from the saved model's '{meta.get('task')}' in "
             f"'{directory}'"
         )
-    bare = cfg.model_copy(update={"lora": None, "construction": "upcycle"})
+    bare = cfg.model_copy(update={"lora": None, "construction": "upcycle", "frozen_dtype": "fp32"})
     model = build_model(bare, task, label_names, seed=seed, pretrained=False, model_dir=directory)
     keep_head = True
     if task == "classification":

@@ -68,7 +68,7 @@ def _evaluate_batches(model: nn.Module, data: TokenizedDataset, batch_size: int)
                 input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
             ).logits
             row = torch.arange(len(idx), device=labels.device)
-        losses = nn.functional.cross_entropy(logits, labels, reduction="none")
+        losses = nn.functional.cross_entropy(logits.float(), labels, reduction="none")
         hits = (logits.argmax(-1) == labels).double()
         sums_3B = torch.zeros(3, len(idx), dtype=torch.float64, device=labels.device)
         sums_3B.index_add_(1, row, torch.stack([hits, losses.double(), torch.ones_like(hits)]))
