@@ -38,6 +38,7 @@ from hfedmoe.federation.workload import (
 )
 from hfedmoe.foundation.config import ATTACK_KINDS, DeviceTier, ExperimentConfig
 from hfedmoe.foundation.errors import ConfigError
+from hfedmoe.foundation.memory import return_freed_memory
 from hfedmoe.foundation.seeding import CLIENT_TRAIN, rng_for, seed_torch
 from hfedmoe.model.state import held_bytes, load_shared_state, swapped_in
 from hfedmoe.training import evaluate
@@ -82,8 +83,10 @@ def _node(context: Context, working: bool = True) -> _Node:
         int(context.node_config["num-partitions"]),
         None if path is None else str(path),
     )
-    if working and node.cfg.threads:
-        torch.set_num_threads(node.cfg.threads)
+    if working:
+        return_freed_memory()
+        if node.cfg.threads:
+            torch.set_num_threads(node.cfg.threads)
     return node
 
 

@@ -29,6 +29,7 @@ from hfedmoe.federation.strategy import AlgorithmStrategy, Folded
 from hfedmoe.federation.workload import ServerWorkload, server_workload
 from hfedmoe.foundation.config import ExperimentConfig
 from hfedmoe.foundation.errors import ConfigError, HFedMoEError
+from hfedmoe.foundation.memory import return_freed_memory
 from hfedmoe.model.experts import ExpertModel
 from hfedmoe.model.state import load_shared_state, shared_state
 from hfedmoe.results import RunRecorder
@@ -132,6 +133,7 @@ def federate(
     ``resume`` the loop continues from the checkpoint's round with the same weights, algorithm
     state, node state and devices, and ends exactly where an uninterrupted run ends.
     """
+    return_freed_memory()  # in this process, as each client's does in its own
     if cfg.threads:  # with worker processes the server's evaluation runs while they wait
         torch.set_num_threads(cfg.threads * cfg.federation.workers)
     server = _Server.set_up(grid, cfg, recorder, timeout, resume, by_reference)
