@@ -40,7 +40,6 @@ logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 from hfedmoe.foundation import config as config_mod  # noqa: E402
 from hfedmoe.foundation.errors import HFedMoEError, WriteError  # noqa: E402
-from hfedmoe.foundation.memory import return_freed_memory  # noqa: E402
 
 if TYPE_CHECKING:
     from hfedmoe.experiment.comparison import Cell
@@ -800,7 +799,6 @@ def validate(config: ConfigArg, set_: SetOpt = None) -> None:
 
 
 def main() -> None:
-    return_freed_memory()  # prepare, tune, compare: the heavy commands run here too
     app()
 
 

@@ -84,7 +84,8 @@ def _node(context: Context, working: bool = True) -> _Node:
         None if path is None else str(path),
     )
     if working:
-        return_freed_memory()
+        if node.cfg.trim_memory:
+            return_freed_memory()
         if node.cfg.threads:
             torch.set_num_threads(node.cfg.threads)
     return node

@@ -133,7 +133,8 @@ def federate(
     ``resume`` the loop continues from the checkpoint's round with the same weights, algorithm
     state, node state and devices, and ends exactly where an uninterrupted run ends.
     """
-    return_freed_memory()  # in this process, as each client's does in its own
+    if cfg.trim_memory:  # in this process, as each client does in its own
+        return_freed_memory()
     if cfg.threads:  # with worker processes the server's evaluation runs while they wait
         torch.set_num_threads(cfg.threads * cfg.federation.workers)
     server = _Server.set_up(grid, cfg, recorder, timeout, resume, by_reference)
