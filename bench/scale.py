@@ -49,6 +49,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the parent process stays free of torch
+    from hfedmoe.foundation.config import LoraConfig
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -132,7 +136,7 @@ def _build(kind: str, size: str, mode: str, directory: Path, expert_compute: str
     return model
 
 
-def _upcycled(path: Path, size: str, lora, expert_compute: str):
+def _upcycled(path: Path, size: str, lora: LoraConfig | None, expert_compute: str):
     from hfedmoe.foundation.config import ModelConfig
     from hfedmoe.model.upcycled import build_causal_lm
 
@@ -191,6 +195,8 @@ def run_case(
     from hfedmoe.training import train_local
     from hfedmoe.training.device import resolve_device
 
+    if mode == "lora-bf16" and precision != "bf16":
+        raise ValueError(f"mode 'lora-bf16' computes in bf16; got precision '{precision}'")
     shapes = SHAPES[size]
     device = resolve_device(device_name)
     with tempfile.TemporaryDirectory() as tmp:

@@ -293,36 +293,3 @@ def test_a_worker_that_hangs_or_dies_is_replaced_by_a_fresh_process():
     finally:
         pool.close()
     assert len({pid_after(first), pid_after(second), pid_after(third)}) == 3
-
-
-def test_the_apps_have_glibc_give_freed_memory_back(monkeypatch):
-    """What a client's training or the server's evaluation frees goes back to the operating
-    system (a trim threshold of 0, as MALLOC_TRIM_THRESHOLD_=0 would set): asked once per
-    process, accepted by glibc."""
-    import ctypes
-    import platform
-
-    from hfedmoe.foundation import memory
-
-    memory.return_freed_memory.cache_clear()
-    calls = []
-    real = ctypes.CDLL
-
-    class Recording:
-        def __init__(self, name):
-            self.lib = real(name)
-
-        @property
-        def mallopt(self):
-            def mallopt(param, value):
-                calls.append((param, value))
-                return self.lib.mallopt(param, value)
-
-            return mallopt
-
-    monkeypatch.setattr(ctypes, "CDLL", Recording)
-    accepted = memory.return_freed_memory()
-    memory.return_freed_memory()
-    assert calls == [(memory.M_TRIM_THRESHOLD, 0)]
-    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
-        assert accepted

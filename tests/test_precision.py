@@ -207,22 +207,34 @@ def _lora_llama(tiny_llama_dir, frozen_dtype: str):
 def test_a_bf16_frozen_base_holds_2_bytes_per_frozen_parameter_and_trains_in_fp32(
     tiny_llama_dir,
 ):
-    """model.frozen_dtype = "bf16": every frozen parameter (the base under LoRA, the tied
-    embedding and head once) in bf16, every trainable one fp32, what travels fp32; the forward
-    pass runs under bf16 autocast without the caller asking, close to the fp32 base's."""
+    """model.frozen_dtype = "bf16": every frozen matrix (the base under LoRA, the tied
+    embedding and head once) in bf16, frozen norms and every trainable tensor fp32, what travels
+    fp32; the forward pass runs under bf16 autocast without the caller asking, with an fp32
+    residual stream, close to what bf16 autocast on the fp32 base computes."""
     from hfedmoe.model.state import held_bytes, shared_state
 
     fp32, bf16 = _lora_llama(tiny_llama_dir, "fp32"), _lora_llama(tiny_llama_dir, "bf16")
-    frozen = sum(p.numel() for p in fp32.parameters() if not p.requires_grad)
-    assert held_bytes(fp32) - held_bytes(bf16) == 2 * frozen
-    assert {p.dtype for p in bf16.parameters() if not p.requires_grad} == {torch.bfloat16}
+    matrices = [p for p in fp32.parameters() if not p.requires_grad and p.dim() >= 2]
+    assert held_bytes(fp32) - held_bytes(bf16) == 2 * sum(p.numel() for p in matrices)
+    frozen = [p for p in bf16.parameters() if not p.requires_grad]
+    assert {p.dtype for p in frozen if p.dim() >= 2} == {torch.bfloat16}
+    assert {p.dtype for p in frozen if p.dim() < 2} == {torch.float32}  # the norms
     assert {p.dtype for p in bf16.parameters() if p.requires_grad} == {torch.float32}
     assert {t.dtype for t in shared_state(bf16).values()} == {torch.float32}
+    stream = []
+    layer = bf16.get_base_model().model.layers[1]
+    hook = layer.register_forward_pre_hook(lambda m, args: stream.append(args[0].dtype))
     ids = torch.randint(5, 100, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want, got = fp32(input_ids=ids).logits, bf16(input_ids=ids).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            autocast = fp32(input_ids=ids).logits
+    hook.remove()
+    assert stream == [torch.float32]
     assert got.dtype == torch.bfloat16 and not torch.is_autocast_enabled("cpu")
-    assert torch.allclose(got.float(), want, atol=0.02 * want.abs().max().item())
+    scale = want.abs().max().item()
+    assert torch.allclose(got.float(), want, atol=0.02 * scale)
+    assert torch.allclose(got.float(), autocast.float(), atol=0.01 * scale)
 
 
 def test_a_bf16_frozen_base_trains_its_adapters_and_never_moves(tiny_llama_dir):
@@ -255,8 +267,8 @@ def test_two_models_of_one_recipe_share_one_bf16_base(tiny_llama_dir):
 
     a, b = _lora_llama(tiny_llama_dir, "bf16"), _lora_llama(tiny_llama_dir, "bf16")
     share_frozen_base(a, "bf16-recipe")
-    frozen = sum(p.numel() for p in a.parameters() if not p.requires_grad)
-    assert share_frozen_base(b, "bf16-recipe") == 2 * frozen
+    frozen = [p for p in a.parameters() if not p.requires_grad]
+    assert share_frozen_base(b, "bf16-recipe") == sum(p.numel() * p.element_size() for p in frozen)
     pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
     assert all(pa[n].data_ptr() == p.data_ptr() for n, p in pb.items() if not p.requires_grad)
 
@@ -278,8 +290,8 @@ def test_the_cost_model_prices_a_bf16_base_at_2_bytes_a_parameter(tiny_bert_dir)
 
             hold_frozen_in(model)
         resident[frozen_dtype] = build_cost_model(model, cfg).resident_bytes
-        frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
-    assert resident["fp32"] - resident["bf16"] == 2 * frozen
+        frozen = [p for p in model.parameters() if not p.requires_grad and p.dim() >= 2]
+    assert resident["fp32"] - resident["bf16"] == 2 * sum(p.numel() for p in frozen)
 
 
 @pytest.mark.parametrize(

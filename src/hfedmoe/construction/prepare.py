@@ -102,7 +102,8 @@ def ensure_prepared(cfg: ExperimentConfig, progress: Progress | None = None) -> 
     log.info("building the %s model %s (once; cached)", cfg.model.construction, directory.name)
     with torch.random.fork_rng(devices=[]):  # the build seeds torch; the caller's RNG stays
         model, tokenizer, report = build(cfg, progress)
-    bare = cfg.model.model_copy(update={"lora": None})
+    # saved as built: full weights in fp32 (a run's LoRA and bf16 base go on when it loads)
+    bare = cfg.model.model_copy(update={"lora": None, "frozen_dtype": "fp32"})
     try:
         save_checkpoint(model, tokenizer, bare, directory, cfg.data.task, extra=report)
     except (HFedMoEError, OSError):
@@ -128,7 +129,9 @@ def build(
     rng = rng_for(spec.seed, CONSTRUCTION)
     corpus = _sample(load_holdout(cfg.data), spec.corpus_examples, rng)
     tokenizer = load_tokenizer(cfg.model)
-    bare = cfg.model.model_copy(update={"lora": None, "construction": "upcycle"})
+    bare = cfg.model.model_copy(
+        update={"lora": None, "construction": "upcycle", "frozen_dtype": "fp32"}
+    )
     model = build_model(bare, cfg.data.task, corpus.label_names, seed=spec.seed)
     model.eval()
     blocks = moe_blocks(model)

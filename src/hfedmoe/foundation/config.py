@@ -988,7 +988,7 @@ class ExperimentConfig(Section):
         True,
         description="Give what a process frees back to the operating system at once (glibc's "
         "trim threshold 0, as MALLOC_TRIM_THRESHOLD_=0 sets; nothing elsewhere): a round of "
-        "the default job peaks at 2.07 instead of 2.46 GB for 1.13 times its time on a CPU "
+        "the default job peaks at 2,070 instead of 2,457 MiB for 1.13 times its time on a CPU "
         "(docs/BENCHMARKS.md). false keeps glibc's default heap, faster and larger. Set per "
         "process when a run starts, and kept for the process's life.",
     )

@@ -32,7 +32,7 @@ def return_freed_memory() -> bool:
     it accepted."""
     try:
         mallopt = ctypes.CDLL(None).mallopt  # the C library this process already runs on
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):  # TypeError: Windows has no CDLL(None)
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return mallopt(M_TRIM_THRESHOLD, 0) == 1

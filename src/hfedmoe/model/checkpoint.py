@@ -71,7 +71,9 @@ def _dequantized(
 ) -> tuple[PreTrainedModel, ModelConfig]:
     """The same model on an fp32 base: its state with the quantised weights dequantised."""
     assert cfg.lora is not None
-    plain = cfg.model_copy(update={"lora": cfg.lora.model_copy(update={"quantize": None})})
+    plain = cfg.model_copy(
+        update={"lora": cfg.lora.model_copy(update={"quantize": None}), "frozen_dtype": "fp32"}
+    )
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
     copy = build_model(
         plain,

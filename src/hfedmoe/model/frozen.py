@@ -1,16 +1,22 @@
 """A frozen base held in bf16 (``model.frozen_dtype = "bf16"``).
 
-The parameters no method trains (a LoRA or QLoRA base, FFT-MoE's dense parent) take half their
-bytes in bf16: the 2 bytes per frozen parameter of mixed-precision fine-tuning. A bf16 weight
-cannot meet an fp32 activation in a product, so every forward pass of such a model runs under
-bf16 autocast, installed on the model itself: a forward pre-hook enters autocast and a forward
-hook that runs even when the forward pass raises leaves it. Evaluation, the cost model's probe,
-FLUX's probes and eq. (16)'s pass thus need no code of their own. What trains (adapters, a
-classifier's head, routers) stays fp32, its gradients and optimizer state too, and so does what
-travels (only trainable tensors travel with a frozen base, ``hfedmoe.model.state``).
+The matrices no method trains (a LoRA or QLoRA base, FFT-MoE's dense parent: projections,
+experts, embeddings and a tied head) take half their bytes in bf16: the 2 bytes per frozen
+parameter of mixed-precision fine-tuning. A bf16 weight cannot meet an fp32 activation in a
+product, so every forward pass of such a model runs under bf16 autocast, installed on the model
+itself: a forward pre-hook enters autocast and a forward hook that runs even when the forward
+pass raises leaves it. Evaluation, the cost model's probe, FLUX's probes and eq. (16)'s pass
+thus need no code of their own. The model then computes the products bf16 autocast computes
+on an fp32 base (which rounds each weight to bf16 for its product, too): the input embeddings'
+output is widened to fp32, so the residual stream stays fp32, and 1-D parameters (norms,
+biases; a few kB) stay fp32; the embeddings' values rounded to bf16 are the difference. What
+trains (adapters, a classifier's head, trained routers) stays fp32, its gradients and
+optimizer state too, and so does what travels (only trainable tensors travel
+with a frozen base, ``hfedmoe.model.state``). The entered contexts are kept per model, so one
+model runs one forward pass at a time (as every engine here does).
 
 Written here because transformers and PEFT cast a whole model (``torch_dtype``), which would
-train the adapters in bf16 as well.
+train the adapters in bf16 as well and keep the residual stream in bf16.
 """
 
 from __future__ import annotations
@@ -26,19 +32,22 @@ _HANDLES = "_hfedmoe_autocast_hooks"
 
 
 def hold_frozen_in(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> int:
-    """Cast ``model``'s frozen floating-point parameters to ``dtype`` and run its forward passes
-    under ``dtype`` autocast from now on; returns the bytes no longer held. Quantised
-    parameters (not floating point) and buffers (rotary frequencies, position ids) stay as they
-    are; a tied weight is one parameter and is cast once."""
+    """Cast ``model``'s frozen floating-point matrices to ``dtype`` and run its forward passes
+    under ``dtype`` autocast from now on, the residual stream in fp32; returns the bytes no
+    longer held. 1-D parameters, quantised parameters (not floating point) and buffers (rotary
+    frequencies, position ids) stay as they are; a tied weight is one parameter, cast once."""
     freed = 0
     itemsize = torch.empty((), dtype=dtype).element_size()
     with torch.no_grad():
         for p in model.parameters():
-            if p.requires_grad or not p.is_floating_point() or p.dtype == dtype:
+            if p.requires_grad or not p.is_floating_point() or p.dim() < 2 or p.dtype == dtype:
                 continue
             freed += p.numel() * (p.element_size() - itemsize)
             p.data = p.data.to(dtype)
     autocast_forward(model, dtype)
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if isinstance(embeddings, nn.Module) and _HANDLES not in vars(embeddings):
+        setattr(embeddings, _HANDLES, [embeddings.register_forward_hook(_widen_output)])
     return freed
 
 
@@ -69,6 +78,10 @@ def widen(model: nn.Module) -> None:
         for handle in vars(module).pop(_HANDLES, ()):
             handle.remove()
         vars(module).pop(_ENTERED, None)
+
+
+def _widen_output(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    return output.float() if output.is_floating_point() else output
 
 
 def _enter(module: nn.Module, args: tuple, *, dtype: torch.dtype) -> None:
