@@ -30,10 +30,11 @@ def test_one_case_measures_a_clients_training(kind, mode, precision):
 
 
 def test_lora_on_a_bf16_base_holds_2_bytes_per_frozen_parameter():
-    """The bf16 base's case: 2 bytes per frozen parameter as held, 4 per trained (the adapters
-    stay fp32); what the client holds per frozen parameter beyond activations is measured."""
+    """The bf16 base's case: 2 bytes per frozen parameter as held (its norms, a few hundred
+    bytes here, stay fp32), 4 per trained (the adapters stay fp32); what the client holds per
+    frozen parameter beyond activations is measured."""
     row = scale.run_case("upcycled", "lora-bf16", "bf16", "tiny", "cpu")
-    assert row["frozen_bytes"] == 2 * row["frozen_parameters"] > 0
+    assert 0 < 2 * row["frozen_parameters"] < row["frozen_bytes"] < 2.02 * row["frozen_parameters"]
     assert row["trained_bytes"] == 4 * row["trained_parameters"] > 0
     assert row["bytes_per_frozen_parameter"] is not None
 
