@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file, load_model
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
@@ -115,7 +114,7 @@ def build_model(
     With ``cfg.frozen_dtype = "bf16"`` its frozen base is held in bf16 (``model.frozen``)."""
     model = _build(cfg, task, label_names, seed=seed, pretrained=pretrained, model_dir=model_dir)
     if cfg.frozen_dtype == "bf16":
-        hold_frozen_in(model, torch.bfloat16)
+        hold_frozen_in(model)
     return model
 
 
