@@ -18,7 +18,12 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 from hfedmoe.algorithms import ClientUpdate
-from hfedmoe.algorithms.maths.bounds import adamw_ratio_bound, adamw_update_bound, capped_mass
+from hfedmoe.algorithms.maths.bounds import (
+    adamw_ratio_bound,
+    adamw_update_bound,
+    capped_mass,
+    descent_cosine,
+)
 from hfedmoe.algorithms.maths.robust import coordinate_median, trim_count, trimmed_mean
 from hfedmoe.algorithms.mechanics.merging import Merge, MergePolicy
 from hfedmoe.algorithms.mechanics.uploads import UploadSpec
@@ -128,6 +133,54 @@ def test_clipping_pulls_a_group_back_to_its_bound_and_counts_it():
     assert torch.allclose(b / b.norm(), torch.tensor([[0.6, 0.8]]))  # the same direction
     assert torch.equal(sent["b"], torch.tensor([[0.3, 0.4]]))  # the reply is not written
     assert verdict.update.weights["a"] is sent["a"]  # a group within its bound is untouched
+
+
+# --- the descent check: a direction against the server's validation loss -------------------
+
+#: the validation loss's gradient at GLOBAL: it falls fastest along a's first coordinate
+GRADIENT = {"a": torch.tensor([1.0, 0.0]), "b": torch.tensor([[0.0, 0.0]])}
+
+
+def _descended(weights, clip=False, least=0.0):
+    update = ClientUpdate(weights, 5, metrics={"train_loss": 1.0, "steps": 1})
+    expect = Expectation(
+        1,
+        bound=lambda numel, norm: 0.1 * math.sqrt(numel),
+        clip=clip,
+        descent=GRADIENT,
+        min_descent_cosine=least,
+    )
+    return check_update(update, SPEC, GLOBAL, expect)
+
+
+def test_the_descent_cosine_by_hand():
+    assert descent_cosine(-3.0, 1.0, 5.0) == pytest.approx(0.6)  # -<d, g> / (|d| |g|)
+    assert descent_cosine(3.0, 1.0, 5.0) == pytest.approx(-0.6)
+    assert descent_cosine(1.0, 0.0, 5.0) == 0.0 == descent_cosine(1.0, 1.0, 0.0)
+
+
+def test_an_update_that_points_uphill_is_rejected_and_its_sign_flip_accepted():
+    # a moves by (-0.03, 0.04): cos with -g = 0.03 / 0.05 = 0.6; its sign flip: -0.6
+    downhill = _descended({"a": torch.tensor([2.97, 4.04]), "b": GLOBAL["b"]})
+    assert downhill.rejection is None and downhill.descent_cosine == pytest.approx(0.6)
+    uphill = _descended({"a": torch.tensor([3.03, 3.96]), "b": GLOBAL["b"]})
+    assert uphill.rejection.reason == "descent" and uphill.descent_cosine == pytest.approx(-0.6)
+    assert "-0.6 (least accepted 0)" in uphill.rejection.detail
+    assert _descended({"a": torch.tensor([2.97, 4.04]), "b": GLOBAL["b"]}, least=0.7).rejection
+
+
+def test_the_descent_check_counts_a_clipped_group_as_it_is_accepted():
+    # b moves by (0.3, 0.4), clipped to 0.1 sqrt(2) = 0.1414; the gradient is 0 on b, so the
+    # accepted update's cosine is 0.03 / sqrt(0.05^2 + 0.02) = 0.03 / 0.15 = 0.2
+    sent = {"a": torch.tensor([2.97, 4.04]), "b": torch.tensor([[0.3, 0.4]])}
+    verdict = _descended(sent, clip=True)
+    assert verdict.clipped == 1 and verdict.descent_cosine == pytest.approx(0.2, rel=1e-5)
+
+
+def test_the_descent_check_needs_a_validation_split(tiny_bert_dir):
+    raw = tiny_raw(tiny_bert_dir, federation={"descent_check": True})
+    with pytest.raises(ConfigError, match=r"descent_check: .* data\.validation_fraction > 0"):
+        validate(raw)
 
 
 # --- what a client's weight may be ---------------------------------------------------------
@@ -295,6 +348,26 @@ def test_each_attack_with_the_defences_on_and_off(
     unchanged = all(torch.equal(model[k], absent[1][k]) for k in model)
     assert unchanged == (fate != "ok")
     assert metrics[1]["clients_ok"] == 2 + (fate == "ok")
+
+
+def test_a_sign_flip_points_exactly_against_its_honest_update(tiny_bert_dir, tmp_path):
+    """The descent check in a real run: the server's reference gradient on its validation
+    split gives each reply a cosine, an update below 0 is rejected (``descent``), and the
+    attacker's sign flip has its honest update's cosine negated, so exactly one of the two
+    is accepted. (On this random tiny model some honest updates point uphill too: their
+    label-skewed steps move the class prior away from the validation split's.)"""
+    checked = {"descent_check": True, "num_clients": 3, "clients_per_round": 3, "rounds": 1}
+    rows = {}
+    for attack in ("none", "sign-flip"):
+        raw = tiny_raw(tiny_bert_dir, federation=checked, data={"validation_fraction": 0.2})
+        raw["faults"] = {"attackers": [] if attack == "none" else [1], "attack": "sign-flip"}
+        run_embedded(validate(raw), str(tmp_path / attack), server_app, client_app)
+        rows[attack] = {c["partition_id"]: c for c in read_metrics(tmp_path / attack)[1]["clients"]}
+    honest, flipped = rows["none"][1]["descent_cosine"], rows["sign-flip"][1]["descent_cosine"]
+    assert flipped == pytest.approx(-honest, rel=1e-4) and honest != 0
+    for clients in rows.values():
+        for c in clients.values():
+            assert (c["failure"] == "descent") == (c["descent_cosine"] < 0)
 
 
 def test_inflated_statistics_pass_validation_and_the_share_cap_holds_them(tiny_bert_dir, tmp_path):

@@ -34,7 +34,7 @@ from hfedmoe.model.experts import ExpertModel
 from hfedmoe.model.state import load_shared_state, shared_state
 from hfedmoe.results import RunRecorder
 from hfedmoe.results.run_state import RunState, has_checkpoint, load_run_state, save_run_state
-from hfedmoe.training import EvalResult, evaluate
+from hfedmoe.training import EvalResult, evaluate, loss_gradient
 from hfedmoe.training.personal import personal_models, personalised
 
 log = logging.getLogger("hfedmoe")
@@ -243,12 +243,18 @@ class _Server:
         weights into the model: whether anything was aggregated (else the model stays), and
         the round's outcome without the weights (the model holds the only copy)."""
         cfg, strategy = self.cfg, self.strategy
+        if cfg.federation.descent_check:  # the reference every reply's direction is checked on
+            assert self.workload.validation is not None, "the config requires a validation split"
+            strategy.descent = loss_gradient(
+                self.model, self.workload.validation, cfg.eval.batch_size, cfg.train.device
+            )
         messages = strategy.configure_train(server_round, self.arrays, ConfigRecord(), self.grid)
         replies = receive(
             self.grid, list(messages), self.round_timeout, cfg.federation.poll_interval
         )
         folded = strategy.fold(server_round, replies)
         del replies, messages
+        strategy.descent = None
         aggregated = folded.arrays is not None
         if folded.arrays is not None:
             load_shared_state(self.model, folded.arrays.to_torch_state_dict())

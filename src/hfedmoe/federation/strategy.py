@@ -83,6 +83,8 @@ class ClientReport:
     expert_updates: list[int] | None = None  # batches each expert was updated in, L x E flat
     clipped: int = 0  # groups pulled back to the update bound (federation.update_bound = clip)
     bound_ratio: float | None = None  # its groups' largest distance over their update bound
+    #: its cosine with the validation loss's descent direction (federation.descent_check)
+    descent_cosine: float | None = None
     #: the algorithm's other declared metrics (a plugin's, FLUX's expert roles), as reported
     metrics: dict[str, float] = field(default_factory=dict)
 
@@ -179,6 +181,9 @@ class AlgorithmStrategy(Strategy):
         self._sampled: list[int] = []
         self._configs: dict[int, Mapping[str, object]] = {}  # node -> its request's config
         self._cache: dict = {}  # what this round's replies are checked against (validation)
+        #: the validation loss's gradient at this round's global weights, by key: the
+        #: reference of federation.descent_check, which the server sets before each round
+        self.descent: Weights | None = None
 
     def set_devices(
         self, devices: dict[int, wire.DeviceReport], known_examples: Sequence[int] | None = None
@@ -365,6 +370,7 @@ class AlgorithmStrategy(Strategy):
             verdict = check_update(
                 update, self.spec, self._global, self._expectation(report.node_id), self._cache
             )
+            report.descent_cosine = verdict.descent_cosine
             if verdict.update is None:
                 assert verdict.rejection is not None
                 self._fail(report, verdict.rejection.reason, verdict.rejection.detail)
@@ -389,6 +395,8 @@ class AlgorithmStrategy(Strategy):
             clip=fed.update_bound == "clip",
             max_update_ratio=fed.max_update_ratio,
             noise_std=self.algorithm.client_noise_std(),
+            descent=self.descent if fed.descent_check else None,
+            min_descent_cosine=fed.min_descent_cosine,
         )
 
     def device_records(self) -> list[dict]:

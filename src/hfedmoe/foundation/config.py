@@ -484,6 +484,21 @@ class FederationConfig(Section):
         lt=0.5,
         description="robust = trimmed-mean: the share of values dropped at each end.",
     )
+    descent_check: bool = Field(
+        False,
+        description="Reject an update that points uphill on the server's validation split: "
+        "its cosine with the validation loss's descent direction at the round's global weights "
+        "below min_descent_cosine (reason descent). Needs data.validation_fraction > 0; costs "
+        "the server one backward pass over the validation split a round and a gradient as "
+        "large as the trained weights. Catches a sign-flipped update, which no size bound can.",
+    )
+    min_descent_cosine: float = Field(
+        0.0,
+        ge=-1,
+        le=1,
+        description="descent_check: the least cosine accepted between an update (w_c - w) and "
+        "minus the validation loss's gradient at w.",
+    )
     sum_precision: Literal["wide", "native"] = Field(
         "wide",
         description="The running sums of the aggregation: wide (float64 for 32-bit weights, "
@@ -1124,6 +1139,15 @@ class ExperimentConfig(Section):
             raise ValueError(
                 "federation.robust: eq. (20) as written (hfedmoe.router_alpha) is a sum over "
                 "|S_global|, not a mean a robust statistic can replace; expected 'normalized'"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _descent_needs_validation(self) -> ExperimentConfig:
+        if self.federation.descent_check and self.data.validation_fraction == 0:
+            raise ValueError(
+                "federation.descent_check: the server's reference is the validation split; "
+                "expected data.validation_fraction > 0"
             )
         return self
 

@@ -8,6 +8,7 @@ from hfedmoe.training.evaluation import (
     continuation_logprobs,
     evaluate,
     evaluate_choices,
+    loss_gradient,
 )
 from hfedmoe.training.loop import StepHooks, TrainResult, autocast_for, train_local
 from hfedmoe.training.memory import PeakMemory
@@ -26,6 +27,7 @@ __all__ = [
     "continuation_logprobs",
     "evaluate",
     "evaluate_choices",
+    "loss_gradient",
     "on_device",
     "resolve_device",
     "task_loss",

@@ -14,7 +14,7 @@ from torch import nn
 from hfedmoe.data.tokenized import IGNORE_INDEX, TokenizedDataset, sequential_batches
 from hfedmoe.model.routing import lean_forward
 from hfedmoe.training.device import on_device, to_device
-from hfedmoe.training.objective import predicts_next_tokens, rows_of, scored_tokens
+from hfedmoe.training.objective import predicts_next_tokens, rows_of, scored_tokens, task_loss
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,28 @@ def evaluate(
         if data.choices is not None:
             return evaluate_choices(model, data, batch_size)
         return _evaluate_batches(model, data, batch_size)
+
+
+def loss_gradient(
+    model: nn.Module, data: TokenizedDataset, batch_size: int, device: str = "cpu"
+) -> dict[str, torch.Tensor]:
+    """The gradient of the training loss (:func:`task_loss`, a mean over ``data``'s rows) at
+    ``model``'s weights, by trainable parameter's name, on the CPU: the server's reference
+    direction (``federation.descent_check``). In eval mode, so that no dropout draws: the same
+    weights give the same gradient. Holds one gradient as large as the trained weights."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    with on_device(model, device) as dev:
+        model.eval()
+        for p in params.values():
+            p.grad = None
+        with torch.enable_grad():
+            for idx in sequential_batches(len(data), batch_size):
+                loss = task_loss(model, to_device(data.batch(idx), dev))
+                (loss * (len(idx) / len(data))).backward()
+        gradient = {n: p.grad.detach().cpu() for n, p in params.items() if p.grad is not None}
+        for p in params.values():
+            p.grad = None
+    return gradient
 
 
 def _evaluate_batches(model: nn.Module, data: TokenizedDataset, batch_size: int) -> EvalResult:

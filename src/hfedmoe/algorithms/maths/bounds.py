@@ -29,6 +29,16 @@ in client-level DP already covers.
 
 **Share cap.** :func:`capped_mass` is the mass a client may keep so that its share of a
 weighted mean stays at a cap (``mechanics.merging`` applies it).
+
+**Descent check.** A sign-flipped update ``w - delta`` is exactly as large as the honest
+``w + delta``, so no bound on size can tell them apart; a direction can, against a reference
+the client does not control. The server's is the gradient ``g`` of its validation loss at the
+round's global weights ``w``: to first order an update ``delta`` changes that loss by
+``<delta, g>``, so an update with ``cos(delta, -g) < 0`` (:func:`descent_cosine`) makes the
+server's model worse on data no client holds, and negating an honest update that helps makes
+one that hurts. It is a check on each reply alone, so it fits the one-reply-at-a-time fold
+(Zeno++, Xie et al. 2020, scores asynchronous updates the same way). It costs honest clients
+whose skewed data pulls the model away from the validation mix; docs/RESULTS.md measures it.
 """
 
 from __future__ import annotations
@@ -88,3 +98,11 @@ def capped_mass(mass: float, others: float, share: float) -> float:
     if others <= 0 or share >= 1:
         return mass
     return min(mass, share * others / (1 - share))
+
+
+def descent_cosine(dot: float, delta_norm: float, gradient_norm: float) -> float:
+    """cos(delta, -g) = -<delta, g> / (||delta|| ||g||) from ``dot`` = <delta, g> and the two
+    norms; 0 where either norm is 0 (an update that moves nothing points nowhere)."""
+    if delta_norm == 0 or gradient_norm == 0:
+        return 0.0
+    return max(-1.0, min(1.0, -dot / (delta_norm * gradient_norm)))

@@ -22,17 +22,24 @@ Checks, in order, each a reason:
 * ``bound``: each aggregation group (every expert, every router, the shared parameters) moved
   no further than the algorithm's optimizer can move it in the steps asked for
   (``maths.bounds``); with ``federation.update_bound = "clip"`` the group is pulled back to
-  its bound instead and the reply is accepted (counted as clipped).
+  its bound instead and the reply is accepted (counted as clipped);
+* ``descent`` (``federation.descent_check``): the update, as accepted (clipped where it was),
+  points downhill on the server's validation split: its cosine with minus the validation
+  loss's gradient at the global weights is at least ``min_descent_cosine``
+  (:func:`~hfedmoe.algorithms.maths.bounds.descent_cosine`). A sign-flipped update has an
+  honest one's size, so only a reference the client does not control can tell it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
 
+from hfedmoe.algorithms.maths.bounds import descent_cosine
 from hfedmoe.algorithms.maths.privacy import noise_norm_bound
 from hfedmoe.algorithms.mechanics.assignment import ASSIGNED
 from hfedmoe.algorithms.mechanics.uploads import (
@@ -73,7 +80,8 @@ class Expectation:
     ``clip``: pull a group beyond its bound back to it instead of rejecting the reply;
     ``max_update_ratio``: the whole-upload sanity bound; ``noise_std``: the standard deviation
     of the noise each client adds to every coordinate (local DP), whose length (eq. P6) both
-    bounds allow on top.
+    bounds allow on top; ``descent``: the validation loss's gradient at the global weights, by
+    key (None: no descent check), and ``min_descent_cosine`` the least cosine accepted.
     """
 
     steps: int
@@ -83,18 +91,22 @@ class Expectation:
     clip: bool = False
     max_update_ratio: float = 10.0
     noise_std: float = 0.0
+    descent: Weights | None = None
+    min_descent_cosine: float = 0.0
 
 
 @dataclass
 class Verdict:
     """The checked reply: the update to aggregate (its weights clipped where asked) or why not,
-    how many groups were clipped, and how close it came to the update bound (the largest of its
-    groups' distance over bound: below 1 for every honest client)."""
+    how many groups were clipped, how close it came to the update bound (the largest of its
+    groups' distance over bound: below 1 for every honest client) and, with a descent check,
+    its cosine with the validation loss's descent direction (also when that check rejects it)."""
 
     update: ClientUpdate | None
     rejection: Rejection | None = None
     clipped: int = 0
     bound_ratio: float | None = None
+    descent_cosine: float | None = None
 
 
 def check_update(
@@ -255,22 +267,35 @@ def _check_movement(
     norms: dict = cache.setdefault("norms", {})
     delta_sq = norm_sq = 0.0
     moved: dict[str, tuple[float, float, int]] = {}  # group -> (||delta||^2, ||w||^2, numel)
+    slopes: dict[str, _Slope] = {}  # group -> its terms of the descent check
     for group, parts in _groups(spec, update.weights):
         g_delta = g_norm = 0.0
         numel = 0
+        slope = slopes[group] = _Slope()
         for key, entry in parts:
             t, ref = update.weights[key], refs[key]
             if not t.is_floating_point():
                 continue
             if entry is not None:
                 t, ref = entry.take(t), entry.take(ref)
-            d = _distance(t, ref)
+            gradient = None
+            if expect.descent is not None and key in expect.descent:
+                gradient = expect.descent[key]
+                gradient = gradient if entry is None else entry.take(gradient)
+            d, dot = _distance(t, ref, gradient)
             if not math.isfinite(d):
                 return Verdict(None, Rejection("non-finite", f"{key} holds NaN or Inf"))
             part = (key, id(entry))
             if part not in norms:
                 norms[part] = _norm(ref) ** 2
             g_delta, g_norm, numel = g_delta + d * d, g_norm + norms[part], numel + t.numel()
+            if gradient is not None:
+                gradients: dict = cache.setdefault("gradient_norms", {})
+                if part not in gradients:
+                    gradients[part] = _norm(gradient) ** 2
+                slope.dot += dot
+                slope.delta_sq += d * d
+                slope.gradient_sq += gradients[part]
         moved[group] = (g_delta, g_norm, numel)
         delta_sq, norm_sq = delta_sq + g_delta, norm_sq + g_norm
     delta, norm = math.sqrt(delta_sq), math.sqrt(norm_sq)
@@ -286,7 +311,7 @@ def _check_movement(
             ),
         )
     if expect.bound is None:
-        return Verdict(update)
+        return _check_descent(Verdict(update), slopes, {}, expect)
     over, ratio = {}, 0.0
     for group, (g_delta, g_norm, numel) in moved.items():
         bound = expect.bound(numel, math.sqrt(g_norm)) + noise_norm_bound(expect.noise_std, numel)
@@ -294,7 +319,7 @@ def _check_movement(
         if math.sqrt(g_delta) > bound:
             over[group] = bound / math.sqrt(g_delta)
     if not over:
-        return Verdict(update, bound_ratio=ratio)
+        return _check_descent(Verdict(update, bound_ratio=ratio), slopes, {}, expect)
     if not expect.clip:
         group, scale = min(over.items(), key=lambda gs: gs[1])
         return Verdict(
@@ -305,7 +330,43 @@ def _check_movement(
                 f"move them; {group} by {1 / scale:.3g} x its bound",
             ),
         )
-    return Verdict(_clipped(update, spec, refs, over), clipped=len(over), bound_ratio=ratio)
+    verdict = Verdict(_clipped(update, spec, refs, over), clipped=len(over), bound_ratio=ratio)
+    return _check_descent(verdict, slopes, over, expect)
+
+
+@dataclass
+class _Slope:
+    """A group's terms of the descent check, over its parts the reference gradient ``g``
+    covers: <delta, g>, ||delta||^2 and ||g||^2 (float64 sums)."""
+
+    dot: float = 0.0
+    delta_sq: float = 0.0
+    gradient_sq: float = 0.0
+
+
+def _check_descent(
+    verdict: Verdict,
+    slopes: Mapping[str, _Slope],
+    scales: Mapping[str, float],
+    expect: Expectation,
+) -> Verdict:
+    """``verdict`` with its update's descent cosine, or rejected (``descent``) below the least
+    accepted; a group pulled back by ``scales[group]`` counts as the accepted update moves it."""
+    if expect.descent is None:
+        return verdict
+    dot = delta_sq = gradient_sq = 0.0
+    for group, slope in slopes.items():
+        s = scales.get(group, 1.0)
+        dot, delta_sq = dot + s * slope.dot, delta_sq + s * s * slope.delta_sq
+        gradient_sq += slope.gradient_sq
+    cosine = descent_cosine(dot, math.sqrt(delta_sq), math.sqrt(gradient_sq))
+    if cosine < expect.min_descent_cosine:
+        detail = (
+            f"the update's cosine with the validation loss's descent direction is {cosine:.3g} "
+            f"(least accepted {expect.min_descent_cosine:g})"
+        )
+        return Verdict(None, Rejection("descent", detail), descent_cosine=cosine)
+    return dataclasses.replace(verdict, descent_cosine=cosine)
 
 
 def _groups(spec: UploadSpec, weights: Weights):
@@ -351,23 +412,31 @@ def _clipped(
 DISTANCE_CHUNK = 1 << 20
 
 
-def _distance(t: torch.Tensor, ref: torch.Tensor) -> float:
-    """||t - ref||, a slice at a time through one small buffer, squares summed in float64.
+def _distance(
+    t: torch.Tensor, ref: torch.Tensor, gradient: torch.Tensor | None = None
+) -> tuple[float, float]:
+    """||t - ref|| and <t - ref, gradient> (0 without one), a slice at a time through one small
+    buffer, summed in float64.
 
     Hand-written because ``torch.linalg.vector_norm(t - ref)`` allocates a difference the size
     of the tensor: for every reply, memory as large as the model, page-faulted in and given
     back (2.8x the time of this on a 177 MB model). The buffer is float32 at least, so half
-    precision differences are squared without overflow.
+    precision differences are squared without overflow. The inner product takes the difference
+    itself, not <t, g> - <ref, g>, whose two near-equal terms would cancel most of float32's
+    digits.
     """
     t, ref = t.reshape(-1), ref.reshape(-1)
     wide = torch.promote_types(t.dtype, torch.float32)
+    g = None if gradient is None else gradient.reshape(-1)
     buffer = torch.empty(min(t.numel(), DISTANCE_CHUNK), dtype=wide, device=t.device)
-    sum_sq = 0.0
+    sum_sq = dot = 0.0
     for i in range(0, t.numel(), DISTANCE_CHUNK):
         part = buffer[: min(DISTANCE_CHUNK, t.numel() - i)]
         torch.sub(t[i : i + DISTANCE_CHUNK], ref[i : i + DISTANCE_CHUNK], out=part)
         sum_sq += float(torch.linalg.vector_norm(part)) ** 2
-    return math.sqrt(sum_sq)
+        if g is not None:
+            dot += float(torch.dot(part, g[i : i + DISTANCE_CHUNK].to(wide)))
+    return math.sqrt(sum_sq), dot
 
 
 def all_finite(t: torch.Tensor) -> bool:
