@@ -14,6 +14,10 @@
 #   SEEDS=0 KINDS=sign-flip DEFENCES=on bash experiments/attacks.sh default 1   # one cell
 #   KINDS=dropout,sign-flip DEFENCES=median bash experiments/attacks.sh default 1
 #                                                # the defences plus federation.robust = median
+#   KINDS=dropout,sign-flip DEFENCES=descent bash experiments/attacks.sh default 1
+#                                                # the defences plus federation.descent_check
+#   KINDS=dropout DEFENCES=validated bash experiments/attacks.sh default 1
+#                                                # its honest baseline: the same validation split
 #
 # Decided before any run (docs/RESULTS.md): seeds 0-4, one thread per run; the end point is
 # the final round's test accuracy, attacked minus absent, mean over the seeds with a 95%
@@ -30,6 +34,7 @@ SEEDS=${SEEDS:-0,1,2,3,4}
 # none: every client honest (the attackers' own honest participation, for comparison)
 KINDS=${KINDS:-dropout,none,inflate-examples,sign-flip,scale-update,noise,inflate-stats,inf-metric}
 DEFENCES=${DEFENCES:-on,off}
+VALIDATION=(--set data.validation_fraction=0.1)  # the descent check's reference data
 PARTS=${PARTS:-1}  # PARTS=2 PART=0|1: this process runs every other cell
 PART=${PART:-0}
 
@@ -61,7 +66,13 @@ for seed in "${seeds[@]}"; do
                     on) defended=(--set federation.defences=true) ;;
                     off) defended=(--set federation.defences=false) ;;
                     median) defended=(--set federation.defences=true --set federation.robust=median) ;;
-                    *) echo "DEFENCES: on, off or median, not '$d'" >&2; exit 2 ;;
+                    # the descent check needs a validation split; "validated" is the same split
+                    # without the check, to measure what the check costs honest clients
+                    descent) defended=(--set federation.defences=true "${VALIDATION[@]}"
+                        --set federation.descent_check=true) ;;
+                    validated) defended=(--set federation.defences=true "${VALIDATION[@]}") ;;
+                    *) echo "DEFENCES: on, off, median, descent or validated, not '$d'" >&2
+                        exit 2 ;;
                 esac
                 if [[ $kind == none ]]; then  # no attacker: the same clients, all honest
                     attack=(--set "faults.attackers=[]")
