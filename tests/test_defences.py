@@ -363,6 +363,7 @@ def test_a_sign_flip_points_exactly_against_its_honest_update(tiny_bert_dir, tmp
         raw["faults"] = {"attackers": [] if attack == "none" else [1], "attack": "sign-flip"}
         run_embedded(validate(raw), str(tmp_path / attack), server_app, client_app)
         rows[attack] = {c["partition_id"]: c for c in read_metrics(tmp_path / attack)[1]["clients"]}
+    assert read_metrics(tmp_path / "none")[1]["descent_seconds"] > 0
     honest, flipped = rows["none"][1]["descent_cosine"], rows["sign-flip"][1]["descent_cosine"]
     assert flipped == pytest.approx(-honest, rel=1e-4) and honest != 0
     for clients in rows.values():

@@ -243,11 +243,13 @@ class _Server:
         weights into the model: whether anything was aggregated (else the model stays), and
         the round's outcome without the weights (the model holds the only copy)."""
         cfg, strategy = self.cfg, self.strategy
+        started = time.perf_counter()
         if cfg.federation.descent_check:  # the reference every reply's direction is checked on
             assert self.workload.validation is not None, "the config requires a validation split"
             strategy.descent = loss_gradient(
                 self.model, self.workload.validation, cfg.eval.batch_size, cfg.train.device
             )
+        descent_seconds = time.perf_counter() - started
         messages = strategy.configure_train(server_round, self.arrays, ConfigRecord(), self.grid)
         replies = receive(
             self.grid, list(messages), self.round_timeout, cfg.federation.poll_interval
@@ -259,7 +261,7 @@ class _Server:
         if folded.arrays is not None:
             load_shared_state(self.model, folded.arrays.to_torch_state_dict())
             self.arrays = wire.TensorRecord(shared_state(self.model))  # the model's only copy
-        folded = dataclasses.replace(folded, arrays=None)
+        folded = dataclasses.replace(folded, arrays=None, descent_seconds=descent_seconds)
         if not self.by_reference:  # serialised messages live in Flower's reference cycles (a
             gc.collect()  # RecordDict's synced views): free this round's copies now
         return aggregated, folded
@@ -308,6 +310,8 @@ class _Server:
         if fed is not None:
             record["federated_seconds"] = federated_seconds
         record["aggregate_seconds"] = folded.seconds
+        if cfg.federation.descent_check:
+            record["descent_seconds"] = folded.descent_seconds
         self.recorder.log_round(record)
         self.checkpoint(server_round)
         log.info(

@@ -99,13 +99,15 @@ class Folded:
     """What one round's replies gave: the next global weights (None: nothing accepted, or an
     aggregate that was not finite and so refused), the round's training metrics (the mean
     training loss, what the defences and the privacy mechanism did), every sampled client's
-    report in client order, and the seconds the aggregation's arithmetic took."""
+    report in client order, the seconds the aggregation's arithmetic took and those the
+    server's reference gradient took (``federation.descent_check``; set by the server)."""
 
     arrays: ArrayRecord | None
     metrics: dict[str, float]
     reports: list[ClientReport]
     rejected: bool
     seconds: float
+    descent_seconds: float = 0.0
 
 
 def _describe(report: ClientReport, update: ClientUpdate, partition_id: int, bytes_up: int) -> None:
