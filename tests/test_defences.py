@@ -183,6 +183,17 @@ def test_the_descent_check_needs_a_validation_split(tiny_bert_dir):
         validate(raw)
 
 
+def test_the_descent_check_refuses_noise_that_hides_the_direction(tiny_bert_dir):
+    raw = tiny_raw(
+        tiny_bert_dir,
+        federation={"descent_check": True},
+        data={"validation_fraction": 0.2},
+        privacy={"enabled": True, "noise": "client", "noise_multiplier": 1.0, "clip_norm": 0.5},
+    )
+    with pytest.raises(ConfigError, match=r"descent_check: .* expected privacy\.noise = 'server'"):
+        validate(raw)
+
+
 # --- what a client's weight may be ---------------------------------------------------------
 
 

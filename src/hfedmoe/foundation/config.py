@@ -1149,6 +1149,14 @@ class ExperimentConfig(Section):
                 "federation.descent_check: the server's reference is the validation split; "
                 "expected data.validation_fraction > 0"
             )
+        if self.federation.descent_check and self.privacy.local:
+            # each client's noise (std 2zC a coordinate, z >= 1) is far longer along g than
+            # an update clipped to C, which descends at a cosine of a few hundredths: the
+            # check would reject honest replies about half the time, at random
+            raise ValueError(
+                "federation.descent_check: a client's own noise hides its update's direction; "
+                "expected privacy.noise = 'server' with it"
+            )
         return self
 
     @model_validator(mode="after")
