@@ -53,6 +53,29 @@ def handled(cell: Path) -> str:
     return ", ".join(parts) or "all accepted"
 
 
+def cosines(cell: Path) -> str:
+    """The descent check's cosines over a cell's finished runs: the attackers' replies and the
+    honest ones (range and count), and how many honest replies it rejected."""
+    attacker, honest, rejected = [], [], 0
+    for summary in sorted(cell.glob("*/seed*/summary.json")):
+        run = summary.parent
+        attackers = set(tomllib.loads((run / "config.toml").read_text())["faults"]["attackers"])
+        for record in read_metrics(run)[1:]:
+            for c in record.get("clients", []):
+                if c.get("descent_cosine") is None:
+                    continue
+                if c["partition_id"] in attackers:
+                    attacker.append(c["descent_cosine"])
+                else:
+                    honest.append(c["descent_cosine"])
+                    rejected += c["failure"] == "descent"
+
+    def span(values: list[float]) -> str:
+        return f"{min(values):+.3f} to {max(values):+.3f} ({len(values)})" if values else "none"
+
+    return f"attackers {span(attacker)}, honest {span(honest)}, honest rejected {rejected}"
+
+
 def _cell(diff) -> str:
     if not diff.seeds:
         return "-"
@@ -76,10 +99,10 @@ EXTRA = {
 def table(root: Path, setting: str, n: str) -> list[str]:
     base = root / setting / n
     absent = {d: final_accuracy(base / f"dropout-{d}") for d in ("on", "off")}
-    if not any(absent.values()):
-        return []
     extra = {d: final_accuracy(base / f"dropout-{d}") for d in EXTRA}
     extra = {d: runs for d, runs in extra.items() if runs}
+    if not any(absent.values()) and not extra:
+        return []
     lines = [
         f"### {setting}, {n.replace('of', ' of ')} attacking",
         "",
@@ -93,7 +116,7 @@ def table(root: Path, setting: str, n: str) -> list[str]:
     misses = {d: [] for d in ("on", *extra)}
     for kind in KINDS:
         diffs = {
-            d: paired_difference(final_accuracy(base / f"{kind}-{d}"), absent.get(d) or extra[d])
+            d: paired_difference(final_accuracy(base / f"{kind}-{d}"), {**absent, **extra}[d])
             for d in ("on", "off", *extra)
         }
         lines.append(
@@ -110,6 +133,9 @@ def table(root: Path, setting: str, n: str) -> list[str]:
         f"{sorted(absent['on'])}); the absent runs with the defences on and off are "
         f"{'identical' if same else 'NOT identical'} (seeds {both}).",
     ]
+    if "descent" in extra:
+        for kind in ("dropout", "sign-flip"):
+            lines.append(f"Descent cosines, {kind}: {cosines(base / f'{kind}-descent')}.")
     for d, runs in extra.items():
         baseline = final_accuracy(base / f"dropout-{EXTRA[d][1]}")
         cost = paired_difference(runs, baseline)

@@ -88,16 +88,20 @@ def test_half_precision_norms_do_not_overflow(dtype):
 
 
 def test_the_distance_is_taken_a_slice_at_a_time(monkeypatch):
-    """Slices of 3 elements: the same distance as the whole difference's norm, and a NaN or an
-    infinity in any slice, even the last and shortest, makes it non-finite."""
+    """Slices of 3 elements: the same distance as the whole difference's norm (and the same
+    inner product with a gradient), and a NaN or an infinity in any slice, even the last and
+    shortest, makes it non-finite."""
     monkeypatch.setattr(validation, "DISTANCE_CHUNK", 3)
     torch.manual_seed(0)
     ref = torch.randn(4, 2)  # 8 elements: slices of 3, 3 and 2
-    t = ref + torch.randn(4, 2)
-    assert validation._distance(t, ref) == pytest.approx(float((t - ref).norm()), rel=1e-6)
+    t, g = ref + torch.randn(4, 2), torch.randn(4, 2)
+    distance, dot = validation._distance(t, ref, g)
+    assert distance == pytest.approx(float((t - ref).norm()), rel=1e-6)
+    assert dot == pytest.approx(float(((t - ref) * g).sum()), rel=1e-5)
+    assert validation._distance(t, ref)[1] == 0.0  # no gradient, no inner product
     for bad in (math.nan, math.inf, -math.inf):
         t[3, 1] = bad
-        assert not math.isfinite(validation._distance(t, ref))
+        assert not math.isfinite(validation._distance(t, ref)[0])
 
 
 @pytest.mark.parametrize(

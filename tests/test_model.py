@@ -187,8 +187,9 @@ def test_grouped_experts_compute_what_the_loop_computes(
         assert (a is None) == (b is None)
         if a is not None:
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
-    if kind == "llama":  # no bias: the products are the loop's, bit for bit
-        assert torch.equal(y_grouped, y_loop)
+    # Not bit for bit, even without a bias: a grouped product and the loop's per-expert
+    # products are different GEMM shapes, which an AVX-512 CPU (an AMD EPYC here) blocks and
+    # so sums differently, in the last bit of about one output in five (1e-8 at most here)
 
 
 def test_grouped_experts_under_bf16_autocast_match_the_loop():

@@ -21,8 +21,10 @@ Two ways to compute the experts (``model.expert_compute``), equal in meaning:
   rows not 16-byte aligned).
 
 ``auto`` (the default) is grouped on CUDA and the loop on the CPU, where the loop is faster
-(docs/BENCHMARKS.md) and keeps every fp32 value bit for bit (a grouped biased expert adds its
-bias after the product, where ``nn.Linear`` fuses it: the last bits differ).
+(docs/BENCHMARKS.md) and keeps every fp32 value bit for bit. Grouped values equal the loop's up
+to rounding, not bit for bit: a grouped biased expert adds its bias after the product, where
+``nn.Linear`` fuses it, and the grouped product is another GEMM shape than the loop's, which
+some CPUs (AVX-512) block and so sum differently in the last bit.
 """
 
 from __future__ import annotations
