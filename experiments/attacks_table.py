@@ -127,12 +127,13 @@ def table(root: Path, setting: str, n: str) -> list[str]:
         for d in misses:
             if kind != "none" and diffs[d].seeds and diffs[d].mean < TARGET:
                 misses[d].append(kind)
-    lines += [
-        "",
-        f"Absent attackers: final accuracy {mean_absent:.3f} (mean over seeds "
-        f"{sorted(absent['on'])}); the absent runs with the defences on and off are "
-        f"{'identical' if same else 'NOT identical'} (seeds {both}).",
-    ]
+    lines.append("")
+    if absent["on"]:
+        lines.append(
+            f"Absent attackers: final accuracy {mean_absent:.3f} (mean over seeds "
+            f"{sorted(absent['on'])}); the absent runs with the defences on and off are "
+            f"{'identical' if same else 'NOT identical'} (seeds {both})."
+        )
     if "descent" in extra:
         for kind in ("dropout", "sign-flip"):
             lines.append(f"Descent cosines, {kind}: {cosines(base / f'{kind}-descent')}.")
@@ -142,6 +143,8 @@ def table(root: Path, setting: str, n: str) -> list[str]:
         lines.append(f"{EXTRA[d][2]}, attackers absent: {_cell(cost)}.")
     if n == "1of8":
         for d, missed in misses.items():
+            if d == "on" and not absent["on"]:
+                continue
             verdict = "misses it: " + ", ".join(missed) if missed else "holds for every attack run"
             name = "defences on" if d == "on" else EXTRA[d][0]
             lines.append(f"Target (mean >= {TARGET}, {name}): {verdict}.")
