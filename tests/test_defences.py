@@ -177,6 +177,43 @@ def test_the_descent_check_counts_a_clipped_group_as_it_is_accepted():
     assert verdict.clipped == 1 and verdict.descent_cosine == pytest.approx(0.2, rel=1e-5)
 
 
+def test_a_fused_experts_upload_is_checked_against_its_slice_of_the_gradient():
+    """A partial upload names an expert of a fused (E, ...) tensor by its own key; its
+    reference gradient is that expert's row of the parameter's gradient. Expert 1 moves
+    against the gradient's row 1 (cosine 1), the router by as much along it (-1): 0 in all."""
+    from hfedmoe.model.experts import ExpertEntry
+
+    fused = {"w": torch.ones(2, 2), "router": torch.ones(2)}
+    row1 = ExpertEntry("w", dim=0, index=torch.tensor([1]))
+    spec = UploadSpec(
+        frozenset({"router"}),
+        experts={"w@expert0.1": ("w", row1)},
+        groups={"expert 0.1": [("w@expert0.1", None)], "router 0": [("router", None)]},
+    )
+    gradient = {"w": torch.tensor([[5.0, 5.0], [3.0, 4.0]]), "router": torch.tensor([0.6, 0.8])}
+    sent = {"w@expert0.1": torch.tensor([[0.97, 0.96]]), "router": torch.tensor([1.03, 1.04])}
+    update = ClientUpdate(sent, 5, metrics={"train_loss": 1.0, "steps": 1})
+    verdict = check_update(update, spec, fused, Expectation(1, descent=gradient))
+    # <delta, g> = -(0.09 + 0.16) + (0.018 + 0.032) = -0.2; |delta| = 0.05 sqrt(2); |g| over
+    # the uploaded parts = sqrt(25 + 1) : cos = 0.2 / (0.0707 x 5.099) = 0.5547
+    assert verdict.rejection is None
+    assert verdict.descent_cosine == pytest.approx(0.2 / (0.05 * math.sqrt(2) * math.sqrt(26)))
+    # a part no validation token reached has no gradient: its move still counts in |delta|
+    no_router = {"w": gradient["w"]}
+    verdict = check_update(update, spec, fused, Expectation(1, descent=no_router))
+    assert verdict.descent_cosine == pytest.approx(0.25 / (0.05 * math.sqrt(2) * 5.0))
+
+
+def test_a_gradient_that_is_not_finite_gives_no_direction_and_accepts_nothing():
+    assert math.isnan(descent_cosine(math.nan, 1.0, 1.0))
+    nan = {"a": torch.tensor([math.nan, 0.0]), "b": GRADIENT["b"]}
+    update = ClientUpdate(
+        {"a": torch.tensor([2.97, 4.04]), "b": GLOBAL["b"]}, 5, {"train_loss": 1.0, "steps": 1}
+    )
+    verdict = check_update(update, SPEC, GLOBAL, Expectation(1, descent=nan))
+    assert verdict.rejection.reason == "descent"
+
+
 def test_the_descent_check_needs_a_validation_split(tiny_bert_dir):
     raw = tiny_raw(tiny_bert_dir, federation={"descent_check": True})
     with pytest.raises(ConfigError, match=r"descent_check: .* data\.validation_fraction > 0"):

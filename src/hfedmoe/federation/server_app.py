@@ -22,6 +22,7 @@ from flwr.serverapp import Grid, ServerApp
 from transformers import PreTrainedModel
 
 from hfedmoe.algorithms import FederatedAlgorithm, build_algorithm
+from hfedmoe.algorithms.mechanics.validation import all_finite
 from hfedmoe.budget import minimum_budget
 from hfedmoe.federation import evaluation, wire
 from hfedmoe.federation.evaluation import FederatedEvaluation
@@ -246,9 +247,16 @@ class _Server:
         started = time.perf_counter()
         if cfg.federation.descent_check:  # the reference every reply's direction is checked on
             assert self.workload.validation is not None, "the config requires a validation split"
-            strategy.descent = loss_gradient(
+            gradient = loss_gradient(
                 self.model, self.workload.validation, cfg.eval.batch_size, cfg.train.device
             )
+            if all(all_finite(g) for g in gradient.values()):
+                strategy.descent = gradient
+            else:  # no direction to judge by: the check would reject every reply
+                log.warning(
+                    "round %d: the validation gradient is not finite; no descent check this round",
+                    server_round,
+                )
         descent_seconds = time.perf_counter() - started
         messages = strategy.configure_train(server_round, self.arrays, ConfigRecord(), self.grid)
         replies = receive(

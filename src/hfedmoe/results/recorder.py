@@ -305,6 +305,7 @@ TIMING_KEYS = frozenset(
         "federated_seconds",
         "personal_eval_seconds",
         "aggregate_seconds",
+        "descent_seconds",
     }
 )
 

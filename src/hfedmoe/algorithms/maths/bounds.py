@@ -102,7 +102,10 @@ def capped_mass(mass: float, others: float, share: float) -> float:
 
 def descent_cosine(dot: float, delta_norm: float, gradient_norm: float) -> float:
     """cos(delta, -g) = -<delta, g> / (||delta|| ||g||) from ``dot`` = <delta, g> and the two
-    norms; 0 where either norm is 0 (an update that moves nothing points nowhere)."""
+    norms; 0 where either norm is 0 (an update that moves nothing points nowhere). A
+    non-finite term is not a direction: NaN, which every threshold rejects."""
+    if not all(math.isfinite(x) for x in (dot, delta_norm, gradient_norm)):
+        return math.nan
     if delta_norm == 0 or gradient_norm == 0:
         return 0.0
     return max(-1.0, min(1.0, -dot / (delta_norm * gradient_norm)))

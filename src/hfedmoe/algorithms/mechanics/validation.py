@@ -279,9 +279,8 @@ def _check_movement(
             if entry is not None:
                 t, ref = entry.take(t), entry.take(ref)
             gradient = None
-            if expect.descent is not None and key in expect.descent:
-                gradient = expect.descent[key]
-                gradient = gradient if entry is None else entry.take(gradient)
+            if expect.descent is not None:
+                gradient = _gradient(spec, expect.descent, key, entry)
             d, dot = _distance(t, ref, gradient)
             if not math.isfinite(d):
                 return Verdict(None, Rejection("non-finite", f"{key} holds NaN or Inf"))
@@ -289,12 +288,12 @@ def _check_movement(
             if part not in norms:
                 norms[part] = _norm(ref) ** 2
             g_delta, g_norm, numel = g_delta + d * d, g_norm + norms[part], numel + t.numel()
+            slope.delta_sq += d * d  # a part with no gradient has a zero one: it counts
             if gradient is not None:
                 gradients: dict = cache.setdefault("gradient_norms", {})
                 if part not in gradients:
                     gradients[part] = _norm(gradient) ** 2
                 slope.dot += dot
-                slope.delta_sq += d * d
                 slope.gradient_sq += gradients[part]
         moved[group] = (g_delta, g_norm, numel)
         delta_sq, norm_sq = delta_sq + g_delta, norm_sq + g_norm
@@ -334,10 +333,22 @@ def _check_movement(
     return _check_descent(verdict, slopes, over, expect)
 
 
+def _gradient(spec: UploadSpec, descent: Weights, key: str, entry) -> torch.Tensor | None:
+    """The reference gradient of an uploaded part, shaped as ``refs[key]`` is: an expert's
+    upload key names a slice of a parameter (a fused expert tensor's row), so its gradient is
+    that slice of the parameter's; None where the parameter has none (no validation token
+    reached it: a zero gradient)."""
+    name, part = spec.experts.get(key, (key, entry))
+    gradient = descent.get(name)
+    if gradient is None or part is None:
+        return gradient
+    return part.take(gradient)
+
+
 @dataclass
 class _Slope:
-    """A group's terms of the descent check, over its parts the reference gradient ``g``
-    covers: <delta, g>, ||delta||^2 and ||g||^2 (float64 sums)."""
+    """A group's terms of the descent check: <delta, g>, ||delta||^2 and ||g||^2 (float64
+    sums; a part without a gradient adds only its ||delta||^2)."""
 
     dot: float = 0.0
     delta_sq: float = 0.0
@@ -360,7 +371,7 @@ def _check_descent(
         dot, delta_sq = dot + s * slope.dot, delta_sq + s * s * slope.delta_sq
         gradient_sq += slope.gradient_sq
     cosine = descent_cosine(dot, math.sqrt(delta_sq), math.sqrt(gradient_sq))
-    if cosine < expect.min_descent_cosine:
+    if not cosine >= expect.min_descent_cosine:  # NaN too
         detail = (
             f"the update's cosine with the validation loss's descent direction is {cosine:.3g} "
             f"(least accepted {expect.min_descent_cosine:g})"
