@@ -292,3 +292,24 @@ def test_flux_resumed_mid_run_ends_exactly_as_uninterrupted(tiny_bert_dir, tmp_p
     kill_when(["run", str(config), "-o", str(run_dir)], lambda: checkpoint_round(run_dir) >= 1)
     assert 1 <= checkpoint_round(run_dir) < 3
     _assert_same_end(run_to_the_end(run_dir), whole)
+
+
+def test_a_descent_checked_run_resumed_mid_run_ends_exactly_as_uninterrupted(
+    tiny_bert_dir, tmp_path
+):
+    """The descent check's reference is recomputed from the restored weights each round: a
+    resumed run rejects the same replies and ends where the uninterrupted one does."""
+    raw = three_tiers(tiny_bert_dir, "fedavg")
+    raw["federation"].update(rounds=3, descent_check=True)
+    raw["data"]["validation_fraction"] = 0.2
+    raw["faults"] = {"attackers": [1], "attack": "sign-flip"}
+    config = tmp_path / "descent.toml"
+    config.write_text(tomli_w.dumps(raw))
+    whole = run_to_the_end(tmp_path / "whole", str(config))
+    assert any(
+        c["descent_cosine"] is not None for c in read_metrics(tmp_path / "whole")[1]["clients"]
+    )
+    run_dir = tmp_path / "killed"
+    kill_when(["run", str(config), "-o", str(run_dir)], lambda: checkpoint_round(run_dir) >= 1)
+    assert 1 <= checkpoint_round(run_dir) < 3
+    _assert_same_end(run_to_the_end(run_dir), whole)
