@@ -288,8 +288,7 @@ def _check_movement(
             if part not in norms:
                 norms[part] = _norm(ref) ** 2
             g_delta, g_norm, numel = g_delta + d * d, g_norm + norms[part], numel + t.numel()
-            slope.delta_sq += d * d  # a part with no gradient has a zero one: it counts
-            if gradient is not None:
+            if gradient is not None:  # none: a zero gradient, whose part's move still counts
                 gradients: dict = cache.setdefault("gradient_norms", {})
                 if part not in gradients:
                     gradients[part] = _norm(gradient) ** 2
@@ -310,7 +309,7 @@ def _check_movement(
             ),
         )
     if expect.bound is None:
-        return _check_descent(Verdict(update), slopes, {}, expect)
+        return _check_descent(Verdict(update), slopes, moved, {}, expect)
     over, ratio = {}, 0.0
     for group, (g_delta, g_norm, numel) in moved.items():
         bound = expect.bound(numel, math.sqrt(g_norm)) + noise_norm_bound(expect.noise_std, numel)
@@ -318,7 +317,7 @@ def _check_movement(
         if math.sqrt(g_delta) > bound:
             over[group] = bound / math.sqrt(g_delta)
     if not over:
-        return _check_descent(Verdict(update, bound_ratio=ratio), slopes, {}, expect)
+        return _check_descent(Verdict(update, bound_ratio=ratio), slopes, moved, {}, expect)
     if not expect.clip:
         group, scale = min(over.items(), key=lambda gs: gs[1])
         return Verdict(
@@ -330,7 +329,7 @@ def _check_movement(
             ),
         )
     verdict = Verdict(_clipped(update, spec, refs, over), clipped=len(over), bound_ratio=ratio)
-    return _check_descent(verdict, slopes, over, expect)
+    return _check_descent(verdict, slopes, moved, over, expect)
 
 
 def _gradient(spec: UploadSpec, descent: Weights, key: str, entry) -> torch.Tensor | None:
@@ -347,28 +346,29 @@ def _gradient(spec: UploadSpec, descent: Weights, key: str, entry) -> torch.Tens
 
 @dataclass
 class _Slope:
-    """A group's terms of the descent check: <delta, g>, ||delta||^2 and ||g||^2 (float64
-    sums; a part without a gradient adds only its ||delta||^2)."""
+    """A group's terms of the descent check beside its ||delta||^2: <delta, g> and ||g||^2
+    (float64 sums over the parts that have a gradient)."""
 
     dot: float = 0.0
-    delta_sq: float = 0.0
     gradient_sq: float = 0.0
 
 
 def _check_descent(
     verdict: Verdict,
     slopes: Mapping[str, _Slope],
+    moved: Mapping[str, tuple[float, float, int]],
     scales: Mapping[str, float],
     expect: Expectation,
 ) -> Verdict:
     """``verdict`` with its update's descent cosine, or rejected (``descent``) below the least
-    accepted; a group pulled back by ``scales[group]`` counts as the accepted update moves it."""
+    accepted; ``moved``: each group's ||delta||^2 first (``_check_movement``); a group pulled
+    back by ``scales[group]`` counts as the accepted update moves it."""
     if expect.descent is None:
         return verdict
     dot = delta_sq = gradient_sq = 0.0
     for group, slope in slopes.items():
         s = scales.get(group, 1.0)
-        dot, delta_sq = dot + s * slope.dot, delta_sq + s * s * slope.delta_sq
+        dot, delta_sq = dot + s * slope.dot, delta_sq + s * s * moved[group][0]
         gradient_sq += slope.gradient_sq
     cosine = descent_cosine(dot, math.sqrt(delta_sq), math.sqrt(gradient_sq))
     if not cosine >= expect.min_descent_cosine:  # NaN too
