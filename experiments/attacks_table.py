@@ -53,13 +53,18 @@ def handled(cell: Path) -> str:
     return ", ".join(parts) or "all accepted"
 
 
+def _attackers(run: Path) -> set[int]:
+    """The partitions that attack in ``run`` (its config's ``faults.attackers``)."""
+    return set(tomllib.loads((run / "config.toml").read_text())["faults"]["attackers"])
+
+
 def cosines(cell: Path) -> str:
     """The descent check's cosines over a cell's finished runs: the attackers' replies and the
     honest ones (range and count), and how many honest replies it rejected."""
     attacker, honest, rejected = [], [], 0
     for summary in sorted(cell.glob("*/seed*/summary.json")):
         run = summary.parent
-        attackers = set(tomllib.loads((run / "config.toml").read_text())["faults"]["attackers"])
+        attackers = _attackers(run)
         for record in read_metrics(run)[1:]:
             for c in record.get("clients", []):
                 if c.get("descent_cosine") is None:
@@ -154,7 +159,7 @@ def table(root: Path, setting: str, n: str) -> list[str]:
 def attacker_share(run: Path) -> tuple[float, int]:
     """The attackers' mean share of the examples of the rounds they took part in, and in how
     many rounds they did (by the sizes the server knows: FedAvg's weights)."""
-    attackers = set(tomllib.loads((run / "config.toml").read_text())["faults"]["attackers"])
+    attackers = _attackers(run)
     shares = []
     for record in read_metrics(run)[1:]:
         replies = [c for c in record.get("clients", []) if c["status"] == "ok"]
