@@ -112,6 +112,18 @@ def test_a_choice_at_the_edge_of_its_grid_is_flagged(tmp_path):
     assert tuning.grid_edges(points, ("a=1", "b=y")) == ("a=1 (lowest tried)",)
 
 
+def test_an_edge_is_judged_by_value_whatever_order_the_grid_lists():
+    """A grid written out of order: its first value is not its lowest. Numbers are ordered by
+    value; non-numeric values keep the grid's order and are named first and last."""
+    shuffled = [("lr=0.001",), ("lr=1e-05",), ("lr=0.0001",)]
+    assert tuning.grid_edges(shuffled, ("lr=0.001",)) == ("lr=0.001 (highest tried)",)
+    assert tuning.grid_edges(shuffled, ("lr=1e-05",)) == ("lr=1e-05 (lowest tried)",)
+    assert tuning.grid_edges(shuffled, ("lr=0.0001",)) == ()
+    words = [("mode=b",), ("mode=a",), ("mode=c",)]
+    assert tuning.grid_edges(words, ("mode=b",)) == ("mode=b (first tried)",)
+    assert tuning.grid_edges(words, ("mode=c",)) == ("mode=c (last tried)",)
+
+
 def test_a_run_without_validation_metrics_cannot_be_tuned_on(tmp_path):
     [cell] = tuning.plan(tmp_path, ["fedavg"], tuning.parse_grid(["lr=[1e-5]"]), [100])
     cell.run_dir.mkdir(parents=True)

@@ -160,15 +160,32 @@ class Choice:
 
 
 def grid_edges(points: list[tuple[str, ...]], chosen: tuple[str, ...]) -> tuple[str, ...]:
-    """The items of ``chosen`` that are the first or last value of their key in ``points`` (the
-    method's grid, in grid order), for keys with at least 3 values: with 2, every choice is at
-    an edge and the flag says nothing."""
+    """The items of ``chosen`` that are the lowest or highest value of their key in ``points``
+    (the method's grid), for keys with at least 3 values: with 2, every choice is at an edge
+    and the flag says nothing. Numbers are ordered by value, whatever order the grid lists
+    them in; a key with a non-numeric value keeps the grid's order (first and last)."""
     edges = []
     for i, item in enumerate(chosen):
         values = list(dict.fromkeys(point[i] for point in points))
-        if len(values) >= 3 and item in (values[0], values[-1]):
-            edges.append(f"{item} ({'lowest' if item == values[0] else 'highest'} tried)")
+        if len(values) < 3:
+            continue
+        numbers = [_number(v) for v in values]
+        if None not in numbers:
+            values = [v for _, v in sorted(zip(numbers, values, strict=True))]
+            low, high = "lowest", "highest"
+        else:
+            low, high = "first", "last"
+        if item in (values[0], values[-1]):
+            edges.append(f"{item} ({low if item == values[0] else high} tried)")
     return tuple(edges)
+
+
+def _number(item: str) -> float | None:
+    """The value of a ``key=value`` item as a number, or None where it is not one."""
+    try:
+        return float(item.partition("=")[2])
+    except ValueError:
+        return None
 
 
 def choose(cells: list[Cell], end_point: str) -> tuple[dict[str, Choice], list[dict]]:
