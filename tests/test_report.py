@@ -23,6 +23,7 @@ from hfedmoe.experiment.report import (
     plot_all,
     privacy_table,
     seeds_warning,
+    setting_sentence,
     summarise,
     write_report,
 )
@@ -216,6 +217,7 @@ def test_report_of_a_real_grid(real_grid, tmp_path):
     assert proc.returncode == 0, proc.stderr
     md = (out / "report.md").read_text()
     assert "Primary end point: final accuracy" in md and "Target accuracy: 0.25." in md
+    assert ", 2 rounds, " in md.split("Primary end point")[0]  # the setting, read from config
     assert "not recorded in advance" not in md and not _protocol_warnings(md)  # compare did
     results, rest = md.split("## Paired by seed")
     paired, rest = rest.split("## Per seed")
@@ -619,3 +621,26 @@ def test_two_seeds_give_a_mean_no_interval_and_a_warning_first(tmp_path):
     write_report([r.path for r in runs], tmp_path / "report")
     md = (tmp_path / "report" / "report.md").read_text()
     assert md.split("\n")[2].startswith("**Warning: 2 seeds per method")  # the only warning
+
+
+def test_the_report_says_what_was_run_from_the_runs_own_configs(tmp_path):
+    """Its first line names the config, rounds, clients and steps, and any data cap (a quick
+    profile's subset); a key that differs between runs lists each value."""
+    quick = (
+        ("name", "hfedmoe"),
+        ("federation.rounds", 3),
+        ("federation.clients_per_round", 4),
+        ("federation.num_clients", 8),
+        ("train.local_steps", 3),
+        ("data.max_train_examples", 400),
+        ("data.max_test_examples", None),
+    )
+    runs = [Run(tmp_path, "fedavg", 0, [], setting=quick), Run(tmp_path, "hfedmoe", 0, [])]
+    assert setting_sentence(runs) == (
+        "Setting: config 'hfedmoe', 3 rounds, 4 of 8 clients a round, 3 local steps a client; "
+        "data capped: training at most 400 examples (each run's config.toml holds the rest)."
+    )
+    longer = tuple((k, 5 if k == "federation.rounds" else v) for k, v in quick)
+    runs.append(Run(tmp_path, "random", 0, [], setting=longer))
+    assert ", 3 or 5 rounds, " in setting_sentence(runs)
+    assert setting_sentence([Run(tmp_path, "fedavg", 0, [])]) is None  # no config.toml

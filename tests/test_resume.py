@@ -29,6 +29,7 @@ from hfedmoe.results.run_state import (
 
 from .support.cli import (
     checkpoint_round,
+    interrupt_when,
     invoke_cli,
     kill_at_call,
     kill_when,
@@ -242,6 +243,22 @@ def test_killed_at_each_step_of_its_resume_then_resumed_ends_exactly_as_uninterr
         resume = ["run", "--resume", str(run_dir)]
         kill_at_call(resume, "hfedmoe.results.recorder:write_atomic", step)
         assert checkpoint_round(run_dir) == checkpointed  # it and its rounds' metrics still load
+    _assert_same_end(run_to_the_end(run_dir), uninterrupted)
+
+
+def test_ctrl_c_says_how_to_go_on_and_the_run_then_ends_as_uninterrupted(
+    config_file, uninterrupted, tmp_path
+):
+    """Ctrl-C in a round: one line naming the command that continues, the shell's status for
+    SIGINT (130), and that command ends the run exactly as an uninterrupted run."""
+    run_dir = tmp_path / "stopped"
+    status, stderr = interrupt_when(
+        ["run", str(config_file), "-o", str(run_dir)], lambda: _records(run_dir) >= 2
+    )
+    assert status == 130
+    assert stderr.strip().splitlines()[-1] == (
+        f"hfedmoe: interrupted; 'hfedmoe run --resume {run_dir}' continues this run"
+    )
     _assert_same_end(run_to_the_end(run_dir), uninterrupted)
 
 

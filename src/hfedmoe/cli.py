@@ -82,6 +82,17 @@ def _fail(message: str) -> NoReturn:
     raise typer.Exit(code=2)
 
 
+#: rich estimates the time left from the steps of the last 30 s by default, so it shows none
+#: when a step (a client's training, a grid's run) takes longer: ours take minutes
+_PACE = {"speed_estimate_period": 3600.0}
+
+
+def _interrupted(how: str) -> NoReturn:
+    """Ctrl-C: one line saying how to go on, and the shell's exit status for SIGINT (130)."""
+    typer.echo(f"hfedmoe: interrupted; {how}", err=True)
+    raise typer.Exit(code=130)
+
+
 @contextlib.contextmanager
 def _errors(hint: Callable[[HFedMoEError], str] = lambda exc: "") -> Iterator[None]:
     """Any :class:`HFedMoEError` in the block fails the command (:func:`_fail`), with what
@@ -149,6 +160,8 @@ def run(
             if resume is None and not isinstance(exc, WriteError):
                 _discard_unstarted(run_dir)
             raise
+        except KeyboardInterrupt:  # every record is written whole: the run resumes from it
+            _interrupted(f"'hfedmoe run --resume {run_dir}' continues this run")
     _print_summary(summary, run_dir)
 
 
@@ -215,7 +228,7 @@ def _run_with_progress(
         TextColumn("client trainings"),
         TimeRemainingColumn(),
     ]
-    with Progress(*columns, console=console, disable=not show, transient=False) as bar:
+    with Progress(*columns, console=console, disable=not show, transient=False, **_PACE) as bar:
         task = bar.add_task("preparing", total=total)
 
         def on_reply(msg, reply, seconds) -> None:
@@ -298,7 +311,7 @@ def _build_if_needed(cfg: config_mod.ExperimentConfig, show: bool = True) -> Pat
         MofNCompleteColumn(),
         TimeRemainingColumn(),
     ]
-    with Progress(*columns, console=console, disable=not show) as bar:
+    with Progress(*columns, console=console, disable=not show, **_PACE) as bar:
         tasks: dict[str, int] = {}
 
         def on_progress(stage: str, done: int, total: int) -> None:
@@ -347,7 +360,10 @@ def _print_summary(summary: dict, run_dir: Path) -> None:
     Console().print(table)
     if "accuracy_is" in summary:
         print(f"Test accuracy here is {summary['accuracy_is']}.")
-    print(f"Results: {run_dir}/  (metrics.jsonl, metrics.csv, clients.csv, accuracy.png, model/)")
+    print(
+        f"Results: {run_dir}/  (summary.json, metrics.jsonl, metrics.csv, clients.csv, "
+        "accuracy.png, model/)"
+    )
 
 
 def _csv(text: str, what: str, cast=str) -> list:
@@ -537,13 +553,15 @@ def _run_grid(
         TextColumn("runs"),
         TimeRemainingColumn(),
     ]
-    with Progress(*columns, console=console, disable=not progress) as bar:
+    with Progress(*columns, console=console, disable=not progress, **_PACE) as bar:
         task = bar.add_task("grid", total=len(todo))
         for run in todo:
             name = " ".join([run.method, *run.sets])
             bar.update(task, description=f"{name} seed {run.seed}")
             try:
                 proc = comparison.execute(config, run, base, resume[run])
+            except KeyboardInterrupt:  # the run's own process got the Ctrl-C too
+                _interrupted("the same command continues: finished runs are kept, this one resumes")
             except WriteError as exc:  # the grid's own folders: fails the cell like its run
                 proc = subprocess.CompletedProcess([], 2, "", f"hfedmoe: error: {exc}")
             if proc.returncode != 0:

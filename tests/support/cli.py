@@ -81,6 +81,30 @@ def kill_when(args: list[str], moment: Callable[[], bool], delay: float = 0.0) -
     assert proc.returncode == -signal.SIGKILL
 
 
+def interrupt_when(args: list[str], moment: Callable[[], bool]) -> tuple[int, str]:
+    """Start ``hfedmoe ARGS`` and press Ctrl-C (SIGINT) once ``moment()`` holds; its exit
+    status and what it wrote on stderr."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hfedmoe", *args],
+        env=_cli_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not moment():
+            assert proc.poll() is None, "the run ended before the moment to interrupt it"
+            assert time.monotonic() < deadline, "the moment to interrupt never came"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)
+    return proc.returncode, stderr
+
+
 #: ``hfedmoe ARGS`` in a child that SIGKILLs itself as it calls MODULE:FUNCTION for the Nth time
 _KILLED_AT_CALL = """
 import importlib, os, signal, sys

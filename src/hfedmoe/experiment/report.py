@@ -78,6 +78,7 @@ class Run:
     label: str = ""  # the row it belongs to (default: its algorithm)
     tier_flops: dict[str, float | None] = field(default_factory=dict)  # config's device tiers
     round_timeout: float | None = None  # config's federation.round_timeout
+    setting: tuple[tuple[str, object], ...] = ()  # config's SETTING_KEYS, as the report says
 
     @classmethod
     def load(cls, path: Path) -> Run:
@@ -98,6 +99,7 @@ class Run:
             summary["algorithm"],
             flops,
             raw.get("federation", {}).get("round_timeout"),
+            tuple((key, _lookup(raw, key)) for key in SETTING_KEYS),
         )
 
     @property
@@ -718,6 +720,7 @@ def plot_all(runs: list[Run], target: float | None) -> dict[str, plt.Figure]:
         _mean_band(ax, np.arange(len(group[0].rounds)), [r.accuracy for r in group], name)
     if target is not None:
         ax.axhline(target, color="grey", linestyle=":", linewidth=1, label=f"target {target:g}")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set(xlabel="round", ylabel="test accuracy", title="Accuracy per round (mean, min-max band)")
     ax.legend(fontsize=8)
     figs["accuracy"] = fig
@@ -747,6 +750,7 @@ def plot_all(runs: list[Run], target: float | None) -> dict[str, plt.Figure]:
             worst = [r.personal("personal_accuracy_worst") for r in group]
             k = min(len(w) for w in worst)  # as _mean_band: the rounds every seed has
             ax.plot(x[:k], np.mean([w[:k] for w in worst], axis=0), color=f"C{n}", linestyle=":")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set(
             xlabel="round",
             ylabel="accuracy on the client's own distribution",
@@ -955,6 +959,59 @@ def paired_sentence(primary: str, comparisons: int) -> str:
     )
 
 
+#: the config keys the report's first lines state, so that a reader knows what was run (a
+#: quick profile's 3 rounds on a data subset, say) without opening a config.toml
+SETTING_KEYS = (
+    "name",
+    "federation.rounds",
+    "federation.clients_per_round",
+    "federation.num_clients",
+    "train.local_steps",
+    "data.max_train_examples",
+    "data.max_test_examples",
+)
+
+
+def _lookup(raw: Mapping[str, object], dotted: str) -> object:
+    """A dotted key's value in a parsed config.toml; None where it is absent."""
+    value: object = raw
+    for part in dotted.split("."):
+        value = value.get(part) if isinstance(value, Mapping) else None
+    return value
+
+
+def setting_sentence(runs: list[Run]) -> str | None:
+    """What was run, from the runs' own config.toml: the config's name, rounds, clients and
+    local steps, and any cap on the data; a key whose value differs between runs lists each
+    value. None for runs without a config.toml."""
+    values: dict[str, list[object]] = {}
+    for r in runs:
+        for key, value in r.setting:
+            if value not in values.setdefault(key, []):
+                values[key].append(value)
+    if not values or all(v == [None] for v in values.values()):
+        return None
+
+    def said(key: str) -> str:
+        return " or ".join("none" if v is None else str(v) for v in values.get(key, [None]))
+
+    caps = [
+        f"{what} at most {said(key)} examples"
+        for what, key in (
+            ("training", "data.max_train_examples"),
+            ("test", "data.max_test_examples"),
+        )
+        if values.get(key, [None]) != [None]
+    ]
+    return (
+        f"Setting: config '{said('name')}', {said('federation.rounds')} rounds, "
+        f"{said('federation.clients_per_round')} of {said('federation.num_clients')} clients a "
+        f"round, {said('train.local_steps')} local steps a client"
+        + (f"; data capped: {', '.join(caps)}" if caps else "")
+        + " (each run's config.toml holds the rest)."
+    )
+
+
 def seeds_warning(runs: list[Run]) -> str | None:
     """The report's warning where no method has MIN_SEEDS seeds (after any about a changed
     end point): its differences describe these runs and decide nothing."""
@@ -1056,7 +1113,9 @@ def write_report(
     out_dir.mkdir(parents=True, exist_ok=True)
     title = title or f"hfedmoe comparison ({len(runs)} runs)"
     sources = "".join(f"<li><code>{html.escape(str(r.path))}</code></li>" for r in runs)
-    opening = [protocol_sentence(used, reference), *resolved.notes]
+    setting = setting_sentence(runs)
+    opening = [*([setting] if setting else []), protocol_sentence(used, reference)]
+    opening += resolved.notes
 
     tables = report_tables(runs, rows, used, reference)
     md = [f"# {title}", "", *(f"**Warning: {w}**\n" for w in warnings)]

@@ -465,7 +465,8 @@ def query_devices(
             f"part ({reasons})"
         )
     log.info(
-        "device budgets (node: C_budget): %s", {n: d.expert_budget for n, d in devices.items()}
+        "experts each node's device can train (node: C_budget): %s",
+        {n: d.expert_budget for n, d in devices.items()},
     )
     return devices, excluded
 

@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 
 
 def plot_accuracy(rounds: list[dict], path: Path, title: str) -> Path:
@@ -28,6 +29,7 @@ def plot_accuracy(rounds: list[dict], path: Path, title: str) -> Path:
     ax_loss.legend()
     for ax in (ax_acc, ax_loss):
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds: no 0.5
     fig.suptitle(title)
     fig.savefig(path, dpi=120)
     plt.close(fig)
