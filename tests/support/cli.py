@@ -58,6 +58,15 @@ def run_to_the_end(
     return run_dir
 
 
+def _await(proc: subprocess.Popen, moment: Callable[[], bool]) -> None:
+    """Poll ``moment()`` every 10 ms while ``proc`` runs, for at most 300 s."""
+    deadline = time.monotonic() + 300
+    while not moment():
+        assert proc.poll() is None, "the run ended before the moment came"
+        assert time.monotonic() < deadline, "the moment never came"
+        time.sleep(0.01)
+
+
 def kill_when(args: list[str], moment: Callable[[], bool], delay: float = 0.0) -> None:
     """Start ``hfedmoe ARGS``, SIGKILL it once ``moment()`` holds (polled every 10 ms) plus
     ``delay``: a crash at a chosen point of a real run."""
@@ -68,11 +77,7 @@ def kill_when(args: list[str], moment: Callable[[], bool], delay: float = 0.0) -
         stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 300
-        while not moment():
-            assert proc.poll() is None, "the run ended before the moment to kill it"
-            assert time.monotonic() < deadline, "the moment to kill never came"
-            time.sleep(0.01)
+        _await(proc, moment)
         time.sleep(delay)
         proc.send_signal(signal.SIGKILL)
     finally:
@@ -92,11 +97,7 @@ def interrupt_when(args: list[str], moment: Callable[[], bool]) -> tuple[int, st
         text=True,
     )
     try:
-        deadline = time.monotonic() + 300
-        while not moment():
-            assert proc.poll() is None, "the run ended before the moment to interrupt it"
-            assert time.monotonic() < deadline, "the moment to interrupt never came"
-            time.sleep(0.01)
+        _await(proc, moment)
         proc.send_signal(signal.SIGINT)
         _, stderr = proc.communicate(timeout=120)
     finally:
