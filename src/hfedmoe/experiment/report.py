@@ -98,7 +98,7 @@ class Run:
             rounds,
             summary["algorithm"],
             flops,
-            raw.get("federation", {}).get("round_timeout"),
+            _lookup(raw, "federation.round_timeout"),
             tuple((key, _lookup(raw, key)) for key in SETTING_KEYS),
         )
 
