@@ -30,7 +30,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml requirements-assets.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
-	@echo "installing torch==2.13.0 first (anything torch-dependent installed before it would pull its own build) from $(if $(TORCH_INDEX),$(TORCH_INDEX),pip's configured index; on a Linux machine without a GPU: make TORCH_INDEX=https://download.pytorch.org/whl/cpu)"
+	@echo "installing torch==2.13.0 first (anything torch-dependent installed before it would pull its own build) from $(if $(TORCH_INDEX),$(TORCH_INDEX),pip's configured index; if it downloads nvidia-* packages on a machine without a GPU, stop and rerun with TORCH_INDEX=https://download.pytorch.org/whl/cpu)"
 	$(PIP) install --quiet torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PIP) install --quiet -e ".[dev]"
 	$(PIP) install --quiet --no-deps -r requirements-assets.txt
