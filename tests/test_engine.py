@@ -14,6 +14,7 @@ from hfedmoe.engines.embedded import FIRST_NODE_ID, EmbeddedGrid
 from hfedmoe.engines.superlink_role import act_as_superlink, assign_message_id
 from hfedmoe.federation import wire
 from hfedmoe.federation.strategy import sample_clients
+from hfedmoe.foundation.seeding import SAMPLING, rng_for
 
 echo_app = ClientApp()
 seen: list[tuple[int, dict]] = []
@@ -111,10 +112,10 @@ def test_by_reference_counts_the_bytes_the_wire_would_carry():
 
 def test_client_sampling_is_reproducible_and_varies_by_round():
     nodes = list(range(100, 120))
-    first = sample_clients(nodes, 5, seed=0, server_round=1)
-    assert first == sample_clients(reversed(nodes), 5, seed=0, server_round=1)
+    first = sample_clients(nodes, 5, rng_for(0, SAMPLING, 1))
+    assert first == sample_clients(reversed(nodes), 5, rng_for(0, SAMPLING, 1))
     assert len(set(first)) == 5 and set(first) <= set(nodes)
-    assert first != sample_clients(nodes, 5, seed=0, server_round=2)
+    assert first != sample_clients(nodes, 5, rng_for(0, SAMPLING, 2))
 
 
 def test_the_server_folds_each_reply_before_the_next_client_trains(tiny_bert_dir, tmp_path):

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 from hfedmoe.algorithms import ClientUpdate, build_algorithm
+from hfedmoe.algorithms.base import DP_SECRET
 from hfedmoe.algorithms.maths import accounting
 from hfedmoe.algorithms.maths.privacy import (
     adaptive_clip_norm,
@@ -164,10 +165,31 @@ def test_a_client_clips_its_update_and_adds_noise_of_std_2zc(tiny_bert_dir):
     quiet = _local(tiny_bert_dir, noise_multiplier=1e-9)
     clipped = quiet.noised(ClientUpdate(weights=x, num_examples=1), w, 1, 0).weights
     assert clipped["a"].tolist() == pytest.approx([0.3, 0.4])
-    # each client and round draws its own noise, the same again on a resumed round
-    other = algorithm.noised(ClientUpdate(weights=x, num_examples=1), w, 1, 1).weights
+    # each reply draws its own noise from a secret of its own: the same client and round again
+    # draws other noise, which nobody who knows the config's seed can subtract
     again = algorithm.noised(ClientUpdate(weights=x, num_examples=1), w, 1, 0).weights
-    assert not torch.equal(noised["b"], other["b"]) and torch.equal(noised["b"], again["b"])
+    assert not torch.equal(noised["b"], again["b"])
+    # with reproducible_noise, for (seed, round, client): each client its own, the same again
+    seeded = _local(tiny_bert_dir, reproducible_noise=True)
+    first = seeded.noised(ClientUpdate(weights=x, num_examples=1), w, 1, 0).weights
+    other = seeded.noised(ClientUpdate(weights=x, num_examples=1), w, 1, 1).weights
+    again = seeded.noised(ClientUpdate(weights=x, num_examples=1), w, 1, 0).weights
+    assert not torch.equal(first["b"], other["b"]) and torch.equal(first["b"], again["b"])
+
+
+def test_a_noised_reply_carries_no_statistic_of_where_the_data_routed(tiny_bert_dir):
+    algorithm = _local(tiny_bert_dir)
+    w = {"a": torch.zeros(2)}
+    update = ClientUpdate(
+        weights={"a": torch.ones(2)},
+        num_examples=5,
+        metrics={"train_loss": 0.7, "steps": 3.0, "experts_routed": 9.0, "train_seconds": 1.5},
+        stats={"expert_updates": torch.tensor([[3, 0], [1, 2]])},
+    )
+    noised = algorithm.noised(update, w, 1, 0)
+    assert noised.metrics == {"train_loss": 0.7, "steps": 3.0}  # what the server requires
+    assert noised.stats["expert_updates"].tolist() == [[0, 0], [0, 0]]
+    assert noised.num_examples == 5
 
 
 def test_local_epsilon_is_the_gaussian_mechanism_composed_over_every_round():
@@ -301,9 +323,13 @@ def test_a_private_run_records_the_epsilon_it_spent_each_round(tiny_bert_dir, tm
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["dp_epsilon"] == metrics[2]["dp_epsilon"] and summary["dp_delta"] == 1e-5
     assert all(torch.isfinite(t).all() for t in weights.values())
-    # seeded noise: the same config gives the same model
+    # the noise comes from the run's own secret: the same config again draws other noise
     _, weights_again = _private_run(tiny_bert_dir, tmp_path / "again", algorithm)
-    assert all(torch.equal(weights[k], weights_again[k]) for k in weights)
+    assert not all(torch.equal(weights[k], weights_again[k]) for k in weights)
+    # the secret lives in the checkpoint while the run goes (for a resume), which a finished
+    # run deletes: no file of it holds the secret
+    for path in (tmp_path / "run").rglob("*"):
+        assert not path.is_file() or DP_SECRET.encode() not in path.read_bytes(), path
 
 
 @pytest.mark.slow  # CI time: the by-hand tests of eq. P4 and the fold above cover it
@@ -320,6 +346,41 @@ def test_adaptive_clipping_moves_the_norm_each_round_from_the_released_count(
     )
     # the count's noise is its own share of z: epsilon is the accountant's for z as before
     assert two["dp_epsilon"] == accounting.epsilon(1.0, 2, 3, 2, 1e-5)
+
+
+def test_the_secret_survives_a_checkpoint_and_draws_the_same_noise_and_sample(tiny_bert_dir):
+    cfg = validate(tiny_raw(tiny_bert_dir, privacy=PRIVATE))
+    algorithm = build_algorithm(cfg)
+    assert algorithm.checkpoint_state() == algorithm.state_dict()  # no secret before a draw
+    sample = algorithm.sampling_rng(3).permutation(100)
+    again = build_algorithm(cfg)
+    assert not (again.sampling_rng(3).permutation(100) == sample).all()  # a secret of its own
+    again.restore_state(algorithm.checkpoint_state())
+    assert (again.sampling_rng(3).permutation(100) == sample).all()
+    assert again._private_seed(14, 3) == algorithm._private_seed(14, 3)
+    # with reproducible_noise, the config's seed: what an experiment that must repeat uses
+    seeded = validate(tiny_raw(tiny_bert_dir, privacy={**PRIVATE, "reproducible_noise": True}))
+    assert (
+        build_algorithm(seeded).sampling_rng(3).permutation(100)
+        == build_algorithm(seeded).sampling_rng(3).permutation(100)
+    ).all()
+    assert build_algorithm(seeded).checkpoint_state() == build_algorithm(seeded).state_dict()
+
+
+def test_a_private_round_that_accepts_no_reply_still_releases_its_noise(tiny_bert_dir, tmp_path):
+    # every client takes no part: the model must still move, or an unmoved model would tell
+    # that no reply was accepted
+    raw = tiny_raw(
+        tiny_bert_dir,
+        federation={"num_clients": 3, "clients_per_round": 2, "rounds": 1},
+        privacy=PRIVATE,
+        faults={"attackers": [0, 1, 2], "attack": "dropout"},
+    )
+    run_embedded(validate(raw), str(tmp_path / "run"), server_app, client_app)
+    metrics = read_metrics(tmp_path / "run")
+    assert metrics[1]["clients_ok"] == 0 and metrics[1]["train_loss"] is None
+    assert metrics[1]["dp_epsilon"] == accounting.epsilon(1.0, 1, 3, 2, 1e-5)
+    assert metrics[1]["test_loss"] != metrics[0]["test_loss"]  # the noise moved the model
 
 
 def test_the_next_clipping_norm_survives_a_checkpoint(tiny_bert_dir):
@@ -371,10 +432,12 @@ def test_a_target_epsilon_sets_the_noise_for_the_planned_rounds(tiny_bert_dir, t
 
 
 def test_a_private_run_killed_mid_run_resumes_to_the_same_end(tiny_bert_dir, tmp_path):
+    # reproducible noise, so that a whole run can be compared; the secret's own survival of a
+    # checkpoint is tested above
     raw = tiny_raw(
         tiny_bert_dir,
         federation={"num_clients": 3, "clients_per_round": 2, "rounds": 3},
-        privacy=PRIVATE,
+        privacy={**PRIVATE, "reproducible_noise": True},
     )
     config = tmp_path / "private.toml"
     config.write_text(tomli_w.dumps(raw))

@@ -15,6 +15,7 @@ subclasses :class:`FederatedAlgorithm`, is decorated with :func:`register` and i
 from __future__ import annotations
 
 import dataclasses
+import secrets
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from typing import ClassVar
@@ -35,7 +36,12 @@ from hfedmoe.algorithms.maths.privacy import (
 from hfedmoe.algorithms.mechanics.layout import ExpertLayout
 from hfedmoe.algorithms.mechanics.merging import Merge, MergePolicy
 from hfedmoe.algorithms.mechanics.privacy import Mechanism, PrivateSum
-from hfedmoe.algorithms.mechanics.uploads import Range, UploadSpec, full_upload
+from hfedmoe.algorithms.mechanics.uploads import (
+    REQUIRED_METRICS,
+    Range,
+    UploadSpec,
+    full_upload,
+)
 from hfedmoe.algorithms.messages import ClientUpdate, TrainRequest, Weights
 from hfedmoe.budget import CostModels, Price
 from hfedmoe.data.tokenized import TokenizedDataset
@@ -47,7 +53,7 @@ from hfedmoe.foundation.config import (
     register_section,
 )
 from hfedmoe.foundation.errors import ConfigError
-from hfedmoe.foundation.seeding import PRIVACY, torch_seed_for
+from hfedmoe.foundation.seeding import PRIVACY, SAMPLING, rng_for, torch_seed_for
 from hfedmoe.model.state import load_shared_state
 from hfedmoe.training import TrainResult, train_local
 
@@ -87,6 +93,8 @@ class Aggregation(ABC):
 
 #: the checkpoint's key of adaptive clipping's next norm (beside the algorithm's own state)
 DP_CLIP_NORM = "dp_clip_norm"
+#: the checkpoint's key of the run's privacy secret (hex), which the noise and samples come from
+DP_SECRET = "dp_secret"
 
 
 class _PrivateRound(Aggregation):
@@ -156,6 +164,7 @@ class FederatedAlgorithm(ABC):
             )
         self._noise_multiplier: float | None = None
         self._clip_norm = cfg.privacy.clip_norm  # C of the next private round (eq. P4 moves it)
+        self._secret: int | None = None  # the run's privacy secret (:meth:`_private_seed`)
 
     def options(self) -> Section:
         """A plugin's own options (:attr:`OPTIONS`, from the config's ``[SECTION]``)."""
@@ -231,7 +240,7 @@ class FederatedAlgorithm(ABC):
     ) -> Aggregation:
         """The round's fold under ``[privacy]``: DP-FedAvg over ``spec``'s keys with the
         denominator fixed at the ``sampled`` clients (``mechanics.privacy``), its noise drawn
-        for (seed, round)."""
+        for (the run's secret, round) (:meth:`_private_seed`)."""
         assert self._clip_norm is not None  # the config requires it with privacy.enabled
         if self.cfg.privacy.local:  # noised already: bound each reply, add nothing
             numel = sum(t.numel() for t in spec.references(global_weights).values())
@@ -241,9 +250,7 @@ class FederatedAlgorithm(ABC):
             mechanism = Mechanism(
                 self._clip_norm, self.noise_multiplier(), sampled, self.count_noise(sampled)
             )
-        generator = torch.Generator().manual_seed(
-            torch_seed_for(self.cfg.seed, PRIVACY, server_round)
-        )
+        generator = torch.Generator().manual_seed(self._private_seed(PRIVACY, server_round))
         return _PrivateRound(PrivateSum(global_weights, spec, mechanism, generator), self._adapt)
 
     def client_noise_std(self) -> float:
@@ -259,19 +266,34 @@ class FederatedAlgorithm(ABC):
         self, update: ClientUpdate, global_weights: Weights, server_round: int, client: int
     ) -> ClientUpdate:
         """Local DP on the client: its update clipped to C as one vector (eq. P1) plus
-        N(0, s^2), s = 2zC, on every coordinate it sends, drawn for (seed, round, client)."""
-        assert self.cfg.privacy.clip_norm is not None
-        deltas, _ = clipped_deltas(update.weights, global_weights, self.cfg.privacy.clip_norm)
+        N(0, s^2), s = 2zC, on every coordinate it sends, drawn from a secret of this reply's
+        own (from the OS; never sent), or for (seed, round, client) with
+        ``privacy.reproducible_noise``. Only the training loss, the step count and the example
+        count go with it: the routing counts and timings, which depend on the client's data,
+        are left out."""
+        p = self.cfg.privacy
+        assert p.clip_norm is not None
+        deltas, _ = clipped_deltas(update.weights, global_weights, p.clip_norm)
         std = self.client_noise_std()
-        generator = torch.Generator().manual_seed(
+        seed = (
             torch_seed_for(self.cfg.seed, PRIVACY, server_round, 1 + client)
+            if p.reproducible_noise
+            else secrets.randbits(63)
         )
+        generator = torch.Generator().manual_seed(seed)
         weights = {}
         for key in sorted(deltas):  # one order: reproducible noise
             x = global_weights[key].to(torch.float64) + deltas[key]
             x += gaussian_like(x, std, generator)
             weights[key] = x.to(update.weights[key].dtype)
-        return dataclasses.replace(update, weights=weights)
+        # the statistics (FedAvg's: which experts the batches updated) as zeros: the upload is
+        # dense, so the server needs none of them, and they would show where the data routed
+        return dataclasses.replace(
+            update,
+            weights=weights,
+            metrics={k: v for k, v in update.metrics.items() if k in REQUIRED_METRICS},
+            stats={name: torch.zeros_like(t) for name, t in update.stats.items()},
+        )
 
     def count_noise(self, sampled: int) -> float | None:
         """s_b of adaptive clipping's count (None: fixed clipping): as set, else the clients
@@ -300,12 +322,38 @@ class FederatedAlgorithm(ABC):
                 p.clip_learning_rate,
             )
 
+    def sampling_rng(self, server_round: int) -> np.random.Generator:
+        """The generator ``server_round``'s clients are sampled with: for (seed, round), or
+        under ``[privacy]`` for (the run's secret, round), since sampling amplifies privacy
+        only while nobody else can tell who was sampled."""
+        if self._secret_draws():
+            return np.random.default_rng(self._private_seed(SAMPLING, server_round))
+        return rng_for(self.cfg.seed, SAMPLING, server_round)
+
+    def _secret_draws(self) -> bool:
+        p = self.cfg.privacy
+        return p.enabled and not p.reproducible_noise
+
+    def _private_seed(self, *keys: int) -> int:
+        """A seed for a private draw of the server's: from the config's seed with
+        ``privacy.reproducible_noise``, else from the run's secret, 256 bits drawn from the OS
+        on first use and kept only in the server's checkpoint (:meth:`checkpoint_state`), so a
+        resumed run draws the same. Whoever knows a seed can subtract the noise it drew."""
+        if not self._secret_draws():
+            return torch_seed_for(self.cfg.seed, *keys)
+        if self._secret is None:
+            self._secret = secrets.randbits(256)
+        return torch_seed_for(self._secret, *keys)
+
     def checkpoint_state(self) -> dict:
-        """:meth:`state_dict` and, under adaptive clipping, the next round's clipping norm:
-        what a checkpoint keeps and a rolled-back round restores."""
+        """:meth:`state_dict`, under adaptive clipping the next round's clipping norm, and
+        under ``[privacy]`` the run's secret: what a checkpoint keeps and a rolled-back round
+        restores."""
         state = self.state_dict()
         if self.cfg.privacy.enabled and self.cfg.privacy.clipping == "adaptive":
             state = {**state, DP_CLIP_NORM: self._clip_norm}
+        if self._secret is not None:
+            state = {**state, DP_SECRET: f"{self._secret:064x}"}
         return state
 
     def restore_state(self, state: dict) -> None:
@@ -313,6 +361,8 @@ class FederatedAlgorithm(ABC):
         state = dict(state)
         if DP_CLIP_NORM in state:
             self._clip_norm = float(state.pop(DP_CLIP_NORM))
+        if DP_SECRET in state:
+            self._secret = int(state.pop(DP_SECRET), 16)
         self.load_state_dict(state)
 
     def bind(self, model: nn.Module) -> None:

@@ -288,7 +288,7 @@ class _Server:
         federated_seconds = time.perf_counter() - eval_start - eval_seconds - validation_seconds
         result = _test_result(central, fed)
         train = dict(folded.metrics) if aggregated else {}
-        train_loss = float(train.pop("train_loss")) if train else None
+        train_loss = float(train.pop("train_loss")) if "train_loss" in train else None
         now = time.perf_counter()
         record = _round_record(
             server_round,

@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
@@ -31,7 +32,6 @@ from hfedmoe.algorithms.mechanics.validation import Expectation, all_finite, che
 from hfedmoe.federation import wire
 from hfedmoe.foundation.config import ExperimentConfig
 from hfedmoe.foundation.errors import HFedMoEError
-from hfedmoe.foundation.seeding import SAMPLING, rng_for
 
 log = logging.getLogger("hfedmoe")
 
@@ -146,10 +146,10 @@ def _int_or_none(x: float | None) -> int | None:
     return None if x is None else int(x)
 
 
-def sample_clients(clients: Iterable[int], k: int, seed: int, server_round: int) -> list[int]:
-    """``k`` client ids drawn without replacement, reproducibly for (seed, round)."""
+def sample_clients(clients: Iterable[int], k: int, rng: np.random.Generator) -> list[int]:
+    """``k`` client ids drawn without replacement with ``rng`` (the algorithm's
+    ``sampling_rng``: for (seed, round), or under ``[privacy]`` for the run's secret)."""
     ordered = sorted(clients)
-    rng = rng_for(seed, SAMPLING, server_round)
     return sorted(int(n) for n in rng.choice(ordered, size=min(k, len(ordered)), replace=False))
 
 
@@ -218,7 +218,9 @@ class AlgorithmStrategy(Strategy):
         if not self.nodes:  # no budget query (tests): the node ids serve as client ids
             self.nodes = {n: n for n in grid.get_node_ids()}
         sampled = sample_clients(
-            self.nodes, self.cfg.federation.clients_per_round, self.cfg.seed, server_round
+            self.nodes,
+            self.cfg.federation.clients_per_round,
+            self.algorithm.sampling_rng(server_round),
         )
         messages, self._bytes_down, self._requested, self._configs = [], {}, {}, {}
         self._sampled = sampled
@@ -268,7 +270,9 @@ class AlgorithmStrategy(Strategy):
         float sums do not depend on arrival order."""
         if isinstance(replies, Sequence):
             replies = sorted(replies, key=lambda r: self._client(r.metadata.src_node_id))
-        fold = None
+        # under [privacy] every round releases its noise, even with no reply accepted: a round
+        # that kept the model exactly would tell whether anyone's reply was accepted
+        fold = self._aggregation(server_round) if self.cfg.privacy.enabled else None
         seconds = 0.0  # the aggregation's arithmetic (fold + finish)
         reports, examples, loss_sum, clipped = [], 0, 0.0, 0
         for reply in replies:
@@ -305,7 +309,8 @@ class AlgorithmStrategy(Strategy):
             log.error("round %d: the aggregate is not finite; the model stays", server_round)
             return Folded(None, {}, reports, rejected=True, seconds=seconds)
         # the server's own record: it never crosses a wire, so it holds the tensors as they are
-        metrics: dict[str, float] = {"train_loss": loss_sum / examples, "clipped": clipped}
+        metrics: dict[str, float] = {"train_loss": loss_sum / examples} if examples else {}
+        metrics["clipped"] = clipped  # no train_loss: a private round that accepted no reply
         if self.cfg.privacy.enabled:
             metrics.update(self._privacy_spent(server_round))
         metrics.update(fold.defence_counts())

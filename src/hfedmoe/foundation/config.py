@@ -911,6 +911,14 @@ class PrivacyConfig(Section):
         "the privacy budget: the updates get the rest (eq. P5), so it must exceed the noise "
         "multiplier.",
     )
+    reproducible_noise: bool = Field(
+        False,
+        description="false: the noise and each private round's client sample come from a "
+        "secret the server draws from the OS when the run starts and keeps in its checkpoint "
+        "only (with noise = client, each client draws its own for every reply). true: from "
+        "the config's seed, so a rerun repeats them bit for bit; for experiments only, since "
+        "whoever knows the seed (every client is sent the config) can subtract the noise.",
+    )
 
     @property
     def local(self) -> bool:
