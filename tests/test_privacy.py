@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
+import hfedmoe.federation.server_app as server_app_module
 from hfedmoe.algorithms import ClientUpdate, build_algorithm
 from hfedmoe.algorithms.base import DP_SECRET
 from hfedmoe.algorithms.maths import accounting
@@ -312,8 +313,20 @@ def _private_run(tiny_bert_dir, run_dir, algorithm="fedavg", **privacy):
 
 
 @pytest.mark.parametrize("algorithm", ["fedavg", "hfedmoe"])
-def test_a_private_run_records_the_epsilon_it_spent_each_round(tiny_bert_dir, tmp_path, algorithm):
+def test_a_private_run_records_the_epsilon_it_spent_each_round(
+    tiny_bert_dir, tmp_path, algorithm, monkeypatch
+):
+    secrets_kept = []  # the secret in each checkpoint the server writes
+    save = server_app_module.save_run_state
+
+    def save_and_note(run_dir, state):
+        secrets_kept.append(state.algorithm.get(DP_SECRET))
+        return save(run_dir, state)
+
+    monkeypatch.setattr(server_app_module, "save_run_state", save_and_note)
     metrics, weights = _private_run(tiny_bert_dir, tmp_path / "run", algorithm)
+    # drawn as the run starts: round 0's checkpoint already holds it, and every later one the same
+    assert len(secrets_kept) == 3 and len(set(secrets_kept)) == 1 and len(secrets_kept[0]) == 64
     for record in metrics[1:]:
         spent = accounting.epsilon(1.0, record["round"], 3, 2, 1e-5)
         assert record["dp_epsilon"] == spent and record["dp_delta"] == 1e-5

@@ -334,15 +334,21 @@ class FederatedAlgorithm(ABC):
         p = self.cfg.privacy
         return p.enabled and not p.reproducible_noise
 
+    def draw_secret(self) -> None:
+        """The run's secret under ``[privacy]`` (without ``reproducible_noise``): 256 bits from
+        the OS, drawn by the server as the run starts and kept only in its checkpoint
+        (:meth:`checkpoint_state`), so a resumed run draws the same noise and samples."""
+        if self._secret_draws() and self._secret is None:
+            self._secret = secrets.randbits(256)
+
     def _private_seed(self, *keys: int) -> int:
-        """A seed for a private draw of the server's: from the config's seed with
-        ``privacy.reproducible_noise``, else from the run's secret, 256 bits drawn from the OS
-        on first use and kept only in the server's checkpoint (:meth:`checkpoint_state`), so a
-        resumed run draws the same. Whoever knows a seed can subtract the noise it drew."""
+        """A seed for a private draw of the server's: from the run's secret, or from the
+        config's seed with ``privacy.reproducible_noise``. Whoever knows a seed can subtract
+        the noise it drew."""
         if not self._secret_draws():
             return torch_seed_for(self.cfg.seed, *keys)
-        if self._secret is None:
-            self._secret = secrets.randbits(256)
+        self.draw_secret()  # where no server set the run up (a strategy on its own, in tests)
+        assert self._secret is not None
         return torch_seed_for(self._secret, *keys)
 
     def checkpoint_state(self) -> dict:

@@ -180,6 +180,8 @@ class _Server:
         workload = server_workload(cfg)
         algorithm = build_algorithm(cfg)
         algorithm.bind(workload.model)
+        if resume is None:  # before the round-0 checkpoint, so that a resume draws the same
+            algorithm.draw_secret()
         strategy = AlgorithmStrategy(algorithm, cfg, by_reference)
         strategy.spec = algorithm.upload_spec(workload.model)
         round_timeout = cfg.federation.round_timeout or timeout

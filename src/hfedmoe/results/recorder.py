@@ -15,7 +15,8 @@
 Once summary.json is written the run is finished and its checkpoint goes: nothing resumes a
 finished run, ``model/`` and the metrics hold its results, and the checkpoint repeats the
 model's weights (905 MB for a specialised SmolLM2-MoE run; a user's model may be a hundred times
-larger). A crash between the two leaves the checkpoint, which is harmless.
+larger). A crash between the two leaves the checkpoint, which is harmless, except that a
+private run's holds its noise's secret (delete it before sharing the folder).
 
 Files are written atomically (temporary file + rename) or appended line by line
 (``hfedmoe.foundation.files``): the metrics files grow by one round's lines per round, and a

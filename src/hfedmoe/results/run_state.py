@@ -18,7 +18,9 @@ except tensors that share storage (tied embeddings), which safetensors cannot wr
 
 There is no RNG state to store: every random stream is a pure function of (seed, purpose,
 round, client) (``hfedmoe.foundation.seeding``), so round r + 1 draws the same numbers whether
-or not the process was restarted after round r.
+or not the process was restarted after round r. The one exception is the secret of a private
+run (``[privacy]``), which its noise and samples come from instead of the seed: it is part of
+the algorithm's state here, so a checkpoint of a private run is the server's secret too.
 
 One file, written to a temporary name, fsynced and renamed over the old one: a crash at any
 moment leaves either the previous round's checkpoint or this one, never a mixture.
