@@ -928,6 +928,14 @@ DEVICE_TIME_NOTE = (
     "is not recorded and the run has no device time (-)."
 )
 
+#: what the results table's memory and utilisation columns measure
+COLUMNS_NOTE = (
+    "Client memory: the largest client's weights held while training plus its training's "
+    "peak RSS increase (a device tier's memory bounds the cost model's prediction of the "
+    "same, docs/BUDGETS.md). Utilisation CV: the coefficient of variation of the per-expert "
+    "update counts over the run (0: every expert trained equally often)."
+)
+
 
 def protocol_sentence(used: ReportConfig, reference: str) -> str:
     """The first thing the report says: what its verdicts follow."""
@@ -1048,7 +1056,7 @@ def report_tables(
         results_columns(used.primary),
         [_cells(r) for r in rows],
         before=("Mean ± sample std over seeds.",),
-        after=(TO_TARGET_NOTE, DEVICE_TIME_NOTE),
+        after=(TO_TARGET_NOTE, DEVICE_TIME_NOTE, COLUMNS_NOTE),
     )
     tables = [results]
     if len({r.label for r in runs}) > 1:
@@ -1070,7 +1078,11 @@ def report_tables(
     header, cells = memory_tier_table(runs)
     if len(header) > 1:
         title = "Client memory per device tier"
-        before = ("The largest measured, mean over seeds.",)
+        before = (
+            "The largest measured, mean over seeds. In the embedded engine the clients and the "
+            "server share one process and its heap, so a measured peak can exceed the tier's "
+            "memory that the cost model's prediction fits (docs/BUDGETS.md compares the two).",
+        )
         tables.append(Table("memory", title, header, cells, before))
     header, cells = privacy_table(runs)
     if cells:
