@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
-from hfedmoe.algorithms import ClientUpdate
+from hfedmoe.algorithms import ClientUpdate, build_algorithm
 from hfedmoe.algorithms.maths.bounds import (
     adamw_ratio_bound,
     adamw_update_bound,
@@ -33,6 +33,7 @@ from hfedmoe.federation import wire
 from hfedmoe.federation.client_app import app as client_app
 from hfedmoe.federation.server_app import Admission
 from hfedmoe.federation.server_app import app as server_app
+from hfedmoe.federation.strategy import AlgorithmStrategy, declared_size_cap
 from hfedmoe.foundation.config import validate
 from hfedmoe.foundation.errors import ConfigError, HFedMoEError
 from hfedmoe.results import read_metrics
@@ -240,6 +241,34 @@ def test_a_reply_must_state_the_examples_the_server_knows():
     assert rejection.reason == "examples" and "expected 40" in rejection.detail
     update.num_examples = 40
     assert check_update(update, SPEC, GLOBAL, Expectation(1, examples=40)).rejection is None
+
+
+@pytest.mark.parametrize(
+    ("federation", "liar"),
+    [
+        ({}, 4 * 110),  # by default: 4 x the median declared size (of 100 and 120)
+        ({"max_examples_per_client": 150}, 150),  # the operator's own cap
+        ({"defences": False}, 2**62),  # trusted: what it declares
+    ],
+)
+def test_a_declared_size_carries_a_capped_weight(tiny_bert_dir, federation, liar):
+    # own data on a deployment: each node declares its size, which the server cannot check
+    cfg = validate(tiny_raw(tiny_bert_dir, federation={"num_clients": 4, **federation}))
+    strategy = AlgorithmStrategy(build_algorithm(cfg), cfg)
+    sizes = [90, 100, 120, 2**62]
+    devices = {100 + c: wire.DeviceReport(c, "", 0, 24, 24, 4, n) for c, n in enumerate(sizes)}
+    strategy.set_devices(devices, None)
+    assert strategy.weights == {0: 90, 1: 100, 2: 120, 3: liar}
+    assert strategy.examples[3] == 2**62  # what its replies must state is what it declared
+    # where the server made the partitions, it knows every size, and no default cap applies
+    strategy.set_devices(devices, [90, 100, 120, 1000])
+    assert strategy.weights[3] == (150 if "max_examples_per_client" in federation else 1000)
+
+
+def test_declared_size_cap_by_hand():
+    assert declared_size_cap([10, 20, 30]) == 80
+    assert declared_size_cap([1, 1, 10**9]) == 4  # one liar cannot move the median
+    assert declared_size_cap([0]) == 1
 
 
 def test_the_share_cap_by_hand():

@@ -9,6 +9,8 @@ from dataclasses import asdict
 
 import pytest
 from flwr.app import Message, MessageType
+from hypothesis import given
+from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 from hfedmoe.data.partition import client_test_split, held_out_count
@@ -46,6 +48,26 @@ def test_the_held_out_share_by_hand():
     assert held_out_sizes(15, 0.25) == {5}
     # at 0.3, 3 rows train on 3 - 1 (4 rows: 4 - 1 = 3; 5 rows: 5 - 2 = 3): 1 or 2 held out
     assert held_out_sizes(3, 0.3) == {1, 2}
+
+
+def _held_out_sizes_by_search(trained: int, fraction: float) -> set[int]:
+    """Every size from ``trained`` up, until N - held_out_count(N) passes ``trained``."""
+    sizes, rows = set(), trained
+    while rows - (held := held_out_count(rows, fraction)) <= trained:
+        if rows - held == trained:
+            sizes.add(held)
+        rows += 1
+    return sizes
+
+
+@given(st.integers(0, 3000), st.sampled_from([0.0, 0.01, 0.1, 0.25, 0.3, 0.5, 2 / 3, 0.9, 0.99]))
+def test_the_held_out_sizes_are_those_a_search_of_every_size_finds(trained, fraction):
+    assert held_out_sizes(trained, fraction) == _held_out_sizes_by_search(trained, fraction)
+
+
+def test_a_huge_declared_size_costs_the_server_no_time():
+    # the sizes are searched in a window of a few rows, not counted up to a node's claim
+    assert held_out_sizes(10**15, 0.25) == {333_333_333_333_333, 333_333_333_333_334}
 
 
 # --- a run ----------------------------------------------------------------------------------

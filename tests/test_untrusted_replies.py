@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hfedmoe.algorithms import build_algorithm
+from hfedmoe.algorithms.mechanics.assignment import ASSIGNED
 from hfedmoe.engines.superlink_role import act_as_superlink, assign_message_id
 from hfedmoe.federation import wire
 from hfedmoe.federation.strategy import AlgorithmStrategy
@@ -34,6 +35,7 @@ CORRUPTIONS = [
     "metric-list",
     "metric-undeclared",
     "metric-missing",
+    "metric-loss-huge",
     "examples-other",
     "examples-float",
     "partition-other",
@@ -47,6 +49,7 @@ CORRUPTIONS = [
     "stat-shape",
     "stat-range",
     "stat-nan",
+    "stat-dtype",
     "record-extra",
     "record-missing",
     "error-reply",
@@ -175,6 +178,8 @@ def _reply(parts: dict, corruption) -> Message:
             m["secret"] = 1.0
         case "metric-missing":
             del m["train_loss"]
+        case "metric-loss-huge":  # finite, yet the round's mean loss would overflow
+            m["train_loss"] = 1e308
         case "examples-other":
             n = 10**12
         case "examples-float":
@@ -202,6 +207,11 @@ def _reply(parts: dict, corruption) -> Message:
             s["expert_updates"] = s["expert_updates"] - 5
         case "stat-nan":
             s["expert_updates"] = torch.full(s["expert_updates"].shape, math.nan)
+        case "stat-dtype":  # in range, of a dtype the server cannot compute with
+            if "importance" in s:
+                s["importance"] = (s["importance"] > 0.5).long()
+            else:
+                s["expert_updates"] = s["expert_updates"] > 0
         case "record-extra":
             records["extra"] = ConfigRecord({"x": 1})
         case "record-missing":
@@ -315,3 +325,29 @@ def test_a_refused_aggregate_leaves_the_algorithm_as_it_was(setup, monkeypatch):
     assert after.keys() == before.keys()
     for key in before:  # HFedMoE's s_c per client: still none
         assert str(after[key]) == str(before[key])
+
+
+def test_an_expert_the_request_did_not_assign_is_refused(tiny_bert_dir):
+    # a random-subset client assigned some experts uploads one more, claiming no update of it
+    # (a method that reads what was uploaded would count it)
+    setup = _Setup(tiny_bert_dir, "random")
+    strategy = setup.strategy()
+    budget_2 = {100 + c: wire.DeviceReport(c, "", 0, 2, 24, CLIENTS, SIZES[c]) for c in range(4)}
+    strategy.set_devices(budget_2, SIZES)  # each client is assigned 2 of the experts
+    messages = _messages(strategy, setup)
+    node = messages[0].metadata.dst_node_id
+    client = strategy._client(node)
+    parts = _sound(strategy, messages[0], client)
+    spec = strategy.spec
+    assigned = set(strategy._configs[node][ASSIGNED])
+    L_E = spec.stats["expert_updates"].shape
+    counts = torch.zeros(L_E, dtype=torch.long)
+    other = next(x for x in spec.expert_keys if x[0] * L_E[1] + x[1] not in assigned)
+    refs = spec.references(strategy._global)
+    weights = {k: refs[k].clone() for k in spec.required}
+    weights.update({k: refs[k] + 1e-6 for k in spec.expert_keys[other]})
+    parts.update(weights=weights, stats={"expert_updates": counts})
+    folded = strategy.fold(1, [_reply(parts, None)])
+    report = folded.reports[0]
+    assert (report.status, report.failure) == ("failed", "unknown-keys"), report.error
+    assert "was not assigned" in report.error

@@ -12,6 +12,7 @@ client can buy weight in the mean. An answer that fails is left out with its rea
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -38,13 +39,17 @@ def evaluators(
 
 def held_out_sizes(trained: int, fraction: float) -> set[int]:
     """The held-out counts a client that trains on ``trained`` rows can have: those of every
-    size N with N - held_out_count(N) = trained (two, where the rounding steps)."""
-    sizes, rows = set(), trained
-    while rows - (held := held_out_count(rows, fraction)) <= trained:
-        if rows - held == trained:
-            sizes.add(held)
-        rows += 1
-    return sizes
+    size N with N - held_out_count(N) = trained (two, where the rounding steps).
+
+    held_out_count(N) is f N rounded, clamped to [1, N - 1], so such an N lies within
+    (trained +- 2) / (1 - f): only that window is searched, whatever size a node declares."""
+    low = max(trained, math.floor((trained - 2) / (1 - fraction)) - 1)
+    high = math.ceil((trained + 2) / (1 - fraction)) + 1
+    return {
+        held
+        for rows in range(low, high + 1)
+        if rows - (held := held_out_count(rows, fraction)) == trained
+    }
 
 
 def requests(

@@ -146,6 +146,18 @@ def _int_or_none(x: float | None) -> int | None:
     return None if x is None else int(x)
 
 
+#: a declared size counts at most this many times the median declared size (by default)
+DECLARED_SIZE_FACTOR = 4
+
+
+def declared_size_cap(declared: Sequence[int]) -> int:
+    """The default cap on the weight of a size a node declares (``data.clients = "own"``):
+    DECLARED_SIZE_FACTOR x the median declared size. The server cannot check a declared size,
+    and a node declaring 2^62 examples would otherwise carry the whole aggregate; a minority of
+    nodes cannot move the median."""
+    return max(1, DECLARED_SIZE_FACTOR * int(np.median(declared)))
+
+
 def sample_clients(clients: Iterable[int], k: int, rng: np.random.Generator) -> list[int]:
     """``k`` client ids drawn without replacement with ``rng`` (the algorithm's
     ``sampling_rng``: for (seed, round), or under ``[privacy]`` for the run's secret)."""
@@ -197,6 +209,8 @@ class AlgorithmStrategy(Strategy):
         self.nodes = {d.partition_id: node for node, d in self.devices.items()}
         self.algorithm.set_budgets({d.partition_id: d.expert_budget for d in devices.values()})
         cap = self.cfg.federation.max_examples_per_client
+        if cap is None and not known_examples and self.cfg.federation.defences and devices:
+            cap = declared_size_cap([d.num_examples for d in devices.values()])
         for d in devices.values():
             n = known_examples[d.partition_id] if known_examples else d.num_examples
             self.examples[d.partition_id] = n

@@ -457,8 +457,9 @@ class FederationConfig(Section):
     max_examples_per_client: int | None = Field(
         None,
         gt=0,
-        description="The most examples any client's weight counts (a deployment's nodes declare "
-        "their own sizes); null = no cap.",
+        description="The most examples any client's weight counts; null = no cap where the "
+        "server made the partitions, and where nodes declare their own sizes (data.clients = "
+        "own) with defences on, 4 times the median declared size.",
     )
     max_client_share: float = Field(
         0.5,

@@ -70,7 +70,9 @@ HELD = Statistic(Range(0, 1, integer=True), assigned="equal")  # a strict client
 
 #: The metrics every client reports (``FederatedAlgorithm._update`` and the client app)
 BASE_METRICS: dict[str, Range] = {
-    "train_loss": Range(),
+    # bounded, so that the round's example-weighted mean stays finite: honest losses are a few
+    # units (a cross-entropy starts near ln(vocabulary)), hundreds on a model noised under DP
+    "train_loss": Range(0, 1e6),
     "train_seconds": Range(),
     "steps": Range(1, STEPS, integer=True),
     "experts_updated": Range(0, EXPERTS, integer=True),

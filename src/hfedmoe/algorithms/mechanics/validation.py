@@ -204,13 +204,30 @@ def _check_stats(update: ClientUpdate, spec: UploadSpec, expect: Expectation):
         if rejection := _check_statistic(name, t, declared, limits, expect.config):
             return rejection
     updated = update.stats["expert_updates"] if "expert_updates" in spec.stats else None
+    assigned = _assigned(expect.config, spec)
     for (layer, e), keys in spec.expert_keys.items():
         sent = sum(k in update.weights for k in keys)
         if 0 < sent < len(keys):
             return Rejection("missing-keys", f"expert ({layer}, {e}) was uploaded in part")
         if not sent and updated is not None and updated[layer, e] > 0:
             return Rejection("missing-keys", f"expert ({layer}, {e}) was updated but not uploaded")
+        if sent and assigned is not None and not assigned[layer, e]:
+            # a method that reads what was uploaded (HFedMoE's expert_used = "usage") would
+            # otherwise count an expert the request never gave this client
+            return Rejection("unknown-keys", f"expert ({layer}, {e}) was not assigned")
     return None
+
+
+def _assigned(config: Mapping[str, object], spec: UploadSpec) -> torch.Tensor | None:
+    """The (L, E) mask of the experts the request assigned (None: it assigned none)."""
+    if ASSIGNED not in config:
+        return None
+    shape = spec.stats["expert_updates"].shape if "expert_updates" in spec.stats else None
+    if shape is None:
+        return None
+    mask = torch.zeros(math.prod(shape), dtype=torch.bool)
+    mask[torch.tensor(config[ASSIGNED], dtype=torch.long)] = True
+    return mask.reshape(shape)
 
 
 def _check_statistic(
@@ -220,8 +237,11 @@ def _check_statistic(
     limits: Mapping[str, float],
     config: Mapping[str, object],
 ) -> Rejection | None:
-    if not isinstance(t, torch.Tensor) or t.is_complex():
+    if not isinstance(t, torch.Tensor) or t.is_complex() or t.dtype == torch.bool:
         return Rejection("stats", f"'{name}' is not a real tensor")
+    if not declared.range.integer and not t.is_floating_point():
+        # the server computes with it in floating point (an integer tensor would raise there)
+        return Rejection("stats", f"'{name}' is {t.dtype}, expected a floating-point tensor")
     if tuple(t.shape) != declared.shape:
         return Rejection("stats", f"'{name}' is {tuple(t.shape)}, expected {declared.shape}")
     values = t.detach().double()
