@@ -3,6 +3,7 @@ page that a change to a command's options or help leaves stale fails here."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -21,3 +22,20 @@ def test_the_cli_reference_is_current(tmp_path):
         f"`.venv/bin/typer hfedmoe.cli utils docs --name hfedmoe --title '{TITLE}' "
         "--output docs/CLI.md`"
     )
+
+
+def test_no_help_text_loses_a_bracketed_word_to_rich_markup():
+    # rich reads "[report]" as a style tag and prints nothing: help must write "\[report]"
+    import click
+    import typer
+
+    from hfedmoe.cli import app
+
+    unescaped = re.compile(r"(?<!\\)\[[a-z][a-z_.]*\]")
+    root = typer.main.get_command(app)
+    assert isinstance(root, click.Group)
+    found = []
+    for name, command in root.commands.items():
+        texts = [command.help or "", *(getattr(p, "help", None) or "" for p in command.params)]
+        found += [f"{name}: {m}" for text in texts for m in unescaped.findall(text)]
+    assert not found, found

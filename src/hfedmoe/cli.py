@@ -409,7 +409,7 @@ def compare(
 ) -> None:
     """Run every method x seed of one experiment on identical partitions, budgets and initial
     weights; finished runs are not repeated, interrupted ones continue from their checkpoint.
-    The experiment's [report] section (primary end point, target, reference) is recorded with
+    The experiment's \\[report] section (primary end point, target, reference) is recorded with
     the grid before the first run, and cannot change once a run has finished."""
     from hfedmoe.experiment import comparison, protocol
     from hfedmoe.experiment.tuning import Tuned
@@ -471,7 +471,7 @@ def tune(
         str | None,
         typer.Option(
             help="final or last-rounds: the validation accuracy each point is judged by "
-            "(default: the config's [report] primary end point)."
+            "(default: the config's \\[report] primary end point)."
         ),
     ] = None,
     output_dir: Annotated[
@@ -597,13 +597,13 @@ def report(
     ] = Path("report"),
     target: Annotated[
         float | None,
-        typer.Option(help="Target test accuracy (default: the grid's recorded [report] target)."),
+        typer.Option(help="Target test accuracy (default: the grid's recorded \\[report] target)."),
     ] = None,
     primary: Annotated[
         str | None,
         typer.Option(
             help="The end point verdicts follow: final, last-rounds or per-client (default: "
-            "the grid's recorded [report] primary)."
+            "the grid's recorded \\[report] primary)."
         ),
     ] = None,
     title: Annotated[str, typer.Option(help="Report title.")] = "",
