@@ -467,7 +467,7 @@ def query_devices(
             f"part ({reasons})"
         )
     log.info(
-        "experts each node's device can train (node: C_budget): %s",
+        "how many experts each node's device can train per batch (node: experts): %s",
         {n: d.expert_budget for n, d in devices.items()},
     )
     return devices, excluded
