@@ -928,12 +928,14 @@ DEVICE_TIME_NOTE = (
     "is not recorded and the run has no device time (-)."
 )
 
-#: what the results table's memory and utilisation columns measure
+#: what the results table's memory, utilisation and failure columns measure
 COLUMNS_NOTE = (
     "Client memory: the largest client's weights held while training plus its training's "
     "peak RSS increase (a device tier's memory bounds the cost model's prediction of the "
     "same, docs/BUDGETS.md). Utilisation CV: the coefficient of variation of the per-expert "
-    "update counts over the run (0: every expert trained equally often)."
+    "update counts over the run (0: every expert trained equally often). Failure rate: the "
+    "share of sampled client trainings that failed, a device asked beyond its memory or "
+    "deadline included (the failures table gives the reasons)."
 )
 
 
