@@ -29,7 +29,7 @@ from hfedmoe.results.run_state import (
 
 from .support.cli import (
     checkpoint_round,
-    interrupt_when,
+    interrupt_at_call,
     invoke_cli,
     kill_at_call,
     kill_when,
@@ -252,10 +252,14 @@ def test_ctrl_c_says_how_to_go_on_and_the_run_then_ends_as_uninterrupted(
     """Ctrl-C in a round: one line naming the command that continues, the shell's status for
     SIGINT (130), and that command ends the run exactly as an uninterrupted run."""
     run_dir = tmp_path / "stopped"
-    status, stderr = interrupt_when(
-        ["run", str(config_file), "-o", str(run_dir)], lambda: _records(run_dir) >= 2
+    # as round 2's checkpoint is about to be written: rounds 0 and 1 are checkpointed
+    status, stderr = interrupt_at_call(
+        ["run", str(config_file), "-o", str(run_dir)],
+        "hfedmoe.federation.server_app:save_run_state",
+        3,
     )
-    assert status == 130
+    assert status == 130, stderr
+    assert checkpoint_round(run_dir) == 1
     assert stderr.strip().splitlines()[-1] == (
         f"hfedmoe: interrupted; 'hfedmoe run --resume {run_dir}' continues this run"
     )

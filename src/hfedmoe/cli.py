@@ -432,7 +432,11 @@ def compare(
             held.enter_context(comparison.locked(output_dir, runs))
         resume = {run: ok and not fresh for run, ok in zip(runs, resumable, strict=True)}
         failed = _run_grid(config, runs, base, resume, progress, output_dir)
-    table = Table(title=f"Grid: {output_dir}")
+    table = Table(
+        title=f"Grid: {output_dir}",
+        caption="failure rate: the share of the run's client trainings that failed (a device "
+        "asked for more than its memory or deadline allows refuses); 'hfedmoe report' says why",
+    )
     for column in ("method", "seed", "final acc", "best acc", "failure rate", "wall s"):
         table.add_column(column, justify="right" if column != "method" else "left")
     for run in runs:

@@ -86,57 +86,52 @@ def kill_when(args: list[str], moment: Callable[[], bool], delay: float = 0.0) -
     assert proc.returncode == -signal.SIGKILL
 
 
-def interrupt_when(args: list[str], moment: Callable[[], bool]) -> tuple[int, str]:
-    """Start ``hfedmoe ARGS`` and press Ctrl-C (SIGINT) once ``moment()`` holds; its exit
-    status and what it wrote on stderr."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "hfedmoe", *args],
-        env=_cli_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        _await(proc, moment)
-        proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
-        proc.wait(timeout=60)
-    return proc.returncode, stderr
-
-
-#: ``hfedmoe ARGS`` in a child that SIGKILLs itself as it calls MODULE:FUNCTION for the Nth time
-_KILLED_AT_CALL = """
-import importlib, os, signal, sys
+#: ``hfedmoe ARGS`` in a child that sends itself a signal as it calls MODULE:FUNCTION for the
+#: Nth time, before that call runs
+_SIGNALLED_AT_CALL = """
+import importlib, os, sys
 from hfedmoe.cli import main
-(module, name), nth = sys.argv[1].split(":"), int(sys.argv[2])
+(module, name), nth, signum = sys.argv[1].split(":"), int(sys.argv[2]), int(sys.argv[3])
 owner = importlib.import_module(module)
 real, calls = getattr(owner, name), 0
 def counted(*args, **kwargs):
     global calls
     calls += 1
     if calls == nth:
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), signum)
     return real(*args, **kwargs)
 setattr(owner, name, counted)
-sys.argv = ["hfedmoe", *sys.argv[3:]]
+sys.argv = ["hfedmoe", *sys.argv[4:]]
 main()
 """
+
+
+def _signal_at_call(
+    args: list[str], target: str, nth: int, signum: int
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", _SIGNALLED_AT_CALL, target, str(nth), str(signum), *args],
+        capture_output=True,
+        text=True,
+        env=_cli_env(),
+        timeout=300,
+    )
 
 
 def kill_at_call(args: list[str], target: str, nth: int) -> None:
     """Run ``hfedmoe ARGS`` and SIGKILL it as it calls ``target`` (``module:function``, the name
     the caller looks up) for the ``nth`` time, before that call runs: a crash at an exact step
     of a real run, where :func:`kill_when` would have to catch a moment milliseconds long."""
-    proc = subprocess.run(
-        [sys.executable, "-c", _KILLED_AT_CALL, target, str(nth), *args],
-        capture_output=True,
-        text=True,
-        env=_cli_env(),
-        timeout=300,
-    )
+    proc = _signal_at_call(args, target, nth, signal.SIGKILL)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
+
+
+def interrupt_at_call(args: list[str], target: str, nth: int) -> tuple[int, str]:
+    """Run ``hfedmoe ARGS`` and press Ctrl-C (SIGINT) as it calls ``target`` for the ``nth``
+    time: at an exact step, however slow the machine (a moment polled from outside can be
+    missed by a run that finishes first); its exit status and what it wrote on stderr."""
+    proc = _signal_at_call(args, target, nth, signal.SIGINT)
+    return proc.returncode, proc.stderr
 
 
 def checkpoint_round(run_dir: Path) -> int:
