@@ -89,8 +89,12 @@ def kill_when(args: list[str], moment: Callable[[], bool], delay: float = 0.0) -
 #: ``hfedmoe ARGS`` in a child that sends itself a signal as it calls MODULE:FUNCTION for the
 #: Nth time, before that call runs
 _SIGNALLED_AT_CALL = """
-import importlib, os, sys
+import importlib, os, signal, sys
 from hfedmoe.cli import main
+# Ctrl-C as at a terminal: a test run started in the background (an asynchronous list of a
+# shell without job control, as `make test &` is) inherits SIGINT ignored, and Python then
+# never raises KeyboardInterrupt
+signal.signal(signal.SIGINT, signal.default_int_handler)
 (module, name), nth, signum = sys.argv[1].split(":"), int(sys.argv[2]), int(sys.argv[3])
 owner = importlib.import_module(module)
 real, calls = getattr(owner, name), 0
