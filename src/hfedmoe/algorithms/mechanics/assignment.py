@@ -16,6 +16,7 @@ hooks (``hooks``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import numpy as np
@@ -38,10 +39,17 @@ def mask_of(
 ) -> torch.Tensor | None:
     """The (L, E) mask of the experts a task lists under ``key`` (default its ``ASSIGNED``
     ones), None if it lists none."""
-    if key not in request.config:
+    return config_mask(request.config, shape, key)
+
+
+def config_mask(
+    config: Mapping[str, object], shape: tuple[int, ...], key: str = ASSIGNED
+) -> torch.Tensor | None:
+    """:func:`mask_of` from a request's config alone (what the server checks a reply with)."""
+    if key not in config:
         return None
-    mask = torch.zeros(shape[0] * shape[1], dtype=torch.bool)
-    mask[torch.tensor(request.config[key], dtype=torch.long)] = True
+    mask = torch.zeros(math.prod(shape), dtype=torch.bool)
+    mask[torch.tensor(config[key], dtype=torch.long)] = True
     return mask.view(shape)
 
 

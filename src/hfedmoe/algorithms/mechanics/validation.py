@@ -41,7 +41,7 @@ import torch
 
 from hfedmoe.algorithms.maths.bounds import descent_cosine
 from hfedmoe.algorithms.maths.privacy import noise_norm_bound
-from hfedmoe.algorithms.mechanics.assignment import ASSIGNED
+from hfedmoe.algorithms.mechanics.assignment import config_mask
 from hfedmoe.algorithms.mechanics.uploads import (
     EXAMPLES,
     EXPERTS,
@@ -204,7 +204,11 @@ def _check_stats(update: ClientUpdate, spec: UploadSpec, expect: Expectation):
         if rejection := _check_statistic(name, t, declared, limits, expect.config):
             return rejection
     updated = update.stats["expert_updates"] if "expert_updates" in spec.stats else None
-    assigned = _assigned(expect.config, spec)
+    assigned = (
+        config_mask(expect.config, spec.stats["expert_updates"].shape)
+        if "expert_updates" in spec.stats
+        else None
+    )
     for (layer, e), keys in spec.expert_keys.items():
         sent = sum(k in update.weights for k in keys)
         if 0 < sent < len(keys):
@@ -216,18 +220,6 @@ def _check_stats(update: ClientUpdate, spec: UploadSpec, expect: Expectation):
             # otherwise count an expert the request never gave this client
             return Rejection("unknown-keys", f"expert ({layer}, {e}) was not assigned")
     return None
-
-
-def _assigned(config: Mapping[str, object], spec: UploadSpec) -> torch.Tensor | None:
-    """The (L, E) mask of the experts the request assigned (None: it assigned none)."""
-    if ASSIGNED not in config:
-        return None
-    shape = spec.stats["expert_updates"].shape if "expert_updates" in spec.stats else None
-    if shape is None:
-        return None
-    mask = torch.zeros(math.prod(shape), dtype=torch.bool)
-    mask[torch.tensor(config[ASSIGNED], dtype=torch.long)] = True
-    return mask.reshape(shape)
 
 
 def _check_statistic(
@@ -264,10 +256,9 @@ def _check_statistic(
                 f"a layer of '{name}' sums to {float(sums[0]):.4g}, expected "
                 f"{declared.layer_sum:g} (a mean of softmaxes)",
             )
-    if declared.assigned is not None and ASSIGNED in config:
-        assigned = torch.zeros(values.numel(), dtype=torch.bool)
-        assigned[torch.tensor(config[ASSIGNED], dtype=torch.long)] = True
-        nonzero = values.flatten() != 0
+    assigned = config_mask(config, declared.shape) if declared.assigned is not None else None
+    if assigned is not None:
+        nonzero = values != 0
         wrong = nonzero != assigned if declared.assigned == "equal" else nonzero & ~assigned
         if bool(wrong.any()):
             return Rejection("stats", f"'{name}' does not match the experts the request assigned")
